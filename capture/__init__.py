@@ -1,0 +1,1 @@
+"""epreplay.capture: hooks at DeepEP's dispatch/combine, the async recorder, flight mode."""

@@ -1,0 +1,4 @@
+"""`python -m epreplay` is the same as the `epreplay` console script."""
+from epreplay.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,81 @@
+"""The `epreplay` command line: a thin shell over the subcommand modules.
+
+Each subcommand lives in its own module exposing `HELP` (one line), `add_arguments(parser)` and
+`run(args) -> int`. Those modules import only argparse-level things at the top, so building the
+parser stays instant; torch, duckdb, textual and deep_ep are imported inside `run`.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from typing import Sequence
+
+from epreplay import __version__
+from epreplay.errors import UsageError
+
+# subcommand -> module; order is the order of `epreplay --help`.
+COMMANDS: dict[str, str] = {
+    "demo": "epreplay.cmd_demo",
+    "record": "epreplay.capture.cmd_record",
+    "inspect": "epreplay.cmd_inspect",
+    "repair": "epreplay.cmd_repair",
+    "index": "epreplay.cmd_index",
+    "stats": "epreplay.cmd_stats",
+    "sql": "epreplay.cmd_sql",
+    "replay": "epreplay.replay.cmd_replay",
+    "diff": "epreplay.cmd_diff",
+    "tui": "epreplay.tui.cmd_tui",
+}
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports bad usage as one line and exit code 2 (its own default code)."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"epreplay: error: {message} (see '{self.prog} --help')\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="epreplay",
+        description="Record, index, replay and inspect the DeepEP traffic of expert-parallel MoE runs.",
+    )
+    parser.add_argument("--version", action="version", version=f"epreplay {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    for name, module_name in COMMANDS.items():
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as exc:
+            if exc.name != module_name:
+                raise
+            continue  # a subcommand not built yet is simply absent
+        cmd = sub.add_parser(name, help=module.HELP, description=module.HELP)
+        cmd.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                         help="show tracebacks for errors")
+        module.add_arguments(cmd)
+        cmd.set_defaults(_run=module.run)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "_run", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args._run(args) or 0)
+    except UsageError as exc:
+        if args.debug:
+            raise
+        print(f"epreplay {args.command}: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("epreplay: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

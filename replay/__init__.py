@@ -1,0 +1,1 @@
+"""epreplay.replay: coordinated replay of a recorded run on the same or fewer ranks."""

@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Set up .venv for epreplay on a fresh clone: Python and pip, nothing else prepared.
+#
+# torch is installed first and on its own: on CPU machines `torch==2.13.0` resolves to a local
+# CPU wheel, while an unpinned `torch` (what pip would pick to satisfy our loose range) pulls the
+# newest CUDA build and several GB of nvidia-* packages. A torch that already imports is kept.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+VENV=${EPREPLAY_VENV:-.venv}
+
+if [ ! -x "$VENV/bin/python" ]; then
+  "$PY" -m venv "$VENV"
+fi
+pip() { "$VENV/bin/python" -m pip --disable-pip-version-check -q "$@"; }
+
+if ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
+  echo "bootstrap: installing torch (CPU build 2.13.0 where available)"
+  pip install "torch==2.13.0" || pip install torch
+fi
+echo "bootstrap: installing epreplay and its test extras"
+pip install -e ".[test]"
+echo "bootstrap: ready ($("$VENV/bin/python" -c 'import torch; print("torch", torch.__version__)'))"

@@ -1,0 +1,1 @@
+"""epreplay.tui: the Textual app for interactive investigation of a run."""
