@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import stat
 import struct
 import threading
 import zlib
@@ -62,6 +63,7 @@ _ENTRY = struct.Struct(f"<Q{RecordHeader.SIZE}s")
 _TAIL = struct.Struct("<QII8s")  # data_end, count, crc32, end magic
 REC_FRAME = RecordHeader.SIZE + 4  # header bytes + their CRC32
 REC_PREFIX = _FRAME.size + REC_FRAME  # bytes ahead of a record's data frame
+_RECORD_FRAME_HEAD = _FRAME.pack(MAGIC_RECORD, REC_FRAME)
 
 # Level 3 (zstd's default): on narrowed+shuffled routing arrays it compresses within a few % of
 # levels 6-9 at several times their speed, and level 1 is only ~1.3x faster (bench/shard_bench.py).
@@ -161,7 +163,7 @@ class ShardWriter:
             raise ValueError(f"record of {len(raw)} raw bytes is too large for one shard record "
                              f"(limit 4 GiB); capture payloads every k-th step or split the call")
         hb = header.with_data(comp_len=len(comp), raw_len=len(raw), crc32=zlib.crc32(comp)).to_bytes()
-        frame = _FRAME.pack(MAGIC_RECORD, REC_FRAME) + hb + _U32.pack(zlib.crc32(hb))
+        frame = _RECORD_FRAME_HEAD + hb + _U32.pack(zlib.crc32(hb))
         with self._lock:
             if self._fd is None:
                 raise ValueError(f"{self.path}: shard writer is closed")
@@ -224,7 +226,8 @@ class ShardScan:
         if len(blob) < REC_PREFIX + entry.header.comp_len:
             return None, "short record"
         hb = blob[_FRAME.size:_FRAME.size + RecordHeader.SIZE]
-        if hb != entry.header.to_bytes() or _U32.unpack_from(blob, REC_PREFIX - 4)[0] != zlib.crc32(hb):
+        if (blob[:_FRAME.size] != _RECORD_FRAME_HEAD or hb != entry.header.to_bytes()
+                or _U32.unpack_from(blob, REC_PREFIX - 4)[0] != zlib.crc32(hb)):
             return None, "record header damaged"
         comp = blob[REC_PREFIX:]
         crc = zlib.crc32(comp)
@@ -297,7 +300,10 @@ def open_shard(path: str | os.PathLike[str]) -> ShardScan:
     except OSError as exc:
         raise ShardError(f"{path}: cannot open ({exc.strerror})") from None
     try:
-        size = os.fstat(fd).st_size
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise ShardError(f"{path}: is a directory or special file, not a shard (.eprs) file")
+        size = st.st_size
         info, data_start = _read_header(path, fd, size)
     except BaseException:
         os.close(fd)
