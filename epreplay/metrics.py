@@ -1,0 +1,275 @@
+"""Routing metrics for comparing two runs: pure numpy in, numbers and frozen dataclasses out.
+
+No I/O, no torch, no duckdb: `epreplay.diff` feeds these from the index and the shards, the TUI
+from its queries, and tests/test_metrics.py checks them against hand-computed values.
+
+Legend: T tokens, K top-k, E experts, R ranks, L layers. Expert ids use -1 for "no expert"
+(DeepEP's convention for masked top-k slots); every function here ignores -1 slots.
+
+Defined edge cases (so a diff never divides by zero or prints NaN):
+  * JS divergence: two empty layers (no tokens in either run) -> 0.0 (nothing differs);
+    one empty and one not -> 1.0 (the maximum: all mass moved); zero-load experts add 0
+    (the 0 * log 0 = 0 convention).
+  * Rank imbalance max/mean: an all-zero (or zero-length) load -> 1.0, "perfectly balanced".
+  * Hot experts: only experts with load > 0 can be hot, so a layer with fewer than N loaded
+    experts has fewer than N hot ones; ties are broken by the lower expert id.
+  * Token agreement over zero tokens: jaccard = top1 = 1.0, weight_change = 0.0, with
+    `tokens == 0` saying that nothing was compared.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+# ----------------------------------------------------------------------------- distributions
+
+def load_distribution(load_E: np.ndarray) -> np.ndarray:
+    """Normalise an expert load to a probability distribution.
+
+    Args:
+        load_E: [E] non-negative counts ((t, k) slots routed to each expert), any numeric dtype.
+
+    Returns:
+        [E] float64 summing to 1, or all zeros when the layer saw no tokens.
+    """
+    load_E = np.asarray(load_E, dtype=np.float64)
+    if load_E.ndim != 1:
+        raise ValueError(f"load_E must be 1-D [E], got shape {load_E.shape}")
+    if (load_E < 0).any():
+        raise ValueError(f"load_E must be non-negative, got min {load_E.min()}")
+    total = load_E.sum()
+    return load_E / total if total > 0 else np.zeros_like(load_E)
+
+
+def _entropy_terms(p_E: np.ndarray, m_E: np.ndarray) -> float:
+    """sum p log2(p/m) over p > 0 (0 log 0 = 0; m > 0 wherever p > 0 by construction of m)."""
+    mask = p_E > 0
+    return float(np.sum(p_E[mask] * np.log2(p_E[mask] / m_E[mask])))
+
+
+def js_divergence(load_a_E: np.ndarray, load_b_E: np.ndarray) -> float:
+    """Jensen-Shannon divergence (base 2, in [0, 1]) between two expert-load distributions.
+
+    Args:
+        load_a_E, load_b_E: [E] non-negative loads of the same layer in run A and run B (raw
+            counts: each is normalised here). Different lengths are padded with zero-load
+            experts (a run with more experts simply has experts the other never used).
+
+    Returns:
+        0.0 for identical distributions and for two empty layers, 1.0 for disjoint supports
+        and when exactly one layer is empty.
+    """
+    a = np.asarray(load_a_E, dtype=np.float64)
+    b = np.asarray(load_b_E, dtype=np.float64)
+    if a.shape != b.shape:
+        n = max(a.size, b.size)
+        a = np.pad(a, (0, n - a.size))
+        b = np.pad(b, (0, n - b.size))
+    p, q = load_distribution(a), load_distribution(b)
+    p_empty, q_empty = not p.any(), not q.any()
+    if p_empty and q_empty:
+        return 0.0
+    if p_empty or q_empty:
+        return 1.0
+    m = 0.5 * (p + q)
+    js = 0.5 * _entropy_terms(p, m) + 0.5 * _entropy_terms(q, m)
+    # Float rounding can leave -1e-17 or 1 + 1e-16; the bound is part of the contract.
+    return float(min(max(js, 0.0), 1.0))
+
+
+def layer_js(load_a_LE: np.ndarray, load_b_LE: np.ndarray) -> np.ndarray:
+    """JS divergence per layer: [L] float64 for two [L, E] loads (rows aligned by layer)."""
+    a, b = np.asarray(load_a_LE), np.asarray(load_b_LE)
+    if a.ndim != 2 or b.ndim != 2 or a.shape[0] != b.shape[0]:
+        raise ValueError(f"need two [L, E] loads with the same L, got {a.shape} and {b.shape}")
+    return np.array([js_divergence(a[i], b[i]) for i in range(a.shape[0])], dtype=np.float64)
+
+
+# ----------------------------------------------------------------------------- hot experts
+
+def hot_experts(load_E: np.ndarray, n: int) -> tuple[int, ...]:
+    """The N most loaded experts, most loaded first; ties go to the lower expert id.
+
+    Args:
+        load_E: [E] non-negative loads. n: how many (>= 0).
+
+    Returns:
+        Expert ids with load > 0 (so possibly fewer than n), ordered by load descending.
+    """
+    if n < 0:
+        raise ValueError(f"n must be >= 0, got {n}")
+    load_E = np.asarray(load_E)
+    # lexsort sorts by the last key first: load descending, then expert id ascending.
+    order = np.lexsort((np.arange(load_E.size), -load_E.astype(np.float64)))
+    return tuple(int(e) for e in order[:n] if load_E[e] > 0)
+
+
+@dataclass(frozen=True)
+class HotChange:
+    """Hot-expert sets of one layer in runs A and B and what changed.
+
+    Attributes:
+        hot_a, hot_b: top-N expert ids of each run, most loaded first.
+        entered: ids hot in B but not in A (ascending). left: hot in A but not in B (ascending).
+    """
+
+    hot_a: tuple[int, ...]
+    hot_b: tuple[int, ...]
+    entered: tuple[int, ...]
+    left: tuple[int, ...]
+
+    @property
+    def changed(self) -> int:
+        """How many experts entered the hot set (== how many left when both sets are full)."""
+        return max(len(self.entered), len(self.left))
+
+
+def hot_change(load_a_E: np.ndarray, load_b_E: np.ndarray, n: int) -> HotChange:
+    """Compare the top-N hot experts of one layer in two runs (see `hot_experts`)."""
+    hot_a, hot_b = hot_experts(load_a_E, n), hot_experts(load_b_E, n)
+    entered = tuple(sorted(set(hot_b) - set(hot_a)))
+    left = tuple(sorted(set(hot_a) - set(hot_b)))
+    return HotChange(hot_a, hot_b, entered, left)
+
+
+# ----------------------------------------------------------------------------- rank imbalance
+
+def rank_load(load_E: np.ndarray, world_size: int) -> np.ndarray:
+    """Per-rank load from per-expert load with DeepEP's contiguous placement.
+
+    Rank r hosts experts [r * E/R, (r + 1) * E/R); its load is the (t, k) slots routed to them.
+
+    Args:
+        load_E: [E] loads. world_size: R, which must divide E (DeepEP requires it).
+
+    Returns:
+        [R] int64 (float64 if load_E is float).
+    """
+    load_E = np.asarray(load_E)
+    if world_size <= 0 or load_E.size % world_size:
+        raise ValueError(f"world size {world_size} does not divide {load_E.size} experts")
+    return load_E.reshape(world_size, -1).sum(axis=1)
+
+
+def imbalance(load_R: np.ndarray) -> float:
+    """Load imbalance max/mean (>= 1.0; the straggler rank's load over the average).
+
+    Args:
+        load_R: [R] non-negative per-rank loads.
+
+    Returns:
+        max(load) / mean(load); 1.0 for an all-zero or empty load (nothing to be imbalanced).
+    """
+    load_R = np.asarray(load_R, dtype=np.float64)
+    if load_R.size == 0:
+        return 1.0
+    mean = load_R.mean()
+    return float(load_R.max() / mean) if mean > 0 else 1.0
+
+
+# ----------------------------------------------------------------------------- token matching
+
+def top1_expert(topk_idx_TK: np.ndarray, topk_weights_TK: np.ndarray | None = None) -> np.ndarray:
+    """Each token's top-1 expert.
+
+    Args:
+        topk_idx_TK: [T, K] int expert ids, -1 for an empty slot.
+        topk_weights_TK: [T, K] float weights or None. With weights, the top-1 is the valid slot
+            of the largest weight (lowest column on ties), so unsorted top-k works too; without,
+            the first valid column (torch.topk's sorted order).
+
+    Returns:
+        [T] int64 expert ids, -1 for a token with no valid slot.
+    """
+    idx = np.asarray(topk_idx_TK).astype(np.int64, copy=False)
+    T, K = idx.shape
+    if K == 0:
+        return np.full(T, -1, dtype=np.int64)
+    valid = idx >= 0
+    if topk_weights_TK is None:
+        score = np.where(valid, -np.arange(K, dtype=np.float64)[None, :], -np.inf)
+    else:
+        score = np.where(valid, np.asarray(topk_weights_TK, dtype=np.float64), -np.inf)
+    col = np.argmax(score, axis=1)  # argmax returns the first maximum: the lowest column
+    top = idx[np.arange(T), col]
+    return np.where(valid.any(axis=1), top, -1)
+
+
+@dataclass(frozen=True)
+class TokenAgreement:
+    """How the same tokens were routed in runs A and B; sums, so results add up across calls.
+
+    Attributes:
+        tokens: matched tokens compared.
+        jaccard_sum: sum over tokens of |S_a & S_b| / |S_a | S_b|, S = the token's set of valid
+            expert ids (a token with two empty sets counts 1.0).
+        top1_agree: tokens whose top-1 expert is the same (both -1 counts as the same).
+        pairs: matched (token, expert) pairs, i.e. an expert in both sets of the token, counted
+            only when both runs' weights were given (else 0).
+        weight_abs_sum: sum over those pairs of |w_a(t, e) - w_b(t, e)|.
+    """
+
+    tokens: int = 0
+    jaccard_sum: float = 0.0
+    top1_agree: int = 0
+    pairs: int = 0
+    weight_abs_sum: float = 0.0
+
+    def __add__(self, other: "TokenAgreement") -> "TokenAgreement":
+        return TokenAgreement(self.tokens + other.tokens, self.jaccard_sum + other.jaccard_sum,
+                              self.top1_agree + other.top1_agree, self.pairs + other.pairs,
+                              self.weight_abs_sum + other.weight_abs_sum)
+
+    @property
+    def jaccard(self) -> float:
+        """Mean top-k set Jaccard over tokens (1.0 when no token was compared)."""
+        return self.jaccard_sum / self.tokens if self.tokens else 1.0
+
+    @property
+    def top1(self) -> float:
+        """Fraction of tokens with the same top-1 expert (1.0 when no token was compared)."""
+        return self.top1_agree / self.tokens if self.tokens else 1.0
+
+    @property
+    def weight_change(self) -> float:
+        """Mean |w_a - w_b| over matched (token, expert) pairs (0.0 when there are none)."""
+        return self.weight_abs_sum / self.pairs if self.pairs else 0.0
+
+
+def token_agreement(topk_idx_a_TK: np.ndarray, topk_idx_b_TK: np.ndarray,
+                    topk_weights_a_TK: np.ndarray | None = None,
+                    topk_weights_b_TK: np.ndarray | None = None) -> TokenAgreement:
+    """Compare the routing of T matched tokens (row t of A is the same token as row t of B).
+
+    Args:
+        topk_idx_a_TK, topk_idx_b_TK: [T, K_a] and [T, K_b] int expert ids, -1 = empty slot.
+            K may differ (the sets are compared), but the caller should only compare runs with
+            the same expert numbering. Expert ids within a row are assumed distinct (top-k).
+        topk_weights_a_TK, topk_weights_b_TK: [T, K] float weights aligned with the ids, or
+            None (then weight_change is 0 and top-1 is the first valid column).
+
+    Returns:
+        TokenAgreement sums (see its docstring for the exact definitions).
+    """
+    a = np.asarray(topk_idx_a_TK).astype(np.int64, copy=False)
+    b = np.asarray(topk_idx_b_TK).astype(np.int64, copy=False)
+    if a.ndim != 2 or b.ndim != 2 or a.shape[0] != b.shape[0]:
+        raise ValueError(f"need two [T, K] id arrays with the same T, got {a.shape} and {b.shape}")
+    T = a.shape[0]
+    if T == 0:
+        return TokenAgreement()
+    va, vb = a >= 0, b >= 0
+    # [T, K_a, K_b]: slot i of A and slot j of B hold the same valid expert.
+    same_TKK = (a[:, :, None] == b[:, None, :]) & va[:, :, None] & vb[:, None, :]
+    inter_T = same_TKK.any(axis=2).sum(axis=1)
+    union_T = va.sum(axis=1) + vb.sum(axis=1) - inter_T
+    jac_T = np.where(union_T > 0, inter_T / np.maximum(union_T, 1), 1.0)
+    with_w = topk_weights_a_TK is not None and topk_weights_b_TK is not None
+    wa = np.asarray(topk_weights_a_TK, dtype=np.float64) if with_w else None
+    wb = np.asarray(topk_weights_b_TK, dtype=np.float64) if with_w else None
+    top1_same = top1_expert(a, wa) == top1_expert(b, wb)
+    pairs = int(same_TKK.sum()) if with_w else 0
+    wsum = float(np.abs(wa[:, :, None] - wb[:, None, :])[same_TKK].sum()) if with_w and pairs else 0.0
+    return TokenAgreement(T, float(jac_T.sum()), int(top1_same.sum()), pairs, wsum)
