@@ -1,0 +1,154 @@
+"""`epreplay inspect PATH`: a shard's or a run's header, record counts per op, and health.
+
+Health of a shard, worst first:
+  corrupt    records listed by a valid footer whose bytes fail their CRC (--quick skips the check)
+  truncated  no valid footer and the scan stopped at byte N: N..end is lost (a crash mid-write)
+  open       no footer but every record intact (capture still running, or killed between records)
+  complete   valid footer, every record intact
+Exit code: 0 when every shard is complete or open, 1 when any is truncated/corrupt/unreadable,
+2 for bad input (missing path, not a shard, not a run).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from collections import Counter
+from pathlib import Path
+
+HELP = "show a shard's or a run's header, record counts per op and health"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("path", help="a shard file (.eprs) or a run directory")
+    parser.add_argument("--format", choices=["text", "json"], default="text",
+                        help="output format (default: text)")
+    parser.add_argument("--quick", action="store_true",
+                        help="skip CRC-checking every record of complete shards (reads headers only)")
+
+
+def shard_summary(path: Path, *, verify: bool = True) -> dict:
+    """A JSON-able summary of one shard. Raises ShardError when `path` is not a shard."""
+    from epreplay.records import Kind, Op
+    from epreplay.shard import open_shard
+
+    with open_shard(path) as scan:
+        corrupt = scan.verify() if (verify and scan.complete) else []
+        ops: Counter[str] = Counter()
+        events = 0
+        tokens = comp = raw = 0
+        steps, layers = set(), set()
+        for entry in scan.entries:
+            h = entry.header
+            comp += h.comp_len
+            raw += h.raw_len
+            if h.kind == Kind.EVENT:
+                events += 1
+                continue
+            try:
+                ops[Op(h.op).label] += 1
+            except ValueError:
+                ops[f"op{h.op}"] += 1
+            tokens += h.tokens
+            steps.add(h.step)
+            layers.add(h.layer)
+        if corrupt:
+            health = "corrupt"
+        elif scan.truncated_at is not None:
+            health = "truncated"
+        else:
+            health = "complete" if scan.complete else "open"
+        info = scan.info
+        return {
+            "path": str(path), "size": scan.size, "health": health,
+            "info": {"run_id": info.run_id, "rank": info.rank, "world_size": info.world_size,
+                     "num_experts": info.num_experts, "topk": info.topk, "hidden": info.hidden,
+                     "level": info.level.label, "created_ns": info.created_ns,
+                     "version": info.version},
+            "records": len(scan.entries), "calls": sum(ops.values()), "events": events,
+            "ops": {op.label: ops.get(op.label, 0) for op in Op} | {k: v for k, v in ops.items()
+                                                                     if k.startswith("op")},
+            "tokens": tokens, "compressed_bytes": comp, "raw_bytes": raw,
+            "steps": [min(steps), max(steps)] if steps else None,
+            "layers": [min(layers), max(layers)] if layers else None,
+            "complete": scan.complete, "truncated_at": scan.truncated_at,
+            "lost_bytes": scan.lost_bytes, "problem": scan.problem,
+            "corrupt": [{"offset": off, "problem": why} for off, why in corrupt],
+            "verified": bool(verify and scan.complete),
+        }
+
+
+def _health_line(s: dict) -> str:
+    if s["health"] == "unreadable":
+        return f"UNREADABLE: {s['problem']}"
+    if s["health"] == "corrupt":
+        first = s["corrupt"][0]
+        return (f"CORRUPT: {len(s['corrupt'])} record(s) fail their CRC, first at byte "
+                f"{first['offset']} ({first['problem']}); run 'epreplay repair {s['path']}'")
+    if s["health"] == "truncated":
+        return (f"TRUNCATED at byte {s['truncated_at']}: {s['lost_bytes']} bytes lost, "
+                f"{s['records']} records intact; run 'epreplay repair {s['path']}'")
+    if s["health"] == "open":
+        return f"open (no footer: writer still running or stopped between records); {s['records']} records intact"
+    return "complete" + ("" if s["verified"] else " (footer valid; records not CRC-checked: --quick)")
+
+
+def _print_shard(s: dict) -> None:
+    print(f"shard {s['path']}  ({s['size']:,} bytes)")
+    if "info" not in s:
+        print(f"  health   {_health_line(s)}")
+        return
+    i = s["info"]
+    print(f"  run {i['run_id']}  rank {i['rank']}/{i['world_size']}  E={i['num_experts']} "
+          f"K={i['topk']} H={i['hidden']}  level={i['level']}  format v{i['version']}")
+    ratio = s["raw_bytes"] / s["compressed_bytes"] if s["compressed_bytes"] else 0.0
+    print(f"  records  {s['records']} ({s['calls']} calls, {s['events']} events)  tokens {s['tokens']:,}"
+          f"  data {s['compressed_bytes']:,} B compressed ({ratio:.1f}x)")
+    if s["steps"]:
+        print(f"  steps    {s['steps'][0]}..{s['steps'][1]}  layers {s['layers'][0]}..{s['layers'][1]}")
+    counts = "  ".join(f"{op} {n}" for op, n in s["ops"].items() if n)
+    print(f"  per op   {counts or '-'}")
+    print(f"  health   {_health_line(s)}")
+
+
+def run(args: argparse.Namespace) -> int:
+    from epreplay.errors import ShardError, UsageError
+    from epreplay.run import RunDir
+
+    path = Path(args.path)
+    if not path.exists():
+        raise UsageError(f"{path}: no such file or directory; give a shard (.eprs) or a run directory")
+    run_info = None
+    if path.is_dir():
+        rundir = RunDir.open(path)
+        manifest = rundir.read_manifest()
+        summaries = []
+        for shard in rundir.shard_paths():
+            try:
+                summaries.append(shard_summary(shard, verify=not args.quick))
+            except ShardError as exc:  # one bad file must not hide the others
+                summaries.append({"path": str(shard), "size": shard.stat().st_size,
+                                  "health": "unreadable", "problem": str(exc), "records": 0})
+        run_info = {"path": str(path), "run_id": manifest.run_id if manifest else None,
+                    "world_size": manifest.world_size if manifest else None,
+                    "level": manifest.level if manifest else None,
+                    "release": manifest.release if manifest else None,
+                    "manifest": manifest is not None, "shards": len(summaries),
+                    "records": sum(s["records"] for s in summaries)}
+    else:
+        summaries = [shard_summary(path, verify=not args.quick)]
+    bad = [s for s in summaries if s["health"] in ("truncated", "corrupt", "unreadable")]
+    if args.format == "json":
+        print(json.dumps({"run": run_info, "shards": summaries, "healthy": not bad}, indent=2))
+        return 1 if bad else 0
+    if run_info is not None:
+        print(f"run {run_info['path']}  id {run_info['run_id'] or '? (no manifest.json)'}  "
+              f"world {run_info['world_size']}  level {run_info['level']}  "
+              f"{run_info['shards']} shards, {run_info['records']} records")
+        if not summaries:
+            print("  no shards yet (shards/ is empty)")
+    for s in summaries:
+        _print_shard(s)
+    if run_info is not None and summaries:
+        health = Counter(s["health"] for s in summaries)
+        print("health: " + ", ".join(f"{n} {h}" for h, n in sorted(health.items())))
+    return 1 if bad else 0
