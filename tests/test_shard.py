@@ -361,3 +361,21 @@ def test_reader_on_mutated_shards_only_clean_errors(tmp_path: Path, data: st.Dat
 def test_shard_module_imports_no_torch() -> None:
     code = "import sys, epreplay.shard, epreplay.codec; assert 'torch' not in sys.modules, 'torch imported'"
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60, env={**os.environ})
+
+
+def test_encoded_records_from_a_ring_and_reads_by_offset(tmp_path: Path) -> None:
+    """Flight mode encodes early (any thread) and writes later; the index reads by offset."""
+    from epreplay.shard import encode_record
+
+    rng = np.random.default_rng(5)
+    ring = [encode_record(header(Op.LL_DISPATCH, seq, 4), op_arrays(Op.LL_DISPATCH, 4, rng), {"s": seq})
+            for seq in range(3)]
+    assert all(r.header.comp_len > 0 and r.nbytes > r.header.comp_len for r in ring)
+    path = tmp_path / "s.eprs"
+    with ShardWriter(path, INFO) as w:
+        offsets = [w.append_encoded(r) for r in ring]
+    with open_shard(path) as scan:
+        assert [e.offset for e in scan.entries] == offsets
+        assert scan.read_at(offsets[2]).meta["s"] == 2
+        with pytest.raises(ShardError, match=f"no intact record starts at byte {offsets[1] + 1}"):
+            scan.read_at(offsets[1] + 1)

@@ -1,0 +1,317 @@
+"""Reading `.eprs` shards: footer when valid, else a CRC-checked scan; and `repair`.
+
+The public names are re-exported by epreplay.shard (the API contract); see its docstring.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import stat
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import zstandard
+
+from epreplay import codec
+from epreplay.errors import ShardError
+from epreplay.records import Kind, Op, Record, RecordHeader, ShardInfo
+from epreplay.shard_frames import (END_MAGIC, ENTRY, FILE_MAGIC, FOOTER_MAGIC, FRAME, MAGIC_FOOTER,
+                                   MAGIC_HEADER, MAGIC_RECORD, REC_FRAME, REC_PREFIX,
+                                   RECORD_FRAME_HEAD, TAIL, U32, Entry, decompressor,
+                                   footer_frame)
+
+
+class ShardScan:
+    """What a reader found in a shard; see the module docstring. Build with `open_shard`."""
+
+    def __init__(self, path: Path, fd: int, size: int, info: ShardInfo, data_start: int) -> None:
+        self.path, self.size, self.info = path, size, info
+        self.data_start = data_start  # first byte after the file header
+        self.entries: list[Entry] = []
+        self.complete = False
+        self.truncated_at: int | None = None
+        self.problem: str | None = None
+        self.footer_offset: int | None = None
+        self._by_offset: dict[int, Entry] | None = None
+        self._fd: int | None = fd
+
+    @property
+    def lost_bytes(self) -> int:
+        return 0 if self.truncated_at is None else self.size - self.truncated_at
+
+    @property
+    def valid_end(self) -> int:
+        """End of the last intact record (where repair truncates)."""
+        return self.entries[-1].end if self.entries else self.data_start
+
+    def _pread(self, n: int, offset: int) -> bytes:
+        if self._fd is None:
+            raise ValueError(f"{self.path}: shard scan is closed")
+        return os.pread(self._fd, n, offset)
+
+    def _check(self, entry: Entry) -> tuple[bytes | None, str | None]:
+        """(compressed frame, None) when the record is intact, else (None, what is wrong)."""
+        blob = self._pread(REC_PREFIX + entry.header.comp_len, entry.offset)
+        if len(blob) < REC_PREFIX + entry.header.comp_len:
+            return None, "short record"
+        hb = blob[FRAME.size:FRAME.size + RecordHeader.SIZE]
+        if (blob[:FRAME.size] != RECORD_FRAME_HEAD or hb != entry.header.to_bytes()
+                or U32.unpack_from(blob, REC_PREFIX - 4)[0] != zlib.crc32(hb)):
+            return None, "record header damaged"
+        comp = blob[REC_PREFIX:]
+        crc = zlib.crc32(comp)
+        if crc != entry.header.crc32:
+            return None, f"crc {crc:#010x} != {entry.header.crc32:#010x}"
+        return comp, None
+
+    def read(self, entry: Entry) -> Record:
+        """Decode one record. Raises ShardError naming the offset when it is damaged."""
+        comp, why = self._check(entry)
+        if comp is None:
+            raise ShardError(f"{self.path}: record at byte {entry.offset}: {why}; "
+                             f"run 'epreplay repair {self.path}'")
+        try:
+            raw = decompressor().decompress(comp, max_output_size=entry.header.raw_len)
+            if len(raw) != entry.header.raw_len:
+                raise ValueError(f"{len(raw)} bytes decoded, header says {entry.header.raw_len}")
+            arrays, meta = codec.decode(raw)
+        except (zstandard.ZstdError, ValueError) as exc:
+            raise ShardError(f"{self.path}: record at byte {entry.offset}: undecodable ({exc})") from None
+        return Record(entry.header, arrays, meta, entry.offset)
+
+    def entry_at(self, offset: int) -> Entry:
+        """The entry of the record whose header frame starts at byte `offset`."""
+        if self._by_offset is None:
+            self._by_offset = {e.offset: e for e in self.entries}
+        entry = self._by_offset.get(offset)
+        if entry is None:
+            raise ShardError(f"{self.path}: no intact record starts at byte {offset} "
+                             f"({len(self.entries)} records; re-index the run if the shard changed)")
+        return entry
+
+    def read_at(self, offset: int) -> Record:
+        """Decode the record at byte `offset` (as stored by the index)."""
+        return self.read(self.entry_at(offset))
+
+    def records(self, ops: Iterable[Op | int] | None = None,
+                kinds: Iterable[Kind] = (Kind.CALL,)) -> Iterator[Record]:
+        """Decoded records in file order, filtered by op and kind."""
+        op_set = None if ops is None else {int(op) for op in ops}
+        kind_set = {int(k) for k in kinds}
+        for entry in self.entries:
+            h = entry.header
+            if int(h.kind) in kind_set and (op_set is None or h.op in op_set):
+                yield self.read(entry)
+
+    def verify(self) -> list[tuple[int, str]]:
+        """CRC-check every listed record: [(offset, problem)] of the damaged ones."""
+        bad = []
+        for entry in self.entries:
+            _, why = self._check(entry)
+            if why is not None:
+                bad.append((entry.offset, why))
+        return bad
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def __enter__(self) -> "ShardScan":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        self.close()
+
+
+def open_shard(path: str | os.PathLike[str]) -> ShardScan:
+    """Open a shard for reading: footer when valid, else a CRC-checked scan (see module doc).
+
+    Raises:
+        ShardError: `path` is missing, not a file, or not a shard (bad or short file header).
+    """
+    path = Path(path)
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        raise ShardError(f"{path}: no such shard file") from None
+    except IsADirectoryError:
+        raise ShardError(f"{path}: is a directory, not a shard (.eprs) file") from None
+    except OSError as exc:
+        raise ShardError(f"{path}: cannot open ({exc.strerror})") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise ShardError(f"{path}: is a directory or special file, not a shard (.eprs) file")
+        size = st.st_size
+        info, data_start = _read_header(path, fd, size)
+    except BaseException:
+        os.close(fd)
+        raise
+    scan = ShardScan(path, fd, size, info, data_start)
+    if not _load_footer(scan, fd):
+        _scan(scan, fd)
+    return scan
+
+
+def _read_header(path: Path, fd: int, size: int) -> tuple[ShardInfo, int]:
+    head = os.pread(fd, 64 * 1024, 0)
+    not_shard = f"{path}: not an epreplay shard"
+    if len(head) < FRAME.size + 8:
+        raise ShardError(f"{not_shard} (only {size} bytes; a shard starts with a "
+                         f"{FRAME.size + 8}+ byte header frame)")
+    magic, n = FRAME.unpack_from(head)
+    if magic != MAGIC_HEADER or head[8:12] != FILE_MAGIC:
+        raise ShardError(f"{not_shard} (first bytes {head[:12].hex()} are no EPRS header frame)")
+    if FRAME.size + n > len(head):
+        raise ShardError(f"{not_shard} (header frame of {n} bytes is cut short or implausible)")
+    (crc,) = U32.unpack_from(head, 12)
+    body = head[16:FRAME.size + n]
+    if zlib.crc32(body) != crc:
+        raise ShardError(f"{path}: shard header damaged (crc mismatch); the file cannot be read")
+    try:
+        info = ShardInfo.from_bytes(body)
+    except (ValueError, TypeError, KeyError, AttributeError) as exc:
+        raise ShardError(f"{path}: shard header unreadable ({exc})") from None
+    return info, FRAME.size + n
+
+
+def _load_footer(scan: ShardScan, fd: int) -> bool:
+    """Fill `scan` from a valid footer; False (scan untouched) when there is none or it is bad."""
+    size = scan.size
+    if size - scan.data_start < FRAME.size + 4 + TAIL.size:
+        return False
+    tail = os.pread(fd, TAIL.size, size - TAIL.size)
+    data_end, count, crc, end = TAIL.unpack(tail)
+    if end != END_MAGIC or data_end < scan.data_start or data_end > size - FRAME.size:
+        return False
+    body_len = 4 + count * ENTRY.size + 12
+    if data_end + FRAME.size + body_len + 12 != size:
+        return False
+    frame = os.pread(fd, size - data_end, data_end)
+    magic, n = FRAME.unpack_from(frame)
+    body = frame[FRAME.size:FRAME.size + body_len]
+    if magic != MAGIC_FOOTER or n != body_len + 12 or body[:4] != FOOTER_MAGIC or zlib.crc32(body) != crc:
+        return False
+    entries, expect = [], scan.data_start
+    try:
+        for i in range(count):
+            off, hb = ENTRY.unpack_from(body, 4 + i * ENTRY.size)
+            entry = Entry(off, RecordHeader.from_bytes(hb))
+            if off != expect:
+                return False  # records are contiguous; anything else is not a footer we wrote
+            expect = entry.end
+            entries.append(entry)
+    except ValueError:
+        return False
+    if expect != data_end:
+        return False
+    scan.entries, scan.complete, scan.footer_offset = entries, True, data_end
+    return True
+
+
+def _scan(scan: ShardScan, fd: int) -> None:
+    """No valid footer: walk the records, CRC-checking each, up to the first short or bad one."""
+    pos, size, why = scan.data_start, scan.size, None
+    entries: list[Entry] = []
+    while pos < size:
+        pre = os.pread(fd, REC_PREFIX, pos)
+        if len(pre) < FRAME.size:
+            why = f"{len(pre)} stray bytes"
+            break
+        magic, n = FRAME.unpack_from(pre)
+        if magic == MAGIC_FOOTER:
+            why = "footer damaged, cut short or followed by stray bytes"
+            break
+        if magic != MAGIC_RECORD or n != REC_FRAME:
+            why = f"no record frame (bytes {pre[:8].hex()})"
+            break
+        if len(pre) < REC_PREFIX:
+            why = "record header cut short"
+            break
+        hb = pre[FRAME.size:FRAME.size + RecordHeader.SIZE]
+        try:
+            if U32.unpack_from(pre, REC_PREFIX - 4)[0] != zlib.crc32(hb):
+                raise ValueError
+            entry = Entry(pos, RecordHeader.from_bytes(hb))
+        except ValueError:
+            why = "record header damaged (crc mismatch)"
+            break
+        if entry.end > size:
+            why = f"record cut short ({size - entry.data_offset} of {entry.header.comp_len} data bytes)"
+            break
+        crc = zlib.crc32(os.pread(fd, entry.header.comp_len, entry.data_offset))
+        if crc != entry.header.crc32:
+            why = f"record data damaged (crc {crc:#010x} != {entry.header.crc32:#010x})"
+            break
+        entries.append(entry)
+        pos = entry.end
+    scan.entries = entries
+    if why is None:
+        scan.problem = (f"no footer (the writer did not close cleanly); all {len(entries)} "
+                        f"records intact")
+    else:
+        scan.truncated_at = pos
+        scan.problem = (f"truncated at byte {pos}: {why}; {len(entries)} records intact, "
+                        f"{size - pos} bytes lost; run 'epreplay repair {scan.path}'")
+
+
+@dataclass(frozen=True)
+class RepairReport:
+    """What `repair` did. action: "healthy" (nothing changed) or "repaired"."""
+
+    path: Path
+    action: str
+    records: int  # intact records kept
+    size_before: int
+    size_after: int
+    backup: Path | None = None
+    problem: str | None = None
+    lost_bytes: int = 0  # bytes of the original file not kept (damaged or cut-short records)
+
+
+def repair(path: str | os.PathLike[str]) -> RepairReport:
+    """Truncate a damaged shard to its intact prefix and write a footer; keep PATH.bak first.
+
+    A healthy shard (valid footer, every record CRC-intact) is left untouched.
+    Raises:
+        ShardError: not a shard; or PATH.bak exists (it is never overwritten).
+    """
+    path = Path(path)
+    with open_shard(path) as scan:
+        keep, problem = scan.entries, scan.problem
+        if scan.complete:
+            bad = scan.verify()
+            if not bad:
+                return RepairReport(path, "healthy", len(keep), scan.size, scan.size)
+            first = bad[0][0]
+            keep = [e for e in keep if e.offset < first]
+            problem = (f"{len(bad)} damaged record(s), first at byte {first} ({bad[0][1]}); "
+                       f"kept the {len(keep)} records before it")
+        end = keep[-1].end if keep else scan.data_start
+        size = scan.size
+    backup = path.with_name(path.name + ".bak")
+    try:
+        # "x": a backup is never overwritten, even by a concurrent repair
+        with open(path, "rb") as src, open(backup, "xb") as dst:
+            shutil.copyfileobj(src, dst, 1 << 20)
+            dst.flush()
+            os.fsync(dst.fileno())
+    except FileExistsError:
+        raise ShardError(f"{path}: backup {backup} already exists and is never overwritten; "
+                         f"move it away, then run 'epreplay repair {path}' again") from None
+    os.chmod(backup, 0o600)
+    footer = footer_frame(((e.offset, e.header.to_bytes()) for e in keep), end)
+    with open(path, "r+b") as fh:
+        fh.truncate(end)
+        fh.seek(end)
+        fh.write(footer)
+        fh.flush()
+        os.fsync(fh.fileno())
+    return RepairReport(path, "repaired", len(keep), size, end + len(footer), backup, problem,
+                        size - end)
