@@ -29,7 +29,8 @@ import zstandard
 
 from epreplay import codec
 from epreplay.records import Kind, Level, Op, RecordHeader, ShardInfo, Status
-from epreplay.shard import REC_PREFIX, ShardWriter
+from epreplay.shard import ShardWriter
+from epreplay.shard_frames import REC_PREFIX
 
 E, K, GROUPS, TOPK_GROUPS = 256, 8, 8, 4
 ROUTED_SCALE = 2.5  # DeepSeek-V3's routed_scaling_factor
