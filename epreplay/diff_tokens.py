@@ -1,0 +1,216 @@
+"""Token-level side of `epreplay diff`: find the dispatch records of a run and pair tokens.
+
+Token routing (topk_idx_TK, topk_weights_TK, token_tag_T) stays in the shards; the index only
+has aggregates. This module lists a run's dispatch records from the shard footers (no
+decompression), then reads the records it needs one layer at a time and hands aligned [T, K]
+arrays to `epreplay.metrics.token_agreement`.
+
+Legend: T tokens of one call on one rank, K top-k, S steps, L layers.
+
+Two ways to pair a token of run A with a token of run B:
+  * position: same (step, layer, rank, n-th dispatch of that rank in that step and layer) and
+    the same row. Valid when both runs processed the same batches in the same order.
+  * tag: the same token_tag_T value (from `epreplay.marks.tag_tokens`) in the same layer,
+    wherever (step, rank, row) it was processed. A tag seen twice in one run's layer (a
+    re-processed token) is matched at its first occurrence in (step, rank, row) order and the
+    repeats are counted as unmatched.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import numpy as np
+
+from epreplay.metrics import TokenAgreement, token_agreement
+from epreplay.records import Kind, Op, Status
+from epreplay.shard import Entry, ShardScan, open_shard
+
+# Records that hold the routing a token got. Layout calls also hold topk_idx_TK, but every layout
+# is followed by the dispatch of the same tokens; counting both would count each token twice.
+ROUTING_OPS = (int(Op.DISPATCH), int(Op.LL_DISPATCH))
+
+Key = tuple[int, int, int, int]  # (step, layer, rank, occurrence)
+
+
+@dataclass(frozen=True)
+class DispatchRef:
+    """Where one dispatch call of one rank sits: its shard scan and its entry (offset + header)."""
+
+    key: Key
+    tokens: int
+    scan: ShardScan
+    entry: Entry
+
+
+class Catalog:
+    """The OK dispatch records of a run, keyed by (step, layer, rank, occurrence).
+
+    Built from shard footers only (see epreplay.shard), so listing a production run's 10^5
+    records costs milliseconds. Keeps one read-only descriptor per shard open until `close`.
+    """
+
+    def __init__(self, shard_paths: Iterable[Path], *, steps: tuple[int, int] | None = None,
+                 layers: frozenset[int] | None = None) -> None:
+        self.scans: list[ShardScan] = []
+        self.refs: dict[Key, DispatchRef] = {}
+        for path in shard_paths:
+            scan = open_shard(path)
+            self.scans.append(scan)
+            rank = scan.info.rank
+            seen: dict[tuple[int, int], int] = {}
+            for entry in scan.entries:
+                h = entry.header
+                if h.kind != Kind.CALL or h.op not in ROUTING_OPS or h.status != Status.OK:
+                    continue
+                if steps is not None and not steps[0] <= h.step < steps[1]:
+                    continue
+                if layers is not None and h.layer not in layers:
+                    continue
+                n = seen.get((h.step, h.layer), 0)
+                seen[(h.step, h.layer)] = n + 1
+                key = (h.step, h.layer, rank, n)
+                self.refs[key] = DispatchRef(key, h.tokens, scan, entry)
+
+    def layers(self) -> list[int]:
+        return sorted({k[1] for k in self.refs})
+
+    def of_layer(self, layer: int) -> list[DispatchRef]:
+        """This layer's dispatches in (step, rank, occurrence) order."""
+        return [self.refs[k] for k in sorted(k for k in self.refs if k[1] == layer)]
+
+    def has_tags(self) -> bool:
+        """Whether the run tagged its tokens (judged on its first dispatch record)."""
+        if not self.refs:
+            return False
+        first = self.refs[min(self.refs)]
+        return "token_tag_T" in first.scan.read(first.entry).arrays
+
+    def close(self) -> None:
+        for scan in self.scans:
+            scan.close()
+
+    def __enter__(self) -> "Catalog":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _routing(ref: DispatchRef) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+    """(topk_idx_TK, topk_weights_TK or None, token_tag_T or None) of one dispatch record."""
+    arrays = ref.scan.read(ref.entry).arrays
+    idx = arrays.get("topk_idx_TK")
+    if idx is None:  # a counts-level capture: no token routing at all
+        idx = np.zeros((0, 0), dtype=np.int64)
+    return idx, arrays.get("topk_weights_TK"), arrays.get("token_tag_T")
+
+
+@dataclass(frozen=True)
+class LayerMatch:
+    """Token agreement of one layer and how many tokens found no partner on each side."""
+
+    layer: int
+    agreement: TokenAgreement
+    unmatched_a: int
+    unmatched_b: int
+
+
+def same_shapes(cat_a: Catalog, cat_b: Catalog) -> str | None:
+    """None when both runs have the same dispatch calls with the same token counts, else why not."""
+    keys_a, keys_b = set(cat_a.refs), set(cat_b.refs)
+    if keys_a != keys_b:
+        only_a, only_b = len(keys_a - keys_b), len(keys_b - keys_a)
+        return f"the runs' dispatch calls differ ({only_a} only in A, {only_b} only in B)"
+    diff = sum(cat_a.refs[k].tokens != cat_b.refs[k].tokens for k in keys_a)
+    if diff:
+        return f"{diff} dispatch calls have different token counts"
+    return None
+
+
+def match_by_position(cat_a: Catalog, cat_b: Catalog, layer: int) -> LayerMatch:
+    """Pair row t of each (step, layer, rank, occurrence) dispatch present in both runs."""
+    total = TokenAgreement()
+    un_a = un_b = 0
+    refs_b = cat_b.refs
+    for ref_a in cat_a.of_layer(layer):
+        ref_b = refs_b.get(ref_a.key)
+        if ref_b is None:
+            un_a += ref_a.tokens
+            continue
+        idx_a, w_a, _ = _routing(ref_a)
+        idx_b, w_b, _ = _routing(ref_b)
+        if idx_a.shape[0] != idx_b.shape[0] or idx_a.shape[0] == 0:
+            un_a += ref_a.tokens
+            un_b += ref_b.tokens
+            continue
+        if w_a is None or w_b is None:
+            w_a = w_b = None
+        total = total + token_agreement(idx_a, idx_b, w_a, w_b)
+    keys_a = {r.key for r in cat_a.of_layer(layer)}
+    un_b += sum(r.tokens for r in cat_b.of_layer(layer) if r.key not in keys_a)
+    return LayerMatch(layer, total, un_a, un_b)
+
+
+def _gather(refs: list[DispatchRef]) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, int]:
+    """All tagged tokens of one layer of a run, first occurrence of each tag kept.
+
+    Returns:
+        tags [N] int64 sorted unique, idx [N, K] int16 (expert ids fit: DeepEP caps E far below
+        2^15; int16 quarters the memory of a production layer), weights [N, K] float32 or None,
+        and how many tokens were dropped (untagged or repeated tags).
+    """
+    tags, idxs, ws = [], [], []
+    dropped = 0
+    weights_everywhere = True
+    for ref in refs:
+        idx, w, tag = _routing(ref)
+        if tag is None or tag.shape[0] != idx.shape[0]:
+            dropped += ref.tokens
+            continue
+        tags.append(tag.astype(np.int64, copy=False))
+        idxs.append(idx.astype(np.int16))
+        if w is None:
+            weights_everywhere = False
+        else:
+            ws.append(w.astype(np.float32, copy=False))
+    if not tags:
+        return np.zeros(0, np.int64), np.zeros((0, 0), np.int16), None, dropped
+    tag_N = np.concatenate(tags)
+    idx_NK = np.concatenate(idxs)
+    w_NK = np.concatenate(ws) if weights_everywhere else None
+    uniq, first = np.unique(tag_N, return_index=True)  # return_index: the first occurrence
+    dropped += tag_N.size - uniq.size
+    return uniq, idx_NK[first], (w_NK[first] if w_NK is not None else None), dropped
+
+
+def match_by_tag(cat_a: Catalog, cat_b: Catalog, layer: int, *, chunk: int = 65536) -> LayerMatch:
+    """Pair tokens of one layer that carry the same token tag in both runs."""
+    tag_a, idx_a, w_a, drop_a = _gather(cat_a.of_layer(layer))
+    tag_b, idx_b, w_b, drop_b = _gather(cat_b.of_layer(layer))
+    _, ia, ib = np.intersect1d(tag_a, tag_b, assume_unique=True, return_indices=True)
+    total = TokenAgreement()
+    with_w = w_a is not None and w_b is not None
+    # Chunks bound the [chunk, K, K] comparison array token_agreement builds.
+    for lo in range(0, ia.size, chunk):
+        sa, sb = ia[lo:lo + chunk], ib[lo:lo + chunk]
+        total = total + token_agreement(idx_a[sa], idx_b[sb], w_a[sa] if with_w else None,
+                                        w_b[sb] if with_w else None)
+    return LayerMatch(layer, total, drop_a + tag_a.size - ia.size, drop_b + tag_b.size - ib.size)
+
+
+def iter_loads(cat: Catalog, num_experts: int) -> Iterator[tuple[int, int, np.ndarray]]:
+    """(step, layer, load_E) per dispatch record: (t, k) slots per expert, from the record's
+    num_tokens_per_expert_E when recorded, else counted from topk_idx_TK (-1 slots ignored)."""
+    for key in sorted(cat.refs):
+        ref = cat.refs[key]
+        arrays = ref.scan.read(ref.entry).arrays
+        load = arrays.get("num_tokens_per_expert_E")
+        if load is None:
+            idx = arrays.get("topk_idx_TK")
+            if idx is None:
+                continue
+            flat = idx.reshape(-1)
+            load = np.bincount(flat[flat >= 0], minlength=num_experts)
+        yield key[0], key[1], np.asarray(load, dtype=np.int64)

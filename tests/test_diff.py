@@ -1,0 +1,210 @@
+"""`epreplay diff` on small synthetic runs written with the real ShardWriter: diff logic and CLI.
+
+The runs are routed by a tiny deterministic router (token features x layer weights + a skew
+bias), so "same seed, different release" changes exactly the layers the release perturbs, and
+"same tokens in another batch order" keeps every token's routing while moving it to another
+(step, rank, row).
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from epreplay import diff, diff_render, diff_runs
+from epreplay.errors import UsageError
+from epreplay.records import Kind, Level, Manifest, Op, RecordHeader, ShardInfo, Status
+from epreplay.run import RunDir
+from epreplay.shard import ShardWriter
+
+WORLD, LAYERS, STEPS, T = 2, 4, 3, 16  # ranks, layers, steps, tokens per rank per step
+HIDDEN = 8
+
+
+def write_run(path: Path, *, experts: int = 16, topk: int = 4, seed: int = 0,
+              perturb: frozenset[int] = frozenset(), order_seed: int | None = None,
+              tags: bool = True, release: str = "r1") -> Path:
+    """A run of WORLD ranks x STEPS steps x LAYERS layers of dispatch records.
+
+    seed: the token data (the same seed -> the same tokens). perturb: layers whose router is
+    changed (the "release"). order_seed: shuffle which (step, rank, row) processes which token.
+    """
+    data = np.random.default_rng(seed)
+    n_tok = STEPS * WORLD * T
+    x_NH = data.standard_normal((n_tok, HIDDEN))
+    order = np.arange(n_tok) if order_seed is None else np.random.default_rng(order_seed).permutation(n_tok)
+    model = np.random.default_rng(1234)  # the model is the same in every run...
+    w_LHE = model.standard_normal((LAYERS, HIDDEN, experts))
+    bias_LE = np.linspace(2.0, 0.0, experts)[None, :] * (1 + np.arange(LAYERS))[:, None] / LAYERS
+    for layer in perturb:  # ...except the layers this release changed
+        w_LHE[layer] += 0.8 * np.random.default_rng(99 + layer).standard_normal((HIDDEN, experts))
+    run = RunDir.create(path)
+    run.write_manifest(Manifest(run_id=f"{path.name}", created="now", world_size=WORLD,
+                                num_experts=experts, topk=topk, hidden=HIDDEN, release=release))
+    for rank in range(WORLD):
+        info = ShardInfo(path.name, rank, WORLD, experts, topk, HIDDEN, Level.ROUTING)
+        with ShardWriter(run.shard_path(rank), info) as w:
+            seq = 0
+            for step in range(STEPS):
+                tok_T = order[(step * WORLD + rank) * T:(step * WORLD + rank + 1) * T]
+                for layer in range(LAYERS):
+                    scores_TE = x_NH[tok_T] @ w_LHE[layer] + bias_LE[layer]
+                    idx_TK = np.argsort(-scores_TE, axis=1, kind="stable")[:, :topk]
+                    w_TK = 1 / (1 + np.exp(-np.take_along_axis(scores_TE, idx_TK, axis=1)))
+                    w_TK = (w_TK / w_TK.sum(axis=1, keepdims=True)).astype(np.float32)
+                    arrays = {"topk_idx_TK": idx_TK.astype(np.int64), "topk_weights_TK": w_TK,
+                              "num_tokens_per_expert_E": np.bincount(idx_TK.ravel(), minlength=experts).astype(np.int32)}
+                    if tags:
+                        arrays["token_tag_T"] = tok_T.astype(np.int64)
+                    header = RecordHeader(Kind.CALL, Op.DISPATCH, Level.ROUTING, Status.OK, 0, seq,
+                                          step, layer, T)
+                    w.append(header, arrays, {})
+                    seq += 1
+    return path
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> dict[str, Path]:
+    base = tmp_path_factory.mktemp("diffruns")
+    return {
+        "a": write_run(base / "a"),
+        "release": write_run(base / "release", perturb=frozenset({1, 3}), release="r2"),
+        "shuffled": write_run(base / "shuffled", order_seed=7),
+        "shuffled_untagged": write_run(base / "shuffled_untagged", order_seed=7, tags=False),
+        "untagged": write_run(base / "untagged", tags=False),
+        "other_seed": write_run(base / "other_seed", seed=5),
+        "more_experts": write_run(base / "more_experts", experts=32),
+    }
+
+
+def test_run_against_itself_is_identical(runs) -> None:
+    res = diff_runs.diff_runs(runs["a"], runs["a"], thresholds=[diff.parse_threshold("js>0"),
+                                                                  diff.parse_threshold("top1<1")])
+    assert res.match == "tag" and res.passed
+    s = res.summary
+    assert (s["js"], s["js_mean"], s["hot_changed"]) == (0.0, 0.0, 0.0)
+    assert (s["jaccard"], s["top1"], s["weight_change"], s["matched"]) == (1.0, 1.0, 0.0, 1.0)
+    assert s["imbalance_ratio"] == 1.0
+    assert len(res.layers) == LAYERS
+    assert all(r.tokens.tokens == STEPS * WORLD * T for r in res.layers)
+
+
+def test_release_change_drifts_exactly_the_touched_layers(runs) -> None:
+    res = diff_runs.diff_runs(runs["a"], runs["release"],
+                              thresholds=[diff.parse_threshold("js>0.01")])
+    drifted = {r.layer for r in res.layers if r.js > 0 or r.tokens.top1 < 1.0}
+    assert drifted == {1, 3}
+    assert [r.layer for r in res.layers][:2] in ([1, 3], [3, 1])  # worst layers first
+    untouched = [r for r in res.layers if r.layer in (0, 2)]
+    assert all(r.tokens.jaccard == 1.0 and r.tokens.weight_change == 0.0 for r in untouched)
+    assert not res.passed and res.failures[0].threshold.metric == "js"
+    assert res.verdict_line().startswith("FAIL")
+
+
+def test_batch_order_matched_by_tag_agrees_fully(runs) -> None:
+    res = diff_runs.diff_runs(runs["a"], runs["shuffled"])
+    assert res.match == "tag"
+    assert res.summary["top1"] == 1.0 and res.summary["jaccard"] == 1.0
+    assert res.summary["matched"] == 1.0 and res.summary["js"] == pytest.approx(0.0, abs=1e-12)
+    # The same pair by position compares different tokens: agreement drops well below 1.
+    pos = diff_runs.diff_runs(runs["a"], runs["shuffled"], match="position")
+    assert pos.match == "position" and pos.summary["top1"] < 0.9
+
+
+def test_auto_falls_back_to_position_then_none(runs) -> None:
+    res = diff_runs.diff_runs(runs["untagged"], runs["a"])
+    assert res.match == "position" and res.summary["top1"] == 1.0
+    none = diff_runs.diff_runs(runs["untagged"], runs["shuffled_untagged"], match="none")
+    assert none.match == "none" and none.summary["top1"] is None
+    with pytest.raises(UsageError, match="recorded no token tags"):
+        diff_runs.diff_runs(runs["untagged"], runs["a"], match="tag")
+    with pytest.raises(UsageError, match="top1 was not measured"):
+        diff_runs.diff_runs(runs["a"], runs["a"], match="none",
+                            thresholds=[diff.parse_threshold("top1<0.9")])
+
+
+def test_different_expert_counts_compare_distributions_only(runs) -> None:
+    res = diff_runs.diff_runs(runs["a"], runs["more_experts"])
+    assert res.match == "none" and res.summary["top1"] is None
+    assert any("distribution level only" in n and "16 vs 32" in n for n in res.notes)
+    assert res.summary["js"] > 0
+
+
+def test_layer_and_step_selection(runs) -> None:
+    res = diff_runs.diff_runs(runs["a"], runs["release"], layers=diff.parse_layers(["0,2"]),
+                              steps=diff.parse_steps("1:3"))
+    assert sorted(r.layer for r in res.layers) == [0, 2] and res.summary["js"] == 0.0
+    assert res.run_a.steps == (1, 2)
+    assert all(r.tokens.tokens == 2 * WORLD * T for r in res.layers)
+
+
+@pytest.mark.parametrize("text, want", [
+    ("js>0.05", diff.Threshold("js", ">", 0.05)),
+    (" top1 < 0.9 ", diff.Threshold("top1", "<", 0.9)),
+    ("hot_changed>=3", diff.Threshold("hot_changed", ">=", 3.0)),
+])
+def test_parse_threshold(text, want) -> None:
+    assert diff.parse_threshold(text) == want
+
+
+@pytest.mark.parametrize("text", ["js", "js>>1", "jsx>0.1", "js>abc", "js>nan", "top1=0.9"])
+def test_parse_threshold_rejects_with_known_metrics(text) -> None:
+    with pytest.raises(UsageError) as exc:
+        diff.parse_threshold(text)
+    assert repr(text) in str(exc.value)
+    if "jsx" in text or "=" in text:
+        assert "top1" in str(exc.value) and "weight_change" in str(exc.value)
+
+
+# ----------------------------------------------------------------------------- CLI
+
+def cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "epreplay", "diff", *args],
+                          capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.slow
+def test_cli_text_json_md_and_exit_codes(runs) -> None:
+    a, rel = str(runs["a"]), str(runs["release"])
+    same = cli(a, a, "--fail-on", "js>0", "--fail-on", "top1<1", "--fail-on", "jaccard<1")
+    assert same.returncode == 0, same.stderr
+    assert "PASS within 3 threshold(s)" in same.stdout and "layer" in same.stdout
+
+    drift = cli(a, rel, "--fail-on", "js>0.01", "--format", "json")
+    assert drift.returncode == 1, drift.stderr
+    doc = json.loads(drift.stdout)
+    assert doc["verdict"] == "fail" and doc["failed"][0]["metric"] == "js"
+    assert {l["layer"] for l in doc["layers"][:2]} == {1, 3}
+    assert doc["layers"][-1]["js"] == 0.0 and doc["match"] == "tag"
+
+    md = cli(a, rel, "--fail-on", "js>0.01", "--format", "md")
+    assert md.returncode == 1 and md.stdout.startswith("### ❌ epreplay diff: FAIL")
+    assert "| `js>0.01` |" in md.stdout
+
+
+@pytest.mark.slow
+def test_cli_unusable_input_exits_2_with_one_line(runs, tmp_path) -> None:
+    a = str(runs["a"])
+    for args, needle in [
+        ((a, str(tmp_path / "missing")), "no such run directory"),
+        ((a, a, "--fail-on", "jsx>1"), "unknown metric 'jsx'"),
+        ((a, a, "--steps", "5:2"), "--steps"),
+        ((a, str(RunDir.create(tmp_path / "empty").path)), "no shards and no index"),
+    ]:
+        proc = cli(*args)
+        assert proc.returncode == 2, (args, proc.stdout, proc.stderr)
+        assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+        assert needle in proc.stderr, proc.stderr
+
+
+def test_json_dict_is_complete(runs) -> None:
+    doc = diff_render.to_dict(diff_runs.diff_runs(runs["a"], runs["release"]))
+    assert set(doc["summary"]) == set(diff.METRICS)
+    assert doc["verdict"] == "pass" and doc["failed"] == []  # no thresholds: pass
+    layer = doc["layers"][0]
+    assert {"js", "hot_entered", "hot_left", "imbalance_a", "top1", "jaccard"} <= set(layer)
+    json.dumps(doc)  # JSON-able (no numpy scalars)
