@@ -98,6 +98,13 @@ def _dense(run: RunDir, facts: RunFacts, rows: dict[tuple[int, int], np.ndarray]
 def _choose_match(mode: str, cat_a: diff_tokens.Catalog, cat_b: diff_tokens.Catalog,
                   notes: list[str]) -> str:
     """The matching to use ('tag' | 'position' | 'none'), recording why in `notes`."""
+    no_routing = [n for n, c in (("A", cat_a), ("B", cat_b)) if not c.has_routing()]
+    if no_routing:
+        why = f"run {' and '.join(no_routing)} recorded no token routing (capture level 'counts')"
+        if mode != "auto":
+            raise UsageError(f"--match {mode}: {why}; record at --level routing or use --match none")
+        notes.append(f"tokens not matched: {why}")
+        return "none"
     if mode in ("tag", "auto"):
         tags_a, tags_b = cat_a.has_tags(), cat_b.has_tags()
         if tags_a and tags_b:

@@ -55,6 +55,7 @@ class Catalog:
                  layers: frozenset[int] | None = None) -> None:
         self.scans: list[ShardScan] = []
         self.refs: dict[Key, DispatchRef] = {}
+        self._first: frozenset[str] | None = None
         for path in shard_paths:
             scan = open_shard(path)
             self.scans.append(scan)
@@ -80,12 +81,23 @@ class Catalog:
         """This layer's dispatches in (step, rank, occurrence) order."""
         return [self.refs[k] for k in sorted(k for k in self.refs if k[1] == layer)]
 
+    def first_arrays(self) -> frozenset[str]:
+        """Names of the arrays in the run's first dispatch record (what the capture level gave)."""
+        if self._first is None:
+            if not self.refs:
+                self._first = frozenset()
+            else:
+                first = self.refs[min(self.refs)]
+                self._first = frozenset(first.scan.read(first.entry).arrays)
+        return self._first
+
+    def has_routing(self) -> bool:
+        """Whether dispatch records hold topk_idx_TK (capture level routing or above)."""
+        return "topk_idx_TK" in self.first_arrays()
+
     def has_tags(self) -> bool:
         """Whether the run tagged its tokens (judged on its first dispatch record)."""
-        if not self.refs:
-            return False
-        first = self.refs[min(self.refs)]
-        return "token_tag_T" in first.scan.read(first.entry).arrays
+        return "token_tag_T" in self.first_arrays()
 
     def close(self) -> None:
         for scan in self.scans:

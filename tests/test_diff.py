@@ -27,11 +27,12 @@ HIDDEN = 8
 
 def write_run(path: Path, *, experts: int = 16, topk: int = 4, seed: int = 0,
               perturb: frozenset[int] = frozenset(), order_seed: int | None = None,
-              tags: bool = True, release: str = "r1") -> Path:
+              tags: bool = True, release: str = "r1", routing: bool = True) -> Path:
     """A run of WORLD ranks x STEPS steps x LAYERS layers of dispatch records.
 
     seed: the token data (the same seed -> the same tokens). perturb: layers whose router is
     changed (the "release"). order_seed: shuffle which (step, rank, row) processes which token.
+    routing=False: a counts-level capture (no topk_idx_TK / topk_weights_TK in the records).
     """
     data = np.random.default_rng(seed)
     n_tok = STEPS * WORLD * T
@@ -58,6 +59,8 @@ def write_run(path: Path, *, experts: int = 16, topk: int = 4, seed: int = 0,
                     w_TK = (w_TK / w_TK.sum(axis=1, keepdims=True)).astype(np.float32)
                     arrays = {"topk_idx_TK": idx_TK.astype(np.int64), "topk_weights_TK": w_TK,
                               "num_tokens_per_expert_E": np.bincount(idx_TK.ravel(), minlength=experts).astype(np.int32)}
+                    if not routing:
+                        del arrays["topk_idx_TK"], arrays["topk_weights_TK"]
                     if tags:
                         arrays["token_tag_T"] = tok_T.astype(np.int64)
                     header = RecordHeader(Kind.CALL, Op.DISPATCH, Level.ROUTING, Status.OK, 0, seq,
@@ -78,6 +81,7 @@ def runs(tmp_path_factory) -> dict[str, Path]:
         "untagged": write_run(base / "untagged", tags=False),
         "other_seed": write_run(base / "other_seed", seed=5),
         "more_experts": write_run(base / "more_experts", experts=32),
+        "counts": write_run(base / "counts", routing=False, tags=False),
     }
 
 
@@ -132,6 +136,14 @@ def test_different_expert_counts_compare_distributions_only(runs) -> None:
     assert res.match == "none" and res.summary["top1"] is None
     assert any("distribution level only" in n and "16 vs 32" in n for n in res.notes)
     assert res.summary["js"] > 0
+
+
+def test_counts_level_run_compares_distributions_only(runs) -> None:
+    res = diff_runs.diff_runs(runs["a"], runs["counts"])
+    assert res.match == "none" and res.summary["js"] == 0.0
+    assert any("capture level 'counts'" in n for n in res.notes)
+    with pytest.raises(UsageError, match="run B recorded no token routing"):
+        diff_runs.diff_runs(runs["a"], runs["counts"], match="position")
 
 
 def test_layer_and_step_selection(runs) -> None:
