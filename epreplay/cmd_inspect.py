@@ -28,6 +28,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def shard_summary(path: Path, *, verify: bool = True) -> dict:
     """A JSON-able summary of one shard. Raises ShardError when `path` is not a shard."""
+    from epreplay.errors import ShardError
     from epreplay.records import Kind, Op
     from epreplay.shard import open_shard
 
@@ -51,6 +52,19 @@ def shard_summary(path: Path, *, verify: bool = True) -> dict:
             tokens += h.tokens
             steps.add(h.step)
             layers.add(h.layer)
+        reasons: Counter[str] = Counter()
+        dropped = 0
+        bad_offsets = {off for off, _ in corrupt}
+        for entry in scan.entries:  # recorder events are few and small: decode them
+            if entry.header.kind != Kind.EVENT or entry.offset in bad_offsets:
+                continue
+            try:
+                meta = scan.read(entry).meta
+            except ShardError:
+                continue
+            reasons[str(meta.get("reason", "?"))] += 1
+            if isinstance(meta.get("dropped"), int):
+                dropped = max(dropped, meta["dropped"])  # events carry the running total
         if corrupt:
             health = "corrupt"
         elif scan.truncated_at is not None:
@@ -65,6 +79,7 @@ def shard_summary(path: Path, *, verify: bool = True) -> dict:
                      "level": info.level.label, "created_ns": info.created_ns,
                      "version": info.version},
             "records": len(scan.entries), "calls": sum(ops.values()), "events": events,
+            "event_reasons": dict(reasons), "dropped": dropped,
             "ops": {op.label: ops.get(op.label, 0) for op in Op} | {k: v for k, v in ops.items()
                                                                      if k.startswith("op")},
             "tokens": tokens, "compressed_bytes": comp, "raw_bytes": raw,
@@ -107,6 +122,9 @@ def _print_shard(s: dict) -> None:
         print(f"  steps    {s['steps'][0]}..{s['steps'][1]}  layers {s['layers'][0]}..{s['layers'][1]}")
     counts = "  ".join(f"{op} {n}" for op, n in s["ops"].items() if n)
     print(f"  per op   {counts or '-'}")
+    if s["event_reasons"]:
+        reasons = "  ".join(f"{r} {n}" for r, n in sorted(s["event_reasons"].items()))
+        print(f"  events   {reasons}" + (f"  (capture dropped {s['dropped']} calls)" if s["dropped"] else ""))
     print(f"  health   {_health_line(s)}")
 
 

@@ -31,7 +31,7 @@ def write(path: Path, rank: int, n: int = 6) -> None:
                      {"topk_idx_TK": rng.integers(-1, 32, (5, 4)),
                       "topk_weights_TK": rng.random((5, 4), dtype=np.float32)})
         w.append(RecordHeader(Kind.EVENT, 0, Level.ROUTING, Status.OK, 0, n, -1, -1, 0), {},
-                 {"reason": "test"})
+                 {"reason": "dropped", "dropped": 3})
 
 
 @pytest.fixture()
@@ -60,7 +60,7 @@ def test_inspect_run_shows_header_counts_and_truncation(run_dir) -> None:
     out = proc.stdout
     assert "run-cli" in out and "rank 0/2" in out and "rank 1/2" in out
     assert "layout 2  dispatch 2  combine 2" in out  # rank 0: 6 calls, event counted apart
-    assert "6 calls, 1 events" in out
+    assert "6 calls, 1 events" in out and "dropped 1  (capture dropped 3 calls)" in out
     assert f"TRUNCATED at byte {cut_at}" in out and "3 records intact" in out
     assert "health: 1 complete, 1 truncated" in out
 
@@ -74,6 +74,7 @@ def test_inspect_json_and_corrupt_record(tmp_path: Path) -> None:
     shard = body["shards"][0]
     assert body["healthy"] and shard["health"] == "complete" and shard["verified"]
     assert shard["ops"]["dispatch"] == 2 and shard["events"] == 1 and shard["info"]["rank"] == 0
+    assert shard["event_reasons"] == {"dropped": 1} and shard["dropped"] == 3
     with open_shard(path) as scan:
         second = scan.entries[1]
     data = bytearray(path.read_bytes())
