@@ -173,3 +173,38 @@ def test_metrics_imports_no_torch_or_duckdb():
             "bad = [x for x in ('torch', 'duckdb', 'textual') if x in sys.modules]; "
             "sys.exit(1 if bad else 0)")
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+def _naive(idx_a, idx_b, w_a, w_b):
+    """Per-token Python sets: the definition, written the obvious way."""
+    jac, top1, pairs, wsum = 0.0, 0, 0, 0.0
+    for t in range(idx_a.shape[0]):
+        sa = {int(e): float(w) for e, w in zip(idx_a[t], w_a[t]) if e >= 0}
+        sb = {int(e): float(w) for e, w in zip(idx_b[t], w_b[t]) if e >= 0}
+        union = set(sa) | set(sb)
+        jac += len(set(sa) & set(sb)) / len(union) if union else 1.0
+        best_a = max(sa, key=lambda e: (sa[e], -list(idx_a[t]).index(e))) if sa else -1
+        best_b = max(sb, key=lambda e: (sb[e], -list(idx_b[t]).index(e))) if sb else -1
+        top1 += best_a == best_b
+        for e in set(sa) & set(sb):
+            pairs += 1
+            wsum += abs(sa[e] - sb[e])
+    return jac, top1, pairs, wsum
+
+
+@pytest.mark.parametrize("num_experts", [8, 300, 1 << 20])  # 1<<20: the lookup table is chunked
+def test_token_agreement_matches_the_naive_definition(num_experts):
+    rng = np.random.default_rng(num_experts)
+    T, K = 50, 4
+    idx_a = np.stack([rng.choice(num_experts, K, replace=False) for _ in range(T)])
+    idx_b = idx_a.copy()
+    swap = rng.random((T, K)) < 0.3  # move some slots to other experts, drop a few
+    idx_b[swap] = rng.choice(num_experts, swap.sum())
+    idx_b = np.stack([np.where(np.isin(np.arange(K), np.unique(r, return_index=True)[1]), r, -1)
+                      for r in idx_b])  # keep ids distinct within a row
+    idx_b[rng.random((T, K)) < 0.1] = -1
+    w_a, w_b = rng.random((T, K)), rng.random((T, K))
+    got = m.token_agreement(idx_a, idx_b, w_a, w_b)
+    jac, top1, pairs, wsum = _naive(idx_a, idx_b, w_a, w_b)
+    assert got.tokens == T and got.top1_agree == top1 and got.pairs == pairs
+    assert got.jaccard_sum == pytest.approx(jac) and got.weight_abs_sum == pytest.approx(wsum)
