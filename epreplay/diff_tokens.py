@@ -17,6 +17,8 @@ Two ways to pair a token of run A with a token of run B:
 """
 from __future__ import annotations
 
+import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -141,28 +143,52 @@ def same_shapes(cat_a: Catalog, cat_b: Catalog) -> str | None:
     return None
 
 
+def _pool_map(fn, items: list) -> list:
+    """map() over a thread pool: zstd decompression and numpy release the GIL, so reading
+    many records scales with cores. Results keep the input order (sums stay deterministic)."""
+    workers = min(8, os.cpu_count() or 1)
+    if workers <= 1 or len(items) < 8:
+        return [fn(item) for item in items]
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        return list(pool.map(fn, items))
+
+
+def _pair_agreement(pair: tuple[DispatchRef, DispatchRef]) -> TokenAgreement | None:
+    """Agreement of two dispatches of the same position; None when their rows do not line up."""
+    idx_a, w_a, _ = _routing(pair[0])
+    idx_b, w_b, _ = _routing(pair[1])
+    if idx_a.shape[0] != idx_b.shape[0] or idx_a.size == 0 or idx_b.size == 0:
+        return None
+    if w_a is None or w_b is None:
+        w_a = w_b = None
+    return token_agreement(idx_a, idx_b, w_a, w_b)
+
+
 def match_by_position(cat_a: Catalog, cat_b: Catalog, layer: int) -> LayerMatch:
     """Pair row t of each (step, layer, rank, occurrence) dispatch present in both runs."""
+    refs_a, refs_b = cat_a.of_layer(layer), cat_b.of_layer(layer)
+    keys_a = {r.key for r in refs_a}
+    pairs = [(r, cat_b.refs[r.key]) for r in refs_a if r.key in cat_b.refs]
+    un_a = sum(r.tokens for r in refs_a if r.key not in cat_b.refs)
+    un_b = sum(r.tokens for r in refs_b if r.key not in keys_a)
     total = TokenAgreement()
-    un_a = un_b = 0
-    refs_b = cat_b.refs
-    for ref_a in cat_a.of_layer(layer):
-        ref_b = refs_b.get(ref_a.key)
-        if ref_b is None:
-            un_a += ref_a.tokens
-            continue
-        idx_a, w_a, _ = _routing(ref_a)
-        idx_b, w_b, _ = _routing(ref_b)
-        if idx_a.shape[0] != idx_b.shape[0] or idx_a.shape[0] == 0:
-            un_a += ref_a.tokens
-            un_b += ref_b.tokens
-            continue
-        if w_a is None or w_b is None:
-            w_a = w_b = None
-        total = total + token_agreement(idx_a, idx_b, w_a, w_b)
-    keys_a = {r.key for r in cat_a.of_layer(layer)}
-    un_b += sum(r.tokens for r in cat_b.of_layer(layer) if r.key not in keys_a)
+    for pair, agreement in zip(pairs, _pool_map(_pair_agreement, pairs)):
+        if agreement is None:
+            un_a += pair[0].tokens
+            un_b += pair[1].tokens
+        else:
+            total = total + agreement
     return LayerMatch(layer, total, un_a, un_b)
+
+
+def _narrow(ref: DispatchRef) -> tuple[np.ndarray | None, np.ndarray, np.ndarray | None]:
+    """(token_tag_T int64, topk_idx_TK int16, topk_weights_TK float32) of one record, narrowed
+    in the worker thread so a production layer never sits in memory at int64/float64 width."""
+    idx, w, tag = _routing(ref)
+    if tag is None or tag.shape[0] != idx.shape[0]:
+        return None, idx[:0].astype(np.int16), None
+    return (tag.astype(np.int64, copy=False), idx.astype(np.int16),
+            None if w is None else w.astype(np.float32, copy=False))
 
 
 def _gather(refs: list[DispatchRef]) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, int]:
@@ -176,22 +202,22 @@ def _gather(refs: list[DispatchRef]) -> tuple[np.ndarray, np.ndarray, np.ndarray
     tags, idxs, ws = [], [], []
     dropped = 0
     weights_everywhere = True
-    for ref in refs:
-        idx, w, tag = _routing(ref)
-        if tag is None or tag.shape[0] != idx.shape[0]:
+    for ref, (tag, idx, w) in zip(refs, _pool_map(_narrow, refs)):
+        if tag is None:
             dropped += ref.tokens
             continue
-        tags.append(tag.astype(np.int64, copy=False))
-        idxs.append(idx.astype(np.int16))
+        tags.append(tag)
+        idxs.append(idx)
         if w is None:
             weights_everywhere = False
         else:
-            ws.append(w.astype(np.float32, copy=False))
+            ws.append(w)
     if not tags:
         return np.zeros(0, np.int64), np.zeros((0, 0), np.int16), None, dropped
     tag_N = np.concatenate(tags)
     idx_NK = np.concatenate(idxs)
     w_NK = np.concatenate(ws) if weights_everywhere else None
+    del tags, idxs, ws
     uniq, first = np.unique(tag_N, return_index=True)  # return_index: the first occurrence
     dropped += tag_N.size - uniq.size
     return uniq, idx_NK[first], (w_NK[first] if w_NK is not None else None), dropped
