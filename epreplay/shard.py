@@ -13,7 +13,8 @@ So every byte of a record is covered by a CRC: a bad record is never returned as
 
 API (the contract other modules code against):
 
-  ShardWriter(path, info: ShardInfo, *, zstd_level=3, fsync_every=0)
+  ShardWriter(path, info: ShardInfo, *, zstd_level=3, large_level=1, fsync_every=0)
+      (records over 1 MiB raw, i.e. payloads, use large_level: as small, twice as fast)
       .append(header: RecordHeader, arrays: Mapping[str, np.ndarray], meta: Mapping | None) -> int
           encodes, compresses, writes and flushes one record; returns its byte offset.
           The header's comp_len/raw_len/crc32 are filled in here. Arrays follow codec's rules
@@ -46,8 +47,8 @@ from typing import Mapping
 
 from epreplay import codec
 from epreplay.records import RecordHeader, ShardInfo
-from epreplay.shard_frames import (DEFAULT_LEVEL, EncodedRecord, Entry, encode_record,
-                                   footer_frame, header_frame)
+from epreplay.shard_frames import (DEFAULT_LEVEL, LARGE_LEVEL, EncodedRecord, Entry,
+                                   encode_record, footer_frame, header_frame)
 from epreplay.shard_reader import RepairReport, ShardScan, open_shard, repair
 
 
@@ -55,10 +56,12 @@ class ShardWriter:
     """Append records to a new shard; see the module docstring. Thread-safe appends."""
 
     def __init__(self, path: str | os.PathLike[str], info: ShardInfo, *,
-                 zstd_level: int = DEFAULT_LEVEL, fsync_every: int = 0) -> None:
+                 zstd_level: int = DEFAULT_LEVEL, large_level: int = LARGE_LEVEL,
+                 fsync_every: int = 0) -> None:
         self.path = Path(path)
         self.info = info
         self.zstd_level = zstd_level
+        self.large_level = large_level  # for records over 1 MiB raw (payloads); see shard_frames
         self.fsync_every = fsync_every  # 0: never (the page cache survives a process crash)
         # O_EXCL: never overwrite a recording; 0o600: payloads may hold user data.
         self._fd: int | None = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
@@ -88,7 +91,8 @@ class ShardWriter:
 
         Returns: the record's byte offset. Raises ValueError for arrays/meta the codec refuses.
         """
-        return self.append_encoded(encode_record(header, arrays, meta, zstd_level=self.zstd_level))
+        return self.append_encoded(encode_record(header, arrays, meta, zstd_level=self.zstd_level,
+                                                 large_level=self.large_level))
 
     def append_encoded(self, record: EncodedRecord) -> int:
         """Write a record made by `encode_record` (e.g. from a flight ring); returns its offset."""
