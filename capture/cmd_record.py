@@ -1,0 +1,81 @@
+"""`epreplay record`: run any command with capture installed in every Python process it starts.
+
+    epreplay record [--out RUN] [--level L] [--flight N] [--hang-timeout S]
+                    [--layers-per-step N] [--payload-every K] -- CMD ARGS...
+
+The run directory and its manifest are created first (owner-only), then CMD runs with the
+environment of `epreplay.capture.env_for` (a sitecustomize.py first on PYTHONPATH plus
+EPREPLAY_CAPTURE_* variables), so torchrun workers and multiprocessing children capture too,
+with no change to the user's code. The exit code is CMD's (128 + signal if it was killed).
+"""
+from __future__ import annotations
+
+import argparse
+
+HELP = "run a command with DeepEP capture installed in every Python process it starts"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out", metavar="RUN", help="run directory to create (default: runs/<run id>)")
+    parser.add_argument("--level", default="routing",
+                        help="counts | routing (default) | fingerprints | payload")
+    parser.add_argument("--flight", type=int, default=0, metavar="N",
+                        help="flight mode: keep the last N steps per rank in memory, write them on a trigger")
+    parser.add_argument("--hang-timeout", type=float, default=None, metavar="S",
+                        help="seconds before a hooked call counts as hung (default 120; 0: off)")
+    parser.add_argument("--layers-per-step", type=int, default=0, metavar="N",
+                        help="MoE layers per step, to count steps when the code does not mark them")
+    parser.add_argument("--payload-every", type=int, default=1, metavar="K",
+                        help="at --level payload, keep the payload of every K-th step only")
+    parser.add_argument("--release", default="", help="release tag stored in the manifest")
+    parser.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- CMD ARGS...",
+                        help="the command to run")
+
+
+def run(args: argparse.Namespace) -> int:
+    import os
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from epreplay.capture.manifest import merge
+    from epreplay.capture.session import env_for
+    from epreplay.errors import UsageError
+    from epreplay.run import RunDir, new_run_id
+
+    cmd = list(args.cmd)
+    if cmd and cmd[0] == "--":
+        cmd = cmd[1:]
+    if not cmd:
+        raise UsageError("no command to record; put it after '--': "
+                         "epreplay record --out RUN -- python train.py")
+    out = Path(args.out or os.path.join("runs", new_run_id()))
+    env = env_for(out, level=args.level, flight=args.flight, hang_timeout=args.hang_timeout,
+                  layers_per_step=args.layers_per_step, payload_every=args.payload_every,
+                  release=args.release, command=cmd, fresh=True)
+    print(f"epreplay record: capturing into {out}", file=sys.stderr, flush=True)
+    try:
+        proc = subprocess.Popen(cmd, env={**os.environ, **env})
+    except (FileNotFoundError, PermissionError) as exc:
+        raise UsageError(f"cannot run {cmd[0]!r}: {exc.strerror}; check the command after '--'") from None
+
+    def forward(signum: int, _frame: object) -> None:
+        proc.send_signal(signum)  # the command decides how to stop; we wait for it
+
+    old = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)}
+    try:
+        rc = proc.wait()
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+    run_dir = RunDir(out)
+    manifest = merge(run_dir, exit_code=rc)
+    shards = run_dir.shard_paths()
+    if manifest is not None:
+        extra = manifest.extra
+        print(f"epreplay record: {len(shards)} shard(s) in {out}/shards, "
+              f"{sum(int(f.get('records', 0)) for f in manifest.ranks.values())} records, "
+              f"{extra.get('dropped', 0)} dropped, capture off on ranks {extra.get('disabled_ranks', [])}",
+              file=sys.stderr)
+    return rc if rc >= 0 else 128 - rc

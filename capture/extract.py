@@ -1,0 +1,260 @@
+"""What each hooked op stages (hot path) and how the writer turns it into a record (records.py).
+
+Legend: T tokens on this rank, K top-k, E experts, R ranks, L local experts, H hidden,
+M = num_max_dispatch_tokens_per_rank, X = R * M receive slots per local expert (low-latency),
+N rows received by a normal dispatch, V valid rows of a low-latency receive buffer.
+
+`stage_inputs` / `stage_outputs` run on the caller's thread and only take references or copies
+(see stage.py for which); `build` runs on the writer thread and does all the numpy work. The
+arrays and meta keys are exactly the table in epreplay/records.py's docstring, plus (additive):
+  dispatch  routing  send_head_TR [T, R] int32  intranode handle's send_head as of dispatch
+                                                (combine rewrites it in place)
+Meta keys: "args" {name: description} of every bound argument; "ep_rank"/"ep_size" (the
+Buffer's group); "E", "M", "hidden", "x_dtype", "use_fp8", "expert_alignment",
+"num_worst_tokens", "config" (repr), "dispatch_seq" (combine/cached dispatch/ll_combine: seq of
+the dispatch whose handle it used, -1 unknown), "ll_parity" (low-latency receive buffer, 0/1),
+"handle_len", "error" (ERROR records), "nonfinite" (names of staged tensors holding NaN/inf),
+"recv_hook" (LL dispatch with return_recv_hook), "payload_skipped" (payload level, not a
+payload step).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from epreplay.records import Kind, Level, Op, RecordHeader, Status
+from epreplay.capture.stage import Staging, Timer, to_numpy
+
+ArraysMeta = tuple[dict[str, Any], dict[str, Any]]
+
+
+@dataclass(eq=False)
+class Call:
+    """One hooked call in flight or queued for the writer."""
+
+    op: Op
+    buffer: int
+    seq: int
+    step: int
+    layer: int
+    start_ns: int
+    level: Level  # the level this record is taken at (payload steps may fall back)
+    args: dict[str, Any]  # bound arguments by name (references; only shapes/flags are read)
+    staging: Staging
+    timer: Timer
+    t_mono: float  # time.monotonic() at entry, for the watchdog
+    meta: dict[str, Any] = field(default_factory=dict)
+    tokens: int = 0
+    status: Status = Status.OK
+    nbytes: int = 0
+    done: bool = False  # outputs staged (or the call raised)
+    hung_reported: bool = False
+
+
+def _x_rows(x: Any) -> int:
+    first = x[0] if isinstance(x, (tuple, list)) else x
+    return int(first.shape[0]) if isinstance(first, torch.Tensor) and first.dim() else 0
+
+
+def _flat_rows(x: Any) -> Any:
+    """[L, X, H] (or an FP8 pair [L, X, H] / [L, X, S]) as [L*X, H] rows."""
+    if isinstance(x, (tuple, list)):
+        return tuple(p.reshape(-1, p.shape[-1]) for p in x)
+    return x.reshape(-1, x.shape[-1])
+
+
+def stage_inputs(call: Call, a: dict[str, Any], payload: bool) -> None:
+    """Stage what the op records from its inputs (called at entry, before the kernels run)."""
+    st, lvl, op = call.staging, call.level, call.op
+    routing, fps = lvl >= Level.ROUTING, lvl >= Level.FINGERPRINTS
+    x = a.get("x")
+    if op == Op.LAYOUT:
+        call.tokens = _x_rows(a.get("topk_idx"))
+        if routing:
+            st.snapshot("topk_idx_TK", a.get("topk_idx"))
+        return
+    if op in (Op.DISPATCH, Op.CACHED_DISPATCH, Op.LL_DISPATCH):
+        call.tokens = _x_rows(x)
+        if op == Op.DISPATCH:
+            st.keep("num_tokens_per_rank_R", a.get("num_tokens_per_rank"))
+            st.keep("num_tokens_per_expert_E", a.get("num_tokens_per_expert"))
+        if routing and op != Op.CACHED_DISPATCH:
+            st.snapshot("topk_idx_TK", a.get("topk_idx"))
+            if op == Op.DISPATCH:
+                st.snapshot("topk_weights_TK", a.get("topk_weights"))
+        if fps:
+            st.rows_fp("x_fp_T", x)
+        if payload:
+            if isinstance(x, (tuple, list)):
+                st.snapshot("x_TH", x[0])
+                st.snapshot("x_scales_TS", x[1])
+            else:
+                st.snapshot("x_TH", x)
+        return
+    if op == Op.COMBINE:
+        if routing:
+            st.snapshot("topk_weights_NK", a.get("topk_weights"))
+        if fps:
+            st.rows_fp("x_fp_N", x)
+        if payload:
+            st.snapshot("x_NH", x)
+        return
+    if op == Op.LL_COMBINE:
+        call.tokens = _x_rows(a.get("topk_idx"))
+        handle = a.get("handle")
+        if isinstance(handle, tuple) and len(handle) >= 2:
+            st.keep("_layout_range_LR", handle[1])
+        if routing:
+            st.snapshot("topk_idx_TK", a.get("topk_idx"))
+            st.snapshot("topk_weights_TK", a.get("topk_weights"))
+        if fps and x is not None:
+            st.rows_fp("_x_fp_LX", _flat_rows(x))
+        if payload and x is not None:
+            st.snapshot("_x_LXH", x)
+
+
+def stage_outputs(call: Call, a: dict[str, Any], result: Any) -> None:
+    """Stage what the op records from its results (called when they are ready)."""
+    st, lvl, op = call.staging, call.level, call.op
+    routing, fps = lvl >= Level.ROUTING, lvl >= Level.FINGERPRINTS
+    if not isinstance(result, tuple):
+        return
+    if op == Op.LAYOUT:
+        st.keep("num_tokens_per_rank_R", result[0])
+        st.keep("num_tokens_per_expert_E", result[2] if len(result) > 2 else None)
+        return
+    if op in (Op.DISPATCH, Op.CACHED_DISPATCH):
+        handle = result[4] if op == Op.DISPATCH else a.get("handle")
+        if isinstance(handle, tuple):
+            call.meta["handle_len"] = len(handle)
+            if len(handle) == 6:  # intranode
+                st.keep("_rank_prefix_matrix_RR", handle[0])
+                if routing and op == Op.DISPATCH:
+                    st.keep("recv_src_idx_N", handle[3])
+                    st.snapshot("send_head_TR", handle[5])
+            elif len(handle) == 10:  # internode: recv_gbl_rank_prefix_sum is inclusive
+                st.keep("_recv_gbl_rank_prefix_sum_R", handle[6])
+        if op == Op.DISPATCH and isinstance(result[3], list):
+            st.value("_num_recv_list", list(result[3]))
+        if fps:
+            st.rows_fp("recv_x_fp_N", result[0])
+        return
+    if op == Op.COMBINE:
+        call.tokens = _x_rows(result[0])
+        if fps:
+            st.rows_fp("combined_fp_T", result[0])
+        return
+    if op == Op.LL_DISPATCH:
+        recv_x, recv_count, handle = result[0], result[1], result[2]
+        st.keep("recv_count_L", recv_count)
+        if routing and isinstance(handle, tuple) and len(handle) >= 2:
+            st.keep("_src_info_LX", handle[0])
+            st.keep("layout_range_LR", handle[1])
+        if fps and recv_x is not None:
+            st.rows_fp("_recv_x_fp_LX", _flat_rows(recv_x))
+        return
+    if op == Op.LL_COMBINE:
+        if fps:
+            st.rows_fp("combined_fp_T", result[0])
+
+
+# --- writer thread -----------------------------------------------------------------------------
+
+def describe(v: Any) -> Any:
+    """A bound argument as JSON: tensors by shape/dtype, scalars as is, others by type."""
+    if v is None or isinstance(v, (bool, int, float, str)):
+        return v
+    if isinstance(v, torch.Tensor):
+        return {"shape": list(v.shape), "dtype": str(v.dtype).replace("torch.", ""),
+                "device": v.device.type}
+    if isinstance(v, tuple):
+        return {"tuple": [describe(p) for p in v]}
+    if isinstance(v, list):
+        return {"list": len(v)}
+    name = type(v).__name__
+    if name == "Config":
+        return {"config": repr(v)}
+    return {"type": name}
+
+
+def _valid_rows(rows_LX: np.ndarray, counts_L: np.ndarray) -> np.ndarray:
+    """Rows [0, count[e]) of each local expert e, expert-major (records.py's V order)."""
+    L = len(counts_L)
+    X = rows_LX.shape[0] // max(L, 1) if L else 0
+    rows = rows_LX.reshape((L, X) + rows_LX.shape[1:])
+    parts = [rows[e, : int(counts_L[e])] for e in range(L)]
+    return np.concatenate(parts) if parts else rows_LX[:0]
+
+
+def _fp(st: Staging, name: str, arrays: dict[str, Any], nonfinite: list[str],
+        out_name: str | None = None) -> None:
+    got = st.fingerprints(name)
+    if got is None:
+        return
+    fp, finite = got
+    arrays[out_name or name] = fp
+    if not finite:
+        nonfinite.append(out_name or name)
+
+
+def build(call: Call) -> tuple[RecordHeader, dict[str, Any], dict[str, Any]]:
+    """The record of a staged call: header, named arrays and meta (see the module docstring)."""
+    st, op, lvl = call.staging, call.op, call.level
+    st.wait()
+    arrays: dict[str, Any] = {}
+    nonfinite: list[str] = []
+    meta = dict(call.meta)
+    meta["args"] = {k: describe(v) for k, v in call.args.items()}
+    me = int(meta.get("ep_rank", 0))
+    for name in list(st.items):
+        if name.startswith("_") or name.endswith(":finite"):
+            continue
+        v = st.items[name]
+        if isinstance(v, tuple) and v and v[0] == "fp":
+            _fp(st, name, arrays, nonfinite)
+        elif name.endswith("_fp_T") or name.endswith("_fp_N"):
+            _fp(st, name, arrays, nonfinite)
+        else:
+            arrays[name] = st.array(name)
+    if op in (Op.DISPATCH, Op.CACHED_DISPATCH):
+        rpm = st.array("_rank_prefix_matrix_RR")
+        if rpm is not None:
+            col = rpm[:, me].astype(np.int64)
+            arrays["recv_tokens_per_rank_R"] = np.diff(col, prepend=0).astype(np.int32)
+            if lvl >= Level.ROUTING and op == Op.DISPATCH:
+                arrays["rank_prefix_matrix_RR"] = rpm
+        gbl = st.array("_recv_gbl_rank_prefix_sum_R")
+        if gbl is not None:
+            arrays["recv_tokens_per_rank_R"] = np.diff(gbl.astype(np.int64), prepend=0).astype(np.int32)
+        lst = st.items.get("_num_recv_list")
+        if lst is not None:
+            arrays["recv_tokens_per_expert_L"] = np.asarray(lst, dtype=np.int64)
+    elif op == Op.LL_DISPATCH:
+        counts = arrays.get("recv_count_L")
+        src = st.array("_src_info_LX")
+        if src is not None and counts is not None:
+            arrays["src_info_V"] = _valid_rows(src.reshape(-1), counts).astype(np.int32)
+        if "_recv_x_fp_LX" in st.items and counts is not None:
+            _fp(st, "_recv_x_fp_LX", arrays, nonfinite, "recv_x_fp_V")
+            arrays["recv_x_fp_V"] = _valid_rows(arrays["recv_x_fp_V"], counts)
+    elif op == Op.LL_COMBINE:
+        lr = st.array("_layout_range_LR")
+        counts = (lr & 0xFFFFFFFF).sum(axis=1) if lr is not None else None
+        if "_x_fp_LX" in st.items and counts is not None:
+            _fp(st, "_x_fp_LX", arrays, nonfinite, "x_fp_V")
+            arrays["x_fp_V"] = _valid_rows(arrays["x_fp_V"], counts)
+        x = st.items.get("_x_LXH")
+        if x is not None and counts is not None:
+            bits = to_numpy(x)
+            if isinstance(bits, tuple):
+                arrays["x_VH"] = (_valid_rows(bits[0].reshape(-1, bits[0].shape[-1]), counts), bits[1])
+    if nonfinite:
+        meta["nonfinite"] = nonfinite
+    header = RecordHeader(kind=Kind.CALL, op=int(op), level=lvl, status=call.status,
+                          buffer=call.buffer, seq=call.seq, step=call.step, layer=call.layer,
+                          tokens=call.tokens, start_ns=call.start_ns,
+                          duration_ns=call.timer.duration_ns() if call.done else -1)
+    return header, {k: v for k, v in arrays.items() if v is not None}, meta

@@ -1,0 +1,131 @@
+"""The run directory side of capture: the run id, manifest.json, and each rank's closing facts.
+
+No process group is needed (capture must work when the group is the thing that broke):
+  * the launcher (`epreplay record`, `env_for`) or, in library mode, the first process to take
+    RUN/.capture/lock creates manifest.json with the run id; every rank reads the id from there;
+  * on close each rank writes RUN/.capture/rank-NNNNN.json (its closing facts) and then merges
+    every rank file present into manifest.json under the same lock; `epreplay record` merges once
+    more after the command exits, so the manifest ends complete whatever order ranks closed in.
+"""
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import socket
+import sys
+import time
+from dataclasses import replace
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Iterator
+
+from epreplay.capture.config import CaptureConfig
+from epreplay.records import Manifest
+from epreplay.run import DIR_MODE, RunDir, new_run_id
+
+CAPTURE_DIR = ".capture"  # RUN/.capture: lock, per-rank facts, the sitecustomize for children
+
+
+def capture_dir(run: RunDir) -> Path:
+    return run.path / CAPTURE_DIR
+
+
+@contextlib.contextmanager
+def locked(run: RunDir) -> Iterator[None]:
+    d = capture_dir(run)
+    d.mkdir(mode=DIR_MODE, exist_ok=True)
+    fd = os.open(d / "lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing drops the lock
+
+
+def versions() -> dict[str, str]:
+    out = {"python": sys.version.split()[0]}
+    for dist in ("epreplay", "torch", "deep_ep", "numpy", "zstandard"):
+        try:
+            out[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def prepare_run(config: CaptureConfig, *, command: list[str] | None = None,
+                world_size: int = 0, fresh: bool = False) -> CaptureConfig:
+    """Create (or join) the run directory and its manifest; returns the config with the run id.
+
+    Args:
+        fresh: the caller starts a new run (`epreplay record`): refuse a directory that already
+            holds one. Otherwise ranks join whatever run the directory holds.
+    """
+    run = RunDir.create(config.run_dir, exist_ok=not fresh)
+    with locked(run):
+        manifest = run.read_manifest()
+        if manifest is None:
+            manifest = Manifest(
+                run_id=config.run_id or new_run_id(),
+                created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                world_size=world_size, level=config.level.label, release=config.release,
+                command=list(command or []), versions=versions(), hosts=[socket.gethostname()],
+                flight_steps=config.flight_steps, payload_every=config.payload_every,
+                extra={"layers_per_step": config.layers_per_step, "hang_timeout": config.hang_timeout},
+            )
+            run.write_manifest(manifest)
+    return config.with_run_id(manifest.run_id)
+
+
+def write_rank_facts(run: RunDir, rank: int, facts: dict[str, Any]) -> None:
+    d = capture_dir(run)
+    d.mkdir(mode=DIR_MODE, exist_ok=True)
+    path = d / f"rank-{rank:05d}.json"
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        json.dump(facts, fh, sort_keys=True)
+    os.replace(tmp, path)
+
+
+def read_rank_facts(run: RunDir) -> dict[str, dict[str, Any]]:
+    d = capture_dir(run)
+    out: dict[str, dict[str, Any]] = {}
+    if not d.is_dir():
+        return out
+    for p in sorted(d.glob("rank-*.json")):
+        try:
+            facts = json.loads(p.read_text())
+            out[str(int(facts["rank"]))] = facts
+        except (ValueError, KeyError, OSError):
+            continue  # a rank killed mid-write leaves no usable file; its shard still speaks
+    return out
+
+
+def merge(run: RunDir, *, exit_code: int | None = None) -> Manifest | None:
+    """Fold every rank's facts into manifest.json (under the lock). Returns the new manifest."""
+    with locked(run):
+        manifest = run.read_manifest()
+        if manifest is None:
+            return None
+        ranks = dict(manifest.ranks)
+        ranks.update(read_rank_facts(run))
+        world = max([manifest.world_size] + [int(f.get("world_size", 0)) for f in ranks.values()])
+        static = {k: getattr(manifest, k) for k in ("num_experts", "topk", "hidden")}
+        for f in sorted(ranks.values(), key=lambda f: int(f.get("rank", 0))):
+            for k in static:
+                if not static[k] and f.get(k):
+                    static[k] = int(f[k])
+        x_dtype = next((f["x_dtype"] for f in ranks.values() if f.get("x_dtype")), manifest.x_dtype)
+        hosts = sorted(set(manifest.hosts) | {f["host"] for f in ranks.values() if f.get("host")})
+        extra = dict(manifest.extra)
+        extra["dropped"] = sum(int(f.get("dropped", 0)) for f in ranks.values())
+        extra["disabled_ranks"] = sorted(int(r) for r, f in ranks.items() if f.get("disabled"))
+        extra["dumps"] = sum(len(f.get("dumps") or []) for f in ranks.values())
+        if exit_code is not None:
+            extra["exit_code"] = exit_code
+        manifest = replace(manifest, ranks=ranks, world_size=world, hosts=hosts, x_dtype=x_dtype,
+                           extra=extra, **static)
+        run.write_manifest(manifest)
+        return manifest

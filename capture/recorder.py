@@ -1,0 +1,400 @@
+"""The per-process recorder: call bookkeeping on the hot path, one writer thread behind a queue.
+
+Hot path (caller's thread): `begin` binds a call to (buffer, seq, step, layer) and stages its
+inputs, `end` stages its outputs and enqueues it; `raised` records an exception. Nothing waits:
+over the queue's bounds the call is dropped and counted before anything is copied.
+Writer thread: builds each record (extract.build), appends it to RUN/shards/rank-NNNNN.eprs, or
+in flight mode keeps it in the ring until a trigger. Any failure there (disk full, permission,
+an encoding bug) turns capture off for this process with one logged line; the job goes on.
+"""
+from __future__ import annotations
+
+import os
+import queue
+import socket
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from epreplay import marks
+from epreplay.capture.config import CaptureConfig
+from epreplay.capture.extract import Call, build, stage_inputs, stage_outputs
+from epreplay.capture.flight import FlightRing
+from epreplay.capture.stage import Staging, Timer
+from epreplay.records import Kind, Level, Op, RecordHeader, ShardInfo, Status
+from epreplay.run import RunDir
+
+_STOP = object()
+_OPENS_LAYER = (Op.LAYOUT, Op.DISPATCH, Op.LL_DISPATCH)
+
+
+class BufferState:
+    """What the recorder keeps per Buffer object: its id, group, and call counters."""
+
+    __slots__ = ("id", "ep_rank", "ep_size", "seq", "ll_calls")
+
+    def __init__(self, buffer_id: int, ep_rank: int, ep_size: int) -> None:
+        self.id, self.ep_rank, self.ep_size = buffer_id, ep_rank, ep_size
+        self.seq = 0
+        self.ll_calls = 0
+
+
+class Recorder:
+    """Capture for one process (one rank). Create through epreplay.capture.session."""
+
+    def __init__(self, config: CaptureConfig, *, rank: int, world_size: int) -> None:
+        self.config = config
+        self.level = config.level
+        self.rank, self.world_size = rank, world_size
+        self.run = RunDir(Path(config.run_dir))
+        self.enabled = True
+        self.disabled_reason: str | None = None
+        self.dropped = 0
+        self.records = 0
+        self.calls = 0
+        self.dumps: list[dict[str, Any]] = []
+        self.buffers: list[dict[str, Any]] = []
+        self.static = {"num_experts": 0, "topk": 0, "hidden": 0, "x_dtype": ""}
+        self.inflight: dict[int, Call] = {}  # id(call) -> call, for the watchdog
+        self._lock = threading.Lock()
+        self._qn = 0
+        self._qbytes = 0
+        self._q: queue.SimpleQueue = queue.SimpleQueue()
+        self._writer = None  # ShardWriter, opened by the writer thread on first use
+        self._dropped_written = 0
+        self._ring = FlightRing(config.flight_steps, config.ring_bytes) if config.flight else None
+        self._lineage: dict[int, tuple[Any, int]] = {}  # id(handle[0]) -> (weakref, seq)
+        self._auto_step, self._auto_layer, self._layer_open_by = 0, -1, None
+        self._marked_step: int | None = None
+        self._side = None  # CUDA side stream, created on the first CUDA call
+        self._closed = False
+        self._last_dump: tuple[str, float] = ("", 0.0)
+        self.on_trigger: Callable[[str, str], None] | None = None  # set by triggers.Watchdog
+        self._thread = threading.Thread(target=self._loop, name=f"epreplay-writer-{rank}", daemon=True)
+        self._thread.start()
+
+    # --- buffers and attribution (hot path) -------------------------------------------------
+    def buffer_state(self, buf: Any) -> BufferState:
+        state = getattr(buf, "_epreplay_capture", None)
+        if state is None or not isinstance(state, BufferState):
+            group = getattr(buf, "group", None)
+            ep_rank = getattr(buf, "rank", None)
+            ep_size = getattr(buf, "group_size", None)
+            if (ep_rank is None or ep_size is None) and group is not None:
+                ep_rank, ep_size = group.rank(), group.size()
+            if ep_rank is None:
+                ep_rank, ep_size = self.rank, self.world_size
+            state = BufferState(len(self.buffers), int(ep_rank), int(ep_size))
+            self.buffers.append({"id": state.id, "ep_rank": state.ep_rank, "ep_size": state.ep_size,
+                                 "class": f"{type(buf).__module__}.{type(buf).__qualname__}",
+                                 "low_latency_mode": bool(getattr(buf, "low_latency_mode", False))})
+            try:
+                buf._epreplay_capture = state
+            except AttributeError:
+                pass
+        return state
+
+    def _attribute(self, op: Op) -> tuple[int, int]:
+        m_step, m_layer = marks.current()
+        if m_step is not None and m_step != self._marked_step:
+            self._marked_step = m_step  # a new marked step restarts layer counting
+            self._auto_layer, self._layer_open_by = -1, None
+        if op in _OPENS_LAYER:
+            # A layout opens the next layer and its dispatch joins it; a dispatch with no
+            # layout ahead of it opens the next layer itself.
+            if not (op != Op.LAYOUT and self._layer_open_by == Op.LAYOUT):
+                self._auto_layer += 1
+                lps = self.config.layers_per_step
+                if lps and self._auto_layer >= lps:
+                    self._auto_step, self._auto_layer = self._auto_step + 1, 0
+            self._layer_open_by = op
+        step = m_step if m_step is not None else self._auto_step
+        layer = m_layer if m_layer is not None else max(self._auto_layer, 0)
+        return step, layer
+
+    # --- hot path ---------------------------------------------------------------------------
+    def begin(self, op: Op, buf: Any, args: dict[str, Any]) -> Call | None:
+        """Start a call; None when it is dropped (queue over its bounds)."""
+        bs = self.buffer_state(buf)
+        seq = bs.seq
+        bs.seq += 1
+        self.calls += 1
+        step, layer = self._attribute(op)
+        if self._qn >= self.config.queue_records or self._qbytes >= self.config.queue_bytes:
+            self.dropped += 1  # counted before anything is copied
+            return None
+        level = self.level
+        payload = level >= Level.PAYLOAD and step % self.config.payload_every == 0
+        if level >= Level.PAYLOAD and not payload:
+            level = Level.FINGERPRINTS
+        x = args.get("x")
+        first = x[0] if isinstance(x, (tuple, list)) else x
+        cuda = isinstance(first, torch.Tensor) and first.is_cuda
+        if cuda and self._side is None:
+            self._side = torch.cuda.Stream(device=first.device)
+        call = Call(op=op, buffer=bs.id, seq=seq, step=step, layer=layer, start_ns=time.time_ns(),
+                    level=level, args=args, staging=Staging(self._side if cuda else None),
+                    timer=Timer(cuda), t_mono=time.monotonic())
+        call.meta.update(ep_rank=bs.ep_rank, ep_size=bs.ep_size)
+        self._op_meta(call, bs, args)
+        if op in (Op.DISPATCH, Op.LL_DISPATCH):
+            tags = marks.take_tags()
+            if tags is not None:
+                call.staging.snapshot("token_tag_T", torch.as_tensor(tags, dtype=torch.int64))
+        stage_inputs(call, args, payload)
+        call.staging.seal()
+        self.inflight[id(call)] = call
+        return call
+
+    def _op_meta(self, call: Call, bs: BufferState, a: dict[str, Any]) -> None:
+        m, op = call.meta, call.op
+        if op == Op.LAYOUT:
+            m["E"] = int(a.get("num_experts") or 0)
+        elif op in (Op.LL_DISPATCH, Op.LL_COMBINE):
+            h = a.get("handle")
+            if op == Op.LL_DISPATCH:
+                m["M"] = int(a.get("num_max_dispatch_tokens_per_rank") or 0)
+                m["E"] = int(a.get("num_experts") or 0)
+                m["use_fp8"] = bool(a.get("use_fp8", True))
+                m["ll_parity"] = bs.ll_calls % 2
+                m["recv_hook"] = bool(a.get("return_recv_hook", False))
+                bs.ll_calls += 1
+            elif isinstance(h, tuple) and len(h) >= 4:
+                m["M"] = h[2] if isinstance(h[2], int) else None
+                m["E"] = h[-1] if isinstance(h[-1], int) else None
+        else:
+            for key in ("expert_alignment", "num_worst_tokens"):
+                if key in a:
+                    m[key] = a[key]
+            if a.get("config") is not None:
+                m["config"] = repr(a["config"])
+        if op in (Op.COMBINE, Op.CACHED_DISPATCH, Op.LL_COMBINE):
+            m["dispatch_seq"] = self._lineage_of(a.get("handle"))
+        x = a.get("x")
+        first = x[0] if isinstance(x, (tuple, list)) else x
+        if isinstance(first, torch.Tensor) and first.dim() >= 1:
+            m["hidden"] = int(first.shape[-1])
+            m["x_dtype"] = str(first.dtype).replace("torch.", "")
+
+    def _lineage_of(self, handle: Any) -> int:
+        if isinstance(handle, tuple) and handle and isinstance(handle[0], torch.Tensor):
+            got = self._lineage.get(id(handle[0]))
+            if got is not None and got[0]() is handle[0]:
+                return got[1]
+        return -1
+
+    def _remember_handle(self, handle: Any, seq: int) -> None:
+        import weakref
+
+        if isinstance(handle, tuple) and handle and isinstance(handle[0], torch.Tensor):
+            key = id(handle[0])
+            lineage = self._lineage
+            # The entry goes when the handle's first tensor is freed, so ids are never stale.
+            lineage[key] = (weakref.ref(handle[0], lambda _, k=key: lineage.pop(k, None)), seq)
+
+    def end(self, call: Call, args: dict[str, Any], result: Any) -> Any:
+        """The call returned: stage outputs (now, or when the LL recv hook runs) and enqueue."""
+        call.timer.stop()
+        self.inflight.pop(id(call), None)
+        if call.op == Op.DISPATCH and isinstance(result, tuple) and len(result) > 4:
+            self._remember_handle(result[4], call.seq)
+        elif call.op == Op.LL_DISPATCH and isinstance(result, tuple) and len(result) > 2:
+            self._remember_handle(result[2], call.seq)
+            hook = result[4] if len(result) > 4 else None
+            if call.meta.get("recv_hook") and callable(hook):
+                return result[:4] + (self._wrap_recv_hook(call, args, result, hook),) + result[5:]
+        self._ready(call, args, result)
+        return result
+
+    def _wrap_recv_hook(self, call: Call, args: dict[str, Any], result: Any, hook: Any) -> Any:
+        def recv_hook(*a: Any, **kw: Any) -> Any:
+            out = hook(*a, **kw)
+            if not call.done and self.enabled:
+                try:
+                    self._ready(call, args, result)
+                except Exception as exc:  # noqa: BLE001 - capture never breaks the job
+                    self.disable(f"staging {call.op.label} outputs: {type(exc).__name__}: {exc}")
+            return out
+        return recv_hook
+
+    def _ready(self, call: Call, args: dict[str, Any], result: Any) -> None:
+        stage_outputs(call, args, result)
+        call.staging.seal()
+        call.done = True
+        self._enqueue(call)
+
+    def raised(self, call: Call, exc: BaseException) -> None:
+        """The call raised: record it as ERROR with the text (the caller re-raises)."""
+        try:
+            call.timer.stop()
+            self.inflight.pop(id(call), None)
+            call.status = Status.ERROR
+            call.meta["error"] = f"{type(exc).__name__}: {exc}"
+            call.done = True
+            self._enqueue(call, force=True)
+            self.trigger("exception", f"{call.op.label} seq {call.seq}: {type(exc).__name__}: {exc}")
+        except Exception as inner:  # noqa: BLE001
+            self.disable(f"recording an exception: {type(inner).__name__}: {inner}")
+
+    def _enqueue(self, call: Call, *, force: bool = False) -> None:
+        call.nbytes = call.staging.nbytes
+        with self._lock:
+            if not force and (self._qn >= self.config.queue_records
+                              or self._qbytes + call.nbytes > self.config.queue_bytes):
+                self.dropped += 1
+                return
+            self._qn += 1
+            self._qbytes += call.nbytes
+        self._q.put(call)
+
+    # --- triggers and control -------------------------------------------------------------
+    def trigger(self, reason: str, detail: str = "", *, origin: int | None = None,
+                propagate: bool = True) -> None:
+        """A flight-mode trigger: dump the ring (and let the watchdog tell the other ranks)."""
+        if not self.config.flight or not self.enabled:
+            return
+        now = time.monotonic()
+        if not propagate and self._last_dump[0] == reason and now - self._last_dump[1] < 2.0:
+            return  # every rank saw the same hang: one dump per rank, not one per marker
+        self._last_dump = (reason, now)
+        self._q.put(("dump", reason, detail, self.rank if origin is None else origin))
+        if propagate and self.on_trigger is not None:
+            self.on_trigger(reason, detail)
+
+    def report_hung(self, call: Call) -> None:
+        """The watchdog saw `call` run past the hang timeout: write it (HUNG) with its inputs."""
+        call.hung_reported = True
+        self._q.put(("hung", call))
+        self.trigger("hang", f"{call.op.label} seq {call.seq} on buffer {call.buffer} running "
+                             f"> {self.config.hang_timeout:g}s")
+
+    def disable(self, reason: str) -> None:
+        """Capture off for this process, with one logged line; the host job continues."""
+        if not self.enabled:
+            return
+        self.enabled = False
+        self.disabled_reason = reason
+        print(f"epreplay capture: rank {self.rank}: capture off: {reason}", file=sys.stderr, flush=True)
+        self._q.put(("event", {"reason": "capture_off", "detail": reason}))
+
+    # --- writer thread --------------------------------------------------------------------
+    def _shard(self) -> Any:
+        if self._writer is None:
+            from epreplay.shard import ShardWriter
+
+            info = ShardInfo(run_id=self.config.run_id, rank=self.rank, world_size=self.world_size,
+                             num_experts=self.static["num_experts"], topk=self.static["topk"],
+                             hidden=self.static["hidden"], level=self.level, created_ns=time.time_ns())
+            self._writer = ShardWriter(self.run.shard_path(self.rank), info)
+        return self._writer
+
+    def _learn_static(self, header: RecordHeader, arrays: dict[str, Any], meta: dict[str, Any]) -> None:
+        s = self.static
+        if not s["num_experts"] and meta.get("E"):
+            s["num_experts"] = int(meta["E"])
+        if not s["num_experts"] and "num_tokens_per_expert_E" in arrays:
+            s["num_experts"] = int(arrays["num_tokens_per_expert_E"].shape[0])
+        if not s["topk"] and "topk_idx_TK" in arrays and arrays["topk_idx_TK"].ndim == 2:
+            s["topk"] = int(arrays["topk_idx_TK"].shape[1])
+        if not s["hidden"] and meta.get("hidden"):
+            s["hidden"], s["x_dtype"] = int(meta["hidden"]), str(meta.get("x_dtype", ""))
+
+    def _append(self, header: RecordHeader, arrays: dict[str, Any], meta: dict[str, Any]) -> None:
+        self._shard().append(header, arrays, meta)
+        self.records += 1
+
+    def _event(self, meta: dict[str, Any]) -> None:
+        header = RecordHeader(kind=Kind.EVENT, op=0, level=self.level, status=Status.OK, buffer=0,
+                              seq=self.records, step=-1, layer=-1, tokens=0, start_ns=time.time_ns())
+        self._append(header, {}, dict(meta, rank=self.rank))
+
+    def _handle(self, item: Any) -> None:
+        if isinstance(item, Call):
+            with self._lock:
+                self._qn -= 1
+                self._qbytes -= item.nbytes
+            if not self.enabled:
+                return
+            header, arrays, meta = build(item)
+            self._learn_static(header, arrays, meta)
+            if meta.get("nonfinite") and self.config.flight:
+                self.trigger("nonfinite", f"{item.op.label} seq {item.seq}: {meta['nonfinite']}")
+            if self._ring is not None:
+                self._ring.add((header, arrays, meta))
+            else:
+                self._append(header, arrays, meta)
+            return
+        kind = item[0]
+        if not self.enabled and kind != "event":
+            return
+        if kind == "hung":
+            call = item[1]
+            call.status = Status.HUNG
+            header, arrays, meta = build(call)
+            if self._ring is not None:
+                self._ring.add((header, arrays, meta))
+            else:
+                self._append(header, arrays, meta)
+        elif kind == "dump":
+            _, reason, detail, origin = item
+            recs = self._ring.drain() if self._ring is not None else []
+            self.dumps.append({"reason": reason, "origin_rank": origin, "records": len(recs),
+                               "time_ns": time.time_ns()})
+            self._event({"reason": reason, "detail": detail, "origin_rank": origin, "dump": True,
+                         "records": len(recs), "evicted": self._ring.evicted if self._ring else 0})
+            for header, arrays, meta in recs:
+                self._append(header, arrays, meta)
+        elif kind == "event":
+            self._event(item[1])
+
+    def _loop(self) -> None:
+        while True:
+            item = self._q.get()
+            if item is _STOP:
+                return
+            try:
+                self._handle(item)
+                if self.enabled and self.dropped > self._dropped_written:
+                    self._dropped_written = self.dropped
+                    self._event({"reason": "dropped", "dropped": self.dropped})
+            except Exception as exc:  # noqa: BLE001 - any recorder failure: capture off, job on
+                self.disable(f"writer: {type(exc).__name__}: {exc}")
+
+    # --- close --------------------------------------------------------------------------------
+    def close(self, timeout: float = 30.0) -> dict[str, Any]:
+        """Drain the queue, write the footer; returns this rank's closing facts. Idempotent."""
+        if not self._closed:
+            self._closed = True
+            self._q.put(_STOP)
+            self._thread.join(timeout)
+            if self._thread.is_alive():
+                self.disable(f"writer did not drain within {timeout:g}s at close")
+            try:
+                if self.enabled and self.dropped > self._dropped_written:
+                    self._event({"reason": "dropped", "dropped": self.dropped})
+                if self._writer is None and self.enabled:
+                    self._shard()  # every rank that captured has a shard, even an empty one
+            except Exception as exc:  # noqa: BLE001
+                self.disable(f"close: {type(exc).__name__}: {exc}")
+            if self._writer is not None:
+                try:
+                    self._writer.close()
+                except Exception as exc:  # noqa: BLE001
+                    self.disable(f"close: {type(exc).__name__}: {exc}")
+        return self.facts()
+
+    def facts(self) -> dict[str, Any]:
+        w = self._writer
+        return {
+            "rank": self.rank, "world_size": self.world_size, "host": socket.gethostname(),
+            "pid": os.getpid(), "calls": self.calls, "records": self.records,
+            "dropped": self.dropped, "disabled": self.disabled_reason, "dumps": self.dumps,
+            "flight_evicted": self._ring.evicted if self._ring else 0,
+            "shard": f"shards/{self.run.shard_path(self.rank).name}",
+            "bytes": getattr(w, "bytes_written", 0), "buffers": self.buffers,
+            "level": self.level.label, **{k: v for k, v in self.static.items()},
+        }

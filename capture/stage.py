@@ -1,0 +1,193 @@
+"""Staging: get a hooked call's tensors to the writer thread without a host sync on the hot path.
+
+Legend: T tokens, H hidden.
+
+A `Staging` belongs to one call. The hook registers tensors on it at call entry (inputs) and when
+the result is ready (outputs); the writer thread later turns them into numpy arrays.
+
+  keep(t)      a tensor nobody mutates later (handle fields, counts): on CPU a reference; on GPU
+               an async copy into pinned memory on a side stream.
+  snapshot(t)  a tensor the caller or a later kernel may overwrite (topk_idx in a CUDA-graph static
+               buffer, send_head that combine rewrites, x that the next layer reuses): on CPU a
+               clone now, on GPU the same side-stream copy, which is ordered before later kernels.
+  rows_fp(x)   per-row fingerprints of x [T, H] (or an FP8 pair) as it is now, plus a "has
+               non-finite values" flag: on CPU a clone, fingerprinted by the writer thread (the
+               hot path pays a memcpy, not the hash); on GPU the hash runs on the job's stream
+               and only its [T] result is copied back.
+
+GPU ordering: the side stream first waits on the job's current stream (an event wait, no host
+sync), so every copy sees the values as of the call; `seal()` records one event after the copies
+and the writer thread waits on that event, never the job. Source tensors are `record_stream`-ed on
+the side stream so the caching allocator does not reuse them before the copies finish.
+"""
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import numpy as np
+import torch
+
+from epreplay.fingerprint import fingerprint_rows
+
+_FLOAT_KINDS = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
+
+
+def _rows_finite(x: Any) -> torch.Tensor:
+    """0-d bool: every value of x (and of an FP8 pair's scales) is finite; FP8 codes are not
+    checked (e4m3fn saturates; a NaN there comes from a NaN scale or input, checked elsewhere)."""
+    parts = list(x) if isinstance(x, (tuple, list)) else [x]
+    ok = torch.ones((), dtype=torch.bool, device=parts[0].device)
+    for p in parts:
+        if p.dtype in _FLOAT_KINDS and p.numel():
+            ok = ok & torch.isfinite(p).all()
+    return ok
+
+
+def _clone(x: Any) -> Any:
+    if isinstance(x, (tuple, list)):
+        return tuple(p.detach().clone() for p in x)
+    return x.detach().clone()
+
+
+def _nbytes(x: Any) -> int:
+    if isinstance(x, (tuple, list)):
+        return sum(_nbytes(p) for p in x)
+    return x.numel() * x.element_size()
+
+
+class Staging:
+    """The staged tensors of one call (see the module docstring)."""
+
+    __slots__ = ("items", "nbytes", "cuda", "_event", "_side", "_synced")
+
+    def __init__(self, cuda_side: "torch.cuda.Stream | None" = None) -> None:
+        self.items: dict[str, Any] = {}
+        self.nbytes = 0
+        self._side = cuda_side
+        self.cuda = cuda_side is not None
+        self._event: Any = None
+        self._synced = False  # the side stream already waits on the job's stream for this phase
+
+    # --- hot path -------------------------------------------------------------------------
+    def keep(self, name: str, t: torch.Tensor | None) -> None:
+        if t is None:
+            return
+        if t.is_cuda:
+            self._to_host(name, t)
+        else:
+            self.items[name] = t
+
+    def snapshot(self, name: str, t: torch.Tensor | None) -> None:
+        if t is None:
+            return
+        if t.is_cuda:
+            self._to_host(name, t)
+        else:
+            self.items[name] = t.detach().clone()
+            self.nbytes += t.numel() * t.element_size()
+
+    def rows_fp(self, name: str, x: Any) -> None:
+        """Fingerprint rows of x later (CPU: clone now) or now on the device (GPU)."""
+        if x is None:
+            return
+        first = x[0] if isinstance(x, (tuple, list)) else x
+        if first.is_cuda:
+            self._to_host(name, fingerprint_rows(x))
+            self._to_host(name + ":finite", _rows_finite(x))
+        else:
+            self.items[name] = ("fp", _clone(x))
+            self.nbytes += _nbytes(x)
+
+    def value(self, name: str, v: Any) -> None:
+        """A plain Python value (ints, lists): stored as is."""
+        self.items[name] = v
+
+    def _to_host(self, name: str, t: torch.Tensor) -> None:
+        side = self._side
+        if side is None:  # a CUDA tensor reached a CPU-configured staging: copy synchronously
+            self.items[name] = t.detach().cpu()
+            return
+        if not self._synced:
+            side.wait_stream(torch.cuda.current_stream(t.device))
+            self._synced = True
+        with torch.cuda.stream(side):
+            host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+            host.copy_(t.detach(), non_blocking=True)
+        t.record_stream(side)
+        self.items[name] = host
+        self.nbytes += host.numel() * host.element_size()
+
+    def seal(self) -> None:
+        """After the last copy of a call phase: one event the writer thread will wait on."""
+        if self._side is not None and any(isinstance(v, torch.Tensor) and v.is_pinned()
+                                          for v in self.items.values()):
+            ev = torch.cuda.Event()
+            ev.record(self._side)
+            self._event = ev
+        self._synced = False  # outputs come later: the next phase waits on the job again
+
+    # --- writer thread ----------------------------------------------------------------------
+    def wait(self) -> None:
+        ev = self._event
+        if ev is not None:
+            ev.synchronize()
+
+    def array(self, name: str) -> np.ndarray | None:
+        """The staged tensor as numpy (bf16 and fp8 as raw unsigned views; see to_numpy)."""
+        v = self.items.get(name)
+        if v is None:
+            return None
+        return to_numpy(v)
+
+    def fingerprints(self, name: str) -> tuple[np.ndarray, bool] | None:
+        """(fp_T uint64, all finite) for a rows_fp() entry, or None."""
+        v = self.items.get(name)
+        if v is None:
+            return None
+        if isinstance(v, tuple) and v and v[0] == "fp":
+            x = v[1]
+            fp = fingerprint_rows(x).numpy().view(np.uint64)
+            return fp, bool(_rows_finite(x))
+        finite = self.items.get(name + ":finite")
+        return v.numpy().view(np.uint64), bool(finite) if finite is not None else True
+
+
+def to_numpy(t: Any) -> Any:
+    """A host tensor as a codec array: numpy, or (uint view, logical name) for bf16/fp8."""
+    if isinstance(t, torch.Tensor):
+        t = t.detach()
+        if t.is_cuda:
+            t = t.cpu()
+        if t.dtype == torch.bfloat16:
+            return (t.contiguous().view(torch.uint16).numpy(), "bfloat16")
+        if t.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
+            return (t.contiguous().view(torch.uint8).numpy(), str(t.dtype).replace("torch.", ""))
+        return t.contiguous().numpy()
+    return np.asarray(t)
+
+
+class Timer:
+    """Call duration: perf_counter on CPU; CUDA events on GPU (read by the writer thread)."""
+
+    __slots__ = ("t0", "t1", "ev0", "ev1")
+
+    def __init__(self, cuda: bool) -> None:
+        self.t1 = 0
+        self.ev0 = self.ev1 = None
+        if cuda:
+            self.ev0 = torch.cuda.Event(enable_timing=True)
+            self.ev1 = torch.cuda.Event(enable_timing=True)
+            self.ev0.record()
+        self.t0 = time.perf_counter_ns()
+
+    def stop(self) -> None:
+        self.t1 = time.perf_counter_ns()
+        if self.ev1 is not None:
+            self.ev1.record()
+
+    def duration_ns(self) -> int:
+        if self.ev1 is not None:
+            self.ev1.synchronize()
+            return int(self.ev0.elapsed_time(self.ev1) * 1e6)
+        return self.t1 - self.t0 if self.t1 else -1
