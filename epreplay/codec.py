@@ -36,6 +36,7 @@ bfloat16 / float8 (numpy has no such dtypes) — the convention CAPTURE and REPL
 from __future__ import annotations
 
 import json
+import math
 import struct
 from typing import Mapping, Union
 
@@ -216,7 +217,7 @@ def decode(blob: bytes | memoryview) -> tuple[dict[str, np.ndarray], dict[str, o
 def _decode_one(spec: dict, buf: memoryview, pos: int) -> np.ndarray:
     dtype, stored = np.dtype(spec["dtype"]), np.dtype(spec["stored"])
     shape = tuple(int(d) for d in spec["shape"])
-    count = int(np.prod(shape, dtype=np.int64)) if shape else 1
+    count = math.prod(shape)  # Python ints: no overflow on hostile shapes, and 10x faster than np.prod
     nbytes = int(spec["nbytes"])
     if nbytes != count * stored.itemsize or pos + nbytes > len(buf) or min(shape, default=0) < 0:
         raise ValueError(f"size mismatch ({nbytes} bytes for {shape} {stored})")
