@@ -137,3 +137,28 @@ def test_round_trip_property(data: st.DataObject) -> None:
     a = data.draw(hnp.arrays(dtype, shape))
     arrays, _ = codec.decode(codec.encode({"a": a}))
     assert _same(arrays["a"], a)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.data())
+def test_decode_of_mutated_bodies_raises_only_codec_error(data: st.DataObject) -> None:
+    """Defence in depth behind the CRC: a damaged body or table is a CodecError, never a crash."""
+    blob = bytearray(codec.encode({"ids": np.arange(-1, 9).reshape(2, 5),
+                                   "w": np.ones(3, np.float32), "e": np.zeros(0, np.int8)}, {"m": 1}))
+    (n,) = struct.unpack_from("<I", blob, 4)
+    table = blob[8:8 + n].decode()
+    if data.draw(st.booleans()):  # semantic damage: swap one JSON token for another
+        old = data.draw(st.sampled_from(['"<i8"', '"|u1"', "[2,5]", "true", "false", '"<f4"', "10", "-1"]))
+        new = data.draw(st.sampled_from(['"O"', '"V3"', '"<M8[s]"', "[-1]", "[99999999999,99999999999]",
+                                         '"x"', "null", "1e400", '"<U2"', "[]", "{}", '"|b1"']))
+        table = table.replace(old, new, 1)
+        blob = bytearray(codec.MAGIC + struct.pack("<I", len(table.encode())) + table.encode()
+                         + blob[8 + n:])
+    else:  # byte-level damage anywhere
+        for _ in range(data.draw(st.integers(1, 3))):
+            pos = data.draw(st.integers(0, len(blob) - 1))
+            blob[pos] = data.draw(st.integers(0, 255))
+    try:
+        codec.decode(bytes(blob))
+    except codec.CodecError:
+        pass
