@@ -1,0 +1,189 @@
+"""Low-latency (decode) ops on one physical rank: LL dispatch and LL combine.
+
+Legend: see ops.py; X = M * Mll * B receive slots per physical local expert (M physical ranks,
+each sending up to B * Mll tokens), V valid rows.
+
+LL receive order is non-deterministic in DeepEP, so a virtual rank's receive is compared as a
+set per local expert keyed by (source virtual rank, source token), each with its fingerprint.
+"""
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import numpy as np
+import torch
+
+from epreplay.replay import inputs as I
+from epreplay.replay.state import DispatchState
+from epreplay.replay.verify import check_close, check_ll
+
+# DeepEP's LL test tolerances (deepep-semantics.md): bf16 / fp8 dispatch.
+COMBINE_TOL_BF16 = 1e-5
+COMBINE_TOL_FP8 = 9e-4
+
+
+def _nbytes(x: Any) -> int:
+    if isinstance(x, (tuple, list)):
+        return sum(_nbytes(p) for p in x)
+    return x.numel() * x.element_size()
+
+
+def _flag(meta: dict, name: str, default: bool) -> bool:
+    v = I.meta_value(meta, name, default=default)
+    return bool(v) if isinstance(v, (bool, int)) else default
+
+
+def _recv_rows_fp(recv_x: Any, e: int, rows: np.ndarray) -> np.ndarray:
+    if isinstance(recv_x, (tuple, list)):
+        part = (recv_x[0][e][rows], recv_x[1][e][rows].contiguous())
+    else:
+        part = recv_x[e][rows]
+    return I.fingerprints(part)
+
+
+def dispatch(eng: Any, call: Any, recs: dict) -> tuple[int, int]:
+    plan, p, vs = eng.plan, eng.p, eng.vs
+    meta = recs[vs[0]].meta
+    mll = int(I.meta_value(meta, "M", "num_max_dispatch_tokens_per_rank",
+                           default=eng.job.ll_max_tokens.get(call.buffer, 0)) or 0)
+    if mll <= 0:
+        mll = max(call.tokens_N)
+    use_fp8 = _flag(meta, "use_fp8", True)
+    kwargs = {"use_fp8": use_fp8}
+    for name in ("round_scale", "use_ue8m0"):
+        if _flag(meta, name, False):
+            kwargs[name] = True
+    topk = {}
+    for v in vs:
+        t = I.tensor(recs[v].arrays, recs[v].meta, "topk_idx_TK")
+        if t is None:
+            raise RuntimeError(f"rank {v}: ll_dispatch record holds no topk_idx_TK (capture level "
+                               f"'counts'); replay needs level 'routing' or above")
+        topk[v] = t.to(torch.int64)
+    x = {}
+    for v in vs:  # LL input is always bf16; FP8 happens inside the kernel
+        x[v] = eng.payload(call, v, recs[v], call.tokens_N[v], fp8=False)
+        if isinstance(x[v], tuple):
+            x[v] = I.dequant(x[v]).to(torch.bfloat16)
+    x_p = torch.cat([x[v] for v in vs]).to(eng.device)
+    topk_p = torch.cat([topk[v] for v in vs]).to(eng.device)
+    buf = eng.buffer(call)
+    t0 = time.perf_counter_ns()
+    out = buf.low_latency_dispatch(x_p, topk_p, mll * plan.per_process, eng.job.experts, **kwargs)
+    dt = time.perf_counter_ns() - t0
+    recv_x, recv_count, handle = out[0], out[1].cpu(), out[2]
+    recv_x = tuple(t.cpu() for t in recv_x) if isinstance(recv_x, tuple) else recv_x.cpu()
+    src_info = handle[0].cpu().numpy().astype(np.int64)
+    lrange = handle[1].cpu().numpy().astype(np.int64)
+    st = eng.states[(call.buffer, call.seq)] = DispatchState(handle, x, topk, {}, recv_x)
+    st.extra.update(use_fp8=use_fp8, recv_count=recv_count)
+    Lv = plan.local_experts_virtual
+    for v in vs:
+        j = plan.slot_of(v)
+        got: dict = {"counts": recv_count[j * Lv:(j + 1) * Lv].numpy().astype(np.int64)}
+        for i in range(Lv):
+            e = j * Lv + i
+            rows, qs = [], []
+            for q in range(plan.physical):
+                begin, count = int(lrange[e, q]) >> 32, int(lrange[e, q]) & 0xFFFFFFFF
+                rows.append(np.arange(begin, begin + count))
+                qs.append(np.full(count, q))
+            rows = np.concatenate(rows).astype(np.int64) if rows else np.zeros(0, np.int64)
+            qs = np.concatenate(qs).astype(np.int64) if qs else np.zeros(0, np.int64)
+            src, tok = eng.to_virtual(call, qs, src_info[e, rows])
+            fps = _recv_rows_fp(recv_x, e, torch.from_numpy(rows)) if len(rows) else []
+            got[i] = {(int(s), int(t)): (int(f) if len(fps) else None)
+                      for s, t, f in zip(src, tok, fps if len(fps) else [None] * len(rows))}
+        exp = _expected(eng, call, v, recs[v], use_fp8)
+        if exp is None:
+            continue
+        eng.report(call, v, check_ll(exp, got, expert_base=v * Lv))
+    return dt, _nbytes(x_p)
+
+
+def _expected(eng: Any, call: Any, u: int, rec: Any, use_fp8: bool) -> dict | None:
+    a = rec.arrays
+    counts = a.get("recv_count_L")
+    if counts is None:
+        return None
+    exp: dict = {"counts": counts.astype(np.int64)}
+    lr, info = a.get("layout_range_LR"), a.get("src_info_V")
+    if lr is None or info is None:
+        return _counts_only(exp, counts)
+    base = np.concatenate([[0], np.cumsum(counts.astype(np.int64))])
+    lr = lr.astype(np.int64)
+    srcs, toks, flat = [], [], []
+    for i in range(len(counts)):
+        for v in range(lr.shape[1]):
+            begin, count = int(lr[i, v]) >> 32, int(lr[i, v]) & 0xFFFFFFFF
+            r = base[i] + np.arange(begin, begin + count)
+            srcs.append(np.full(count, v))
+            toks.append(info[r].astype(np.int64))
+            flat.append(r)
+    src = np.concatenate(srcs) if srcs else np.zeros(0, np.int64)
+    tok = np.concatenate(toks) if toks else np.zeros(0, np.int64)
+    rows = np.concatenate(flat) if flat else np.zeros(0, np.int64)
+    if eng.job.payload == "recorded":
+        fp_all = a.get("recv_x_fp_V")
+        fp = fp_all[rows] if fp_all is not None else None
+    else:
+        fp = eng.expected_fp(call, rec, "recv_x_fp_V", src, tok, use_fp8) if len(src) else np.zeros(0, np.uint64)
+    expert_of_row = np.searchsorted(base, rows, side="right") - 1
+    for i in range(len(counts)):
+        m = expert_of_row == i
+        exp[i] = {(int(s), int(t)): (int(f) if fp is not None else None)
+                  for s, t, f in zip(src[m], tok[m], fp[m] if fp is not None else [None] * int(m.sum()))}
+    return exp
+
+
+def _counts_only(exp: dict, counts: np.ndarray) -> dict:
+    """A counts-level recording: only the per-expert counts can be checked (sets compare equal)."""
+    return {"counts": exp["counts"], **{i: None for i in range(len(counts))}}
+
+
+def combine(eng: Any, call: Any, recs: dict) -> tuple[int, int]:
+    """Synthetic experts: expert e's output row is bf16(row * expert_scale(e)); DeepEP weights
+    and sums them over k, so each source can compute its own expected output."""
+    st = eng.parent(call, recs)
+    plan, p, vs = eng.plan, eng.p, eng.vs
+    Lp = plan.local_experts_physical
+    topk, w = {}, {}
+    for v in vs:
+        t = I.tensor(recs[v].arrays, recs[v].meta, "topk_idx_TK")
+        topk[v] = t.to(torch.int64) if t is not None else st.topk_V[v]
+        wt = I.tensor(recs[v].arrays, recs[v].meta, "topk_weights_TK")
+        w[v] = wt.float() if wt is not None else torch.full(topk[v].shape, 1.0 / topk[v].shape[1])
+    recv_x, counts = st.recv_x, st.extra["recv_count"]
+    first = recv_x[0] if isinstance(recv_x, tuple) else recv_x
+    Lx, X, H = first.shape
+    out_x = torch.zeros(Lx, X, H, dtype=torch.bfloat16)
+    for e in range(Lx):
+        n = int(counts[e])
+        if n == 0:
+            continue
+        rows = (recv_x[0][e, :n], recv_x[1][e, :n]) if isinstance(recv_x, tuple) else recv_x[e, :n]
+        scale = float(I.expert_scale(torch.tensor(p * Lp + e)))
+        out_x[e, :n] = (I.dequant(rows) * scale).to(torch.bfloat16)
+    topk_p = torch.cat([topk[v] for v in vs]).to(eng.device)
+    w_p = torch.cat([w[v] for v in vs]).to(eng.device)
+    buf = eng.buffer(call)
+    t0 = time.perf_counter_ns()
+    combined = buf.low_latency_combine(out_x.to(eng.device), topk_p, w_p, st.handle)[0]
+    dt = time.perf_counter_ns() - t0
+    combined = combined.cpu()
+    off = eng.offsets(call, p)
+    tol = COMBINE_TOL_FP8 if st.extra.get("use_fp8") else COMBINE_TOL_BF16
+    for i, v in enumerate(vs):
+        x_f = I.dequant(I.to_fp8(st.x_V[v])) if st.extra.get("use_fp8") else st.x_V[v].float()
+        t, wv = topk[v], w[v]
+        # fp32 accumulation over k ascending of w * bf16(expert output), as DeepEP does
+        ref = torch.zeros_like(x_f)
+        for k in range(t.shape[1]):
+            valid = t[:, k] >= 0
+            y = (x_f * I.expert_scale(t[:, k].clamp(min=0))[:, None]).to(torch.bfloat16).float()
+            ref += torch.where(valid[:, None], y * wv[:, k:k + 1], 0.0)
+        ref = ref.to(torch.bfloat16).float()
+        eng.report(call, v, check_close(ref.numpy(), combined[off[i]:off[i + 1]].float().numpy(), tol,
+                                        what="low-latency combine"))
+    return dt, _nbytes(out_x)

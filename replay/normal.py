@@ -1,0 +1,299 @@
+"""Normal (prefill) ops on one physical rank: layout, dispatch, cached dispatch, combine.
+
+Legend: see ops.py (N virtual ranks, M physical, B per block, j slot, Lv / Lp local experts,
+T / Tp tokens, Np physical rows, K top-k, H hidden).
+
+Each handler returns (nanoseconds spent inside the backend, payload bytes moved).
+"""
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import numpy as np
+import torch
+
+from epreplay.replay import inputs as I
+from epreplay.replay.state import DispatchState
+from epreplay.replay.verify import Rows, check_close, check_counts, check_rows
+
+# DeepEP's own test tolerances (deepep-semantics.md): bf16 combine, weight round trip.
+COMBINE_TOL = 5e-6
+WEIGHTS_TOL = 1e-9
+
+
+def _nbytes(x: Any) -> int:
+    if isinstance(x, (tuple, list)):
+        return sum(_nbytes(p) for p in x)
+    return x.numel() * x.element_size() if isinstance(x, torch.Tensor) else 0
+
+
+def _to(x: Any, device: str) -> Any:
+    if isinstance(x, (tuple, list)):
+        return tuple(p.to(device) for p in x)
+    return x.to(device)
+
+
+def _cpu(x: Any) -> Any:
+    if isinstance(x, (tuple, list)):
+        return tuple(p.cpu() for p in x)
+    return x.cpu()
+
+
+def _is_fp8(meta: dict) -> bool:
+    return "float8" in str(I.meta_value(meta, "x_dtype", default="")) or bool(
+        meta.get("_logical_dtypes", {}).get("x_TH", "").startswith("float8"))
+
+
+def _routing(eng: Any, call: Any, recs: dict) -> tuple[dict, dict]:
+    topk, w = {}, {}
+    for v, rec in recs.items():
+        t = I.tensor(rec.arrays, rec.meta, "topk_idx_TK")
+        if t is None:
+            raise RuntimeError(f"rank {v}: {call.op.label} record holds no topk_idx_TK (capture level "
+                               f"'counts'); replay needs level 'routing' or above")
+        topk[v] = t.to(torch.int64)
+        wt = I.tensor(rec.arrays, rec.meta, "topk_weights_TK")
+        # DeepEP needs weights with the ids; a recording without them gets deterministic ones.
+        w[v] = wt.float() if wt is not None else torch.full(t.shape, 1.0 / max(1, t.shape[1]))
+    return topk, w
+
+
+def _sender_counts(eng: Any, call: Any, recs: dict, topk: dict, n_exp_E: torch.Tensor) -> None:
+    """The block's per-expert counts from the backend against the recorded ones, blamed on the
+    virtual rank whose recorded counts disagree with its own routing."""
+    rec_E = [recs[v].arrays.get("num_tokens_per_expert_E") for v in eng.vs]
+    if any(r is None for r in rec_E):
+        return
+    E = eng.job.experts
+    got = n_exp_E.cpu().numpy().astype(np.int64)
+    want = np.sum([r.astype(np.int64) for r in rec_E], axis=0)
+    if np.array_equal(got, want):
+        return
+    e = int(np.flatnonzero(got != want)[0])
+    blame = eng.vs[0]
+    for v in eng.vs:
+        t = topk[v].numpy()
+        own = np.bincount(t[t >= 0].ravel(), minlength=E)
+        if not np.array_equal(own, recs[v].arrays["num_tokens_per_expert_E"]):
+            blame = v
+            e = int(np.flatnonzero(own != recs[v].arrays["num_tokens_per_expert_E"])[0])
+            break
+    eng.report(call, blame, [("count", f"{int(want[e])} tokens sent to expert {e}",
+                              f"{int(got[e])}", blame, -1, e,
+                              "tokens per expert from the replayed routing differ from the recording")])
+
+
+def layout(eng: Any, call: Any, recs: dict) -> tuple[int, int]:
+    topk, _ = _routing(eng, call, recs)
+    topk_p = torch.cat([topk[v] for v in eng.vs]).to(eng.device)
+    buf = eng.buffer(call)
+    t0 = time.perf_counter_ns()
+    n_rank, _, n_exp, in_rank, _ = buf.get_dispatch_layout(topk_p, eng.job.experts)
+    dt = time.perf_counter_ns() - t0
+    _sender_counts(eng, call, recs, topk, n_exp)
+    # Tokens per physical destination: a token counts once per physical rank it reaches.
+    home = torch.where(topk_p >= 0, topk_p // eng.plan.local_experts_physical, -1).cpu()
+    want = torch.stack([(home == q).any(dim=1).sum() for q in range(eng.plan.physical)])
+    got = n_rank.cpu().to(torch.int64)
+    if not torch.equal(want, got):
+        q = int((want != got).nonzero()[0])
+        eng.report(call, eng.vs[0], [("count", f"{int(want[q])} tokens to physical rank {q}",
+                                      f"{int(got[q])}", -1, -1, -1, "layout's tokens per rank differ "
+                                      "from a reference computed from the recorded routing")])
+    return dt, 0
+
+
+def dispatch(eng: Any, call: Any, recs: dict) -> tuple[int, int]:
+    plan, p, vs = eng.plan, eng.p, eng.vs
+    fp8 = _is_fp8(recs[vs[0]].meta)
+    topk, w = _routing(eng, call, recs)
+    x = {v: eng.payload(call, v, recs[v], call.tokens_N[v], fp8) for v in vs}
+    fp8 = isinstance(x[vs[0]], tuple)
+    x_p = _to(I.cat_rows([x[v] for v in vs]), eng.device)
+    topk_p = torch.cat([topk[v] for v in vs]).to(eng.device)
+    w_p = torch.cat([w[v] for v in vs]).to(eng.device)
+    align = int(I.meta_value(recs[vs[0]].meta, "expert_alignment", default=1) or 1)
+    buf = eng.buffer(call)
+    t0 = time.perf_counter_ns()
+    n_rank, n_rdma, n_exp, in_rank, _ = buf.get_dispatch_layout(topk_p, eng.job.experts)
+    recv_x, recv_idx, recv_w, recv_list, handle, _ = buf.dispatch(
+        x_p, num_tokens_per_rank=n_rank, num_tokens_per_rdma_rank=n_rdma, is_token_in_rank=in_rank,
+        num_tokens_per_expert=n_exp, topk_idx=topk_p, topk_weights=w_p, expert_alignment=align)
+    dt = time.perf_counter_ns() - t0
+    _sender_counts(eng, call, recs, topk, n_exp)
+    recv_x, recv_idx, recv_w = _cpu(recv_x), recv_idx.cpu(), recv_w.cpu()
+    Np = recv_idx.shape[0]
+    # Physical identity of every received row: source physical rank and its token index.
+    if isinstance(handle, tuple) and len(handle) == 6:
+        col = handle[0][:, p].cpu().numpy().astype(np.int64)
+        q_N = np.repeat(np.arange(plan.physical), np.diff(col, prepend=0))
+        src, tok = eng.to_virtual(call, q_N, handle[3].cpu().numpy().astype(np.int64))
+    else:  # internode handles carry no source index: trust positions, check the fingerprints
+        src = tok = None
+    Lv = plan.local_experts_virtual
+    st = eng.states[(call.buffer, call.seq)] = DispatchState(handle, x, topk, w, recv_x)
+    st.extra.update(rows={}, exp={}, recv_factor={}, recv_w_p=recv_w)
+    # Synthetic experts (see combine): the factor each received row gets on this physical rank.
+    scale_NK = I.expert_scale((recv_idx + p * plan.local_experts_physical).clamp(min=0))
+    for v in vs:
+        j = plan.slot_of(v)
+        local = recv_idx - j * Lv
+        inside = (local >= 0) & (local < Lv) & (recv_idx >= 0)
+        rows = torch.nonzero(inside.any(dim=1)).flatten()
+        st.extra["rows"][v] = rows
+        st.extra["recv_factor"][v] = torch.where(inside, recv_w * scale_NK, 0.0)[rows].sum(dim=1)
+        rec = recs[v]
+        exp = _expected_rows(eng, call, v, rec, fp8)
+        st.extra["exp"][v] = exp
+        if src is None and exp.src_N is not None and len(rows) == len(exp.src_N):
+            g_src, g_tok = exp.src_N, exp.tok_N
+        elif src is None:
+            g_src = g_tok = np.full(len(rows), -1, np.int64)
+        else:
+            g_src, g_tok = src[rows.numpy()], tok[rows.numpy()]
+        got = Rows(g_src, g_tok, np.bincount(g_src[g_src >= 0], minlength=plan.virtual),
+                   np.asarray(recv_list[j * Lv:(j + 1) * Lv]) if isinstance(recv_list, list) else None,
+                   torch.where(inside, local, -1)[rows].numpy(),
+                   torch.where(inside, recv_w, 0.0)[rows].numpy(),
+                   I.fingerprints(I.rows_of(recv_x, rows)) if exp.fp_N is not None else None)
+        found = check_counts(exp, got, expert_base=v * Lv)
+        if not found and exp.src_N is not None:
+            found = check_rows(exp, got, expert_base=v * Lv)
+        eng.report(call, v, found)
+    return dt, _nbytes(x_p)
+
+
+def _expected_rows(eng: Any, call: Any, u: int, rec: Any, fp8: bool, key: int | None = None) -> Rows:
+    """What virtual rank u's recording says it received."""
+    plan = eng.plan
+    a = rec.arrays
+    per_rank = a.get("recv_tokens_per_rank_R")
+    if per_rank is None and a.get("rank_prefix_matrix_RR") is not None:
+        per_rank = np.diff(a["rank_prefix_matrix_RR"][:, u].astype(np.int64), prepend=0)
+    src_idx = a.get("recv_src_idx_N")
+    per_expert = a.get("recv_tokens_per_expert_L")
+    if per_rank is None or src_idx is None:
+        n = np.zeros(0, np.int64)
+        return Rows(n, n, np.asarray(per_rank if per_rank is not None else [], np.int64), per_expert)
+    src = np.repeat(np.arange(plan.virtual), np.asarray(per_rank, np.int64))
+    tok = src_idx.astype(np.int64)
+    idx = wts = None
+    if call.op.label == "dispatch":
+        Lv = plan.local_experts_virtual
+        idx = np.full((len(src), 0), -1, np.int64)
+        parts_i, parts_w = [], []
+        for v in np.unique(src):
+            srec = rec if v == u else eng.record(int(v), call)
+            t_idx = srec.arrays.get("topk_idx_TK")
+            t_w = srec.arrays.get("topk_weights_TK")
+            if t_idx is None:
+                parts_i = None
+                break
+            m = src == v
+            g = t_idx[tok[m]].astype(np.int64)
+            local = g - u * Lv
+            ok = (g >= 0) & (local >= 0) & (local < Lv)
+            parts_i.append((m, np.where(ok, local, -1)))
+            parts_w.append((m, np.where(ok, t_w[tok[m]], 0.0).astype(np.float32) if t_w is not None else None))
+        if parts_i:
+            K = parts_i[0][1].shape[1]
+            idx = np.full((len(src), K), -1, np.int64)
+            wts = np.zeros((len(src), K), np.float32)
+            for (m, li), (_, lw) in zip(parts_i, parts_w):
+                idx[m] = li
+                wts = None if lw is None or wts is None else wts
+                if wts is not None:
+                    wts[m] = lw
+        else:
+            idx = None
+    fp = eng.expected_fp(call, rec, "recv_x_fp_N", src, tok, fp8, key)
+    return Rows(src, tok, np.asarray(per_rank, np.int64), per_expert, idx, wts, fp)
+
+
+def cached(eng: Any, call: Any, recs: dict) -> tuple[int, int]:
+    st = eng.parent(call, recs)
+    vs = eng.vs
+    fp8 = _is_fp8(recs[vs[0]].meta)
+    x = {v: eng.payload(call, v, recs[v], call.tokens_N[v], fp8) for v in vs}
+    fp8 = isinstance(x[vs[0]], tuple)
+    x_p = _to(I.cat_rows([x[v] for v in vs]), eng.device)
+    buf = eng.buffer(call)
+    t0 = time.perf_counter_ns()
+    recv_x = buf.dispatch(x_p, handle=st.handle)[0]
+    dt = time.perf_counter_ns() - t0
+    recv_x = _cpu(recv_x)
+    st.x_V, st.recv_x = x, recv_x
+    for v in vs:
+        exp_d = st.extra["exp"][v]
+        rows = st.extra["rows"][v]
+        want_rank = recs[v].arrays.get("recv_tokens_per_rank_R")
+        found = []
+        if want_rank is not None and not np.array_equal(np.asarray(want_rank, np.int64), exp_d.per_rank_R):
+            s = int(np.flatnonzero(np.asarray(want_rank) != exp_d.per_rank_R)[0])
+            found.append(("count", f"{int(want_rank[s])} rows from rank {s}", f"{int(exp_d.per_rank_R[s])}",
+                          s, -1, -1, "cached dispatch received other counts than its dispatch"))
+        if not found and exp_d.src_N is not None and len(exp_d.src_N) == len(rows):
+            want_fp = eng.expected_fp(call, recs[v], "recv_x_fp_N", exp_d.src_N, exp_d.tok_N, fp8)
+            if want_fp is not None:
+                exp = Rows(exp_d.src_N, exp_d.tok_N, exp_d.per_rank_R, None, fp_N=want_fp)
+                got = Rows(exp_d.src_N, exp_d.tok_N, exp_d.per_rank_R, None,
+                           fp_N=I.fingerprints(I.rows_of(recv_x, rows)))
+                found = check_rows(exp, got, expert_base=v * eng.plan.local_experts_virtual)
+        eng.report(call, v, found)
+    return dt, _nbytes(x_p)
+
+
+def _expert_factor(topk_TK: torch.Tensor, w_TK: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+    """a[t] = sum over k with lo <= topk[t, k] < hi of w[t, k] * expert_scale(topk[t, k]); [T] fp32."""
+    inside = (topk_TK >= lo) & (topk_TK < hi)
+    return torch.where(inside, w_TK * I.expert_scale(topk_TK.clamp(min=0)), 0.0).sum(dim=1)
+
+
+def combine(eng: Any, call: Any, recs: dict) -> tuple[int, int]:
+    """Synthetic experts on the received rows: virtual rank u's combine row for token t is
+    bf16(x_t * sum over u's experts k of w_k * scale(e_k)); co-hosted rows are summed in fp32."""
+    st = eng.parent(call, recs)
+    plan, vs = eng.plan, eng.vs
+    Lv = plan.local_experts_virtual
+    H = eng.job.hidden
+    recv_f = I.dequant(st.recv_x)
+    Np = recv_f.shape[0]
+    acc = torch.zeros(Np, H, dtype=torch.float32)
+    handle = st.handle
+    for v in vs:  # each virtual rank's expert output rows, summed where co-hosted ranks share a row
+        rows, a = st.extra["rows"][v], st.extra["recv_factor"][v]
+        acc[rows] += (recv_f[rows] * a[:, None]).to(torch.bfloat16).float()
+    x_in = acc.to(torch.bfloat16).to(eng.device)
+    with_w = any(recs[v].arrays.get("topk_weights_NK") is not None for v in vs)
+    buf = eng.buffer(call)
+    wts = st.extra.get("recv_w_p")
+    t0 = time.perf_counter_ns()
+    out = buf.combine(x_in, handle, topk_weights=wts.to(eng.device) if (with_w and wts is not None) else None)
+    dt = time.perf_counter_ns() - t0
+    combined, comb_w = out[0].cpu(), (out[1].cpu() if out[1] is not None else None)
+    off = eng.offsets(call, eng.p)
+    for i, v in enumerate(vs):
+        ref = _combine_reference(eng, st, v)
+        got = combined[off[i]:off[i + 1]]
+        found = check_close(ref.numpy(), got.float().numpy(), COMBINE_TOL, what="combine")
+        if not found and comb_w is not None:
+            gw = comb_w[off[i]:off[i + 1]]
+            found = check_close(st.w_V[v].numpy().astype(np.float64), gw.double().numpy(), WEIGHTS_TOL,
+                                what="combined top-k weights")
+        eng.report(call, v, found)
+    return dt, _nbytes(x_in)
+
+
+def _combine_reference(eng: Any, st: Any, v: int) -> torch.Tensor:
+    """Source-side expected combine output of virtual rank v's tokens: [T, H] fp32 (bf16 values)."""
+    plan = eng.plan
+    Lv = plan.local_experts_virtual
+    x_f = I.dequant(st.x_V[v])
+    topk, w = st.topk_V[v], st.w_V[v]
+    acc = torch.zeros_like(x_f)
+    for u in range(plan.virtual):  # ascending virtual rank: DeepEP's fp32 accumulation order
+        a = _expert_factor(topk, w, u * Lv, (u + 1) * Lv)
+        reached = ((topk >= u * Lv) & (topk < (u + 1) * Lv)).any(dim=1)
+        acc += torch.where(reached[:, None], (x_f * a[:, None]).to(torch.bfloat16).float(), 0.0)
+    return acc.to(torch.bfloat16).float()

@@ -1,0 +1,154 @@
+"""The replay engine of one physical rank: inputs from the recording, one physical call through
+the backend per collective, results split back per virtual rank and verified.
+
+Legend: N virtual ranks, M physical ranks, B = N / M, j slot of a virtual rank in its block,
+E experts, Lv = E / N, Lp = E / M, T tokens (of one virtual rank), Tp = sum of T over a block,
+K top-k, H hidden, Np rows a physical dispatch received, Mll recorded LL max tokens per rank.
+
+Why concatenating preserves DeepEP's order: physical rank q's batch is its virtual ranks'
+tokens in ascending virtual order, so physical (source q, token offset_v + t) sorts exactly like
+virtual (source v, token t); the rows a virtual rank u must receive are the physical rows that
+carry at least one expert of u, in the same relative order. Low-latency rows are compared as
+sets, so only the (source, token) labels need translating.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from epreplay.records import Op
+from epreplay.replay import inputs as I
+from epreplay.replay import normal as N_
+from epreplay.replay import lowlat as LL
+from epreplay.replay.schedule import Call
+from epreplay.replay.state import DispatchState
+from epreplay.replay.verify import Divergence
+
+
+class Engine:
+    """Replays calls on physical rank `p` (see the module docstring)."""
+
+    def __init__(self, job: Any, p: int, device: str, sink: Any) -> None:
+        self.job, self.p, self.device, self.sink = job, p, device, sink
+        self.plan = job.plan
+        self.vs = list(self.plan.virtual_of(p))
+        self._scans: dict[int, Any] = {}
+        self._buffers: dict[int, Any] = {}
+        self.states: dict[tuple[int, int], DispatchState] = {}
+        self._last: dict[tuple[int, int], int] = {}
+        for c in job.calls:  # last use of each dispatch, so its tensors can be freed
+            if c.parent_seq is not None:
+                self._last[(c.buffer, c.parent_seq)] = c.index
+
+    # --- records ----------------------------------------------------------------------------
+    def scan(self, v: int) -> Any:
+        s = self._scans.get(v)
+        if s is None:
+            from epreplay.shard import open_shard
+
+            s = self._scans[v] = open_shard(self.job.shard_paths[v])
+            s._by_offset = {e.offset: e for e in s.entries}
+        return s
+
+    def record(self, v: int, call: Call) -> Any:
+        s = self.scan(v)
+        return s.read(s._by_offset[call.offsets_N[v]])
+
+    def buffer(self, call: Call) -> Any:
+        b = self._buffers.get(call.buffer)
+        if b is None:
+            from epreplay.replay.worker import make_buffer
+
+            ll = call.buffer in self.job.ll_buffers
+            mll = self.job.ll_max_tokens.get(call.buffer, 0) * self.plan.per_process
+            b = self._buffers[call.buffer] = make_buffer(
+                self.job.backend, low_latency=ll, max_tokens=mll, hidden=self.job.hidden,
+                world=self.plan.physical, experts=self.job.experts, device=self.device)
+        return b
+
+    # --- helpers ----------------------------------------------------------------------------
+    def offsets(self, call: Call, q: int) -> np.ndarray:
+        """[B + 1] token offsets of physical rank q's virtual ranks in q's concatenated batch."""
+        toks = [call.tokens_N[v] for v in self.plan.virtual_of(q)]
+        return np.concatenate([[0], np.cumsum(toks)]).astype(np.int64)
+
+    def to_virtual(self, call: Call, q_N: np.ndarray, ptok_N: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Physical (source q, token in q's batch) -> virtual (source v, token in v's batch)."""
+        src = np.empty(len(q_N), np.int64)
+        tok = np.empty(len(q_N), np.int64)
+        B = self.plan.per_process
+        for q in np.unique(q_N):
+            off = self.offsets(call, int(q))
+            m = q_N == q
+            j = np.searchsorted(off, ptok_N[m], side="right") - 1
+            src[m] = int(q) * B + j
+            tok[m] = ptok_N[m] - off[j]
+        return src, tok
+
+    def key(self, call: Call) -> int:
+        return I.call_key(self.job.run_id, call.step, call.layer, call.seq)
+
+    def payload(self, call: Call, v: int, rec: Any, T: int, fp8: bool) -> Any:
+        """Virtual rank v's x for this call: recorded, or synthetic (FP8-cast when recorded so)."""
+        if self.job.payload == "recorded":
+            x = I.recorded_x(rec.arrays, rec.meta)
+            if x is not None:
+                return x
+        x = I.synth_source(self.key(call), v, T, self.job.hidden)
+        return I.to_fp8(x) if fp8 else x
+
+    def expected_fp(self, call: Call, rec: Any, name: str, src: np.ndarray, tok: np.ndarray,
+                    fp8: bool, key: int | None = None) -> np.ndarray | None:
+        """Expected received fingerprints: recorded (payload replay) or recomputed from the
+        synthetic rows of the sources."""
+        if self.job.payload == "recorded":
+            return rec.arrays.get(name)
+        rows = I.synth_rows(self.key(call) if key is None else key, torch.from_numpy(src),
+                            torch.from_numpy(tok), self.job.hidden)
+        return I.fingerprints(I.to_fp8(rows) if fp8 else rows)
+
+    def report(self, call: Call, v: int, found: list[tuple]) -> None:
+        for kind, exp, got, src, tok, expert, detail in found:
+            self.sink.add(Divergence(call.index, call.buffer, call.seq, call.step, call.layer,
+                                     call.op.label, v, self.p, kind, str(exp), str(got), tok, src,
+                                     expert, detail))
+
+    # --- dispatching ------------------------------------------------------------------------
+    def run(self, call: Call) -> None:
+        t0 = time.perf_counter_ns()
+        recs = {v: self.record(v, call) for v in self.vs}
+        handler = {Op.LAYOUT: N_.layout, Op.DISPATCH: N_.dispatch, Op.CACHED_DISPATCH: N_.cached,
+                   Op.COMBINE: N_.combine, Op.LL_DISPATCH: LL.dispatch, Op.LL_COMBINE: LL.combine}[call.op]
+        backend_ns, nbytes = handler(self, call, recs)
+        self.sink.timed(call.op.label, backend_ns, time.perf_counter_ns() - t0,
+                        sum(call.tokens_N[v] for v in self.vs), nbytes)
+        for key, last in list(self._last.items()):
+            if last == call.index:
+                self.states.pop(key, None)
+
+    def parent(self, call: Call, recs: dict[int, Any]) -> DispatchState:
+        seq = I.meta_value(recs[self.vs[0]].meta, "dispatch_seq", default=-1)
+        seq = call.parent_seq if seq is None or int(seq) < 0 else int(seq)
+        st = self.states.get((call.buffer, seq))
+        if st is None:
+            raise RuntimeError(f"{call.op.label} seq {call.seq} uses dispatch seq {seq}, "
+                               f"which was not replayed")
+        return st
+
+    def close(self) -> None:
+        for s in self._scans.values():
+            s.close()
+        self._scans.clear()
+        self.states.clear()
+        for b in self._buffers.values():
+            destroy = getattr(b, "destroy", None)
+            if destroy is not None:
+                try:
+                    destroy()
+                except Exception:  # noqa: BLE001 - a Buffer that needs no destroy may refuse it
+                    pass
+        self._buffers.clear()
