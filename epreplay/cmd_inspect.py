@@ -3,9 +3,10 @@
 Health of a shard, worst first:
   corrupt    records listed by a valid footer whose bytes fail their CRC (--quick skips the check)
   truncated  no valid footer and the scan stopped at byte N: N..end is lost (a crash mid-write)
-  open       no footer but every record intact (capture still running, or killed between records)
+  unclosed   no footer, every record intact, no writer alive (killed between records)
+  writing    a live capture process still holds the shard (its last record may be in flight)
   complete   valid footer, every record intact
-Exit code: 0 when every shard is complete or open, 1 when any is truncated/corrupt/unreadable,
+Exit code: 0 when every shard is complete, writing or unclosed, 1 when any is truncated/corrupt/unreadable,
 2 for bad input (missing path, not a shard, not a run).
 """
 from __future__ import annotations
@@ -69,8 +70,10 @@ def shard_summary(path: Path, *, verify: bool = True) -> dict:
             health = "corrupt"
         elif scan.truncated_at is not None:
             health = "truncated"
+        elif scan.complete:
+            health = "complete"
         else:
-            health = "complete" if scan.complete else "open"
+            health = "writing" if scan.writer_active else "unclosed"
         info = scan.info
         return {
             "path": str(path), "size": scan.size, "health": health,
@@ -87,6 +90,7 @@ def shard_summary(path: Path, *, verify: bool = True) -> dict:
             "layers": [min(layers), max(layers)] if layers else None,
             "complete": scan.complete, "truncated_at": scan.truncated_at,
             "lost_bytes": scan.lost_bytes, "problem": scan.problem,
+            "writer_active": scan.writer_active,
             "corrupt": [{"offset": off, "problem": why} for off, why in corrupt],
             "verified": bool(verify and scan.complete),
         }
@@ -102,8 +106,11 @@ def _health_line(s: dict) -> str:
     if s["health"] == "truncated":
         return (f"TRUNCATED at byte {s['truncated_at']}: {s['lost_bytes']} bytes lost, "
                 f"{s['records']} records intact; run 'epreplay repair {s['path']}'")
-    if s["health"] == "open":
-        return f"open (no footer: writer still running or stopped between records); {s['records']} records intact"
+    if s["health"] == "writing":
+        return f"being written by a live process ({s['records']} records so far)"
+    if s["health"] == "unclosed":
+        return (f"unclosed: no footer (the writer stopped between records), all {s['records']} "
+                f"records intact; 'epreplay repair {s['path']}' adds the footer")
     return "complete" + ("" if s["verified"] else " (footer valid; records not CRC-checked: --quick)")
 
 

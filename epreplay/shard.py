@@ -30,6 +30,8 @@ API (the contract other modules code against):
       .info: ShardInfo, .entries: list[Entry(offset, header)], .complete (valid footer),
       .truncated_at: int | None (byte offset of the first short/bad record), .lost_bytes,
       .problem: str | None (what went wrong, human readable), .size
+      .writer_active: a live ShardWriter holds the file (flock): no footer and a short tail are
+          normal then (truncated_at stays None); repair refuses such a file
       .read(entry) -> Record   (verifies CRC; raises ShardError naming the offset if bad)
       .records(ops=None, kinds=(Kind.CALL,)) -> Iterator[Record]
       .entry_at(offset) -> Entry, .read_at(offset) -> Record   by a record's byte offset (the
@@ -40,6 +42,7 @@ API (the contract other modules code against):
 """
 from __future__ import annotations
 
+import fcntl
 import os
 import threading
 from pathlib import Path
@@ -68,6 +71,12 @@ class ShardWriter:
         self._lock = threading.Lock()
         self._index: list[tuple[int, bytes]] = []
         self.bytes_written = 0
+        try:
+            # Held until close or death (the kernel drops it): readers tell a shard being
+            # written from a crashed one, and repair refuses to cut a live file.
+            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            pass  # filesystems without flock: the shard just looks unclosed while written
         try:
             self._write(header_frame(info))
         except OSError:

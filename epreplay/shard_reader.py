@@ -4,6 +4,7 @@ The public names are re-exported by epreplay.shard (the API contract); see its d
 """
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
 import stat
@@ -35,6 +36,8 @@ class ShardScan:
         self.problem: str | None = None
         self.footer_offset: int | None = None
         self._by_offset: dict[int, Entry] | None = None
+        # a ShardWriter still holds the file: a short tail is a record in flight, not damage
+        self.writer_active = False
         self._fd: int | None = fd
 
     @property
@@ -154,9 +157,25 @@ def open_shard(path: str | os.PathLike[str]) -> ShardScan:
         os.close(fd)
         raise
     scan = ShardScan(path, fd, size, info, data_start)
+    scan.writer_active = _writer_active(fd)
     if not _load_footer(scan, fd):
         _scan(scan, fd)
     return scan
+
+
+def _writer_active(fd: int) -> bool:
+    """Whether a live ShardWriter holds this file's lock (released by the kernel when it dies).
+
+    Filesystems without flock support answer False: such shards look unclosed while written.
+    """
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    except OSError:
+        return False
+    fcntl.flock(fd, fcntl.LOCK_UN)
+    return False
 
 
 def _read_header(path: Path, fd: int, size: int) -> tuple[ShardInfo, int]:
@@ -217,12 +236,12 @@ def _load_footer(scan: ShardScan, fd: int) -> bool:
 
 def _scan(scan: ShardScan, fd: int) -> None:
     """No valid footer: walk the records, CRC-checking each, up to the first short or bad one."""
-    pos, size, why = scan.data_start, scan.size, None
+    pos, size, why, short = scan.data_start, scan.size, None, False
     entries: list[Entry] = []
     while pos < size:
         pre = os.pread(fd, REC_PREFIX, pos)
         if len(pre) < FRAME.size:
-            why = f"{len(pre)} stray bytes"
+            why, short = f"{len(pre)} stray bytes", True
             break
         magic, n = FRAME.unpack_from(pre)
         if magic == MAGIC_FOOTER:
@@ -232,7 +251,7 @@ def _scan(scan: ShardScan, fd: int) -> None:
             why = f"no record frame (bytes {pre[:8].hex()})"
             break
         if len(pre) < REC_PREFIX:
-            why = "record header cut short"
+            why, short = "record header cut short", True
             break
         hb = pre[FRAME.size:FRAME.size + RecordHeader.SIZE]
         try:
@@ -243,7 +262,8 @@ def _scan(scan: ShardScan, fd: int) -> None:
             why = "record header damaged (crc mismatch)"
             break
         if entry.end > size:
-            why = f"record cut short ({size - entry.data_offset} of {entry.header.comp_len} data bytes)"
+            why, short = (f"record cut short ({size - entry.data_offset} of "
+                          f"{entry.header.comp_len} data bytes)"), True
             break
         crc = zlib.crc32(os.pread(fd, entry.header.comp_len, entry.data_offset))
         if crc != entry.header.crc32:
@@ -252,7 +272,10 @@ def _scan(scan: ShardScan, fd: int) -> None:
         entries.append(entry)
         pos = entry.end
     scan.entries = entries
-    if why is None:
+    if scan.writer_active and (why is None or short):
+        scan.problem = (f"being written by a live process: {len(entries)} records so far"
+                        + (f", {size - pos} bytes of the next in flight" if why else ""))
+    elif why is None:
         scan.problem = (f"no footer (the writer did not close cleanly); all {len(entries)} "
                         f"records intact")
     else:
@@ -284,6 +307,9 @@ def repair(path: str | os.PathLike[str]) -> RepairReport:
     """
     path = Path(path)
     with open_shard(path) as scan:
+        if scan.writer_active:
+            raise ShardError(f"{path}: a running process is still writing this shard (it holds the "
+                             f"file's lock); stop the capture or let it close, then repair")
         keep, problem = scan.entries, scan.problem
         if scan.complete:
             bad = scan.verify()

@@ -117,3 +117,14 @@ def test_bad_input_is_one_line_exit_2(tmp_path: Path, command: str) -> None:
     assert_one_clean_line(cli(command, str(tmp_path / "missing")), "no such file or directory")
     assert_one_clean_line(cli(command, str(tmp_path / "junk.eprs")), "not an epreplay shard")
     assert_one_clean_line(cli(command, str(tmp_path / "plain")), "not a run directory")
+
+
+def test_live_shard_reads_as_writing_and_repair_refuses(tmp_path: Path) -> None:
+    path = tmp_path / "rank-00000.eprs"
+    with ShardWriter(path, ShardInfo("run-cli", 0, 1)) as w:
+        w.append(RecordHeader(Kind.CALL, Op.LAYOUT, Level.ROUTING, Status.OK, 0, 0, 0, 0, 1),
+                 {"topk_idx_TK": np.zeros((1, 4), np.int64)})
+        proc = cli("inspect", str(path))
+        assert proc.returncode == 0 and "being written by a live process (1 records so far)" in proc.stdout
+        assert_one_clean_line(cli("repair", str(path)), "still writing this shard")
+    assert "complete" in cli("inspect", str(path)).stdout

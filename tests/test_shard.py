@@ -379,3 +379,21 @@ def test_encoded_records_from_a_ring_and_reads_by_offset(tmp_path: Path) -> None
         assert scan.read_at(offsets[2]).meta["s"] == 2
         with pytest.raises(ShardError, match=f"no intact record starts at byte {offsets[1] + 1}"):
             scan.read_at(offsets[1] + 1)
+
+
+def test_live_writer_is_not_damage_and_repair_refuses_it(tmp_path: Path) -> None:
+    """A shard still held by a ShardWriter: short tail = record in flight; repair must not cut it."""
+    path = tmp_path / "live.eprs"
+    w = ShardWriter(path, INFO)
+    w.append(header(Op.LAYOUT, 0, 1), {"a": np.arange(3)})
+    with open(path, "ab") as fh:  # half of the next record, as a concurrent reader may see it
+        fh.write(b"\x51\x2a\x4d\x18\x3c\x00")
+    with open_shard(path) as scan:
+        assert scan.writer_active and not scan.complete and scan.truncated_at is None
+        assert len(scan.entries) == 1 and "being written by a live process" in scan.problem
+    with pytest.raises(ShardError, match="still writing this shard"):
+        repair(path)
+    os.truncate(path, w.bytes_written)
+    w.close()
+    with open_shard(path) as scan:
+        assert not scan.writer_active and scan.complete and len(scan.entries) == 1
