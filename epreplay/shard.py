@@ -14,7 +14,9 @@ So every byte of a record is covered by a CRC: a bad record is never returned as
 API (the contract other modules code against):
 
   ShardWriter(path, info: ShardInfo, *, zstd_level=3, large_level=1, fsync_every=0)
-      (records over 1 MiB raw, i.e. payloads, use large_level: as small, twice as fast)
+      (records over 1 MiB raw, i.e. payloads, use large_level: as small, twice as fast;
+       fsync_every=N: fsync after every N records, 0 = only at close — flushing each record to
+       the OS already survives a process crash, fsync is for host crashes)
       .append(header: RecordHeader, arrays: Mapping[str, np.ndarray], meta: Mapping | None) -> int
           encodes, compresses, writes and flushes one record; returns its byte offset.
           The header's comp_len/raw_len/crc32 are filled in here. Arrays follow codec's rules
@@ -39,6 +41,8 @@ API (the contract other modules code against):
       .verify() -> list[(offset, problem)]  CRC-checks every record (reads the whole file)
       .close() / context manager (the scan keeps one read-only descriptor open)
   repair(path) -> RepairReport  keeps PATH.bak, truncates to the valid prefix, writes a footer.
+      RepairReport(path, action "healthy"|"repaired", records kept, size_before, size_after,
+      backup, problem, lost_bytes). ShardError when PATH.bak exists or a writer is alive.
 """
 from __future__ import annotations
 

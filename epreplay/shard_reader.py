@@ -17,7 +17,7 @@ import zstandard
 
 from epreplay import codec
 from epreplay.errors import ShardError
-from epreplay.records import Kind, Op, Record, RecordHeader, ShardInfo
+from epreplay.records import FORMAT_VERSION, Kind, Op, Record, RecordHeader, ShardInfo
 from epreplay.shard_frames import (END_MAGIC, ENTRY, FILE_MAGIC, FOOTER_MAGIC, FRAME, MAGIC_FOOTER,
                                    MAGIC_HEADER, MAGIC_RECORD, REC_FRAME, REC_PREFIX,
                                    RECORD_FRAME_HEAD, TAIL, U32, Entry, decompressor,
@@ -196,7 +196,11 @@ def _read_header(path: Path, fd: int, size: int) -> tuple[ShardInfo, int]:
     try:
         info = ShardInfo.from_bytes(body)
     except (ValueError, TypeError, KeyError, AttributeError) as exc:
-        raise ShardError(f"{path}: shard header unreadable ({exc})") from None
+        raise ShardError(f"{path}: shard header unreadable ({exc}); a newer epreplay may have "
+                         f"written it (this one reads format v{FORMAT_VERSION})") from None
+    if info.version > FORMAT_VERSION:
+        raise ShardError(f"{path}: shard format v{info.version} is newer than this epreplay reads "
+                         f"(v{FORMAT_VERSION}); upgrade epreplay")
     return info, FRAME.size + n
 
 

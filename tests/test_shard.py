@@ -416,3 +416,12 @@ def test_repair_at_many_cuts_yields_complete_shards_of_the_intact_records(tmp_pa
                 assert_record_equals(rec, g)
         if zstd and i % 10 == 0:  # a repaired shard is still one valid zstd stream
             assert subprocess.run([zstd, "-dc", str(path)], capture_output=True, timeout=60).returncode == 0
+
+
+def test_newer_format_version_is_refused_with_the_fix(tmp_path: Path) -> None:
+    from dataclasses import replace
+
+    path = tmp_path / "v99.eprs"
+    ShardWriter(path, replace(INFO, version=99)).close()
+    with pytest.raises(ShardError, match="format v99 is newer.*upgrade epreplay"):
+        open_shard(path)
