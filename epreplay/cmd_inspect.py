@@ -25,6 +25,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="output format (default: text)")
     parser.add_argument("--quick", action="store_true",
                         help="skip CRC-checking every record of complete shards (reads headers only)")
+    parser.add_argument("--list", action="store_true",
+                        help="also list records: offset, kind, op, buffer/seq, step, layer, tokens, bytes")
+    parser.add_argument("--limit", type=int, default=50, metavar="N",
+                        help="records listed per shard with --list (0: all; default 50)")
+    parser.add_argument("--record", type=int, metavar="OFFSET",
+                        help="dump one record of a shard file (byte offset from --list): header, "
+                             "meta, and each array's dtype, shape, range and first values")
 
 
 def shard_summary(path: Path, *, verify: bool = True) -> dict:
@@ -96,6 +103,51 @@ def shard_summary(path: Path, *, verify: bool = True) -> dict:
         }
 
 
+def record_rows(path: Path, limit: int) -> list[dict]:
+    """One dict per record (header fields only, nothing decompressed); `limit` 0 for all."""
+    from epreplay.records import Kind, Op
+    from epreplay.shard import open_shard
+
+    with open_shard(path) as scan:
+        entries = scan.entries if limit <= 0 else scan.entries[:limit]
+        rows = []
+        for e in entries:
+            h = e.header
+            op = "-" if h.kind == Kind.EVENT else (Op(h.op).label if h.op in Op._value2member_map_ else f"op{h.op}")
+            rows.append({"offset": e.offset, "kind": Kind(h.kind).name.lower(), "op": op,
+                         "status": h.status.name.lower(), "buffer": h.buffer, "seq": h.seq,
+                         "step": h.step, "layer": h.layer, "tokens": h.tokens,
+                         "comp_len": h.comp_len, "raw_len": h.raw_len,
+                         "start_ns": h.start_ns, "duration_ns": h.duration_ns})
+        return rows
+
+
+def record_dump(path: Path, offset: int) -> dict:
+    """One record decoded: header, meta and a summary of every array (JSON-able)."""
+    import numpy as np
+
+    from epreplay.codec import logical_dtype
+    from epreplay.records import Kind, Op
+    from epreplay.shard import open_shard
+
+    with open_shard(path) as scan:
+        rec = scan.read_at(offset)
+    arrays = {}
+    for name, a in rec.arrays.items():
+        numeric = a.size and a.dtype.kind in "biuf" and not logical_dtype(rec.meta, name)
+        arrays[name] = {
+            "dtype": logical_dtype(rec.meta, name) or str(a.dtype), "shape": list(a.shape),
+            "min": np.min(a).item() if numeric else None, "max": np.max(a).item() if numeric else None,
+            "head": a.reshape(-1)[:8].tolist()}
+    h = rec.header
+    op = h.op_enum.label if h.kind == Kind.CALL and h.op in Op._value2member_map_ else h.op
+    return {"offset": offset, "header": {"kind": h.kind.name.lower(), "op": op, "level": h.level.label,
+                                         "status": h.status.name.lower(), "buffer": h.buffer, "seq": h.seq,
+                                         "step": h.step, "layer": h.layer, "tokens": h.tokens,
+                                         "start_ns": h.start_ns, "duration_ns": h.duration_ns},
+            "meta": rec.meta, "arrays": arrays}
+
+
 def _health_line(s: dict) -> str:
     if s["health"] == "unreadable":
         return f"UNREADABLE: {s['problem']}"
@@ -135,6 +187,16 @@ def _print_shard(s: dict) -> None:
     print(f"  health   {_health_line(s)}")
 
 
+def _print_records(rows: list[dict], total: int) -> None:
+    print(f"  {'offset':>10} {'kind':<5} {'op':<15} {'status':<6} {'buf':>3} {'seq':>6} {'step':>5} "
+          f"{'layer':>5} {'tokens':>6} {'bytes':>8}")
+    for r in rows:
+        print(f"  {r['offset']:>10} {r['kind']:<5} {r['op']:<15} {r['status']:<6} {r['buffer']:>3} "
+              f"{r['seq']:>6} {r['step']:>5} {r['layer']:>5} {r['tokens']:>6} {r['comp_len']:>8}")
+    if len(rows) < total:
+        print(f"  ... {total - len(rows)} more (--limit 0 lists all)")
+
+
 def run(args: argparse.Namespace) -> int:
     from epreplay.errors import ShardError, UsageError
     from epreplay.run import RunDir
@@ -142,6 +204,20 @@ def run(args: argparse.Namespace) -> int:
     path = Path(args.path)
     if not path.exists():
         raise UsageError(f"{path}: no such file or directory; give a shard (.eprs) or a run directory")
+    if args.record is not None:
+        if not path.is_file():
+            raise UsageError(f"--record needs one shard file, not the directory {path}")
+        dump = record_dump(path, args.record)
+        if args.format == "json":
+            print(json.dumps(dump, indent=2, default=str))
+            return 0
+        print(f"record at byte {args.record} of {path}")
+        print("  header " + "  ".join(f"{k}={v}" for k, v in dump["header"].items()))
+        print(f"  meta   {json.dumps(dump['meta'], default=str)}")
+        for name, a in dump["arrays"].items():
+            rng = f"  range {a['min']}..{a['max']}" if a["min"] is not None else ""
+            print(f"  {name:<26} {a['dtype']:<14} {str(a['shape']):<14}{rng}  head {a['head']}")
+        return 0
     run_info = None
     if path.is_dir():
         rundir = RunDir.open(path)
@@ -162,6 +238,10 @@ def run(args: argparse.Namespace) -> int:
     else:
         summaries = [shard_summary(path, verify=not args.quick)]
     bad = [s for s in summaries if s["health"] in ("truncated", "corrupt", "unreadable")]
+    if args.list:
+        for s in summaries:
+            if s["health"] != "unreadable":
+                s["record_list"] = record_rows(Path(s["path"]), args.limit)
     if args.format == "json":
         print(json.dumps({"run": run_info, "shards": summaries, "healthy": not bad}, indent=2))
         return 1 if bad else 0
@@ -173,6 +253,8 @@ def run(args: argparse.Namespace) -> int:
             print("  no shards yet (shards/ is empty)")
     for s in summaries:
         _print_shard(s)
+        if "record_list" in s:
+            _print_records(s["record_list"], s["records"])
     if run_info is not None and summaries:
         health = Counter(s["health"] for s in summaries)
         print("health: " + ", ".join(f"{n} {h}" for h, n in sorted(health.items())))

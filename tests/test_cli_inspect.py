@@ -77,6 +77,15 @@ def test_inspect_json_and_corrupt_record(tmp_path: Path) -> None:
     assert shard["event_reasons"] == {"dropped": 1} and shard["dropped"] == 3
     with open_shard(path) as scan:
         second = scan.entries[1]
+    proc = cli("inspect", str(path), "--list", "--limit", "2")
+    assert proc.returncode == 0 and f"{second.offset:>10} call  dispatch" in proc.stdout
+    assert "... 5 more (--limit 0 lists all)" in proc.stdout
+    proc = cli("inspect", str(path), "--record", str(second.offset), "--format", "json")
+    dump = json.loads(proc.stdout)
+    assert dump["header"]["op"] == "dispatch" and dump["arrays"]["topk_idx_TK"]["shape"] == [5, 4]
+    assert dump["arrays"]["topk_idx_TK"]["dtype"] == "int64" and dump["arrays"]["topk_idx_TK"]["min"] >= -1
+    assert_one_clean_line(cli("inspect", str(path), "--record", str(second.offset + 1)),
+                          f"no intact record starts at byte {second.offset + 1}")
     data = bytearray(path.read_bytes())
     data[second.data_offset + 3] ^= 0x01
     path.write_bytes(bytes(data))
