@@ -198,6 +198,17 @@ def _print_records(rows: list[dict], total: int) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    try:
+        return _run(args)
+    except BrokenPipeError:  # `epreplay inspect RUN --list | head`: the reader left, not an error
+        import os
+        import sys
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+
+
+def _run(args: argparse.Namespace) -> int:
     from epreplay.errors import ShardError, UsageError
     from epreplay.run import RunDir
 
