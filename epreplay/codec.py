@@ -88,6 +88,13 @@ def _narrow(a: np.ndarray) -> tuple[np.ndarray, int]:
     return a, 0
 
 
+def _json_scalar(value: object) -> object:
+    """numpy scalars in meta (a count taken from an array, say) are stored as Python numbers."""
+    if isinstance(value, np.generic):
+        return value.item()
+    raise TypeError(f"{type(value).__name__} is not JSON-able")
+
+
 def _shuffle(a: np.ndarray) -> np.ndarray:
     """n elements of width w -> w byte planes of n bytes each ([w, n] uint8).
 
@@ -130,7 +137,6 @@ def encode(arrays: Mapping[str, ArrayIn], meta: Mapping[str, object] | None = No
         raise ValueError(f"meta key {LOGICAL_KEY!r} is reserved for the codec; rename it")
     table: list[dict] = []
     bodies: list[bytes | memoryview] = []
-    logical_names: dict[str, str] = {}
     for name, value in arrays.items():
         logical = None
         if isinstance(value, tuple):
@@ -142,9 +148,7 @@ def encode(arrays: Mapping[str, ArrayIn], meta: Mapping[str, object] | None = No
             if not isinstance(value, np.ndarray) or value.dtype.kind != "u" or value.dtype.itemsize != want.itemsize:
                 got = getattr(value, "dtype", type(value).__name__)
                 raise ValueError(f"array {name!r}: {logical} must be handed over as a {want.name} "
-                                 f"view (tensor.view(torch.{want.name.replace('u', 'uint')})"
-                                 f".numpy()), got {got}")
-            logical_names[name] = logical
+                                 f"view (tensor.view(torch.{want.name}).numpy()), got {got}")
         if not isinstance(value, np.ndarray):
             raise ValueError(f"array {name!r}: expected a numpy array, got {type(value).__name__}")
         if value.dtype.kind not in "biufc" or value.dtype.fields is not None:
@@ -166,7 +170,8 @@ def encode(arrays: Mapping[str, ArrayIn], meta: Mapping[str, object] | None = No
         })
         bodies.append(memoryview(body).cast("B"))
     try:
-        head = json.dumps({"meta": meta, "arrays": table}, separators=(",", ":")).encode()
+        head = json.dumps({"meta": meta, "arrays": table}, separators=(",", ":"),
+                          default=_json_scalar).encode()
     except (TypeError, ValueError) as exc:
         raise ValueError(f"record meta is not JSON-able: {exc}") from None
     parts: list[bytes | memoryview] = [MAGIC, _LEN.pack(len(head)), head, b"\0" * _pad(8 + len(head))]
