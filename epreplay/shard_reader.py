@@ -54,7 +54,7 @@ class ShardScan:
             raise ValueError(f"{self.path}: shard scan is closed")
         return os.pread(self._fd, n, offset)
 
-    def _check(self, entry: Entry) -> tuple[bytes | None, str | None]:
+    def _check(self, entry: Entry) -> tuple[memoryview | None, str | None]:
         """(compressed frame, None) when the record is intact, else (None, what is wrong)."""
         blob = self._pread(REC_PREFIX + entry.header.comp_len, entry.offset)
         if len(blob) < REC_PREFIX + entry.header.comp_len:
@@ -63,7 +63,7 @@ class ShardScan:
         if (blob[:FRAME.size] != RECORD_FRAME_HEAD or hb != entry.header.to_bytes()
                 or U32.unpack_from(blob, REC_PREFIX - 4)[0] != zlib.crc32(hb)):
             return None, "record header damaged"
-        comp = blob[REC_PREFIX:]
+        comp = memoryview(blob)[REC_PREFIX:]  # no copy of a (possibly payload-sized) frame
         crc = zlib.crc32(comp)
         if crc != entry.header.crc32:
             return None, f"crc {crc:#010x} != {entry.header.crc32:#010x}"
