@@ -72,13 +72,30 @@ class Binder:
         b.apply_defaults()
         out = dict(b.arguments)
         out.pop(next(iter(self.sig.parameters)), None)
+        for p in self.sig.parameters.values():  # **kwargs: its names are the arguments' names
+            if p.kind == inspect.Parameter.VAR_KEYWORD and isinstance(out.get(p.name), dict):
+                out.update(out.pop(p.name))
         return out
 
 
-def _make_hook(name: str, op: Op, orig: Callable[..., Any]) -> Callable[..., Any]:
+def signature_source(cls: type, name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+    """The function whose signature names `fn`'s arguments: fn itself, or — when fn is a
+    `(self, *args, **kwargs)` pass-through in a subclass — the same method further up the MRO."""
+    if Binder(fn).simple:
+        return fn
+    for base in cls.__mro__[1:]:
+        candidate = base.__dict__.get(name)
+        if candidate is not None:
+            candidate = getattr(candidate, _ORIG, candidate)
+            if callable(candidate) and Binder(candidate).simple:
+                return candidate
+    return fn
+
+
+def _make_hook(name: str, op: Op, orig: Callable[..., Any], cls: type | None = None) -> Callable[..., Any]:
     from epreplay.capture import session
 
-    binder = Binder(orig)
+    binder = Binder(signature_source(cls, name, orig) if cls is not None else orig)
 
     @functools.wraps(orig)
     def hooked(self: Any, *args: Any, **kwargs: Any) -> Any:
@@ -148,7 +165,7 @@ def patch_class(cls: type) -> bool:
             continue
         own = name in cls.__dict__
         table[name] = (cls.__dict__[name] if own else None, own)
-        new = _make_init(current) if name == "__init__" else _make_hook(name, names[name], current)
+        new = _make_init(current) if name == "__init__" else _make_hook(name, names[name], current, cls)
         setattr(cls, name, new)
         changed = True
     return changed
@@ -185,7 +202,7 @@ def wrap(buffer: Any) -> Any:
         current = getattr(cls, name, None)
         if current is None or is_hooked(current) or is_hooked(buffer.__dict__.get(name)):
             continue
-        setattr(buffer, name, types.MethodType(_make_hook(name, op, current), buffer))
+        setattr(buffer, name, types.MethodType(_make_hook(name, op, current, cls), buffer))
     _wrapped.add(buffer)
     rec = session.recorder(buffer)
     if rec is not None and rec.enabled:

@@ -29,15 +29,19 @@ from epreplay.records import Kind, Level, Op, RecordHeader, ShardInfo, Status
 from epreplay.run import RunDir
 
 _STOP = object()
+# Triggers with the same reason within 2 s are one incident (a NaN reaches every later record of
+# its step; all ranks see one hang and each also reads the others' DUMP markers).
+DUMP_DEDUP_S = 2.0
 _OPENS_LAYER = (Op.LAYOUT, Op.DISPATCH, Op.LL_DISPATCH)
 
 
 class BufferState:
     """What the recorder keeps per Buffer object: its id, group, and call counters."""
 
-    __slots__ = ("id", "ep_rank", "ep_size", "seq", "ll_calls")
+    __slots__ = ("owner", "id", "ep_rank", "ep_size", "seq", "ll_calls")
 
-    def __init__(self, buffer_id: int, ep_rank: int, ep_size: int) -> None:
+    def __init__(self, owner: "Recorder", buffer_id: int, ep_rank: int, ep_size: int) -> None:
+        self.owner = owner  # a Buffer outliving one capture session gets fresh ids in the next
         self.id, self.ep_rank, self.ep_size = buffer_id, ep_rank, ep_size
         self.seq = 0
         self.ll_calls = 0
@@ -80,7 +84,7 @@ class Recorder:
     # --- buffers and attribution (hot path) -------------------------------------------------
     def buffer_state(self, buf: Any) -> BufferState:
         state = getattr(buf, "_epreplay_capture", None)
-        if state is None or not isinstance(state, BufferState):
+        if state is None or not isinstance(state, BufferState) or state.owner is not self:
             group = getattr(buf, "group", None)
             ep_rank = getattr(buf, "rank", None)
             ep_size = getattr(buf, "group_size", None)
@@ -88,7 +92,7 @@ class Recorder:
                 ep_rank, ep_size = group.rank(), group.size()
             if ep_rank is None:
                 ep_rank, ep_size = self.rank, self.world_size
-            state = BufferState(len(self.buffers), int(ep_rank), int(ep_size))
+            state = BufferState(self, len(self.buffers), int(ep_rank), int(ep_size))
             self.buffers.append({"id": state.id, "ep_rank": state.ep_rank, "ep_size": state.ep_size,
                                  "class": f"{type(buf).__module__}.{type(buf).__qualname__}",
                                  "low_latency_mode": bool(getattr(buf, "low_latency_mode", False))})
@@ -258,8 +262,8 @@ class Recorder:
         if not self.config.flight or not self.enabled:
             return
         now = time.monotonic()
-        if not propagate and self._last_dump[0] == reason and now - self._last_dump[1] < 2.0:
-            return  # every rank saw the same hang: one dump per rank, not one per marker
+        if self._last_dump[0] == reason and now - self._last_dump[1] < DUMP_DEDUP_S:
+            return  # one NaN taints many records, every rank sees the same hang: dump once
         self._last_dump = (reason, now)
         self._q.put(("dump", reason, detail, self.rank if origin is None else origin))
         if propagate and self.on_trigger is not None:

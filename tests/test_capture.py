@@ -1,0 +1,202 @@
+"""Capture through the library API on real gloo ranks: the routing a shard holds is the routing
+that was sent, on every rank; levels, lineage, attribution, exceptions and wrap/uninstall."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from epreplay.launch import run_ranks
+from epreplay.records import Kind, Level, Op, Status
+from epreplay.run import RunDir
+from epreplay.shard import open_shard
+
+E, K, H, T = 8, 3, 32, 24
+
+
+def _inputs(rank: int, step: int, layer: int):
+    g = torch.Generator().manual_seed(1000 * rank + 10 * step + layer)
+    scores = torch.rand(T, E, generator=g)
+    scores[:, rank % E] += 0.5  # some skew: each rank prefers one expert
+    idx = torch.topk(scores, K, dim=1).indices
+    idx[torch.rand(T, K, generator=g) < 0.1] = -1  # some empty slots, as DeepEP allows
+    w = torch.rand(T, K, generator=g)
+    x = torch.randn(T, H, generator=g).to(torch.bfloat16)
+    return x, idx.to(torch.int64), w
+
+
+def moe_steps(buf, rank: int, *, steps: int, layers: int, ll_buf=None) -> list[torch.Tensor]:
+    """A DeepEP-style client loop: layout -> dispatch -> expert (x2) -> combine per layer (prefill),
+    or low_latency_dispatch -> low_latency_combine on `ll_buf` when given (decode)."""
+    outs = []
+    for s in range(steps):
+        for layer in range(layers):
+            x, idx, w = _inputs(rank, s, layer)
+            if ll_buf is not None:  # decode: the low-latency kernels
+                recv, count, h, _, _ = ll_buf.low_latency_dispatch(x, idx, T, E, use_fp8=False)
+                z, _, _ = ll_buf.low_latency_combine(recv, idx, w, h)
+                outs.append(z)
+                continue
+            n_rank, n_rdma, n_exp, in_rank, _ = buf.get_dispatch_layout(idx, E)
+            recv_x, recv_idx, recv_w, counts, handle, _ = buf.dispatch(
+                x, num_tokens_per_rank=n_rank, num_tokens_per_rdma_rank=n_rdma,
+                is_token_in_rank=in_rank, num_tokens_per_expert=n_exp, topk_idx=idx, topk_weights=w)
+            y, _, _ = buf.combine((recv_x.float() * 2).to(torch.bfloat16), handle)
+            outs.append(y)
+    return outs
+
+
+def _rank_routing(ctx, run_dir: str):
+    import torch.distributed as dist
+
+    from epreplay import capture
+    from epreplay.emulate import Buffer
+
+    capture.start(run_dir, level="routing", layers_per_step=2)
+    buf = Buffer(dist.group.WORLD)
+    ll = Buffer(dist.group.WORLD, low_latency_mode=True)
+    moe_steps(buf, ctx.rank, steps=2, layers=2)  # prefill: steps 0-1
+    moe_steps(buf, ctx.rank, steps=2, layers=2, ll_buf=ll)  # decode: steps 2-3
+    return capture.stop()
+
+
+def _load(run_dir) -> dict[int, list]:
+    run = RunDir.open(run_dir)
+    out = {}
+    for path in run.shard_paths():
+        with open_shard(path) as scan:
+            assert scan.complete, scan.problem
+            out[scan.info.rank] = list(scan.records(kinds=(Kind.CALL, Kind.EVENT)))
+    return out
+
+
+@pytest.mark.slow
+def test_recorded_routing_reproduces_counts_on_every_rank(tmp_path):
+    R = 4
+    L = E // R
+    facts = run_ranks(_rank_routing, R, str(tmp_path / "run"), timeout=120)
+    assert all(f["dropped"] == 0 and f["disabled"] is None for f in facts)
+    recs = _load(tmp_path / "run")
+    assert sorted(recs) == list(range(R))
+    calls = {r: {(rec.header.buffer, rec.header.seq): rec for rec in recs[r] if rec.header.kind == Kind.CALL}
+             for r in recs}
+    keys = set(calls[0])
+    assert all(set(calls[r]) == keys for r in calls)  # (buffer, seq) joins one call across ranks
+    dispatches = sorted(k for k, rec in calls[0].items() if rec.header.op == Op.DISPATCH)
+    assert len(dispatches) == 4
+    for key in dispatches:
+        sent_R, per_exp_E = {}, {}
+        for r in range(R):
+            rec = calls[r][key]
+            idx = rec.arrays["topk_idx_TK"]
+            assert idx.shape == (T, K) and rec.header.tokens == T
+            owner = np.where(idx >= 0, idx // L, -1)
+            sent_R[r] = np.array([(owner == d).any(axis=1).sum() for d in range(R)])
+            per_exp_E[r] = np.bincount(idx[idx >= 0], minlength=E)
+            np.testing.assert_array_equal(rec.arrays["num_tokens_per_rank_R"], sent_R[r])
+            np.testing.assert_array_equal(rec.arrays["num_tokens_per_expert_E"], per_exp_E[r])
+            layout = calls[r][(key[0], key[1] - 1)]  # the layout call just before
+            assert layout.header.op == Op.LAYOUT
+            np.testing.assert_array_equal(layout.arrays["num_tokens_per_rank_R"], sent_R[r])
+            np.testing.assert_array_equal(layout.arrays["topk_idx_TK"], idx)
+        for me in range(R):
+            rec = calls[me][key]
+            want_R = np.array([sent_R[s][me] for s in range(R)])
+            np.testing.assert_array_equal(rec.arrays["recv_tokens_per_rank_R"], want_R)
+            want_L = sum(per_exp_E[s] for s in range(R))[me * L:(me + 1) * L]
+            np.testing.assert_array_equal(rec.arrays["recv_tokens_per_expert_L"], want_L)
+            assert rec.arrays["recv_src_idx_N"].shape == (want_R.sum(),)
+    # low-latency: recv_count per local expert == slots routed there from every rank
+    ll_keys = sorted(k for k, rec in calls[0].items() if rec.header.op == Op.LL_DISPATCH)
+    assert len(ll_keys) == 4
+    for key in ll_keys:
+        idx_all = np.concatenate([calls[r][key].arrays["topk_idx_TK"] for r in range(R)])
+        for me in range(R):
+            rec = calls[me][key]
+            want = np.array([(idx_all == me * L + e).sum() for e in range(L)])
+            np.testing.assert_array_equal(rec.arrays["recv_count_L"], want)
+            assert rec.arrays["src_info_V"].shape == (want.sum(),)
+            np.testing.assert_array_equal((rec.arrays["layout_range_LR"] & 0xFFFFFFFF).sum(axis=1), want)
+    # lineage and attribution
+    for r in range(R):
+        ordered = sorted(calls[r].values(), key=lambda rec: (rec.header.buffer, rec.header.seq))
+        last_dispatch = {}
+        for rec in ordered:
+            h = rec.header
+            if h.op in (Op.DISPATCH, Op.LL_DISPATCH):
+                last_dispatch[h.buffer] = h.seq
+            if h.op in (Op.COMBINE, Op.LL_COMBINE):
+                assert rec.meta["dispatch_seq"] == last_dispatch[h.buffer]
+        for buffer, first in ((0, 0), (1, 2)):
+            steps_layers = sorted({(rec.header.step, rec.header.layer) for rec in ordered
+                                   if rec.header.buffer == buffer})
+            assert steps_layers == [(first, 0), (first, 1), (first + 1, 0), (first + 1, 1)]
+
+
+def _rank_levels(ctx, run_dir: str, level: str):
+    import torch.distributed as dist
+
+    from epreplay import capture
+    from epreplay.emulate import Buffer
+    from epreplay.fingerprint import fingerprint_rows
+
+    planted = RuntimeError("DeepEP error: timeout (dispatch CPU)")
+
+    class Failing(Buffer):
+        fail = False
+
+        def dispatch(self, *args, **kwargs):
+            if self.fail:
+                raise planted
+            return super().dispatch(*args, **kwargs)
+
+    capture.start(run_dir, level=level, payload_every=2, layers_per_step=1)
+    capture.install(Failing)
+    buf = Failing(dist.group.WORLD)
+    moe_steps(buf, ctx.rank, steps=3, layers=1)
+    # a planted exception inside dispatch: the caller sees the very same exception object
+    x, idx, w = _inputs(ctx.rank, 0, 0)
+    buf.fail = True
+    try:
+        buf.dispatch(x, topk_idx=idx, topk_weights=w)
+        caught = None
+    except RuntimeError as exc:
+        caught = exc
+    facts = capture.stop()
+    fps = [fingerprint_rows(_inputs(ctx.rank, s, 0)[0]).numpy().view(np.uint64) for s in range(3)]
+    return facts, caught is planted and str(caught), fps
+
+
+@pytest.mark.slow
+def test_levels_payload_every_and_exceptions(tmp_path):
+    for level in ("counts", "payload"):
+        run_dir = tmp_path / level
+        (facts, raised, fps), = run_ranks(_rank_levels, 1, str(run_dir), level, timeout=90)
+        recs = [r for r in _load(run_dir)[0] if r.header.kind == Kind.CALL]
+        dispatch = [r for r in recs if r.header.op == Op.DISPATCH and r.header.status == Status.OK]
+        assert [r.header.step for r in dispatch] == [0, 1, 2]
+        if level == "counts":
+            assert all("topk_idx_TK" not in r.arrays for r in recs)
+            assert "recv_tokens_per_expert_L" in dispatch[0].arrays
+        else:
+            assert [("x_TH" in r.arrays) for r in dispatch] == [True, False, True]
+            assert [r.header.level for r in dispatch] == [Level.PAYLOAD, Level.FINGERPRINTS, Level.PAYLOAD]
+            for s, r in enumerate(dispatch):
+                np.testing.assert_array_equal(r.arrays["x_fp_T"], fps[s])
+        assert raised == "DeepEP error: timeout (dispatch CPU)"
+        err = [r for r in recs if r.header.status == Status.ERROR]
+        assert len(err) == 1 and err[0].meta["error"] == "RuntimeError: " + raised
+        assert err[0].header.op == Op.DISPATCH and err[0].header.duration_ns >= 0
+
+
+def test_wrap_and_uninstall_restore_the_class():
+    from epreplay.capture import hooks
+    from epreplay.emulate import Buffer
+
+    before = {name: getattr(Buffer, name) for name in hooks.OPS}
+    hooks.install(Buffer)
+    assert all(hooks.is_hooked(getattr(Buffer, name)) for name in hooks.OPS)
+    hooks.install(Buffer)  # idempotent: one layer of hooks
+    assert all(not hooks.is_hooked(getattr(getattr(Buffer, n), "__epreplay_orig__")) for n in hooks.OPS)
+    hooks.uninstall()
+    assert {name: getattr(Buffer, name) for name in hooks.OPS} == before

@@ -1,0 +1,147 @@
+"""`epreplay record -- CMD` on an unmodified DeepEP-style client, and a rank killed with -9."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+from epreplay.launch import RankFailed, run_ranks
+from epreplay.records import Kind, Op
+from epreplay.run import RunDir
+from epreplay.shard import open_shard
+
+# A client written for DeepEP: it imports deep_ep and knows nothing of epreplay's capture.
+CLIENT = textwrap.dedent('''
+    import sys
+    import torch
+    from epreplay.launch import run_ranks
+
+    def rank_fn(ctx, steps):
+        import deep_ep
+        import torch.distributed as dist
+        buffer = deep_ep.Buffer(dist.group.WORLD, int(1e8), 0)
+        g = torch.Generator().manual_seed(ctx.rank)
+        total = 0.0
+        for step in range(steps):
+            x = torch.randn(32, 64, generator=g).to(torch.bfloat16)
+            topk_idx = torch.topk(torch.rand(32, 8, generator=g), 2, dim=1).indices
+            topk_weights = torch.rand(32, 2, generator=g)
+            n_rank, n_rdma, n_exp, in_rank, _ = buffer.get_dispatch_layout(topk_idx, 8)
+            recv_x, _, recv_w, _, handle, _ = buffer.dispatch(
+                x, num_tokens_per_rank=n_rank, num_tokens_per_rdma_rank=n_rdma,
+                is_token_in_rank=in_rank, num_tokens_per_expert=n_exp,
+                topk_idx=topk_idx, topk_weights=topk_weights)
+            y, _, _ = buffer.combine(recv_x, handle)
+            total += float(y.float().sum())
+        return total
+
+    if __name__ == "__main__":
+        out = run_ranks(rank_fn, int(sys.argv[1]), int(sys.argv[2]), timeout=120)
+        print("client ok", len(out))
+        sys.exit(int(sys.argv[3]) if len(sys.argv) > 3 else 0)
+''')
+
+
+def _epreplay(*args: str, env: dict[str, str] | None = None, timeout: float = 150) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "epreplay", *args], capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, **(env or {})})
+
+
+@pytest.mark.slow
+def test_record_captures_unmodified_client_on_four_ranks(tmp_path):
+    client = tmp_path / "client.py"
+    client.write_text(CLIENT)
+    run = tmp_path / "run"
+    res = _epreplay("record", "--out", str(run), "--layers-per-step", "1", "--",
+                    sys.executable, str(client), "4", "3", "5",
+                    env={"EPREPLAY_EMULATE_DEEP_EP": "1"})
+    assert res.returncode == 5, res.stderr  # the command's own exit code
+    assert "client ok 4" in res.stdout
+    shards = RunDir.open(run).shard_paths()
+    assert [p.name for p in shards] == [f"rank-{r:05d}.eprs" for r in range(4)]
+    for path in shards:
+        assert oct(path.stat().st_mode & 0o777) == "0o600"
+        with open_shard(path) as scan:
+            ops = [e.header.op for e in scan.entries if e.header.kind == Kind.CALL]
+            assert ops == [Op.LAYOUT, Op.DISPATCH, Op.COMBINE] * 3
+            assert [e.header.step for e in scan.entries] == [0, 0, 0, 1, 1, 1, 2, 2, 2]
+    assert oct(run.stat().st_mode & 0o777) == "0o700"
+    inspect = _epreplay("inspect", str(run))
+    assert inspect.returncode == 0, inspect.stdout + inspect.stderr
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert manifest["world_size"] == 4 and sorted(manifest["ranks"]) == ["0", "1", "2", "3"]
+    assert manifest["num_experts"] == 8 and manifest["topk"] == 2 and manifest["hidden"] == 64
+    assert manifest["extra"]["exit_code"] == 5 and manifest["command"][-3:] == ["4", "3", "5"]
+
+
+def test_record_usage_errors(tmp_path):
+    res = _epreplay("record", "--out", str(tmp_path / "r"))
+    assert res.returncode == 2 and "put it after '--'" in res.stderr
+    res = _epreplay("record", "--out", str(tmp_path / "r2"), "--level", "everything", "--", "true")
+    assert res.returncode == 2 and "everything" in res.stderr and "routing" in res.stderr
+    (tmp_path / "r3" / "shards").mkdir(parents=True)
+    res = _epreplay("record", "--out", str(tmp_path / "r3"), "--", "true")
+    assert res.returncode == 2 and "already holds a run" in res.stderr
+
+
+def _rank_killed(ctx, run_dir: str, victim: int, kill_at: int, steps: int):
+    import signal
+
+    import torch
+    import torch.distributed as dist
+
+    from epreplay import capture
+    from epreplay.emulate import Buffer
+
+    capture.start(run_dir, level="routing", layers_per_step=1)
+    buffer = Buffer(dist.group.WORLD)
+    done = 0
+    try:
+        for step in range(steps):
+            g = torch.Generator().manual_seed(step * 10 + ctx.rank)
+            x = torch.randn(16, 32, generator=g).to(torch.bfloat16)
+            idx = torch.topk(torch.rand(16, 8, generator=g), 2, dim=1).indices
+            if ctx.rank == victim and step == kill_at:
+                import time
+
+                time.sleep(0.3)  # let the writer thread flush what it has, as a real crash might not
+                os.kill(os.getpid(), signal.SIGKILL)
+            n_rank, n_rdma, n_exp, in_rank, _ = buffer.get_dispatch_layout(idx, 8)
+            recv_x, _, _, _, handle, _ = buffer.dispatch(
+                x, num_tokens_per_rank=n_rank, is_token_in_rank=in_rank, num_tokens_per_expert=n_exp,
+                topk_idx=idx, topk_weights=torch.rand(16, 2, generator=g))
+            buffer.combine(recv_x, handle)
+            done += 1
+    except Exception:  # noqa: BLE001 - the peer died: this rank stops, as a real job's would
+        pass
+    capture.stop()
+    return done
+
+
+@pytest.mark.slow
+def test_kill_9_loses_only_the_killed_ranks_tail(tmp_path):
+    run_dir = str(tmp_path / "run")
+    with pytest.raises(RankFailed) as info:
+        run_ranks(_rank_killed, 3, run_dir, 1, 4, 8, timeout=90, pg_timeout_s=10, wait_all=True)
+    assert set(info.value.errors) == {1}
+    shards = {p.name: p for p in RunDir.open(run_dir).shard_paths()}
+    assert len(shards) == 3
+    for rank in (0, 2):
+        with open_shard(shards[f"rank-{rank:05d}.eprs"]) as scan:
+            assert scan.complete and not scan.verify()
+            calls = [e for e in scan.entries if e.header.kind == Kind.CALL]
+            # every call the rank made: 4 whole steps, then the dispatch that failed on the dead peer
+            assert len(calls) >= 4 * 3
+    with open_shard(shards["rank-00001.eprs"]) as scan:
+        assert not scan.complete and scan.truncated_at is None  # killed between records
+        recs = list(scan.records())
+        assert [r.header.op for r in recs] == [Op.LAYOUT, Op.DISPATCH, Op.COMBINE] * 4
+        assert all(r.arrays["topk_idx_TK"].shape == (16, 2) for r in recs if r.header.op != Op.COMBINE)
+    manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
+    assert sorted(manifest["ranks"]) == ["0", "2"]  # the killed rank never wrote its facts
+    assert np.all([manifest["ranks"][r]["disabled"] is None for r in ("0", "2")])
