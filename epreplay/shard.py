@@ -38,6 +38,9 @@ API (the contract other modules code against):
       .records(ops=None, kinds=(Kind.CALL,)) -> Iterator[Record]
       .entry_at(offset) -> Entry, .read_at(offset) -> Record   by a record's byte offset (the
           index stores it); ShardError when no intact record starts there
+      .header_array() -> np.ndarray [n] of shard_reader.HEADER_DTYPE (offset + every header
+          field, straight from the footer: 300k records in ~0.2 s) — for bulk loads into DuckDB;
+          .entries is built lazily (Python objects: ~13 us per record)
       .verify() -> list[(offset, problem)]  CRC-checks every record (reads the whole file)
       .close() / context manager (the scan keeps one read-only descriptor open)
   repair(path) -> RepairReport  keeps PATH.bak, truncates to the valid prefix, writes a footer.

@@ -13,15 +13,25 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
 
+import numpy as np
 import zstandard
 
 from epreplay import codec
 from epreplay.errors import ShardError
-from epreplay.records import FORMAT_VERSION, Kind, Op, Record, RecordHeader, ShardInfo
+from epreplay.records import FORMAT_VERSION, Kind, Level, Op, Record, RecordHeader, ShardInfo, Status
 from epreplay.shard_frames import (END_MAGIC, ENTRY, FILE_MAGIC, FOOTER_MAGIC, FRAME, MAGIC_FOOTER,
                                    MAGIC_HEADER, MAGIC_RECORD, REC_FRAME, REC_PREFIX,
                                    RECORD_FRAME_HEAD, TAIL, U32, Entry, decompressor,
                                    footer_frame)
+
+# One footer entry: u64 offset + the 56-byte RecordHeader (records.py's struct "<BBBBHHQiiIIIIqq").
+HEADER_DTYPE = np.dtype([
+    ("offset", "<u8"), ("kind", "u1"), ("op", "u1"), ("level", "u1"), ("status", "u1"),
+    ("buffer", "<u2"), ("_pad", "<u2"), ("seq", "<u8"), ("step", "<i4"), ("layer", "<i4"),
+    ("tokens", "<u4"), ("comp_len", "<u4"), ("raw_len", "<u4"), ("crc32", "<u4"),
+    ("start_ns", "<i8"), ("duration_ns", "<i8"),
+])
+assert HEADER_DTYPE.itemsize == ENTRY.size
 
 
 class ShardScan:
@@ -30,7 +40,9 @@ class ShardScan:
     def __init__(self, path: Path, fd: int, size: int, info: ShardInfo, data_start: int) -> None:
         self.path, self.size, self.info = path, size, info
         self.data_start = data_start  # first byte after the file header
-        self.entries: list[Entry] = []
+        self._entries: list[Entry] | None = []
+        self._footer_body: bytes | None = None  # valid footer: entries are built on first use
+        self._count = 0
         self.complete = False
         self.truncated_at: int | None = None
         self.problem: str | None = None
@@ -39,6 +51,30 @@ class ShardScan:
         # a ShardWriter still holds the file: a short tail is a record in flight, not damage
         self.writer_active = False
         self._fd: int | None = fd
+
+    @property
+    def entries(self) -> list[Entry]:
+        """Intact records in file order (built lazily from a valid footer)."""
+        if self._entries is None:
+            body = self._footer_body
+            self._entries = [Entry(off, RecordHeader.from_bytes(hb))
+                             for off, hb in ENTRY.iter_unpack(body[4:4 + self._count * ENTRY.size])]
+        return self._entries
+
+    @entries.setter
+    def entries(self, value: list[Entry]) -> None:
+        self._entries, self._footer_body = value, None
+
+    def header_array(self) -> np.ndarray:
+        """Every intact record's offset and header as one structured array [n] of HEADER_DTYPE,
+        without building Python objects (for bulk loads into the index)."""
+        if self._entries is None:
+            return np.frombuffer(self._footer_body, HEADER_DTYPE, self._count, offset=4).copy()
+        out = np.empty(len(self._entries), HEADER_DTYPE)
+        raw = out.view(np.uint8).reshape(len(self._entries), HEADER_DTYPE.itemsize)
+        for i, e in enumerate(self._entries):
+            raw[i] = np.frombuffer(ENTRY.pack(e.offset, e.header.to_bytes()), np.uint8)
+        return out
 
     @property
     def lost_bytes(self) -> int:
@@ -221,21 +257,25 @@ def _load_footer(scan: ShardScan, fd: int) -> bool:
     body = frame[FRAME.size:FRAME.size + body_len]
     if magic != MAGIC_FOOTER or n != body_len + 12 or body[:4] != FOOTER_MAGIC or zlib.crc32(body) != crc:
         return False
-    entries, expect = [], scan.data_start
-    try:
-        for i in range(count):
-            off, hb = ENTRY.unpack_from(body, 4 + i * ENTRY.size)
-            entry = Entry(off, RecordHeader.from_bytes(hb))
-            if off != expect:
-                return False  # records are contiguous; anything else is not a footer we wrote
-            expect = entry.end
-            entries.append(entry)
-    except ValueError:
+    heads = np.frombuffer(body, HEADER_DTYPE, count, offset=4)
+    starts = heads["offset"].astype(np.int64)
+    ends = starts + REC_PREFIX + heads["comp_len"].astype(np.int64)
+    # Records are contiguous from the file header to the footer, and every enum is one we know;
+    # anything else is not a footer we wrote: scan instead.
+    if count and (starts[0] != scan.data_start or (starts[1:] != ends[:-1]).any()
+                  or ends[-1] != data_end or not _known_enums(heads)):
         return False
-    if expect != data_end:
+    if not count and data_end != scan.data_start:
         return False
-    scan.entries, scan.complete, scan.footer_offset = entries, True, data_end
+    scan._entries, scan._footer_body, scan._count = None, body, count
+    scan.complete, scan.footer_offset = True, data_end
     return True
+
+
+def _known_enums(heads: np.ndarray) -> bool:
+    return bool(np.isin(heads["kind"], [int(k) for k in Kind]).all()
+                and np.isin(heads["level"], [int(v) for v in Level]).all()
+                and np.isin(heads["status"], [int(v) for v in Status]).all())
 
 
 def _scan(scan: ShardScan, fd: int) -> None:

@@ -425,3 +425,24 @@ def test_newer_format_version_is_refused_with_the_fix(tmp_path: Path) -> None:
     ShardWriter(path, replace(INFO, version=99)).close()
     with pytest.raises(ShardError, match="format v99 is newer.*upgrade epreplay"):
         open_shard(path)
+
+
+def test_header_array_matches_entries_with_and_without_footer(tmp_path: Path) -> None:
+    from epreplay.shard_reader import HEADER_DTYPE
+
+    path = tmp_path / "s.eprs"
+    write_shard(path, ALL_OPS * 2, T=3)
+    size = path.stat().st_size
+    with open_shard(path) as scan:
+        heads = scan.header_array()
+        footer = scan.footer_offset
+        want = [(e.offset, e.header.op, e.header.seq, e.header.step, e.header.layer, e.header.tokens,
+                 e.header.comp_len, e.header.start_ns) for e in scan.entries]
+    assert heads.dtype == HEADER_DTYPE and len(heads) == len(ALL_OPS) * 2
+    got = [tuple(int(r[f]) for f in ("offset", "op", "seq", "step", "layer", "tokens", "comp_len", "start_ns"))
+           for r in heads]
+    assert got == want
+    os.truncate(path, footer)  # same shard without its footer: the scan path
+    with open_shard(path) as scan:
+        assert not scan.complete and (scan.header_array() == heads).all()
+    assert size > footer
