@@ -36,38 +36,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def shard_summary(path: Path, *, verify: bool = True) -> dict:
     """A JSON-able summary of one shard. Raises ShardError when `path` is not a shard."""
+    import numpy as np
+
     from epreplay.errors import ShardError
-    from epreplay.records import Kind, Op
-    from epreplay.shard import open_shard
+    from epreplay.records import Kind, Op, RecordHeader
+    from epreplay.shard import Entry, open_shard
 
     with open_shard(path) as scan:
         corrupt = scan.verify() if (verify and scan.complete) else []
+        heads = scan.header_array()  # vectorised: no Python object per record
+        calls = heads[heads["kind"] == int(Kind.CALL)]
         ops: Counter[str] = Counter()
-        events = 0
-        tokens = comp = raw = 0
-        steps, layers = set(), set()
-        for entry in scan.entries:
-            h = entry.header
-            comp += h.comp_len
-            raw += h.raw_len
-            if h.kind == Kind.EVENT:
-                events += 1
-                continue
-            try:
-                ops[Op(h.op).label] += 1
-            except ValueError:
-                ops[f"op{h.op}"] += 1
-            tokens += h.tokens
-            steps.add(h.step)
-            layers.add(h.layer)
+        for code, n in zip(*np.unique(calls["op"], return_counts=True)):
+            ops[Op(int(code)).label if int(code) in Op._value2member_map_ else f"op{code}"] += int(n)
         reasons: Counter[str] = Counter()
         dropped = 0
         bad_offsets = {off for off, _ in corrupt}
-        for entry in scan.entries:  # recorder events are few and small: decode them
-            if entry.header.kind != Kind.EVENT or entry.offset in bad_offsets:
+        for row in heads[heads["kind"] == int(Kind.EVENT)]:  # recorder events: few and small
+            if int(row["offset"]) in bad_offsets:
                 continue
             try:
-                meta = scan.read(entry).meta
+                meta = scan.read(Entry(int(row["offset"]), RecordHeader.from_bytes(row.tobytes()[8:]))).meta
             except ShardError:
                 continue
             reasons[str(meta.get("reason", "?"))] += 1
@@ -88,13 +77,15 @@ def shard_summary(path: Path, *, verify: bool = True) -> dict:
                      "num_experts": info.num_experts, "topk": info.topk, "hidden": info.hidden,
                      "level": info.level.label, "created_ns": info.created_ns,
                      "version": info.version},
-            "records": len(scan.entries), "calls": sum(ops.values()), "events": events,
+            "records": len(heads), "calls": len(calls), "events": len(heads) - len(calls),
             "event_reasons": dict(reasons), "dropped": dropped,
             "ops": {op.label: ops.get(op.label, 0) for op in Op} | {k: v for k, v in ops.items()
                                                                      if k.startswith("op")},
-            "tokens": tokens, "compressed_bytes": comp, "raw_bytes": raw,
-            "steps": [min(steps), max(steps)] if steps else None,
-            "layers": [min(layers), max(layers)] if layers else None,
+            "tokens": int(calls["tokens"].sum(dtype=np.int64)),
+            "compressed_bytes": int(heads["comp_len"].sum(dtype=np.int64)),
+            "raw_bytes": int(heads["raw_len"].sum(dtype=np.int64)),
+            "steps": [int(calls["step"].min()), int(calls["step"].max())] if len(calls) else None,
+            "layers": [int(calls["layer"].min()), int(calls["layer"].max())] if len(calls) else None,
             "complete": scan.complete, "truncated_at": scan.truncated_at,
             "lost_bytes": scan.lost_bytes, "problem": scan.problem,
             "writer_active": scan.writer_active,
