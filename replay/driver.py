@@ -76,7 +76,8 @@ def replay_run(run_dir: str | os.PathLike[str], ranks: int | None = None, *, bac
     Args:
         run_dir: the run directory (manifest.json, shards/).
         ranks: M physical processes (default: the recorded world size N); must divide N.
-        backend: "emulated" (epreplay.emulate.Buffer) or "deepep" (real deep_ep.Buffer).
+        backend: "emulated" (epreplay.emulate.Buffer), "deepep" (real deep_ep.Buffer), or
+            "module:Class" naming any class with DeepEP's V1 Buffer API.
         device: "cpu" or "cuda". steps/layers/ops: the CLI's filters ("A:B", "0,2-3", "dispatch,combine").
         payload: "recorded" or "synthetic"; default recorded when the recording has payloads.
         call_timeout: seconds one call may take before it is reported as a hang.
@@ -89,7 +90,7 @@ def replay_run(run_dir: str | os.PathLike[str], ranks: int | None = None, *, bac
     Raises:
         UsageError: unusable input (no run, bad --ranks, nothing to replay, payload missing).
     """
-    if backend not in ("emulated", "deepep"):
+    if backend not in ("emulated", "deepep") and ":" not in backend:
         raise UsageError(f"--backend {backend!r}: choose emulated or deepep")
     if device not in ("cpu", "cuda"):
         raise UsageError(f"--device {device!r}: choose cpu or cuda")

@@ -80,26 +80,35 @@ def dispatch(eng: Any, call: Any, recs: dict) -> tuple[int, int]:
     st.extra.update(use_fp8=use_fp8, recv_count=recv_count)
     Lv = plan.local_experts_virtual
     for v in vs:
-        j = plan.slot_of(v)
-        got: dict = {"counts": recv_count[j * Lv:(j + 1) * Lv].numpy().astype(np.int64)}
-        for i in range(Lv):
-            e = j * Lv + i
-            rows, qs = [], []
-            for q in range(plan.physical):
-                begin, count = int(lrange[e, q]) >> 32, int(lrange[e, q]) & 0xFFFFFFFF
-                rows.append(np.arange(begin, begin + count))
-                qs.append(np.full(count, q))
-            rows = np.concatenate(rows).astype(np.int64) if rows else np.zeros(0, np.int64)
-            qs = np.concatenate(qs).astype(np.int64) if qs else np.zeros(0, np.int64)
-            src, tok = eng.to_virtual(call, qs, src_info[e, rows])
-            fps = _recv_rows_fp(recv_x, e, torch.from_numpy(rows)) if len(rows) else []
-            got[i] = {(int(s), int(t)): (int(f) if len(fps) else None)
-                      for s, t, f in zip(src, tok, fps if len(fps) else [None] * len(rows))}
-        exp = _expected(eng, call, v, recs[v], use_fp8)
-        if exp is None:
-            continue
-        eng.report(call, v, check_ll(exp, got, expert_base=v * Lv))
+        eng.check(call, v, lambda v=v: _verify_dispatch(eng, call, v, recs[v], recv_x, recv_count,
+                                                         src_info, lrange, use_fp8))
     return dt, _nbytes(x_p)
+
+
+def _verify_dispatch(eng: Any, call: Any, v: int, rec: Any, recv_x: Any, recv_count: torch.Tensor,
+                     src_info: np.ndarray, lrange: np.ndarray, use_fp8: bool) -> list[tuple]:
+    """Virtual rank v's rows of the physical LL receive, as sets per local expert."""
+    plan = eng.plan
+    Lv = plan.local_experts_virtual
+    j = plan.slot_of(v)
+    got: dict = {"counts": recv_count[j * Lv:(j + 1) * Lv].numpy().astype(np.int64)}
+    for i in range(Lv):
+        e = j * Lv + i
+        rows, qs = [], []
+        for q in range(plan.physical):
+            begin, count = int(lrange[e, q]) >> 32, int(lrange[e, q]) & 0xFFFFFFFF
+            rows.append(np.arange(begin, begin + count))
+            qs.append(np.full(count, q))
+        rows = np.concatenate(rows).astype(np.int64) if rows else np.zeros(0, np.int64)
+        qs = np.concatenate(qs).astype(np.int64) if qs else np.zeros(0, np.int64)
+        src, tok = eng.to_virtual(call, qs, src_info[e, rows])
+        fps = _recv_rows_fp(recv_x, e, torch.from_numpy(rows)) if len(rows) else []
+        got[i] = {(int(s), int(t)): (int(f) if len(fps) else None)
+                  for s, t, f in zip(src, tok, fps if len(fps) else [None] * len(rows))}
+    exp = _expected(eng, call, v, rec, use_fp8)
+    if exp is None:
+        return []
+    return check_ll(exp, got, expert_base=v * Lv)
 
 
 def _expected(eng: Any, call: Any, u: int, rec: Any, use_fp8: bool) -> dict | None:
@@ -175,15 +184,19 @@ def combine(eng: Any, call: Any, recs: dict) -> tuple[int, int]:
     off = eng.offsets(call, p)
     tol = COMBINE_TOL_FP8 if st.extra.get("use_fp8") else COMBINE_TOL_BF16
     for i, v in enumerate(vs):
-        x_f = I.dequant(I.to_fp8(st.x_V[v])) if st.extra.get("use_fp8") else st.x_V[v].float()
-        t, wv = topk[v], w[v]
-        # fp32 accumulation over k ascending of w * bf16(expert output), as DeepEP does
-        ref = torch.zeros_like(x_f)
-        for k in range(t.shape[1]):
-            valid = t[:, k] >= 0
-            y = (x_f * I.expert_scale(t[:, k].clamp(min=0))[:, None]).to(torch.bfloat16).float()
-            ref += torch.where(valid[:, None], y * wv[:, k:k + 1], 0.0)
-        ref = ref.to(torch.bfloat16).float()
-        eng.report(call, v, check_close(ref.numpy(), combined[off[i]:off[i + 1]].float().numpy(), tol,
-                                        what="low-latency combine"))
+        eng.check(call, v, lambda i=i, v=v: _verify_combine(st, topk[v], w[v], v,
+                                                            combined[off[i]:off[i + 1]], tol))
     return dt, _nbytes(out_x)
+
+
+def _verify_combine(st: Any, t: torch.Tensor, wv: torch.Tensor, v: int, got: torch.Tensor,
+                    tol: float) -> list[tuple]:
+    """Source-side reference: fp32 sum over k ascending of w * bf16(expert output), as DeepEP."""
+    x_f = I.dequant(I.to_fp8(st.x_V[v])) if st.extra.get("use_fp8") else st.x_V[v].float()
+    ref = torch.zeros_like(x_f)
+    for k in range(t.shape[1]):
+        valid = t[:, k] >= 0
+        y = (x_f * I.expert_scale(t[:, k].clamp(min=0))[:, None]).to(torch.bfloat16).float()
+        ref += torch.where(valid[:, None], y * wv[:, k:k + 1], 0.0)
+    ref = ref.to(torch.bfloat16).float()
+    return check_close(ref.numpy(), got.float().numpy(), tol, what="low-latency combine")

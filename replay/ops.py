@@ -111,6 +111,16 @@ class Engine:
                             torch.from_numpy(tok), self.job.hidden)
         return I.fingerprints(I.to_fp8(rows) if fp8 else rows)
 
+    def check(self, call: Call, v: int, fn: Any) -> None:
+        """Run one virtual rank's verification; a backend output too malformed to compare
+        (wrong shapes, inconsistent handle) is itself a divergence, and the replay goes on."""
+        try:
+            found = fn()
+        except Exception as exc:  # noqa: BLE001 - reported, not raised: the collective completed
+            found = [("error", "outputs that can be verified", f"{type(exc).__name__}: {exc}"[:500],
+                      -1, -1, -1, "verifying the replayed call failed (malformed backend output)")]
+        self.report(call, v, found)
+
     def report(self, call: Call, v: int, found: list[tuple]) -> None:
         for kind, exp, got, src, tok, expert, detail in found:
             self.sink.add(Divergence(call.index, call.buffer, call.seq, call.step, call.layer,

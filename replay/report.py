@@ -116,13 +116,14 @@ def first_of(divs: list[dict]) -> dict | None:
 def render(report: ReplayReport, console: Any = None) -> None:
     """Print the report with rich: plan, verdict, per-op table, divergences by kind, first one."""
     from rich.console import Console
+    from rich.markup import escape as E
     from rich.table import Table
 
     console = console or Console()
     pl = report.plan
-    console.print(f"[bold]replay[/bold] {report.run} (run {report.run_id}) -> report {report.id}")
+    console.print(f"[bold]replay[/bold] {E(report.run)} (run {E(report.run_id)}) -> report {report.id}")
     console.print(f"plan: {pl.get('virtual_ranks')} recorded ranks on {pl.get('physical_ranks')} "
-                  f"processes ({pl.get('virtual_per_physical')} per process), backend {report.backend} "
+                  f"processes ({pl.get('virtual_per_physical')} per process), backend {E(report.backend)} "
                   f"on {report.device}, payload {report.payload}")
     for row in pl.get("placement", []):
         v0, v1 = row["virtual"]
@@ -137,16 +138,17 @@ def render(report: ReplayReport, console: Any = None) -> None:
                   f"{s['driver_mean_us']:.1f}", f"{s['tokens_per_s']:.0f}")
     console.print(t)
     if report.skipped:
-        console.print(f"[yellow]{len(report.skipped)} recorded call(s) skipped[/yellow] (not recorded by every rank):")
+        console.print(f"[yellow]{len(report.skipped)} recorded call(s) skipped[/yellow] "
+                      f"(a call is replayed only when every rank recorded it intact and successful):")
         for s in report.skipped[:10]:
             console.print(f"  buffer {s['buffer']} seq {s['seq']} {s['op']} step {s['step']} "
-                          f"layer {s['layer']}: {s['reason']}")
+                          f"layer {s['layer']}: {E(s['reason'])}")
         if len(report.skipped) > 10:
             console.print(f"  ... and {len(report.skipped) - 10} more (see the JSON report)")
     if report.filtered:
         console.print(f"{report.filtered} call(s) not selected by --steps/--layers/--ops")
     if report.stopped:
-        console.print(f"[red]stopped:[/red] {report.stopped}")
+        console.print(f"[red]stopped:[/red] {E(report.stopped)}")
     if report.divergences:
         kinds = ", ".join(f"{k} {n}" for k, n in sorted(report.by_kind.items()))
         console.print(f"[red]{report.divergences} divergence(s)[/red]: {kinds}")
@@ -158,6 +160,7 @@ def render(report: ReplayReport, console: Any = None) -> None:
         if f.get("expert", -1) >= 0:
             where.append(f"expert {f.get('expert')}")
         console.print(f"[bold red]first divergence[/bold red]: {f.get('kind')} at " + ", ".join(where))
-        console.print(f"  expected: {f.get('expected')}\n  got:      {f.get('got')}\n  {f.get('detail')}")
+        console.print(f"  expected: {E(str(f.get('expected')))}\n  got:      {E(str(f.get('got')))}\n"
+                      f"  {E(str(f.get('detail')))}")
     style = "green" if not report.divergences else "red"
-    console.print(f"[bold {style}]{report.verdict}[/bold {style}]")
+    console.print(f"[bold {style}]{E(report.verdict)}[/bold {style}]")

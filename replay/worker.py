@@ -114,6 +114,11 @@ def make_buffer(backend: str, *, low_latency: bool, max_tokens: int, hidden: int
     import torch.distributed as dist
 
     group = dist.group.WORLD
+    if ":" in backend:  # "module:Class": any class with DeepEP's V1 Buffer API (library use)
+        import importlib
+
+        mod, _, name = backend.partition(":")
+        return getattr(importlib.import_module(mod), name)(group, low_latency_mode=low_latency)
     if backend == "emulated":
         from epreplay.emulate import Buffer
 
