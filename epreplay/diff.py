@@ -129,6 +129,9 @@ class RunLoads:
         num_experts: E. topk: K. world_size: R (0 / unknown where the run did not say).
         steps: [S] step numbers. layers: [L] layer numbers.
         load_SLE: [S, L, E] int64 (t, k) slots routed to each expert, summed over ranks.
+        rank_SLR: [S, L, R] int64 slots landing on each rank's experts (the index's
+            rank_load.recv_slots), or None to derive it from load_SLE with DeepEP's contiguous
+            placement of E / R experts per rank.
     """
 
     path: str
@@ -140,12 +143,28 @@ class RunLoads:
     steps: tuple[int, ...]
     layers: tuple[int, ...]
     load_SLE: np.ndarray
+    rank_SLR: np.ndarray | None = None
 
     def layer_load(self, layer: int) -> np.ndarray | None:
         """[S, E] load of one layer, or None when the run never dispatched in it."""
         if layer not in self.layers:
             return None
         return self.load_SLE[:, self.layers.index(layer), :]
+
+    def layer_imbalance(self, layer: int) -> float | None:
+        """Mean over the steps with load of max/mean rank load in `layer`; 1.0 for a layer the
+        run never dispatched in; None when ranks are unknown or do not divide the experts."""
+        if layer not in self.layers:
+            return 1.0
+        li = self.layers.index(layer)
+        if self.rank_SLR is not None:
+            rank_SR = self.rank_SLR[:, li, :]
+        elif self.world_size > 0 and self.num_experts % self.world_size == 0:
+            rank_SR = self.load_SLE[:, li, :].reshape(len(self.steps), self.world_size, -1).sum(axis=2)
+        else:
+            return None
+        per_step = [metrics.imbalance(row) for row in rank_SR if row.any()]
+        return float(np.mean(per_step)) if per_step else 1.0
 
 
 @dataclass(frozen=True)
@@ -219,14 +238,6 @@ class DiffResult:
         return f"PASS{checked}: {head}"
 
 
-def _mean_step_imbalance(load_SE: np.ndarray, world_size: int) -> float | None:
-    """Mean over the steps with load of max/mean rank load (contiguous expert placement)."""
-    if world_size <= 0 or load_SE.shape[1] % world_size:
-        return None
-    per_step = [metrics.imbalance(metrics.rank_load(row, world_size)) for row in load_SE if row.any()]
-    return float(np.mean(per_step)) if per_step else 1.0
-
-
 def compare_layers(a: RunLoads, b: RunLoads, *, top_n: int) -> list[LayerDiff]:
     """Distribution-level rows for every layer either run dispatched in (union of layers)."""
     rows = []
@@ -237,8 +248,7 @@ def compare_layers(a: RunLoads, b: RunLoads, *, top_n: int) -> list[LayerDiff]:
         rows.append(LayerDiff(
             layer=layer, slots_a=int(tot_a.sum()), slots_b=int(tot_b.sum()),
             js=metrics.js_divergence(tot_a, tot_b), hot=metrics.hot_change(tot_a, tot_b, top_n),
-            imbalance_a=_mean_step_imbalance(la, a.world_size) if la is not None else 1.0,
-            imbalance_b=_mean_step_imbalance(lb, b.world_size) if lb is not None else 1.0,
+            imbalance_a=a.layer_imbalance(layer), imbalance_b=b.layer_imbalance(layer),
         ))
     return rows
 

@@ -220,3 +220,32 @@ def test_json_dict_is_complete(runs) -> None:
     layer = doc["layers"][0]
     assert {"js", "hot_entered", "hot_left", "imbalance_a", "top1", "jaccard"} <= set(layer)
     json.dumps(doc)  # JSON-able (no numpy scalars)
+
+
+def _loads(load_SLE, layers=(0, 1), world=2, rank_SLR=None) -> diff.RunLoads:
+    load = np.asarray(load_SLE, dtype=np.int64)
+    return diff.RunLoads("x", "x", "", load.shape[2], 2, world, tuple(range(load.shape[0])),
+                         tuple(layers), load, rank_SLR)
+
+
+def test_compare_layers_hand_computed() -> None:
+    # 2 steps, 2 layers, 4 experts on 2 ranks (experts 0,1 on rank 0; 2,3 on rank 1).
+    a = _loads([[[4, 0, 0, 0], [1, 1, 1, 1]],
+                [[2, 2, 0, 0], [0, 0, 0, 0]]])
+    b = _loads([[[4, 0, 0, 0], [2, 2, 0, 0]],
+                [[2, 2, 0, 0], [0, 0, 0, 0]]], layers=(0, 2))
+    rows = {r.layer: r for r in diff.compare_layers(a, b, top_n=2)}
+    assert sorted(rows) == [0, 1, 2]  # the union of both runs' layers
+    assert rows[0].js == 0.0 and rows[0].hot.changed == 0
+    # layer 0, run A: step 0 ranks (4, 0) -> 2.0, step 1 (4, 0) -> 2.0; mean 2.0
+    assert rows[0].imbalance_a == 2.0 and rows[0].imbalance_ratio == 1.0
+    # layer 1 only in A (step 1 empty: skipped): ranks (2, 2) -> 1.0; B never ran it -> 1.0
+    assert rows[1].imbalance_a == 1.0 and rows[1].js == 1.0 and rows[1].slots_b == 0
+    assert rows[1].hot.left == (0, 1) and rows[1].hot.entered == ()
+    assert rows[2].js == 1.0 and rows[2].imbalance_b == 2.0 and rows[2].hot.entered == (0, 1)
+    s = diff.summarize(list(rows.values()))
+    assert (s["js"], s["js_mean"], s["hot_changed"]) == (1.0, 2 / 3, 2.0)
+    assert s["imbalance_b"] == 2.0 and s["top1"] is None
+    # With the index's rank loads, those win over the contiguous-placement derivation.
+    a2 = _loads(a.load_SLE, rank_SLR=np.array([[[1, 3], [2, 2]], [[2, 2], [0, 0]]]))
+    assert a2.layer_imbalance(0) == pytest.approx((1.5 + 1.0) / 2)
