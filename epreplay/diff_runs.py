@@ -60,9 +60,78 @@ def run_facts(run: RunDir) -> RunFacts:
     return RunFacts(run_id, release, pick("num_experts"), pick("topk"), pick("world_size"))
 
 
+# Per (step, layer, expert) and per (step, layer, rank): the diff needs the step dimension (rank
+# imbalance is per step, then averaged), which the aggregate queries of epreplay.queries sum away.
+DIFF_EXPERT_LOAD = """
+SELECT step, layer, expert, tokens::BIGINT AS tokens FROM expert_load
+WHERE step >= $lo AND step < $hi"""
+DIFF_RANK_SLOTS = """
+SELECT step, layer, rank, recv_slots::BIGINT AS slots FROM rank_load
+WHERE step >= $lo AND step < $hi"""
+
+
 def load_run(run: RunDir, facts: RunFacts, *, steps: tuple[int, int] | None,
              layers: frozenset[int] | None, progress: Progress | None = None) -> RunLoads:
-    """The run's expert load per (step, layer, expert) over the selected steps and layers."""
+    """The run's expert load per (step, layer, expert) over the selected steps and layers.
+
+    From RUN/index.duckdb, built (or brought up to date) first when missing or stale; the run is
+    otherwise only read. Falls back to reading the shards when the index module is absent.
+    """
+    try:
+        from epreplay import index as index_mod
+    except ImportError:
+        return _load_from_shards(run, facts, steps=steps, layers=layers, progress=progress)
+    index_mod.ensure_index(run.path, progress=progress is not None)
+    return _load_from_index(run, facts, steps=steps, layers=layers)
+
+
+def _load_from_index(run: RunDir, facts: RunFacts, *, steps: tuple[int, int] | None,
+                     layers: frozenset[int] | None) -> RunLoads:
+    import duckdb
+
+    lo, hi = steps if steps is not None else (-(2**31), 2**31 - 1)
+    try:
+        con = duckdb.connect(str(run.index_path), read_only=True)
+    except duckdb.Error as exc:
+        raise UsageError(f"{run.index_path}: cannot open the index read-only "
+                         f"({str(exc).splitlines()[0]}); rebuild it with "
+                         f"'epreplay index {run.path} --force'") from None
+    try:
+        load = con.execute(DIFF_EXPERT_LOAD, {"lo": lo, "hi": hi}).fetchnumpy()
+        ranks = con.execute(DIFF_RANK_SLOTS, {"lo": lo, "hi": hi}).fetchnumpy()
+    finally:
+        con.close()
+    step_N, layer_N = np.asarray(load["step"], np.int64), np.asarray(load["layer"], np.int64)
+    expert_N, tokens_N = np.asarray(load["expert"], np.int64), np.asarray(load["tokens"], np.int64)
+    rstep_N, rlayer_N = np.asarray(ranks["step"], np.int64), np.asarray(ranks["layer"], np.int64)
+    rank_N, slots_N = np.asarray(ranks["rank"], np.int64), np.asarray(ranks["slots"], np.int64)
+    if layers is not None:
+        keep = np.isin(layer_N, sorted(layers))
+        step_N, layer_N, expert_N, tokens_N = step_N[keep], layer_N[keep], expert_N[keep], tokens_N[keep]
+        rkeep = np.isin(rlayer_N, sorted(layers))
+        rstep_N, rlayer_N, rank_N, slots_N = rstep_N[rkeep], rlayer_N[rkeep], rank_N[rkeep], slots_N[rkeep]
+    step_S, layer_L = np.unique(step_N), np.unique(layer_N)
+    E = max(facts.num_experts, int(expert_N.max()) + 1 if expert_N.size else 0)
+    load_SLE = _scatter(step_S, layer_L, step_N, layer_N, expert_N, tokens_N, E)
+    R = max(facts.world_size, int(rank_N.max()) + 1 if rank_N.size else 0)
+    known = np.isin(rstep_N, step_S) & np.isin(rlayer_N, layer_L)
+    rank_SLR = _scatter(step_S, layer_L, rstep_N[known], rlayer_N[known], rank_N[known],
+                        slots_N[known], R) if R else None
+    return RunLoads(str(run.path), facts.run_id, facts.release, E, facts.topk, facts.world_size,
+                    tuple(int(s) for s in step_S), tuple(int(l) for l in layer_L), load_SLE, rank_SLR)
+
+
+def _scatter(step_S: np.ndarray, layer_L: np.ndarray, step_N: np.ndarray, layer_N: np.ndarray,
+             col_N: np.ndarray, value_N: np.ndarray, width: int) -> np.ndarray:
+    """Sum (step, layer, col) -> value rows into a dense [S, L, width] int64 array."""
+    S, L = step_S.size, layer_L.size
+    flat = (np.searchsorted(step_S, step_N) * L + np.searchsorted(layer_L, layer_N)) * width + col_N
+    return np.bincount(flat, weights=value_N, minlength=S * L * width).astype(np.int64).reshape(S, L, width)
+
+
+def _load_from_shards(run: RunDir, facts: RunFacts, *, steps: tuple[int, int] | None,
+                      layers: frozenset[int] | None, progress: Progress | None = None) -> RunLoads:
+    """Expert load summed straight from the shards' dispatch records (no index module)."""
     rows: dict[tuple[int, int], np.ndarray] = {}
     num_experts = facts.num_experts
     with diff_tokens.Catalog(run.shard_paths(), steps=steps, layers=layers) as cat:
