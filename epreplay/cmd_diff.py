@@ -9,12 +9,15 @@ import argparse
 
 HELP = "compare the routing of two runs (drift per layer, hot experts, token agreement); CI gate"
 
+# Kept in step with epreplay.diff.METRICS (tests/test_diff.py checks); written out here so that
+# building the parser does not import numpy.
 _EPILOG = """\
 metrics for --fail-on (one number per diff):
   js               largest per-layer Jensen-Shannon divergence of expert load (0..1)
   js_mean          mean per-layer JS divergence
   hot_changed      experts that entered the per-layer top-N hot sets, summed over layers
-  imbalance_a/_b   largest per-layer rank imbalance (max/mean rank load) of A / of B
+  imbalance_a      largest per-layer rank imbalance (max/mean rank load, mean over steps) of A
+  imbalance_b      the same for B
   imbalance_ratio  largest per-layer imbalance of B over A (>1: B less balanced)
   jaccard          mean top-k set Jaccard of matched tokens (1 = same experts)
   top1             fraction of matched tokens with the same top-1 expert
@@ -80,7 +83,7 @@ def run(args: argparse.Namespace) -> int:
 class _progress:
     """A rich progress bar on stderr (only on a terminal), as a `progress(done, total, what)`."""
 
-    def __init__(self, console, show: bool) -> None:
+    def __init__(self, console: "object", show: bool) -> None:
         self.console, self.show = console, show
         self._bar = None
         self._tasks: dict[str, int] = {}

@@ -198,6 +198,13 @@ def test_cli_text_json_md_and_exit_codes(runs) -> None:
     assert "| `js>0.01` |" in md.stdout
 
 
+def test_cli_help_lists_every_metric() -> None:
+    proc = cli("--help")
+    assert proc.returncode == 0
+    for name in diff.METRICS:
+        assert f"\n  {name} " in proc.stdout, name
+
+
 @pytest.mark.slow
 def test_cli_unusable_input_exits_2_with_one_line(runs, tmp_path) -> None:
     a = str(runs["a"])
