@@ -57,9 +57,7 @@ def _ll_max_tokens(scans: dict[int, Any], sched: S.Schedule) -> dict[int, int]:
     out: dict[int, int] = {}
     for c in sched.calls:
         if c.op == Op.LL_DISPATCH and c.buffer not in out:
-            s = scans[0]
-            entry = next(e for e in s.entries if e.offset == c.offsets_N[0])
-            meta = s.read(entry).meta
+            meta = scans[0].read_at(c.offsets_N[0]).meta
             out[c.buffer] = int(meta_value(meta, "M", "num_max_dispatch_tokens_per_rank",
                                            default=max(c.tokens_N)) or max(c.tokens_N))
     return out
@@ -136,7 +134,11 @@ def replay_run(run_dir: str | os.PathLike[str], ranks: int | None = None, *, bac
                   payload, work, hidden, experts, tuple(sorted({c.buffer for c in sched.calls
                                                                 if c.op in (Op.LL_DISPATCH, Op.LL_COMBINE)})),
                   ll_max, fault)
-        hang, died = _launch(job, device, call_timeout, on_progress)
+        if joined_from_torchrun():
+            hang, died, is_writer = _run_torchrun(job, device, call_timeout)
+            write = write and is_writer
+        else:
+            hang, died = _launch(job, device, call_timeout, on_progress)
         report = _collect(job, run, sched, hang, died, backend, device, time.monotonic() - t_start)
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -145,6 +147,64 @@ def replay_run(run_dir: str | os.PathLike[str], ranks: int | None = None, *, bac
         if index:
             _index(run, report)
     return report
+
+
+def joined_from_torchrun() -> bool:
+    """Started by torchrun (or any launcher that sets the env:// rendezvous variables) rather than
+    as a single command that spawns its own processes."""
+    return all(k in os.environ for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")) and \
+        "EPREPLAY_REPLAY_LOCAL" not in os.environ
+
+
+def _run_torchrun(job: Job, device: str, call_timeout: float) -> tuple[dict | None, dict[int, str], bool]:
+    """This process is one physical rank of a multi-node replay: join the env:// group, replay,
+    then share every rank's findings so rank 0 writes the report. A per-call watchdog thread ends
+    a hung process (exit code 1) after writing what it knows."""
+    import datetime
+
+    import torch
+    import torch.distributed as dist
+
+    from epreplay.launch import RankContext
+
+    world = int(os.environ["WORLD_SIZE"])
+    if world != job.plan.physical:
+        raise UsageError(f"torchrun started {world} processes but --ranks is {job.plan.physical}; "
+                         f"pass --ranks {world} or start {job.plan.physical} processes")
+    backend = "nccl" if device == "cuda" else "gloo"
+    if device == "cuda":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    if not dist.is_initialized():
+        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=max(60.0, 4 * call_timeout)))
+    rank = dist.get_rank()
+    open_progress(job.work_dir, world, create=True)
+    dev = f"cuda:{torch.cuda.current_device()}" if device == "cuda" else "cpu"
+    stop = threading.Event()
+
+    def watchdog() -> None:
+        table = open_progress(job.work_dir, world)
+        while not stop.wait(0.2):
+            busy = table[rank, 0] > table[rank, 1]
+            if busy and time.monotonic_ns() - table[rank, 3] > call_timeout * 1e9:
+                c = job.calls[int(table[rank, 0]) - 1]
+                print(f"epreplay replay: rank {rank}: call {c.index} ({c.op.label} seq {c.seq}, step "
+                      f"{c.step}, layer {c.layer}) did not return within {call_timeout:g}s: hang", flush=True)
+                os._exit(1)
+
+    threading.Thread(target=watchdog, daemon=True, name="epreplay-replay-watchdog").start()
+    try:
+        replay_rank(RankContext(rank, world, backend, dev), job)
+    finally:
+        stop.set()
+    work = Path(job.work_dir)
+    mine = {n: (work / n).read_text() for n in (f"divergences-{rank}.jsonl", f"summary-{rank}.json")
+            if (work / n).exists()}
+    gathered: list[Any] = [None] * world
+    dist.all_gather_object(gathered, mine)
+    for files in gathered:
+        for name, text in (files or {}).items():
+            (work / name).write_text(text)
+    return None, {}, rank == 0
 
 
 def _launch(job: Job, device: str, call_timeout: float,
@@ -160,7 +220,10 @@ def _launch(job: Job, device: str, call_timeout: float,
         try:
             # Hangs are ours to detect (per call); run_ranks' own timeout is only a backstop.
             run_ranks(replay_rank, M, job, device=device, timeout=120 + call_timeout * (total + 2),
-                      pg_timeout_s=max(60.0, call_timeout * 4))
+                      pg_timeout_s=max(60.0, call_timeout * 4),
+                      # the emulation's own peer timeout: later than ours, so ours names the hang
+                      env={"EPREPLAY_EMULATE_TIMEOUT_S": str(call_timeout * 2 + 5),
+                           "EPREPLAY_REPLAY_LOCAL": "1"})
         except RankFailed as exc:
             failure["errors"] = exc.errors
             failure["message"] = str(exc)

@@ -133,7 +133,7 @@ def _expected(eng: Any, call: Any, u: int, rec: Any, use_fp8: bool) -> dict | No
     src = np.concatenate(srcs) if srcs else np.zeros(0, np.int64)
     tok = np.concatenate(toks) if toks else np.zeros(0, np.int64)
     rows = np.concatenate(flat) if flat else np.zeros(0, np.int64)
-    if eng.job.payload == "recorded":
+    if eng.recorded_now:
         fp_all = a.get("recv_x_fp_V")
         fp = fp_all[rows] if fp_all is not None else None
     else:

@@ -156,9 +156,11 @@ def replay_rank(ctx: Any, job: Job) -> dict:
                 engine.run(call)
             except Exception as exc:  # noqa: BLE001 - a replayed call that raises is a finding
                 text = f"{type(exc).__name__}: {exc}".strip()
+                # DeepEP (and the emulation) turn a peer that never arrives into a "timeout" error
+                kind = "hang" if "timeout" in text.lower() else "error"
                 for v in job.plan.virtual_of(p):
                     sink.add(Divergence(call.index, call.buffer, call.seq, call.step, call.layer,
-                                        call.op.label, v, p, "error", "the call completes",
+                                        call.op.label, v, p, kind, "the call completes",
                                         text[:500], detail="the replayed call raised"))
                 stopped = f"call {call.index} raised on physical rank {p}: {text[:200]}"
                 break  # the other ranks may now be blocked in this collective: stop, parent reaps
