@@ -1,0 +1,148 @@
+"""`epreplay demo`: run a small DeepSeek-V3-style MoE on N processes, record it, index it, replay it.
+
+    epreplay demo [--ranks N] [--steps S] [--layers L] [--experts E] [--topk K] [--hidden H]
+                  [--out DIR] [--seed N] [--release R] [--device cpu|cuda] ...
+
+The defaults (4 ranks, 6 steps, 4 layers, top-4 of 32 experts, H=128) finish in seconds on two
+CPU cores. Without --out the run goes to a new runs/demo-<UTC time> directory; an existing run
+is never overwritten.
+"""
+from __future__ import annotations
+
+import argparse
+
+HELP = "run, record, index and replay a small DeepSeek-V3-style MoE demo on N local processes"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--ranks", type=int, default=4, metavar="N", help="processes (cards), default 4")
+    parser.add_argument("--steps", type=int, default=6, metavar="S",
+                        help="model steps, default 6 (every 3rd is prefill, the others decode)")
+    parser.add_argument("--layers", type=int, default=4, metavar="L", help="MoE layers, default 4")
+    parser.add_argument("--experts", type=int, default=32, metavar="E", help="routed experts, default 32")
+    parser.add_argument("--topk", type=int, default=4, metavar="K", help="experts per token, default 4")
+    parser.add_argument("--hidden", type=int, default=128, metavar="H", help="hidden size, default 128")
+    parser.add_argument("--tokens", type=int, default=64, metavar="T",
+                        help="tokens per rank in prefill steps, default 64")
+    parser.add_argument("--decode-tokens", type=int, default=32, metavar="M",
+                        help="max tokens per rank in decode steps (low-latency M), default 32")
+    parser.add_argument("--groups", type=int, default=None, metavar="G",
+                        help="expert groups of the gate (default 4, or 1 when E is not a multiple of 4)")
+    parser.add_argument("--topk-groups", type=int, default=None, metavar="TG",
+                        help="groups kept per token (default half the groups)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of every weight and token, default 0")
+    parser.add_argument("--release", default="",
+                        help="router change for diff tests: a (base), b (odd layers), c (even), d (all), "
+                             "or a layer bit mask such as 10 (layers 1 and 3)")
+    parser.add_argument("--shuffle-batches", action="store_true",
+                        help="same tokens, permuted across ranks and rows (diff matches them by tag)")
+    parser.add_argument("--no-fp8", action="store_true", help="dispatch in BF16 instead of DeepEP FP8")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                        help="cpu (gloo) or cuda (NCCL), default cpu")
+    parser.add_argument("--backend", choices=("emulated", "deepep"), default="emulated",
+                        help="Buffer: epreplay's emulation (default) or the real deep_ep")
+    parser.add_argument("--out", metavar="DIR", default=None,
+                        help="run directory to create (default: runs/demo-<UTC time>)")
+    parser.add_argument("--level", default="routing",
+                        help="capture level: counts | routing (default) | fingerprints | payload")
+    parser.add_argument("--no-record", action="store_true", help="only run the workload")
+    parser.add_argument("--no-replay", action="store_true", help="record and index, skip the replay")
+    parser.add_argument("--replay-ranks", type=int, default=None, metavar="M",
+                        help="processes for the replay (default: half of --ranks)")
+    parser.add_argument("--timeout", type=float, default=300.0, metavar="S",
+                        help="seconds before a stuck run is stopped, default 300")
+
+
+def build_config(args: argparse.Namespace):
+    """DemoConfig from the parsed flags (UsageError for bad values)."""
+    from epreplay.demo_model import DemoConfig
+    from epreplay.errors import UsageError
+
+    groups = args.groups if args.groups is not None else (4 if args.experts % 4 == 0 else 1)
+    if groups < 1:
+        raise UsageError(f"--groups {groups}: must be at least 1")
+    topk_groups = args.topk_groups if args.topk_groups is not None else max(1, groups // 2)
+    if args.topk_groups is None and groups > 1 and args.experts >= 1:
+        # keep the default gate feasible: enough kept experts for K picks
+        per_group = max(1, args.experts // groups)
+        while topk_groups < groups and topk_groups * per_group < args.topk:
+            topk_groups += 1
+    return DemoConfig(ranks=args.ranks, steps=args.steps, layers=args.layers, experts=args.experts,
+                      topk=args.topk, hidden=args.hidden, prefill_tokens=args.tokens,
+                      decode_tokens=args.decode_tokens, n_groups=groups, topk_groups=topk_groups,
+                      fp8=not args.no_fp8, seed=args.seed, release=args.release,
+                      shuffle_batches=args.shuffle_batches, device=args.device)
+
+
+def _default_out():
+    import time
+    from pathlib import Path
+
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    out = Path("runs") / f"demo-{stamp}"
+    n = 1
+    while out.exists():  # two demos in one second: never reuse a directory
+        n += 1
+        out = Path("runs") / f"demo-{stamp}-{n}"
+    return out
+
+
+def run(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from epreplay.demo_pipeline import PipelineOptions, available, run_pipeline
+    from epreplay.demo_render import print_summary
+    from epreplay.errors import UsageError
+    from epreplay.records import Level
+    from epreplay.run import RunDir
+
+    cfg = build_config(args)
+    if args.timeout <= 0:
+        raise UsageError(f"--timeout {args.timeout}: must be a positive number of seconds")
+    if args.replay_ranks is not None and (args.replay_ranks < 1 or cfg.ranks % args.replay_ranks):
+        raise UsageError(f"--replay-ranks {args.replay_ranks}: must divide --ranks {cfg.ranks}")
+    try:
+        Level.parse(args.level)
+    except ValueError as exc:
+        raise UsageError(f"--level: {exc}") from None
+    if cfg.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise UsageError("--device cuda: no CUDA device here; use --device cpu")
+    out = Path(args.out) if args.out else _default_out()
+    record = not args.no_record
+    if record and out.exists() and (not out.is_dir() or RunDir(out).manifest_path.exists()
+                                    or RunDir(out).shards_dir.exists()):
+        raise UsageError(f"{out}: already holds a run; choose another --out (nothing is overwritten)")
+    err = Console(stderr=True)
+    console = Console()
+    opts = PipelineOptions(out=out if record else None, level=args.level, record=record,
+                           replay=not args.no_replay, replay_ranks=args.replay_ranks,
+                           backend=args.backend, timeout=args.timeout)
+    bar = Progress(TextColumn("{task.description:>7}"), BarColumn(), MofNCompleteColumn(),
+                   TimeElapsedColumn(), console=err, transient=True)
+    tasks: dict[str, int] = {}
+
+    def progress(phase: str, done: int, total: int) -> None:
+        if phase not in tasks:
+            label = {"run": "layers", "replay": "calls"}.get(phase, phase)
+            tasks[phase] = bar.add_task(f"{phase}", total=total, unit=label)
+        bar.update(tasks[phase], completed=done, total=total)
+
+    from epreplay.launch import RankFailed
+
+    with bar:
+        try:
+            result = run_pipeline(cfg, opts, progress=progress)
+        except RankFailed as exc:
+            err.print(f"epreplay demo: the workload failed: {str(exc).splitlines()[0]}")
+            for rank, text in sorted(exc.errors.items()):
+                last = text.strip().splitlines()[-1] if text.strip() else "?"
+                err.print(f"  rank {rank}: {last}")
+            return 1
+    print_summary(console, result)
+    return result.exit_code

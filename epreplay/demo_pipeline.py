@@ -1,0 +1,177 @@
+"""`epreplay demo` as a pipeline: run (and record) -> index -> replay on half the ranks -> next steps.
+
+Each step is skipped with a one-line note when the part it needs is not installed (capture,
+index, replay, tui are built in parallel and are optional at run time), so the demo always does
+as much of the main job as exists. Capture, index and replay are reached by module name, lazily,
+from this command-level module: the workload itself (demo_model, demo_run) imports none of them.
+"""
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any, Callable
+
+from epreplay.demo_model import DemoConfig, release_layers
+from epreplay.demo_run import DemoResult, RankHooks, run_demo
+
+
+def available(module: str) -> bool:
+    """Whether `module` can be imported (without importing it)."""
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+@dataclass
+class StepOutcome:
+    """One pipeline step: name, status ("ok", "skipped", "failed", "diverged"), a short note."""
+
+    name: str
+    status: str
+    note: str = ""
+    seconds: float = 0.0
+
+
+@dataclass
+class PipelineResult:
+    """What the demo did. `demo` is None when the workload itself did not run."""
+
+    out: Path | None
+    steps: list[StepOutcome] = field(default_factory=list)
+    demo: DemoResult | None = None
+    replay: Any = None  # epreplay.replay's ReplayReport when the replay ran
+
+    @property
+    def exit_code(self) -> int:
+        if any(s.status == "failed" for s in self.steps):
+            return 1
+        return 1 if any(s.status == "diverged" for s in self.steps) else 0
+
+
+@dataclass(frozen=True)
+class PipelineOptions:
+    """How far the demo goes.
+
+    Attributes:
+        out: run directory to create (None: no recording).
+        level: capture level (counts | routing | fingerprints | payload).
+        record / index / replay: run those steps when their part exists.
+        replay_ranks: processes for the replay (default: half the ranks, at least 1).
+        backend: Buffer backend of the workload ("emulated" or "deepep").
+        timeout: seconds for the workload's process group.
+    """
+
+    out: Path | None
+    level: str = "routing"
+    record: bool = True
+    index: bool = True
+    replay: bool = True
+    replay_ranks: int | None = None
+    backend: str = "emulated"
+    timeout: float = 300.0
+
+
+Progress = Callable[[str, int, int], None]  # (phase, done, total)
+
+
+def _record_env(cfg: DemoConfig, opts: PipelineOptions) -> tuple[dict[str, str], RankHooks]:
+    capture = importlib.import_module("epreplay.capture")
+    command = [os.path.basename(sys.argv[0]) or "epreplay", *sys.argv[1:]]
+    env = capture.env_for(opts.out, level=opts.level, release=str(cfg.release), fresh=True,
+                          layers_per_step=cfg.layers, command=command)
+    return env, RankHooks(start="epreplay.capture:install", stop="epreplay.capture:stop")
+
+
+def _annotate_manifest(out: Path, cfg: DemoConfig) -> None:
+    """Put the workload's parameters in manifest.extra["demo"] (diff and tui show them)."""
+    from epreplay.run import RunDir
+
+    run = RunDir.open(out)
+    manifest = run.read_manifest()
+    if manifest is None:
+        return
+    extra = dict(manifest.extra)
+    extra["demo"] = {**asdict(cfg), "release_layers": sorted(release_layers(cfg.release, cfg.layers))}
+    run.write_manifest(replace(manifest, extra=extra))
+
+
+def _index(out: Path) -> str:
+    """Build RUN/index.duckdb through the index command's own entry point; returns a note."""
+    import contextlib
+    import io
+
+    from epreplay.cli import main
+
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf), contextlib.redirect_stderr(buf):
+        rc = main(["index", str(out)])
+    if rc != 0:
+        raise RuntimeError(f"epreplay index exited {rc}: {buf.getvalue().strip()[-300:]}")
+    return f"{out / 'index.duckdb'}"
+
+
+def run_pipeline(cfg: DemoConfig, opts: PipelineOptions, *, progress: Progress | None = None
+                 ) -> PipelineResult:
+    """Run every step whose part exists; see the module docstring."""
+    result = PipelineResult(out=None)
+    recording = (opts.record and opts.out is not None and available("epreplay.capture"))
+    env: dict[str, str] | None = None
+    hooks: RankHooks | None = None
+    if recording:
+        env, hooks = _record_env(cfg, opts)
+        result.out = opts.out
+    t0 = time.perf_counter()
+    on_progress = (lambda done, total: progress("run", done, total)) if progress else None
+    result.demo = run_demo(cfg, backend=opts.backend, rank_hooks=hooks, env=env,
+                           timeout=opts.timeout, on_progress=on_progress)
+    note = f"recorded at level {opts.level} into {opts.out}" if recording else (
+        "not recorded: epreplay.capture is not installed" if opts.record else "not recorded (--no-record)")
+    result.steps.append(StepOutcome("run", "ok", note, time.perf_counter() - t0))
+    if recording:
+        _annotate_manifest(opts.out, cfg)
+    else:
+        for name in ("index", "replay"):
+            result.steps.append(StepOutcome(name, "skipped", "nothing recorded"))
+        return result
+
+    indexed = False
+    t0 = time.perf_counter()
+    if not opts.index:
+        result.steps.append(StepOutcome("index", "skipped", "--no-index"))
+    elif not available("epreplay.cmd_index"):
+        result.steps.append(StepOutcome("index", "skipped", "epreplay index is not installed yet"))
+    else:
+        try:
+            note = _index(opts.out)
+            indexed = True
+            result.steps.append(StepOutcome("index", "ok", note, time.perf_counter() - t0))
+        except Exception as exc:  # noqa: BLE001 - a later step may still work; say what failed
+            result.steps.append(StepOutcome("index", "failed", f"{type(exc).__name__}: {exc}",
+                                            time.perf_counter() - t0))
+
+    t0 = time.perf_counter()
+    if not opts.replay:
+        result.steps.append(StepOutcome("replay", "skipped", "--no-replay"))
+    elif not available("epreplay.replay.driver"):
+        result.steps.append(StepOutcome("replay", "skipped", "epreplay replay is not installed yet"))
+    else:
+        ranks = opts.replay_ranks or max(1, cfg.ranks // 2)
+        from epreplay.replay import replay_run
+
+        on_rp = (lambda done, total: progress("replay", done, total)) if progress else None
+        try:
+            report = replay_run(opts.out, ranks, device=cfg.device, on_progress=on_rp,
+                                index=indexed)
+            result.replay = report
+            status = "ok" if report.exit_code == 0 else "diverged"
+            result.steps.append(StepOutcome("replay", status, report.verdict, time.perf_counter() - t0))
+        except Exception as exc:  # noqa: BLE001
+            result.steps.append(StepOutcome("replay", "failed", f"{type(exc).__name__}: {exc}",
+                                            time.perf_counter() - t0))
+    return result
