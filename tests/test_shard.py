@@ -239,6 +239,9 @@ def _check_flip(flip_path: Path, pos: int, bit: int, data_start: int, entries: l
                 continue
             assert_record_equals(rec, given_[entries.index(entry)])
             good += 1
+        if scan.complete and (pos + bit) % 4 == 0:  # verify() agrees with read() (a quarter
+            # of the flips: each verify re-reads the file, and this loop runs 8 x size times)
+            assert [off for off, _ in scan.verify()] == ([entries[hit[0]].offset] if hit else [])
         if hit:  # the damaged record is never returned as data
             assert good == len(entries) - 1 if scan.complete else good == hit[0]
             assert scan.complete or scan.truncated_at == entries[hit[0]].offset
