@@ -1,0 +1,116 @@
+"""How long `epreplay diff` takes on two production-shaped runs (the index benchmark's size).
+
+    .venv/bin/python bench/diff_bench.py                      # 64 ranks x 200 steps x 8 layers x 512 tok, top-8 of 256
+    .venv/bin/python bench/diff_bench.py --ranks 8 --steps 20 # a quick look
+
+Two synthetic runs (epreplay.synth, seeds 0 and 1: every layer's routing differs) are generated
+once into --dir (kept for the next invocation; generation is the slow part) and indexed. Then:
+  * distribution level: diff_runs(A, B, match="none") with both indexes present — loads per
+    (step, layer, expert) and per (step, layer, rank) from DuckDB, JS / hot sets / imbalance;
+    also the whole CLI (`epreplay diff A B --match none --format json`, a fresh process);
+  * token-matched level: diff_runs(A, B, match="position") — every dispatch record of both runs
+    read from the shards and compared token by token (one pass, thread pool over records).
+Target (issue 7): distribution level < 2 s.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from epreplay import diff_runs  # noqa: E402
+from epreplay.run import RunDir  # noqa: E402
+
+
+def _make(path: Path, seed: int, args: argparse.Namespace) -> float:
+    """Generate one run unless a complete one is already there; seconds spent."""
+    from epreplay.synth import make_synthetic_run
+
+    if (path / "manifest.json").exists() and len(RunDir.open(path).shard_paths()) == args.ranks:
+        return 0.0
+    t0 = time.perf_counter()
+    make_synthetic_run(path, ranks=args.ranks, steps=args.steps, layers=args.layers,
+                       tokens=args.tokens, experts=args.experts, topk=args.topk, seed=seed,
+                       workers=args.workers)
+    return time.perf_counter() - t0
+
+
+def _index(path: Path) -> float:
+    """Build the run's index when missing (the diff would do it; timed apart here)."""
+    t0 = time.perf_counter()
+    try:
+        from epreplay import index as index_mod
+    except ImportError:
+        return float("nan")
+    index_mod.ensure_index(path, progress=False)
+    return time.perf_counter() - t0
+
+
+def _timed(fn, repeat: int) -> tuple[float, float, object]:
+    times, out = [], None
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        out = fn()
+        times.append(time.perf_counter() - t0)
+    return min(times), statistics.median(times), out
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--ranks", type=int, default=64)
+    p.add_argument("--steps", type=int, default=200)
+    p.add_argument("--layers", type=int, default=8)
+    p.add_argument("--tokens", type=int, default=512)
+    p.add_argument("--experts", type=int, default=256)
+    p.add_argument("--topk", type=int, default=8)
+    p.add_argument("--workers", type=int, default=None, help="generator processes")
+    p.add_argument("--repeat", type=int, default=3, help="timed repetitions of the distribution level")
+    p.add_argument("--dir", type=Path, default=Path(os.environ.get("TMPDIR", "/tmp")) / "epreplay-diff-bench")
+    p.add_argument("--no-tokens", action="store_true", help="skip the token-matched level")
+    args = p.parse_args()
+
+    shape = f"r{args.ranks}-s{args.steps}-l{args.layers}-t{args.tokens}-e{args.experts}-k{args.topk}"
+    base = args.dir / shape
+    base.mkdir(parents=True, exist_ok=True)
+    run_a, run_b = base / "a", base / "b"
+    gen = _make(run_a, 0, args) + _make(run_b, 1, args)
+    idx = _index(run_a) + _index(run_b)
+    tokens = args.ranks * args.steps * args.layers * args.tokens
+    size = sum(f.stat().st_size for r in (run_a, run_b) for f in RunDir.open(r).shard_paths())
+    print(f"runs: {args.ranks} ranks x {args.steps} steps x {args.layers} layers x {args.tokens} tokens, "
+          f"top-{args.topk} of {args.experts}: {tokens / 1e6:.1f} M token-layers per run, "
+          f"{size / 2**30:.2f} GiB of shards for both ({base})")
+    print(f"  generation {gen:.1f} s (0 = reused), index build {idx:.1f} s (both runs; not part of the diff)")
+
+    best, med, res = _timed(lambda: diff_runs.diff_runs(run_a, run_b, match="none"), args.repeat)
+    print(f"distribution level (diff_runs, match=none): best {best:.3f} s, median {med:.3f} s "
+          f"[target < 2 s: {'OK' if best < 2 else 'MISSED'}]  js max {res.summary['js']:.4f}, "
+          f"{len(res.layers)} layers")
+
+    cmd = [sys.executable, "-m", "epreplay", "diff", str(run_a), str(run_b), "--match", "none",
+           "--format", "json"]
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    cli_s = time.perf_counter() - t0
+    print(f"distribution level, whole CLI process (`epreplay diff A B --match none --format json`): "
+          f"{cli_s:.3f} s, exit {proc.returncode}")
+
+    if not args.no_tokens:
+        t0 = time.perf_counter()
+        res = diff_runs.diff_runs(run_a, run_b, match="position")
+        tok_s = time.perf_counter() - t0
+        matched = sum(r.tokens.tokens for r in res.layers if r.tokens)
+        print(f"token-matched level (diff_runs, match=position): {tok_s:.1f} s for {matched / 1e6:.1f} M "
+              f"matched token-layers ({matched / tok_s / 1e6:.2f} M/s, {os.cpu_count()} CPUs); "
+              f"top1 {res.summary['top1']:.4f}, jaccard {res.summary['jaccard']:.4f}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
