@@ -7,6 +7,7 @@ import stat
 import subprocess
 import sys
 import threading
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -359,6 +360,17 @@ def test_reader_on_mutated_shards_only_clean_errors(tmp_path: Path, data: st.Dat
     path = tmp_path / "mut.eprs"
     path.write_bytes(bytes(blob))
     _read_all_or_report(path)
+    # repair: refuses a non-shard cleanly, else leaves a complete shard whose records all verify
+    fixed = tmp_path / f"fix-{uuid.uuid4().hex}.eprs"
+    fixed.write_bytes(bytes(blob))
+    try:
+        report = repair(fixed)
+    except ShardError:
+        return
+    with open_shard(fixed) as scan:
+        assert scan.complete and scan.verify() == [] and len(scan.entries) == report.records
+        for entry in scan.entries:
+            scan.read(entry)
 
 
 def test_shard_module_imports_no_torch() -> None:
