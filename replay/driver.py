@@ -94,6 +94,7 @@ def replay_run(run_dir: str | os.PathLike[str], ranks: int | None = None, *, bac
         raise UsageError(f"--device {device!r}: choose cpu or cuda")
     if backend == "deepep" and device != "cuda":
         raise UsageError("--backend deepep needs --device cuda (DeepEP runs on GPUs only)")
+    _check_backend(backend)
     run = RunDir.open(run_dir)
     t_start = time.monotonic()
     scans, world = _load_shards(run)
@@ -134,12 +135,13 @@ def replay_run(run_dir: str | os.PathLike[str], ranks: int | None = None, *, bac
                   payload, work, hidden, experts, tuple(sorted({c.buffer for c in sched.calls
                                                                 if c.op in (Op.LL_DISPATCH, Op.LL_COMBINE)})),
                   ll_max, fault)
+        pids: list[int] = []
         if joined_from_torchrun():
             hang, died, is_writer = _run_torchrun(job, device, call_timeout)
             write = write and is_writer
         else:
-            hang, died = _launch(job, device, call_timeout, on_progress)
-        report = _collect(job, run, sched, hang, died, backend, device, time.monotonic() - t_start)
+            hang, died = _launch(job, device, call_timeout, on_progress, pids)
+        report = _collect(job, run, sched, hang, died, backend, device, time.monotonic() - t_start, pids)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     if write:
@@ -147,6 +149,21 @@ def replay_run(run_dir: str | os.PathLike[str], ranks: int | None = None, *, bac
         if index:
             _index(run, report)
     return report
+
+
+def _check_backend(backend: str) -> None:
+    """Unusable backend -> one clear line (exit 2) before any process starts."""
+    import importlib.util
+
+    module = {"emulated": "epreplay.emulate", "deepep": "deep_ep"}.get(backend, backend.partition(":")[0])
+    try:
+        found = importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        found = False
+    if not found:
+        fix = ("build and install DeepEP (https://github.com/deepseek-ai/DeepEP) or use --backend emulated"
+               if backend == "deepep" else "check the installation of epreplay")
+        raise UsageError(f"--backend {backend}: module {module!r} is not importable; {fix}")
 
 
 def joined_from_torchrun() -> bool:
@@ -208,8 +225,9 @@ def _run_torchrun(job: Job, device: str, call_timeout: float) -> tuple[dict | No
 
 
 def _launch(job: Job, device: str, call_timeout: float,
-            on_progress: Callable[[int, int], None] | None) -> tuple[dict | None, dict[int, str]]:
-    """Run the workers; returns (hang info or None, physical rank -> failure text)."""
+            on_progress: Callable[[int, int], None] | None, job_pids: list[int]) -> tuple[dict | None, dict[int, str]]:
+    """Run the workers; returns (hang info or None, physical rank -> failure text). The workers'
+    pids are appended to job_pids (all of them are gone when this returns)."""
     from epreplay.launch import RankFailed, run_ranks
 
     M, total = job.plan.physical, len(job.calls)
@@ -256,8 +274,10 @@ def _launch(job: Job, device: str, call_timeout: float,
             th.join(30)
             break
     th.join()
+    final = np.array(progress)
     if on_progress is not None:
-        on_progress(int(np.array(progress)[:, 1].min()), total)
+        on_progress(int(final[:, 1].min()), total)
+    job_pids.extend(int(x) for x in final[:, 2] if x > 0)
     del progress
     died = {}
     for r, text in (failure.get("errors") or {}).items():
@@ -290,7 +310,7 @@ def _kill(pids: list[int]) -> None:
 
 
 def _collect(job: Job, run: RunDir, sched: S.Schedule, hang: dict | None, died: dict[int, str],
-             backend: str, device: str, wall_s: float) -> ReplayReport:
+             backend: str, device: str, wall_s: float, pids: list[int]) -> ReplayReport:
     work = Path(job.work_dir)
     plan = job.plan
     divs: list[dict] = []
@@ -351,7 +371,7 @@ def _collect(job: Job, run: RunDir, sched: S.Schedule, hang: dict | None, died: 
         backend=backend, device=device, payload=job.payload, calls=done, scheduled=len(job.calls),
         calls_by_op=calls_by_op, divergences=count, by_kind=by_kind, first_divergence=first_of(divs),
         divergence_list=divs[:1000], skipped=[s.__dict__ for s in sched.skipped], filtered=sched.filtered,
-        ops=ops, stopped=stopped, wall_s=round(wall_s, 3),
+        ops=ops, stopped=stopped, wall_s=round(wall_s, 3), worker_pids=pids,
         shard_problems={str(k): v for k, v in sched.shard_problems.items()})
 
 

@@ -75,6 +75,7 @@ class ReplayReport:
     stopped: str | None = None
     wall_s: float = 0.0
     shard_problems: dict[str, str] = field(default_factory=dict)
+    worker_pids: list[int] = field(default_factory=list)  # the replay processes (all ended)
 
     @property
     def exit_code(self) -> int:
