@@ -223,6 +223,7 @@ def layer_weights(cfg: DemoConfig, layer: int) -> LayerWeights:
                         torch.from_numpy(bias.astype(np.float32)))
 
 
+@lru_cache(maxsize=256)
 def swiglu_weights(cfg: DemoConfig, layer: int, expert: int) -> tuple[torch.Tensor, ...]:
     """(w1 [H, F], w3 [H, F], w2 [F, H]) float32 of one routed expert; expert -1 is the shared
     expert (F doubled). Scaled so an expert's output is ~0.3 of its input's RMS."""
