@@ -1,0 +1,277 @@
+"""An emulated DeepEP V1 `Buffer` on torch.distributed (gloo on CPU, NCCL on GPU), any world size.
+
+    from epreplay.emulate import Buffer, Config, EventOverlap, topk_idx_t
+
+It reproduces the user-visible semantics of DeepEP's V1 Buffer (shared/deepep-semantics.md):
+get_dispatch_layout, normal dispatch (bf16 and (fp8, scales), topk, expert_alignment,
+num_worst_tokens, cached handles) and combine (bias, weights round trip, fp32-then-one-bf16-cast
+numerics; above 8 ranks the internode numerics and 10-tuple handle), low_latency_dispatch (bf16,
+FP8 with DeepEP's per-128 cast, round_scale, use_ue8m0, cumulative stats, return_recv_hook,
+[L, R*M, H] layout with src_info/layout_range) and low_latency_combine (weights applied, fp32
+accumulate, out=). Method names and signatures are DeepEP's, so `inspect.signature` binding and
+capture hooks work unchanged. Handles have DeepEP's tuple lengths, shapes, dtypes and (intranode)
+values; the NVL/RDMA byte sizes bound what may be sent when they are non-zero (0, the default,
+means "unbounded": an emulator convenience, DeepEP itself would refuse).
+
+Emulator-only keyword arguments of the constructor:
+    timeout_s      seconds a call waits for its peers before raising DeepEP-like "timeout" text
+                   (default env EPREPLAY_EMULATE_TIMEOUT_S, else 100 s as DeepEP's CPU timeout)
+    ll_order_seed  seed of the low-latency receive order (default env EPREPLAY_LL_ORDER_SEED,
+                   else 0). DeepEP's order comes from atomics; the emulator shuffles source blocks
+                   and rows within blocks pseudo-randomly per call and rank so that consumers
+                   cannot depend on it. -1 turns the shuffle off (sources ascending, tokens ascending).
+    _faults        test-only fault injection for this Buffer (see epreplay.faults).
+Misuse (mismatched M, T > M, topk without weights, a foreign handle, bad dtypes/shapes) raises
+EmulatedDeepEPError naming the argument and rank on *every* rank (see epreplay.emulate_comm).
+`is_emulated(obj)` tells capture code that a buffer (or class) is this emulation.
+"""
+from __future__ import annotations
+
+import itertools
+import os
+from typing import Any, Callable, List, Optional, Tuple, Union
+
+import torch
+import torch.distributed as dist
+
+from epreplay import emulate_check as chk
+from epreplay import emulate_comm as comm_mod
+from epreplay.emulate_comm import EmulatedDeepEPError, EmulatedTimeout
+from epreplay.emulate_event import EventHandle, EventOverlap
+from epreplay.emulate_layout import Config, low_latency_rdma_size_hint
+
+topk_idx_t = torch.int64
+ENV_LL_ORDER_SEED = "EPREPLAY_LL_ORDER_SEED"
+EMULATED = True  # module marker: `deep_ep.EMULATED` is True when the stand-in is in use
+
+__all__ = ["Buffer", "Config", "EventOverlap", "EventHandle", "topk_idx_t", "EmulatedDeepEPError",
+           "EmulatedTimeout", "is_emulated", "install_standin"]
+
+_buffer_ids = itertools.count()
+
+_DISPATCH_CONFIGS = {2: (24, 256), 4: (6, 256), 8: (6, 256), 16: (36, 288), 24: (32, 288), 32: (32, 288),
+                     48: (32, 288), 64: (32, 288), 96: (20, 480), 128: (20, 560), 144: (32, 720),
+                     160: (28, 720)}
+_COMBINE_CONFIGS = {2: (10, 256), 4: (9, 256), 8: (4, 256), 16: (4, 288), 24: (1, 288), 32: (1, 288),
+                    48: (1, 288), 64: (1, 288), 96: (1, 480), 128: (1, 560), 144: (2, 720), 160: (2, 720)}
+
+
+def is_emulated(obj: Any) -> bool:
+    """True for epreplay's emulated Buffer class or any instance of it (or of a subclass)."""
+    cls = obj if isinstance(obj, type) else type(obj)
+    return isinstance(cls, type) and issubclass(cls, Buffer)
+
+
+class Buffer:
+    """Emulated DeepEP V1 communication buffer over a torch.distributed process group.
+
+    Attributes (as DeepEP's): num_sms, rank, group_size, group, num_nvl_bytes, num_rdma_bytes,
+    low_latency_mode, explicitly_destroy, enable_shrink; plus buffer_id (creation order in this
+    process), timeout_s and ll_order_seed.
+    """
+
+    num_sms: int = 20
+
+    def __init__(self, group: Optional[dist.ProcessGroup], num_nvl_bytes: int = 0, num_rdma_bytes: int = 0,
+                 low_latency_mode: bool = False, num_qps_per_rank: int = 24,
+                 allow_nvlink_for_low_latency_mode: bool = True, allow_mnnvl: bool = False,
+                 use_fabric: bool = False, explicitly_destroy: bool = False, enable_shrink: bool = False,
+                 comm: Optional[Any] = None, *, timeout_s: Optional[float] = None,
+                 ll_order_seed: Optional[int] = None, _faults: Any = None) -> None:
+        if group is None:
+            if comm is not None:
+                raise EmulatedDeepEPError("Buffer(comm=...): the emulation needs a torch.distributed group; "
+                                          "pass group=dist.group.WORLD (mpi4py communicators are not emulated)")
+            raise ValueError("Either 'group' or 'comm' must be provided.")
+        for name, v in (("num_nvl_bytes", num_nvl_bytes), ("num_rdma_bytes", num_rdma_bytes)):
+            if int(v) < 0 or int(v) % 128:
+                raise EmulatedDeepEPError(f"Buffer({name}={v}): must be a non-negative multiple of 128 "
+                                          f"(DeepEP's buffer alignment)")
+        self.group = group
+        self.rank = group.rank()
+        self.group_size = group.size()
+        self.num_nvl_bytes = int(num_nvl_bytes)
+        self.num_rdma_bytes = int(num_rdma_bytes)
+        self.low_latency_mode = bool(low_latency_mode)
+        self.num_qps_per_rank = int(num_qps_per_rank)
+        self.allow_nvlink_for_low_latency_mode = bool(allow_nvlink_for_low_latency_mode)
+        self.allow_mnnvl = bool(allow_mnnvl)
+        self.use_fabric = bool(use_fabric)
+        self.explicitly_destroy = bool(explicitly_destroy)
+        self.enable_shrink = bool(enable_shrink)
+        self.comm = comm
+        self.buffer_id = next(_buffer_ids)
+        self.timeout_s = comm_mod.timeout_from_env(timeout_s)
+        seed = ll_order_seed if ll_order_seed is not None else os.environ.get(ENV_LL_ORDER_SEED, "0")
+        try:
+            self.ll_order_seed = int(seed)
+        except ValueError:
+            raise EmulatedDeepEPError(f"{ENV_LL_ORDER_SEED}={seed!r}: expected an integer (-1: no shuffle)") from None
+        backend = str(dist.get_backend(group)).lower()
+        device = torch.device("cuda", torch.cuda.current_device()) if "nccl" in backend else torch.device("cpu")
+        self._comm = comm_mod.Comm(group, self.timeout_s, device)
+        self._faults = _faults
+        self._seq = 0  # every entry-point call (layout included), DeepEP-call order on this rank
+        self._coll_seq = 0  # collective calls only: what every rank must agree on
+        self._op_calls: dict[str, int] = {}
+        self.low_latency_buffer_idx = 0  # DeepEP alternates two LL buffers; parity of the next call
+        self.destroyed = False
+
+    # ---- static helpers (DeepEP's) -------------------------------------------------------------
+    @staticmethod
+    def is_sm90_compiled() -> bool:
+        return False
+
+    @staticmethod
+    def set_num_sms(new_num_sms: int) -> None:
+        """Set the SMs of the normal kernels (even); channels C = num_sms / 2."""
+        assert new_num_sms % 2 == 0, 'The SM count must be even'
+        Buffer.num_sms = new_num_sms
+
+    @staticmethod
+    def capture() -> EventOverlap:
+        """An EventOverlap on the current stream (a no-op event on CPU)."""
+        return EventOverlap(EventHandle())
+
+    @staticmethod
+    def get_low_latency_rdma_size_hint(num_max_dispatch_tokens_per_rank: int, hidden: int, num_ranks: int,
+                                       num_experts: int) -> int:
+        return low_latency_rdma_size_hint(num_max_dispatch_tokens_per_rank, hidden, num_ranks, num_experts)
+
+    @staticmethod
+    def get_dispatch_config(num_ranks: int) -> Config:
+        """DeepEP's tuned dispatch Config per rank count (emulator: 1 rank gets the 2-rank one)."""
+        send, recv = _DISPATCH_CONFIGS.get(max(num_ranks, 2), (None, None))
+        assert send is not None, f'Unsupported number of EP ranks: {num_ranks}'
+        return Config(Buffer.num_sms, send, recv, 20 if num_ranks == 16 else (12 if num_ranks >= 96 else (
+            8 if num_ranks > 16 else 6)), 128)
+
+    @staticmethod
+    def get_combine_config(num_ranks: int) -> Config:
+        send, recv = _COMBINE_CONFIGS.get(max(num_ranks, 2), (None, None))
+        assert send is not None, f'Unsupported number of EP ranks: {num_ranks}'
+        return Config(Buffer.num_sms, send, recv, 12 if num_ranks == 16 else (8 if num_ranks > 16 else 6), 128)
+
+    def get_comm_stream(self) -> Any:
+        return torch.cuda.current_stream() if self._comm.device.type == "cuda" else None
+
+    def destroy(self) -> None:
+        """Release the buffer (DeepEP requires explicitly_destroy=True for this call)."""
+        assert self.explicitly_destroy, '`explicitly_destroy` flag must be set'
+        self.destroyed = True
+
+    def clean_low_latency_buffer(self, num_max_dispatch_tokens_per_rank: int, hidden: int, num_experts: int) -> None:
+        """DeepEP zeroes its LL signal buffers here; the emulation keeps no state between calls."""
+        assert self.low_latency_mode, 'clean_low_latency_buffer needs low_latency_mode=True'
+
+    def get_next_low_latency_combine_buffer(self, handle: object) -> torch.Tensor:
+        """A fresh [L, R*M, H] bf16 tensor (zero_copy combines read x as given anyway)."""
+        _, _, M, H, E = handle
+        return torch.zeros(E // self.group_size, self.group_size * M, H, dtype=torch.bfloat16)
+
+    # ---- entry points ----------------------------------------------------------------------------
+    def get_dispatch_layout(self, topk_idx: torch.Tensor, num_experts: int,
+                            previous_event: Optional[EventOverlap] = None, async_finish: bool = False,
+                            allocate_on_comm_stream: bool = False) -> \
+            Tuple[torch.Tensor, Optional[torch.Tensor], torch.Tensor, torch.Tensor, EventOverlap]:
+        """Layout of topk_idx [T, K] int64 (-1 = none): (num_tokens_per_rank [R] int32,
+        num_tokens_per_rdma_rank [NR] int32 or None at <= 8 ranks, num_tokens_per_expert [E] int32,
+        is_token_in_rank [T, R] bool, event). Local: no communication."""
+        from epreplay import emulate_normal
+        return emulate_normal.layout(self, topk_idx, num_experts, previous_event, async_finish)
+
+    def dispatch(self, x: Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]],
+                 handle: Optional[Tuple] = None,
+                 num_tokens_per_rank: Optional[torch.Tensor] = None,
+                 num_tokens_per_rdma_rank: Optional[torch.Tensor] = None,
+                 is_token_in_rank: Optional[torch.Tensor] = None,
+                 num_tokens_per_expert: Optional[torch.Tensor] = None,
+                 topk_idx: Optional[torch.Tensor] = None, topk_weights: Optional[torch.Tensor] = None,
+                 expert_alignment: int = 1, num_worst_tokens: int = 0, config: Optional[Config] = None,
+                 previous_event: Optional[EventOverlap] = None, async_finish: bool = False,
+                 allocate_on_comm_stream: bool = False) -> \
+            Tuple[Union[Tuple[torch.Tensor, torch.Tensor], torch.Tensor], Optional[torch.Tensor],
+                  Optional[torch.Tensor], List[int], Tuple, EventOverlap]:
+        """Normal dispatch; see deepep-semantics.md. Returns (recv_x, recv_topk_idx,
+        recv_topk_weights, num_recv_tokens_per_expert_list, handle, event)."""
+        from epreplay import emulate_normal
+        return emulate_normal.dispatch(self, x, handle, num_tokens_per_rank, num_tokens_per_rdma_rank,
+                                       is_token_in_rank, num_tokens_per_expert, topk_idx, topk_weights,
+                                       expert_alignment, num_worst_tokens, config, previous_event, async_finish)
+
+    def combine(self, x: torch.Tensor, handle: Tuple, topk_weights: Optional[torch.Tensor] = None,
+                bias: Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]] = None,
+                config: Optional[Config] = None, previous_event: Optional[EventOverlap] = None,
+                async_finish: bool = False, allocate_on_comm_stream: bool = False) -> \
+            Tuple[torch.Tensor, Optional[torch.Tensor], EventOverlap]:
+        """Normal combine (plain sum over ranks, no weights). Returns (combined_x [T, H] bf16,
+        combined_topk_weights [T, K] fp32 or None, event)."""
+        from epreplay import emulate_combine
+        return emulate_combine.combine(self, x, handle, topk_weights, bias, config, previous_event, async_finish)
+
+    def low_latency_dispatch(self, x: torch.Tensor, topk_idx: torch.Tensor,
+                             num_max_dispatch_tokens_per_rank: int, num_experts: int,
+                             cumulative_local_expert_recv_stats: Optional[torch.Tensor] = None,
+                             dispatch_wait_recv_cost_stats: Optional[torch.Tensor] = None,
+                             use_fp8: bool = True, round_scale: bool = False, use_ue8m0: bool = False,
+                             async_finish: bool = False, return_recv_hook: bool = False) -> \
+            Tuple[Union[Tuple[torch.Tensor, torch.Tensor], torch.Tensor], torch.Tensor, Tuple,
+                  EventOverlap, Callable]:
+        """Low-latency dispatch. Returns (recv_x [L, R*M, H] bf16 or (fp8, scales), recv_count [L]
+        int32, handle (src_info, layout_range, M, H, E), event, hook)."""
+        from epreplay import emulate_ll
+        return emulate_ll.dispatch(self, x, topk_idx, num_max_dispatch_tokens_per_rank, num_experts,
+                                   cumulative_local_expert_recv_stats, dispatch_wait_recv_cost_stats,
+                                   use_fp8, round_scale, use_ue8m0, async_finish, return_recv_hook)
+
+    def low_latency_combine(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor,
+                            handle: tuple, use_logfmt: bool = False, zero_copy: bool = False,
+                            async_finish: bool = False, return_recv_hook: bool = False,
+                            out: Optional[torch.Tensor] = None,
+                            combine_wait_recv_cost_stats: Optional[torch.Tensor] = None) -> \
+            Tuple[torch.Tensor, EventOverlap, Callable]:
+        """Low-latency combine with weights. Returns (combined_x [T, H] bf16, event, hook)."""
+        from epreplay import emulate_ll
+        return emulate_ll.combine(self, x, topk_idx, topk_weights, handle, use_logfmt, zero_copy,
+                                  async_finish, return_recv_hook, out, combine_wait_recv_cost_stats)
+
+    # ---- shared machinery for emulate_normal / emulate_ll ------------------------------------------
+    def _begin(self, op: str, collective: bool = True) -> tuple[int, int]:
+        """Count the call; run pre-call faults (delay, hang). Returns (collective seq, op call index)."""
+        if self.destroyed:
+            raise EmulatedDeepEPError(f"{op}: this Buffer was destroyed")
+        self._seq += 1
+        index = self._op_calls.get(op, 0)
+        self._op_calls[op] = index + 1
+        seq = self._coll_seq
+        if collective:
+            self._coll_seq += 1
+        from epreplay import faults
+        faults.before_call(self, op, index)
+        return seq, index
+
+    def _agree(self, header: torch.Tensor, local_error: Optional[str], what: str,
+               compare: tuple = ()) -> torch.Tensor:
+        """Exchange validation words; raise the same error on every rank if anything is wrong."""
+        if local_error:
+            header[comm_mod.ERR] = 1
+        header[comm_mod.BUF] = self.buffer_id
+        words = self._comm.gather_words(header, what)
+        bad = (words[:, comm_mod.ERR] != 0).nonzero().flatten().tolist()
+        if bad:
+            msgs = self._comm.gather_messages(local_error or "")
+            text = "; ".join(f"rank {r}: {msgs[r]}" for r in bad)
+            raise EmulatedDeepEPError(f"DeepEP emulation: {what}: {text} (raised on every rank)")
+        problem = chk.verdict(words, what, compare=compare)
+        if problem:
+            raise EmulatedDeepEPError(f"DeepEP emulation: {problem} (raised on every rank)")
+        return words
+
+
+def install_standin() -> bool:
+    """Make `import deep_ep` resolve to this emulation when the real package is absent.
+
+    Returns True if the stand-in is (now) what `import deep_ep` gives. See epreplay.standin.
+    """
+    from epreplay import standin
+    return standin.install()
