@@ -1,0 +1,190 @@
+"""What the TUI fetches: small frozen aggregates built from the run's index (epreplay.queries).
+
+Every function here runs inside a thread worker (never on the UI thread) and returns a frozen
+dataclass of a few numpy arrays; nothing here imports textual. `Session` holds the read-only
+index of run A (and B for a diff); RunIndex takes a cursor per call, so workers share it.
+
+Legend: L layers, E experts, R ranks, S steps.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from epreplay import queries
+from epreplay.queries import (DivergenceRow, ExpertSeries, Health, HotExperts, Imbalance,
+                              ReplayRow, RunIndex, RunInfo, Senders, Stragglers)
+
+Steps = tuple[int, int] | None  # [lo, hi) like epreplay.queries; None: all steps
+
+
+@dataclass(frozen=True)
+class Selection:
+    """What the user has selected, shared by every pane.
+
+    Attributes:
+        steps: step range [lo, hi) or None for every step.
+        layer: one MoE layer or None for all layers summed.
+    """
+
+    steps: Steps = None
+    layer: int | None = None
+
+    def label(self) -> str:
+        if self.steps is None:
+            s = "all steps"
+        elif self.steps[1] - self.steps[0] == 1:
+            s = f"step {self.steps[0]}"
+        else:
+            s = f"steps {self.steps[0]}..{self.steps[1] - 1}"
+        return f"{s}, " + ("all layers" if self.layer is None else f"layer {self.layer}")
+
+
+@dataclass(frozen=True)
+class OverviewData:
+    """Run facts, capture health, hottest experts (all layers) and layers by imbalance."""
+
+    path: str
+    info: RunInfo
+    health: Health
+    hot: HotExperts
+    imbalance: Imbalance
+    errors: tuple[tuple[int, str], ...]  # (rank, error text) of failed calls, first few
+    replays: int
+
+
+@dataclass(frozen=True)
+class HeatData:
+    """Layers x experts load over a step range: load_LE [L, E] int64, layer_L the row layers."""
+
+    selection: Selection
+    layer_L: np.ndarray
+    load_LE: np.ndarray
+
+
+@dataclass(frozen=True)
+class ExpertDrill:
+    """One expert: its load per step (series) and the ranks sending to it (senders)."""
+
+    expert: int
+    layer: int | None
+    series: ExpertSeries
+    senders: Senders
+
+
+@dataclass(frozen=True)
+class TrafficData:
+    """Rank x rank tokens for one step/layer selection (or aggregated)."""
+
+    selection: Selection
+    tokens_RR: np.ndarray
+    bytes_RR: np.ndarray
+
+
+@dataclass(frozen=True)
+class TimelineData:
+    """Summed call durations per step x rank (ns, -1 where nothing was timed) and stragglers.
+
+    captured: False when no call of the run has a duration (counts recorded without timing).
+    """
+
+    step_S: np.ndarray
+    duration_SR: np.ndarray
+    stragglers: Stragglers
+    captured: bool
+
+
+@dataclass(frozen=True)
+class DivergenceData:
+    replays: tuple[ReplayRow, ...]
+    divergences: tuple[DivergenceRow, ...]  # of the selected replay, in replay order
+    replay: str | None  # the selected replay
+
+
+@dataclass(frozen=True)
+class DiffData:
+    """A diff of run A against run B (epreplay.diff_runs), or why there is none."""
+
+    result: object | None  # epreplay.diff.DiffResult
+    reason: str = ""
+
+
+ERRORS_SQL = """SELECT rank, error FROM calls WHERE status <> 'ok' ORDER BY step, layer, rank LIMIT 5"""
+
+
+@dataclass
+class Session:
+    """The open run(s). `index` is run A's read-only index; `path_b` run B for the Diff pane."""
+
+    path: Path
+    index: RunIndex
+    path_b: Path | None = None
+    _diff: DiffData | None = field(default=None, repr=False)
+
+    @property
+    def info(self) -> RunInfo:
+        return self.index.info
+
+    def close(self) -> None:
+        self.index.close()
+
+    # ----- fetches (thread workers call these) --------------------------------------------------
+    def overview(self, *, top: int = 10) -> OverviewData:
+        health = self.index.health()
+        errors = tuple((int(r), str(e)) for r, e in self.index.sql(ERRORS_SQL).rows)
+        return OverviewData(str(self.path), self.info, health, self.index.hot_experts(top),
+                            self.index.imbalance(), errors, len(self.index.replays()))
+
+    def heat(self, sel: Selection) -> HeatData:
+        m = self.index.load_matrix(steps=sel.steps)
+        return HeatData(sel, m.layer_L, m.load_LE)
+
+    def expert(self, expert: int, sel: Selection) -> ExpertDrill:
+        series = self.index.expert_load_over_time(expert, layer=sel.layer)
+        senders = self.index.expert_senders(expert, layer=sel.layer, steps=sel.steps)
+        return ExpertDrill(expert, sel.layer, series, senders)
+
+    def traffic(self, sel: Selection) -> TrafficData:
+        t = self.index.traffic(layer=sel.layer, steps=sel.steps)
+        return TrafficData(sel, t.tokens_RR, t.bytes_RR)
+
+    def timeline(self, *, op: str | None = None) -> TimelineData:
+        t = self.index.timeline(op=op)
+        strag = self.index.stragglers(top=self.info.world_size or 1, op=op)
+        captured = bool(t.duration_SR.size and (t.duration_SR > 0).any())
+        return TimelineData(t.step_S, t.duration_SR, strag, captured)
+
+    def divergences(self, replay: str | None = None) -> DivergenceData:
+        replays = tuple(self.index.replays())
+        if replay is None:
+            # The newest replay that diverged, else the newest one: what a user opens first.
+            diverged = [r for r in replays if r.divergences]
+            pick = (diverged or list(replays))[-1:] if replays else []
+            replay = pick[0].replay if pick else None
+        divs = tuple(self.index.divergences(replay)) if replay else ()
+        return DivergenceData(replays, divs, replay)
+
+    def diff(self) -> DiffData:
+        """Run A against run B (cached: a diff reads shards and is the slowest fetch)."""
+        if self.path_b is None:
+            return DiffData(None, "one run open: start 'epreplay tui RUN_A RUN_B' to compare two runs")
+        if self._diff is None:
+            from epreplay.diff_runs import diff_runs
+
+            self._diff = DiffData(diff_runs(self.path, self.path_b))
+        return self._diff
+
+
+def open_session(path: str | Path, path_b: str | Path | None = None, *,
+                 ensure: bool = False) -> Session:
+    """Open run A's index read-only (building it first with `ensure`); run B is opened lazily."""
+    index = queries.open_index(path, ensure=ensure)
+    return Session(Path(path), index, Path(path_b) if path_b is not None else None)
+
+
+def durations_us(duration_SR: np.ndarray) -> np.ndarray:
+    """[S, R] ns -> µs as float, NaN where nothing was timed (0 in the index)."""
+    d = np.asarray(duration_SR, dtype=np.float64)
+    return np.where(d > 0, d / 1e3, np.nan)

@@ -1,0 +1,69 @@
+"""Pane: the base of the six views (overview, hot experts, traffic, timeline, divergences, diff).
+
+A pane is shown by the app's ContentSwitcher. It fetches only while visible: the app calls
+`activate()` on a switch, and a selection change marks every pane stale so the visible one
+re-fetches at once and the others when next shown. Fetches run in `@work(thread=True,
+exclusive=True)` workers defined by each pane, which post a typed message (epreplay.tui.messages)
+that the pane renders on the UI thread.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, ClassVar
+
+from textual.containers import Vertical
+from textual.widgets import Static
+
+from epreplay.tui.data import Selection, Session
+from epreplay.tui.messages import FetchFailed
+
+if TYPE_CHECKING:
+    from epreplay.tui.app import EpReplayApp
+
+
+class Pane(Vertical):
+    """One view; subclasses set TITLE/KEY and implement `fetch()` (which starts a worker)."""
+
+    TITLE: ClassVar[str] = ""
+    KEY: ClassVar[str] = ""
+    DEFAULT_CSS = """
+    Pane { height: 1fr; }
+    Pane .pane-title { height: 1; text-style: bold; color: $text-accent; }
+    Pane .status { height: auto; max-height: 3; color: $text-muted; }
+    """
+
+    def __init__(self, *, id: str | None = None) -> None:
+        super().__init__(id=id)
+        self.stale = True
+        self.loaded = False
+
+    @property
+    def epapp(self) -> "EpReplayApp":
+        return self.app  # type: ignore[return-value]
+
+    @property
+    def session(self) -> Session:
+        return self.epapp.session
+
+    @property
+    def selection(self) -> Selection:
+        return self.epapp.selection
+
+    def activate(self) -> None:
+        """Shown: fetch when the selection changed since the last fetch."""
+        if self.stale:
+            self.stale = False
+            self.fetch()
+
+    def fetch(self) -> None:
+        raise NotImplementedError
+
+    def failed(self, what: str, exc: BaseException) -> None:
+        """From a worker thread: report a failed query as a message (never raise into Textual)."""
+        self.post_message(FetchFailed(what, f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"))
+
+    def focus_main(self) -> None:
+        """Give the keyboard to the pane's main widget (a table or heatmap)."""
+
+
+def title(text: str) -> Static:
+    return Static(text, classes="pane-title")

@@ -1,0 +1,81 @@
+"""Diff (two runs open): per-layer Jensen-Shannon bars, hot-expert changes, token agreement.
+
+The numbers come from epreplay.diff_runs (the same as `epreplay diff`), computed once in a worker.
+"""
+from __future__ import annotations
+
+from textual import on, work
+from textual.app import ComposeResult
+from textual.widgets import DataTable, Static
+
+from epreplay.tui import render
+from epreplay.tui.data import DiffData
+from epreplay.tui.messages import DiffLoaded
+from epreplay.tui.pane import Pane, title
+
+
+def _ids(ids: tuple[int, ...], limit: int = 4) -> str:
+    text = ",".join(str(i) for i in ids[:limit])
+    return text + ("…" if len(ids) > limit else "") if ids else "-"
+
+
+def summary_text(d: DiffData) -> str:
+    res = d.result
+    if res is None:
+        return d.reason
+    s = res.summary
+    lines = [f"A {res.run_a.run_id} ({res.run_a.release or '-'})  vs  B {res.run_b.run_id} "
+             f"({res.run_b.release or '-'})", res.verdict_line()]
+    agree = [f"{k} {s[k]:.3f}" for k in ("top1", "jaccard", "weight_change", "matched") if s.get(k) is not None]
+    lines.append(f"token match: {res.match}" + (" · " + " · ".join(agree) if agree else ""))
+    lines.extend(res.notes[:2])
+    return "\n".join(lines)
+
+
+class DiffPane(Pane):
+    TITLE = "Diff"
+    KEY = "f"
+    DEFAULT_CSS = """
+    DiffPane #diff-summary { height: auto; border-bottom: solid $primary-muted; }
+    DiffPane #diff-table { height: 1fr; }
+    """
+
+    data: DiffData | None = None
+
+    def compose(self) -> ComposeResult:
+        yield title("Diff: routing of run A vs run B, worst layers first")
+        yield Static("loading…", id="diff-summary")
+        yield DataTable(id="diff-table", cursor_type="row", zebra_stripes=True)
+
+    def on_mount(self) -> None:
+        self.query_one("#diff-table", DataTable).add_columns(
+            "layer", "JS", "", "entered hot", "left hot", "top1", "jaccard")
+
+    def fetch(self) -> None:
+        self._load()
+
+    @work(thread=True, exclusive=True, group="diff")
+    def _load(self) -> None:
+        try:
+            self.post_message(DiffLoaded(self.session.diff()))
+        except Exception as exc:  # noqa: BLE001
+            self.failed("diff", exc)
+
+    @on(DiffLoaded)
+    def _show(self, msg: DiffLoaded) -> None:
+        self.data = d = msg.payload
+        self.query_one("#diff-summary", Static).update(summary_text(d))
+        table = self.query_one("#diff-table", DataTable)
+        table.clear()
+        if d.result is not None:
+            rows = d.result.layers
+            top = max((r.js for r in rows), default=0.0) or 1.0
+            for r in rows:
+                tok = r.tokens
+                table.add_row(str(r.layer), f"{r.js:.4f}", render.bar(r.js / top, 16), _ids(r.hot.entered),
+                              _ids(r.hot.left), f"{tok.top1:.3f}" if tok else "-",
+                              f"{tok.jaccard:.3f}" if tok else "-", key=str(r.layer))
+        self.loaded = True
+
+    def focus_main(self) -> None:
+        self.query_one("#diff-table", DataTable).focus()
