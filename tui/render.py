@@ -20,8 +20,23 @@ SCALE: tuple[str, ...] = (
     "#440154", "#472d7b", "#3b528b", "#2c728e", "#21918c",
     "#28ae80", "#5ec962", "#addc30", "#fde725",
 )
-# Text on a scale colour: white on the dark half, black on the light half (WCAG contrast >= 4.5).
-SCALE_TEXT: tuple[str, ...] = tuple("#ffffff" if i < 5 else "#000000" for i in range(len(SCALE)))
+
+
+def luminance(colour: str) -> float:
+    """WCAG relative luminance of a '#rrggbb' colour (0 black .. 1 white)."""
+    rgb = [int(colour[i:i + 2], 16) / 255 for i in (1, 3, 5)]
+    lin = [c / 12.92 if c <= 0.03928 else ((c + 0.055) / 1.055) ** 2.4 for c in rgb]
+    return 0.2126 * lin[0] + 0.7152 * lin[1] + 0.0722 * lin[2]
+
+
+def text_colour(background: str) -> str:
+    """Black or white, whichever contrasts more with `background` (WCAG contrast ratio)."""
+    lum = luminance(background)
+    return "#000000" if (lum + 0.05) / 0.05 >= 1.05 / (lum + 0.05) else "#ffffff"
+
+
+# Text drawn on each scale colour (numbers inside heatmap cells): contrast >= 4.5 on every level.
+SCALE_TEXT: tuple[str, ...] = tuple(text_colour(c) for c in SCALE)
 
 SPARK = "▁▂▃▄▅▆▇█"
 EIGHTHS = " ▏▎▍▌▋▊▉█"
