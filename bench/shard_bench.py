@@ -1,6 +1,6 @@
 """Shard encoding cost for DeepSeek-V3 routing: bytes per token-layer and encode/decode MB/s.
 
-    .venv/bin/python bench/shard_bench.py [--reps 5] [--layers 8]
+    .venv/bin/python bench/shard_bench.py [--reps 5] [--layers 8] [--fingerprint]
 
 Shapes: prefill T=4096 and decode T=128 tokens per rank per layer, K=8 of E=256 routed experts,
 topk_idx int64 and topk_weights float32 as DeepEP receives them (96 raw bytes per token-layer).
@@ -92,7 +92,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--reps", type=int, default=5, help="timing repetitions (best is reported)")
     ap.add_argument("--layers", type=int, default=8, help="distinct layers (records) per shape")
+    ap.add_argument("--fingerprint", action="store_true",
+                    help="also time the reference token fingerprint (torch, this machine's CPU/GPU)")
     args = ap.parse_args()
+    if args.fingerprint:
+        fingerprint_bench()
     rng = np.random.default_rng(0)
     print(f"DeepSeek-V3 routing, K={K} E={E}; raw int64 ids + fp32 weights = {K * 12} B per "
           f"token-layer; best of {args.reps} reps, one thread, zstandard {zstandard.__version__}")
@@ -127,6 +131,32 @@ def main() -> None:
                 layout = "shuffle" if shuffle else "raw"
                 print(f"{name:<16}{level:>6}  {layout:<15}{r['bpt']:>12.1f}{r['ratio']:>8.2f}"
                       f"{r['enc']:>10.0f}{r['dec']:>10.0f}")
+
+
+def fingerprint_bench() -> None:
+    """Rows per second of epreplay.fingerprint.fingerprint_rows at DeepSeek-V3 hidden size."""
+    import torch
+
+    from epreplay.fingerprint import fingerprint_rows
+
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    print(f"token fingerprint (reference, torch {torch.__version__}, {torch.get_num_threads()} CPU threads)")
+    for device in devices:
+        for T in (128, 4096):
+            for dtype in (torch.bfloat16, torch.float8_e4m3fn):
+                x = torch.randn(T, HIDDEN, device=device).to(dtype)
+                best = float("inf")
+                for _ in range(3):
+                    if device == "cuda":
+                        torch.cuda.synchronize()
+                    t0 = time.perf_counter()
+                    fingerprint_rows(x)
+                    if device == "cuda":
+                        torch.cuda.synchronize()
+                    best = min(best, time.perf_counter() - t0)
+                print(f"  {device:<5} T={T:<5} H={HIDDEN} {str(dtype).replace('torch.', ''):<14} "
+                      f"{best * 1e3:8.2f} ms  {x.numel() * x.element_size() / best / 1e6:8.0f} MB/s")
+    print()
 
 
 def bf16_bits(x: np.ndarray) -> np.ndarray:

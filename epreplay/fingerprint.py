@@ -48,13 +48,15 @@ SEED2 = _s64(0xD1B54A32D192ED03)
 M1 = _s64(0xBF58476D1CE4E5B9)
 M2 = _s64(0x94D049BB133111EB)
 
-# Rows per chunk are chosen so one int64 work buffer holds ~256K elements (2 MiB): the dozen
+# Rows per chunk are chosen so one int64 work buffer holds ~32K elements (256 KiB): the dozen
 # passes of the mix then run out of L2 cache instead of streaming 32+ MiB temporaries through
-# memory (5x faster on CPU for a 4096 x 7168 bf16 prefill), and GPU memory stays bounded.
+# memory, and each op stays under torch's parallel grain (32768 elements), so it runs on the
+# calling thread: no OpenMP barrier per op, which on an oversubscribed host (replay ranks or
+# tests sharing a few cores) made 2-thread runs 5-20x slower than 1-thread ones.
 # Chunking cannot change the result: the sum is order-free.
-_CHUNK_ELEMS = 1 << 18
-# On a GPU the same loop is launch-bound at that size; 16x larger chunks (32 MiB buffers) cut
-# the launches 16x. (epreplay.fingerprint_gpu's kernel is faster still where Triton exists.)
+_CHUNK_ELEMS = 1 << 15
+# On a GPU the same loop is launch-bound at that size; 128x larger chunks (32 MiB buffers) cut
+# the launches 128x. (epreplay.fingerprint_gpu's kernel is faster still where Triton exists.)
 _CHUNK_ELEMS_GPU = 1 << 22
 
 _WORD_VIEW: dict[torch.dtype, tuple[torch.dtype, int]] = {
