@@ -1,0 +1,660 @@
+"""Build and update RUN/index.duckdb from a run's shards; load replay reports into it.
+
+    build_index(run, force=False)   index what is new (or everything with force); one writer at a time
+    ensure_index(run)               build/update when missing or stale; never fails on a busy writer
+    load_replay_report(run, report) put a replay report (dict or RUN/replays/<id>.json) in the index
+
+Schema: epreplay/index_schema.sql; queries: epreplay.queries. Shards are indexed in worker
+processes (epreplay.index_build), results merged here with numpy and inserted through Arrow.
+
+Writes never touch the live file: the writer builds (or copies and updates) a temporary database
+next to it, CHECKPOINTs, closes and renames it over RUN/index.duckdb. Readers holding the old file
+open (a TUI, `epreplay stats`) keep reading it, and a failure half way leaves the old index whole.
+One writer at a time: RUN/index.duckdb.lock (flock; the kernel drops it if the writer dies).
+
+Incremental: `shards` keeps each shard's size and intact record count. A shard that grew is
+indexed from its first unindexed record; its new aggregate rows are added, and rows of a
+(step, layer) that already had rows (a live capture indexed mid-step) are merged, so every table
+stays one row per key. A shard that shrank or changed otherwise (repair) triggers a full rebuild.
+"""
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from epreplay.errors import UsageError
+from epreplay.run import RunDir
+
+INDEX_VERSION = 1
+LOCK_NAME = "index.duckdb.lock"
+# dense (step-layer) x rank x expert block assembled at once when merging shard results
+DENSE_CELLS = 1 << 24
+
+
+class IndexLocked(UsageError):
+    """Another process is writing this run's index."""
+
+
+@dataclass(frozen=True)
+class IndexResult:
+    """What build_index / ensure_index did.
+
+    action: "built" (from scratch), "updated" (incremental), "fresh" (nothing to do) or "locked"
+    (another writer holds the index; nothing done). routings: token-layer routings (rows of
+    topk_idx_TK) aggregated by this call. problems: one line per damaged shard."""
+
+    path: Path
+    action: str
+    shards_indexed: int = 0
+    records: int = 0
+    routings: int = 0
+    seconds: float = 0.0
+    problems: tuple[str, ...] = ()
+    message: str = ""
+    rows_added: dict[str, int] = field(default_factory=dict)
+
+
+class WriterLock:
+    """flock on RUN/index.duckdb.lock, non-blocking (or waiting up to `wait_s`)."""
+
+    def __init__(self, run: RunDir, *, wait_s: float = 0.0) -> None:
+        self.path = run.path / LOCK_NAME
+        self.wait_s = wait_s
+        self.fd: int | None = None
+
+    def __enter__(self) -> "WriterLock":
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError as exc:
+            raise UsageError(f"{self.path}: cannot create the index lock ({exc.strerror}); "
+                             f"is the run directory writable?") from None
+        deadline = time.monotonic() + self.wait_s
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+                    os.close(fd)
+                    raise IndexLocked(f"{self.path.parent / 'index.duckdb'}: index locked by another "
+                                      f"writer (pid {holder}); wait for it to finish, then retry") from None
+                time.sleep(0.1)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        self.fd = fd
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.fd is not None:
+            os.ftruncate(self.fd, 0)
+            os.close(self.fd)  # closing drops the flock
+            self.fd = None
+
+
+def _schema_sql() -> str:
+    return (Path(__file__).with_name("index_schema.sql")).read_text()
+
+
+def _open_run(path: str | os.PathLike[str]) -> tuple[RunDir, list[Path]]:
+    run = RunDir.open(path)
+    shards = run.shard_paths()
+    if not shards:
+        raise UsageError(f"{run.path}: no shards in {run.shards_dir} (nothing recorded yet?); "
+                         f"record with 'epreplay record --out {run.path} -- CMD'")
+    return run, shards
+
+
+def _existing(run: RunDir) -> dict | None:
+    """What the current index says: {"run_id", "shards": {rank: row dict}, "replays": set}, or
+    None when there is no usable index."""
+    import duckdb
+
+    if not run.index_path.exists():
+        return None
+    try:
+        con = duckdb.connect(str(run.index_path), read_only=True)
+    except duckdb.Error:
+        return None
+    try:
+        ver = con.execute("SELECT run_id, index_version FROM runs").fetchall()
+        if not ver or ver[0][1] != INDEX_VERSION:
+            return None
+        res = con.execute("SELECT * FROM shards")
+        cols = [d[0] for d in res.description]
+        shards = {int(r[0]): dict(zip(cols, r)) for r in res.fetchall()}
+        replays = {r[0] for r in con.execute("SELECT replay FROM replays").fetchall()}
+        return {"run_id": ver[0][0], "shards": shards, "replays": replays}
+    except duckdb.Error:
+        return None
+    finally:
+        con.close()
+
+
+def stale_reason(run: str | os.PathLike[str] | RunDir) -> str | None:
+    """Why RUN's index needs (re)building, or None when it is up to date."""
+    run = run if isinstance(run, RunDir) else RunDir.open(run)
+    state = _existing(run)
+    if state is None:
+        return "no index" if not run.index_path.exists() else "index unreadable or of another version"
+    on_disk = {run.rank_of(p): p for p in run.shard_paths()}
+    if set(on_disk) != set(state["shards"]):
+        return "shards added or removed"
+    for rank, p in on_disk.items():
+        if p.stat().st_size != state["shards"][rank]["bytes"]:
+            return f"{p.name} changed size"
+    if _report_ids(run) - state["replays"]:
+        return "new replay reports"
+    return None
+
+
+def _report_ids(run: RunDir) -> set[str]:
+    d = run.replays_dir
+    return {p.stem for p in d.glob("*.json")} if d.is_dir() else set()
+
+
+def _facts(run: RunDir, shard_paths: list[Path]) -> dict:
+    """Run-level facts from the manifest, completed from the first shard's header."""
+    from epreplay.shard import open_shard
+
+    manifest = run.read_manifest()
+    with open_shard(shard_paths[0]) as scan:
+        info = scan.info
+    pick = lambda name: int(getattr(manifest, name, 0) or getattr(info, name, 0) or 0)  # noqa: E731
+    return {
+        "manifest": manifest, "run_id": manifest.run_id if manifest else info.run_id,
+        "created": manifest.created if manifest else "", "release": manifest.release if manifest else "",
+        "world_size": pick("world_size"), "num_experts": pick("num_experts"), "topk": pick("topk"),
+        "hidden": pick("hidden"), "level": manifest.level if manifest else info.level.label,
+        "x_dtype": manifest.x_dtype if manifest else "",
+    }
+
+
+def _validate(run: RunDir, facts: dict, shard_paths: list[Path], check: list[Path]) -> None:
+    """One clear UsageError for a shard of another run or a manifest that does not match its
+    shards (checked before anything is written)."""
+    from epreplay.shard import open_shard
+
+    world = facts["world_size"]
+    where = "manifest.json" if facts["manifest"] is not None else f"{shard_paths[0].name}'s header"
+    if len(shard_paths) > world:
+        raise UsageError(f"{run.shards_dir}: {len(shard_paths)} shards but {where} says world size "
+                         f"{world}; remove the extra shards or fix the manifest")
+    for p in check:
+        with open_shard(p) as scan:
+            info = scan.info
+        named = run.rank_of(p)
+        if info.run_id != facts["run_id"]:
+            raise UsageError(f"{p}: shard of run {info.run_id}, not of this run {facts['run_id']} "
+                             f"({where}); move it out of {run.shards_dir}")
+        if info.rank != named:
+            raise UsageError(f"{p}: its header says rank {info.rank}; rename it to "
+                             f"rank-{info.rank:05d}.eprs or move it out")
+        if info.world_size != world or named >= world:
+            raise UsageError(f"{p}: rank {named} of world size {info.world_size}, but {where} says "
+                             f"world size {world}; the manifest does not match its shards")
+
+
+def _plan(run: RunDir, shard_paths: list[Path], state: dict | None
+          ) -> tuple[list[tuple[Path, int, int]], bool]:
+    """[(shard, first record to index, expected end of the indexed part)], full rebuild?"""
+    full = [(p, 0, 0) for p in shard_paths]
+    if state is None:
+        return full, True
+    on_disk = {run.rank_of(p): p for p in shard_paths}
+    if set(state["shards"]) - set(on_disk):
+        return full, True  # a shard disappeared: its rows must go
+    tasks = []
+    for rank, p in on_disk.items():
+        row = state["shards"].get(rank)
+        size = p.stat().st_size
+        if row is None:
+            tasks.append((p, 0, 0))
+        elif size == row["bytes"]:
+            continue
+        elif size < row["bytes"] or row["truncated_at"] is not None:
+            return full, True  # cut, repaired or rewritten: rows already indexed may be wrong
+        else:
+            tasks.append((p, int(row["records"]), int(row["indexed_end"])))
+    return tasks, False
+
+
+def _work(task: tuple[str, int, int, int, int, int]):
+    from epreplay.index_build import index_shard
+
+    path, start, expect_end, E, R, H = task
+    res = index_shard(path, start, num_experts=E, world_size=R, hidden=H, expect_end=expect_end)
+    if res.load_PE is not None:  # halve what crosses the pipe; per-rank counts fit easily
+        res.load_PE = res.load_PE.astype(np.int32)
+    return res
+
+
+def _run_workers(tasks: list[tuple[Path, int, int]], facts: dict, progress: bool,
+                 workers: int | None) -> list:
+    """Index the tasks' shards, in parallel processes when there is enough to do."""
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+    from multiprocessing import get_context
+
+    args = [(str(p), s, e, facts["num_experts"], facts["world_size"], facts["hidden"]) for p, s, e in tasks]
+    sizes = [max(p.stat().st_size, 1) for p, _, _ in tasks]
+    total = sum(sizes)
+    n = workers if workers is not None else min(os.cpu_count() or 1, 8)
+    # below ~16 MiB process start-up costs more than it saves
+    n = max(1, min(n, len(tasks))) if total > (16 << 20) else 1
+    bar = _Progress(progress, total, f"indexing {len(tasks)} shard(s)")
+    out = []
+    try:
+        if n == 1:
+            for a, size in zip(args, sizes):
+                out.append(_work(a))
+                bar.advance(size)
+        else:
+            order = sorted(range(len(args)), key=lambda i: -sizes[i])  # big first: even finish
+            with ProcessPoolExecutor(n, mp_context=get_context("fork")) as pool:
+                futs = {pool.submit(_work, args[i]): i for i in order}
+                for fut in as_completed(futs):
+                    out.append(fut.result())
+                    bar.advance(sizes[futs[fut]])
+    finally:
+        bar.close()
+    return sorted(out, key=lambda r: r.rank)
+
+
+class _Progress:
+    """A rich progress bar on stderr (bytes of shards indexed); silent when disabled."""
+
+    def __init__(self, enabled: bool, total: int, what: str) -> None:
+        self.bar = None
+        if enabled:
+            from rich.console import Console
+            from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn,
+                                       TimeRemainingColumn)
+
+            self.bar = Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
+                                TimeRemainingColumn(), console=Console(stderr=True), transient=True)
+            self.bar.start()
+            self.task = self.bar.add_task(what, total=total)
+
+    def advance(self, n: int) -> None:
+        if self.bar is not None:
+            self.bar.advance(self.task, n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+            self.bar = None
+
+
+OPS = ("layout", "dispatch", "cached_dispatch", "combine", "ll_dispatch", "ll_combine")  # Op 1..6
+STATUSES = ("ok", "error", "hung")  # Status 0..2
+
+
+def _arrow(cols: dict[str, np.ndarray]):
+    import pyarrow as pa
+
+    out = {}
+    for name, a in cols.items():
+        if name == "op":
+            out[name] = pa.DictionaryArray.from_arrays(pa.array(a - 1, pa.int8()), pa.array(OPS))
+        elif name == "status":
+            out[name] = pa.DictionaryArray.from_arrays(pa.array(a, pa.int8()), pa.array(STATUSES))
+        elif a.dtype == object:
+            out[name] = pa.array(list(a), pa.string())
+        else:
+            out[name] = pa.array(a)
+    return pa.table(out)
+
+
+def _insert(con, table: str, cols: dict[str, np.ndarray]) -> int:
+    """Bulk insert numpy columns (named as the table's, in its order) through Arrow."""
+    n = len(next(iter(cols.values())))
+    if n == 0:
+        return 0
+    batch = _arrow(cols)  # noqa: F841 (DuckDB reads the local by name)
+    con.execute(f"INSERT INTO {table} SELECT * FROM batch")
+    return n
+
+
+# per aggregate table: its key columns (after step, layer) and summed value columns
+_AGG_TABLES = {
+    "expert_load": (("expert",), ("tokens",)),
+    "expert_load_rank": (("src_rank", "expert"), ("tokens",)),
+    "traffic": (("src_rank", "dst_rank"), ("tokens", "bytes")),
+    "rank_load": (("rank",), ("sent_tokens", "recv_tokens", "recv_slots", "recv_bytes")),
+}
+
+
+def _emit(con, results: list, facts: dict, merge: bool) -> dict[str, int]:
+    """Insert the shard results' aggregates, (step, layer) block by block, in key order.
+
+    With `merge`, rows of (step, layer) pairs already in the index are summed with them."""
+    R, E = facts["world_size"], facts["num_experts"]
+    X = max(E // max(R, 1), 1)
+    parts = [r for r in results if r.load_PE is not None and len(r.sl_P2)]
+    added = {t: 0 for t in _AGG_TABLES}
+    if not parts:
+        return added
+    key = lambda sl: (sl[:, 0].astype(np.int64) << 20) + sl[:, 1] + 1  # noqa: E731
+    keys = np.unique(np.concatenate([key(r.sl_P2) for r in parts]))
+    sl_all = np.stack([keys >> 20, (keys & ((1 << 20) - 1)) - 1], axis=1)
+    pos = [np.searchsorted(keys, key(r.sl_P2)) for r in parts]
+    overlap = None
+    if merge:
+        have = con.execute("SELECT DISTINCT step, layer FROM rank_load").fetchnumpy()
+        if len(have["step"]):
+            have_k = key(np.stack([have["step"], have["layer"]], axis=1).astype(np.int64))
+            hit = np.isin(keys, have_k)
+            if hit.any():
+                overlap = sl_all[hit]
+    target = {t: (f"d_{t}" if overlap is not None else t) for t in _AGG_TABLES}
+    if overlap is not None:
+        for t in _AGG_TABLES:
+            con.execute(f"CREATE TEMP TABLE d_{t} AS SELECT * FROM {t} LIMIT 0")
+    block = max(1, DENSE_CELLS // max(R * E, 1))
+    for a in range(0, len(keys), block):
+        b = min(a + block, len(keys))
+        n = b - a
+        load_PRE = np.zeros((n, R, E), np.int32)
+        sent_PRR = np.zeros((n, R, R), np.int64)
+        bytes_PRR = np.zeros((n, R, R), np.int64)
+        recv_PE = np.zeros((n, E), np.int64)
+        for r, p in zip(parts, pos):
+            m = (p >= a) & (p < b)
+            if not m.any():
+                continue
+            q = p[m] - a
+            load_PRE[q, r.rank] += r.load_PE[m]
+            sent_PRR[q, r.rank] += r.sent_PR[m]
+            bytes_PRR[q, r.rank] += r.bytes_PR[m]
+            if r.recv_PE is not None:
+                recv_PE[q] += r.recv_PE[m]
+        step_n, layer_n = sl_all[a:b, 0].astype(np.int32), sl_all[a:b, 1].astype(np.int16)
+        # expert_load_rank: nonzero (p, src, expert) in C order = (step, layer, src_rank, expert) order
+        pi, ri, ei = np.nonzero(load_PRE)
+        added["expert_load_rank"] += _insert(con, target["expert_load_rank"], {
+            "step": step_n[pi], "layer": layer_n[pi], "src_rank": ri.astype(np.int16),
+            "expert": ei.astype(np.int16), "tokens": load_PRE[pi, ri, ei]})
+        load_PE = load_PRE.sum(1, dtype=np.int64) + recv_PE
+        pi, ei = np.nonzero(load_PE)
+        added["expert_load"] += _insert(con, target["expert_load"], {
+            "step": step_n[pi], "layer": layer_n[pi], "expert": ei.astype(np.int16),
+            "tokens": load_PE[pi, ei].astype(np.int32)})
+        pi, si, di = np.nonzero(sent_PRR)
+        added["traffic"] += _insert(con, target["traffic"], {
+            "step": step_n[pi], "layer": layer_n[pi], "src_rank": si.astype(np.int16),
+            "dst_rank": di.astype(np.int16), "tokens": sent_PRR[pi, si, di].astype(np.int32),
+            "bytes": bytes_PRR[pi, si, di]})
+        slots_PR = load_PE[:, :R * X].reshape(n, R, X).sum(2)
+        pi = np.repeat(np.arange(n), R)
+        added["rank_load"] += _insert(con, target["rank_load"], {
+            "step": step_n[pi], "layer": layer_n[pi], "rank": np.tile(np.arange(R, dtype=np.int16), n),
+            "sent_tokens": sent_PRR.sum(2).ravel().astype(np.int32),
+            "recv_tokens": sent_PRR.sum(1).ravel().astype(np.int32),
+            "recv_slots": slots_PR.ravel().astype(np.int32), "recv_bytes": bytes_PRR.sum(1).ravel()})
+    if overlap is not None:
+        _merge(con, overlap)
+    return added
+
+
+def _merge(con, overlap: np.ndarray) -> None:
+    """Sum the delta tables d_<t> into <t>, rewriting only the rows of the overlapping pairs."""
+    ov = _arrow({"step": overlap[:, 0].astype(np.int32), "layer": overlap[:, 1].astype(np.int16)})  # noqa: F841
+    con.execute("CREATE TEMP TABLE ov AS SELECT * FROM ov")
+    for t, (keys, vals) in _AGG_TABLES.items():
+        k = ", ".join(("step", "layer") + keys)
+        sums = ", ".join(f"sum({v}) AS {v}" for v in vals)
+        con.execute(f"""CREATE TEMP TABLE m_{t} AS SELECT {k}, {sums} FROM (
+            SELECT * FROM {t} SEMI JOIN ov USING (step, layer) UNION ALL SELECT * FROM d_{t})
+            GROUP BY {k}""")
+        con.execute(f"DELETE FROM {t} USING ov WHERE {t}.step = ov.step AND {t}.layer = ov.layer")
+        con.execute(f"INSERT INTO {t} SELECT * FROM m_{t} ORDER BY {k}")
+        con.execute(f"DROP TABLE m_{t}; DROP TABLE d_{t}")
+    con.execute("DROP TABLE ov")
+
+
+def _ingest(con, run: RunDir, facts: dict, results: list, shard_paths: list[Path], merge: bool) -> dict[str, int]:
+    """Insert everything the workers found; returns rows added per table."""
+    from epreplay import __version__
+
+    cols = [r.calls for r in results if r.calls and len(r.calls["rank"])]
+    added: dict[str, int] = {"calls": 0, "events": 0}
+    if cols:
+        calls = {k: np.concatenate([c[k] for c in cols]) for k in cols[0]}
+        order = np.lexsort((calls["seq"], calls["buffer"], calls["rank"], calls["layer"], calls["step"]))
+        added["calls"] = _insert(con, "calls", {k: v[order] for k, v in calls.items()})
+    ev = [(r.rank, *e) for r in results for e in r.events]
+    if ev:
+        added["events"] = _insert(con, "events", {
+            "rank": np.array([e[0] for e in ev], np.int16), "shard_offset": np.array([e[1] for e in ev], np.uint64),
+            "start_ns": np.array([e[2] for e in ev], np.int64), "reason": np.array([e[3] for e in ev], object),
+            "detail": np.array([e[4] for e in ev], object)})
+    added.update(_emit(con, results, facts, merge))
+    manifest = facts["manifest"]
+    ranks_facts = manifest.ranks if manifest is not None else {}
+    touched = [r.rank for r in results]
+    if touched:
+        con.execute(f"DELETE FROM shards WHERE rank IN ({', '.join(map(str, touched))})")
+        counts = dict(con.execute(
+            "SELECT rank, count(*) FROM calls GROUP BY rank").fetchall())
+        ev_counts = dict(con.execute("SELECT rank, count(*) FROM events GROUP BY rank").fetchall())
+        rows = []
+        for r in results:
+            dropped = max(r.dropped, int((ranks_facts.get(str(r.rank)) or {}).get("dropped") or 0))
+            rows.append((r.rank, f"shards/{Path(r.path).name}", r.size, r.records, counts.get(r.rank, 0),
+                         ev_counts.get(r.rank, 0), r.complete, r.writer_active, r.truncated_at,
+                         r.size - r.truncated_at if r.truncated_at is not None else 0, dropped,
+                         r.problem, r.indexed_end))
+        names = ["rank", "path", "bytes", "records", "calls", "events", "complete", "writer_active",
+                 "truncated_at", "lost_bytes", "dropped", "problem", "indexed_end"]
+        dtypes = [np.int16, object, np.uint64, np.uint32, np.uint32, np.uint32, bool, bool, object,
+                  np.uint64, np.uint32, object, np.uint64]
+        _insert_rows(con, "shards", names, dtypes, rows)
+    present = {run.rank_of(p) for p in shard_paths}
+    missing = sorted(set(range(facts["world_size"])) - present)
+    dropped = con.execute("SELECT coalesce(sum(dropped), 0) FROM shards").fetchone()[0]
+    con.execute("DELETE FROM runs")
+    con.execute("INSERT INTO runs VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, now()::TIMESTAMP, ?, ?)", [
+        facts["run_id"], facts["created"], facts["release"], facts["world_size"], facts["num_experts"],
+        facts["topk"], facts["hidden"], facts["level"], facts["x_dtype"], len(shard_paths),
+        ",".join(map(str, missing)), int(dropped), INDEX_VERSION, __version__])
+    return added
+
+
+def _insert_rows(con, table: str, names: list[str], dtypes: list, rows: list[tuple]) -> None:
+    """A few rows (shards, replays) through Arrow as well: column by column."""
+    import pyarrow as pa
+
+    cols = {}
+    for i, (name, dt) in enumerate(zip(names, dtypes)):
+        vals = [row[i] for row in rows]
+        if dt is object:
+            cols[name] = pa.array(vals if any(isinstance(v, str) for v in vals) or not any(
+                v is not None for v in vals) else [None if v is None else int(v) for v in vals],
+                pa.string() if any(isinstance(v, str) for v in vals) or not any(v is not None for v in vals)
+                else pa.uint64())
+        else:
+            cols[name] = pa.array(np.array(vals, dt))
+    batch = pa.table(cols)  # noqa: F841
+    con.execute(f"INSERT INTO {table} SELECT * FROM batch")
+
+
+def build_index(path: str | os.PathLike[str], *, force: bool = False, progress: bool = False,
+                workers: int | None = None) -> IndexResult:
+    """Build RUN/index.duckdb, or bring it up to date by indexing only new/grown shards.
+
+    Args:
+        force: rebuild from scratch. progress: rich progress bar on stderr.
+        workers: processes indexing shards (default: the CPU count, at most 8).
+    Raises:
+        UsageError: not a run, no shards, a shard of another run, a manifest that does not match
+            its shards; IndexLocked when another process is writing the index. Nothing is
+            written in any of these cases.
+    """
+    import duckdb
+
+    t0 = time.perf_counter()
+    run, shard_paths = _open_run(path)
+    facts = _facts(run, shard_paths)
+    with WriterLock(run):
+        state = None if force else _existing(run)
+        if state is not None and state["run_id"] != facts["run_id"]:
+            state = None  # the index is of another run (copied directory): rebuild
+        tasks, full = _plan(run, shard_paths, state)
+        _validate(run, facts, shard_paths, [p for p, _, _ in tasks] if not full else shard_paths)
+        new_reports = _report_ids(run) - (state["replays"] if state else set())
+        if not full and not tasks and not new_reports:
+            return IndexResult(run.index_path, "fresh", seconds=time.perf_counter() - t0)
+        results = _run_workers(tasks, facts, progress, workers)
+        if any(r.records < 0 for r in results):  # a shard changed under its indexed part
+            tasks, full = [(p, 0, 0) for p in shard_paths], True
+            results = _run_workers(tasks, facts, progress, workers)
+        tmp = run.path / f".index.duckdb.tmp-{os.getpid()}"
+        try:
+            if not full:
+                shutil.copyfile(run.index_path, tmp)
+            con = duckdb.connect(str(tmp))
+            try:
+                if full:
+                    con.execute(_schema_sql())
+                added = _ingest(con, run, facts, results, shard_paths, merge=not full)
+                for rid in sorted(_report_ids(run) - _loaded_replays(con)):
+                    _load_report(con, run, run.replays_dir / f"{rid}.json")
+                con.execute("CHECKPOINT")
+            finally:
+                con.close()
+            os.chmod(tmp, 0o600)
+            os.replace(tmp, run.index_path)
+        finally:
+            for leftover in (tmp, tmp.with_name(tmp.name + ".wal")):
+                if leftover.exists():
+                    leftover.unlink()
+    problems = tuple(f"rank {r.rank}: {r.problem}" for r in results if r.truncated_at is not None)
+    routings = sum(r.routings for r in results)
+    return IndexResult(run.index_path, "built" if full else "updated", len(results),
+                       sum(r.records - r.start for r in results), routings,
+                       time.perf_counter() - t0, problems, rows_added=added)
+
+
+def ensure_index(run: str | os.PathLike[str], *, progress: bool = True) -> IndexResult:
+    """Build or update RUN's index when missing or stale. When another process holds the writer
+    lock, nothing is done and the result says so (action "locked"); readers then use what is
+    there. Raises UsageError for bad input (see build_index)."""
+    rundir = RunDir.open(run)
+    reason = stale_reason(rundir)
+    if reason is None:
+        return IndexResult(rundir.index_path, "fresh")
+    try:
+        res = build_index(rundir.path, progress=progress)
+    except IndexLocked as exc:
+        return IndexResult(rundir.index_path, "locked", message=str(exc))
+    return res
+
+
+def _loaded_replays(con) -> set[str]:
+    return {r[0] for r in con.execute("SELECT replay FROM replays").fetchall()}
+
+
+_DIV_COLS = [("replay", object), ("call", np.uint32), ("buffer", np.uint16), ("seq", np.uint32),
+             ("step", np.int32), ("layer", np.int16), ("op", object), ("rank", np.int16),
+             ("phys_rank", np.int16), ("kind", object), ("token", np.int32), ("src_rank", np.int16),
+             ("expert", np.int16), ("expected", object), ("got", object), ("detail", object)]
+
+
+def _load_report(con, run: RunDir, report: dict | Path) -> str | None:
+    """Insert one replay report (replay/report.py's to_dict(), or its JSON file); returns its id,
+    None when it was loaded already. Raises UsageError for a report that is not one."""
+    rel = ""
+    if not isinstance(report, dict):
+        path = Path(report)
+        try:
+            report = json.loads(path.read_text())
+        except (OSError, ValueError) as exc:
+            raise UsageError(f"{path}: not a readable replay report ({exc}); move it out of "
+                             f"{run.replays_dir}") from None
+        rel = f"{run.replays_dir.name}/{path.name}"
+    try:
+        rid = str(report["id"])
+        if rid in _loaded_replays(con):
+            return None
+        plan = report.get("plan") or {}
+        rel = rel or f"{run.replays_dir.name}/{rid}.json"
+        con.execute("INSERT INTO replays VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", [
+            rid, report.get("run_id", ""), report.get("created", ""), report.get("backend", ""),
+            report.get("device", ""), report.get("payload", ""), int(plan.get("virtual_ranks") or 0),
+            int(plan.get("physical_ranks") or 0), int(report.get("calls") or 0),
+            int(report.get("scheduled") or 0), int(report.get("divergences") or 0),
+            report.get("stopped"), float(report.get("wall_s") or 0.0),
+            int(report.get("exit_code", 1 if report.get("divergences") else 0)),
+            report.get("verdict", ""), rel])
+        divs = report.get("divergence_list") or []
+        if divs:
+            get = {"replay": lambda d: rid, "phys_rank": lambda d: d.get("physical", -1)}
+            rows = [tuple(get[c](d) if c in get else d.get(c, -1 if dt is not object else "")
+                          for c, dt in _DIV_COLS) for d in divs]
+            _insert_rows(con, "divergences", [c for c, _ in _DIV_COLS], [dt for _, dt in _DIV_COLS], rows)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise UsageError(f"replay report {rel or '?'}: malformed ({exc})") from None
+    return rid
+
+
+def load_replay_report(run: str | os.PathLike[str], report: dict | str | os.PathLike[str], *,
+                       wait_s: float = 60.0) -> bool:
+    """Load a replay report into RUN/index.duckdb (building the index first when missing).
+
+    Args:
+        report: ReplayReport.to_dict() (its "id", "plan", "divergence_list", ...), or the path
+            of RUN/replays/<id>.json. Columns it fills: see the replays / divergences tables in
+            epreplay/index_schema.sql (divergence_list entries: call, buffer, seq, step, layer,
+            op, rank, physical -> phys_rank, kind, token, src_rank, expert, expected, got, detail).
+        wait_s: how long to wait for another index writer.
+    Returns:
+        True when loaded, False when it was already there or the index stayed locked for wait_s
+        (the JSON file in RUN/replays is loaded by the next `epreplay index` / ensure_index).
+    """
+    import duckdb
+
+    rundir = RunDir.open(run)
+    if not rundir.index_path.exists():
+        try:
+            build_index(rundir.path)  # loads RUN/replays/*.json on the way
+        except IndexLocked:
+            return False
+        if isinstance(report, dict):
+            state = _existing(rundir)
+            if state and str(report.get("id")) in state["replays"]:
+                return True
+    try:
+        with WriterLock(rundir, wait_s=wait_s):
+            tmp = rundir.path / f".index.duckdb.tmp-{os.getpid()}"
+            try:
+                shutil.copyfile(rundir.index_path, tmp)
+                con = duckdb.connect(str(tmp))
+                try:
+                    rid = _load_report(con, rundir, report if isinstance(report, dict) else Path(report))
+                    con.execute("CHECKPOINT")
+                finally:
+                    con.close()
+                if rid is None:
+                    return False
+                os.chmod(tmp, 0o600)
+                os.replace(tmp, rundir.index_path)
+            finally:
+                for leftover in (tmp, tmp.with_name(tmp.name + ".wal")):
+                    if leftover.exists():
+                        leftover.unlink()
+    except IndexLocked:
+        print(f"epreplay: {rundir.index_path} stayed locked for {wait_s:.0f} s; the replay report "
+              f"will be loaded by the next 'epreplay index {rundir.path}'", file=sys.stderr)
+        return False
+    return True
+
+
+load_replay = load_replay_report  # the name epreplay.replay.driver looks up

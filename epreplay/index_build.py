@@ -1,0 +1,281 @@
+"""Index one shard: its calls, and its routing aggregated per (step, layer) with vectorised numpy.
+
+Runs in worker processes (one shard per task); pure numpy + the shard reader, no duckdb. The
+parent (epreplay.index) merges the per-shard results into the index tables.
+
+What a shard contributes (its rank is the sending rank of every aggregate):
+  load_PE  [P, E] slots (t, k) per expert, from topk_idx_TK of dispatch / ll_dispatch
+           (counts level: num_tokens_per_expert_E);
+  sent_PR  [P, R] rows sent per destination rank: normal dispatch counts a token once per
+           destination (DeepEP's is_token_in_rank), LL once per (token, expert) slot
+           (counts level: num_tokens_per_rank_R);
+  bytes_PR [P, R] the same x row bytes;
+  recv_PE  [P, E] receive-side slots of counts-level ll_dispatch records (recv_count_L) whose
+           senders are unknown: they count in expert_load but not in expert_load_rank/traffic.
+P indexes sl_P2, the distinct (step, layer) pairs of the shard's routing records, ascending.
+
+Legend: T tokens, K top-k, E experts, R ranks, X = E / R local experts, P (step, layer) pairs.
+"""
+from __future__ import annotations
+
+import json
+import os
+import zlib
+from dataclasses import dataclass, field
+
+import numpy as np
+import zstandard
+
+from epreplay import codec
+from epreplay.records import Kind, Op, ShardInfo
+from epreplay.shard_frames import REC_PREFIX, RECORD_FRAME_HEAD
+
+ROUTING_OPS = (int(Op.DISPATCH), int(Op.LL_DISPATCH))
+CHUNK_RECORDS = 512  # records per vectorised batch: bounds memory (~2 MB of ids per 512 x 512 x 8)
+READ_BYTES = 8 << 20  # read the shard in ~8 MiB slices
+
+
+@dataclass
+class ShardResult:
+    """What one worker found in one shard (see the module docstring for the aggregates)."""
+
+    rank: int
+    info: ShardInfo
+    size: int
+    complete: bool
+    writer_active: bool
+    truncated_at: int | None
+    problem: str | None
+    records: int  # intact records up to the end of what was indexed (all, not only new)
+    indexed_end: int
+    start: int  # first record indexed by this task
+    calls: dict[str, np.ndarray] = field(default_factory=dict)  # calls table columns (new records)
+    events: list[tuple[int, int, str, str]] = field(default_factory=list)  # (offset, start_ns, reason, detail)
+    errors: dict[int, str] = field(default_factory=dict)  # offset -> exception text of failed calls
+    dropped: int = 0
+    sl_P2: np.ndarray = field(default_factory=lambda: np.zeros((0, 2), np.int64))
+    load_PE: np.ndarray | None = None
+    sent_PR: np.ndarray | None = None
+    bytes_PR: np.ndarray | None = None
+    recv_PE: np.ndarray | None = None
+    path: str = ""
+    routings: int = 0  # token-layer routings aggregated (rows of topk_idx_TK, or T at counts level)
+
+
+def decode_some(raw: bytes, names: tuple[str, ...]) -> tuple[dict[str, np.ndarray], dict]:
+    """Decode only the named arrays of a codec blob (and the meta): the index needs 1-4 of a
+    dispatch record's ~8 arrays, and skipping the float planes makes reading ~4x faster."""
+    buf = memoryview(raw)
+    if bytes(buf[:4]) != codec.MAGIC:
+        raise codec.CodecError("record body does not start with the codec magic")
+    head_len = int.from_bytes(buf[4:8], "little")
+    table = json.loads(bytes(buf[8:8 + head_len]))
+    pos = 8 + head_len + (-(8 + head_len)) % 8
+    out = {}
+    for spec in table["arrays"]:
+        if spec["name"] in names:
+            out[spec["name"]] = codec._decode_one(spec, buf, pos)
+        pos += spec["nbytes"] + (-spec["nbytes"]) % 8
+    return out, table["meta"]
+
+
+def row_bytes(meta: dict, hidden: int, ll: bool) -> int:
+    """Bytes of one dispatched row: hidden x element size (+ fp32 scales per 128 values for fp8)."""
+    h = int(meta.get("hidden") or hidden or 0)
+    fp8 = bool(meta.get("use_fp8")) if ll else "float8" in str(meta.get("x_dtype", ""))
+    return h + 4 * ((h + 127) // 128) if fp8 else 2 * h
+
+
+class _Reader:
+    """Sequential reads of records' data frames, CRC-checked, from a window of the file."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd, self.lo, self.buf = fd, 0, b""
+        self.dec = zstandard.ZstdDecompressor()
+
+    def frame(self, offset: int, comp_len: int, crc: int, raw_len: int) -> bytes:
+        end = offset + REC_PREFIX + comp_len
+        if offset < self.lo or end > self.lo + len(self.buf):
+            self.lo = offset
+            self.buf = os.pread(self.fd, max(READ_BYTES, end - offset), offset)
+        view = memoryview(self.buf)[offset - self.lo:end - self.lo]
+        if len(view) < REC_PREFIX + comp_len:
+            raise ValueError("record cut short")
+        if bytes(view[:8]) != RECORD_FRAME_HEAD:
+            raise ValueError("record header frame damaged")
+        comp = view[REC_PREFIX:]
+        got = zlib.crc32(comp)
+        if got != crc:
+            raise ValueError(f"record data damaged (crc {got:#010x} != {crc:#010x})")
+        raw = self.dec.decompress(comp, max_output_size=raw_len)
+        if len(raw) != raw_len:
+            raise ValueError(f"{len(raw)} bytes decoded, header says {raw_len}")
+        return raw
+
+
+def index_shard(path: str, start: int = 0, *, num_experts: int = 0, world_size: int = 0,
+                hidden: int = 0, expect_end: int = 0) -> ShardResult:
+    """Index records [start:] of the shard at `path` (a grown shard resumes where it was left).
+
+    Args:
+        num_experts / world_size / hidden: E, R, H from the manifest (0: from the shard header).
+        expect_end: with start > 0, where record start-1 ended when indexed last time; a shard
+            that no longer matches comes back with records = -1 (the caller rebuilds).
+    Never raises for damage: a record whose CRC or body fails ends what is indexed, and the
+    result carries its byte offset (truncated_at) and the reason (problem).
+    """
+    from epreplay.shard import open_shard
+
+    with open_shard(path) as scan:
+        info = scan.info
+        H = scan.header_array()
+        res = ShardResult(info.rank, info, scan.size, scan.complete, scan.writer_active,
+                          scan.truncated_at, scan.problem, len(H), scan.valid_end if len(H) else scan.data_start,
+                          start, path=str(path))
+    if start and (len(H) < start or int(H["offset"][start - 1]) + REC_PREFIX
+                  + int(H["comp_len"][start - 1]) != expect_end):
+        res.records = -1
+        return res
+    E = num_experts or info.num_experts
+    R = world_size or info.world_size
+    new = H[start:]
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        n_ok, routing = _read_records(fd, new, res, hidden or info.hidden)
+    finally:
+        os.close(fd)
+    if n_ok < len(new):  # a damaged record: index what precedes it, flag where it is
+        bad = int(new["offset"][n_ok])
+        res.truncated_at = bad if res.truncated_at is None else min(bad, res.truncated_at)
+        res.problem = (f"record at byte {bad}: {res.problem}; {start + n_ok} records intact, "
+                       f"{res.size - bad} bytes not indexed; run 'epreplay repair {path}'")
+        res.complete = False
+        new = new[:n_ok]
+        res.records = start + n_ok
+        res.indexed_end = bad
+    res.calls = _call_columns(new[new["kind"] == int(Kind.CALL)], info.rank, res.errors)
+    if not E and routing:
+        E = int(routing[0][4].get("num_experts") or 0)
+    if routing and E and R:
+        _aggregate(res, routing, E, R)
+    return res
+
+
+def _read_records(fd: int, new: np.ndarray, res: ShardResult, hidden: int) -> tuple[int, list]:
+    """CRC-check every record; decode routing records, events and failed calls' meta.
+
+    Returns (records intact, routing) with routing = [(step, layer, ll, arrays, meta, row_bytes)].
+    On a damaged record sets res.problem to the reason and returns its position."""
+    reader = _Reader(fd)
+    routing: list = []
+    kinds, ops, statuses = new["kind"], new["op"], new["status"]
+    for i in range(len(new)):
+        h = new[i]
+        try:
+            raw = reader.frame(int(h["offset"]), int(h["comp_len"]), int(h["crc32"]), int(h["raw_len"]))
+            if kinds[i] == Kind.CALL and ops[i] in ROUTING_OPS:
+                ll = ops[i] == Op.LL_DISPATCH
+                arrays, meta = decode_some(raw, ("topk_idx_TK", "num_tokens_per_expert_E",
+                                                 "num_tokens_per_rank_R", "recv_count_L"))
+                routing.append((int(h["step"]), int(h["layer"]), ll, arrays, meta,
+                                row_bytes(meta, hidden, ll)))
+            elif kinds[i] == Kind.EVENT or statuses[i] != 0:
+                _, meta = decode_some(raw, ())
+                if kinds[i] == Kind.EVENT:
+                    res.events.append((int(h["offset"]), int(h["start_ns"]), str(meta.get("reason", "")),
+                                       str(meta.get("detail", ""))[:500]))
+                    res.dropped = max(res.dropped, int(meta.get("dropped") or 0))
+                else:
+                    res.errors[int(h["offset"])] = str(meta.get("error", ""))[:2000]
+        except (ValueError, KeyError, TypeError, zstandard.ZstdError) as exc:
+            res.problem = str(exc)
+            return i, routing
+    return len(new), routing
+
+
+def _call_columns(h: np.ndarray, rank: int, errors: dict[int, str]) -> dict[str, np.ndarray]:
+    if len(h) and int(h["seq"].max()) >= 1 << 32:
+        raise ValueError(f"rank {rank}: call seq {int(h['seq'].max())} exceeds the index's UINTEGER")
+    offsets = h["offset"].astype(np.uint64)
+    err = np.array([errors.get(int(o)) for o in offsets], dtype=object) if errors else None
+    return {
+        "rank": np.full(len(h), rank, np.int16), "buffer": h["buffer"].astype(np.uint16),
+        "seq": h["seq"].astype(np.uint32), "step": h["step"].astype(np.int32),
+        "layer": h["layer"].astype(np.int16), "op": h["op"].astype(np.int8),
+        "level": h["level"].astype(np.uint8), "tokens": h["tokens"].astype(np.uint32),
+        "shard_offset": offsets, "shard_length": (h["comp_len"] + REC_PREFIX).astype(np.uint32),
+        "start_ns": h["start_ns"].astype(np.int64), "duration_ns": h["duration_ns"].astype(np.int64),
+        "status": h["status"].astype(np.int8),
+        "error": err if err is not None else np.full(len(h), None, dtype=object),
+    }
+
+
+def _aggregate(res: ShardResult, routing: list, E: int, R: int) -> None:
+    """Fill res.sl_P2 / load_PE / sent_PR / bytes_PR / recv_PE from the routing records."""
+    X = max(E // R, 1)
+    key_N = np.array([(s << 20) + (l + 1) for s, l, *_ in routing], np.int64)  # (step, layer) order
+    uniq, p_N = np.unique(key_N, return_inverse=True)
+    P = uniq.size
+    res.sl_P2 = np.stack([uniq >> 20, (uniq & ((1 << 20) - 1)) - 1], axis=1)
+    load_PE = np.zeros((P, E), np.int64)
+    sent_PR = np.zeros((P, R), np.int64)
+    bytes_PR = np.zeros((P, R), np.int64)
+    recv_PE = None
+    normal: list[tuple[int, np.ndarray, int]] = []
+    ll: list[tuple[int, np.ndarray, int]] = []
+    for n, (_s, _l, is_ll, arrays, _meta, rb) in enumerate(routing):
+        p = int(p_N[n])
+        idx = arrays.get("topk_idx_TK")
+        res.routings += int(idx.shape[0]) if idx is not None and idx.ndim == 2 else 0
+        if idx is not None and idx.ndim == 2:
+            (ll if is_ll else normal).append((p, idx, rb))
+        elif not is_ll and "num_tokens_per_expert_E" in arrays:  # counts level
+            per_e = arrays["num_tokens_per_expert_E"][:E]
+            load_PE[p, :per_e.size] += per_e
+            per_r = arrays.get("num_tokens_per_rank_R")
+            if per_r is not None:
+                sent_PR[p, :per_r.size] += per_r[:R]
+                bytes_PR[p, :per_r.size] += per_r[:R].astype(np.int64) * rb
+        elif is_ll and "recv_count_L" in arrays:  # counts-level LL: receive side only
+            if recv_PE is None:
+                recv_PE = np.zeros((P, E), np.int64)
+            cnt = arrays["recv_count_L"]
+            lo = res.rank * X
+            recv_PE[p, lo:lo + cnt.size] += cnt[:max(E - lo, 0)]
+    for group, dedup in ((normal, True), (ll, False)):
+        for c in range(0, len(group), CHUNK_RECORDS):
+            _chunk(group[c:c + CHUNK_RECORDS], dedup, E, R, X, load_PE, sent_PR, bytes_PR)
+    res.load_PE, res.sent_PR, res.bytes_PR, res.recv_PE = load_PE, sent_PR, bytes_PR, recv_PE
+
+
+def _chunk(group: list[tuple[int, np.ndarray, int]], dedup: bool, E: int, R: int, X: int,
+           load_PE: np.ndarray, sent_PR: np.ndarray, bytes_PR: np.ndarray) -> None:
+    """Aggregate a batch of routing records at once (one bincount per table, not per record)."""
+    p_n = np.array([p for p, _, _ in group], np.int64)
+    T_n = np.array([idx.shape[0] for _, idx, _ in group], np.int64)
+    K = max(idx.shape[1] for _, idx, _ in group)
+    idx_GK = np.concatenate([idx if idx.shape[1] == K else
+                             np.pad(idx, ((0, 0), (0, K - idx.shape[1])), constant_values=-1)
+                             for _, idx, _ in group]) if len(group) > 1 else group[0][1]
+    lo, hi = int(p_n.min()), int(p_n.max()) + 1
+    p_G = np.repeat(p_n - lo, T_n)
+    valid = (idx_GK >= 0) & (idx_GK < E)
+    ids = np.where(valid, idx_GK, 0)
+    key = (p_G[:, None] * E + ids)[valid]
+    load_PE[lo:hi] += np.bincount(key, minlength=(hi - lo) * E).reshape(hi - lo, E)
+    dst_GK = np.where(valid, ids // X, -1)
+    if dedup:  # a token goes once to each destination rank, however many of its experts live there
+        dst_GK.sort(axis=1)
+        keep = dst_GK >= 0
+        keep[:, 1:] &= dst_GK[:, 1:] != dst_GK[:, :-1]
+    else:
+        keep = valid
+    sent = np.bincount((p_G[:, None] * R + dst_GK)[keep], minlength=(hi - lo) * R).reshape(hi - lo, R)
+    sent_PR[lo:hi] += sent
+    rb_n = np.array([rb for _, _, rb in group], np.int64)
+    if (rb_n == rb_n[0]).all():
+        bytes_PR[lo:hi] += sent * rb_n[0]
+    else:
+        rb_GK = np.broadcast_to(np.repeat(rb_n, T_n)[:, None], dst_GK.shape)
+        w = np.bincount((p_G[:, None] * R + dst_GK)[keep], weights=rb_GK[keep], minlength=(hi - lo) * R)
+        bytes_PR[lo:hi] += np.rint(w).astype(np.int64).reshape(hi - lo, R)
