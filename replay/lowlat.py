@@ -79,14 +79,20 @@ def dispatch(eng: Any, call: Any, recs: dict) -> tuple[int, int]:
     st = eng.states[(call.buffer, call.seq)] = DispatchState(handle, x, topk, {}, recv_x)
     st.extra.update(use_fp8=use_fp8, recv_count=recv_count)
     Lv = plan.local_experts_virtual
+    exp: dict = {}
+    for v in vs:  # expected sets first: their fingerprints tell swapped rows from corrupt ones
+        eng.check(call, v, lambda v=v: exp.__setitem__(v, _expected(eng, call, v, recs[v], use_fp8)) or [])
+    known = frozenset(f for e in exp.values() if e for i, rows in e.items() if i != "counts" and rows
+                      for f in rows.values() if f is not None)
     for v in vs:
-        eng.check(call, v, lambda v=v: _verify_dispatch(eng, call, v, recs[v], recv_x, recv_count,
-                                                         src_info, lrange, use_fp8))
+        if exp.get(v) is not None:
+            eng.check(call, v, lambda v=v: _verify_dispatch(eng, call, v, exp[v], recv_x, recv_count,
+                                                             src_info, lrange, known))
     return dt, _nbytes(x_p)
 
 
-def _verify_dispatch(eng: Any, call: Any, v: int, rec: Any, recv_x: Any, recv_count: torch.Tensor,
-                     src_info: np.ndarray, lrange: np.ndarray, use_fp8: bool) -> list[tuple]:
+def _verify_dispatch(eng: Any, call: Any, v: int, exp: dict, recv_x: Any, recv_count: torch.Tensor,
+                     src_info: np.ndarray, lrange: np.ndarray, known: frozenset) -> list[tuple]:
     """Virtual rank v's rows of the physical LL receive, as sets per local expert."""
     plan = eng.plan
     Lv = plan.local_experts_virtual
@@ -105,10 +111,7 @@ def _verify_dispatch(eng: Any, call: Any, v: int, rec: Any, recv_x: Any, recv_co
         fps = _recv_rows_fp(recv_x, e, torch.from_numpy(rows)) if len(rows) else []
         got[i] = {(int(s), int(t)): (int(f) if len(fps) else None)
                   for s, t, f in zip(src, tok, fps if len(fps) else [None] * len(rows))}
-    exp = _expected(eng, call, v, rec, use_fp8)
-    if exp is None:
-        return []
-    return check_ll(exp, got, expert_base=v * Lv)
+    return check_ll(exp, got, expert_base=v * Lv, known_fps=known)
 
 
 def _expected(eng: Any, call: Any, u: int, rec: Any, use_fp8: bool) -> dict | None:

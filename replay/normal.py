@@ -146,16 +146,21 @@ def dispatch(eng: Any, call: Any, recs: dict) -> tuple[int, int]:
     st.extra.update(rows={}, exp={}, recv_factor={}, recv_w_p=recv_w)
     # Synthetic experts (see combine): the factor each received row gets on this physical rank.
     scale_NK = I.expert_scale((recv_idx + p * plan.local_experts_physical).clamp(min=0))
+    for v in vs:  # expected rows first: their fingerprints tell swapped rows from corrupt ones
+        eng.check(call, v, lambda v=v: st.extra["exp"].__setitem__(v, _expected_rows(
+            eng, call, v, recs[v], fp8)) or [])
+    known = frozenset(int(f) for e in st.extra["exp"].values() if e.fp_N is not None for f in e.fp_N)
     for v in vs:
-        eng.check(call, v, lambda v=v: _verify_dispatch(eng, call, st, v, recs[v], recv_x, recv_idx,
-                                                         recv_w, recv_list, src, tok, scale_NK, fp8))
+        if v in st.extra["exp"]:
+            eng.check(call, v, lambda v=v: _verify_dispatch(eng, call, st, v, recv_x, recv_idx, recv_w,
+                                                             recv_list, src, tok, scale_NK, known))
     return dt, _nbytes(x_p)
 
 
-def _verify_dispatch(eng: Any, call: Any, st: Any, v: int, rec: Any, recv_x: Any,
+def _verify_dispatch(eng: Any, call: Any, st: Any, v: int, recv_x: Any,
                      recv_idx: torch.Tensor, recv_w: torch.Tensor, recv_list: Any,
                      src: np.ndarray | None, tok: np.ndarray | None, scale_NK: torch.Tensor,
-                     fp8: bool) -> list[tuple]:
+                     known: frozenset) -> list[tuple]:
     """Split the physical receive down to virtual rank v and compare it with v's recording."""
     plan = eng.plan
     Lv = plan.local_experts_virtual
@@ -165,8 +170,7 @@ def _verify_dispatch(eng: Any, call: Any, st: Any, v: int, rec: Any, recv_x: Any
     rows = torch.nonzero(inside.any(dim=1)).flatten()
     st.extra["rows"][v] = rows
     st.extra["recv_factor"][v] = torch.where(inside, recv_w * scale_NK, 0.0)[rows].sum(dim=1)
-    exp = _expected_rows(eng, call, v, rec, fp8)
-    st.extra["exp"][v] = exp
+    exp = st.extra["exp"][v]
     if src is None and exp.src_N is not None and len(rows) == len(exp.src_N):
         g_src, g_tok = exp.src_N, exp.tok_N
     elif src is None:
@@ -180,7 +184,7 @@ def _verify_dispatch(eng: Any, call: Any, st: Any, v: int, rec: Any, recv_x: Any
                I.fingerprints(I.rows_of(recv_x, rows)) if exp.fp_N is not None else None)
     found = check_counts(exp, got, expert_base=v * Lv)
     if not found and exp.src_N is not None:
-        found = check_rows(exp, got, expert_base=v * Lv)
+        found = check_rows(exp, got, expert_base=v * Lv, known_fps=known)
     return found
 
 
@@ -244,12 +248,20 @@ def cached(eng: Any, call: Any, recs: dict) -> tuple[int, int]:
     dt = time.perf_counter_ns() - t0
     recv_x = _cpu(recv_x)
     st.x_V, st.recv_x = x, recv_x
+    want = {}
     for v in vs:
-        eng.check(call, v, lambda v=v: _verify_cached(eng, call, st, v, recs[v], recv_x, fp8))
+        exp_d = st.extra["exp"].get(v)
+        if exp_d is not None and exp_d.src_N is not None:
+            eng.check(call, v, lambda v=v, e=exp_d: want.__setitem__(v, eng.expected_fp(
+                call, recs[v], "recv_x_fp_N", e.src_N, e.tok_N, fp8)) or [])
+    known = frozenset(int(f) for fp in want.values() if fp is not None for f in fp)
+    for v in vs:
+        eng.check(call, v, lambda v=v: _verify_cached(eng, st, v, recs[v], recv_x, want.get(v), known))
     return dt, _nbytes(x_p)
 
 
-def _verify_cached(eng: Any, call: Any, st: Any, v: int, rec: Any, recv_x: Any, fp8: bool) -> list[tuple]:
+def _verify_cached(eng: Any, st: Any, v: int, rec: Any, recv_x: Any, want_fp: np.ndarray | None,
+                   known: frozenset) -> list[tuple]:
     """A cached dispatch reuses its dispatch's layout: same rows, new payload."""
     exp_d, rows = st.extra["exp"][v], st.extra["rows"][v]
     want_rank = rec.arrays.get("recv_tokens_per_rank_R")
@@ -259,13 +271,12 @@ def _verify_cached(eng: Any, call: Any, st: Any, v: int, rec: Any, recv_x: Any, 
                  s, -1, -1, "cached dispatch received other counts than its dispatch")]
     if exp_d.src_N is None or len(exp_d.src_N) != len(rows):
         return []
-    want_fp = eng.expected_fp(call, rec, "recv_x_fp_N", exp_d.src_N, exp_d.tok_N, fp8)
     if want_fp is None:
         return []
     exp = Rows(exp_d.src_N, exp_d.tok_N, exp_d.per_rank_R, None, fp_N=want_fp)
     got = Rows(exp_d.src_N, exp_d.tok_N, exp_d.per_rank_R, None,
                fp_N=I.fingerprints(I.rows_of(recv_x, rows)))
-    return check_rows(exp, got, expert_base=v * eng.plan.local_experts_virtual)
+    return check_rows(exp, got, expert_base=v * eng.plan.local_experts_virtual, known_fps=known)
 
 
 def _expert_factor(topk_TK: torch.Tensor, w_TK: torch.Tensor, lo: int, hi: int) -> torch.Tensor:

@@ -1,0 +1,180 @@
+"""Replay of a recorded 8-rank run: zero divergences on 8/4/2/1 processes, edited and truncated
+shards, bad input. One tiny recording (normal + cached + low-latency calls, payload on even steps
+only) is made once per session with capture around the emulated Buffer and reused."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from epreplay.records import Op
+from epreplay.replay import replay_run
+from epreplay.run import RunDir
+
+WORLD, TOKENS, HIDDEN, EXPERTS, TOPK = 8, 6, 128, 16, 3
+
+
+def _workload(ctx, run_dir: str) -> bool:
+    """Each rank: step 0 (payload recorded) and step 1 (no payload); per step a normal layer
+    (layout, BF16 dispatch, FP8 cached dispatch, combine) and a low-latency layer."""
+    import torch
+    import torch.distributed as dist
+
+    from epreplay import capture
+    from epreplay.emulate import Buffer
+    from epreplay.epbench import per_token_cast_to_fp8
+
+    capture.start(run_dir, level="payload", payload_every=2, install=False)
+    buf = capture.wrap(Buffer(dist.group.WORLD, low_latency_mode=True))
+    g = torch.Generator().manual_seed(100 + ctx.rank)
+    for s in range(2):
+        with capture.step(s):
+            t = TOKENS - (ctx.rank % 3)  # ranks send different token counts
+            topk = torch.rand(t, EXPERTS, generator=g).topk(TOPK, dim=1).indices.long()
+            if ctx.rank == 1:
+                topk[0, 1] = -1  # a slot with no expert
+            w = torch.rand(t, TOPK, generator=g)
+            x = torch.randn(t, HIDDEN, generator=g).to(torch.bfloat16)
+            with capture.layer(0):
+                nr, nrd, ne, ir, _ = buf.get_dispatch_layout(topk, EXPERTS)
+                rx, _, rw, _, h, _ = buf.dispatch(x, num_tokens_per_rank=nr, num_tokens_per_rdma_rank=nrd,
+                                                 is_token_in_rank=ir, num_tokens_per_expert=ne,
+                                                 topk_idx=topk, topk_weights=w)
+                buf.dispatch(per_token_cast_to_fp8(x), handle=h)
+                buf.combine(rx, h, topk_weights=rw)
+            with capture.layer(1):
+                rx, _, h, _, _ = buf.low_latency_dispatch(x, topk, TOKENS, EXPERTS, use_fp8=bool(s))
+                if isinstance(rx, tuple):
+                    q, sc = rx
+                    rx = (q.float().view(*q.shape[:2], -1, 128) * sc.unsqueeze(-1)).view(q.shape).to(torch.bfloat16)
+                buf.low_latency_combine(rx, topk, w, h)
+    capture.stop()
+    return True
+
+
+@pytest.fixture(scope="session")
+def recorded(tmp_path_factory) -> Path:
+    from epreplay.launch import run_ranks
+
+    pytest.importorskip("epreplay.emulate")
+    run = tmp_path_factory.mktemp("replay") / "run8"
+    run_ranks(_workload, WORLD, str(run), timeout=240)
+    return run
+
+
+def _copy(run: Path, dst: Path) -> Path:
+    shutil.copytree(run, dst, ignore=shutil.ignore_patterns("replays", "index.duckdb", ".capture"))
+    return dst
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("ranks", [8, 4, 2, 1])
+def test_recorded_run_replays_without_divergence(recorded: Path, ranks: int) -> None:
+    report = replay_run(recorded, ranks, call_timeout=60, index=False)
+    assert report.divergences == 0, report.divergence_list[:3]
+    assert report.first_divergence is None and report.exit_code == 0
+    # every op of the workload was replayed, both with recorded payload and synthetic
+    assert report.calls_by_op == {"layout": 2, "dispatch": 2, "cached_dispatch": 2, "combine": 2,
+                                  "ll_dispatch": 2, "ll_combine": 2}
+    assert report.calls == report.scheduled == 12 and not report.skipped
+    assert report.plan["physical_ranks"] == ranks and report.plan["virtual_per_physical"] == WORLD // ranks
+    assert report.payload == "recorded"
+    saved = json.loads((recorded / "replays" / f"{report.id}.json").read_text())
+    assert saved["divergences"] == 0 and saved["calls"] == 12
+
+
+def _edit_expert(src: Path, dst: Path, *, rank: int, seq: int, token: int, slot: int) -> int:
+    """Rewrite rank's shard with one token's expert changed in the dispatch record `seq`;
+    returns the new expert id."""
+    from epreplay.records import ShardInfo
+    from epreplay.shard import ShardWriter, open_shard
+
+    path = RunDir(dst).shard_path(rank)
+    path.unlink()
+    new_expert = -1
+    with open_shard(RunDir(src).shard_path(rank)) as scan, ShardWriter(path, scan.info) as w:
+        for rec in scan.records():
+            arrays = {k: v for k, v in rec.arrays.items()}
+            logical = rec.meta.get("_logical_dtypes", {})
+            for k, name in logical.items():
+                arrays[k] = (arrays[k], name)
+            if rec.header.op == Op.DISPATCH and rec.header.seq == seq:
+                t = arrays["topk_idx_TK"].copy()
+                row = set(t[token].tolist())
+                new_expert = next(e for e in range(EXPERTS - 1, -1, -1) if e not in row)
+                t[token, slot] = new_expert
+                arrays["topk_idx_TK"] = t
+            meta = {k: v for k, v in rec.meta.items() if k != "_logical_dtypes"}
+            w.append(rec.header, arrays, meta)
+    return new_expert
+
+
+@pytest.mark.slow
+def test_edited_expert_is_reported_at_that_call(recorded: Path, tmp_path: Path) -> None:
+    run = _copy(recorded, tmp_path / "edited")
+    # seq 1 is step 0's dispatch (seq 0 its layout); rank 5 sends token 2 elsewhere
+    new_expert = _edit_expert(recorded, run, rank=5, seq=1, token=2, slot=0)
+    report = replay_run(run, 2, call_timeout=60, index=False)
+    assert report.exit_code == 1
+    first = report.first_divergence
+    assert (first["step"], first["layer"], first["op"], first["seq"]) == (0, 0, "dispatch", 1)
+    assert first["kind"] == "count"
+    at_call = [d for d in report.divergence_list if d["seq"] == 1]
+    # the sender is named with the expert its edited token now goes to ...
+    assert any(d["rank"] == 5 and d["expert"] == new_expert for d in at_call)
+    # ... and the new expert's virtual rank received a row it never recorded
+    home = new_expert // (EXPERTS // WORLD)
+    assert any(d["rank"] == home and d["kind"] == "count" for d in at_call)
+
+
+@pytest.mark.slow
+def test_truncated_shard_replays_common_calls_and_says_what_was_skipped(recorded: Path, tmp_path: Path) -> None:
+    from epreplay.shard import open_shard
+
+    run = _copy(recorded, tmp_path / "truncated")
+    path = RunDir(run).shard_path(3)
+    with open_shard(path) as scan:
+        entries = list(scan.entries)
+    cut = entries[8].offset + 40  # inside step 1's ll... record 8: keep 8 intact records
+    with open(path, "r+b") as fh:
+        fh.truncate(cut)
+    report = replay_run(run, 4, call_timeout=60, index=False)
+    assert report.divergences == 0, report.divergence_list[:3]
+    assert report.calls == 8 and len(report.skipped) == 4
+    assert all("rank 3 (shard truncated at byte" in s["reason"] for s in report.skipped)
+    assert {s["step"] for s in report.skipped} == {1}
+
+
+def _cli(*args: str, timeout: float = 200) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "epreplay", "replay", *args], capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def test_ranks_must_divide_world_size(recorded: Path) -> None:
+    r = _cli(str(recorded), "--ranks", "3")
+    assert r.returncode == 2
+    assert "--ranks 3: must divide the recorded world size 8; valid values: 1, 2, 4, 8" in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_unusable_input_exits_2(tmp_path: Path, recorded: Path) -> None:
+    r = _cli(str(tmp_path / "nope"))
+    assert r.returncode == 2 and "no such run directory" in r.stderr
+    r = _cli(str(recorded), "--steps", "5:9")
+    assert r.returncode == 2 and "nothing to replay" in r.stderr
+
+
+@pytest.mark.slow
+def test_cli_json_report(recorded: Path) -> None:
+    r = _cli(str(recorded), "--ranks", "2", "--steps", "0:1", "--format", "json", "--no-index")
+    assert r.returncode == 0, r.stderr[-2000:]
+    out = json.loads(r.stdout)
+    assert out["calls"] == 6 and out["divergences"] == 0 and out["by_kind"] == {}
+    assert out["first_divergence"] is None and out["filtered"] == 6
+    assert os.path.exists(os.path.join(recorded, "replays", out["id"] + ".json"))
