@@ -59,7 +59,8 @@ from epreplay import codec
 from epreplay.records import RecordHeader, ShardInfo
 from epreplay.shard_frames import (DEFAULT_LEVEL, LARGE_LEVEL, EncodedRecord, Entry,
                                    encode_record, footer_frame, header_frame)
-from epreplay.shard_reader import RepairReport, ShardScan, open_shard, repair
+from epreplay.shard_reader import ShardScan, open_shard
+from epreplay.shard_repair import RepairReport, repair
 
 
 class ShardWriter:

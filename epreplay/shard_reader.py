@@ -1,4 +1,4 @@
-"""Reading `.eprs` shards: footer when valid, else a CRC-checked scan; and `repair`.
+"""Reading `.eprs` shards: footer when valid, else a CRC-checked scan.
 
 The public names are re-exported by epreplay.shard (the API contract); see its docstring.
 """
@@ -8,10 +8,8 @@ import contextlib
 import fcntl
 import mmap
 import os
-import shutil
 import stat
 import zlib
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -23,8 +21,7 @@ from epreplay.errors import ShardError
 from epreplay.records import FORMAT_VERSION, Kind, Level, Op, Record, RecordHeader, ShardInfo, Status
 from epreplay.shard_frames import (END_MAGIC, ENTRY, FILE_MAGIC, FOOTER_MAGIC, FRAME, MAGIC_FOOTER,
                                    MAGIC_HEADER, MAGIC_RECORD, REC_FRAME, REC_PREFIX,
-                                   RECORD_FRAME_HEAD, TAIL, U32, Entry, decompressor,
-                                   footer_frame)
+                                   RECORD_FRAME_HEAD, TAIL, U32, Entry, decompressor)
 
 # One footer entry: u64 offset + the 56-byte RecordHeader (records.py's struct "<BBBBHHQiiIIIIqq").
 HEADER_DTYPE = np.dtype([
@@ -359,62 +356,3 @@ def _scan(scan: ShardScan, fd: int) -> None:
         scan.truncated_at = pos
         scan.problem = (f"truncated at byte {pos}: {why}; {len(entries)} records intact, "
                         f"{size - pos} bytes lost; run 'epreplay repair {scan.path}'")
-
-
-@dataclass(frozen=True)
-class RepairReport:
-    """What `repair` did. action: "healthy" (nothing changed) or "repaired"."""
-
-    path: Path
-    action: str
-    records: int  # intact records kept
-    size_before: int
-    size_after: int
-    backup: Path | None = None
-    problem: str | None = None
-    lost_bytes: int = 0  # bytes of the original file not kept (damaged or cut-short records)
-
-
-def repair(path: str | os.PathLike[str]) -> RepairReport:
-    """Truncate a damaged shard to its intact prefix and write a footer; keep PATH.bak first.
-
-    A healthy shard (valid footer, every record CRC-intact) is left untouched.
-    Raises:
-        ShardError: not a shard; or PATH.bak exists (it is never overwritten).
-    """
-    path = Path(path)
-    with open_shard(path) as scan:
-        if scan.writer_active:
-            raise ShardError(f"{path}: a running process is still writing this shard (it holds the "
-                             f"file's lock); stop the capture or let it close, then repair")
-        keep, problem = scan.entries, scan.problem
-        if scan.complete:
-            bad = scan.verify()
-            if not bad:
-                return RepairReport(path, "healthy", len(keep), scan.size, scan.size)
-            first = bad[0][0]
-            keep = [e for e in keep if e.offset < first]
-            problem = (f"{len(bad)} damaged record(s), first at byte {first} ({bad[0][1]}); "
-                       f"kept the {len(keep)} records before it")
-        end = keep[-1].end if keep else scan.data_start
-        size = scan.size
-    backup = path.with_name(path.name + ".bak")
-    try:
-        # "x": a backup is never overwritten, even by a concurrent repair
-        with open(path, "rb") as src, open(backup, "xb") as dst:
-            shutil.copyfileobj(src, dst, 1 << 20)
-            dst.flush()
-            os.fsync(dst.fileno())
-    except FileExistsError:
-        raise ShardError(f"{path}: backup {backup} already exists and is never overwritten; "
-                         f"move it away, then run 'epreplay repair {path}' again") from None
-    os.chmod(backup, 0o600)
-    footer = footer_frame(((e.offset, e.header.to_bytes()) for e in keep), end)
-    with open(path, "r+b") as fh:
-        fh.truncate(end)
-        fh.seek(end)
-        fh.write(footer)
-        fh.flush()
-        os.fsync(fh.fileno())
-    return RepairReport(path, "repaired", len(keep), size, end + len(footer), backup, problem,
-                        size - end)
