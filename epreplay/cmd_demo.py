@@ -18,6 +18,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ranks", type=int, default=4, metavar="N", help="processes (cards), default 4")
     parser.add_argument("--steps", type=int, default=6, metavar="S",
                         help="model steps, default 6 (every 3rd is prefill, the others decode)")
+    parser.add_argument("--prefill-every", type=int, default=3, metavar="N",
+                        help="step s is prefill (normal mode) when s %% N == 0, else decode (low-latency); "
+                             "default 3, 1 = prefill only")
     parser.add_argument("--layers", type=int, default=4, metavar="L", help="MoE layers, default 4")
     parser.add_argument("--experts", type=int, default=32, metavar="E", help="routed experts, default 32")
     parser.add_argument("--topk", type=int, default=4, metavar="K", help="experts per token, default 4")
@@ -69,7 +72,7 @@ def build_config(args: argparse.Namespace):
             topk_groups += 1
     return DemoConfig(ranks=args.ranks, steps=args.steps, layers=args.layers, experts=args.experts,
                       topk=args.topk, hidden=args.hidden, prefill_tokens=args.tokens,
-                      decode_tokens=args.decode_tokens, n_groups=groups, topk_groups=topk_groups,
+                      decode_tokens=args.decode_tokens, prefill_every=args.prefill_every, n_groups=groups, topk_groups=topk_groups,
                       fp8=not args.no_fp8, seed=args.seed, release=args.release,
                       shuffle_batches=args.shuffle_batches, device=args.device)
 

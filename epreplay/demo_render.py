@@ -24,8 +24,9 @@ def summary_lines(result: PipelineResult) -> list[str]:
             f"seed {cfg.seed}" + (f", release {cfg.release!r} (layers {rel})" if cfg.release else "")
             + f", {demo.seconds:.1f} s")
         total_slots = int(demo.load_SLE.sum())
-        lines.append(f"tokens moved: {demo.tokens_moved:,} token copies between ranks "
-                     f"({demo.tokens:,} tokens, {total_slots:,} expert assignments)")
+        lines.append(f"tokens moved: {demo.tokens_moved:,} token copies sent between ranks over "
+                     f"{cfg.steps} steps x {cfg.layers} layers ({demo.tokens:,} tokens per layer, "
+                     f"{total_slots:,} token-expert assignments)")
         hot = ", ".join(f"e{e} {share:.1%}" for e, share in demo.hottest(5))
         lines.append(f"hottest experts: {hot} (uniform: {1 / cfg.experts:.1%} each)")
         recv = demo.received_R
@@ -54,8 +55,8 @@ def print_summary(console: Any, result: PipelineResult) -> None:
         if sep and rest.split(" ", 1)[0] in _STATUS_STYLE:
             status, _, tail = rest.partition(" ")
             style = _STATUS_STYLE[status]
-            console.print(f"[bold]{escape(head)}[/]: [{style}]{status}[/] {escape(tail)}", highlight=False)
+            console.print(f"[bold]{escape(head)}[/]: [{style}]{status}[/] {escape(tail)}", highlight=False, soft_wrap=True)
         elif sep:
-            console.print(f"[bold]{escape(head)}[/]: {escape(rest)}", highlight=False)
+            console.print(f"[bold]{escape(head)}[/]: {escape(rest)}", highlight=False, soft_wrap=True)
         else:
-            console.print(escape(line), highlight=False)
+            console.print(escape(line), highlight=False, soft_wrap=True)

@@ -26,6 +26,7 @@ from typing import Any, Callable
 import numpy as np
 
 from epreplay import marks
+from epreplay.fp8 import cast_fp8
 from epreplay.demo_model import (DemoConfig, rms_norm, route_layer, rank_batch, swiglu,
                                  swiglu_weights)
 
@@ -99,17 +100,6 @@ def _dequant(recv_x: Any) -> Any:
     return (groups * s.float().unsqueeze(-1)).reshape(shape)
 
 
-def _cast_fp8(x_TH: Any) -> tuple[Any, Any]:
-    """DeepEP's per-token cast: per 128 values amax (>= 1e-4), scale = amax / 448."""
-    import torch
-
-    T, H = x_TH.shape
-    groups = x_TH.float().view(T, H // 128, 128)
-    amax = groups.abs().amax(dim=2).clamp(min=1e-4)
-    q = (groups * (448.0 / amax.unsqueeze(2))).to(torch.float8_e4m3fn)
-    return q.view(T, H), (amax / 448.0).contiguous()
-
-
 class _Card:
     """One rank's model state: local expert weights (per layer) and its two Buffers."""
 
@@ -142,7 +132,8 @@ class _Card:
 
         buf, cfg = self.normal, self.cfg
         n_rank, n_rdma, n_expert, in_rank, _ = buf.get_dispatch_layout(idx_TK, cfg.experts)
-        x = _cast_fp8(u_TH) if cfg.fp8 else u_TH.to(torch.bfloat16)
+        x_bf = u_TH.to(torch.bfloat16)
+        x = cast_fp8(x_bf) if cfg.fp8 else x_bf  # DeepEP's per-128 cast, as DeepSeek's prefill sends
         marks.tag_tokens(tags_T)
         recv_x, recv_idx, recv_w, _counts, handle, _ = buf.dispatch(
             x, num_tokens_per_rank=n_rank, num_tokens_per_rdma_rank=n_rdma, is_token_in_rank=in_rank,
