@@ -38,7 +38,7 @@ from __future__ import annotations
 import json
 import math
 import struct
-from typing import Mapping, Union
+from typing import Iterable, Mapping, Union
 
 import numpy as np
 
@@ -181,11 +181,15 @@ def encode(arrays: Mapping[str, ArrayIn], meta: Mapping[str, object] | None = No
     return b"".join(parts)
 
 
-def decode(blob: bytes | memoryview) -> tuple[dict[str, np.ndarray], dict[str, object]]:
+def decode(blob: bytes | memoryview, names: Iterable[str] | None = None
+           ) -> tuple[dict[str, np.ndarray], dict[str, object]]:
     """Inverse of `encode`: returns (arrays, meta) with the original dtypes, values and shapes.
 
     Tagged bf16/fp8 arrays come back as their unsigned view; meta[LOGICAL_KEY] names their
     logical dtypes (the key is present only when there are such arrays).
+    Args:
+        names: decode only these arrays (others are skipped, not unshuffled: an index that
+            needs topk_idx_TK alone reads a dispatch record several times faster); None = all.
     Raises:
         CodecError: the blob is not one `encode` wrote.
     """
@@ -204,10 +208,12 @@ def decode(blob: bytes | memoryview) -> tuple[dict[str, np.ndarray], dict[str, o
     pos = 8 + head_len + _pad(8 + head_len)
     arrays: dict[str, np.ndarray] = {}
     logical_names: dict[str, str] = {}
+    wanted = None if names is None else set(names)
     for spec in specs:
         try:
-            arrays[spec["name"]] = _decode_one(spec, buf, pos)
-            pos += spec["nbytes"] + _pad(spec["nbytes"])
+            if wanted is None or spec["name"] in wanted:
+                arrays[spec["name"]] = _decode_one(spec, buf, pos)
+            pos += int(spec["nbytes"]) + _pad(int(spec["nbytes"]))
             if spec["logical"] is not None:
                 logical_names[spec["name"]] = spec["logical"]
         except (ValueError, KeyError, TypeError, OverflowError) as exc:

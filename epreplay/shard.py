@@ -34,9 +34,10 @@ API (the contract other modules code against):
       .problem: str | None (what went wrong, human readable), .size
       .writer_active: a live ShardWriter holds the file (flock): no footer and a short tail are
           normal then (truncated_at stays None); repair refuses such a file
-      .read(entry) -> Record   (verifies CRC; raises ShardError naming the offset if bad)
+      .read(entry, names=None) -> Record   (verifies CRC; raises ShardError naming the offset
+          if bad; names: decode only those arrays — codec.decode(blob, names) likewise)
       .records(ops=None, kinds=(Kind.CALL,)) -> Iterator[Record]
-      .entry_at(offset) -> Entry, .read_at(offset) -> Record   by a record's byte offset (the
+      .entry_at(offset) -> Entry, .read_at(offset, names=None) -> Record   by byte offset (the
           index stores it); ShardError when no intact record starts there
       .header_array() -> np.ndarray [n] of shard_reader.HEADER_DTYPE (offset + every header
           field, straight from the footer: 300k records in ~0.2 s) — for bulk loads into DuckDB;

@@ -104,8 +104,9 @@ class ShardScan:
             return None, f"crc {crc:#010x} != {entry.header.crc32:#010x}"
         return comp, None
 
-    def read(self, entry: Entry) -> Record:
-        """Decode one record. Raises ShardError naming the offset when it is damaged."""
+    def read(self, entry: Entry, names: Iterable[str] | None = None) -> Record:
+        """Decode one record (only the arrays in `names` when given; the CRC always covers the
+        whole record). Raises ShardError naming the offset when it is damaged."""
         comp, why = self._check(entry)
         if comp is None:
             raise ShardError(f"{self.path}: record at byte {entry.offset}: {why}; "
@@ -114,7 +115,7 @@ class ShardScan:
             raw = decompressor().decompress(comp, max_output_size=entry.header.raw_len)
             if len(raw) != entry.header.raw_len:
                 raise ValueError(f"{len(raw)} bytes decoded, header says {entry.header.raw_len}")
-            arrays, meta = codec.decode(raw)
+            arrays, meta = codec.decode(raw, names)
         except (zstandard.ZstdError, ValueError) as exc:
             raise ShardError(f"{self.path}: record at byte {entry.offset}: undecodable ({exc})") from None
         return Record(entry.header, arrays, meta, entry.offset)
@@ -129,9 +130,9 @@ class ShardScan:
                              f"({len(self.entries)} records; re-index the run if the shard changed)")
         return entry
 
-    def read_at(self, offset: int) -> Record:
+    def read_at(self, offset: int, names: Iterable[str] | None = None) -> Record:
         """Decode the record at byte `offset` (as stored by the index)."""
-        return self.read(self.entry_at(offset))
+        return self.read(self.entry_at(offset), names)
 
     def records(self, ops: Iterable[Op | int] | None = None,
                 kinds: Iterable[Kind] = (Kind.CALL,)) -> Iterator[Record]:

@@ -164,3 +164,11 @@ def test_decode_of_mutated_bodies_raises_only_codec_error(data: st.DataObject) -
         codec.decode(bytes(blob))
     except codec.CodecError:
         pass
+
+
+def test_decode_only_named_arrays() -> None:
+    blob = codec.encode(CASES, {"k": 1})
+    arrays, meta = codec.decode(blob, names=["topk_idx_TK", "be", "absent"])
+    assert set(arrays) == {"topk_idx_TK", "be"} and meta == {"k": 1}
+    assert _same(arrays["topk_idx_TK"], CASES["topk_idx_TK"]) and _same(arrays["be"], CASES["be"])
+    assert codec.decode(blob, names=[])[0] == {}

@@ -113,6 +113,9 @@ def test_round_trip_every_op_bit_exact(tmp_path: Path) -> None:
         for rec, g in zip(recs, given_):
             assert_record_equals(rec, g)
         assert [r.header.seq for r in scan.records(ops=[Op.COMBINE])] == [3, 9]
+        some = scan.read_at(scan.entries[1].offset, names=["topk_idx_TK"])
+        assert list(some.arrays) == ["topk_idx_TK"] and some.arrays["topk_idx_TK"].tobytes() == \
+            given_[1][1]["topk_idx_TK"].tobytes()
         assert scan.verify() == []
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
 
