@@ -78,10 +78,10 @@ def load_run(run: RunDir, facts: RunFacts, *, steps: tuple[int, int] | None,
     otherwise only read. Falls back to reading the shards when the index module is absent.
     """
     try:
-        from epreplay import index as index_mod
+        from epreplay.index import ensure_index
     except ImportError:
         return _load_from_shards(run, facts, steps=steps, layers=layers, progress=progress)
-    index_mod.ensure_index(run.path, progress=progress is not None)
+    ensure_index(run.path, progress=progress is not None)
     return _load_from_index(run, facts, steps=steps, layers=layers)
 
 

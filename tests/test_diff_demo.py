@@ -36,18 +36,19 @@ pytestmark = [pytest.mark.slow,
 DEMO = ["--ranks", "2", "--steps", "4", "--layers", "4", "--no-replay", "--seed", "3"]
 
 
-def demo(out: Path, *extra: str) -> Path:
-    proc = subprocess.run([sys.executable, "-m", "epreplay", "demo", "--out", str(out), *DEMO, *extra],
-                          capture_output=True, text=True, timeout=240)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    return out
-
-
 @pytest.fixture(scope="module")
 def demo_runs(tmp_path_factory) -> dict[str, Path]:
+    """The three runs, recorded concurrently (each is mostly process start-up and waiting)."""
     base = tmp_path_factory.mktemp("diffdemo")
-    return {"a": demo(base / "a"), "b": demo(base / "b", "--release", "b"),
-            "shuffled": demo(base / "shuffled", "--shuffle-batches")}
+    variants = {"a": [], "b": ["--release", "b"], "shuffled": ["--shuffle-batches"]}
+    procs = {name: subprocess.Popen([sys.executable, "-m", "epreplay", "demo", "--out", str(base / name),
+                                     *DEMO, *extra], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                    text=True)
+             for name, extra in variants.items()}
+    for name, proc in procs.items():
+        out, _ = proc.communicate(timeout=240)
+        assert proc.returncode == 0, f"demo {name}: {out}"
+    return {name: base / name for name in variants}
 
 
 def test_demo_run_against_itself(demo_runs) -> None:
