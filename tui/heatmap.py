@@ -240,7 +240,7 @@ class Heatmap(ScrollView, can_focus=True):
             gutter = Segment("Σ".rjust(self._gutter - 1) + " ", label_style)
             tstyle = self.get_component_rich_style("heatmap--total")
             hstyle = self.get_component_rich_style("heatmap--highlight")
-            body = [Segment(render.compact(float(self.col_totals[c]), self.cell_w)
+            body = [Segment(" " + render.compact(float(self.col_totals[c]), self.cell_w - 1)
                             if self.cell_w >= 4 else " " * self.cell_w,
                             hstyle if c in self.highlight_cols else tstyle)
                     for c in self.col_order]

@@ -1,0 +1,261 @@
+"""Pilot tests of `epreplay tui`: walk every pane by keyboard on a production-shaped synthetic run
+and a recorded demo run, and check what is shown against values computed from the shards.
+"""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("textual")
+
+from test_tui_support import (DIVERGENCES, FIRST, STRAGGLER, SYNTH, add_replay, copy_run,  # noqa: E402
+                              make_synth, screen_text, settle, shard_truth, sync)
+
+from epreplay.tui import messages as M  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def synth_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    run = make_synth(tmp_path_factory.mktemp("tui") / "synth")
+    add_replay(run)
+    return run
+
+
+@pytest.fixture(scope="module")
+def synth_truth(synth_run: Path):
+    return shard_truth(synth_run)
+
+
+def _app(run: Path, run_b: Path | None = None):
+    from epreplay.tui.app import EpReplayApp
+    from epreplay.tui.data import open_session
+
+    return EpReplayApp(open_session(run, run_b))
+
+
+def _last(msgs: list, kind: type):
+    found = [m for m in msgs if isinstance(m, kind)]
+    assert found, f"no {kind.__name__} was posted (got {sorted({type(m).__name__ for m in msgs})})"
+    return found[-1]
+
+
+@sync
+async def test_walk_every_pane_of_a_synthetic_run(synth_run: Path, synth_truth) -> None:
+    from textual.widgets import DataTable, Static
+
+    from epreplay.tui.heatmap import Heatmap
+    from epreplay.tui.matrix import RankMatrix
+    from epreplay.tui.screens_modal import HelpScreen
+
+    truth = synth_truth
+    hottest = truth.hottest()
+    msgs: list = []
+    app = _app(synth_run)
+    async with app.run_test(size=(100, 30), message_hook=msgs.append) as pilot:
+        await settle(pilot, app)
+        # Overview: the hottest expert heads the table; the facts name the run's shape.
+        ov = _last(msgs, M.OverviewLoaded).payload
+        assert int(ov.hot.expert_N[0]) == hottest
+        table = app.query_one("#hot-table", DataTable)
+        assert table.get_row_at(0)[0] == str(hottest)
+        assert int(table.get_row_at(0)[1]) == int(truth.total_E()[hottest])
+        text = screen_text(app)
+        assert f"ranks    {SYNTH['ranks']}   experts {SYNTH['experts']}" in text
+        assert "0 truncated" in text and "dropped    0" in text
+
+        # Hot experts: the heatmap is the layers x experts load of the shards, hottest column first.
+        await pilot.press("2")
+        await settle(pilot, app)
+        heat = _last(msgs, M.HeatLoaded).payload
+        hm = app.query_one("#hot-map", Heatmap)
+        for row, layer in enumerate(heat.layer_L):
+            assert hm.values_RC[row].astype(np.int64).tolist() == truth.total_E(int(layer)).tolist()
+        assert int(hm.col_order[0]) == hottest
+        assert f"hottest expert {hottest}:" in str(app.query_one("#hot-status", Static).render())
+
+        # Drill into the cell under the cursor (first layer, hottest expert): load per step, senders.
+        await pilot.press("enter")
+        await settle(pilot, app)
+        drill = _last(msgs, M.ExpertLoaded).payload
+        layer0 = int(heat.layer_L[0])
+        assert (drill.expert, drill.layer) == (hottest, layer0)
+        want = truth.series(hottest, layer0)
+        assert dict(zip(drill.series.step_S.tolist(), drill.series.tokens_S.tolist())) == want
+        assert int(drill.senders.tokens_N.sum()) == sum(want.values())
+        assert f"expert {hottest} (layer {layer0})" in screen_text(app)
+
+        # `/` jumps to another expert (all layers).
+        await pilot.press("slash", *"e7", "enter")
+        await settle(pilot, app)
+        drill = _last(msgs, M.ExpertLoaded).payload
+        assert drill.expert == 7 and drill.layer is None
+        assert dict(zip(drill.series.step_S.tolist(), drill.series.tokens_S.tolist())) == truth.series(7)
+
+        # Traffic for step 0 (]) and layer 1 (} twice: all -> 0 -> 1): the shards' rows sent.
+        await pilot.press("3", "right_square_bracket", "right_curly_bracket", "right_curly_bracket")
+        await settle(pilot, app)
+        tr = _last(msgs, M.TrafficLoaded).payload
+        assert tr.selection.steps == (0, 1) and tr.selection.layer == 1
+        want_RR = truth.sent[(0, 1)]
+        m = app.query_one("#traffic-map", RankMatrix)
+        assert m.values_RC.astype(np.int64).tolist() == want_RR.tolist()
+        busiest = int(np.argmax(want_RR.sum(axis=0)))
+        assert m.summary.busiest_receiver == busiest
+        assert f"busiest receiver r{busiest}:" in screen_text(app)
+        assert "step 0, layer 1" in str(app.query_one("#statusbar", Static).render())
+
+        # Timeline: the planted straggler is named and marked.
+        await pilot.press("4")
+        await settle(pilot, app)
+        tl = _last(msgs, M.TimelineLoaded).payload
+        assert truth.straggler() == STRAGGLER
+        assert int(tl.stragglers.rank_N[0]) == STRAGGLER
+        assert f"straggler: rank {STRAGGLER} " in screen_text(app)
+        marks = app.query_one("#tl-map", Heatmap).marks_RC
+        assert marks[:, STRAGGLER].all() and marks.sum() == marks.shape[0]
+
+        # Divergences: the replay is selected and its first divergence is shown.
+        await pilot.press("5")
+        await settle(pilot, app)
+        dv = _last(msgs, M.DivergencesLoaded).payload
+        assert len(dv.divergences) == len(DIVERGENCES)
+        pane = app.query_one("#divergences")
+        cur = pane.current
+        assert (cur.call, cur.rank, cur.kind) == (FIRST[0], FIRST[6], FIRST[8])
+        text = screen_text(app)
+        assert f"expected  {FIRST[12]}" in text and f"got       {FIRST[13]}" in text
+        # moving down shows the next one
+        await pilot.press("down")
+        await pilot.pause()
+        assert pane.current is not None and (pane.current.call, pane.current.rank) != (FIRST[0], FIRST[6])
+
+        # Diff with one run: says how to get one.
+        await pilot.press("6")
+        await settle(pilot, app)
+        assert _last(msgs, M.DiffLoaded).payload.result is None
+        assert "RUN_A RUN_B" in screen_text(app)
+
+        # Letters switch panes too; help opens and closes; q quits.
+        await pilot.press("h")
+        await pilot.pause()
+        assert app.current == "hot"
+        await pilot.press("question_mark")
+        await pilot.pause()
+        assert isinstance(app.screen, HelpScreen)
+        await pilot.press("escape", "q")
+        await pilot.pause()
+    assert not [m for m in msgs if isinstance(m, M.FetchFailed)]
+
+
+@sync
+async def test_heatmap_scrolls_to_a_far_expert_and_a_bad_jump_is_a_notice(synth_run: Path) -> None:
+    from epreplay.tui.heatmap import Heatmap
+
+    app = _app(synth_run)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await settle(pilot, app)
+        await pilot.press("2")
+        await settle(pilot, app)
+        hm = app.query_one("#hot-map", Heatmap)
+        await pilot.press("s")  # natural expert order
+        await pilot.press("end")
+        await pilot.pause()
+        assert hm.data_cursor[1] == SYNTH["experts"] - 1
+        assert hm.scroll_offset.x > 0  # the last column is on screen
+        await pilot.press("z", "z")  # colour-only cells: everything fits
+        await pilot.pause()
+        await pilot.press("slash", *"e999", "enter")
+        await pilot.pause()
+        assert any("expert 999" in n.message for n in app._notifications)
+
+
+@sync
+async def test_diff_pane_compares_two_runs(synth_run: Path, tmp_path: Path) -> None:
+    from textual.widgets import DataTable
+
+    from epreplay import metrics
+
+    run_b = make_synth(tmp_path / "b", run_id="tui-synth-b", seed=11, release="b", steps=3, decode_steps=0)
+    ta, tb = shard_truth(synth_run), shard_truth(run_b)
+    msgs: list = []
+    app = _app(synth_run, run_b)
+    async with app.run_test(size=(100, 30), message_hook=msgs.append) as pilot:
+        await settle(pilot, app)
+        await pilot.press("6")
+        await settle(pilot, app)
+        res = _last(msgs, M.DiffLoaded).payload.result
+        assert res is not None
+        table = app.query_one("#diff-table", DataTable)
+        assert table.row_count == SYNTH["layers"]
+        worst_layer = int(table.get_row_at(0)[0])
+        js = {l: metrics.js_divergence(ta.total_E(l), tb.total_E(l)) for l in range(SYNTH["layers"])}
+        assert worst_layer == max(js, key=lambda l: (js[l], -l))
+        assert float(table.get_row_at(0)[1]) == pytest.approx(js[worst_layer], abs=1e-4)
+        assert "vs  B tui-synth-b" in screen_text(app)
+
+
+@pytest.mark.slow
+@sync
+async def test_walk_a_recorded_demo_run(demo_run_dir: Path, tmp_path: Path) -> None:
+    from textual.widgets import DataTable
+
+    from epreplay import index as index_mod
+    from epreplay.tui.matrix import RankMatrix
+
+    run = copy_run(demo_run_dir, tmp_path / "demo")
+    index_mod.ensure_index(run, progress=False)
+    truth = shard_truth(run)
+    msgs: list = []
+    app = _app(run)
+    async with app.run_test(size=(100, 30), message_hook=msgs.append) as pilot:
+        await settle(pilot, app)
+        assert app.query_one("#hot-table", DataTable).get_row_at(0)[0] == str(truth.hottest())
+        await pilot.press("2", "enter")
+        await settle(pilot, app)
+        drill = _last(msgs, M.ExpertLoaded).payload
+        assert drill.expert == truth.hottest()
+        await pilot.press("3", "right_square_bracket", "right_curly_bracket")  # step 0, first layer
+        await settle(pilot, app)
+        sel = _last(msgs, M.TrafficLoaded).payload.selection
+        want = truth.sent[(sel.steps[0], sel.layer)]
+        assert app.query_one("#traffic-map", RankMatrix).values_RC.astype(np.int64).tolist() == want.tolist()
+        await pilot.press("4")
+        await settle(pilot, app)
+        tl = _last(msgs, M.TimelineLoaded).payload
+        if tl.captured:
+            assert int(tl.stragglers.rank_N[0]) == truth.straggler()
+        for key in ("5", "6", "1"):
+            await pilot.press(key)
+            await settle(pilot, app)
+    assert not [m for m in msgs if isinstance(m, M.FetchFailed)]
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "epreplay", "tui", *args], capture_output=True,
+                          text=True, timeout=60)
+
+
+def test_bad_input_is_one_line_and_exit_2(tmp_path: Path, synth_run: Path) -> None:
+    out = _cli(str(tmp_path / "nope"))
+    assert out.returncode == 2 and "no such run directory" in out.stderr and "Traceback" not in out.stderr
+    (tmp_path / "file").write_text("x")
+    out = _cli(str(tmp_path / "file"))
+    assert out.returncode == 2 and "not a run directory" in out.stderr
+    out = _cli(str(synth_run), str(tmp_path / "nope-b"))
+    assert out.returncode == 2 and "nope-b" in out.stderr
+
+
+def test_an_index_of_another_format_is_refused_with_the_fix(synth_run: Path, tmp_path: Path) -> None:
+    import duckdb
+
+    run = copy_run(synth_run, tmp_path / "old")
+    con = duckdb.connect(str(run / "index.duckdb"))
+    con.execute("UPDATE runs SET index_version = 0")
+    con.close()
+    out = _cli(str(run), "--no-build")
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert "index format 0" in out.stderr and f"epreplay index {run} --force" in out.stderr
