@@ -33,6 +33,9 @@ from epreplay.shard import Entry, ShardScan, open_shard
 # is followed by the dispatch of the same tokens; counting both would count each token twice.
 ROUTING_OPS = (int(Op.DISPATCH), int(Op.LL_DISPATCH))
 
+# The arrays token matching decodes (a dispatch record holds more: receive layout, counts).
+ROUTING_ARRAYS = ("topk_idx_TK", "topk_weights_TK", "token_tag_T")
+
 Key = tuple[int, int, int, int]  # (step, layer, rank, occurrence)
 
 
@@ -114,7 +117,7 @@ class Catalog:
 
 def _routing(ref: DispatchRef) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
     """(topk_idx_TK, topk_weights_TK or None, token_tag_T or None) of one dispatch record."""
-    arrays = ref.scan.read(ref.entry).arrays
+    arrays = ref.scan.read(ref.entry, ROUTING_ARRAYS).arrays
     idx = arrays.get("topk_idx_TK")
     if idx is None:  # a counts-level capture: no token routing at all
         idx = np.zeros((0, 0), dtype=np.int64)
@@ -243,7 +246,7 @@ def iter_loads(cat: Catalog, num_experts: int) -> Iterator[tuple[int, int, np.nd
     num_tokens_per_expert_E when recorded, else counted from topk_idx_TK (-1 slots ignored)."""
     for key in sorted(cat.refs):
         ref = cat.refs[key]
-        arrays = ref.scan.read(ref.entry).arrays
+        arrays = ref.scan.read(ref.entry, ("num_tokens_per_expert_E", "topk_idx_TK")).arrays
         load = arrays.get("num_tokens_per_expert_E")
         if load is None:
             idx = arrays.get("topk_idx_TK")

@@ -1,13 +1,14 @@
 """`epreplay diff` on recorded demo runs (real processes, real capture, real index).
 
-Three small runs of the demo workload with one seed: the base release, release "b" (the demo
-perturbs the routers of the odd layers, see epreplay.demo_model.release_layers) and the base
-release with its batches shuffled across ranks and rows (same tokens, other positions).
+Three runs of the demo workload (tests/conftest.py's shape) with one seed: the base release,
+release "b" (the demo perturbs the routers of the odd layers, see
+epreplay.demo_model.release_layers) and the base release with its batches shuffled across ranks
+and rows (same tokens, other positions).
 """
 from __future__ import annotations
 
-import importlib.util
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -17,38 +18,16 @@ import pytest
 from epreplay import diff, diff_runs
 from epreplay.run import RunDir
 
-
-def _missing() -> str | None:
-    for module in ("epreplay.demo_run", "epreplay.capture", "epreplay.emulate"):
-        try:
-            if importlib.util.find_spec(module) is None:
-                return module
-        except ImportError:
-            return module
-    return None
-
-
-pytestmark = [pytest.mark.slow,
-              pytest.mark.skipif(_missing() is not None,
-                                 reason=f"demo workload or capture not built yet ({_missing()})")]
-
-# Small: 2 ranks, 4 steps (prefill at 0 and 3, decode at 1 and 2), 4 layers.
-DEMO = ["--ranks", "2", "--steps", "4", "--layers", "4", "--no-replay", "--seed", "3"]
+pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def demo_runs(tmp_path_factory) -> dict[str, Path]:
-    """The three runs, recorded concurrently (each is mostly process start-up and waiting)."""
+def demo_runs(demo_run_dir, demo_run_factory, tmp_path_factory) -> dict[str, Path]:
+    """The session's shared demo runs (tests/conftest.py), copied: the diff writes their index."""
     base = tmp_path_factory.mktemp("diffdemo")
-    variants = {"a": [], "b": ["--release", "b"], "shuffled": ["--shuffle-batches"]}
-    procs = {name: subprocess.Popen([sys.executable, "-m", "epreplay", "demo", "--out", str(base / name),
-                                     *DEMO, *extra], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                    text=True)
-             for name, extra in variants.items()}
-    for name, proc in procs.items():
-        out, _ = proc.communicate(timeout=240)
-        assert proc.returncode == 0, f"demo {name}: {out}"
-    return {name: base / name for name in variants}
+    sources = {"a": demo_run_dir, "b": demo_run_factory(release="b"),
+               "shuffled": demo_run_factory(shuffle_batches=True)}
+    return {name: Path(shutil.copytree(src, base / name)) for name, src in sources.items()}
 
 
 def test_demo_run_against_itself(demo_runs) -> None:
