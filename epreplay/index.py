@@ -308,6 +308,8 @@ def _arrow(cols: dict[str, np.ndarray]):
             out[name] = pa.DictionaryArray.from_arrays(pa.array(a, pa.int8()), pa.array(STATUSES))
         elif a.dtype == object:
             out[name] = pa.array(list(a), pa.string())
+        elif a.ndim == 2:  # one list per row (expert_load_rank.tokens)
+            out[name] = pa.FixedSizeListArray.from_arrays(pa.array(np.ascontiguousarray(a).ravel()), a.shape[1])
         else:
             out[name] = pa.array(a)
     return pa.table(out)
@@ -326,7 +328,7 @@ def _insert(con, table: str, cols: dict[str, np.ndarray]) -> int:
 # per aggregate table: its key columns (after step, layer) and summed value columns
 _AGG_TABLES = {
     "expert_load": (("expert",), ("tokens",)),
-    "expert_load_rank": (("src_rank", "expert"), ("tokens",)),
+    "expert_load_rank": (("src_rank",), ("tokens",)),  # tokens: a list per row, summed element-wise
     "traffic": (("src_rank", "dst_rank"), ("tokens", "bytes")),
     "rank_load": (("rank",), ("sent_tokens", "recv_tokens", "recv_slots", "recv_bytes")),
 }
@@ -377,11 +379,11 @@ def _emit(con, results: list, facts: dict, merge: bool) -> dict[str, int]:
             if r.recv_PE is not None:
                 recv_PE[q] += r.recv_PE[m]
         step_n, layer_n = sl_all[a:b, 0].astype(np.int32), sl_all[a:b, 1].astype(np.int16)
-        # expert_load_rank: nonzero (p, src, expert) in C order = (step, layer, src_rank, expert) order
-        pi, ri, ei = np.nonzero(load_PRE)
+        # expert_load_rank: one list row per (p, src) that routed anything, in (step, layer, src) order
+        pi, ri = np.nonzero(load_PRE.any(axis=2))
         added["expert_load_rank"] += _insert(con, target["expert_load_rank"], {
             "step": step_n[pi], "layer": layer_n[pi], "src_rank": ri.astype(np.int16),
-            "expert": ei.astype(np.int16), "tokens": load_PRE[pi, ri, ei]})
+            "tokens": load_PRE[pi, ri]})
         load_PE = load_PRE.sum(1, dtype=np.int64) + recv_PE
         pi, ei = np.nonzero(load_PE)
         added["expert_load"] += _insert(con, target["expert_load"], {
@@ -410,6 +412,16 @@ def _merge(con, overlap: np.ndarray) -> None:
     con.execute("CREATE TEMP TABLE ov AS SELECT * FROM ov")
     for t, (keys, vals) in _AGG_TABLES.items():
         k = ", ".join(("step", "layer") + keys)
+        if t == "expert_load_rank":  # element-wise sum of the lists of equal keys
+            con.execute(f"""CREATE TEMP TABLE m_{t} AS SELECT {k}, list(v ORDER BY i) AS tokens FROM (
+                SELECT {k}, i, sum(v) AS v FROM (
+                    SELECT {k}, unnest(tokens) AS v, generate_subscripts(tokens, 1) AS i FROM (
+                        SELECT * FROM {t} SEMI JOIN ov USING (step, layer) UNION ALL SELECT * FROM d_{t}))
+                GROUP BY {k}, i) GROUP BY {k}""")
+            con.execute(f"DELETE FROM {t} USING ov WHERE {t}.step = ov.step AND {t}.layer = ov.layer")
+            con.execute(f"INSERT INTO {t} SELECT * FROM m_{t} ORDER BY {k}")
+            con.execute(f"DROP TABLE m_{t}; DROP TABLE d_{t}")
+            continue
         sums = ", ".join(f"sum({v}) AS {v}" for v in vals)
         con.execute(f"""CREATE TEMP TABLE m_{t} AS SELECT {k}, {sums} FROM (
             SELECT * FROM {t} SEMI JOIN ov USING (step, layer) UNION ALL SELECT * FROM d_{t})

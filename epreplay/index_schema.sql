@@ -52,8 +52,11 @@ CREATE TABLE events (rank SMALLINT, shard_offset UBIGINT, start_ns BIGINT, reaso
 -- (t, k) routing slots per expert, summed over ranks: one row per (step, layer, expert) with tokens > 0.
 CREATE TABLE expert_load (step INTEGER, layer SMALLINT, expert SMALLINT, tokens INTEGER);
 
--- The same per sending rank: which ranks send to an expert. One row per (step, layer, src_rank, expert).
-CREATE TABLE expert_load_rank (step INTEGER, layer SMALLINT, src_rank SMALLINT, expert SMALLINT, tokens INTEGER);
+-- The same per sending rank (which ranks send to an expert), one row per (step, layer, src_rank)
+-- with a list of E counts: tokens[e + 1] = slots src_rank routed to expert e (DuckDB lists are
+-- 1-based). A list row instead of E scalar rows: 64 ranks x 256 experts would be 16k rows per
+-- (step, layer); as lists the table loads ~10x faster and stays small.
+CREATE TABLE expert_load_rank (step INTEGER, layer SMALLINT, src_rank SMALLINT, tokens INTEGER[]);
 
 -- Rows sent src -> dst by a dispatch: normal dispatch counts a token once per destination rank
 -- (DeepEP's is_token_in_rank), low-latency dispatch once per (token, expert) slot. bytes = rows x

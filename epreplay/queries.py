@@ -78,8 +78,8 @@ SELECT src_rank, dst_rank, sum(tokens)::BIGINT AS tokens, sum(bytes)::BIGINT AS 
 FROM traffic WHERE {_RANGE} GROUP BY src_rank, dst_rank"""
 
 EXPERT_SENDERS = f"""
-SELECT src_rank, sum(tokens)::BIGINT AS tokens FROM expert_load_rank
-WHERE {_RANGE} AND expert = $expert GROUP BY src_rank ORDER BY tokens DESC, src_rank"""
+SELECT src_rank, sum(tokens[$expert + 1])::BIGINT AS tokens FROM expert_load_rank
+WHERE {_RANGE} GROUP BY src_rank HAVING sum(tokens[$expert + 1]) > 0 ORDER BY tokens DESC, src_rank"""
 
 STRAGGLERS = f"""
 WITH c AS (
