@@ -16,6 +16,7 @@ gloo on CPU, NCCL on GPU; a group of one rank skips the collectives.
 from __future__ import annotations
 
 import datetime
+import math
 import os
 from typing import Any, Sequence
 
@@ -139,7 +140,8 @@ def new_header(op: int, seq: int, size: int) -> torch.Tensor:
 
 def pack_rows(parts: Sequence[torch.Tensor]) -> torch.Tensor:
     """Row-wise byte concatenation of 2-D tensors with equal row counts -> uint8 [S, B]."""
-    cols = [p.contiguous().view(torch.uint8).reshape(p.shape[0], -1) for p in parts]
+    cols = [p.contiguous().view(torch.uint8).reshape(p.shape[0], math.prod(p.shape[1:]) * p.element_size())
+            for p in parts]
     return torch.cat(cols, dim=1) if len(cols) > 1 else cols[0].contiguous()
 
 
@@ -148,6 +150,7 @@ def unpack_rows(rows_SB: torch.Tensor, specs: Sequence[tuple[torch.dtype, int]])
     out, off = [], 0
     for dtype, n in specs:
         width = n * torch.empty((), dtype=dtype).element_size()
-        out.append(rows_SB[:, off:off + width].contiguous().view(dtype).view(rows_SB.shape[0], n))
+        part = rows_SB[:, off:off + width].clone(memory_format=torch.contiguous_format)  # offset 0: aligned
+        out.append(part.view(dtype).view(rows_SB.shape[0], n))
         off += width
     return out
