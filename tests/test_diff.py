@@ -256,3 +256,22 @@ def test_compare_layers_hand_computed() -> None:
     # With the index's rank loads, those win over the contiguous-placement derivation.
     a2 = _loads(a.load_SLE, rank_SLR=np.array([[[1, 3], [2, 2]], [[2, 2], [0, 0]]]))
     assert a2.layer_imbalance(0) == pytest.approx((1.5 + 1.0) / 2)
+
+
+def test_index_loads_equal_shard_loads(runs, tmp_path) -> None:
+    """The distribution level reads RUN/index.duckdb (built on demand); it must hold exactly the
+    loads the shards' dispatch records give."""
+    import shutil
+
+    run = RunDir.open(shutil.copytree(runs["release"], tmp_path / "run"))
+    assert not run.index_path.exists()
+    facts = diff_runs.run_facts(run)
+    from_index = diff_runs.load_run(run, facts, steps=(1, 3), layers=frozenset({0, 3}))
+    assert run.index_path.exists()  # built because it was missing
+    from_shards = diff_runs._load_from_shards(run, facts, steps=(1, 3), layers=frozenset({0, 3}))
+    assert from_index.steps == from_shards.steps == (1, 2)
+    assert from_index.layers == from_shards.layers == (0, 3)
+    np.testing.assert_array_equal(from_index.load_SLE, from_shards.load_SLE)
+    # The index's per-rank slots agree with DeepEP's contiguous placement of E / R experts.
+    derived = from_shards.load_SLE.reshape(2, 2, WORLD, -1).sum(axis=3)
+    np.testing.assert_array_equal(from_index.rank_SLR, derived)
