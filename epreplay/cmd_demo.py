@@ -58,7 +58,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def build_config(args: argparse.Namespace):
     """DemoConfig from the parsed flags (UsageError for bad values)."""
-    from epreplay.demo_model import DemoConfig
+    from epreplay.demo_config import DemoConfig
     from epreplay.errors import UsageError
 
     groups = args.groups if args.groups is not None else (4 if args.experts % 4 == 0 else 1)
@@ -93,11 +93,6 @@ def _default_out():
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    from epreplay.demo_pipeline import PipelineOptions, available, run_pipeline
-    from epreplay.demo_render import print_summary
     from epreplay.errors import UsageError
     from epreplay.records import Level
     from epreplay.run import RunDir
@@ -121,6 +116,13 @@ def run(args: argparse.Namespace) -> int:
     if record and out.exists() and (not out.is_dir() or RunDir(out).manifest_path.exists()
                                     or RunDir(out).shards_dir.exists()):
         raise UsageError(f"{out}: already holds a run; choose another --out (nothing is overwritten)")
+    # Everything above is validation without torch, so bad input answers at once.
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from epreplay.demo_pipeline import PipelineOptions, run_pipeline
+    from epreplay.demo_render import print_summary
+
     err = Console(stderr=True)
     console = Console()
     opts = PipelineOptions(out=out if record else None, level=args.level, record=record,
