@@ -400,7 +400,13 @@ def _index(run: RunDir, report: ReplayReport) -> None:
         from epreplay import index as idx
     except ImportError:
         return
-    loader = getattr(idx, "load_replay", None) or getattr(idx, "ingest_replay", None)
+    loader = getattr(idx, "load_replay_report", None) or getattr(idx, "load_replay", None)
     if loader is None:
         return
-    loader(run.path, report.to_dict())
+    try:
+        loader(run.path, report.to_dict())
+    except Exception as exc:  # noqa: BLE001 - the JSON report is written; `epreplay index` loads it later
+        import sys
+
+        print(f"epreplay replay: report not loaded into {run.index_path} ({type(exc).__name__}: {exc}); "
+              f"'epreplay index {run.path}' loads it from {run.replays_dir}", file=sys.stderr)

@@ -79,17 +79,24 @@ def expert_scale(experts_E: torch.Tensor) -> torch.Tensor:
     return torch.pow(2.0, (experts_E % 5).to(torch.float32) - 2.0)
 
 
-def to_fp8(x_TH: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """DeepEP's per-token FP8 cast (amax / 448 per 128 values) of a bf16 [T, H]."""
-    from epreplay.epbench import per_token_cast_to_fp8
+def to_fp8(x_TH: torch.Tensor, *, round_scale: bool = False, ue8m0: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """DeepEP's per-128-value FP8 cast of a bf16 [T, H] (epreplay.fp8, bit-exact with the LL
+    kernel's): (e4m3 [T, H], float32 scales [T, H/128]), or with ue8m0 the scales' exponent
+    bytes packed into int32 [T, H/512]."""
+    from epreplay import fp8
 
-    return per_token_cast_to_fp8(x_TH)
+    q, s = fp8.cast_fp8(x_TH, round_scale=round_scale or ue8m0)
+    return (q, fp8.ue8m0_pack(s)) if ue8m0 else (q, s)
 
 
 def dequant(x: Any) -> torch.Tensor:
     """bf16/fp32 rows as float32, or an FP8 pair (e4m3 [T, H], scales [T, S]) dequantised."""
     if isinstance(x, (tuple, list)):
         q, s = x
+        if s.dtype == torch.int32:  # UE8M0: exponent bytes packed four per int32
+            from epreplay import fp8
+
+            s = fp8.ue8m0_unpack(s)
         T, H = q.shape
         return (q.float().view(T, H // 128, 128) * s.float().unsqueeze(2)).view(T, H)
     return x.float()

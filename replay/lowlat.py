@@ -9,6 +9,7 @@ set per local expert keyed by (source virtual rank, source token), each with its
 from __future__ import annotations
 
 import time
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -54,6 +55,8 @@ def dispatch(eng: Any, call: Any, recs: dict) -> tuple[int, int]:
     for name in ("round_scale", "use_ue8m0"):
         if _flag(meta, name, False):
             kwargs[name] = True
+    cast = (partial(I.to_fp8, round_scale=bool(kwargs.get("round_scale")), ue8m0=bool(kwargs.get("use_ue8m0")))
+            if use_fp8 else None)
     topk = {}
     for v in vs:
         t = I.tensor(recs[v].arrays, recs[v].meta, "topk_idx_TK")
@@ -81,7 +84,7 @@ def dispatch(eng: Any, call: Any, recs: dict) -> tuple[int, int]:
     Lv = plan.local_experts_virtual
     exp: dict = {}
     for v in vs:  # expected sets first: their fingerprints tell swapped rows from corrupt ones
-        eng.check(call, v, lambda v=v: exp.__setitem__(v, _expected(eng, call, v, recs[v], use_fp8)) or [])
+        eng.check(call, v, lambda v=v: exp.__setitem__(v, _expected(eng, call, v, recs[v], cast)) or [])
     known = frozenset(f for e in exp.values() if e for i, rows in e.items() if i != "counts" and rows
                       for f in rows.values() if f is not None)
     for v in vs:
@@ -114,7 +117,9 @@ def _verify_dispatch(eng: Any, call: Any, v: int, exp: dict, recv_x: Any, recv_c
     return check_ll(exp, got, expert_base=v * Lv, known_fps=known)
 
 
-def _expected(eng: Any, call: Any, u: int, rec: Any, use_fp8: bool) -> dict | None:
+def _expected(eng: Any, call: Any, u: int, rec: Any, cast: Any) -> dict | None:
+    """Virtual rank u's recorded LL receive as sets per local expert ({(src, tok): fingerprint});
+    `cast` is the kernel's FP8 cast for recomputed synthetic fingerprints (None: bf16)."""
     a = rec.arrays
     counts = a.get("recv_count_L")
     if counts is None:
@@ -140,7 +145,8 @@ def _expected(eng: Any, call: Any, u: int, rec: Any, use_fp8: bool) -> dict | No
         fp_all = a.get("recv_x_fp_V")
         fp = fp_all[rows] if fp_all is not None else None
     else:
-        fp = eng.expected_fp(call, rec, "recv_x_fp_V", src, tok, use_fp8) if len(src) else np.zeros(0, np.uint64)
+        fp = (eng.expected_fp(call, rec, "recv_x_fp_V", src, tok, cast) if len(src)
+              else np.zeros(0, np.uint64))
     expert_of_row = np.searchsorted(base, rows, side="right") - 1
     for i in range(len(counts)):
         m = expert_of_row == i

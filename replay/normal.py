@@ -231,7 +231,7 @@ def _expected_rows(eng: Any, call: Any, u: int, rec: Any, fp8: bool, key: int | 
                     wts[m] = lw
         else:
             idx = None
-    fp = eng.expected_fp(call, rec, "recv_x_fp_N", src, tok, fp8, key)
+    fp = eng.expected_fp(call, rec, "recv_x_fp_N", src, tok, I.to_fp8 if fp8 else None, key)
     return Rows(src, tok, np.asarray(per_rank, np.int64), per_expert, idx, wts, fp)
 
 
@@ -253,7 +253,7 @@ def cached(eng: Any, call: Any, recs: dict) -> tuple[int, int]:
         exp_d = st.extra["exp"].get(v)
         if exp_d is not None and exp_d.src_N is not None:
             eng.check(call, v, lambda v=v, e=exp_d: want.__setitem__(v, eng.expected_fp(
-                call, recs[v], "recv_x_fp_N", e.src_N, e.tok_N, fp8)) or [])
+                call, recs[v], "recv_x_fp_N", e.src_N, e.tok_N, I.to_fp8 if fp8 else None)) or [])
     known = frozenset(int(f) for fp in want.values() if fp is not None for f in fp)
     for v in vs:
         eng.check(call, v, lambda v=v: _verify_cached(eng, st, v, recs[v], recv_x, want.get(v), known))

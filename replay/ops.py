@@ -107,14 +107,14 @@ class Engine:
         return I.to_fp8(x) if fp8 else x
 
     def expected_fp(self, call: Call, rec: Any, name: str, src: np.ndarray, tok: np.ndarray,
-                    fp8: bool, key: int | None = None) -> np.ndarray | None:
+                    cast: Any = None, key: int | None = None) -> np.ndarray | None:
         """Expected received fingerprints: recorded (payload replay) or recomputed from the
-        synthetic rows of the sources."""
+        synthetic rows of the sources, passed through `cast` (the FP8 cast, or None)."""
         if self.recorded_now:
             return rec.arrays.get(name)
         rows = I.synth_rows(self.key(call) if key is None else key, torch.from_numpy(src),
                             torch.from_numpy(tok), self.job.hidden)
-        return I.fingerprints(I.to_fp8(rows) if fp8 else rows)
+        return I.fingerprints(cast(rows) if cast is not None else rows)
 
     def check(self, call: Call, v: int, fn: Any) -> None:
         """Run one virtual rank's verification; a backend output too malformed to compare
