@@ -136,7 +136,6 @@ def test_writer_never_overwrites_and_events_are_separate(tmp_path: Path) -> None
 
 def test_concurrent_appends_all_land_intact(tmp_path: Path) -> None:
     path = tmp_path / "s.eprs"
-    rng = np.random.default_rng(1)
     with ShardWriter(path, INFO) as w:
         def work(tid: int) -> None:
             for i in range(20):
@@ -148,7 +147,6 @@ def test_concurrent_appends_all_land_intact(tmp_path: Path) -> None:
         recs = list(scan.records())
     assert sorted(r.header.seq for r in recs) == sorted(t * 100 + i for t in range(4) for i in range(20))
     assert all((r.arrays["v"] == r.header.seq).all() for r in recs)
-    del rng
 
 
 def test_crashed_writer_loses_nothing_written(tmp_path: Path) -> None:
@@ -339,17 +337,18 @@ def test_reader_on_arbitrary_bytes_only_clean_errors(tmp_path: Path, blob: bytes
     _read_all_or_report(path)
 
 
-_VALID = None
+@pytest.fixture(scope="module")
+def valid_shard_bytes(tmp_path_factory: pytest.TempPathFactory) -> bytes:
+    path = tmp_path_factory.mktemp("valid") / "valid.eprs"
+    write_shard(path, ALL_OPS, T=2)
+    return path.read_bytes()
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(st.data())
-def test_reader_on_mutated_shards_only_clean_errors(tmp_path: Path, data: st.DataObject) -> None:
-    global _VALID
-    if _VALID is None:
-        write_shard(tmp_path / "valid.eprs", ALL_OPS, T=2)
-        _VALID = (tmp_path / "valid.eprs").read_bytes()
-    blob = bytearray(_VALID)
+def test_reader_on_mutated_shards_only_clean_errors(tmp_path: Path, valid_shard_bytes: bytes,
+                                                    data: st.DataObject) -> None:
+    blob = bytearray(valid_shard_bytes)
     for _ in range(data.draw(st.integers(1, 4))):
         pos = data.draw(st.integers(0, len(blob)))
         action = data.draw(st.sampled_from(["splice", "delete", "overwrite"]))
