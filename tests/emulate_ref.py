@@ -24,7 +24,9 @@ def routing(seed: int, rank: int, T: int, E: int, K: int, *, nowhere: int = 0, s
     scores = torch.rand(T, E, generator=g)
     if skip_rank is not None:
         scores[:, skip_rank * L:(skip_rank + 1) * L] = -1
-    idx = scores.topk(K, dim=1).indices
+    idx = scores.topk(min(K, E), dim=1).indices
+    if K > E:  # fewer experts than slots: the extra slots select nothing
+        idx = torch.cat([idx, torch.full((T, K - E), -1, dtype=idx.dtype)], dim=1)
     drop = torch.rand(T, K, generator=g) < 0.15
     idx[drop] = -1
     if skip_rank is not None:
