@@ -27,15 +27,17 @@ HIDDEN = 8
 
 def write_run(path: Path, *, experts: int = 16, topk: int = 4, seed: int = 0,
               perturb: frozenset[int] = frozenset(), order_seed: int | None = None,
-              tags: bool = True, release: str = "r1", routing: bool = True) -> Path:
+              tags: bool = True, release: str = "r1", routing: bool = True,
+              world: int = WORLD, tokens: int = T) -> Path:
     """A run of WORLD ranks x STEPS steps x LAYERS layers of dispatch records.
 
     seed: the token data (the same seed -> the same tokens). perturb: layers whose router is
     changed (the "release"). order_seed: shuffle which (step, rank, row) processes which token.
     routing=False: a counts-level capture (no topk_idx_TK / topk_weights_TK in the records).
+    world, tokens: ranks and tokens per rank; the same world * tokens processes the same tokens.
     """
     data = np.random.default_rng(seed)
-    n_tok = STEPS * WORLD * T
+    n_tok = STEPS * world * tokens
     x_NH = data.standard_normal((n_tok, HIDDEN))
     order = np.arange(n_tok) if order_seed is None else np.random.default_rng(order_seed).permutation(n_tok)
     model = np.random.default_rng(1234)  # the model is the same in every run...
@@ -44,14 +46,15 @@ def write_run(path: Path, *, experts: int = 16, topk: int = 4, seed: int = 0,
     for layer in perturb:  # ...except the layers this release changed
         w_LHE[layer] += 0.8 * np.random.default_rng(99 + layer).standard_normal((HIDDEN, experts))
     run = RunDir.create(path)
-    run.write_manifest(Manifest(run_id=f"{path.name}", created="now", world_size=WORLD,
+    run.write_manifest(Manifest(run_id=f"{path.name}", created="now", world_size=world,
                                 num_experts=experts, topk=topk, hidden=HIDDEN, release=release))
-    for rank in range(WORLD):
-        info = ShardInfo(path.name, rank, WORLD, experts, topk, HIDDEN, Level.ROUTING)
+    for rank in range(world):
+        info = ShardInfo(path.name, rank, world, experts, topk, HIDDEN, Level.ROUTING)
         with ShardWriter(run.shard_path(rank), info) as w:
             seq = 0
             for step in range(STEPS):
-                tok_T = order[(step * WORLD + rank) * T:(step * WORLD + rank + 1) * T]
+                at = (step * world + rank) * tokens
+                tok_T = order[at:at + tokens]
                 for layer in range(LAYERS):
                     scores_TE = x_NH[tok_T] @ w_LHE[layer] + bias_LE[layer]
                     idx_TK = np.argsort(-scores_TE, axis=1, kind="stable")[:, :topk]
@@ -64,7 +67,7 @@ def write_run(path: Path, *, experts: int = 16, topk: int = 4, seed: int = 0,
                     if tags:
                         arrays["token_tag_T"] = tok_T.astype(np.int64)
                     header = RecordHeader(Kind.CALL, Op.DISPATCH, Level.ROUTING, Status.OK, 0, seq,
-                                          step, layer, T)
+                                          step, layer, tokens)
                     w.append(header, arrays, {})
                     seq += 1
     return path
@@ -82,6 +85,7 @@ def runs(tmp_path_factory) -> dict[str, Path]:
         "other_seed": write_run(base / "other_seed", seed=5),
         "more_experts": write_run(base / "more_experts", experts=32),
         "counts": write_run(base / "counts", routing=False, tags=False),
+        "four_ranks": write_run(base / "four_ranks", world=4, tokens=T // 2),
     }
 
 
@@ -117,6 +121,16 @@ def test_batch_order_matched_by_tag_agrees_fully(runs) -> None:
     # The same pair by position compares different tokens: agreement drops well below 1.
     pos = diff_runs.diff_runs(runs["a"], runs["shuffled"], match="position")
     assert pos.match == "position" and pos.summary["top1"] < 0.9
+
+
+def test_other_world_size_matched_by_tag(runs) -> None:
+    """The same tokens served on 4 ranks instead of 2: tags pair them, positions cannot."""
+    res = diff_runs.diff_runs(runs["a"], runs["four_ranks"])
+    assert res.match == "tag" and res.summary["top1"] == 1.0 and res.summary["matched"] == 1.0
+    assert res.summary["js"] == pytest.approx(0.0, abs=1e-12)
+    assert res.run_b.world_size == 4 and res.summary["imbalance_b"] is not None
+    untagged = diff_runs.diff_runs(runs["untagged"], runs["four_ranks"])
+    assert untagged.match == "none" and "dispatch calls differ" in " ".join(untagged.notes)
 
 
 def test_auto_falls_back_to_position_then_none(runs) -> None:
@@ -263,7 +277,9 @@ def test_index_loads_equal_shard_loads(runs, tmp_path) -> None:
     loads the shards' dispatch records give."""
     import shutil
 
-    run = RunDir.open(shutil.copytree(runs["release"], tmp_path / "run"))
+    # Shards and manifest only: earlier tests may have built the fixture run's index already.
+    run = RunDir.open(shutil.copytree(runs["release"], tmp_path / "run",
+                                      ignore=shutil.ignore_patterns("index.duckdb*")))
     assert not run.index_path.exists()
     facts = diff_runs.run_facts(run)
     from_index = diff_runs.load_run(run, facts, steps=(1, 3), layers=frozenset({0, 3}))
