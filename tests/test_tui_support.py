@@ -156,9 +156,8 @@ def screen_text(app) -> str:
 
 async def settle(pilot, app) -> None:
     """Let every fetch finish and its message be rendered."""
-    for _ in range(3):
-        await pilot.pause()
-        await app.workers.wait_for_complete()
+    await pilot.pause()
+    await app.workers.wait_for_complete()
     await pilot.pause()
 
 

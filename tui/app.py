@@ -10,8 +10,10 @@ from functools import partial
 from pathlib import Path
 
 from textual import on
-from textual.app import App, ComposeResult
+from textual.app import App, ComposeResult, ScreenStackError
+from textual.css.query import NoMatches
 from textual.binding import Binding
+from textual.lazy import Lazy
 from textual.command import DiscoveryHit, Hit, Hits, Provider
 from textual.widgets import ContentSwitcher, Footer, Static, Tab, Tabs
 
@@ -95,7 +97,9 @@ class EpReplayApp(App[int]):
                    id="tabs")
         with ContentSwitcher(initial="overview", id="panes"):
             for pid, cls in PANES.items():
-                yield cls(id=pid)
+                # Only the overview is built before the first paint; the other panes mount
+                # right after it (Lazy), so the first screen with data comes sooner.
+                yield cls(id=pid) if pid == "overview" else Lazy(cls(id=pid))
         yield Static("", id="statusbar")
         yield Footer()
 
@@ -116,6 +120,9 @@ class EpReplayApp(App[int]):
         """Switch to pane `pid`, fetching its data if the selection changed since it last did."""
         if pid not in PANES:
             return
+        if not self.query(f"#{pid}"):  # a lazy pane not mounted yet (only before the first frame)
+            self.call_after_refresh(self.show, pid)
+            return
         self.current = pid
         self.query_one("#panes", ContentSwitcher).current = pid
         tabs = self.query_one("#tabs", Tabs)
@@ -132,8 +139,14 @@ class EpReplayApp(App[int]):
     @on(Tabs.TabActivated, "#tabs")
     def _tab(self, event: Tabs.TabActivated) -> None:
         pid = event.tab.id.removeprefix("tab-") if event.tab and event.tab.id else ""
-        if pid and pid != self.current:
+        # A click or tab key. Ignore a late message from an earlier programmatic switch (its tab
+        # is no longer the active one) and one arriving while the app shuts down.
+        if not pid or pid == self.current or event.tabs.active != event.tab.id:
+            return
+        try:
             self.show(pid)
+        except (NoMatches, ScreenStackError):
+            pass
 
     # ----- selection --------------------------------------------------------------------------
     def select(self, *, steps: tuple[int, int] | None | str = "keep", layer: int | None | str = "keep") -> None:
@@ -143,8 +156,9 @@ class EpReplayApp(App[int]):
         if new == self.selection:
             return
         self.selection = new
-        for pid in USES_SELECTION:
-            self.pane(pid).stale = True
+        for pane in self.query(Pane):  # (a lazy pane not mounted yet starts stale anyway)
+            if pane.id in USES_SELECTION:
+                pane.stale = True
         if self.current in USES_SELECTION:
             self.pane(self.current).activate()
         self._status()

@@ -8,6 +8,7 @@ that the pane renders on the UI thread.
 """
 from __future__ import annotations
 
+import time
 from typing import TYPE_CHECKING, ClassVar
 
 from textual.containers import Vertical
@@ -26,7 +27,7 @@ class Pane(Vertical):
     TITLE: ClassVar[str] = ""
     KEY: ClassVar[str] = ""
     DEFAULT_CSS = """
-    Pane { height: 1fr; }
+    Pane { height: 1fr; display: none; }  /* the ContentSwitcher shows the current one */
     Pane .pane-title { height: 1; text-style: bold; color: $text-accent; }
     Pane .status { height: auto; max-height: 3; color: $text-muted; }
     """
@@ -35,6 +36,7 @@ class Pane(Vertical):
         super().__init__(id=id)
         self.stale = True
         self.loaded = False
+        self.loaded_at = 0.0  # time.perf_counter() when data was last rendered (bench, tests)
 
     @property
     def epapp(self) -> "EpReplayApp":
@@ -56,6 +58,11 @@ class Pane(Vertical):
 
     def fetch(self) -> None:
         raise NotImplementedError
+
+    def mark_loaded(self) -> None:
+        """Called by a pane's message handler once the fetched data is on screen."""
+        self.loaded = True
+        self.loaded_at = time.perf_counter()
 
     def failed(self, what: str, exc: BaseException) -> None:
         """From a worker thread: report a failed query as a message (never raise into Textual)."""

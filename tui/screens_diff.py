@@ -75,7 +75,7 @@ class DiffPane(Pane):
                 table.add_row(str(r.layer), f"{r.js:.4f}", render.bar(r.js / top, 16), _ids(r.hot.entered),
                               _ids(r.hot.left), f"{tok.top1:.3f}" if tok else "-",
                               f"{tok.jaccard:.3f}" if tok else "-", key=str(r.layer))
-        self.loaded = True
+        self.mark_loaded()
 
     def focus_main(self) -> None:
         self.query_one("#diff-table", DataTable).focus()

@@ -89,7 +89,7 @@ class DivergencesPane(Pane):
             status = f"replay {d.replay}: {len(d.divergences)} divergence(s), first selected"
         self.query_one("#div-status", Static).update(status)
         self.show_detail(0 if d.divergences else None)
-        self.loaded = True
+        self.mark_loaded()
 
     def show_detail(self, n: int | None) -> None:
         detail = self.query_one("#div-detail", Static)

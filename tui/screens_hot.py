@@ -94,7 +94,7 @@ class HotPane(Pane):
         self.heat = h = msg.payload
         self._draw()
         self._apply_pending()
-        self.loaded = True
+        self.mark_loaded()
 
     def _draw(self) -> None:
         h = self.heat

@@ -111,7 +111,7 @@ class OverviewPane(Pane):
         for i in np.lexsort((im.layer_L, -im.imbalance_L))[:10]:
             imb.add_row(str(int(im.layer_L[i])), f"{im.imbalance_L[i]:.2f}", str(int(im.max_rank_L[i])),
                         str(int(im.worst_step_L[i])), key=f"l{int(im.layer_L[i])}")
-        self.loaded = True
+        self.mark_loaded()
 
     @on(DataTable.RowSelected, "#hot-table")
     def _drill(self, event: DataTable.RowSelected) -> None:

@@ -90,7 +90,7 @@ class TimelinePane(Pane):
                           f"{s.mean_ns_N[i] / 1e3:.1f}", key=f"r{int(s.rank_N[i])}")
         vmax = float(np.nanmax(us)) if us.size and np.isfinite(us).any() else 0.0
         self.query_one("#tl-legend", Static).update(legend_text(vmax, "µs per cell · ! straggler"))
-        self.loaded = True
+        self.mark_loaded()
 
     def action_cycle_op(self) -> None:
         self.op_index = (self.op_index + 1) % len(OPS)

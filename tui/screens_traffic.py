@@ -63,7 +63,7 @@ class TrafficPane(Pane):
         self.summary = s = m.set_traffic(d.tokens_RR)
         self.query_one("#traffic-status", Static).update(traffic_status(d, s))
         self.query_one("#traffic-legend", Static).update(legend_text(m.vmax, "rows per cell"))
-        self.loaded = True
+        self.mark_loaded()
 
     @on(Heatmap.Highlighted, "#traffic-map")
     def _cell(self, event: Heatmap.Highlighted) -> None:
