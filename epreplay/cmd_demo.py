@@ -90,6 +90,18 @@ def _default_out():
     return out
 
 
+def _warm_up() -> None:
+    """Start run_ranks' forkserver (it imports torch) on a daemon thread, so it loads while this
+    process imports its own torch; the ranks then start at once. Nothing here imports torch."""
+    import multiprocessing.forkserver as forkserver
+    import threading
+
+    from epreplay.launch import _context
+
+    _context()  # the forkserver's preload list, exactly as run_ranks sets it
+    threading.Thread(target=forkserver.ensure_running, daemon=True, name="forkserver-warm-up").start()
+
+
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
@@ -116,7 +128,9 @@ def run(args: argparse.Namespace) -> int:
     if record and out.exists() and (not out.is_dir() or RunDir(out).manifest_path.exists()
                                     or RunDir(out).shards_dir.exists()):
         raise UsageError(f"{out}: already holds a run; choose another --out (nothing is overwritten)")
-    # Everything above is validation without torch, so bad input answers at once.
+    # Everything above is validation without torch, so bad input answers at once. Now start the
+    # ranks' forkserver (a torch import) on a thread while this process imports its own torch.
+    _warm_up()
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 

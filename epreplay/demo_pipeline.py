@@ -102,18 +102,14 @@ def _annotate_manifest(out: Path, cfg: DemoConfig) -> None:
 
 
 def _index(out: Path) -> str:
-    """Build RUN/index.duckdb through the index command's own entry point; returns a note."""
-    import contextlib
-    import io
-
-    from epreplay.cli import main
-
-    buf = io.StringIO()
-    with contextlib.redirect_stdout(buf), contextlib.redirect_stderr(buf):
-        rc = main(["index", str(out)])
-    if rc != 0:
-        raise RuntimeError(f"epreplay index exited {rc}: {buf.getvalue().strip()[-300:]}")
-    return f"{out / 'index.duckdb'}"
+    """Build RUN/index.duckdb with the index module's API; returns a note."""
+    index = importlib.import_module("epreplay.index")
+    # One worker: a demo run has a few small shards; a process pool would cost more than it saves.
+    res = index.build_index(out, progress=False, workers=1)
+    note = f"{res.path} ({res.records} records, {res.routings} token-layer routings)"
+    for problem in res.problems:
+        note += f"; warning: {problem}"
+    return note
 
 
 def run_pipeline(cfg: DemoConfig, opts: PipelineOptions, *, progress: Progress | None = None
@@ -144,7 +140,7 @@ def run_pipeline(cfg: DemoConfig, opts: PipelineOptions, *, progress: Progress |
     t0 = time.perf_counter()
     if not opts.index:
         result.steps.append(StepOutcome("index", "skipped", "--no-index"))
-    elif not available("epreplay.cmd_index"):
+    elif not available("epreplay.index"):
         result.steps.append(StepOutcome("index", "skipped", "epreplay index is not installed yet"))
     else:
         try:
