@@ -207,6 +207,15 @@ def check_close(ref_TH: np.ndarray, got_TH: np.ndarray, tol: float, *, what: str
         return []
     nan = ~torch.isfinite(g)
     d = calc_diff(r, g) if not nan.any() else float("inf")
+    if tol == 0.0:  # exact comparison: name the first token that differs
+        bad_T = (r != g).any(dim=1)
+        if not bad_T.any():
+            return []
+        t = int(bad_T.nonzero()[0])
+        j = int((r[t] != g[t]).nonzero()[0])
+        return [("combine", f"token {t}: value {float(r[t, j]):g} at column {j} (exact)",
+                 f"{float(g[t, j]):g} (calc_diff {d:.3g})", -1, t, -1,
+                 f"{what} output differs from the exactly computable reference")]
     if d <= tol:
         return []
     err_T = (r.double() - g.double()).abs().nan_to_num(float("inf")).amax(dim=1)
