@@ -56,6 +56,12 @@ _COMBINE_CONFIGS = {2: (10, 256), 4: (9, 256), 8: (4, 256), 16: (4, 288), 24: (1
                     48: (1, 288), 64: (1, 288), 96: (1, 480), 128: (1, 560), 144: (2, 720), 160: (2, 720)}
 
 
+def _listed(num_ranks: int) -> int:
+    """The rank count of DeepEP's config tables used for `num_ranks` (the next listed one)."""
+    assert num_ranks >= 1, f'Unsupported number of EP ranks: {num_ranks}'
+    return min((n for n in _DISPATCH_CONFIGS if n >= num_ranks), default=max(_DISPATCH_CONFIGS))
+
+
 def is_emulated(obj: Any) -> bool:
     """True for epreplay's emulated Buffer class or any instance of it (or of a subclass)."""
     cls = obj if isinstance(obj, type) else type(obj)
@@ -140,16 +146,15 @@ class Buffer:
 
     @staticmethod
     def get_dispatch_config(num_ranks: int) -> Config:
-        """DeepEP's tuned dispatch Config per rank count (emulator: 1 rank gets the 2-rank one)."""
-        send, recv = _DISPATCH_CONFIGS.get(max(num_ranks, 2), (None, None))
-        assert send is not None, f'Unsupported number of EP ranks: {num_ranks}'
+        """DeepEP's tuned dispatch Config per rank count. DeepEP only knows 2, 4, 8, 16, ... 160
+        ranks; the emulation runs any count and takes the next listed one (1 and 3 ranks: 2 and 4)."""
+        send, recv = _DISPATCH_CONFIGS[_listed(num_ranks)]
         return Config(Buffer.num_sms, send, recv, 20 if num_ranks == 16 else (12 if num_ranks >= 96 else (
             8 if num_ranks > 16 else 6)), 128)
 
     @staticmethod
     def get_combine_config(num_ranks: int) -> Config:
-        send, recv = _COMBINE_CONFIGS.get(max(num_ranks, 2), (None, None))
-        assert send is not None, f'Unsupported number of EP ranks: {num_ranks}'
+        send, recv = _COMBINE_CONFIGS[_listed(num_ranks)]
         return Config(Buffer.num_sms, send, recv, 12 if num_ranks == 16 else (8 if num_ranks > 16 else 6), 128)
 
     def get_comm_stream(self) -> Any:
