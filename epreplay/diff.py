@@ -277,7 +277,8 @@ def summarize(rows: Sequence[LayerDiff], *, tokens_a: int | None = None) -> dict
     matched = [r.tokens for r in rows if r.tokens is not None]
     if matched and tokens_a is not None:
         total = sum(matched, TokenAgreement())
-        out["jaccard"], out["top1"], out["weight_change"] = total.jaccard, total.top1, total.weight_change
+        out["jaccard"], out["top1"] = total.jaccard, total.top1
+        out["weight_change"] = total.weight_change if total.weighted else None
         out["matched"] = total.tokens / tokens_a if tokens_a else 1.0
     else:
         out.update(jaccard=None, top1=None, weight_change=None, matched=None)

@@ -32,7 +32,7 @@ def _layer_dict(row: LayerDiff) -> dict[str, Any]:
         "matched_tokens": tok.tokens if tok else None,
         "jaccard": tok.jaccard if tok else None,
         "top1": tok.top1 if tok else None,
-        "weight_change": tok.weight_change if tok else None,
+        "weight_change": tok.weight_change if tok and tok.weighted else None,
         "unmatched_a": row.unmatched_a, "unmatched_b": row.unmatched_b,
     }
 
@@ -77,7 +77,7 @@ def _cells(row: LayerDiff) -> list[str]:
         _ids(row.hot.entered), _ids(row.hot.left),
         _f(row.imbalance_a, 2), _f(row.imbalance_b, 2),
         _f(tok.jaccard if tok else None), _f(tok.top1 if tok else None),
-        _f(tok.weight_change if tok else None), str(tok.tokens) if tok else "-",
+        _f(tok.weight_change if tok and tok.weighted else None), str(tok.tokens) if tok else "-",
     ]
 
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import os
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -47,6 +47,7 @@ class DispatchRef:
     tokens: int
     scan: ShardScan
     entry: Entry
+    combine: Entry | None = None  # an ll_dispatch's ll_combine: it holds the gate weights
 
 
 class Catalog:
@@ -66,18 +67,34 @@ class Catalog:
             self.scans.append(scan)
             rank = scan.info.rank
             seen: dict[tuple[int, int], int] = {}
+            # Low-latency dispatch records carry no weights (DeepEP's low_latency_dispatch takes
+            # none); the matching ll_combine does. Pair the n-th of each per (step, layer).
+            ll_seen: dict[tuple[int, int], int] = {}
+            combines: dict[tuple[int, int], list[Entry]] = {}
+            ll_keys: list[tuple[tuple[int, int], int, Key]] = []
             for entry in scan.entries:
                 h = entry.header
-                if h.kind != Kind.CALL or h.op not in ROUTING_OPS or h.status != Status.OK:
+                if h.kind != Kind.CALL or h.status != Status.OK:
                     continue
                 if steps is not None and not steps[0] <= h.step < steps[1]:
                     continue
                 if layers is not None and h.layer not in layers:
                     continue
-                n = seen.get((h.step, h.layer), 0)
-                seen[(h.step, h.layer)] = n + 1
+                sl = (h.step, h.layer)
+                if h.op == int(Op.LL_COMBINE):
+                    combines.setdefault(sl, []).append(entry)
+                if h.op not in ROUTING_OPS:
+                    continue
+                n = seen.get(sl, 0)
+                seen[sl] = n + 1
                 key = (h.step, h.layer, rank, n)
                 self.refs[key] = DispatchRef(key, h.tokens, scan, entry)
+                if h.op == int(Op.LL_DISPATCH):
+                    ll_keys.append((sl, ll_seen.get(sl, 0), key))
+                    ll_seen[sl] = ll_seen.get(sl, 0) + 1
+            for sl, n, key in ll_keys:
+                if n < len(combines.get(sl, ())):
+                    self.refs[key] = replace(self.refs[key], combine=combines[sl][n])
 
     def layers(self) -> list[int]:
         return sorted({k[1] for k in self.refs})
@@ -121,7 +138,13 @@ def _routing(ref: DispatchRef) -> tuple[np.ndarray, np.ndarray | None, np.ndarra
     idx = arrays.get("topk_idx_TK")
     if idx is None:  # a counts-level capture: no token routing at all
         idx = np.zeros((0, 0), dtype=np.int64)
-    return idx, arrays.get("topk_weights_TK"), arrays.get("token_tag_T")
+    weights = arrays.get("topk_weights_TK")
+    if weights is None and ref.combine is not None:
+        comb = ref.scan.read(ref.combine, ("topk_idx_TK", "topk_weights_TK")).arrays
+        # Only when the combine is provably this dispatch's: the same ids, row for row.
+        if comb.get("topk_weights_TK") is not None and np.array_equal(comb.get("topk_idx_TK"), idx):
+            weights = comb["topk_weights_TK"]
+    return idx, weights, arrays.get("token_tag_T")
 
 
 @dataclass(frozen=True)
@@ -184,46 +207,47 @@ def match_by_position(cat_a: Catalog, cat_b: Catalog, layer: int) -> LayerMatch:
     return LayerMatch(layer, total, un_a, un_b)
 
 
-def _narrow(ref: DispatchRef) -> tuple[np.ndarray | None, np.ndarray, np.ndarray | None]:
-    """(token_tag_T int64, topk_idx_TK int16, topk_weights_TK float32) of one record, narrowed
-    in the worker thread so a production layer never sits in memory at int64/float64 width."""
+def _narrow(ref: DispatchRef) -> tuple[np.ndarray | None, np.ndarray, np.ndarray]:
+    """(token_tag_T int64, topk_idx_TK int16, topk_weights_TK float32, NaN where not recorded)
+    of one record, narrowed in the worker thread so a production layer never sits in memory at
+    int64/float64 width."""
     idx, w, tag = _routing(ref)
     if tag is None or tag.shape[0] != idx.shape[0]:
-        return None, idx[:0].astype(np.int16), None
-    return (tag.astype(np.int64, copy=False), idx.astype(np.int16),
-            None if w is None else w.astype(np.float32, copy=False))
+        return None, idx[:0].astype(np.int16), np.zeros((0, idx.shape[1]), np.float32)
+    if w is None or w.shape != idx.shape:
+        w = np.full(idx.shape, np.nan, np.float32)
+    return tag.astype(np.int64, copy=False), idx.astype(np.int16), w.astype(np.float32, copy=False)
 
 
-def _gather(refs: list[DispatchRef]) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, int]:
+def _gather(refs: list[DispatchRef]) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
     """All tagged tokens of one layer of a run, first occurrence of each tag kept.
 
     Returns:
         tags [N] int64 sorted unique, idx [N, K] int16 (expert ids fit: DeepEP caps E far below
-        2^15; int16 quarters the memory of a production layer), weights [N, K] float32 or None,
-        and how many tokens were dropped (untagged or repeated tags).
+        2^15; int16 quarters the memory of a production layer), weights [N, K] float32 (rows of
+        NaN where the run recorded none), and how many tokens were dropped (untagged or
+        repeated tags).
     """
     tags, idxs, ws = [], [], []
     dropped = 0
-    weights_everywhere = True
     for ref, (tag, idx, w) in zip(refs, _pool_map(_narrow, refs)):
         if tag is None:
             dropped += ref.tokens
             continue
         tags.append(tag)
         idxs.append(idx)
-        if w is None:
-            weights_everywhere = False
-        else:
-            ws.append(w)
+        ws.append(w)
     if not tags:
-        return np.zeros(0, np.int64), np.zeros((0, 0), np.int16), None, dropped
+        return np.zeros(0, np.int64), np.zeros((0, 0), np.int16), np.zeros((0, 0), np.float32), dropped
     tag_N = np.concatenate(tags)
+    del tags
     idx_NK = np.concatenate(idxs)
-    w_NK = np.concatenate(ws) if weights_everywhere else None
-    del tags, idxs, ws
+    del idxs
+    w_NK = np.concatenate(ws)
+    del ws
     uniq, first = np.unique(tag_N, return_index=True)  # return_index: the first occurrence
     dropped += tag_N.size - uniq.size
-    return uniq, idx_NK[first], (w_NK[first] if w_NK is not None else None), dropped
+    return uniq, idx_NK[first], w_NK[first], dropped
 
 
 def match_by_tag(cat_a: Catalog, cat_b: Catalog, layer: int, *, chunk: int = 65536) -> LayerMatch:
@@ -232,12 +256,16 @@ def match_by_tag(cat_a: Catalog, cat_b: Catalog, layer: int, *, chunk: int = 655
     tag_b, idx_b, w_b, drop_b = _gather(cat_b.of_layer(layer))
     _, ia, ib = np.intersect1d(tag_a, tag_b, assume_unique=True, return_indices=True)
     total = TokenAgreement()
-    with_w = w_a is not None and w_b is not None
-    # Chunks bound the [chunk, K, K] comparison array token_agreement builds.
+    # Chunks bound the temporaries of token_agreement; rows with weights on both sides are
+    # compared with them, the others (a low-latency call without its combine) without.
     for lo in range(0, ia.size, chunk):
         sa, sb = ia[lo:lo + chunk], ib[lo:lo + chunk]
-        total = total + token_agreement(idx_a[sa], idx_b[sb], w_a[sa] if with_w else None,
-                                        w_b[sb] if with_w else None)
+        weighted = ~(np.isnan(w_a[sa]).any(axis=1) | np.isnan(w_b[sb]).any(axis=1))
+        for rows, with_w in ((weighted, True), (~weighted, False)):
+            if rows.any():
+                ra, rb = sa[rows], sb[rows]
+                total = total + token_agreement(idx_a[ra], idx_b[rb], w_a[ra] if with_w else None,
+                                                w_b[rb] if with_w else None)
     return LayerMatch(layer, total, drop_a + tag_a.size - ia.size, drop_b + tag_b.size - ib.size)
 
 

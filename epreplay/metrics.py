@@ -209,6 +209,7 @@ class TokenAgreement:
         pairs: matched (token, expert) pairs, i.e. an expert in both sets of the token, counted
             only when both runs' weights were given (else 0).
         weight_abs_sum: sum over those pairs of |w_a(t, e) - w_b(t, e)|.
+        weighted: tokens whose weights were given on both sides (0: weight_change unmeasured).
     """
 
     tokens: int = 0
@@ -216,11 +217,13 @@ class TokenAgreement:
     top1_agree: int = 0
     pairs: int = 0
     weight_abs_sum: float = 0.0
+    weighted: int = 0
 
     def __add__(self, other: "TokenAgreement") -> "TokenAgreement":
         return TokenAgreement(self.tokens + other.tokens, self.jaccard_sum + other.jaccard_sum,
                               self.top1_agree + other.top1_agree, self.pairs + other.pairs,
-                              self.weight_abs_sum + other.weight_abs_sum)
+                              self.weight_abs_sum + other.weight_abs_sum,
+                              self.weighted + other.weighted)
 
     @property
     def jaccard(self) -> float:
@@ -234,7 +237,8 @@ class TokenAgreement:
 
     @property
     def weight_change(self) -> float:
-        """Mean |w_a - w_b| over matched (token, expert) pairs (0.0 when there are none)."""
+        """Mean |w_a - w_b| over matched (token, expert) pairs (0.0 when there are none; see
+        `weighted` to tell "no change" from "no weights recorded")."""
         return self.weight_abs_sum / self.pairs if self.pairs else 0.0
 
 
@@ -302,4 +306,4 @@ def _agreement(a: np.ndarray, b: np.ndarray, wa: np.ndarray | None, wb: np.ndarr
         slot_TK = (np.arange(T, dtype=np.int64) * Kb)[:, None] + np.maximum(got_TK, 0)
         wb_TK = wb.reshape(-1)[slot_TK].astype(np.float64)
         wsum = float(np.abs(wa.astype(np.float64) - wb_TK)[present_TK].sum())
-    return TokenAgreement(T, float(jac_T.sum()), 0, pairs, wsum)
+    return TokenAgreement(T, float(jac_T.sum()), 0, pairs, wsum, T if wa is not None else 0)

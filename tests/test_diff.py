@@ -28,13 +28,15 @@ HIDDEN = 8
 def write_run(path: Path, *, experts: int = 16, topk: int = 4, seed: int = 0,
               perturb: frozenset[int] = frozenset(), order_seed: int | None = None,
               tags: bool = True, release: str = "r1", routing: bool = True,
-              world: int = WORLD, tokens: int = T) -> Path:
+              world: int = WORLD, tokens: int = T, ll: str = "") -> Path:
     """A run of WORLD ranks x STEPS steps x LAYERS layers of dispatch records.
 
     seed: the token data (the same seed -> the same tokens). perturb: layers whose router is
     changed (the "release"). order_seed: shuffle which (step, rank, row) processes which token.
     routing=False: a counts-level capture (no topk_idx_TK / topk_weights_TK in the records).
     world, tokens: ranks and tokens per rank; the same world * tokens processes the same tokens.
+    ll: "" normal dispatch (weights in the record); "combine": low-latency dispatch (no weights)
+    followed by its ll_combine (weights); "bare": low-latency dispatch alone.
     """
     data = np.random.default_rng(seed)
     n_tok = STEPS * world * tokens
@@ -66,10 +68,18 @@ def write_run(path: Path, *, experts: int = 16, topk: int = 4, seed: int = 0,
                         del arrays["topk_idx_TK"], arrays["topk_weights_TK"]
                     if tags:
                         arrays["token_tag_T"] = tok_T.astype(np.int64)
-                    header = RecordHeader(Kind.CALL, Op.DISPATCH, Level.ROUTING, Status.OK, 0, seq,
-                                          step, layer, tokens)
-                    w.append(header, arrays, {})
+                    op = Op.LL_DISPATCH if ll else Op.DISPATCH
+                    if ll:
+                        weights = arrays.pop("topk_weights_TK", None)
+                    w.append(RecordHeader(Kind.CALL, op, Level.ROUTING, Status.OK, 0, seq, step, layer,
+                                          tokens), arrays, {})
                     seq += 1
+                    if ll == "combine" and routing:
+                        w.append(RecordHeader(Kind.CALL, Op.LL_COMBINE, Level.ROUTING, Status.OK, 0, seq,
+                                              step, layer, tokens),
+                                 {"topk_idx_TK": arrays["topk_idx_TK"], "topk_weights_TK": weights},
+                                 {"dispatch_seq": seq - 1})
+                        seq += 1
     return path
 
 
@@ -86,6 +96,9 @@ def runs(tmp_path_factory) -> dict[str, Path]:
         "more_experts": write_run(base / "more_experts", experts=32),
         "counts": write_run(base / "counts", routing=False, tags=False),
         "four_ranks": write_run(base / "four_ranks", world=4, tokens=T // 2),
+        "ll": write_run(base / "ll", ll="combine"),
+        "ll_release": write_run(base / "ll_release", ll="combine", perturb=frozenset({1, 3})),
+        "ll_bare": write_run(base / "ll_bare", ll="bare"),
     }
 
 
@@ -131,6 +144,20 @@ def test_other_world_size_matched_by_tag(runs) -> None:
     assert res.run_b.world_size == 4 and res.summary["imbalance_b"] is not None
     untagged = diff_runs.diff_runs(runs["untagged"], runs["four_ranks"])
     assert untagged.match == "none" and "dispatch calls differ" in " ".join(untagged.notes)
+
+
+def test_low_latency_weights_come_from_the_combine(runs) -> None:
+    same = diff_runs.diff_runs(runs["a"], runs["ll"])  # same routing, other op
+    assert same.summary["top1"] == 1.0 and same.summary["weight_change"] == 0.0
+    drift = diff_runs.diff_runs(runs["ll"], runs["ll_release"])
+    assert {r.layer for r in drift.layers if r.tokens.weight_change > 0} == {1, 3}
+    assert all(r.tokens.weighted == r.tokens.tokens for r in drift.layers)
+    # Without the combine records no weights exist: weight change is unmeasured, not 0.
+    bare = diff_runs.diff_runs(runs["ll"], runs["ll_bare"])
+    assert bare.summary["top1"] == 1.0 and bare.summary["weight_change"] is None
+    with pytest.raises(UsageError, match="weight_change was not measured"):
+        diff_runs.diff_runs(runs["ll"], runs["ll_bare"],
+                            thresholds=[diff.parse_threshold("weight_change>0.1")])
 
 
 def test_auto_falls_back_to_position_then_none(runs) -> None:

@@ -126,7 +126,7 @@ def test_token_agreement_identical():
     w = np.array([[0.6, 0.4], [0.5, 0.5], [1.0, 0.0]])
     ag = m.token_agreement(idx, idx, w, w)
     assert (ag.tokens, ag.jaccard, ag.top1, ag.weight_change) == (3, 1.0, 1.0, 0.0)
-    assert ag.pairs == 5  # -1 slots are not pairs
+    assert ag.pairs == 5 and ag.weighted == 3  # -1 slots are not pairs
 
 
 def test_token_agreement_hand_computed():
@@ -150,6 +150,7 @@ def test_token_agreement_without_weights_and_empty():
     idx = np.array([[0, 1]])
     ag = m.token_agreement(idx, np.array([[1, 2]]))
     assert ag.jaccard == pytest.approx(1 / 3) and ag.pairs == 0 and ag.weight_change == 0.0
+    assert ag.weighted == 0  # no weights: weight_change is unmeasured, not "unchanged"
     empty = m.token_agreement(np.zeros((0, 2), np.int64), np.zeros((0, 2), np.int64))
     assert (empty.tokens, empty.jaccard, empty.top1, empty.weight_change) == (0, 1.0, 1.0, 0.0)
 
