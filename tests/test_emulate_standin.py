@@ -1,0 +1,134 @@
+"""The `deep_ep` stand-in: unmodified DeepEP client code runs on CPU through the emulation.
+
+The client below is written the way SGLang's / Megatron's DeepEP dispatchers call DeepEP
+(torchrun-style env:// init, a normal Buffer with get_dispatch_layout/dispatch/combine, a
+low-latency Buffer with FP8 dispatch, a cast back, and a weighted combine). It knows nothing of
+epreplay. Two real subprocesses form the group: rank 0 started with `python -m epreplay.standin`,
+rank 1 with EPREPLAY_EMULATE_DEEP_EP=1 and a sitecustomize.py that imports epreplay.standin.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+import textwrap
+
+from epreplay.launch import free_port
+
+CLIENT = textwrap.dedent('''
+    import os
+    import torch
+    import torch.distributed as dist
+    import deep_ep
+
+    def per_token_cast_back(x_fp8, x_scales):
+        x = x_fp8.float().view(x_fp8.size(0), -1, 128)
+        return (x * x_scales.view(x_fp8.size(0), -1, 1)).view(x_fp8.size(0), -1)
+
+    dist.init_process_group(backend="gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    group = dist.new_group(list(range(world)))
+    num_experts, hidden, num_tokens, topk = 4 * world, 512, 16, 3
+    torch.manual_seed(rank)
+    scores = torch.randn(num_tokens, num_experts).abs()
+    topk_idx = torch.topk(scores, topk, dim=-1).indices.to(deep_ep.topk_idx_t)
+    topk_weights = torch.softmax(torch.gather(scores, 1, topk_idx), dim=-1).float()
+    x = torch.randn(num_tokens, hidden).to(torch.bfloat16)
+
+    # normal mode (prefill): SGLang's DeepEPNormalDispatcher
+    deep_ep.Buffer.set_num_sms(24)
+    buffer = deep_ep.Buffer(group, int(1e9), 0, low_latency_mode=False, num_qps_per_rank=1)
+    config = deep_ep.Buffer.get_dispatch_config(group.size())
+    previous_event = deep_ep.Buffer.capture()
+    num_tokens_per_rank, num_tokens_per_rdma_rank, num_tokens_per_expert, is_token_in_rank, event = \\
+        buffer.get_dispatch_layout(topk_idx, num_experts, previous_event=previous_event, async_finish=True,
+                                   allocate_on_comm_stream=True)
+    recv_x, recv_topk_idx, recv_topk_weights, num_recv_tokens_per_expert_list, handle, event = buffer.dispatch(
+        x, topk_idx=topk_idx, topk_weights=topk_weights, num_tokens_per_rank=num_tokens_per_rank,
+        num_tokens_per_rdma_rank=num_tokens_per_rdma_rank, is_token_in_rank=is_token_in_rank,
+        num_tokens_per_expert=num_tokens_per_expert, previous_event=event, async_finish=True,
+        allocate_on_comm_stream=True, expert_alignment=128, config=config)
+    event.current_stream_wait()
+    assert len(handle) == 6 and len(num_recv_tokens_per_expert_list) == num_experts // world
+    # experts: each local expert scales its tokens by 2; the rank reduces its experts' weighted rows
+    expert_out = torch.zeros(recv_x.shape, dtype=torch.float32)
+    for k in range(topk):
+        sel = recv_topk_idx[:, k] >= 0
+        expert_out[sel] += recv_x[sel].float() * 2 * recv_topk_weights[sel, k:k + 1]
+    combined_x, _, event = buffer.combine(expert_out.to(torch.bfloat16), handle, async_finish=True,
+                                          previous_event=deep_ep.Buffer.capture(),
+                                          config=deep_ep.Buffer.get_combine_config(group.size()))
+    with event:
+        pass
+    ref = x.float() * 2
+    diff = (combined_x.float() - ref).abs().max().item()
+    assert diff < 0.1, diff
+
+    # low-latency mode (decode): SGLang's DeepEPLLDispatcher
+    num_max = 32
+    ll = deep_ep.Buffer(group, 0, deep_ep.Buffer.get_low_latency_rdma_size_hint(num_max, hidden, world, num_experts),
+                        low_latency_mode=True, num_qps_per_rank=num_experts // world)
+    ll.clean_low_latency_buffer(num_max, hidden, num_experts)
+    packed_recv_hidden, packed_recv_count, ll_handle, event, hook = ll.low_latency_dispatch(
+        x, topk_idx, num_max, num_experts, use_fp8=True, async_finish=False, return_recv_hook=True)
+    hook()
+    fp8_x, scales = packed_recv_hidden
+    num_local = num_experts // world
+    expert_out = torch.stack([per_token_cast_back(fp8_x[e], scales[e]) * 2 for e in range(num_local)])
+    combined, event, hook = ll.low_latency_combine(expert_out.to(torch.bfloat16), topk_idx, topk_weights, ll_handle,
+                                                  return_recv_hook=True)
+    hook()
+    diff = (combined.float() - x.float() * 2).abs().max().item()
+    assert diff < 0.08 * (x.float() * 2).abs().max().item(), diff  # FP8: ~3 significant bits
+    print(f"CLIENT OK rank={rank} deep_ep={deep_ep.__version__} recv={recv_x.shape[0]} "
+          f"ll={int(packed_recv_count.sum())}", flush=True)
+    dist.destroy_process_group()
+''')
+
+
+def test_standin_finder_only_when_real_package_absent() -> None:
+    from epreplay import standin
+
+    assert importlib.util.find_spec("deep_ep") is None, "this test assumes no real deep_ep is installed"
+    try:
+        assert standin.install() is True
+        import deep_ep
+        from epreplay.emulate import Buffer
+
+        assert deep_ep.Buffer is Buffer and deep_ep.EMULATED and str(deep_ep.topk_idx_t) == "torch.int64"
+        import deep_ep.buffers.legacy as legacy
+
+        assert legacy.Buffer is Buffer
+    finally:
+        standin.uninstall()
+    assert importlib.util.find_spec("deep_ep") is None
+
+
+def test_unmodified_client_runs_through_standin(tmp_path) -> None:
+    script = tmp_path / "client.py"
+    script.write_text(CLIENT)
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text("import epreplay.standin\n")
+    port = free_port()
+    base = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2", OMP_NUM_THREADS="1")
+    cmds = [
+        ([sys.executable, "-m", "epreplay.standin", str(script)], dict(base, RANK="0")),
+        ([sys.executable, str(script)], dict(base, RANK="1", EPREPLAY_EMULATE_DEEP_EP="1",
+                                              PYTHONPATH=os.pathsep.join([str(site), base.get("PYTHONPATH", "")]))),
+    ]
+    procs = [subprocess.Popen(c, env=e, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for c, e in cmds]
+    outs = []
+    try:
+        for p in procs:
+            outs.append(p.communicate(timeout=120)[0])
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    for rank, (p, out) in enumerate(zip(procs, outs)):
+        assert p.returncode == 0, f"rank {rank} failed:\n{out[-3000:]}"
+        assert f"CLIENT OK rank={rank} deep_ep=1.2.1+epreplay.emulated" in out, out[-2000:]
