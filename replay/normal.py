@@ -243,7 +243,15 @@ def cached(eng: Any, call: Any, recs: dict) -> tuple[int, int]:
     recv_x = buf.dispatch(x_p, handle=st.handle)[0]
     dt = time.perf_counter_ns() - t0
     recv_x = _cpu(recv_x)
-    st.x_V, st.recv_x = x, recv_x
+    first = recv_x[0] if isinstance(recv_x, tuple) else recv_x
+    prev = st.recv_x[0] if isinstance(st.recv_x, tuple) else st.recv_x
+    if first.shape[0] == prev.shape[0]:  # a later combine answers the latest payload
+        st.x_V, st.recv_x = x, recv_x
+    else:
+        for v in vs:
+            eng.report(call, v, [("count", f"{prev.shape[0]} rows (as its dispatch)", f"{first.shape[0]} rows",
+                                  -1, -1, -1, "cached dispatch received another number of rows than "
+                                  "the dispatch whose handle it reuses")])
     want = {}
     for v in vs:
         exp_d = st.extra["exp"].get(v)

@@ -178,3 +178,51 @@ def test_cli_json_report(recorded: Path) -> None:
     assert out["calls"] == 6 and out["divergences"] == 0 and out["by_kind"] == {}
     assert out["first_divergence"] is None and out["filtered"] == 6
     assert os.path.exists(os.path.join(recorded, "replays", out["id"] + ".json"))
+
+
+# Faults fire in the emulated Buffer of one replay process (physical rank) at the n-th call of an
+# op there. On 4 processes, physical rank p hosts virtual ranks 2p and 2p+1.
+FAULTS = [
+    # (fault kwargs, expected kind, (step, layer, op))
+    (dict(kind="drop_token", rank=1, op="dispatch", call=1, row=0), "count", (1, 0, "dispatch")),
+    (dict(kind="swap_rows", rank=2, op="dispatch", call=0, row=0, row2=1), "order", (0, 0, "dispatch")),
+    (dict(kind="flip_bit", rank=3, op="ll_dispatch", call=1, row=2, bit=5), "payload", (1, 1, "ll_dispatch")),
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("spec,kind,where", FAULTS, ids=[f[0]["kind"] for f in FAULTS])
+def test_injected_fault_is_the_first_divergence(recorded: Path, spec: dict, kind: str, where: tuple) -> None:
+    from epreplay.faults import Fault
+
+    report = replay_run(recorded, 4, call_timeout=60, index=False, fault=Fault(**spec))
+    assert report.exit_code == 1
+    first = report.first_divergence
+    assert first["kind"] == kind, report.divergence_list[:3]
+    assert (first["step"], first["layer"], first["op"]) == where
+    assert first["physical"] == spec["rank"] and first["rank"] in (2 * spec["rank"], 2 * spec["rank"] + 1)
+    # nothing diverged before the faulty call (a dropped row leaves the emulation's handle
+    # inconsistent, so a later combine of that dispatch may raise and end the replay there)
+    assert all(d["call"] >= first["call"] for d in report.divergence_list)
+    assert report.calls > first["call"]
+
+
+@pytest.mark.slow
+def test_hang_is_reported_within_the_timeout_and_leaves_no_process(recorded: Path) -> None:
+    import time
+
+    from epreplay.faults import Fault
+
+    t0 = time.monotonic()
+    report = replay_run(recorded, 2, call_timeout=3, index=False,
+                        fault=Fault(kind="hang", rank=1, op="combine", call=0))
+    elapsed = time.monotonic() - t0
+    assert report.exit_code == 1 and report.by_kind == {"hang": report.divergences}
+    first = report.first_divergence
+    assert first["kind"] == "hang" and (first["step"], first["layer"], first["op"]) == (0, 0, "combine")
+    assert "hung" in report.stopped and report.calls == 3  # layout, dispatch, cached dispatch done
+    assert elapsed < 3 + 30  # the timeout plus process start-up, not the emulation's own 100 s
+    assert len(report.worker_pids) == 2
+    for pid in report.worker_pids:
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
