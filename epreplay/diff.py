@@ -163,8 +163,8 @@ class RunLoads:
             rank_SR = self.load_SLE[:, li, :].reshape(len(self.steps), self.world_size, -1).sum(axis=2)
         else:
             return None
-        per_step = [metrics.imbalance(row) for row in rank_SR if row.any()]
-        return float(np.mean(per_step)) if per_step else 1.0
+        loaded_S = rank_SR.any(axis=1)  # steps in which the layer saw no token do not count
+        return float(metrics.imbalance_rows(rank_SR[loaded_S]).mean()) if loaded_S.any() else 1.0
 
 
 @dataclass(frozen=True)

@@ -169,6 +169,18 @@ def imbalance(load_R: np.ndarray) -> float:
     return float(load_R.max() / mean) if mean > 0 else 1.0
 
 
+def imbalance_rows(load_NR: np.ndarray) -> np.ndarray:
+    """`imbalance` of each row of [N, R] loads at once: [N] float64 (1.0 for all-zero rows)."""
+    load_NR = np.asarray(load_NR, dtype=np.float64)
+    if load_NR.ndim != 2:
+        raise ValueError(f"load_NR must be 2-D [N, R], got shape {load_NR.shape}")
+    if load_NR.shape[1] == 0:
+        return np.ones(load_NR.shape[0])
+    mean_N = load_NR.mean(axis=1)
+    safe_N = np.where(mean_N > 0, mean_N, 1.0)
+    return np.where(mean_N > 0, load_NR.max(axis=1) / safe_N, 1.0)
+
+
 # ----------------------------------------------------------------------------- token matching
 
 def top1_expert(topk_idx_TK: np.ndarray, topk_weights_TK: np.ndarray | None = None) -> np.ndarray:

@@ -105,6 +105,12 @@ def test_imbalance_max_over_mean():
     assert m.imbalance([0, 0, 6]) == pytest.approx(3.0)
 
 
+def test_imbalance_rows_equals_imbalance_per_row():
+    rows = np.array([[1, 5, 9, 13], [4, 4, 4, 4], [0, 0, 0, 0], [0, 0, 6, 0]])
+    assert m.imbalance_rows(rows).tolist() == [m.imbalance(r) for r in rows]
+    assert m.imbalance_rows(np.zeros((2, 0))).tolist() == [1.0, 1.0]
+
+
 def test_imbalance_all_zero_layer_is_balanced():
     assert m.imbalance([0, 0, 0, 0]) == 1.0
     assert m.imbalance([]) == 1.0
