@@ -88,17 +88,22 @@ def _record_env(cfg: DemoConfig, opts: PipelineOptions) -> tuple[dict[str, str],
     return env, RankHooks(start="epreplay.capture:install", stop="epreplay.capture:stop")
 
 
-def _annotate_manifest(out: Path, cfg: DemoConfig) -> None:
-    """Put the workload's parameters in manifest.extra["demo"] (diff and tui show them)."""
+def _annotate_manifest(out: Path, cfg: DemoConfig) -> str:
+    """Put the workload's parameters in manifest.extra["demo"] (diff and tui show them).
+    Returns capture's health in a few words (records, drops, ranks whose capture went off)."""
     from epreplay.run import RunDir
 
     run = RunDir.open(out)
     manifest = run.read_manifest()
     if manifest is None:
-        return
+        return "no manifest was written"
     extra = dict(manifest.extra)
     extra["demo"] = {**asdict(cfg), "release_layers": sorted(release_layers(cfg.release, cfg.layers))}
     run.write_manifest(replace(manifest, extra=extra))
+    records = sum(int(f.get("records", 0)) for f in manifest.ranks.values())
+    health = f"{records} records from {len(manifest.ranks)} ranks, {extra.get('dropped', 0)} dropped"
+    off = extra.get("disabled_ranks") or []
+    return health + (f", capture off on ranks {off}" if off else "")
 
 
 def _index(out: Path) -> str:
@@ -126,12 +131,15 @@ def run_pipeline(cfg: DemoConfig, opts: PipelineOptions, *, progress: Progress |
     on_progress = (lambda done, total: progress("run", done, total)) if progress else None
     result.demo = run_demo(cfg, backend=opts.backend, rank_hooks=hooks, env=env,
                            timeout=opts.timeout, on_progress=on_progress)
-    note = f"recorded at level {opts.level} into {opts.out}" if recording else (
-        "not recorded: epreplay.capture is not installed" if opts.record else "not recorded (--no-record)")
-    result.steps.append(StepOutcome("run", "ok", note, time.perf_counter() - t0))
+    seconds = time.perf_counter() - t0
     if recording:
-        _annotate_manifest(opts.out, cfg)
+        health = _annotate_manifest(opts.out, cfg)
+        note = f"recorded at level {opts.level} into {opts.out} ({health})"
     else:
+        note = ("not recorded: epreplay.capture is not installed" if opts.record
+                else "not recorded (--no-record)")
+    result.steps.append(StepOutcome("run", "ok", note, seconds))
+    if not recording:
         for name in ("index", "replay"):
             result.steps.append(StepOutcome(name, "skipped", "nothing recorded"))
         return result
@@ -154,6 +162,9 @@ def run_pipeline(cfg: DemoConfig, opts: PipelineOptions, *, progress: Progress |
     t0 = time.perf_counter()
     if not opts.replay:
         result.steps.append(StepOutcome("replay", "skipped", "--no-replay"))
+    elif opts.level.strip().lower() == "counts":
+        result.steps.append(StepOutcome("replay", "skipped",
+                                        "level counts records no routing to replay; use --level routing"))
     elif not available("epreplay.replay.driver"):
         result.steps.append(StepOutcome("replay", "skipped", "epreplay replay is not installed yet"))
     else:
