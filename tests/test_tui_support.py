@@ -157,8 +157,11 @@ def screen_text(app) -> str:
 async def settle(pilot, app) -> None:
     """Let every fetch finish and its message be rendered."""
     await pilot.pause()
-    await app.workers.wait_for_complete()
-    await pilot.pause()
+    for _ in range(20):  # a handled message may start another fetch: until none is left
+        await app.workers.wait_for_complete()
+        await pilot.pause()
+        if all(w.is_finished for w in app.workers):
+            break
 
 
 def sync(fn):

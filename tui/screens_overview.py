@@ -36,7 +36,7 @@ def health_text(d: OverviewData) -> tuple[str, bool]:
     errors = sum(n for _, status, n in h.calls_by_op if status != "ok")
     complete = sum(s.complete for s in h.shards)
     lines = [
-        f"shards     {len(h.shards)} ({complete} closed cleanly, {len(h.damaged)} truncated)",
+        f"shards     {len(h.shards)} ({complete} closed, {len(h.damaged)} truncated)",
         f"missing    {', '.join(map(str, h.missing_ranks)) or 'none'}",
         f"dropped    {h.dropped} records",
         f"calls      {calls} ({errors} failed or hung)",
@@ -70,7 +70,7 @@ class OverviewPane(Pane):
                 yield Static("Hot experts (all layers)", classes="pane-title")
                 yield DataTable(id="hot-table", cursor_type="row", zebra_stripes=True)
             with Vertical():
-                yield Static("Worst layers by imbalance (max/mean rows received)", classes="pane-title")
+                yield Static("Worst layers (rows received max/mean)", classes="pane-title")
                 yield DataTable(id="imb-table", cursor_type="row", zebra_stripes=True)
 
     def on_mount(self) -> None:

@@ -72,7 +72,7 @@ class TrafficPane(Pane):
         t = self.traffic
         self.query_one("#traffic-cell", Static).update(
             f"r{event.row} -> r{event.col}: {int(t.tokens_RR[event.row, event.col])} rows, "
-            f"{int(t.bytes_RR[event.row, event.col])} bytes")
+            f"{render.compact(float(t.bytes_RR[event.row, event.col]), 6).strip()}B")
 
     def jump(self, rank: int) -> None:
         """`/` jump: cursor to the rank's row (what it sends) and column (what it receives)."""
