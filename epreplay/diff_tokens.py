@@ -26,7 +26,7 @@ from typing import Iterable, Iterator
 import numpy as np
 
 from epreplay.metrics import TokenAgreement, token_agreement
-from epreplay.records import Kind, Op, Status
+from epreplay.records import Kind, Level, Op, RecordHeader, Status
 from epreplay.shard import Entry, ShardScan, open_shard
 
 # Records that hold the routing a token got. Layout calls also hold topk_idx_TK, but every layout
@@ -65,36 +65,42 @@ class Catalog:
         for path in shard_paths:
             scan = open_shard(path)
             self.scans.append(scan)
-            rank = scan.info.rank
-            seen: dict[tuple[int, int], int] = {}
-            # Low-latency dispatch records carry no weights (DeepEP's low_latency_dispatch takes
-            # none); the matching ll_combine does. Pair the n-th of each per (step, layer).
-            ll_seen: dict[tuple[int, int], int] = {}
-            combines: dict[tuple[int, int], list[Entry]] = {}
-            ll_keys: list[tuple[tuple[int, int], int, Key]] = []
-            for entry in scan.entries:
-                h = entry.header
-                if h.kind != Kind.CALL or h.status != Status.OK:
-                    continue
-                if steps is not None and not steps[0] <= h.step < steps[1]:
-                    continue
-                if layers is not None and h.layer not in layers:
-                    continue
-                sl = (h.step, h.layer)
-                if h.op == int(Op.LL_COMBINE):
-                    combines.setdefault(sl, []).append(entry)
-                if h.op not in ROUTING_OPS:
-                    continue
-                n = seen.get(sl, 0)
-                seen[sl] = n + 1
-                key = (h.step, h.layer, rank, n)
-                self.refs[key] = DispatchRef(key, h.tokens, scan, entry)
-                if h.op == int(Op.LL_DISPATCH):
-                    ll_keys.append((sl, ll_seen.get(sl, 0), key))
-                    ll_seen[sl] = ll_seen.get(sl, 0) + 1
-            for sl, n, key in ll_keys:
-                if n < len(combines.get(sl, ())):
-                    self.refs[key] = replace(self.refs[key], combine=combines[sl][n])
+            self._add_shard(scan, steps, layers)
+
+    def _add_shard(self, scan: ShardScan, steps: tuple[int, int] | None,
+                   layers: frozenset[int] | None) -> None:
+        # Filter the footer's headers with numpy and build Python objects only for the records
+        # kept: a production shard lists thousands of records (building all: seconds per run).
+        h = scan.header_array()
+        keep = ((h["kind"] == int(Kind.CALL)) & (h["status"] == int(Status.OK))
+                & np.isin(h["op"], (*ROUTING_OPS, int(Op.LL_COMBINE))))
+        if steps is not None:
+            keep &= (h["step"] >= steps[0]) & (h["step"] < steps[1])
+        if layers is not None:
+            keep &= np.isin(h["layer"], sorted(layers))
+        rank = scan.info.rank
+        seen: dict[tuple[int, int], int] = {}
+        # Low-latency dispatch records carry no weights (DeepEP's low_latency_dispatch takes
+        # none); the matching ll_combine does. Pair the n-th of each per (step, layer).
+        ll_seen: dict[tuple[int, int], int] = {}
+        combines: dict[tuple[int, int], list[Entry]] = {}
+        ll_keys: list[tuple[tuple[int, int], int, Key]] = []
+        for entry in _entries(h[keep]):
+            hd = entry.header
+            sl = (hd.step, hd.layer)
+            if hd.op == int(Op.LL_COMBINE):
+                combines.setdefault(sl, []).append(entry)
+                continue
+            n = seen.get(sl, 0)
+            seen[sl] = n + 1
+            key = (hd.step, hd.layer, rank, n)
+            self.refs[key] = DispatchRef(key, hd.tokens, scan, entry)
+            if hd.op == int(Op.LL_DISPATCH):
+                ll_keys.append((sl, ll_seen.get(sl, 0), key))
+                ll_seen[sl] = ll_seen.get(sl, 0) + 1
+        for sl, n, key in ll_keys:
+            if n < len(combines.get(sl, ())):
+                self.refs[key] = replace(self.refs[key], combine=combines[sl][n])
 
     def layers(self) -> list[int]:
         return sorted({k[1] for k in self.refs})
@@ -130,6 +136,22 @@ class Catalog:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+_KIND = {int(v): v for v in Kind}
+_LEVEL = {int(v): v for v in Level}
+_STATUS = {int(v): v for v in Status}
+_FIELDS = ("offset", "kind", "op", "level", "status", "buffer", "seq", "step", "layer", "tokens",
+           "comp_len", "raw_len", "crc32", "start_ns", "duration_ns")
+
+
+def _entries(rows: np.ndarray) -> list[Entry]:
+    """Entries from rows of epreplay.shard_reader.HEADER_DTYPE (enum members by table lookup:
+    calling the enum classes costs more than the rest of a header)."""
+    cols = [rows[name].tolist() for name in _FIELDS]
+    return [Entry(off, RecordHeader(_KIND[k], op, _LEVEL[lv], _STATUS[st], buf, seq, step, layer,
+                                    tok, cl, rl, crc, t0, dur))
+            for off, k, op, lv, st, buf, seq, step, layer, tok, cl, rl, crc, t0, dur in zip(*cols)]
 
 
 def _routing(ref: DispatchRef) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
