@@ -75,6 +75,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("epreplay: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # `epreplay stats RUN | head`: the reader left; say nothing more (stdout is gone).
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":
