@@ -5,6 +5,7 @@ first on PYTHONPATH. Python imports sitecustomize at startup in every process th
 environment — the command itself, torchrun's workers, multiprocessing's spawn/forkserver
 children — and it calls `boot()`, which
   * runs the sitecustomize.py that ours shadows, if any (so a site's own customisation stays);
+  * boots the deep_ep stand-in (epreplay.standin) when EPREPLAY_EMULATE_DEEP_EP asks for it;
   * patches Buffer classes already imported, and adds an import hook that patches `deep_ep` and
     `epreplay.emulate` (and the deep_ep stand-in) the moment they are imported.
 boot() imports neither torch nor deep_ep: a process that never touches DeepEP pays a few
@@ -23,6 +24,7 @@ from typing import Any
 from epreplay.capture.config import ENV_DIR
 from epreplay.run import DIR_MODE, RunDir
 
+STANDIN_ENV = "EPREPLAY_EMULATE_DEEP_EP"  # epreplay.standin: `import deep_ep` -> the emulation
 # Modules whose `Buffer` class is patched as soon as they are imported.
 WATCHED = ("deep_ep", "deep_ep.buffer", "deep_ep.buffers.legacy", "epreplay.emulate")
 
@@ -131,5 +133,7 @@ def boot(site_file: str | None = None) -> None:
             _chain(site_file)
         except Exception as exc:  # noqa: BLE001
             print(f"epreplay capture: the site's own sitecustomize failed: {exc}", file=sys.stderr)
+    if os.environ.get(STANDIN_ENV):
+        import epreplay.standin  # noqa: F401 - importing it boots the deep_ep stand-in if asked
     if os.environ.get(ENV_DIR):
         install_import_hook()

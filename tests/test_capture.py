@@ -11,7 +11,7 @@ from epreplay.records import Kind, Level, Op, Status
 from epreplay.run import RunDir
 from epreplay.shard import open_shard
 
-E, K, H, T = 8, 3, 32, 24
+E, K, H, T = 8, 3, 128, 24
 
 
 def _inputs(rank: int, step: int, layer: int):

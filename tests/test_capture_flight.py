@@ -25,9 +25,9 @@ def _step(buffer, rank: int, step: int, *, nan: bool = False):
     x = torch.randn(16, 32, generator=g).to(torch.bfloat16)
     if nan:
         x[3, 5] = float("nan")
-    idx = torch.topk(torch.rand(16, 8, generator=g), 2, dim=1).indices
+    idx = torch.topk(torch.rand(16, 12, generator=g), 2, dim=1).indices
     w = torch.rand(16, 2, generator=g)
-    n_rank, n_rdma, n_exp, in_rank, _ = buffer.get_dispatch_layout(idx, 8)
+    n_rank, n_rdma, n_exp, in_rank, _ = buffer.get_dispatch_layout(idx, 12)
     recv_x, _, _, _, handle, _ = buffer.dispatch(
         x, num_tokens_per_rank=n_rank, num_tokens_per_rdma_rank=n_rdma, is_token_in_rank=in_rank,
         num_tokens_per_expert=n_exp, topk_idx=idx, topk_weights=w)
@@ -35,23 +35,21 @@ def _step(buffer, rank: int, step: int, *, nan: bool = False):
     return idx, y
 
 
-def _faulty_buffer_class(sleep_rank: int = -1, sleep_call: int = -1, raise_call: int = -1):
-    """An emulated Buffer whose dispatch sleeps or raises *inside* the hooked call."""
+def _raising_buffer_class(raise_call: int):
+    """An emulated Buffer whose `raise_call`-th dispatch raises *inside* the hooked call."""
     from epreplay.emulate import Buffer
 
-    class Faulty(Buffer):
+    class Raising(Buffer):
         calls = 0
 
         def dispatch(self, *args, **kwargs):
-            n = Faulty.calls
-            Faulty.calls += 1
+            n = Raising.calls
+            Raising.calls += 1
             if n == raise_call:
                 raise RuntimeError("DeepEP error: timeout (dispatch CPU)")
-            if n == sleep_call and self.group.rank() == sleep_rank:
-                time.sleep(SLEEP_S)
             return super().dispatch(*args, **kwargs)
 
-    return Faulty
+    return Raising
 
 
 def _rank_hang(ctx, run_dir: str):
@@ -59,10 +57,13 @@ def _rank_hang(ctx, run_dir: str):
 
     from epreplay import capture
 
+    from epreplay import faults
+    from epreplay.emulate import Buffer
+
     capture.start(run_dir, level="routing", flight=2, hang_timeout=HANG_TIMEOUT, layers_per_step=1)
-    cls = _faulty_buffer_class(sleep_rank=1, sleep_call=3)
-    capture.install(cls)
-    buffer = cls(dist.group.WORLD)
+    # rank 1 sleeps inside its 4th dispatch; its peers wait for it inside theirs
+    faults.install(faults.Fault("delay", rank=1, op="dispatch", call=3, delay_s=SLEEP_S))
+    buffer = Buffer(dist.group.WORLD)
     idx_by_step = [_step(buffer, ctx.rank, s)[0].numpy() for s in range(5)]
     capture.stop()
     return idx_by_step
@@ -71,7 +72,7 @@ def _rank_hang(ctx, run_dir: str):
 @pytest.mark.slow
 def test_planted_hang_dumps_every_rank_with_the_hung_routing(tmp_path):
     run_dir = tmp_path / "run"
-    idx = run_ranks(_rank_hang, 3, str(run_dir), timeout=90)
+    idx = run_ranks(_rank_hang, 4, str(run_dir), timeout=90)
     for path in RunDir.open(run_dir).shard_paths():
         rank = RunDir(run_dir).rank_of(path)
         with open_shard(path) as scan:
@@ -99,7 +100,7 @@ def _rank_triggers(ctx, run_dir: str):
     from epreplay import capture
 
     capture.start(run_dir, level="fingerprints", flight=3, hang_timeout=0, layers_per_step=1)
-    cls = _faulty_buffer_class(raise_call=8)
+    cls = _raising_buffer_class(raise_call=8)
     capture.install(cls)
     buffer = cls(dist.group.WORLD)
     seen = None

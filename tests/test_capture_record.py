@@ -105,13 +105,13 @@ def _rank_killed(ctx, run_dir: str, victim: int, kill_at: int, steps: int):
         for step in range(steps):
             g = torch.Generator().manual_seed(step * 10 + ctx.rank)
             x = torch.randn(16, 32, generator=g).to(torch.bfloat16)
-            idx = torch.topk(torch.rand(16, 8, generator=g), 2, dim=1).indices
+            idx = torch.topk(torch.rand(16, 12, generator=g), 2, dim=1).indices
             if ctx.rank == victim and step == kill_at:
                 import time
 
                 time.sleep(0.3)  # let the writer thread flush what it has, as a real crash might not
                 os.kill(os.getpid(), signal.SIGKILL)
-            n_rank, n_rdma, n_exp, in_rank, _ = buffer.get_dispatch_layout(idx, 8)
+            n_rank, n_rdma, n_exp, in_rank, _ = buffer.get_dispatch_layout(idx, 12)
             recv_x, _, _, _, handle, _ = buffer.dispatch(
                 x, num_tokens_per_rank=n_rank, is_token_in_rank=in_rank, num_tokens_per_expert=n_exp,
                 topk_idx=idx, topk_weights=torch.rand(16, 2, generator=g))
@@ -127,11 +127,11 @@ def _rank_killed(ctx, run_dir: str, victim: int, kill_at: int, steps: int):
 def test_kill_9_loses_only_the_killed_ranks_tail(tmp_path):
     run_dir = str(tmp_path / "run")
     with pytest.raises(RankFailed) as info:
-        run_ranks(_rank_killed, 3, run_dir, 1, 4, 8, timeout=90, pg_timeout_s=10, wait_all=True)
+        run_ranks(_rank_killed, 4, run_dir, 1, 4, 8, timeout=90, pg_timeout_s=10, wait_all=True)
     assert set(info.value.errors) == {1}
     shards = {p.name: p for p in RunDir.open(run_dir).shard_paths()}
-    assert len(shards) == 3
-    for rank in (0, 2):
+    assert len(shards) == 4
+    for rank in (0, 2, 3):
         with open_shard(shards[f"rank-{rank:05d}.eprs"]) as scan:
             assert scan.complete and not scan.verify()
             calls = [e for e in scan.entries if e.header.kind == Kind.CALL]
@@ -143,5 +143,5 @@ def test_kill_9_loses_only_the_killed_ranks_tail(tmp_path):
         assert [r.header.op for r in recs] == [Op.LAYOUT, Op.DISPATCH, Op.COMBINE] * 4
         assert all(r.arrays["topk_idx_TK"].shape == (16, 2) for r in recs if r.header.op != Op.COMBINE)
     manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
-    assert sorted(manifest["ranks"]) == ["0", "2"]  # the killed rank never wrote its facts
-    assert np.all([manifest["ranks"][r]["disabled"] is None for r in ("0", "2")])
+    assert sorted(manifest["ranks"]) == ["0", "2", "3"]  # the killed rank never wrote its facts
+    assert np.all([manifest["ranks"][r]["disabled"] is None for r in ("0", "2", "3")])
