@@ -92,53 +92,37 @@ def dispatch(buf: Any, x: Any, topk_idx: Any, M: Any, E: Any, cum_stats: Any, wa
     got = W.unpack_rows(rows, specs)
     t_N, e_N, s_N = (c.to(torch.int64) for c in got[-1].unbind(1))
     dest_N, count_LR, begin_LR = _place(e_N, s_N, L, R, M, buf.ll_order_seed, me, index)
+    # Outputs are allocated empty, as DeepEP's: rows past recv_count[e] are unspecified (and
+    # zero-filling [L, R*M, H] would cost more than the whole exchange on a CPU).
     src_info = torch.full((L, RM), -1, dtype=torch.int32, device=dev)
-    src_info.view(-1)[dest_N] = t_N.to(torch.int32)
-    layout_range = ((begin_LR << 32) | count_LR).to(dev)
-    recv_count = count_LR.sum(1).to(torch.int32).to(dev)
+    layout_range = torch.zeros(L, R, dtype=torch.int64, device=dev)
+    recv_count = torch.zeros(L, dtype=torch.int32, device=dev)
+    values = torch.empty(L * RM, H, dtype=torch.float8_e4m3fn if use_fp8 else torch.bfloat16, device=dev)
+    scales = None
     if use_fp8:
-        values = torch.zeros(L * RM, H, dtype=torch.float8_e4m3fn, device=dev)
-        values[dest_N] = got[0]
-        sc = fp8.ue8m0_pack(got[1]) if use_ue8m0 else got[1]
-        base = torch.zeros(L, sc.shape[1], RM, dtype=sc.dtype, device=dev)
+        width = H // 512 if use_ue8m0 else H // 128
+        base = torch.empty(L, width, RM, dtype=torch.int32 if use_ue8m0 else torch.float32, device=dev)
         scales = base.transpose(1, 2)  # DeepEP's column-major scales: a transposed view
-        scales[dest_N // RM, dest_N % RM] = sc
-        recv = (values.view(L, RM, H), scales)
-    else:
-        values = torch.zeros(L * RM, H, dtype=torch.bfloat16, device=dev)
-        values[dest_N] = got[0]
-        recv = values.view(L, RM, H)
+    recv = (values.view(L, RM, H), scales) if use_fp8 else values.view(L, RM, H)
     buf.low_latency_buffer_idx ^= 1
     handle = (src_info, layout_range, M, H, E)
     chk.remember(src_info, chk.HandleInfo(buf.buffer_id, seq, {"M": M}))
 
-    def deliver() -> None:
+    def fill() -> None:  # DeepEP's receive phase: the hook when return_recv_hook, else now
+        values[dest_N] = got[0]
+        if use_fp8:
+            scales[dest_N // RM, dest_N % RM] = fp8.ue8m0_pack(got[1]) if use_ue8m0 else got[1]
+        src_info.view(-1)[dest_N] = t_N.to(torch.int32)
+        layout_range.copy_((begin_LR << 32) | count_LR)
+        recv_count.copy_(count_LR.sum(1))
         if cum_stats is not None:
-            cum_stats.add_(recv_count.to(cum_stats.device))
+            cum_stats.add_(count_LR.sum(1).to(torch.int32).to(cum_stats.device))
 
     if not return_recv_hook:
-        deliver()
+        fill()
         event = make_event(async_finish, None, (x, topk_idx, *(recv if use_fp8 else (recv,)), recv_count))
         return recv, recv_count, handle, event, None
-    # With the hook, DeepEP's outputs are valid only after hook(): hand out tensors that are
-    # filled then (bf16 rows read as NaN and counts as 0 before it, so a missing hook shows).
-    shown_x = torch.full_like(recv, float("nan")) if not use_fp8 else torch.zeros_like(recv[0])
-    shown_count = torch.zeros_like(recv_count)
-    shown_info, shown_range = torch.full_like(src_info, -1), torch.zeros_like(layout_range)
-    shown_scales = torch.zeros_like(recv[1]) if use_fp8 else None
-    out_x = (shown_x, shown_scales) if use_fp8 else shown_x
-    handle = (shown_info, shown_range, M, H, E)
-    chk.remember(shown_info, chk.HandleInfo(buf.buffer_id, seq, {"M": M}))
-
-    def hook() -> None:
-        if use_fp8:
-            shown_x.copy_(recv[0]), shown_scales.copy_(recv[1])
-        else:
-            shown_x.copy_(recv)
-        shown_count.copy_(recv_count), shown_info.copy_(src_info), shown_range.copy_(layout_range)
-        deliver()
-
-    return out_x, shown_count, handle, make_event(False), hook
+    return recv, recv_count, handle, make_event(False), fill
 
 
 def _place(e_N: torch.Tensor, s_N: torch.Tensor, L: int, R: int, M: int, seed: int, me: int, call: int
