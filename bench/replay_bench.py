@@ -20,8 +20,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
-
 from epreplay.epbench import Shape, make_inputs
 from epreplay.launch import run_ranks
 

@@ -44,7 +44,7 @@ def _recv_rows_fp(recv_x: Any, e: int, rows: np.ndarray) -> np.ndarray:
 
 
 def dispatch(eng: Any, call: Any, recs: dict) -> tuple[int, int]:
-    plan, p, vs = eng.plan, eng.p, eng.vs
+    plan, vs = eng.plan, eng.vs
     meta = recs[vs[0]].meta
     mll = int(I.meta_value(meta, "M", "num_max_dispatch_tokens_per_rank",
                            default=eng.job.ll_max_tokens.get(call.buffer, 0)) or 0)
@@ -81,7 +81,6 @@ def dispatch(eng: Any, call: Any, recs: dict) -> tuple[int, int]:
     lrange = handle[1].cpu().numpy().astype(np.int64)
     st = eng.states[(call.buffer, call.seq)] = DispatchState(handle, x, topk, {}, recv_x)
     st.extra.update(use_fp8=use_fp8, recv_count=recv_count)
-    Lv = plan.local_experts_virtual
     exp: dict = {}
     for v in vs:  # expected sets first: their fingerprints tell swapped rows from corrupt ones
         eng.check(call, v, lambda v=v: exp.__setitem__(v, _expected(eng, call, v, recs[v], cast)) or [])

@@ -141,7 +141,6 @@ def dispatch(eng: Any, call: Any, recs: dict) -> tuple[int, int]:
             src, tok = eng.to_virtual(call, q_N, ptok)
     else:  # internode handles carry no source index: trust positions, check the fingerprints
         src = tok = None
-    Lv = plan.local_experts_virtual
     st = eng.states[(call.buffer, call.seq)] = DispatchState(handle, x, topk, w, recv_x)
     st.extra.update(rows={}, exp={}, recv_w_p=recv_w)
     for v in vs:  # expected rows first: their fingerprints tell swapped rows from corrupt ones
@@ -297,7 +296,7 @@ def combine(eng: Any, call: Any, recs: dict) -> tuple[int, int]:
     the source expects reached(t) * expert_rows(x_t) — DeepEP's own test invariant (combine of
     dispatched rows = x * is_token_in_rank.sum(1)) with exact arithmetic."""
     st = eng.parent(call, recs)
-    plan, vs = eng.plan, eng.vs
+    vs = eng.vs
     recv_f = expert_rows(I.dequant(st.recv_x))
     acc = torch.zeros_like(recv_f)
     for v in vs:  # co-hosted virtual ranks that share a physical row add their answers

@@ -14,7 +14,6 @@ sets, so only the (source, token) labels need translating.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -109,12 +108,16 @@ class Engine:
     def expected_fp(self, call: Call, rec: Any, name: str, src: np.ndarray, tok: np.ndarray,
                     cast: Any = None, key: int | None = None) -> np.ndarray | None:
         """Expected received fingerprints: recorded (payload replay) or recomputed from the
-        synthetic rows of the sources, passed through `cast` (the FP8 cast, or None)."""
+        synthetic rows of the sources, passed through `cast` (the FP8 cast, or None). A token
+        that reached several local experts is generated and hashed once."""
         if self.recorded_now:
             return rec.arrays.get(name)
-        rows = I.synth_rows(self.key(call) if key is None else key, torch.from_numpy(src),
-                            torch.from_numpy(tok), self.job.hidden)
-        return I.fingerprints(cast(rows) if cast is not None else rows)
+        if len(src) == 0:
+            return np.zeros(0, np.uint64)
+        pairs, inverse = np.unique(np.stack([src, tok], axis=1), axis=0, return_inverse=True)
+        rows = I.synth_rows(self.key(call) if key is None else key, torch.from_numpy(pairs[:, 0].copy()),
+                            torch.from_numpy(pairs[:, 1].copy()), self.job.hidden)
+        return I.fingerprints(cast(rows) if cast is not None else rows)[inverse.reshape(-1)]
 
     def check(self, call: Call, v: int, fn: Any) -> None:
         """Run one virtual rank's verification; a backend output too malformed to compare
@@ -131,6 +134,13 @@ class Engine:
             self.sink.add(Divergence(call.index, call.buffer, call.seq, call.step, call.layer,
                                      call.op.label, v, self.p, kind, str(exp), str(got), tok, src,
                                      expert, detail))
+
+    def warm_up(self) -> None:
+        """Create every Buffer the schedule uses, in buffer order on every rank (construction may
+        be collective), so the first call's timing is the call's, not the Buffer's."""
+        for c in self.job.calls:
+            if c.buffer not in self._buffers:
+                self.buffer(c)
 
     # --- dispatching ------------------------------------------------------------------------
     def run(self, call: Call) -> None:

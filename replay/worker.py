@@ -18,7 +18,6 @@ from typing import Any
 
 import numpy as np
 
-from epreplay.records import Op
 from epreplay.replay.plan import Plan
 from epreplay.replay.schedule import Call
 from epreplay.replay.verify import Divergence
@@ -149,6 +148,16 @@ def replay_rank(ctx: Any, job: Job) -> dict:
         job.fault.install() if hasattr(job.fault, "install") else faults.install(job.fault)
     done, stopped = 0, None
     try:
+        try:
+            engine.warm_up()
+        except Exception as exc:  # noqa: BLE001 - e.g. the backend cannot build a Buffer here
+            call = job.calls[0]
+            text = f"{type(exc).__name__}: {exc}".strip()
+            for v in job.plan.virtual_of(p):
+                sink.add(Divergence(call.index, call.buffer, call.seq, call.step, call.layer, call.op.label,
+                                    v, p, "error", "a Buffer can be created", text[:500],
+                                    detail="creating the backend's Buffer failed"))
+            return sink.finish(0, f"physical rank {p}: Buffer creation failed: {text[:200]}")
         for call in job.calls:
             progress[p, 3] = time.monotonic_ns()
             progress[p, 0] = call.index + 1

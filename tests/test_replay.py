@@ -10,7 +10,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from epreplay.records import Op
@@ -92,7 +91,6 @@ def test_recorded_run_replays_without_divergence(recorded: Path, ranks: int) -> 
 def _edit_expert(src: Path, dst: Path, *, rank: int, seq: int, token: int, slot: int) -> int:
     """Rewrite rank's shard with one token's expert changed in the dispatch record `seq`;
     returns (old expert, new expert)."""
-    from epreplay.records import ShardInfo
     from epreplay.shard import ShardWriter, open_shard
 
     path = RunDir(dst).shard_path(rank)
