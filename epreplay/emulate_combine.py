@@ -28,7 +28,8 @@ def combine(buf: Any, x: Any, handle: Any, topk_weights: Any, bias: Any, config:
             async_finish: bool) -> tuple:
     seq, index = buf._begin("combine")
     R, me = buf.group_size, buf.rank
-    internode = R > lay.NVL_PEERS
+    node = lay.node_size()
+    internode = R > node
     what = f"combine (call {seq} on Buffer #{buf.buffer_id})"
     hdr = chk.header(OP_COMBINE, seq, R)
     err, p = None, {}
@@ -63,9 +64,9 @@ def combine(buf: Any, x: Any, handle: Any, topk_weights: Any, bias: Any, config:
         acc += b.float()
     rows_x = got[0].float()
     if internode:
-        for node in range(-(-R // lay.NVL_PEERS)):
+        for n in range(-(-R // node)):
             part = torch.zeros(T, H, dtype=torch.float32, device=dev)
-            for r in range(node * lay.NVL_PEERS, min(R, (node + 1) * lay.NVL_PEERS)):
+            for r in range(n * node, min(R, (n + 1) * node)):
                 part.index_add_(0, t_S[starts[r]:starts[r + 1]], rows_x[starts[r]:starts[r + 1]])
             acc += part.to(torch.bfloat16).float()
     else:

@@ -9,9 +9,12 @@ the CUDA kernels write. No communication happens here.
 """
 from __future__ import annotations
 
+import os
+
 import torch
 
 NVL_PEERS = 8  # DeepEP's LEGACY_NUM_MAX_NVL_PEERS: ranks per node; above this the internode path
+ENV_NODE = "EPREPLAY_EMULATE_NODE_SIZE"
 SOURCE_META_BYTES = 8  # sizeof(internode::SourceMeta): int src_rdma_rank + int nvl-rank bitmask
 NO_HEAD = 1 << 25  # combine's "no later head in this channel" sentinel (cached_notify_combine)
 ALIGN = 128  # LEGACY_NUM_BUFFER_ALIGNMENT_BYTES
@@ -78,6 +81,13 @@ def low_latency_rdma_size_hint(M: int, hidden: int, num_ranks: int, num_experts:
     return (total + ALIGN) // ALIGN * ALIGN
 
 
+def node_size() -> int:
+    """Ranks per node: DeepEP's 8. EPREPLAY_EMULATE_NODE_SIZE (tests only) lowers it so that the
+    internode path (10-tuple handles, per-node combine numerics) runs on a few CPU processes."""
+    raw = os.environ.get(ENV_NODE)
+    return max(1, min(int(raw), NVL_PEERS)) if raw else NVL_PEERS
+
+
 def dispatch_layout(topk_idx_TK: torch.Tensor, num_experts: int, num_ranks: int
                     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor]:
     """get_dispatch_layout's four tensors, pure functions of topk_idx (-1 = no expert).
@@ -99,7 +109,7 @@ def dispatch_layout(topk_idx_TK: torch.Tensor, num_experts: int, num_ranks: int
     in_rank_TR = in_rank[:, 1:].contiguous()
     per_rank_R = in_rank_TR.sum(0).to(torch.int32)
     per_rdma = None
-    if num_ranks > NVL_PEERS:
+    if num_ranks > node_size():
         per_rdma = node_mask(in_rank_TR).sum(0).to(torch.int32)
     return per_rank_R, per_rdma, per_expert_E, in_rank_TR
 
@@ -107,10 +117,11 @@ def dispatch_layout(topk_idx_TK: torch.Tensor, num_experts: int, num_ranks: int
 def node_mask(in_rank_TR: torch.Tensor) -> torch.Tensor:
     """[T, R] bool -> [T, NR] bool: does the token go to any rank of node n (ranks n*8 .. n*8+7)."""
     T, R = in_rank_TR.shape
-    nr = -(-R // NVL_PEERS)
-    padded = torch.zeros(T, nr * NVL_PEERS, dtype=torch.bool, device=in_rank_TR.device)
+    n = node_size()
+    nr = -(-R // n)
+    padded = torch.zeros(T, nr * n, dtype=torch.bool, device=in_rank_TR.device)
     padded[:, :R] = in_rank_TR
-    return padded.view(T, nr, NVL_PEERS).any(-1)
+    return padded.view(T, nr, n).any(-1)
 
 
 def channel_of(num_tokens: int, num_channels: int, device: torch.device | str = "cpu") -> torch.Tensor:

@@ -86,7 +86,7 @@ def dispatch(buf: Any, x: Any, handle: Any, num_tokens_per_rank: Any, num_tokens
     op = "cached_dispatch" if cached else "dispatch"
     seq, index = buf._begin(op)
     R, me = buf.group_size, buf.rank
-    internode = R > lay.NVL_PEERS
+    internode = R > lay.node_size()
     what = f"{'dispatch (cached handle)' if cached else 'dispatch'} (call {seq} on Buffer #{buf.buffer_id})"
     hdr = chk.header(OP_CACHED if cached else OP_DISPATCH, seq, R)
     err, p = None, {}
@@ -258,12 +258,13 @@ def _source_meta(in_rank: torch.Tensor, dst_S: torch.Tensor, t_S: torch.Tensor, 
     """DeepEP's SourceMeta per sent row: int32 source node, int32 bitmask of the destination node's
     ranks that receive the token."""
     T, R = in_rank.shape
-    nodes = -(-R // lay.NVL_PEERS)
-    padded = torch.zeros(T, nodes * lay.NVL_PEERS, dtype=torch.int32, device=in_rank.device)
+    n = lay.node_size()
+    nodes = -(-R // n)
+    padded = torch.zeros(T, nodes * n, dtype=torch.int32, device=in_rank.device)
     padded[:, :R] = in_rank.to(torch.int32)
-    bits = (padded.view(T, nodes, lay.NVL_PEERS) << torch.arange(lay.NVL_PEERS, device=in_rank.device)).sum(-1)
-    mask_S = bits[t_S, dst_S // lay.NVL_PEERS].to(torch.int32)
-    meta = torch.stack([torch.full_like(mask_S, me // lay.NVL_PEERS), mask_S], dim=1)
+    bits = (padded.view(T, nodes, n) << torch.arange(n, device=in_rank.device)).sum(-1)
+    mask_S = bits[t_S, dst_S // n].to(torch.int32)
+    meta = torch.stack([torch.full_like(mask_S, me // n), mask_S], dim=1)
     return meta.contiguous().view(torch.uint8).view(-1, lay.SOURCE_META_BYTES)
 
 
@@ -271,10 +272,11 @@ def _internode_handle(in_rank: torch.Tensor, c: int, recv_cpm: torch.Tensor, rec
                       src_meta: torch.Tensor, n_rows: int) -> tuple:
     """DeepEP's 10-tuple internode handle: shapes and dtypes as DeepEP's; values ours (see README)."""
     R = in_rank.shape[1]
-    nr = -(-R // lay.NVL_PEERS)
+    n = lay.node_size()
+    nr = -(-R // n)
     dev = in_rank.device
     nodes = lay.node_mask(in_rank)
-    node_of = torch.arange(R, device=dev) // lay.NVL_PEERS
+    node_of = torch.arange(R, device=dev) // n
     recv_rdma_cpm = torch.zeros(nr, c, dtype=torch.int32, device=dev).index_add_(0, node_of, recv_cpm)
     per_node = torch.zeros(nr, dtype=torch.int64, device=dev).index_add_(0, node_of, recv_from_R.to(torch.int64))
     meta = _pad(src_meta, n_rows)
