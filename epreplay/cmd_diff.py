@@ -6,6 +6,10 @@ a run with neither index nor shards, a threshold that does not parse or cannot b
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
+import sys
+from typing import Iterator
 
 HELP = "compare the routing of two runs (drift per layer, hot experts, token agreement); CI gate"
 
@@ -54,7 +58,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     import json
-    import sys
 
     from rich.console import Console
 
@@ -66,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
     layers = diff.parse_layers(args.layers)
     err = Console(stderr=True)
     show = not args.no_progress and err.is_terminal
-    with _progress(err, show) as progress:
+    with _stdout_to_stderr(), _progress(err, show) as progress:
         result = diff_runs.diff_runs(args.run_a, args.run_b, layers=layers, steps=steps,
                                      top_n=args.top, match=args.match, thresholds=thresholds,
                                      progress=progress)
@@ -78,6 +81,22 @@ def run(args: argparse.Namespace) -> int:
         out = Console(width=None if sys.stdout.isatty() else 160)
         diff_render.render_text(result, out)
     return 0 if result.passed else 1
+
+
+@contextlib.contextmanager
+def _stdout_to_stderr() -> Iterator[None]:
+    """While the diff computes, send file descriptor 1 to stderr: stdout carries only the report
+    (a script parses the JSON). DuckDB draws its progress bar for long queries (an index build)
+    straight onto fd 1, past sys.stdout, so redirecting the Python object would not do."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    try:
+        os.dup2(2, 1)
+        yield
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
 
 
 class _progress:

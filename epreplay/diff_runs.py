@@ -97,6 +97,8 @@ def _load_from_index(run: RunDir, facts: RunFacts, *, steps: tuple[int, int] | N
                          f"({str(exc).splitlines()[0]}); rebuild it with "
                          f"'epreplay index {run.path} --force'") from None
     try:
+        # No progress bar: DuckDB draws it on stdout, where `--format json` writes the report.
+        con.execute("SET enable_progress_bar = false")
         load = con.execute(DIFF_EXPERT_LOAD, {"lo": lo, "hi": hi}).fetchnumpy()
         ranks = con.execute(DIFF_RANK_SLOTS, {"lo": lo, "hi": hi}).fetchnumpy()
     finally:

@@ -318,3 +318,16 @@ def test_index_loads_equal_shard_loads(runs, tmp_path) -> None:
     # The index's per-rank slots agree with DeepEP's contiguous placement of E / R experts.
     derived = from_shards.load_SLE.reshape(2, 2, WORLD, -1).sum(axis=3)
     np.testing.assert_array_equal(from_index.rank_SLR, derived)
+
+
+def test_stdout_carries_only_the_report() -> None:
+    """Anything written to fd 1 while the diff computes (DuckDB's progress bar during an index
+    build) goes to stderr, so `--format json` output always parses."""
+    code = ("import os, sys\n"
+            "from epreplay.cmd_diff import _stdout_to_stderr\n"
+            "with _stdout_to_stderr():\n"
+            "    os.write(1, b'[progress bar]')\n"
+            "    print('python noise')\n"
+            "print('{}')\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.stdout == "{}\n" and "[progress bar]" in proc.stderr and "python noise" in proc.stderr
