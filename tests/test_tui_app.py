@@ -39,7 +39,8 @@ def _app(run: Path, run_b: Path | None = None):
 
 def _last(msgs: list, kind: type):
     found = [m for m in msgs if isinstance(m, kind)]
-    assert found, f"no {kind.__name__} was posted (got {sorted({type(m).__name__ for m in msgs})})"
+    failed = sorted({f"{m.what}: {m.error}" for m in msgs if isinstance(m, M.FetchFailed)})
+    assert found, f"no {kind.__name__} was posted (failed fetches: {failed})"
     return found[-1]
 
 
@@ -152,11 +153,12 @@ async def test_walk_every_pane_of_a_synthetic_run(synth_run: Path, synth_truth) 
 
 
 @sync
-async def test_heatmap_scrolls_to_a_far_expert_and_a_bad_jump_is_a_notice(synth_run: Path) -> None:
+async def test_heatmap_scroll_zoom_click_jump_and_palette_at_80x24(synth_run: Path) -> None:
     from epreplay.tui.heatmap import Heatmap
 
+    msgs: list = []
     app = _app(synth_run)
-    async with app.run_test(size=(80, 24)) as pilot:
+    async with app.run_test(size=(80, 24), message_hook=msgs.append) as pilot:
         await settle(pilot, app)
         await pilot.press("2")
         await settle(pilot, app)
@@ -168,9 +170,28 @@ async def test_heatmap_scrolls_to_a_far_expert_and_a_bad_jump_is_a_notice(synth_
         assert hm.scroll_offset.x > 0  # the last column is on screen
         await pilot.press("z", "z")  # colour-only cells: everything fits
         await pilot.pause()
+        assert hm.cell_w == 1 and hm.virtual_size.width < 80
         await pilot.press("slash", *"e999", "enter")
         await pilot.pause()
         assert any("expert 999" in n.message for n in app._notifications)
+
+        # A click on a cell drills into it: here the third column of the second layer row.
+        await pilot.press("s", "z")  # back to load order, number cells
+        await pilot.pause()
+        msgs.clear()
+        await pilot.click("#hot-map", offset=(hm._gutter + 2 * hm.cell_w + 1, 2))
+        await settle(pilot, app)
+        drill = _last(msgs, M.ExpertLoaded).payload
+        assert drill.expert == int(hm.col_order[2]) and drill.layer == int(app.pane("hot").heat.layer_L[1])
+
+        # The command palette switches panes.
+        await pilot.press("ctrl+p")
+        await pilot.pause()
+        await pilot.press(*"Show Traffic")
+        await pilot.pause(0.3)
+        await pilot.press("enter")
+        await settle(pilot, app)
+        assert app.current == "traffic"
 
 
 @sync
@@ -179,7 +200,7 @@ async def test_diff_pane_compares_two_runs(synth_run: Path, tmp_path: Path) -> N
 
     from epreplay import metrics
 
-    run_b = make_synth(tmp_path / "b", run_id="tui-synth-b", seed=11, release="b", steps=3, decode_steps=0)
+    run_b = make_synth(tmp_path / "b", run_id="tui-synth-b", seed=11, release="b")
     ta, tb = shard_truth(synth_run), shard_truth(run_b)
     msgs: list = []
     app = _app(synth_run, run_b)
@@ -195,6 +216,9 @@ async def test_diff_pane_compares_two_runs(synth_run: Path, tmp_path: Path) -> N
         js = {l: metrics.js_divergence(ta.total_E(l), tb.total_E(l)) for l in range(SYNTH["layers"])}
         assert worst_layer == max(js, key=lambda l: (js[l], -l))
         assert float(table.get_row_at(0)[1]) == pytest.approx(js[worst_layer], abs=1e-4)
+        keys = [m.key for m in msgs if isinstance(m, M.DiffLoaded)]  # distribution level, then tokens
+        assert keys[0] == ("none",) and keys[-1] == ("auto",)
+        assert table.get_row_at(0)[5] != "-"  # top-1 agreement of matched tokens
         assert "vs  B tui-synth-b" in screen_text(app)
 
 
@@ -247,6 +271,18 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path: Path, synth_run: Path) -> No
     assert out.returncode == 2 and "not a run directory" in out.stderr
     out = _cli(str(synth_run), str(tmp_path / "nope-b"))
     assert out.returncode == 2 and "nope-b" in out.stderr
+    (tmp_path / "empty" / "shards").mkdir(parents=True)
+    out = _cli(str(tmp_path / "empty"))
+    assert out.returncode == 2 and "no shards" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_the_index_is_built_before_the_app_when_missing(synth_run: Path, tmp_path: Path) -> None:
+    from epreplay.tui.cmd_tui import prepare
+
+    run = copy_run(synth_run, tmp_path / "noindex")
+    (run / "index.duckdb").unlink()
+    prepare(str(run))
+    assert (run / "index.duckdb").exists()
 
 
 def test_an_index_of_another_format_is_refused_with_the_fix(synth_run: Path, tmp_path: Path) -> None:

@@ -32,8 +32,10 @@ def _app(run: Path):
     return EpReplayApp(open_session(run))
 
 
-def _keys(*keys: str):
+def _keys(*keys: str, theme: str | None = None):
     async def run_before(pilot) -> None:
+        if theme is not None:
+            pilot.app.theme = theme
         await settle(pilot, pilot.app)
         for key in keys:
             await pilot.press(key)
@@ -52,3 +54,9 @@ def _keys(*keys: str):
 ])
 def test_pane_snapshot(snap_compare, snap_run: Path, keys: tuple[str, ...]) -> None:
     assert snap_compare(_app(snap_run), terminal_size=SIZE, run_before=_keys(*keys))
+
+
+def test_light_theme_snapshot(snap_compare, snap_run: Path) -> None:
+    """The heatmap and the traffic totals on a light theme (cells carry their own colours)."""
+    keys = ("3", "right_square_bracket")
+    assert snap_compare(_app(snap_run), terminal_size=SIZE, run_before=_keys(*keys, theme="textual-light"))

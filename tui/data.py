@@ -121,7 +121,7 @@ class Session:
     path: Path
     index: RunIndex
     path_b: Path | None = None
-    _diff: DiffData | None = field(default=None, repr=False)
+    _diffs: dict[str, DiffData] = field(default_factory=dict, repr=False)
 
     @property
     def info(self) -> RunInfo:
@@ -166,15 +166,18 @@ class Session:
         divs = tuple(self.index.divergences(replay)) if replay else ()
         return DivergenceData(replays, divs, replay)
 
-    def diff(self) -> DiffData:
-        """Run A against run B (cached: a diff reads shards and is the slowest fetch)."""
+    def diff(self, *, match: str = "auto") -> DiffData:
+        """Run A against run B (epreplay.diff_runs). match="none": distribution level only (from
+        the loads, fast); "auto": tokens matched too (reads every dispatch record of both runs,
+        the slowest fetch of the app; cached)."""
         if self.path_b is None:
             return DiffData(None, "one run open: start 'epreplay tui RUN_A RUN_B' to compare two runs")
-        if self._diff is None:
+        cached = self._diffs.get(match)
+        if cached is None:
             from epreplay.diff_runs import diff_runs
 
-            self._diff = DiffData(diff_runs(self.path, self.path_b))
-        return self._diff
+            cached = self._diffs[match] = DiffData(diff_runs(self.path, self.path_b, match=match))
+        return cached
 
 
 def open_session(path: str | Path, path_b: str | Path | None = None, *,

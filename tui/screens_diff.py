@@ -1,6 +1,7 @@
 """Diff (two runs open): per-layer Jensen-Shannon bars, hot-expert changes, token agreement.
 
-The numbers come from epreplay.diff_runs (the same as `epreplay diff`), computed once in a worker.
+The numbers come from epreplay.diff_runs (the same as `epreplay diff`), computed in a worker:
+the distribution level first, then again with tokens matched (agreement columns filled in).
 """
 from __future__ import annotations
 
@@ -57,14 +58,21 @@ class DiffPane(Pane):
     @work(thread=True, exclusive=True, group="diff")
     def _load(self) -> None:
         try:
-            self.post_message(DiffLoaded(self.session.diff()))
+            # Distribution level first (seconds), then token agreement (reads both runs' shards).
+            first = self.session.diff(match="none")
+            self.post_message(DiffLoaded(first, key=("none",)))
+            if first.result is not None:
+                self.post_message(DiffLoaded(self.session.diff(match="auto"), key=("auto",)))
         except Exception as exc:  # noqa: BLE001
             self.failed("diff", exc)
 
     @on(DiffLoaded)
     def _show(self, msg: DiffLoaded) -> None:
         self.data = d = msg.payload
-        self.query_one("#diff-summary", Static).update(summary_text(d))
+        summary = summary_text(d)
+        if msg.key == ("none",) and d.result is not None:
+            summary += "\nmatching tokens for top-1/Jaccard agreement…"
+        self.query_one("#diff-summary", Static).update(summary)
         table = self.query_one("#diff-table", DataTable)
         table.clear()
         if d.result is not None:
