@@ -32,6 +32,8 @@ def _misuse_rank(ctx) -> list[tuple[str, str]]:
     buf = Buffer(dist.group.WORLD, timeout_s=30)
     other = Buffer(dist.group.WORLD, timeout_s=30)
     ll = Buffer(dist.group.WORLD, low_latency_mode=True, timeout_s=30)
+    small = Buffer(dist.group.WORLD, num_nvl_bytes=128 * 1000, timeout_s=30)
+    ll_small = Buffer(dist.group.WORLD, 0, 128 * 100, low_latency_mode=True, timeout_s=30)
     idx, w = _route(me), torch.rand(T, K)
     x = torch.randn(T, H).to(torch.bfloat16)
     n_rank, _, n_exp, in_rank, _ = buf.get_dispatch_layout(idx, E)
@@ -53,6 +55,8 @@ def _misuse_rank(ctx) -> list[tuple[str, str]]:
         "ops differ": lambda: (buf.dispatch(x, topk_idx=idx, topk_weights=w, **layout) if me == 0
                                else buf.combine(rx, h_a)),
         "LL on a normal buffer": lambda: buf.low_latency_dispatch(x, idx, 32, E),
+        "NVL bytes too small": lambda: small.dispatch(x, topk_idx=idx, topk_weights=w, **layout),
+        "RDMA bytes too small": lambda: ll_small.low_latency_dispatch(x, idx, 16, E),
         "expert id out of range": lambda: buf.dispatch(x, topk_idx=idx + (E if me == 1 else 0), topk_weights=w, **layout),
     }
     seen = []
@@ -82,6 +86,8 @@ EXPECT = {  # case -> (rank named, words the message must contain)
     "ops differ": (None, ["operation differs", "dispatch", "combine"]),
     "LL on a normal buffer": (0, ["low_latency_mode=False"]),
     "expert id out of range": (1, ["argument topk_idx", "expert ids"]),
+    "NVL bytes too small": (None, ["num_nvl_bytes=128000 is too small", "rank 0:", "rank 1:"]),
+    "RDMA bytes too small": (None, ["num_rdma_bytes=12800 is too small", "get_low_latency_rdma_size_hint"]),
 }
 
 
