@@ -163,11 +163,14 @@ def _report_ids(run: RunDir) -> set[str]:
 
 def _facts(run: RunDir, shard_paths: list[Path]) -> dict:
     """Run-level facts from the manifest, completed from the first shard's header."""
-    from epreplay.shard import open_shard
+    from epreplay.index_scan import read_info
 
     manifest = run.read_manifest()
-    with open_shard(shard_paths[0]) as scan:
-        info = scan.info
+    fd = os.open(shard_paths[0], os.O_RDONLY)
+    try:
+        info = read_info(str(shard_paths[0]), fd)
+    finally:
+        os.close(fd)
     pick = lambda name: int(getattr(manifest, name, 0) or getattr(info, name, 0) or 0)  # noqa: E731
     return {
         "manifest": manifest, "run_id": manifest.run_id if manifest else info.run_id,
@@ -178,19 +181,16 @@ def _facts(run: RunDir, shard_paths: list[Path]) -> dict:
     }
 
 
-def _validate(run: RunDir, facts: dict, shard_paths: list[Path], check: list[Path]) -> None:
+def _validate(run: RunDir, facts: dict, shard_paths: list[Path], results: list) -> None:
     """One clear UsageError for a shard of another run or a manifest that does not match its
-    shards (checked before anything is written)."""
-    from epreplay.shard import open_shard
-
+    shards (checked on the shards' headers before anything is written)."""
     world = facts["world_size"]
     where = "manifest.json" if facts["manifest"] is not None else f"{shard_paths[0].name}'s header"
     if len(shard_paths) > world:
         raise UsageError(f"{run.shards_dir}: {len(shard_paths)} shards but {where} says world size "
                          f"{world}; remove the extra shards or fix the manifest")
-    for p in check:
-        with open_shard(p) as scan:
-            info = scan.info
+    for res in results:
+        p, info = Path(res.path), res.info
         named = run.rank_of(p)
         if info.run_id != facts["run_id"]:
             raise UsageError(f"{p}: shard of run {info.run_id}, not of this run {facts['run_id']} "
@@ -520,7 +520,6 @@ def build_index(path: str | os.PathLike[str], *, force: bool = False, progress: 
         if state is not None and state["run_id"] != facts["run_id"]:
             state = None  # the index is of another run (copied directory): rebuild
         tasks, full = _plan(run, shard_paths, state)
-        _validate(run, facts, shard_paths, [p for p, _, _ in tasks] if not full else shard_paths)
         new_reports = _report_ids(run) - (state["replays"] if state else set())
         if not full and not tasks and not new_reports:
             return IndexResult(run.index_path, "fresh", seconds=time.perf_counter() - t0)
@@ -528,6 +527,7 @@ def build_index(path: str | os.PathLike[str], *, force: bool = False, progress: 
         if any(r.records < 0 for r in results):  # a shard changed under its indexed part
             tasks, full = [(p, 0, 0) for p in shard_paths], True
             results = _run_workers(tasks, facts, progress, workers)
+        _validate(run, facts, shard_paths, results)
         tmp = run.path / f".index.duckdb.tmp-{os.getpid()}"
         try:
             if not full:

@@ -196,26 +196,28 @@ def index_shard(path: str, start: int = 0, *, num_experts: int = 0, world_size: 
 
     Args:
         num_experts / world_size / hidden: E, R, H from the manifest (0: from the shard header).
-        expect_end: with start > 0, where record start-1 ended when indexed last time; a shard
-            that no longer matches comes back with records = -1 (the caller rebuilds).
+        expect_end: with start > 0, the byte where record start-1 ended when indexed last time:
+            reading resumes there (epreplay.index_scan).
     Never raises for damage: a record whose CRC or body fails ends what is indexed, and the
     result carries its byte offset (truncated_at) and the reason (problem).
     """
+    from epreplay.index_scan import resume
     from epreplay.shard import open_shard
 
-    with open_shard(path) as scan:
-        info = scan.info
-        H = scan.header_array()
-        res = ShardResult(info.rank, info, scan.size, scan.complete, scan.writer_active,
-                          scan.truncated_at, scan.problem, len(H), scan.valid_end if len(H) else scan.data_start,
-                          start, path=str(path))
-    if start and (len(H) < start or int(H["offset"][start - 1]) + REC_PREFIX
-                  + int(H["comp_len"][start - 1]) != expect_end):
-        res.records = -1
-        return res
+    if start:  # resume where the last indexing stopped, without re-scanning the indexed part
+        r = resume(str(path), expect_end, start)
+        info, new = r.info, r.headers
+        res = ShardResult(info.rank, info, r.size, r.complete, r.writer_active, r.truncated_at,
+                          r.problem, start + len(new), r.end, start, path=str(path))
+    else:
+        with open_shard(path) as scan:
+            info = scan.info
+            new = scan.header_array()
+            res = ShardResult(info.rank, info, scan.size, scan.complete, scan.writer_active,
+                              scan.truncated_at, scan.problem, len(new),
+                              scan.valid_end if len(new) else scan.data_start, start, path=str(path))
     E = num_experts or info.num_experts
     R = world_size or info.world_size
-    new = H[start:]
     fd = os.open(path, os.O_RDONLY)
     try:
         n_ok, routing = _read_records(fd, new, res, hidden or info.hidden)
