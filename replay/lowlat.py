@@ -35,12 +35,12 @@ def _flag(meta: dict, name: str, default: bool) -> bool:
     return bool(v) if isinstance(v, (bool, int)) else default
 
 
-def _recv_rows_fp(recv_x: Any, e: int, rows: np.ndarray) -> np.ndarray:
+def _recv_rows_fp(recv_x: Any, e_R: np.ndarray, rows_R: np.ndarray) -> np.ndarray:
+    """Fingerprints of receive rows (local expert e_R[i], row rows_R[i]) in one pass."""
+    e, r = torch.from_numpy(e_R), torch.from_numpy(rows_R)
     if isinstance(recv_x, (tuple, list)):
-        part = (recv_x[0][e][rows], recv_x[1][e][rows].contiguous())
-    else:
-        part = recv_x[e][rows]
-    return I.fingerprints(part)
+        return I.fingerprints((recv_x[0][e, r], recv_x[1][e, r].contiguous()))
+    return I.fingerprints(recv_x[e, r])
 
 
 def dispatch(eng: Any, call: Any, recs: dict) -> tuple[int, int]:
@@ -100,19 +100,23 @@ def _verify_dispatch(eng: Any, call: Any, v: int, exp: dict, recv_x: Any, recv_c
     Lv = plan.local_experts_virtual
     j = plan.slot_of(v)
     got: dict = {"counts": recv_count[j * Lv:(j + 1) * Lv].numpy().astype(np.int64)}
+    es, rows, qs = [], [], []
     for i in range(Lv):
         e = j * Lv + i
-        rows, qs = [], []
         for q in range(plan.physical):
             begin, count = int(lrange[e, q]) >> 32, int(lrange[e, q]) & 0xFFFFFFFF
+            es.append(np.full(count, e))
             rows.append(np.arange(begin, begin + count))
             qs.append(np.full(count, q))
-        rows = np.concatenate(rows).astype(np.int64) if rows else np.zeros(0, np.int64)
-        qs = np.concatenate(qs).astype(np.int64) if qs else np.zeros(0, np.int64)
-        src, tok = eng.to_virtual(call, qs, src_info[e, rows])
-        fps = _recv_rows_fp(recv_x, e, torch.from_numpy(rows)) if len(rows) else []
-        got[i] = {(int(s), int(t)): (int(f) if len(fps) else None)
-                  for s, t, f in zip(src, tok, fps if len(fps) else [None] * len(rows))}
+    e_R = np.concatenate(es).astype(np.int64)
+    rows_R = np.concatenate(rows).astype(np.int64)
+    src, tok = eng.to_virtual(call, np.concatenate(qs).astype(np.int64), src_info[e_R, rows_R])
+    want_fp = any(f is not None for i in range(Lv) for f in (exp.get(i) or {}).values())
+    fps = _recv_rows_fp(recv_x, e_R, rows_R).tolist() if want_fp and len(e_R) else [None] * len(e_R)
+    for i in range(Lv):
+        got[i] = {}
+    for e, s_, t, f in zip((e_R - j * Lv).tolist(), src.tolist(), tok.tolist(), fps):
+        got[e][(s_, t)] = f
     return check_ll(exp, got, expert_base=v * Lv, known_fps=known)
 
 

@@ -38,6 +38,8 @@ class Engine:
         self._scans: dict[int, Any] = {}
         self._recs: dict[tuple[int, int], Any] = {}
         self.recorded_now = False  # this call replays recorded payloads (see run)
+        self._fp_cache: dict[tuple, tuple] = {}  # this call's synthetic fingerprints (flat tokens)
+        self._base, self._base_for = np.zeros(0, np.int64), -1
         self._buffers: dict[int, Any] = {}
         self.states: dict[tuple[int, int], DispatchState] = {}
         self._last: dict[tuple[int, int], int] = {}
@@ -108,16 +110,34 @@ class Engine:
     def expected_fp(self, call: Call, rec: Any, name: str, src: np.ndarray, tok: np.ndarray,
                     cast: Any = None, key: int | None = None) -> np.ndarray | None:
         """Expected received fingerprints: recorded (payload replay) or recomputed from the
-        synthetic rows of the sources, passed through `cast` (the FP8 cast, or None). A token
-        that reached several local experts is generated and hashed once."""
+        synthetic rows of the sources, passed through `cast` (the FP8 cast, or None). Within a
+        call every source token is generated and hashed at most once per process, however many
+        co-hosted ranks and local experts received it."""
         if self.recorded_now:
             return rec.arrays.get(name)
-        if len(src) == 0:
-            return np.zeros(0, np.uint64)
-        pairs, inverse = np.unique(np.stack([src, tok], axis=1), axis=0, return_inverse=True)
-        rows = I.synth_rows(self.key(call) if key is None else key, torch.from_numpy(pairs[:, 0].copy()),
-                            torch.from_numpy(pairs[:, 1].copy()), self.job.hidden)
-        return I.fingerprints(cast(rows) if cast is not None else rows)[inverse.reshape(-1)]
+        key = self.key(call) if key is None else key
+        cached = self._fp_cache.get((key, id(cast)))
+        if cached is None:  # flat over every source's tokens: index = base[v] + t
+            total = int(sum(call.tokens_N))
+            cached = self._fp_cache[(key, id(cast))] = (np.zeros(total, np.uint64), np.zeros(total, bool))
+        fp, have = cached
+        flat = self._token_base(call)[src] + tok
+        need = np.unique(flat[~have[flat]])
+        if len(need):
+            base = self._token_base(call)
+            v_need = np.searchsorted(base, need, side="right") - 1
+            rows = I.synth_rows(key, torch.from_numpy(v_need), torch.from_numpy(need - base[v_need]),
+                                self.job.hidden)
+            fp[need] = I.fingerprints(cast(rows) if cast is not None else rows)
+            have[need] = True
+        return fp[flat]
+
+    def _token_base(self, call: Call) -> np.ndarray:
+        """[N] offset of each virtual rank's first token in the call's flat token numbering."""
+        if self._base_for != call.index:
+            self._base = np.concatenate([[0], np.cumsum(call.tokens_N)[:-1]]).astype(np.int64)
+            self._base_for = call.index
+        return self._base
 
     def check(self, call: Call, v: int, fn: Any) -> None:
         """Run one virtual rank's verification; a backend output too malformed to compare
@@ -146,6 +166,7 @@ class Engine:
     def run(self, call: Call) -> None:
         t0 = time.perf_counter_ns()
         recs = {v: self.record(v, call) for v in self.vs}
+        self._fp_cache.clear()
         # Recorded payload only where this call has one: with payload_every=k the other steps
         # hold none (on every rank alike), and those calls replay with synthetic payloads.
         self.recorded_now = self.job.payload == "recorded" and all(

@@ -106,12 +106,22 @@ class ReplayReport:
         return path
 
 
+# Error texts that are consequences of another rank's failure (its process died or left the
+# collective), not causes: at one call, a rank with its own error is named first.
+_ECHOES = ("Connection closed by peer", "remote worker", "Connection reset by peer")
+
+
 def first_of(divs: list[dict]) -> dict | None:
-    """The first divergence: earliest call in replay order, then lowest virtual rank, then kind."""
+    """The first divergence: earliest call in replay order, then an error of its own before one
+    echoed from a peer's failure, then lowest virtual rank, then kind."""
     if not divs:
         return None
     rank_kind = {k: i for i, k in enumerate(KINDS)}
-    return min(divs, key=lambda d: (d["call"], d["rank"], rank_kind.get(d["kind"], 99)))
+
+    def echo(d: dict) -> int:
+        return int(d["kind"] == "error" and any(e in str(d.get("got", "")) for e in _ECHOES))
+
+    return min(divs, key=lambda d: (d["call"], echo(d), d["rank"], rank_kind.get(d["kind"], 99)))
 
 
 def render(report: ReplayReport, console: Any = None) -> None:
