@@ -133,6 +133,12 @@ async def test_walk_every_pane_of_a_synthetic_run(synth_run: Path, synth_truth) 
         await pilot.press("down")
         await pilot.pause()
         assert pane.current is not None and (pane.current.call, pane.current.rank) != (FIRST[0], FIRST[6])
+        # Enter on the first one opens the traffic of its step and layer.
+        await pilot.press("up", "enter")
+        await settle(pilot, app)
+        assert app.current == "traffic"
+        assert _last(msgs, M.TrafficLoaded).payload.selection.steps == (FIRST[3], FIRST[3] + 1)
+        assert _last(msgs, M.TrafficLoaded).payload.selection.layer == FIRST[4]
 
         # Diff with one run: says how to get one.
         await pilot.press("6")

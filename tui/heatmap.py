@@ -26,6 +26,9 @@ from epreplay.tui import render
 
 # Cell widths the zoom key cycles through: numbers (5: four digits and a gap), colour only.
 ZOOMS = (5, 2, 1)
+_SCALE_STYLES = tuple(Style(bgcolor=bg, color=fg) for bg, fg in zip(render.SCALE, render.SCALE_TEXT))
+_BOLD = Style(bold=True)
+_DIM = Style(dim=True)
 
 
 class Heatmap(ScrollView, can_focus=True):
@@ -278,6 +281,9 @@ class Heatmap(ScrollView, can_focus=True):
         last = min(len(self.col_order), (sx + width) // self.cell_w + 1)
         base = self.rich_style
         cur_r, cur_c = self.cursor
+        # One Style per colour level, built once per line (not per cell): rendering a 144-wide
+        # row costs a few hundred Segment objects and nothing else.
+        scale = [base + _DIM] + list(_SCALE_STYLES)
         segs: list[Segment] = [Segment(" " * (first * self.cell_w))] if first else []
         values, lv = self.values_RC[row], self.levels_RC[row]
         marks = self.marks_RC[row] if self.marks_RC is not None else None
@@ -290,11 +296,7 @@ class Heatmap(ScrollView, can_focus=True):
                 text = ("!" if marked else " ") + text
             else:
                 text = ("!" if marked else " ").ljust(self.cell_w)
-            if level:
-                style = Style(bgcolor=render.SCALE[level - 1], color=render.SCALE_TEXT[level - 1],
-                              bold=marked)
-            else:
-                style = base + Style(dim=not marked, bold=marked)
+            style = scale[level] if not marked else scale[level] + _BOLD
             if row == cur_r and pos == cur_c and self.has_focus:
                 style = style + Style(reverse=True, bold=True)
             elif row == cur_r and pos == cur_c:

@@ -2,7 +2,8 @@
 
 On open the newest replay that diverged is selected and its first divergence (earliest call in
 replay order, as the replay report defines "first") is highlighted with its detail shown:
-where (step, layer, op, rank, token, expert) and expected vs got.
+where (step, layer, op, rank, token, expert) and expected vs got. Enter on a divergence opens the
+traffic of its step and layer.
 """
 from __future__ import annotations
 
@@ -104,6 +105,15 @@ class DivergencesPane(Pane):
     def _highlight(self, event: DataTable.RowHighlighted) -> None:
         if event.row_key is not None and event.row_key.value is not None:
             self.show_detail(int(event.row_key.value))
+
+    @on(DataTable.RowSelected, "#div-table")
+    def _open(self, event: DataTable.RowSelected) -> None:
+        """Enter on a divergence: the traffic of its step and layer."""
+        self.show_detail(int(event.row_key.value))
+        d = self.current
+        if d is not None and d.step >= 0:
+            self.epapp.select(steps=(d.step, d.step + 1), layer=d.layer if d.layer >= 0 else None)
+            self.epapp.show("traffic")
 
     @on(DataTable.RowSelected, "#div-replays")
     def _replay(self, event: DataTable.RowSelected) -> None:

@@ -41,6 +41,9 @@ def health_text(d: OverviewData) -> tuple[str, bool]:
         f"dropped    {h.dropped} records",
         f"calls      {calls} ({errors} failed or hung)",
     ]
+    events = sum(s.events for s in h.shards)
+    if events:
+        lines.append(f"events     {events} (flight dumps, drops, capture off)")
     for s in h.damaged[:2]:
         lines.append(f"  rank {s.rank}: truncated at byte {s.truncated_at}, {s.lost_bytes} B lost")
     for rank, err in d.errors[:2]:
