@@ -82,13 +82,15 @@ Progress = Callable[[str, int, int], None]  # (phase, done, total)
 
 def _record_env(cfg: DemoConfig, opts: PipelineOptions) -> tuple[dict[str, str], RankHooks]:
     capture = importlib.import_module("epreplay.capture")
-    command = [os.path.basename(sys.argv[0]) or "epreplay", *sys.argv[1:]]
+    # `python -m epreplay` leaves .../__main__.py in argv[0]; the command a person reruns is epreplay.
+    prog = os.path.basename(sys.argv[0])
+    command = ["epreplay" if prog in ("", "__main__.py", "-c") else prog, *sys.argv[1:]]
     env = capture.env_for(opts.out, level=opts.level, release=str(cfg.release), fresh=True,
                           layers_per_step=cfg.layers, command=command)
     return env, RankHooks(start="epreplay.capture:install", stop="epreplay.capture:stop")
 
 
-def _annotate_manifest(out: Path, cfg: DemoConfig) -> str:
+def _annotate_manifest(out: Path, cfg: DemoConfig, backend: str) -> str:
     """Put the workload's parameters in manifest.extra["demo"] (diff and tui show them).
     Returns capture's health in a few words (records, drops, ranks whose capture went off)."""
     from epreplay.run import RunDir
@@ -98,7 +100,8 @@ def _annotate_manifest(out: Path, cfg: DemoConfig) -> str:
     if manifest is None:
         return "no manifest was written"
     extra = dict(manifest.extra)
-    extra["demo"] = {**asdict(cfg), "release_layers": sorted(release_layers(cfg.release, cfg.layers))}
+    extra["demo"] = {**asdict(cfg), "release_layers": sorted(release_layers(cfg.release, cfg.layers)),
+                     "backend": backend}
     run.write_manifest(replace(manifest, extra=extra))
     records = sum(int(f.get("records", 0)) for f in manifest.ranks.values())
     health = f"{records} records from {len(manifest.ranks)} ranks, {extra.get('dropped', 0)} dropped"
@@ -133,7 +136,7 @@ def run_pipeline(cfg: DemoConfig, opts: PipelineOptions, *, progress: Progress |
                            timeout=opts.timeout, on_progress=on_progress)
     seconds = time.perf_counter() - t0
     if recording:
-        health = _annotate_manifest(opts.out, cfg)
+        health = _annotate_manifest(opts.out, cfg, opts.backend)
         note = f"recorded at level {opts.level} into {opts.out} ({health})"
     else:
         note = ("not recorded: epreplay.capture is not installed" if opts.record
