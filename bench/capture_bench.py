@@ -1,116 +1,118 @@
-"""Capture overhead on CPU: time per MoE step with capture off and at each level, 4 gloo ranks.
+"""Capture overhead on CPU: time per demo step with capture off and at each level, 4 gloo ranks.
 
-    python bench/capture_bench.py [--ranks 4] [--steps 20] [--tokens 256] [--hidden 512]
-                                  [--experts 16] [--topk 4] [--layers 4]
+    python bench/capture_bench.py [--ranks 4] [--rounds 3] [--tokens 64] [--hidden 128]
+                                  [--layers 4] [--experts 32] [--decode-tokens 32]
 
-Legend: T tokens per rank, H hidden, E experts, K top-k, R ranks, L = E / R local experts.
+Legend: T tokens per rank (prefill), H hidden, E experts, R ranks.
 
-Each rank runs a DeepSeek-style MoE step per layer — router (sigmoid scores + top-k), layout,
-dispatch through the emulated Buffer, a two-matmul expert on the received rows, combine — with
-capture off, at counts / routing / fingerprints / payload, and off again (the lower "off" is the
-baseline, so a warming machine does not flatter capture). One process group serves every mode:
-capture.start()/stop() switch between them. Prints, in one table: ms per step (rank 0, after a
-barrier), ratio to off, the time including the writer's drain at stop(), drops, and bytes written
-per token-layer (all shards / (R * T * layers * steps)).
+Each rank runs the `epreplay demo` workload (epreplay.demo_*: DeepSeek-V3-style group-limited
+router, FP8 prefill dispatch through the normal kernels every 3rd step, low-latency decode steps,
+SwiGLU experts and a shared expert) through the emulated Buffer. One process group serves every
+mode: capture.start()/stop() switch between off, counts, routing, fingerprints and payload, and the
+modes are interleaved over several rounds (the median round counts), so the load of a shared
+machine drifting during the run hits every mode alike. Prints one table: ms per step (rank 0,
+between barriers), ratio to off, the ratio including the writer's drain at stop(), calls dropped,
+and bytes written per token-layer (all shards / (tokens routed x layers)).
 """
 from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import sys
 import tempfile
 import time
 
 from epreplay.launch import run_ranks
 
-MODES = ["off", "counts", "routing", "fingerprints", "payload", "off2"]
+MODES = ["off", "counts", "routing", "fingerprints", "payload"]
 
 
 def _rank(ctx, args: dict, root: str) -> dict:
     import torch
     import torch.distributed as dist
 
-    from epreplay import capture
+    from epreplay import capture, marks
+    from epreplay.demo_config import DemoConfig
+    from epreplay.demo_model import rank_batch, rms_norm, route_layer, swiglu
+    from epreplay.demo_run import _Card
     from epreplay.emulate import Buffer
 
-    T, H, E, K, layers = args["tokens"], args["hidden"], args["experts"], args["topk"], args["layers"]
-    R = ctx.world_size
-    L = E // R
-    g = torch.Generator().manual_seed(ctx.rank)
-    gate_HE = torch.randn(H, E, generator=g) / H ** 0.5
-    bias_E = torch.zeros(E)
-    bias_E[: max(1, E // 8)] = 0.3  # a few hot experts, as trained routers have
-    w1 = [torch.randn(H, H, generator=g).to(torch.bfloat16) / H ** 0.5 for _ in range(L)]
-    xs = [torch.randn(T, H, generator=g).to(torch.bfloat16) for _ in range(4)]
-    buf = Buffer(dist.group.WORLD)
+    cfg = DemoConfig(ranks=ctx.world_size, steps=args["steps"], layers=args["layers"],
+                     experts=args["experts"], hidden=args["hidden"], prefill_tokens=args["tokens"],
+                     decode_tokens=args["decode_tokens"])
+    card = _Card(cfg, ctx.rank, ctx.world_size, ctx.device, Buffer)
+    stats_L = torch.zeros(card.L, dtype=torch.int32)
+    batches = [rank_batch(cfg, s, ctx.rank) for s in range(cfg.steps)]
+    tokens = sum(len(tags) for _, tags in batches)
 
-    def step(s: int) -> None:
-        x = xs[s % len(xs)]
-        for layer in range(layers):
-            scores_TE = torch.sigmoid(x.float() @ gate_HE) + bias_E
-            w_TK, idx_TK = torch.topk(scores_TE, K, dim=1)
-            n_rank, n_rdma, n_exp, in_rank, _ = buf.get_dispatch_layout(idx_TK, E)
-            recv_x, recv_idx, recv_w, counts, handle, _ = buf.dispatch(
-                x, num_tokens_per_rank=n_rank, num_tokens_per_rdma_rank=n_rdma,
-                is_token_in_rank=in_rank, num_tokens_per_expert=n_exp, topk_idx=idx_TK,
-                topk_weights=w_TK)
-            out = torch.zeros(recv_x.shape[0], H)
-            for e in range(L):
-                mask = (recv_idx == e)
-                rows = mask.any(dim=1)
-                if rows.any():
-                    y = torch.relu(recv_x[rows] @ w1[e]).float()
-                    out[rows] += y * (recv_w * mask).sum(dim=1, keepdim=True)[rows]
-            x, _, _ = buf.combine(out.to(torch.bfloat16), handle)
+    def demo_step(s: int) -> None:  # the body of epreplay.demo_run.rank_main, one step
+        x0, tags = batches[s]
+        h_TH = torch.from_numpy(x0)
+        with marks.step(s):
+            for layer in range(cfg.layers):
+                with marks.layer(layer):
+                    u_TH = rms_norm(h_TH)
+                    idx_TK, w_TK = route_layer(cfg, layer, h_TH)
+                    if cfg.is_prefill(s):
+                        routed, _ = card.moe_normal(layer, u_TH, idx_TK, w_TK, tags)
+                    else:
+                        routed, _ = card.moe_ll(layer, u_TH, idx_TK, w_TK, tags, stats_L)
+                    h_TH = h_TH + swiglu(u_TH, card.expert(layer, -1)) + cfg.routed_feedback * routed
 
-    result: dict[str, dict[str, float]] = {}
-    for mode in MODES:
-        run_dir = os.path.join(root, mode)
-        if not mode.startswith("off"):
-            capture.start(run_dir, level=mode, layers_per_step=layers, payload_every=1)
-        step(0)  # warm-up (allocations, first gloo connections) outside the timing
-        dist.barrier()
-        t0 = time.perf_counter()
-        for s in range(args["steps"]):
-            step(s)
-        dist.barrier()
-        t1 = time.perf_counter()
-        facts = capture.stop() if not mode.startswith("off") else None
-        dist.barrier()
-        t2 = time.perf_counter()
-        result[mode] = {"step_s": (t1 - t0) / args["steps"], "drain_s": (t2 - t0) / args["steps"],
-                        "dropped": float((facts or {}).get("dropped", 0)),
-                        "bytes": float((facts or {}).get("bytes", 0))}
-    return result
+    for s in range(cfg.steps):
+        demo_step(s)  # warm-up: expert weights, gloo connections
+    times: dict[str, list[tuple[float, float]]] = {m: [] for m in MODES}
+    facts_by_mode: dict[str, list[dict]] = {m: [] for m in MODES}
+    for rnd in range(args["rounds"]):
+        for mode in MODES:
+            if mode != "off":
+                capture.start(os.path.join(root, f"{mode}-{rnd}"), level=mode)
+            dist.barrier()
+            t0 = time.perf_counter()
+            for s in range(cfg.steps):
+                demo_step(s)
+            dist.barrier()
+            t1 = time.perf_counter()
+            facts = capture.stop() if mode != "off" else None
+            dist.barrier()
+            t2 = time.perf_counter()
+            times[mode].append(((t1 - t0) / cfg.steps, (t2 - t0) / cfg.steps))
+            if facts:
+                facts_by_mode[mode].append(facts)
+    card.destroy()
+    return {"times": times, "facts": facts_by_mode, "tokens": tokens}
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--ranks", type=int, default=4)
-    p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--tokens", type=int, default=256)
-    p.add_argument("--hidden", type=int, default=512)
-    p.add_argument("--experts", type=int, default=16)
-    p.add_argument("--topk", type=int, default=4)
+    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds of every mode")
+    p.add_argument("--steps", type=int, default=6, help="demo steps per round (every 3rd is prefill)")
+    p.add_argument("--tokens", type=int, default=64, help="prefill tokens per rank")
+    p.add_argument("--decode-tokens", type=int, default=32)
+    p.add_argument("--hidden", type=int, default=128)
+    p.add_argument("--experts", type=int, default=32)
     p.add_argument("--layers", type=int, default=4)
     a = p.parse_args(argv)
-    args = vars(a)
     with tempfile.TemporaryDirectory(prefix="capture-bench-") as root:
-        per_rank = run_ranks(_rank, a.ranks, args, root, timeout=600)
-    r0 = per_rank[0]
-    off = min(r0["off"]["step_s"], r0["off2"]["step_s"])
-    token_layers = a.ranks * a.tokens * a.layers * (a.steps + 1)  # +1: the warm-up step is recorded too
-    print(f"capture overhead: {a.ranks} CPU ranks (gloo), T={a.tokens} H={a.hidden} E={a.experts} "
-          f"K={a.topk}, {a.layers} MoE layers/step, {a.steps} steps; command: "
-          f"python bench/capture_bench.py {' '.join(argv if argv is not None else sys.argv[1:])}")
+        per_rank = run_ranks(_rank, a.ranks, vars(a), root, timeout=1200)
+    r0 = per_rank[0]["times"]
+    off = statistics.median(t for t, _ in r0["off"])
+    token_layers = sum(r["tokens"] for r in per_rank) * a.layers
+    print(f"capture overhead: {a.ranks} CPU ranks (gloo), epreplay demo workload: T={a.tokens} prefill / "
+          f"M={a.decode_tokens} decode tokens per rank, H={a.hidden}, E={a.experts}, {a.layers} MoE layers, "
+          f"{a.steps} steps x {a.rounds} interleaved rounds (median)")
+    print(f"command: python bench/capture_bench.py {' '.join(argv if argv is not None else sys.argv[1:])}")
     print(f"{'mode':<13}{'ms/step':>9}{'ratio':>8}{'incl. drain':>13}{'dropped':>9}{'B/token-layer':>15}")
     for mode in MODES:
-        m = r0[mode]
-        nbytes = sum(r[mode]["bytes"] for r in per_rank)
-        dropped = sum(r[mode]["dropped"] for r in per_rank)
-        per_tl = f"{nbytes / token_layers:.1f}" if not mode.startswith("off") else "-"
-        print(f"{mode:<13}{m['step_s'] * 1e3:>9.2f}{m['step_s'] / off:>8.3f}"
-              f"{m['drain_s'] / off:>13.3f}{int(dropped):>9}{per_tl:>15}")
+        step = statistics.median(t for t, _ in r0[mode])
+        drain = statistics.median(d for _, d in r0[mode])
+        facts = [f for r in per_rank for f in r["facts"][mode]]
+        nbytes = sum(f.get("bytes", 0) for f in facts) / max(1, a.rounds)
+        dropped = sum(f.get("dropped", 0) for f in facts)
+        per_tl = f"{nbytes / token_layers:.1f}" if mode != "off" else "-"
+        print(f"{mode:<13}{step * 1e3:>9.2f}{step / off:>8.3f}{drain / off:>13.3f}{dropped:>9}{per_tl:>15}")
     return 0
 
 

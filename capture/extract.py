@@ -9,7 +9,7 @@ N rows received by a normal dispatch, V valid rows of a low-latency receive buff
 arrays and meta keys are exactly the table in epreplay/records.py's docstring, plus (additive):
   dispatch  routing  send_head_TR [T, R] int32  intranode handle's send_head as of dispatch
                                                 (combine rewrites it in place)
-Meta keys: "args" {name: description} of every bound argument; "ep_rank"/"ep_size" (the
+Meta keys: "args" {name: description} of every bound argument (tensors as "dtype[d0,d1]"); "ep_rank"/"ep_size" (the
 Buffer's group); "E", "M", "hidden", "x_dtype", "use_fp8", "expert_alignment",
 "num_worst_tokens", "config" (repr), "dispatch_seq" (combine/cached dispatch/ll_combine: seq of
 the dispatch whose handle it used, -1 unknown), "ll_parity" (low-latency receive buffer, 0/1),
@@ -163,21 +163,30 @@ def stage_outputs(call: Call, a: dict[str, Any], result: Any) -> None:
 
 # --- writer thread -----------------------------------------------------------------------------
 
+_DTYPE_NAMES: dict[Any, str] = {}
+
+
+def _tensor_text(t: torch.Tensor) -> str:
+    name = _DTYPE_NAMES.get(t.dtype)
+    if name is None:
+        name = _DTYPE_NAMES[t.dtype] = str(t.dtype).replace("torch.", "")
+    dims = ",".join(map(str, t.shape))
+    return f"{name}[{dims}]" if t.device.type == "cpu" else f"{name}[{dims}]@{t.device.type}"
+
+
 def describe(v: Any) -> Any:
-    """A bound argument as JSON: tensors by shape/dtype, scalars as is, others by type."""
+    """A bound argument as compact JSON: a tensor as "dtype[d0,d1]" (plus "@cuda" off the CPU),
+    scalars as they are, tuples (FP8 pairs, handles) as lists, lists by length, others by type."""
     if v is None or isinstance(v, (bool, int, float, str)):
         return v
     if isinstance(v, torch.Tensor):
-        return {"shape": list(v.shape), "dtype": str(v.dtype).replace("torch.", ""),
-                "device": v.device.type}
+        return _tensor_text(v)
     if isinstance(v, tuple):
-        return {"tuple": [describe(p) for p in v]}
+        return [describe(p) for p in v]
     if isinstance(v, list):
-        return {"list": len(v)}
+        return f"list[{len(v)}]"
     name = type(v).__name__
-    if name == "Config":
-        return {"config": repr(v)}
-    return {"type": name}
+    return repr(v) if name == "Config" else name
 
 
 def _valid_rows(rows_LX: np.ndarray, counts_L: np.ndarray) -> np.ndarray:

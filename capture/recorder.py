@@ -32,6 +32,9 @@ _STOP = object()
 # Triggers with the same reason within 2 s are one incident (a NaN reaches every later record of
 # its step; all ranks see one hang and each also reads the others' DUMP markers).
 DUMP_DEDUP_S = 2.0
+# Records held back until the shard header can carry H: a layout precedes its dispatch, so 4
+# covers any sane call order while risking at most 4 records on a crash at the very start.
+EARLY_RECORDS = 4
 _OPENS_LAYER = (Op.LAYOUT, Op.DISPATCH, Op.LL_DISPATCH)
 
 
@@ -70,6 +73,7 @@ class Recorder:
         self._q: queue.SimpleQueue = queue.SimpleQueue()
         self._writer = None  # ShardWriter, opened by the writer thread on first use
         self._dropped_written = 0
+        self._early: list[tuple[RecordHeader, dict[str, Any], dict[str, Any]]] = []
         self._ring = FlightRing(config.flight_steps, config.ring_bytes) if config.flight else None
         self._lineage: dict[int, tuple[Any, int]] = {}  # id(handle[0]) -> (weakref, seq)
         self._auto_step, self._auto_layer, self._layer_open_by = 0, -1, None
@@ -308,8 +312,21 @@ class Recorder:
             s["hidden"], s["x_dtype"] = int(meta["hidden"]), str(meta.get("x_dtype", ""))
 
     def _append(self, header: RecordHeader, arrays: dict[str, Any], meta: dict[str, Any]) -> None:
-        self._shard().append(header, arrays, meta)
+        if self._writer is None and not self.static["hidden"] and len(self._early) < EARLY_RECORDS:
+            # The shard header carries E, K and H; a layout call knows no H, so the first few
+            # records wait (in memory) for a dispatch that tells it.
+            self._early.append((header, arrays, meta))
+            return
+        self._flush_early()
+        self._writer.append(header, arrays, meta)
         self.records += 1
+
+    def _flush_early(self) -> None:
+        writer = self._shard()
+        early, self._early = self._early, []
+        for rec in early:
+            writer.append(*rec)
+            self.records += 1
 
     def _event(self, meta: dict[str, Any]) -> None:
         header = RecordHeader(kind=Kind.EVENT, op=0, level=self.level, status=Status.OK, buffer=0,
@@ -380,8 +397,8 @@ class Recorder:
             try:
                 if self.enabled and self.dropped > self._dropped_written:
                     self._event({"reason": "dropped", "dropped": self.dropped})
-                if self._writer is None and self.enabled:
-                    self._shard()  # every rank that captured has a shard, even an empty one
+                if self.enabled and (self._writer is None or self._early):
+                    self._flush_early()  # every rank that captured has a shard, even an empty one
             except Exception as exc:  # noqa: BLE001
                 self.disable(f"close: {type(exc).__name__}: {exc}")
             if self._writer is not None:
