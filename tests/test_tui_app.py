@@ -301,3 +301,45 @@ def test_an_index_of_another_format_is_refused_with_the_fix(synth_run: Path, tmp
     out = _cli(str(run), "--no-build")
     assert out.returncode == 2 and "Traceback" not in out.stderr
     assert "index format 0" in out.stderr and f"epreplay index {run} --force" in out.stderr
+
+
+@sync
+async def test_matrix_renders_only_the_visible_cells_of_144_ranks() -> None:
+    from textual.app import App
+
+    from epreplay.tui.matrix import RankMatrix
+
+    ranks = 144
+    rng = np.random.default_rng(0)
+    traffic = rng.integers(0, 1000, (ranks, ranks))
+    traffic[:, 97] += 5000  # the busiest receiver
+
+    class One(App):
+        def compose(self):
+            yield RankMatrix(id="m")
+
+    app = One()
+    async with app.run_test(size=(80, 24)) as pilot:
+        m = app.query_one(RankMatrix)
+        summary = m.set_traffic(traffic)
+        m.focus()
+        await pilot.pause()
+        assert summary.busiest_receiver == 97
+        visible = (80 - m._gutter) // m.cell_w + 2
+        line = m.render_line(1)
+        cells = [s for s in line if s.style is not None and s.style.bgcolor is not None]
+        assert 0 < len(cells) <= visible  # only what fits on screen was built
+        assert line.text.split()[0] == "r0"
+        # jump to the far corner: the view scrolls, the last rank's row and column show
+        m.move_to(row=ranks - 1, col=ranks - 1)
+        await pilot.pause()
+        assert m.scroll_offset.y > 0 and m.scroll_offset.x > 0
+        rows = [m.render_line(y).text for y in range(m.size.height)]
+        assert any(r.lstrip().startswith(f"r{ranks - 1} ") for r in rows)
+        assert str(ranks - 1) in rows[0]
+        # the busiest receiver's column label carries the highlight style
+        m.move_to(col=97)
+        await pilot.pause()
+        header = m.render_line(0)
+        hl = m.get_component_rich_style("heatmap--highlight")
+        assert any(seg.text.strip() and seg.style == hl for seg in header)
