@@ -125,14 +125,15 @@ def _existing(run: RunDir) -> dict | None:
     except duckdb.Error:
         return None
     try:
-        ver = con.execute("SELECT run_id, index_version FROM runs").fetchall()
+        ver = con.execute("SELECT run_id, index_version, world_size, num_experts FROM runs").fetchall()
         if not ver or ver[0][1] != INDEX_VERSION:
             return None
         res = con.execute("SELECT * FROM shards")
         cols = [d[0] for d in res.description]
         shards = {int(r[0]): dict(zip(cols, r)) for r in res.fetchall()}
         replays = {r[0] for r in con.execute("SELECT replay FROM replays").fetchall()}
-        return {"run_id": ver[0][0], "shards": shards, "replays": replays}
+        return {"run_id": ver[0][0], "world_size": ver[0][2], "num_experts": ver[0][3],
+                "shards": shards, "replays": replays}
     except duckdb.Error:
         return None
     finally:
@@ -145,6 +146,9 @@ def stale_reason(run: str | os.PathLike[str] | RunDir) -> str | None:
     state = _existing(run)
     if state is None:
         return "no index" if not run.index_path.exists() else "index unreadable or of another version"
+    manifest = run.read_manifest()
+    if manifest is not None and (manifest.run_id, manifest.world_size) != (state["run_id"], state["world_size"]):
+        return "manifest.json changed"
     on_disk = {run.rank_of(p): p for p in run.shard_paths()}
     if set(on_disk) != set(state["shards"]):
         return "shards added or removed"
@@ -517,8 +521,9 @@ def build_index(path: str | os.PathLike[str], *, force: bool = False, progress: 
     facts = _facts(run, shard_paths)
     with WriterLock(run):
         state = None if force else _existing(run)
-        if state is not None and state["run_id"] != facts["run_id"]:
-            state = None  # the index is of another run (copied directory): rebuild
+        if state is not None and (state["run_id"], state["world_size"], state["num_experts"]) != (
+                facts["run_id"], facts["world_size"], facts["num_experts"]):
+            state = None  # another run's index, or the manifest changed: rebuild (and re-validate)
         tasks, full = _plan(run, shard_paths, state)
         new_reports = _report_ids(run) - (state["replays"] if state else set())
         if not full and not tasks and not new_reports:

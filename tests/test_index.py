@@ -70,6 +70,21 @@ def test_aggregates_equal_recomputation_from_shards(synth_run: Path) -> None:
     assert {(s, l) for s, l, _ in load} == {(s, l) for s in range(6) for l in range(3)}
 
 
+def test_recorded_demo_run_equals_recomputation(request, tmp_path: Path) -> None:
+    """The same check on a run recorded through the capture hooks (DEMO's fixture), when present."""
+    try:
+        demo = Path(request.getfixturevalue("demo_run_dir"))
+    except pytest.FixtureLookupError:
+        pytest.skip("tests/conftest.py provides no demo_run_dir fixture yet")
+    run = tmp_path / "demo"
+    shutil.copytree(demo, run, ignore=shutil.ignore_patterns("index.duckdb*"))
+    build_index(run)
+    load, traffic = recompute(run)
+    assert load, "the demo run recorded no routing"
+    assert table(run, "SELECT step, layer, expert, tokens FROM expert_load") == load
+    assert table(run, "SELECT step, layer, src_rank, dst_rank, tokens FROM traffic") == traffic
+
+
 def test_traffic_matches_what_dispatch_recorded(synth_run: Path) -> None:
     """DeepEP's own num_tokens_per_rank_R (in each normal dispatch record) equals the index's rows."""
     got = table(synth_run, "SELECT step, layer, src_rank, dst_rank, tokens FROM traffic WHERE step < 4")
