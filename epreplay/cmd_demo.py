@@ -39,6 +39,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "or a layer bit mask such as 10 (layers 1 and 3)")
     parser.add_argument("--shuffle-batches", action="store_true",
                         help="same tokens, permuted across ranks and rows (diff matches them by tag)")
+    parser.add_argument("--slow-rank", type=int, default=-1, metavar="R",
+                        help="make rank R a straggler (extra compute before each dispatch), default none")
+    parser.add_argument("--slow-ms", type=float, default=20.0, metavar="MS",
+                        help="the straggler's extra milliseconds per layer, default 20")
     parser.add_argument("--no-fp8", action="store_true", help="dispatch in BF16 instead of DeepEP FP8")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                         help="cpu (gloo) or cuda (NCCL), default cpu")
@@ -52,6 +56,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-replay", action="store_true", help="record and index, skip the replay")
     parser.add_argument("--replay-ranks", type=int, default=None, metavar="M",
                         help="processes for the replay (default: half of --ranks)")
+    parser.add_argument("--format", choices=("text", "json"), default="text",
+                        help="summary as text (default) or one JSON object on stdout")
     parser.add_argument("--timeout", type=float, default=300.0, metavar="S",
                         help="seconds before a stuck run is stopped, default 300")
 
@@ -74,7 +80,8 @@ def build_config(args: argparse.Namespace):
                       topk=args.topk, hidden=args.hidden, prefill_tokens=args.tokens,
                       decode_tokens=args.decode_tokens, prefill_every=args.prefill_every, n_groups=groups, topk_groups=topk_groups,
                       fp8=not args.no_fp8, seed=args.seed, release=args.release,
-                      shuffle_batches=args.shuffle_batches, device=args.device)
+                      shuffle_batches=args.shuffle_batches, device=args.device,
+                      slow_rank=args.slow_rank, slow_ms=args.slow_ms if args.slow_rank >= 0 else 0.0)
 
 
 def _default_out():
@@ -135,7 +142,7 @@ def run(args: argparse.Namespace) -> int:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from epreplay.demo_pipeline import PipelineOptions, run_pipeline
-    from epreplay.demo_render import print_summary
+    from epreplay.demo_render import print_summary, summary_dict
 
     err = Console(stderr=True)
     console = Console()
@@ -163,5 +170,12 @@ def run(args: argparse.Namespace) -> int:
                 last = text.strip().splitlines()[-1] if text.strip() else "?"
                 err.print(f"  rank {rank}: {last}")
             return 1
-    print_summary(console, result)
+    if args.format == "json":
+        import json
+        import sys
+
+        json.dump(summary_dict(result), sys.stdout, indent=2, sort_keys=True)
+        sys.stdout.write("\n")
+    else:
+        print_summary(console, result)
     return result.exit_code

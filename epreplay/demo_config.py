@@ -59,6 +59,10 @@ class DemoConfig:
             perturbation's size in logit units (the gate's own noise is 1.0).
         shuffle_batches: same tokens, but each step's tokens are permuted across ranks and rows.
         device: "cpu" (gloo) or "cuda" (NCCL).
+        slow_rank, slow_ms: a straggler for timeline/stragglers views: rank `slow_rank` spends
+            `slow_ms` extra milliseconds of "compute" before each of its dispatches (-1: none).
+            As on real clusters, the *other* ranks' dispatch calls get slower (they wait inside
+            the collective for it), while the straggler's own calls look fast.
     """
 
     ranks: int = 4
@@ -84,6 +88,8 @@ class DemoConfig:
     release_strength: float = 0.5
     shuffle_batches: bool = False
     device: str = "cpu"
+    slow_rank: int = -1
+    slow_ms: float = 0.0
 
     def __post_init__(self) -> None:
         def need(ok: bool, message: str) -> None:
@@ -99,9 +105,10 @@ class DemoConfig:
              f"use a multiple of {self.ranks} (e.g. {self.ranks * max(1, self.experts // self.ranks)})")
         need(self.topk <= self.experts, f"--topk {self.topk} exceeds --experts {self.experts}; pick K <= E")
         need(self.experts % self.n_groups == 0,
-             f"n_groups={self.n_groups} does not divide --experts {self.experts}; pick E a multiple of it")
+             f"--groups {self.n_groups} does not divide --experts {self.experts}; "
+             f"pick E a multiple of it or another --groups")
         need(1 <= self.topk_groups <= self.n_groups,
-             f"topk_groups={self.topk_groups}: must be between 1 and n_groups={self.n_groups}")
+             f"--topk-groups {self.topk_groups}: must be between 1 and --groups {self.n_groups}")
         need(self.topk_groups * (self.experts // self.n_groups) >= self.topk,
              f"--topk {self.topk}: the {self.topk_groups} kept groups of {self.experts // self.n_groups} "
              f"experts hold fewer experts; lower --topk or use more experts")
@@ -109,6 +116,9 @@ class DemoConfig:
              f"--hidden {self.hidden}: FP8 dispatch casts per 128 values; use a multiple of 128 or --no-fp8")
         need(self.device in ("cpu", "cuda"), f"--device {self.device!r}: use cpu or cuda")
         need(self.release_strength >= 0, f"release_strength={self.release_strength}: must be >= 0")
+        need(-1 <= self.slow_rank < self.ranks,
+             f"--slow-rank {self.slow_rank}: must be a rank below --ranks {self.ranks} (or -1 for none)")
+        need(self.slow_ms >= 0, f"--slow-ms {self.slow_ms}: must be >= 0")
         release_layers(self.release, self.layers)  # validates the release text
 
     @property

@@ -46,6 +46,29 @@ def summary_lines(result: PipelineResult) -> list[str]:
     return lines
 
 
+def summary_dict(result: PipelineResult) -> dict[str, Any]:
+    """The summary as JSON-ready data (`epreplay demo --format json`)."""
+    from dataclasses import asdict
+
+    doc: dict[str, Any] = {"run": str(result.out) if result.out else None, "exit_code": result.exit_code,
+                           "steps": [asdict(s) for s in result.steps]}
+    demo = result.demo
+    if demo is not None:
+        recv = demo.received_R
+        doc.update(config=asdict(demo.config), seconds=demo.seconds, tokens=demo.tokens,
+                   tokens_moved=demo.tokens_moved,
+                   hottest=[{"expert": e, "share": share} for e, share in demo.hottest(5)],
+                   received_per_rank=recv.tolist(), most_loaded_rank=int(recv.argmax()),
+                   routing_digests=[r.routing_digest for r in demo.ranks])
+    rep = result.replay
+    if rep is not None:
+        doc["replay"] = {"calls": rep.calls, "divergences": rep.divergences, "by_kind": rep.by_kind,
+                         "first_divergence": rep.first_divergence, "verdict": rep.verdict}
+    if result.out is not None:
+        doc["next"] = f"epreplay tui {result.out}"
+    return doc
+
+
 def print_summary(console: Any, result: PipelineResult) -> None:
     """Print summary_lines with the step statuses coloured."""
     from rich.markup import escape

@@ -203,6 +203,8 @@ def rank_main(ctx: Any, cfg: DemoConfig, hooks: RankHooks | None, backend: str,
                         dest_TR = np.zeros((len(idx_np), R), bool)
                         dest_TR[np.arange(len(idx_np))[:, None], idx_np // card.L] = True
                         send_SLR[s, layer] = dest_TR.sum(0)
+                        if rank == cfg.slow_rank and cfg.slow_ms:
+                            time.sleep(cfg.slow_ms / 1e3)  # the straggler's extra "compute"
                         if cfg.is_prefill(s):
                             routed, rows = card.moe_normal(layer, u_TH, idx_TK, w_TK, tags)
                         else:

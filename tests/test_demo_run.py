@@ -83,3 +83,21 @@ def test_recorded_run_holds_every_call_tagged(demo_run_dir) -> None:
             assert calls == expected
             tags = [rec.arrays["token_tag_T"] for rec in scan.records(ops=[Op.DISPATCH, Op.LL_DISPATCH])]
             assert len(tags) == steps * layers and all(len(t) > 0 for t in tags)
+
+
+def test_straggler_makes_the_others_wait(demo_run_factory) -> None:
+    """--slow-rank: as in DeepEP, the others' dispatches absorb the straggler's delay."""
+    from epreplay.records import Op
+    from epreplay.run import RunDir
+    from epreplay.shard import open_shard
+
+    run = RunDir.open(demo_run_factory(slow_rank=1, slow_ms=40.0, steps=2, layers=2))
+    median_ms = {}
+    for path in run.shard_paths():
+        with open_shard(path) as scan:
+            d = [e.header.duration_ns / 1e6 for e in scan.entries
+                 if Op(e.header.op) in (Op.DISPATCH, Op.LL_DISPATCH)]
+        median_ms[run.rank_of(path)] = float(np.median(d))
+    others = [ms for r, ms in median_ms.items() if r != 1]
+    assert min(others) >= 30.0, median_ms  # each waited ~40 ms inside the collective
+    assert median_ms[1] < 0.5 * min(others), median_ms
