@@ -1,6 +1,8 @@
-"""Replay of a recorded 8-rank run: zero divergences on 8/4/2/1 processes, edited and truncated
-shards, bad input. One tiny recording (normal + cached + low-latency calls, payload on even steps
-only) is made once per session with capture around the emulated Buffer and reused."""
+"""Replay: a recorded 8-rank demo run replays on 8/4/2/1 processes with zero divergences (with
+its recorded payload and with synthetic payloads); injected faults, an edited and a truncated
+shard, a hang, bad input. Besides the demo run (conftest's demo_run_factory), one tiny 4-rank
+recording of every op (cached dispatch too; payload on even steps only) is made once per session
+with capture around the emulated Buffer and reused."""
 from __future__ import annotations
 
 import json
@@ -16,7 +18,7 @@ from epreplay.records import Op
 from epreplay.replay import replay_run
 from epreplay.run import RunDir
 
-WORLD, TOKENS, HIDDEN, EXPERTS, TOPK = 8, 6, 128, 16, 3
+WORLD, TOKENS, HIDDEN, EXPERTS, TOPK = 4, 6, 128, 16, 3
 
 
 def _workload(ctx, run_dir: str) -> bool:
@@ -62,7 +64,7 @@ def recorded(tmp_path_factory) -> Path:
     from epreplay.launch import run_ranks
 
     pytest.importorskip("epreplay.emulate")
-    run = tmp_path_factory.mktemp("replay") / "run8"
+    run = tmp_path_factory.mktemp("replay") / "run4"
     run_ranks(_workload, WORLD, str(run), timeout=240)
     return run
 
@@ -72,20 +74,37 @@ def _copy(run: Path, dst: Path) -> Path:
     return dst
 
 
+@pytest.fixture(scope="session")
+def demo8(demo_run_factory) -> Path:
+    """An 8-rank demo run at level payload: a prefill step (layout/dispatch/combine, FP8 dispatch)
+    and two decode steps (low-latency, FP8), two MoE layers, two Buffers."""
+    return demo_run_factory(level="payload", ranks=8, steps=3, layers=2, prefill_tokens=16,
+                            decode_tokens=8)
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("ranks", [8, 4, 2, 1])
-def test_recorded_run_replays_without_divergence(recorded: Path, ranks: int) -> None:
-    report = replay_run(recorded, ranks, call_timeout=60, index=False)
+@pytest.mark.parametrize("ranks,payload", [(8, "recorded"), (4, "synthetic"), (2, "recorded"), (1, "synthetic")])
+def test_demo_run_replays_without_divergence(demo8: Path, ranks: int, payload: str) -> None:
+    report = replay_run(demo8, ranks, payload=payload, call_timeout=60, index=False)
     assert report.divergences == 0, report.divergence_list[:3]
     assert report.first_divergence is None and report.exit_code == 0
-    # every op of the workload was replayed, both with recorded payload and synthetic
+    assert report.payload == payload and not report.skipped
+    ops = report.calls_by_op
+    assert ops["dispatch"] == ops["combine"] == 2 and ops["ll_dispatch"] == ops["ll_combine"] == 4
+    assert report.calls == report.scheduled == sum(ops.values())
+    assert report.plan["physical_ranks"] == ranks and report.plan["virtual_per_physical"] == 8 // ranks
+    saved = json.loads((demo8 / "replays" / f"{report.id}.json").read_text())
+    assert saved["divergences"] == 0 and saved["calls"] == report.calls
+
+
+@pytest.mark.slow
+def test_every_op_replays_folded_without_divergence(recorded: Path) -> None:
+    report = replay_run(recorded, 2, call_timeout=60, index=False)
+    assert report.divergences == 0, report.divergence_list[:3]
+    # every op, with recorded payload (step 0) and synthetic (step 1: not a payload step)
     assert report.calls_by_op == {"layout": 2, "dispatch": 2, "cached_dispatch": 2, "combine": 2,
                                   "ll_dispatch": 2, "ll_combine": 2}
-    assert report.calls == report.scheduled == 12 and not report.skipped
-    assert report.plan["physical_ranks"] == ranks and report.plan["virtual_per_physical"] == WORLD // ranks
-    assert report.payload == "recorded"
-    saved = json.loads((recorded / "replays" / f"{report.id}.json").read_text())
-    assert saved["divergences"] == 0 and saved["calls"] == 12
+    assert report.calls == report.scheduled == 12 and report.payload == "recorded"
 
 
 def _edit_expert(src: Path, dst: Path, *, rank: int, seq: int, token: int, slot: int) -> int:
@@ -116,8 +135,8 @@ def _edit_expert(src: Path, dst: Path, *, rank: int, seq: int, token: int, slot:
 @pytest.mark.slow
 def test_edited_expert_is_reported_at_that_call(recorded: Path, tmp_path: Path) -> None:
     run = _copy(recorded, tmp_path / "edited")
-    # seq 1 is step 0's dispatch (seq 0 its layout); rank 5 sends token 2 elsewhere
-    old_expert, new_expert = _edit_expert(recorded, run, rank=5, seq=1, token=2, slot=0)
+    # seq 1 is step 0's dispatch (seq 0 its layout); rank 3 sends token 2 elsewhere
+    old_expert, new_expert = _edit_expert(recorded, run, rank=3, seq=1, token=2, slot=0)
     report = replay_run(run, 2, call_timeout=60, index=False)
     assert report.exit_code == 1
     first = report.first_divergence
@@ -125,7 +144,7 @@ def test_edited_expert_is_reported_at_that_call(recorded: Path, tmp_path: Path) 
     assert first["kind"] == "count"
     at_call = [d for d in report.divergence_list if d["seq"] == 1]
     # the sender is named with an expert whose load the edit changed ...
-    assert any(d["rank"] == 5 and d["expert"] in (old_expert, new_expert) for d in at_call)
+    assert any(d["rank"] == 3 and d["expert"] in (old_expert, new_expert) for d in at_call)
     # ... and the new expert's virtual rank received a row it never recorded
     home = new_expert // (EXPERTS // WORLD)
     assert any(d["rank"] == home and d["kind"] == "count" for d in at_call)
@@ -142,7 +161,7 @@ def test_truncated_shard_replays_common_calls_and_says_what_was_skipped(recorded
     cut = entries[8].offset + 40  # inside step 1's ll... record 8: keep 8 intact records
     with open(path, "r+b") as fh:
         fh.truncate(cut)
-    report = replay_run(run, 4, call_timeout=60, index=False)
+    report = replay_run(run, 2, call_timeout=60, index=False)
     assert report.divergences == 0, report.divergence_list[:3]
     assert report.calls == 8 and len(report.skipped) == 4
     assert all("rank 3 (shard truncated at byte" in s["reason"] for s in report.skipped)
@@ -157,7 +176,7 @@ def _cli(*args: str, timeout: float = 200) -> subprocess.CompletedProcess:
 def test_ranks_must_divide_world_size(recorded: Path) -> None:
     r = _cli(str(recorded), "--ranks", "3")
     assert r.returncode == 2
-    assert "--ranks 3: must divide the recorded world size 8; valid values: 1, 2, 4, 8" in r.stderr
+    assert "--ranks 3: must divide the recorded world size 4; valid values: 1, 2, 4" in r.stderr
     assert "Traceback" not in r.stderr
 
 
@@ -169,22 +188,33 @@ def test_unusable_input_exits_2(tmp_path: Path, recorded: Path) -> None:
 
 
 @pytest.mark.slow
-def test_cli_json_report(recorded: Path) -> None:
-    r = _cli(str(recorded), "--ranks", "2", "--steps", "0:1", "--format", "json", "--no-index")
-    assert r.returncode == 0, r.stderr[-2000:]
+def test_cli_json_report_exit_1_and_index(recorded: Path, tmp_path: Path) -> None:
+    import duckdb
+
+    run = _copy(recorded, tmp_path / "cli")
+    _edit_expert(recorded, run, rank=1, seq=1, token=0, slot=0)
+    r = _cli(str(run), "--ranks", "2", "--steps", "0:1", "--format", "json")
+    assert r.returncode == 1, r.stderr[-2000:]
     out = json.loads(r.stdout)
-    assert out["calls"] == 6 and out["divergences"] == 0 and out["by_kind"] == {}
-    assert out["first_divergence"] is None and out["filtered"] == 6
-    assert os.path.exists(os.path.join(recorded, "replays", out["id"] + ".json"))
+    assert out["calls"] == 6 and out["filtered"] == 6 and out["divergences"] >= 1
+    assert out["by_kind"]["count"] >= 1
+    first = out["first_divergence"]
+    assert (first["step"], first["layer"], first["op"]) == (0, 0, "dispatch") and first["rank"] in range(4)
+    assert (run / "replays" / f"{out['id']}.json").exists()
+    with duckdb.connect(str(run / "index.duckdb"), read_only=True) as con:
+        assert con.execute("SELECT divergences FROM replays WHERE replay = ?", [out["id"]]).fetchone()[0] \
+            == out["divergences"]
+        assert con.execute("SELECT count(*) FROM divergences WHERE replay = ?", [out["id"]]).fetchone()[0] \
+            == len(out["divergence_list"])
 
 
 # Faults fire in the emulated Buffer of one replay process (physical rank) at the n-th call of an
-# op there. On 4 processes, physical rank p hosts virtual ranks 2p and 2p+1.
+# op there. On 2 processes, physical rank p hosts virtual ranks 2p and 2p+1.
 FAULTS = [
     # (fault kwargs, expected kind, (step, layer, op))
     (dict(kind="drop_token", rank=1, op="dispatch", call=1, row=0), "count", (1, 0, "dispatch")),
-    (dict(kind="swap_rows", rank=2, op="dispatch", call=0, row=0, row2=1), "order", (0, 0, "dispatch")),
-    (dict(kind="flip_bit", rank=3, op="ll_dispatch", call=1, row=2, bit=5), "payload", (1, 1, "ll_dispatch")),
+    (dict(kind="swap_rows", rank=0, op="dispatch", call=0, row=0, row2=1), "order", (0, 0, "dispatch")),
+    (dict(kind="flip_bit", rank=1, op="ll_dispatch", call=1, row=2, bit=5), "payload", (1, 1, "ll_dispatch")),
 ]
 
 
@@ -193,7 +223,7 @@ FAULTS = [
 def test_injected_fault_is_the_first_divergence(recorded: Path, spec: dict, kind: str, where: tuple) -> None:
     from epreplay.faults import Fault
 
-    report = replay_run(recorded, 4, call_timeout=60, index=False, fault=Fault(**spec))
+    report = replay_run(recorded, 2, call_timeout=60, index=False, fault=Fault(**spec))
     assert report.exit_code == 1
     first = report.first_divergence
     assert first["kind"] == kind, report.divergence_list[:3]
