@@ -59,6 +59,7 @@ class HotPane(Pane):
     DEFAULT_CSS = """
     HotPane #hot-drill { height: auto; min-height: 3; border-top: solid $primary-muted; }
     HotPane #hot-legend { height: 1; }
+    HotPane #hot-cell { height: 1; color: $text-muted; }
     """
 
     order_by = "load"
@@ -70,6 +71,7 @@ class HotPane(Pane):
         yield Static("loading…", id="hot-status", classes="status")
         yield Heatmap(id="hot-map")
         yield Static("", id="hot-legend")
+        yield Static("", id="hot-cell")
         yield Static("Enter on a cell: the expert's load over time and its senders", id="hot-drill")
 
     def fetch(self) -> None:
@@ -116,6 +118,17 @@ class HotPane(Pane):
     def action_sort(self) -> None:
         self.order_by = "id" if self.order_by == "load" else "load"
         self._draw()
+
+    @on(Heatmap.Highlighted, "#hot-map")
+    def _cell(self, event: Heatmap.Highlighted) -> None:
+        h = self.heat
+        if h is None or event.row >= h.load_LE.shape[0]:
+            return
+        layer_total = int(h.load_LE[event.row].sum())
+        value = int(h.load_LE[event.row, event.col])
+        self.query_one("#hot-cell", Static).update(
+            f"layer {int(h.layer_L[event.row])}, expert {event.col}: {value} slots "
+            f"({100 * value / max(layer_total, 1):.1f}% of the layer) · Enter: drill in")
 
     @on(Heatmap.Selected, "#hot-map")
     def _selected(self, event: Heatmap.Selected) -> None:

@@ -46,6 +46,7 @@ class TimelinePane(Pane):
     TimelinePane Horizontal { height: 1fr; }
     TimelinePane #tl-table { width: 38; height: 1fr; }
     TimelinePane #tl-legend { height: 1; }
+    TimelinePane #tl-cell { height: 1; color: $text-muted; }
     """
 
     op_index = 0
@@ -58,6 +59,7 @@ class TimelinePane(Pane):
             yield Heatmap(id="tl-map")
             yield DataTable(id="tl-table", cursor_type="row")
         yield Static("", id="tl-legend")
+        yield Static("", id="tl-cell")
 
     def on_mount(self) -> None:
         self.query_one("#tl-table", DataTable).add_columns("rank", "slowest", "calls", "mean µs")
@@ -91,6 +93,17 @@ class TimelinePane(Pane):
         vmax = float(np.nanmax(us)) if us.size and np.isfinite(us).any() else 0.0
         self.query_one("#tl-legend", Static).update(legend_text(vmax, "µs per cell · ! straggler"))
         self.mark_loaded()
+
+    @on(Heatmap.Highlighted, "#tl-map")
+    def _cell(self, event: Heatmap.Highlighted) -> None:
+        d = self.timeline
+        if d is None or event.row >= d.duration_SR.shape[0]:
+            return
+        us = d.duration_SR[event.row, event.col] / 1e3
+        row = d.duration_SR[event.row]
+        median = float(np.median(row[row > 0])) / 1e3 if (row > 0).any() else 0.0
+        self.query_one("#tl-cell", Static).update(
+            f"step {int(d.step_S[event.row])}, rank {event.col}: {us:.1f} µs (step median {median:.1f} µs)")
 
     def action_cycle_op(self) -> None:
         self.op_index = (self.op_index + 1) % len(OPS)
