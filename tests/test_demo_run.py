@@ -56,6 +56,22 @@ def test_ranks_route_what_the_model_says_and_twice_the_same() -> None:
         assert r.recv_SL[1:].tolist() == mine.tolist()
         assert int(r.ll_recv_stats_L.sum()) == int(mine.sum())  # cumulative LL stats, in place
         assert np.isfinite(r.output_rms) and r.output_rms > 0
+    # What `epreplay demo` prints (text and --format json) says the same as the model.
+    from epreplay.demo_pipeline import PipelineResult
+    from epreplay.demo_render import summary_dict, summary_lines
+
+    doc = summary_dict(PipelineResult(out=None, demo=first))
+    load_E = load.sum(axis=(0, 1))
+    hot = np.argsort(-load_E, kind="stable")[:5]
+    assert [h["expert"] for h in doc["hottest"]] == hot.tolist()
+    recv_R = np.array([r.recv_SL.sum() for r in first.ranks])
+    assert doc["most_loaded_rank"] == int(recv_R.argmax()) and doc["received_per_rank"] == recv_R.tolist()
+    off_diagonal = int(traffic.sum() - np.trace(traffic, axis1=2, axis2=3).sum())
+    assert doc["tokens_moved"] == off_diagonal
+    text = "\n".join(summary_lines(PipelineResult(out=None, demo=first)))
+    assert f"hottest experts: e{hot[0]} {load_E[hot[0]] / load_E.sum():.1%}" in text
+    assert f"most loaded rank: {int(recv_R.argmax())} received {int(recv_R.max()):,} rows" in text
+    assert f"tokens moved: {off_diagonal:,} token copies" in text
 
 
 def test_recorded_run_holds_every_call_tagged(demo_run_dir) -> None:
