@@ -28,6 +28,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    import os
+
     from epreplay.errors import UsageError
     from epreplay.replay.driver import replay_run
     from epreplay.replay.report import render
@@ -41,7 +43,7 @@ def run(args: argparse.Namespace) -> int:
     bar = {}
 
     def on_plan(plan, sched) -> None:
-        if text:
+        if text and os.environ.get("RANK", "0") == "0":
             for line in plan.describe():
                 err.print(line)
             if sched.skipped:
@@ -66,6 +68,10 @@ def run(args: argparse.Namespace) -> int:
     finally:
         if "p" in bar:
             bar["p"].stop()
+    from epreplay.replay.launcher import joined_from_torchrun
+
+    if joined_from_torchrun() and os.environ.get("RANK", "0") != "0":
+        return report.exit_code  # under torchrun, rank 0 speaks for the replay (and wrote the report)
     if text:
         render(report)
     else:
