@@ -343,3 +343,36 @@ async def test_matrix_renders_only_the_visible_cells_of_144_ranks() -> None:
         header = m.render_line(0)
         hl = m.get_component_rich_style("heatmap--highlight")
         assert any(seg.text.strip() and seg.style == hl for seg in header)
+
+
+REAL_RUN = Path(__file__).parent / "data" / "deepep-demo-h200x2"
+
+
+@pytest.mark.skipif(not REAL_RUN.is_dir(), reason="no recorded DeepEP run in tests/data")
+@sync
+async def test_walk_a_run_recorded_with_real_deepep(tmp_path: Path) -> None:
+    """A run recorded on 2 x H200 with DeepEP itself (CUDA-event durations) opens like any other."""
+    from textual.widgets import DataTable
+
+    from epreplay import index as index_mod
+    from epreplay.tui.matrix import RankMatrix
+
+    run = copy_run(REAL_RUN, tmp_path / "real")
+    index_mod.ensure_index(run, progress=False)
+    truth = shard_truth(run)
+    msgs: list = []
+    app = _app(run)
+    async with app.run_test(size=(100, 30), message_hook=msgs.append) as pilot:
+        await settle(pilot, app)
+        assert app.query_one("#hot-table", DataTable).get_row_at(0)[0] == str(truth.hottest())
+        await pilot.press("3", "right_square_bracket", "right_curly_bracket")
+        await settle(pilot, app)
+        sel = _last(msgs, M.TrafficLoaded).payload.selection
+        want = truth.sent[(sel.steps[0], sel.layer)]  # step 0 is a prefill (normal dispatch)
+        assert app.query_one("#traffic-map", RankMatrix).values_RC.astype(np.int64).tolist() == want.tolist()
+        await pilot.press("4")
+        await settle(pilot, app)
+        tl = _last(msgs, M.TimelineLoaded).payload
+        assert tl.captured and int(tl.stragglers.rank_N[0]) == truth.straggler()
+        assert int(tl.stragglers.slowest_N[0]) == int(truth.slowest_R.max())
+    assert not [m for m in msgs if isinstance(m, M.FetchFailed)]
