@@ -121,6 +121,8 @@ class Buffer:
         self._coll_seq = 0  # collective calls only: what every rank must agree on
         self._op_calls: dict[str, int] = {}
         self.low_latency_buffer_idx = 0  # DeepEP alternates two LL buffers; parity of the next call
+        self._ll_calls = 0  # low-latency calls so far (a hook is stale once its buffer is reused)
+        self._ll_mask = torch.zeros(self.group_size, dtype=torch.int32)  # enable_shrink's rank mask
         self.destroyed = False
 
     # ---- static helpers (DeepEP's) -------------------------------------------------------------
@@ -168,6 +170,52 @@ class Buffer:
     def clean_low_latency_buffer(self, num_max_dispatch_tokens_per_rank: int, hidden: int, num_experts: int) -> None:
         """DeepEP zeroes its LL signal buffers here; the emulation keeps no state between calls."""
         assert self.low_latency_mode, 'clean_low_latency_buffer needs low_latency_mode=True'
+
+    def get_local_buffer_tensor(self, dtype: torch.dtype, size: Optional[torch.Size] = None, offset: int = 0,
+                                use_rdma_buffer: bool = False) -> torch.Tensor:
+        """A view of this rank's raw buffer (emulated: a lazily allocated host/device byte array)."""
+        nbytes = self.num_rdma_bytes if use_rdma_buffer else self.num_nvl_bytes
+        key = "_raw_rdma" if use_rdma_buffer else "_raw_nvl"
+        if getattr(self, key, None) is None:
+            setattr(self, key, torch.zeros(nbytes, dtype=torch.uint8, device=self._comm.device))
+        tensor = getattr(self, key).view(dtype)[offset:]
+        if size is None:
+            return tensor
+        assert tensor.numel() >= size.numel()
+        return tensor[:size.numel()].view(size)
+
+    def internode_dispatch(self, x: Any, handle: Optional[Tuple] = None, num_tokens_per_rank: Any = None,
+                           num_tokens_per_rdma_rank: Any = None, is_token_in_rank: Any = None,
+                           num_tokens_per_expert: Any = None, topk_idx: Any = None, topk_weights: Any = None,
+                           expert_alignment: int = 1, config: Optional[Config] = None,
+                           previous_event: Optional[EventOverlap] = None, async_finish: bool = False,
+                           allocate_on_comm_stream: bool = False) -> tuple:
+        """DeepEP's internode implementation entry (normally reached through dispatch)."""
+        return self.dispatch(x, handle, num_tokens_per_rank, num_tokens_per_rdma_rank, is_token_in_rank,
+                             num_tokens_per_expert, topk_idx, topk_weights, expert_alignment, 0, config,
+                             previous_event, async_finish, allocate_on_comm_stream)
+
+    def internode_combine(self, x: torch.Tensor, handle: Union[tuple, list], topk_weights: Any = None,
+                          bias: Any = None, config: Optional[Config] = None,
+                          previous_event: Optional[EventOverlap] = None, async_finish: bool = False,
+                          allocate_on_comm_stream: bool = False) -> tuple:
+        """DeepEP's internode implementation entry (normally reached through combine)."""
+        return self.combine(x, tuple(handle), topk_weights, bias, config, previous_event, async_finish,
+                            allocate_on_comm_stream)
+
+    def low_latency_update_mask_buffer(self, rank_to_mask: int, mask: bool = False) -> None:
+        """Mask (or unmask) a rank for low-latency calls: no rows are sent to or taken from it."""
+        assert self.enable_shrink, 'the mask buffer needs Buffer(..., enable_shrink=True)'
+        self._ll_mask[int(rank_to_mask)] = int(bool(mask))
+
+    def low_latency_query_mask_buffer(self, mask_status: torch.Tensor) -> None:
+        """Copy the mask ([R] int32, 1 = masked) into `mask_status`."""
+        assert self.enable_shrink, 'the mask buffer needs Buffer(..., enable_shrink=True)'
+        mask_status.copy_(self._ll_mask.to(mask_status.device))
+
+    def low_latency_clean_mask_buffer(self) -> None:
+        assert self.enable_shrink, 'the mask buffer needs Buffer(..., enable_shrink=True)'
+        self._ll_mask.zero_()
 
     def get_next_low_latency_combine_buffer(self, handle: object) -> torch.Tensor:
         """A fresh [L, R*M, H] bf16 tensor (zero_copy combines read x as given anyway)."""

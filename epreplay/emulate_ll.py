@@ -22,6 +22,7 @@ from epreplay import emulate_check as chk
 from epreplay import emulate_comm as W
 from epreplay import faults, fp8
 from epreplay.emulate_check import ArgError, need
+from epreplay.emulate_comm import EmulatedDeepEPError
 from epreplay.emulate_event import make_event
 from epreplay.emulate_layout import low_latency_rdma_size_hint
 
@@ -63,7 +64,7 @@ def dispatch(buf: Any, x: Any, topk_idx: Any, M: Any, E: Any, cum_stats: Any, wa
         need(buf.num_rdma_bytes <= 0 or hint <= buf.num_rdma_bytes,
              f"num_rdma_bytes={buf.num_rdma_bytes} is too small for M={M}, hidden={H}, {R} ranks, {E} experts: "
              f"DeepEP needs {hint} (Buffer.get_low_latency_rdma_size_hint)")
-        valid = topk_idx >= 0
+        valid = _sendable(buf, topk_idx, L)
         hdr[W.HID], hdr[W.FP8], hdr[W.TOPK], hdr[W.NEXP] = H, int(use_fp8) + 2 * int(use_ue8m0), topk_idx.shape[1], E
         hdr[W.MAXTOK], hdr[W.NTOK] = M, T
         hdr[W.HEAD:W.HEAD + R] = torch.bincount(topk_idx[valid] // L, minlength=R).cpu()
@@ -75,7 +76,7 @@ def dispatch(buf: Any, x: Any, topk_idx: Any, M: Any, E: Any, cum_stats: Any, wa
     counts_RR = words[:, W.HEAD:W.HEAD + R]
     T, H = x.shape
     L, RM, dev = E // R, R * M, x.device
-    t_V, k_V = (topk_idx >= 0).nonzero().unbind(1)
+    t_V, k_V = _sendable(buf, topk_idx, L).nonzero().unbind(1)
     g_V = topk_idx[t_V, k_V]
     order = torch.argsort(g_V * max(T, 1) + t_V, stable=True)  # destination rank, expert, token
     t_V, g_V = t_V[order], g_V[order]
@@ -91,6 +92,9 @@ def dispatch(buf: Any, x: Any, topk_idx: Any, M: Any, E: Any, cum_stats: Any, wa
     rows = faults.mutate_rows(buf, "ll_dispatch", index, rows, H * (1 if use_fp8 else 2))
     got = W.unpack_rows(rows, specs)
     t_N, e_N, s_N = (c.to(torch.int64) for c in got[-1].unbind(1))
+    if bool(buf._ll_mask.any()):  # rows from masked ranks are not taken (enable_shrink)
+        keep = buf._ll_mask.to(dev)[s_N] == 0
+        got, t_N, e_N, s_N = [g[keep] for g in got], t_N[keep], e_N[keep], s_N[keep]
     dest_N, count_LR, begin_LR = _place(e_N, s_N, L, R, M, buf.ll_order_seed, me, index)
     # Outputs are allocated empty, as DeepEP's: rows past recv_count[e] are unspecified (and
     # zero-filling [L, R*M, H] would cost more than the whole exchange on a CPU).
@@ -104,11 +108,12 @@ def dispatch(buf: Any, x: Any, topk_idx: Any, M: Any, E: Any, cum_stats: Any, wa
         base = torch.empty(L, width, RM, dtype=torch.int32 if use_ue8m0 else torch.float32, device=dev)
         scales = base.transpose(1, 2)  # DeepEP's column-major scales: a transposed view
     recv = (values.view(L, RM, H), scales) if use_fp8 else values.view(L, RM, H)
-    buf.low_latency_buffer_idx ^= 1
+    issued = _next_ll_call(buf)
     handle = (src_info, layout_range, M, H, E)
     chk.remember(src_info, chk.HandleInfo(buf.buffer_id, seq, {"M": M}))
 
     def fill() -> None:  # DeepEP's receive phase: the hook when return_recv_hook, else now
+        _check_fresh(buf, issued, what)
         values[dest_N] = got[0]
         if use_fp8:
             scales[dest_N // RM, dest_N % RM] = fp8.ue8m0_pack(got[1]) if use_ue8m0 else got[1]
@@ -123,6 +128,31 @@ def dispatch(buf: Any, x: Any, topk_idx: Any, M: Any, E: Any, cum_stats: Any, wa
         event = make_event(async_finish, None, (x, topk_idx, *(recv if use_fp8 else (recv,)), recv_count))
         return recv, recv_count, handle, event, None
     return recv, recv_count, handle, make_event(False), fill
+
+
+def _sendable(buf: Any, topk_idx: torch.Tensor, L: int) -> torch.Tensor:
+    """[T, K] bool: slots with an expert on a rank that is not masked (enable_shrink)."""
+    valid = topk_idx >= 0
+    if bool(buf._ll_mask.any()):
+        valid &= buf._ll_mask.to(topk_idx.device)[topk_idx.clamp_min(0) // L] == 0
+    return valid
+
+
+def _next_ll_call(buf: Any) -> int:
+    """Count a low-latency call; DeepEP alternates two receive buffers between them."""
+    buf._ll_calls += 1
+    buf.low_latency_buffer_idx ^= 1
+    return buf._ll_calls
+
+
+def _check_fresh(buf: Any, issued: int, what: str) -> None:
+    """A recv hook run after two later LL calls reads a receive buffer DeepEP has reused."""
+    later = buf._ll_calls - issued
+    if later >= 2:
+        raise EmulatedDeepEPError(
+            f"DeepEP emulation: {what}: hook() called after {later} later low-latency calls on this Buffer; "
+            f"DeepEP keeps two receive buffers, so this call's data would already be overwritten "
+            f"(call each hook before issuing the call after next)")
 
 
 def _place(e_N: torch.Tensor, s_N: torch.Tensor, L: int, R: int, M: int, seed: int, me: int, call: int
@@ -176,7 +206,8 @@ def combine(buf: Any, x: Any, topk_idx: Any, topk_weights: Any, handle: Any, use
         hdr[W.HID], hdr[W.NEXP], hdr[W.MAXTOK], hdr[W.NTOK] = H, E, M, T
         hdr[W.LINEAGE] = info.dispatch_seq if info is not None else -1
         hdr[W.HEAD:W.HEAD + R] = (lr & 0xFFFFFFFF).sum(0)
-        hdr[W.HEAD + R:] = torch.bincount(topk_idx[topk_idx >= 0] // L, minlength=R).cpu()
+        if not bool(buf._ll_mask.any()):  # with a mask, peers may drop rows this rank cannot predict
+            hdr[W.HEAD + R:] = torch.bincount(topk_idx[_sendable(buf, topk_idx, L)] // L, minlength=R).cpu()
     except ArgError as exc:
         err = str(exc)
     except Exception as exc:  # noqa: BLE001 - any local failure must reach the other ranks too
@@ -213,7 +244,7 @@ def combine(buf: Any, x: Any, topk_idx: Any, topk_weights: Any, handle: Any, use
             src_rows = got_x[key_order[at[t_sel]]].float()
             acc.index_add_(0, t_sel, src_rows * topk_weights[t_sel, k].unsqueeze(1))
     result = out if out is not None else torch.empty(T, H, dtype=torch.bfloat16, device=dev)
-    buf.low_latency_buffer_idx ^= 1
+    issued = _next_ll_call(buf)
     if not return_recv_hook:
         result.copy_(acc.to(torch.bfloat16))
         return result, make_event(async_finish, None, (x, topk_idx, topk_weights, result)), None
@@ -221,6 +252,7 @@ def combine(buf: Any, x: Any, topk_idx: Any, topk_weights: Any, handle: Any, use
         result.fill_(float("nan"))  # valid only after hook(), as in DeepEP
 
     def hook() -> None:
+        _check_fresh(buf, issued, what)
         result.copy_(acc.to(torch.bfloat16))
 
     return result, make_event(False), hook

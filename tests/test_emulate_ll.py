@@ -192,3 +192,47 @@ def test_ll_invariants_8_ranks() -> None:
     out = run_ranks(_ll_rank, 8, 21, ["bf16", "fp8", "hook"], 0, timeout=180)
     fails = [f for per_rank, _ in out for f in per_rank]
     assert not fails, "\n".join(fails[:20])
+
+
+def _mask_hook_rank(ctx) -> dict:
+    import torch.distributed as dist
+
+    from epreplay.emulate import Buffer, EmulatedDeepEPError
+
+    me, R, E = ctx.rank, ctx.world_size, LPR * ctx.world_size
+    buf = Buffer(dist.group.WORLD, low_latency_mode=True, enable_shrink=True, timeout_s=30)
+    idxs = [ref.routing(4, r, _tokens(r), E, K, L=LPR) for r in range(R)]
+    idx, x = idxs[me], ref.payload(4, me, _tokens(me), H)
+    out: dict = {}
+    first = buf.low_latency_dispatch(x, idx, M, E, use_fp8=False, return_recv_hook=True)
+    buf.low_latency_dispatch(x, idx, M, E, use_fp8=False)
+    buf.low_latency_dispatch(x, idx, M, E, use_fp8=False)
+    try:
+        first[4]()
+        out["stale"] = "no error"
+    except EmulatedDeepEPError as exc:
+        out["stale"] = str(exc)
+    buf.low_latency_update_mask_buffer(1, True)  # every rank masks rank 1 (as after a failure)
+    status = torch.zeros(R, dtype=torch.int32)
+    buf.low_latency_query_mask_buffer(status)
+    out["status"] = status.tolist()
+    recv, count, handle, _, _ = buf.low_latency_dispatch(x, idx, M, E, use_fp8=False)
+    want = [sum(int((i == me * LPR + e).sum()) for r, i in enumerate(idxs) if r != 1) if me != 1 else 0
+            for e in range(LPR)]
+    out["count_ok"] = count.tolist() == want
+    w = torch.ones(_tokens(me), K)
+    y, _, _ = buf.low_latency_combine(recv, idx, w, handle)
+    on_live = ((idx >= 0) & (idx // LPR != 1)).sum(1, keepdim=True).float()
+    expect = (x.float() * on_live).to(torch.bfloat16) if me != 1 else torch.zeros_like(y)  # rank 1 is cut off
+    out["combine_ok"] = torch.equal(y, expect)
+    buf.low_latency_clean_mask_buffer()
+    buf.low_latency_query_mask_buffer(status)
+    out["cleaned"] = status.tolist()
+    return out
+
+
+def test_ll_mask_and_stale_hook() -> None:
+    for rank, out in enumerate(run_ranks(_mask_hook_rank, 2, timeout=60)):
+        assert "hook() called after 2 later low-latency calls" in out["stale"], out["stale"]
+        assert out["status"] == [0, 1] and out["cleaned"] == [0, 0]
+        assert out["count_ok"] and out["combine_ok"], (rank, out)
