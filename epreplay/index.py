@@ -250,7 +250,7 @@ def _run_workers(tasks: list[tuple[Path, int, int]], facts: dict, progress: bool
     args = [(str(p), s, e, facts["num_experts"], facts["world_size"], facts["hidden"]) for p, s, e in tasks]
     sizes = [max(p.stat().st_size, 1) for p, _, _ in tasks]
     total = sum(sizes)
-    n = workers if workers is not None else min(os.cpu_count() or 1, 8)
+    n = workers if workers is not None else min(_cpus(), 8)
     # below ~16 MiB process start-up costs more than it saves
     n = max(1, min(n, len(tasks))) if total > (16 << 20) else 1
     bar = _Progress(progress, total, f"indexing {len(tasks)} shard(s)")
@@ -270,6 +270,14 @@ def _run_workers(tasks: list[tuple[Path, int, int]], facts: dict, progress: bool
     finally:
         bar.close()
     return sorted(out, key=lambda r: r.rank)
+
+
+def _cpus() -> int:
+    """CPUs this process may run on (taskset / cgroup affinity), not the host's count."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
 
 
 class _Progress:
