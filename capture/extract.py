@@ -66,6 +66,19 @@ def _flat_rows(x: Any) -> Any:
     return x.reshape(-1, x.shape[-1])
 
 
+def _on_cpu(x: Any) -> bool:
+    first = x[0] if isinstance(x, (tuple, list)) else x
+    return isinstance(first, torch.Tensor) and not first.is_cuda
+
+
+def _gather_valid(x: Any, counts: list[int]) -> Any:
+    """Rows [0, counts[e]) of each local expert of x [L, X, H] (or an FP8 pair), expert-major:
+    the V valid rows as [V, H]. CPU only (counts are host values there, no sync)."""
+    if isinstance(x, (tuple, list)):
+        return tuple(_gather_valid(p, counts) for p in x)
+    return torch.cat([x[e, :c] for e, c in enumerate(counts)]) if counts else x.reshape(-1, x.shape[-1])[:0]
+
+
 def stage_inputs(call: Call, a: dict[str, Any], payload: bool) -> None:
     """Stage what the op records from its inputs (called at entry, before the kernels run)."""
     st, lvl, op = call.staging, call.level, call.op
@@ -110,6 +123,15 @@ def stage_inputs(call: Call, a: dict[str, Any], payload: bool) -> None:
         if routing:
             st.snapshot("topk_idx_TK", a.get("topk_idx"))
             st.snapshot("topk_weights_TK", a.get("topk_weights"))
+        layout_range = handle[1] if isinstance(handle, tuple) and len(handle) >= 2 else None
+        if x is not None and layout_range is not None and _on_cpu(x) and not layout_range.is_cuda:
+            # CPU: only the V valid rows are hashed and kept (the buffer is mostly padding)
+            valid = _gather_valid(x, (layout_range & 0xFFFFFFFF).sum(dim=1).tolist()) if (fps or payload) else None
+            if fps:
+                st.rows_fp("x_fp_V", valid)
+            if payload:
+                st.snapshot("x_VH", valid)
+            return
         if fps and x is not None:
             st.rows_fp("_x_fp_LX", _flat_rows(x))
         if payload and x is not None:
@@ -154,7 +176,10 @@ def stage_outputs(call: Call, a: dict[str, Any], result: Any) -> None:
             st.keep("_src_info_LX", handle[0])
             st.keep("layout_range_LR", handle[1])
         if fps and recv_x is not None:
-            st.rows_fp("_recv_x_fp_LX", _flat_rows(recv_x))
+            if _on_cpu(recv_x) and isinstance(recv_count, torch.Tensor) and not recv_count.is_cuda:
+                st.rows_fp("recv_x_fp_V", _gather_valid(recv_x, recv_count.tolist()))
+            else:
+                st.rows_fp("_recv_x_fp_LX", _flat_rows(recv_x))
         return
     if op == Op.LL_COMBINE:
         if fps:
@@ -222,9 +247,9 @@ def build(call: Call) -> tuple[RecordHeader, dict[str, Any], dict[str, Any]]:
         if name.startswith("_") or name.endswith(":finite"):
             continue
         v = st.items[name]
-        if isinstance(v, tuple) and v and v[0] == "fp":
+        if isinstance(v, tuple) and v and v[0] in ("fp", "fpdone"):
             _fp(st, name, arrays, nonfinite)
-        elif name.endswith("_fp_T") or name.endswith("_fp_N"):
+        elif name.endswith(("_fp_T", "_fp_N", "_fp_V")):
             _fp(st, name, arrays, nonfinite)
         else:
             arrays[name] = st.array(name)

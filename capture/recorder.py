@@ -24,7 +24,7 @@ from epreplay import marks
 from epreplay.capture.config import CaptureConfig
 from epreplay.capture.extract import Call, build, stage_inputs, stage_outputs
 from epreplay.capture.flight import FlightRing
-from epreplay.capture.stage import Staging, Timer
+from epreplay.capture.stage import Staging, Timer, batch_fingerprints
 from epreplay.records import Kind, Level, Op, RecordHeader, ShardInfo, Status
 from epreplay.run import RunDir
 
@@ -35,6 +35,9 @@ DUMP_DEDUP_S = 2.0
 # Records held back until the shard header can carry H: a layout precedes its dispatch, so 4
 # covers any sane call order while risking at most 4 records on a crash at the very start.
 EARLY_RECORDS = 4
+# Calls taken off the queue at once: their CPU fingerprints are computed in one pass per row
+# format. 64 bounds the extra latency of a record to one batch.
+WRITER_BATCH = 64
 _OPENS_LAYER = (Op.LAYOUT, Op.DISPATCH, Op.LL_DISPATCH)
 
 
@@ -374,16 +377,27 @@ class Recorder:
 
     def _loop(self) -> None:
         while True:
-            item = self._q.get()
-            if item is _STOP:
-                return
+            batch = [self._q.get()]
+            while len(batch) < WRITER_BATCH:  # whatever else is waiting: hashed together below
+                try:
+                    batch.append(self._q.get_nowait())
+                except queue.Empty:
+                    break
             try:
-                self._handle(item)
-                if self.enabled and self.dropped > self._dropped_written:
-                    self._dropped_written = self.dropped
-                    self._event({"reason": "dropped", "dropped": self.dropped})
-            except Exception as exc:  # noqa: BLE001 - any recorder failure: capture off, job on
-                self.disable(f"writer: {type(exc).__name__}: {exc}")
+                if self.enabled and self.level >= Level.FINGERPRINTS:
+                    batch_fingerprints([c.staging for c in batch if isinstance(c, Call) and not c.staging.cuda])
+            except Exception as exc:  # noqa: BLE001
+                self.disable(f"writer: fingerprints: {type(exc).__name__}: {exc}")
+            for item in batch:
+                if item is _STOP:
+                    return
+                try:
+                    self._handle(item)
+                    if self.enabled and self.dropped > self._dropped_written:
+                        self._dropped_written = self.dropped
+                        self._event({"reason": "dropped", "dropped": self.dropped})
+                except Exception as exc:  # noqa: BLE001 - any recorder failure: capture off, job on
+                    self.disable(f"writer: {type(exc).__name__}: {exc}")
 
     # --- close --------------------------------------------------------------------------------
     def close(self, timeout: float = 30.0) -> dict[str, Any]:

@@ -162,8 +162,14 @@ def _rank_levels(ctx, run_dir: str, level: str):
         caught = None
     except RuntimeError as exc:
         caught = exc
+    # low-latency at fingerprints+: hashes of the valid rows only, expert-major
+    ll = Buffer(dist.group.WORLD, low_latency_mode=True)
+    recv, count, handle, _, _ = ll.low_latency_dispatch(x, idx, T, E, use_fp8=False)
+    valid = torch.cat([recv[e, :c] for e, c in enumerate(count.tolist())])
+    ll.low_latency_combine(recv, idx, w, handle)
     facts = capture.stop()
     fps = [fingerprint_rows(_inputs(ctx.rank, s, 0)[0]).numpy().view(np.uint64) for s in range(3)]
+    fps.append(fingerprint_rows(valid).numpy().view(np.uint64))
     return facts, caught is planted and str(caught), fps
 
 
@@ -183,6 +189,10 @@ def test_levels_payload_every_and_exceptions(tmp_path):
             assert [r.header.level for r in dispatch] == [Level.PAYLOAD, Level.FINGERPRINTS, Level.PAYLOAD]
             for s, r in enumerate(dispatch):
                 np.testing.assert_array_equal(r.arrays["x_fp_T"], fps[s])
+            ll_d, ll_c = [next(r for r in recs if r.header.op == op) for op in (Op.LL_DISPATCH, Op.LL_COMBINE)]
+            np.testing.assert_array_equal(ll_d.arrays["recv_x_fp_V"], fps[3])
+            np.testing.assert_array_equal(ll_c.arrays["x_fp_V"], fps[3])  # combine got those rows back
+            assert ll_c.arrays["x_VH"].shape == (len(fps[3]), H)
         assert raised == "DeepEP error: timeout (dispatch CPU)"
         err = [r for r in recs if r.header.status == Status.ERROR]
         assert len(err) == 1 and err[0].meta["error"] == "RuntimeError: " + raised
@@ -200,3 +210,20 @@ def test_wrap_and_uninstall_restore_the_class():
     assert all(not hooks.is_hooked(getattr(getattr(Buffer, n), "__epreplay_orig__")) for n in hooks.OPS)
     hooks.uninstall()
     assert {name: getattr(Buffer, name) for name in hooks.OPS} == before
+
+
+def test_snapshots_are_shared_until_the_caller_writes():
+    """The copy a layout takes of topk_idx serves its dispatch too, unless the caller wrote to it
+    in between (then the dispatch gets its own copy, with the new values)."""
+    from epreplay.capture.stage import Staging
+
+    idx = torch.arange(12).view(6, 2)
+    layout, dispatch = Staging(), Staging()
+    layout.snapshot("topk_idx_TK", idx)
+    dispatch.snapshot("topk_idx_TK", idx)
+    assert dispatch.items["topk_idx_TK"] is layout.items["topk_idx_TK"] and dispatch.nbytes == 0
+    idx[0, 0] = 99  # the caller reuses its buffer
+    again = Staging()
+    again.snapshot("topk_idx_TK", idx)
+    assert int(again.array("topk_idx_TK")[0, 0]) == 99
+    assert int(layout.array("topk_idx_TK")[0, 0]) == 0  # what the earlier call really got
