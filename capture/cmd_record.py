@@ -7,6 +7,8 @@ The run directory and its manifest are created first (owner-only), then CMD runs
 environment of `epreplay.capture.env_for` (a sitecustomize.py first on PYTHONPATH plus
 EPREPLAY_CAPTURE_* variables), so torchrun workers and multiprocessing children capture too,
 with no change to the user's code. The exit code is CMD's (128 + signal if it was killed).
+SIGINT/SIGTERM are passed on to CMD; SIGUSR1 to `epreplay record` makes every flight-mode rank
+dump (through the RUN/DUMP marker).
 """
 from __future__ import annotations
 
@@ -39,7 +41,7 @@ def run(args: argparse.Namespace) -> int:
     import sys
     from pathlib import Path
 
-    from epreplay.capture.manifest import merge
+    from epreplay.capture.manifest import merge, write_marker
     from epreplay.capture.session import env_for
     from epreplay.errors import UsageError
     from epreplay.run import RunDir, new_run_id
@@ -63,7 +65,16 @@ def run(args: argparse.Namespace) -> int:
     def forward(signum: int, _frame: object) -> None:
         proc.send_signal(signum)  # the command decides how to stop; we wait for it
 
-    old = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)}
+    def dump_all(_signum: int, _frame: object) -> None:
+        # SIGUSR1 to `epreplay record` itself: every flight-mode rank dumps (the command's own
+        # processes may not handle SIGUSR1, so it is not forwarded).
+        try:
+            write_marker(out, "sigusr1", "SIGUSR1 to epreplay record", -1)
+        except OSError as exc:
+            print(f"epreplay record: cannot request a dump: {exc}", file=sys.stderr)
+
+    old = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
+    old[signal.SIGUSR1] = signal.signal(signal.SIGUSR1, dump_all)
     try:
         rc = proc.wait()
     finally:

@@ -144,6 +144,10 @@ def stage_outputs(call: Call, a: dict[str, Any], result: Any) -> None:
     routing, fps = lvl >= Level.ROUTING, lvl >= Level.FINGERPRINTS
     if not isinstance(result, tuple):
         return
+    if a.get("async_finish") and op not in (Op.LL_DISPATCH, Op.LL_COMBINE):
+        st.after(result[-1])  # (..., event): the outputs are ready when the event is
+    elif a.get("async_finish"):
+        st.after(result[-2] if op == Op.LL_DISPATCH else result[1])  # (..., event, hook)
     if op == Op.LAYOUT:
         st.keep("num_tokens_per_rank_R", result[0])
         st.keep("num_tokens_per_expert_E", result[2] if len(result) > 2 else None)

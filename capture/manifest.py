@@ -26,6 +26,7 @@ from epreplay.records import Manifest
 from epreplay.run import DIR_MODE, RunDir, new_run_id
 
 CAPTURE_DIR = ".capture"  # RUN/.capture: lock, per-rank facts, the sitecustomize for children
+MARKER = "DUMP"  # RUN/DUMP: flight-mode dump request that every rank's watchdog polls
 
 
 def capture_dir(run: RunDir) -> Path:
@@ -129,3 +130,16 @@ def merge(run: RunDir, *, exit_code: int | None = None) -> Manifest | None:
                            extra=extra, **static)
         run.write_manifest(manifest)
         return manifest
+
+
+def write_marker(run_dir: str | os.PathLike[str], reason: str, detail: str, rank: int) -> Path:
+    """Ask every flight-mode rank of the run to dump: atomically replace RUN/DUMP (a new inode
+    each time, so each request is seen once). Raises OSError when the disk refuses."""
+    marker = Path(run_dir) / MARKER
+    body = json.dumps({"reason": reason, "detail": detail, "rank": rank, "time_ns": time.time_ns()})
+    tmp = marker.with_name(f".{MARKER}.tmp{os.getpid()}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(body)
+    os.replace(tmp, marker)
+    return marker

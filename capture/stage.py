@@ -64,7 +64,7 @@ def _nbytes(x: Any) -> int:
 class Staging:
     """The staged tensors of one call (see the module docstring)."""
 
-    __slots__ = ("items", "nbytes", "cuda", "_event", "_side", "_synced")
+    __slots__ = ("items", "nbytes", "cuda", "_event", "_side", "_synced", "_after")
 
     def __init__(self, cuda_side: "torch.cuda.Stream | None" = None) -> None:
         self.items: dict[str, Any] = {}
@@ -73,6 +73,7 @@ class Staging:
         self.cuda = cuda_side is not None
         self._event: Any = None
         self._synced = False  # the side stream already waits on the job's stream for this phase
+        self._after: Any = None  # an EventOverlap the outputs' copies must also wait for
 
     # --- hot path -------------------------------------------------------------------------
     def keep(self, name: str, t: torch.Tensor | None) -> None:
@@ -115,6 +116,13 @@ class Staging:
             self.items[name] = ("fp", _clone(x))
             self.nbytes += _nbytes(x)
 
+    def after(self, event: Any) -> None:
+        """The outputs come from DeepEP's comm stream (async_finish=True): order the side
+        stream's copies after `event` (an EventOverlap) too, not only after the job's stream."""
+        if self.cuda and event is not None and hasattr(event, "current_stream_wait"):
+            self._after = event
+            self._synced = False
+
     def value(self, name: str, v: Any) -> None:
         """A plain Python value (ints, lists): stored as is."""
         self.items[name] = v
@@ -126,6 +134,9 @@ class Staging:
             return
         if not self._synced:
             side.wait_stream(torch.cuda.current_stream(t.device))
+            if self._after is not None:  # async_finish: outputs are done when DeepEP's event is
+                with torch.cuda.stream(side):
+                    self._after.current_stream_wait()
             self._synced = True
         with torch.cuda.stream(side):
             host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)

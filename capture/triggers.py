@@ -19,9 +19,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+from epreplay.capture.manifest import MARKER, write_marker
 from epreplay.capture.recorder import Recorder
 
-MARKER = "DUMP"
 # 0.2 s: a dump reaches every rank well within "hang timeout + a few seconds", and a stat()
 # five times a second costs nothing next to a training step.
 PERIOD_S = 0.2
@@ -68,15 +68,9 @@ class Watchdog:
 
     def propagate(self, reason: str, detail: str) -> None:
         """Tell every rank to dump: atomically replace RUN/DUMP (this rank has already queued its own)."""
-        body = json.dumps({"reason": reason, "detail": detail, "rank": self.rec.rank,
-                           "time_ns": time.time_ns()})
-        tmp = self.marker.with_name(f".{MARKER}.tmp{os.getpid()}")
         with self._lock:
             try:
-                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-                with os.fdopen(fd, "w") as fh:
-                    fh.write(body)
-                os.replace(tmp, self.marker)
+                write_marker(self.rec.config.run_dir, reason, detail, self.rec.rank)
                 self._seen = self._identity()
             except OSError:
                 pass  # a full disk cannot stop this rank's own dump, only the others' signal

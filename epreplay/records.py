@@ -24,6 +24,8 @@ from a dropped/failed capture may miss some.
                    routing       topk_weights_TK           [T, K] float32
                    routing       recv_src_idx_N            [N] int32   source token index of each row
                    routing       rank_prefix_matrix_RR     [R, R] int32 (intranode handle)
+                   routing       send_head_TR              [T, R] int32 intranode handle's send_head
+                                                                 as of dispatch (combine rewrites it)
                    fingerprints  x_fp_T                    [T] uint64  fingerprint of each sent row
                    fingerprints  recv_x_fp_N               [N] uint64
                    payload       x_TH                      [T, H] bf16/fp8 payload as given

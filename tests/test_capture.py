@@ -227,3 +227,31 @@ def test_snapshots_are_shared_until_the_caller_writes():
     again.snapshot("topk_idx_TK", idx)
     assert int(again.array("topk_idx_TK")[0, 0]) == 99
     assert int(layout.array("topk_idx_TK")[0, 0]) == 0  # what the earlier call really got
+
+
+def _rank_wrap(ctx, run_dir: str):
+    import torch.distributed as dist
+
+    from epreplay import capture
+    from epreplay.capture import hooks
+    from epreplay.emulate import Buffer
+
+    capture.start(run_dir, level="routing", install=False)
+    plain = Buffer(dist.group.WORLD)
+    wrapped = capture.wrap(Buffer(dist.group.WORLD))
+    moe_steps(plain, ctx.rank, steps=1, layers=1)  # not recorded
+    moe_steps(wrapped, ctx.rank, steps=1, layers=2)
+    hooked_before = hooks.is_hooked(wrapped.dispatch)
+    capture.uninstall()
+    facts = capture.stop()
+    return facts, hooked_before, hooks.is_hooked(wrapped.dispatch), hooks.is_hooked(Buffer.dispatch)
+
+
+def test_wrap_captures_one_instance(tmp_path):
+    (facts, before, after, cls_hooked), = run_ranks(_rank_wrap, 1, str(tmp_path / "run"), timeout=90)
+    assert before and not after and not cls_hooked
+    recs = [r for r in _load(tmp_path / "run")[0] if r.header.kind == Kind.CALL]
+    assert [(r.header.buffer, r.header.seq, r.header.op) for r in recs] == [
+        (0, 0, Op.LAYOUT), (0, 1, Op.DISPATCH), (0, 2, Op.COMBINE),
+        (0, 3, Op.LAYOUT), (0, 4, Op.DISPATCH), (0, 5, Op.COMBINE)]
+    assert facts["buffers"] == [dict(facts["buffers"][0], id=0)] and len(facts["buffers"]) == 1
