@@ -166,7 +166,15 @@ async def test_heatmap_scroll_zoom_click_jump_and_palette_at_80x24(synth_run: Pa
     app = _app(synth_run)
     async with app.run_test(size=(80, 24), message_hook=msgs.append) as pilot:
         await settle(pilot, app)
-        await pilot.press("2")
+        # `/rank 5` from the overview opens the traffic with the cursor on rank 5 once it loads;
+        # the letters typed do not trigger the app's single-letter keys.
+        await pilot.press("slash", *"rank 5", "enter")
+        await settle(pilot, app)
+        assert app.current == "traffic" and app.query_one("#traffic-map").cursor == (5, 5)
+        await pilot.press("slash", *"l2", "enter")
+        await settle(pilot, app)
+        assert app.selection.layer == 2 and app.current == "traffic"
+        await pilot.press("a", "2")
         await settle(pilot, app)
         hm = app.query_one("#hot-map", Heatmap)
         await pilot.press("s")  # natural expert order

@@ -88,6 +88,7 @@ class Heatmap(ScrollView, can_focus=True):
         self.cell_w = ZOOMS[0]
         self._gutter = 0
         self._header = ""
+        self._pending: tuple[int | None, int | None] | None = None  # a move_to before any data
 
     # ----- data -------------------------------------------------------------------------------
     def set_data(self, values_RC: np.ndarray, *, row_labels: Sequence[str],
@@ -122,6 +123,9 @@ class Heatmap(ScrollView, can_focus=True):
         self._layout()
         r, c = self.cursor if keep_cursor else (0, 0)
         self.cursor = (min(r, max(rows - 1, 0)), min(c, max(cols - 1, 0)))
+        if self._pending is not None and self.values_RC.size:
+            pending, self._pending = self._pending, None
+            self.move_to(row=pending[0], col=pending[1])
         self.refresh()
 
     def _layout(self) -> None:
@@ -188,7 +192,11 @@ class Heatmap(ScrollView, can_focus=True):
         self.refresh()
 
     def move_to(self, *, row: int | None = None, col: int | None = None) -> None:
-        """Put the cursor on a data row and/or data column (a jump from `/`)."""
+        """Put the cursor on a data row and/or data column (a jump from `/`); before the first
+        data arrives, the move waits for it."""
+        if not self.values_RC.size:
+            self._pending = (row, col)
+            return
         r, c = self.cursor
         if row is not None:
             r = min(max(row, 0), max(self.values_RC.shape[0] - 1, 0))
