@@ -102,9 +102,14 @@ def runs(tmp_path_factory) -> dict[str, Path]:
     }
 
 
+# The strictest gate on every drift metric: anything but "identical" fails it.
+STRICTEST = ["js>0", "js_mean>0", "hot_changed>0", "imbalance_ratio>1", "jaccard<1", "top1<1",
+             "weight_change>0", "matched<1"]
+
+
 def test_run_against_itself_is_identical(runs) -> None:
-    res = diff_runs.diff_runs(runs["a"], runs["a"], thresholds=[diff.parse_threshold("js>0"),
-                                                                  diff.parse_threshold("top1<1")])
+    res = diff_runs.diff_runs(runs["a"], runs["a"],
+                              thresholds=[diff.parse_threshold(t) for t in STRICTEST])
     assert res.match == "tag" and res.passed
     s = res.summary
     assert (s["js"], s["js_mean"], s["hot_changed"]) == (0.0, 0.0, 0.0)
@@ -223,9 +228,9 @@ def cli(*args: str) -> subprocess.CompletedProcess:
 @pytest.mark.slow
 def test_cli_text_json_md_and_exit_codes(runs) -> None:
     a, rel = str(runs["a"]), str(runs["release"])
-    same = cli(a, a, "--fail-on", "js>0", "--fail-on", "top1<1", "--fail-on", "jaccard<1")
+    same = cli(a, a, *[arg for t in STRICTEST for arg in ("--fail-on", t)])
     assert same.returncode == 0, same.stderr
-    assert "PASS within 3 threshold(s)" in same.stdout and "layer" in same.stdout
+    assert f"PASS within {len(STRICTEST)} threshold(s)" in same.stdout and "layer" in same.stdout
 
     drift = cli(a, rel, "--fail-on", "js>0.01", "--format", "json")
     assert drift.returncode == 1, drift.stderr

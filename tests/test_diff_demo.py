@@ -31,10 +31,13 @@ def demo_runs(demo_run_dir, demo_run_factory, tmp_path_factory) -> dict[str, Pat
 
 
 def test_demo_run_against_itself(demo_runs) -> None:
+    strictest = ["js>0", "js_mean>0", "hot_changed>0", "imbalance_ratio>1", "jaccard<1", "top1<1",
+                 "weight_change>0", "matched<1"]  # anything but "identical" fails these
     res = diff_runs.diff_runs(demo_runs["a"], demo_runs["a"],
-                              thresholds=[diff.parse_threshold("js>0"), diff.parse_threshold("top1<1")])
+                              thresholds=[diff.parse_threshold(t) for t in strictest])
     assert res.passed and res.match == "tag"
     assert res.summary["js"] == 0.0 and res.summary["top1"] == 1.0 and res.summary["jaccard"] == 1.0
+    assert res.summary["weight_change"] == 0.0  # measured: LL weights come from the combines
 
 
 def test_demo_release_drifts_exactly_its_layers(demo_runs) -> None:
