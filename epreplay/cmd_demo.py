@@ -165,10 +165,13 @@ def run(args: argparse.Namespace) -> int:
         try:
             result = run_pipeline(cfg, opts, progress=progress)
         except RankFailed as exc:
-            err.print(f"epreplay demo: the workload failed: {str(exc).splitlines()[0]}")
+            from rich.markup import escape
+
+            err.print(escape(f"epreplay demo: the workload failed: {str(exc).splitlines()[0]}"),
+                      soft_wrap=True, highlight=False)
             for rank, text in sorted(exc.errors.items()):
                 last = text.strip().splitlines()[-1] if text.strip() else "?"
-                err.print(f"  rank {rank}: {last}")
+                err.print(escape(f"  rank {rank}: {last}"), soft_wrap=True, highlight=False)
             return 1
     if args.format == "json":
         import json

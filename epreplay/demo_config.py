@@ -112,6 +112,10 @@ class DemoConfig:
         need(self.topk_groups * (self.experts // self.n_groups) >= self.topk,
              f"--topk {self.topk}: the {self.topk_groups} kept groups of {self.experts // self.n_groups} "
              f"experts hold fewer experts; lower --topk or use more experts")
+        decode = any(not self.is_prefill(s) for s in range(self.steps))
+        need(not decode or self.hidden % 128 == 0,
+             f"--hidden {self.hidden}: DeepEP's low-latency (decode) kernels need a multiple of 128; "
+             f"use e.g. --hidden {max(128, self.hidden // 128 * 128)} or --prefill-every 1 (prefill only)")
         need(not self.fp8 or self.hidden % 128 == 0,
              f"--hidden {self.hidden}: FP8 dispatch casts per 128 values; use a multiple of 128 or --no-fp8")
         need(self.device in ("cpu", "cuda"), f"--device {self.device!r}: use cpu or cuda")
