@@ -108,6 +108,12 @@ async def test_walk_every_pane_of_a_synthetic_run(synth_run: Path, synth_truth) 
         assert m.summary.busiest_receiver == busiest
         assert f"busiest receiver r{busiest}:" in screen_text(app)
         assert "step 0, layer 1" in str(app.query_one("#statusbar", Static).render())
+        # Three fast steps forward: the matrix ends on step 3, whatever order the queries finish in.
+        await pilot.press("right_square_bracket", "right_square_bracket", "right_square_bracket")
+        await settle(pilot, app)
+        assert m.values_RC.astype(np.int64).tolist() == truth.sent[(3, 1)].tolist()
+        await pilot.press("left_square_bracket", "left_square_bracket", "left_square_bracket")
+        await settle(pilot, app)
 
         # Timeline: the planted straggler is named and marked.
         await pilot.press("4")

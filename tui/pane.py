@@ -12,6 +12,8 @@ import time
 from typing import TYPE_CHECKING, ClassVar
 
 from textual.containers import Vertical
+from textual.message import Message
+from textual.worker import get_current_worker
 from textual.widgets import Static
 
 from epreplay.tui.data import Selection, Session
@@ -63,6 +65,15 @@ class Pane(Vertical):
         """Called by a pane's message handler once the fetched data is on screen."""
         self.loaded = True
         self.loaded_at = time.perf_counter()
+
+    def answer(self, message: Message) -> None:
+        """From a worker thread: post the fetched data unless a newer fetch replaced this one.
+
+        `exclusive=True` only marks the older thread worker cancelled (a thread cannot be
+        stopped); without this check, pressing `]` three times fast could leave the screen
+        showing whichever query finished last instead of the step selected last."""
+        if not get_current_worker().is_cancelled:
+            self.post_message(message)
 
     def failed(self, what: str, exc: BaseException) -> None:
         """From a worker thread: report a failed query as a message (never raise into Textual)."""

@@ -60,9 +60,9 @@ class DiffPane(Pane):
         try:
             # Distribution level first (seconds), then token agreement (reads both runs' shards).
             first = self.session.diff(match="none")
-            self.post_message(DiffLoaded(first, key=("none",)))
+            self.answer(DiffLoaded(first, key=("none",)))
             if first.result is not None:
-                self.post_message(DiffLoaded(self.session.diff(match="auto"), key=("auto",)))
+                self.answer(DiffLoaded(self.session.diff(match="auto"), key=("auto",)))
         except Exception as exc:  # noqa: BLE001
             self.failed("diff", exc)
 

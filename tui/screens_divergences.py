@@ -62,7 +62,7 @@ class DivergencesPane(Pane):
     @work(thread=True, exclusive=True, group="divergences")
     def _load(self, replay: str | None) -> None:
         try:
-            self.post_message(DivergencesLoaded(self.session.divergences(replay), key=(replay,)))
+            self.answer(DivergencesLoaded(self.session.divergences(replay), key=(replay,)))
         except Exception as exc:  # noqa: BLE001
             self.failed("divergences", exc)
 

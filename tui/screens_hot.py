@@ -80,14 +80,14 @@ class HotPane(Pane):
     @work(thread=True, exclusive=True, group="heat")
     def _load(self, sel: Selection) -> None:
         try:
-            self.post_message(HeatLoaded(self.session.heat(sel), key=(sel,)))
+            self.answer(HeatLoaded(self.session.heat(sel), key=(sel,)))
         except Exception as exc:  # noqa: BLE001
             self.failed("hot experts", exc)
 
     @work(thread=True, exclusive=True, group="expert")
     def _load_expert(self, expert: int, sel: Selection) -> None:
         try:
-            self.post_message(ExpertLoaded(self.session.expert(expert, sel), key=(expert, sel)))
+            self.answer(ExpertLoaded(self.session.expert(expert, sel), key=(expert, sel)))
         except Exception as exc:  # noqa: BLE001
             self.failed(f"expert {expert}", exc)
 

@@ -88,7 +88,7 @@ class OverviewPane(Pane):
     @work(thread=True, exclusive=True, group="overview")
     def _load(self) -> None:
         try:
-            self.post_message(OverviewLoaded(self.session.overview()))
+            self.answer(OverviewLoaded(self.session.overview()))
         except Exception as exc:  # noqa: BLE001 - shown to the user, never crashes the app
             self.failed("overview", exc)
 

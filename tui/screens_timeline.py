@@ -70,7 +70,7 @@ class TimelinePane(Pane):
     @work(thread=True, exclusive=True, group="timeline")
     def _load(self, op: str | None) -> None:
         try:
-            self.post_message(TimelineLoaded(self.session.timeline(op=op), key=(op,)))
+            self.answer(TimelineLoaded(self.session.timeline(op=op), key=(op,)))
         except Exception as exc:  # noqa: BLE001
             self.failed("timeline", exc)
 

@@ -52,7 +52,7 @@ class TrafficPane(Pane):
     @work(thread=True, exclusive=True, group="traffic")
     def _load(self, sel: Selection) -> None:
         try:
-            self.post_message(TrafficLoaded(self.session.traffic(sel), key=(sel,)))
+            self.answer(TrafficLoaded(self.session.traffic(sel), key=(sel,)))
         except Exception as exc:  # noqa: BLE001
             self.failed("traffic", exc)
 
