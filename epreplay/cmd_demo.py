@@ -125,6 +125,14 @@ def run(args: argparse.Namespace) -> int:
         Level.parse(args.level)
     except ValueError as exc:
         raise UsageError(f"--level: {exc}") from None
+    if args.backend == "deepep":
+        from epreplay.demo_config import DEEPEP_LL_HIDDEN
+
+        if cfg.device != "cuda":
+            raise UsageError("--backend deepep needs --device cuda (DeepEP runs on GPUs only)")
+        if cfg.has_decode and cfg.hidden not in DEEPEP_LL_HIDDEN:
+            raise UsageError(f"--hidden {cfg.hidden}: DeepEP's low-latency kernels are built for hidden in "
+                             f"{list(DEEPEP_LL_HIDDEN)}; use e.g. --hidden 2048 (or --prefill-every 1)")
     if cfg.device == "cuda":
         import torch
 

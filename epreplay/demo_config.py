@@ -9,6 +9,10 @@ from typing import Any
 
 from epreplay.errors import UsageError
 
+# Hidden sizes DeepEP's low-latency kernels are compiled for (SWITCH_HIDDEN in DeepEP's
+# csrc/kernels/launch.cuh); any other makes the real kernel assert "Unsupported hidden".
+DEEPEP_LL_HIDDEN = (2048, 2560, 3072, 4096, 5120, 6144, 7168, 8192)
+
 DECODE_SEQ_BASE = 1 << 40  # decode sequence ids live above every prefill prompt id
 NAMED_RELEASES = {"b": "odd layers", "c": "even layers", "d": "all layers"}
 
@@ -112,8 +116,7 @@ class DemoConfig:
         need(self.topk_groups * (self.experts // self.n_groups) >= self.topk,
              f"--topk {self.topk}: the {self.topk_groups} kept groups of {self.experts // self.n_groups} "
              f"experts hold fewer experts; lower --topk or use more experts")
-        decode = any(not self.is_prefill(s) for s in range(self.steps))
-        need(not decode or self.hidden % 128 == 0,
+        need(not self.has_decode or self.hidden % 128 == 0,
              f"--hidden {self.hidden}: DeepEP's low-latency (decode) kernels need a multiple of 128; "
              f"use e.g. --hidden {max(128, self.hidden // 128 * 128)} or --prefill-every 1 (prefill only)")
         need(not self.fp8 or self.hidden % 128 == 0,
@@ -135,6 +138,11 @@ class DemoConfig:
         from epreplay.demo_router import RouterSpec
 
         return RouterSpec(self.experts, self.topk, self.n_groups, self.topk_groups, self.routed_scaling)
+
+    @property
+    def has_decode(self) -> bool:
+        """Whether any step runs the low-latency (decode) path."""
+        return any(not self.is_prefill(s) for s in range(self.steps))
 
     def is_prefill(self, step: int) -> bool:
         return step % self.prefill_every == 0

@@ -24,6 +24,7 @@ def demo(*args: str, timeout: float = 240) -> subprocess.CompletedProcess:
     (["--ranks", "4", "--replay-ranks", "3"], "--replay-ranks 3: must divide --ranks 4"),
     (["--level", "everything"], "--level"),
     (["--slow-rank", "9"], "--slow-rank 9"),
+    (["--backend", "deepep"], "--backend deepep needs --device cuda"),
 ])
 def test_bad_input_is_one_line_and_exit_2(args: list[str], needle: str, tmp_path: Path) -> None:
     proc = demo(*args, "--out", str(tmp_path / "never"), timeout=120)
