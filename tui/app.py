@@ -11,10 +11,10 @@ from pathlib import Path
 
 from textual import on
 from textual.app import App, ComposeResult, ScreenStackError
-from textual.css.query import NoMatches
 from textual.binding import Binding
-from textual.lazy import Lazy
 from textual.command import DiscoveryHit, Hit, Hits, Provider
+from textual.css.query import NoMatches
+from textual.lazy import Lazy
 from textual.widgets import ContentSwitcher, Footer, Static, Tab, Tabs
 
 from epreplay.errors import UsageError

@@ -77,7 +77,11 @@ class Pane(Vertical):
 
     def failed(self, what: str, exc: BaseException) -> None:
         """From a worker thread: report a failed query as a message (never raise into Textual)."""
-        self.post_message(FetchFailed(what, f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"))
+        text = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        if type(exc).__name__ in ("BinderException", "CatalogException"):
+            # A table or column the queries expect is missing: an index built by another version.
+            text += f"; the index looks out of date: rebuild it with 'epreplay index {self.session.path} --force'"
+        self.post_message(FetchFailed(what, text))
 
     def focus_main(self) -> None:
         """Give the keyboard to the pane's main widget (a table or heatmap)."""

@@ -93,7 +93,7 @@ class HotPane(Pane):
 
     @on(HeatLoaded)
     def _show(self, msg: HeatLoaded) -> None:
-        self.heat = h = msg.payload
+        self.heat = msg.payload
         self._draw()
         self._apply_pending()
         self.mark_loaded()
