@@ -74,6 +74,7 @@ def dispatch(eng: Any, call: Any, recs: dict) -> tuple[int, int]:
     buf = eng.buffer(call)
     t0 = time.perf_counter_ns()
     out = buf.low_latency_dispatch(x_p, topk_p, mll * plan.per_process, eng.job.experts, **kwargs)
+    eng.sync()  # GPU kernels run asynchronously: time them to completion
     dt = time.perf_counter_ns() - t0
     recv_x, recv_count, handle = out[0], out[1].cpu(), out[2]
     recv_x = tuple(t.cpu() for t in recv_x) if isinstance(recv_x, tuple) else recv_x.cpu()
@@ -191,6 +192,7 @@ def combine(eng: Any, call: Any, recs: dict) -> tuple[int, int]:
     buf = eng.buffer(call)
     t0 = time.perf_counter_ns()
     combined = buf.low_latency_combine(out_x.to(eng.device), topk_p, w_p, st.handle)[0]
+    eng.sync()  # GPU kernels run asynchronously: time them to completion
     dt = time.perf_counter_ns() - t0
     combined = combined.cpu()
     off = eng.offsets(call, p)

@@ -90,6 +90,7 @@ def layout(eng: Any, call: Any, recs: dict) -> tuple[int, int]:
     buf = eng.buffer(call)
     t0 = time.perf_counter_ns()
     n_rank, _, n_exp, in_rank, _ = buf.get_dispatch_layout(topk_p, eng.job.experts)
+    eng.sync()  # GPU kernels run asynchronously: time them to completion
     dt = time.perf_counter_ns() - t0
     _sender_counts(eng, call, recs, topk, n_exp)
     # Tokens per physical destination: a token counts once per physical rank it reaches.
@@ -120,6 +121,7 @@ def dispatch(eng: Any, call: Any, recs: dict) -> tuple[int, int]:
     recv_x, recv_idx, recv_w, recv_list, handle, _ = buf.dispatch(
         x_p, num_tokens_per_rank=n_rank, num_tokens_per_rdma_rank=n_rdma, is_token_in_rank=in_rank,
         num_tokens_per_expert=n_exp, topk_idx=topk_p, topk_weights=w_p, expert_alignment=align)
+    eng.sync()  # GPU kernels run asynchronously: time them to completion
     dt = time.perf_counter_ns() - t0
     _sender_counts(eng, call, recs, topk, n_exp)
     recv_x, recv_idx, recv_w = _cpu(recv_x), recv_idx.cpu(), recv_w.cpu()
@@ -240,6 +242,7 @@ def cached(eng: Any, call: Any, recs: dict) -> tuple[int, int]:
     buf = eng.buffer(call)
     t0 = time.perf_counter_ns()
     recv_x = buf.dispatch(x_p, handle=st.handle)[0]
+    eng.sync()  # GPU kernels run asynchronously: time them to completion
     dt = time.perf_counter_ns() - t0
     recv_x = _cpu(recv_x)
     first = recv_x[0] if isinstance(recv_x, tuple) else recv_x
@@ -308,6 +311,7 @@ def combine(eng: Any, call: Any, recs: dict) -> tuple[int, int]:
     buf = eng.buffer(call)
     t0 = time.perf_counter_ns()
     out = buf.combine(x_in, st.handle, topk_weights=wts.to(eng.device) if (with_w and wts is not None) else None)
+    eng.sync()  # GPU kernels run asynchronously: time them to completion
     dt = time.perf_counter_ns() - t0
     combined, comb_w = out[0].cpu(), (out[1].cpu() if out[1] is not None else None)
     off = eng.offsets(call, eng.p)

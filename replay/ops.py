@@ -155,6 +155,11 @@ class Engine:
                                      call.op.label, v, self.p, kind, str(exp), str(got), tok, src,
                                      expert, detail))
 
+    def sync(self) -> None:
+        """Wait for the device (a no-op on CPU)."""
+        if self.device.startswith("cuda"):
+            torch.cuda.synchronize()
+
     def warm_up(self) -> None:
         """Create every Buffer the schedule uses, in buffer order on every rank (construction may
         be collective), so the first call's timing is the call's, not the Buffer's."""
