@@ -390,3 +390,26 @@ async def test_walk_a_run_recorded_with_real_deepep(tmp_path: Path) -> None:
         assert tl.captured and int(tl.stragglers.rank_N[0]) == truth.straggler()
         assert int(tl.stragglers.slowest_N[0]) == int(truth.slowest_R.max())
     assert not [m for m in msgs if isinstance(m, M.FetchFailed)]
+
+
+@sync
+async def test_a_query_failing_on_an_older_index_layout_is_a_notice_not_a_crash(synth_run: Path,
+                                                                               tmp_path: Path) -> None:
+    import duckdb
+
+    run = copy_run(synth_run, tmp_path / "older")
+    con = duckdb.connect(str(run / "index.duckdb"))
+    con.execute("DROP TABLE expert_load_rank")  # as if built before the table existed
+    con.close()
+    msgs: list = []
+    app = _app(run)
+    async with app.run_test(size=(100, 30), message_hook=msgs.append) as pilot:
+        await settle(pilot, app)
+        await pilot.press("2", "enter")
+        await settle(pilot, app)
+        failed = [m for m in msgs if isinstance(m, M.FetchFailed)]
+        assert failed and f"epreplay index {run} --force" in failed[0].error
+        assert any("--force" in n.message for n in app._notifications)
+        await pilot.press("3")  # the app keeps working
+        await settle(pilot, app)
+        assert _last(msgs, M.TrafficLoaded)
