@@ -38,7 +38,7 @@ from epreplay import emulate_check as chk
 from epreplay import emulate_comm as comm_mod
 from epreplay.emulate_comm import EmulatedDeepEPError, EmulatedTimeout
 from epreplay.emulate_event import EventHandle, EventOverlap
-from epreplay.emulate_layout import Config, low_latency_rdma_size_hint
+from epreplay.emulate_layout import Config, low_latency_rdma_size_hint, tuned_config
 
 topk_idx_t = torch.int64
 ENV_LL_ORDER_SEED = "EPREPLAY_LL_ORDER_SEED"
@@ -48,19 +48,6 @@ __all__ = ["Buffer", "Config", "EventOverlap", "EventHandle", "topk_idx_t", "Emu
            "EmulatedTimeout", "is_emulated", "install_standin"]
 
 _buffer_ids = itertools.count()
-
-_DISPATCH_CONFIGS = {2: (24, 256), 4: (6, 256), 8: (6, 256), 16: (36, 288), 24: (32, 288), 32: (32, 288),
-                     48: (32, 288), 64: (32, 288), 96: (20, 480), 128: (20, 560), 144: (32, 720),
-                     160: (28, 720)}
-_COMBINE_CONFIGS = {2: (10, 256), 4: (9, 256), 8: (4, 256), 16: (4, 288), 24: (1, 288), 32: (1, 288),
-                    48: (1, 288), 64: (1, 288), 96: (1, 480), 128: (1, 560), 144: (2, 720), 160: (2, 720)}
-
-
-def _listed(num_ranks: int) -> int:
-    """The rank count of DeepEP's config tables used for `num_ranks` (the next listed one)."""
-    assert num_ranks >= 1, f'Unsupported number of EP ranks: {num_ranks}'
-    return min((n for n in _DISPATCH_CONFIGS if n >= num_ranks), default=max(_DISPATCH_CONFIGS))
-
 
 def is_emulated(obj: Any) -> bool:
     """True for epreplay's emulated Buffer class or any instance of it (or of a subclass)."""
@@ -150,14 +137,11 @@ class Buffer:
     def get_dispatch_config(num_ranks: int) -> Config:
         """DeepEP's tuned dispatch Config per rank count. DeepEP only knows 2, 4, 8, 16, ... 160
         ranks; the emulation runs any count and takes the next listed one (1 and 3 ranks: 2 and 4)."""
-        send, recv = _DISPATCH_CONFIGS[_listed(num_ranks)]
-        return Config(Buffer.num_sms, send, recv, 20 if num_ranks == 16 else (12 if num_ranks >= 96 else (
-            8 if num_ranks > 16 else 6)), 128)
+        return tuned_config(num_ranks, Buffer.num_sms, combine=False)
 
     @staticmethod
     def get_combine_config(num_ranks: int) -> Config:
-        send, recv = _COMBINE_CONFIGS[_listed(num_ranks)]
-        return Config(Buffer.num_sms, send, recv, 12 if num_ranks == 16 else (8 if num_ranks > 16 else 6), 128)
+        return tuned_config(num_ranks, Buffer.num_sms, combine=True)
 
     def get_comm_stream(self) -> Any:
         return torch.cuda.current_stream() if self._comm.device.type == "cuda" else None

@@ -69,6 +69,24 @@ class Config:
         return -(-n // 128) * 128
 
 
+# DeepEP's get_dispatch_config / get_combine_config tables: ranks -> (nvl send, nvl recv,
+# rdma send, rdma recv) chunk sizes.
+_DISPATCH = {2: (24, 256, 6, 128), 4: (6, 256, 6, 128), 8: (6, 256, 6, 128), 16: (36, 288, 20, 128),
+             24: (32, 288, 8, 128), 32: (32, 288, 8, 128), 48: (32, 288, 8, 128), 64: (32, 288, 8, 128),
+             96: (20, 480, 12, 128), 128: (20, 560, 12, 128), 144: (32, 720, 12, 128), 160: (28, 720, 12, 128)}
+_COMBINE = {2: (10, 256, 6, 128), 4: (9, 256, 6, 128), 8: (4, 256, 6, 128), 16: (4, 288, 12, 128),
+            24: (1, 288, 8, 128), 32: (1, 288, 8, 128), 48: (1, 288, 8, 128), 64: (1, 288, 8, 128),
+            96: (1, 480, 8, 128), 128: (1, 560, 8, 128), 144: (2, 720, 8, 128), 160: (2, 720, 8, 128)}
+
+
+def tuned_config(num_ranks: int, num_sms: int, *, combine: bool) -> Config:
+    """DeepEP's tuned Config for `num_ranks`; counts DeepEP does not list take the next listed one."""
+    assert num_ranks >= 1, f'Unsupported number of EP ranks: {num_ranks}'
+    table = _COMBINE if combine else _DISPATCH
+    listed = min((n for n in table if n >= num_ranks), default=max(table))
+    return Config(num_sms, *table[listed])
+
+
 def low_latency_rdma_size_hint(M: int, hidden: int, num_ranks: int, num_experts: int) -> int:
     """DeepEP's get_low_latency_rdma_size_hint: two send, two receive and two signal buffers."""
     scales = hidden // 128
