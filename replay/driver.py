@@ -26,6 +26,13 @@ def _load_shards(run: RunDir) -> tuple[dict[int, Any], int]:
     scans = S.open_run_shards({run.rank_of(p): p for p in paths})
     manifest = run.read_manifest()
     world = manifest.world_size if manifest else max(s.info.world_size for s in scans.values())
+    run_ids = {s.info.run_id for s in scans.values()}
+    if len(run_ids) > 1:
+        for s in scans.values():
+            s.close()
+        odd = sorted(r for r, s in scans.items() if s.info.run_id != scans[min(scans)].info.run_id)
+        raise UsageError(f"{run.path}: shards of different runs ({', '.join(sorted(run_ids))}); the "
+                         f"shards of rank(s) {odd[:8]} do not belong here — move them out")
     missing = [r for r in range(world) if r not in scans]
     if missing:
         for s in scans.values():
