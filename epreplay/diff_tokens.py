@@ -25,7 +25,7 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
-from epreplay.metrics import TokenAgreement, token_agreement
+from epreplay.metrics import TokenAgreement, identical_agreement, token_agreement
 from epreplay.records import Kind, Level, Op, RecordHeader, Status
 from epreplay.shard import Entry, ShardScan, open_shard
 
@@ -48,26 +48,39 @@ class DispatchRef:
     scan: ShardScan
     entry: Entry
     combine: Entry | None = None  # an ll_dispatch's ll_combine: it holds the gate weights
+    fd: int = -1  # a read-only descriptor of the shard (the Catalog's) for raw frame reads
+
+    def frames(self) -> tuple[bytes, ...]:
+        """The compressed data frames of the dispatch (and its combine): equal frames mean
+        byte-identical records (CRCs are checked whenever a record is decoded)."""
+        fd = self.fd
+        out = [os.pread(fd, self.entry.header.comp_len, self.entry.data_offset)]
+        if self.combine is not None:
+            out.append(os.pread(fd, self.combine.header.comp_len, self.combine.data_offset))
+        return tuple(out)
 
 
 class Catalog:
     """The OK dispatch records of a run, keyed by (step, layer, rank, occurrence).
 
     Built from shard footers only (see epreplay.shard), so listing a production run's 10^5
-    records costs milliseconds. Keeps one read-only descriptor per shard open until `close`.
+    records costs a fraction of a second. Keeps two read-only descriptors per shard open until
+    `close` (the scan's, and one for raw frame comparisons).
     """
 
     def __init__(self, shard_paths: Iterable[Path], *, steps: tuple[int, int] | None = None,
                  layers: frozenset[int] | None = None) -> None:
         self.scans: list[ShardScan] = []
+        self.fds: list[int] = []
         self.refs: dict[Key, DispatchRef] = {}
         self._first: frozenset[str] | None = None
         for path in shard_paths:
             scan = open_shard(path)
             self.scans.append(scan)
-            self._add_shard(scan, steps, layers)
+            self.fds.append(os.open(path, os.O_RDONLY))
+            self._add_shard(scan, self.fds[-1], steps, layers)
 
-    def _add_shard(self, scan: ShardScan, steps: tuple[int, int] | None,
+    def _add_shard(self, scan: ShardScan, fd: int, steps: tuple[int, int] | None,
                    layers: frozenset[int] | None) -> None:
         # Filter the footer's headers with numpy and build Python objects only for the records
         # kept: a production shard lists thousands of records (building all: seconds per run).
@@ -94,7 +107,7 @@ class Catalog:
             n = seen.get(sl, 0)
             seen[sl] = n + 1
             key = (hd.step, hd.layer, rank, n)
-            self.refs[key] = DispatchRef(key, hd.tokens, scan, entry)
+            self.refs[key] = DispatchRef(key, hd.tokens, scan, entry, fd=fd)
             if hd.op == int(Op.LL_DISPATCH):
                 ll_keys.append((sl, ll_seen.get(sl, 0), key))
                 ll_seen[sl] = ll_seen.get(sl, 0) + 1
@@ -130,6 +143,9 @@ class Catalog:
     def close(self) -> None:
         for scan in self.scans:
             scan.close()
+        for fd in self.fds:
+            os.close(fd)
+        self.fds = []
 
     def __enter__(self) -> "Catalog":
         return self
@@ -201,9 +217,21 @@ def _pool_map(fn, items: list) -> list:
         return list(pool.map(fn, items))
 
 
+def _same_record(ref_a: DispatchRef, ref_b: DispatchRef) -> bool:
+    ha, hb = ref_a.entry.header, ref_b.entry.header
+    if (ha.crc32, ha.comp_len, ha.raw_len) != (hb.crc32, hb.comp_len, hb.raw_len):
+        return False  # the cheap test first: most differing records differ here
+    if (ref_a.combine is None) != (ref_b.combine is None):
+        return False
+    return ref_a.frames() == ref_b.frames()
+
+
 def _pair_agreement(pair: tuple[DispatchRef, DispatchRef]) -> TokenAgreement | None:
-    """Agreement of two dispatches of the same position; None when their rows do not line up."""
+    """Agreement of two dispatches of the same position; None when their rows do not line up.
+    Byte-identical records (a layer a release did not touch) are decoded once, not compared."""
     idx_a, w_a, _ = _routing(pair[0])
+    if _same_record(*pair):
+        return identical_agreement(idx_a, w_a) if idx_a.size else None
     idx_b, w_b, _ = _routing(pair[1])
     if idx_a.shape[0] != idx_b.shape[0] or idx_a.size == 0 or idx_b.size == 0:
         return None

@@ -254,6 +254,22 @@ class TokenAgreement:
         return self.weight_abs_sum / self.pairs if self.pairs else 0.0
 
 
+def identical_agreement(topk_idx_TK: np.ndarray,
+                        topk_weights_TK: np.ndarray | None = None) -> TokenAgreement:
+    """What `token_agreement(idx, idx, w, w)` returns, without comparing: for a call whose
+    routing is byte-identical in both runs (the diff checks that on the compressed records).
+
+    Args:
+        topk_idx_TK: [T, K] int expert ids (-1 empty), distinct per row.
+        topk_weights_TK: [T, K] float weights, or None when not recorded.
+    """
+    idx = np.asarray(topk_idx_TK)
+    T = idx.shape[0]
+    with_w = topk_weights_TK is not None
+    pairs = int((idx >= 0).sum()) if with_w else 0
+    return TokenAgreement(T, float(T), T, pairs, 0.0, T if with_w else 0)
+
+
 def token_agreement(topk_idx_a_TK: np.ndarray, topk_idx_b_TK: np.ndarray,
                     topk_weights_a_TK: np.ndarray | None = None,
                     topk_weights_b_TK: np.ndarray | None = None) -> TokenAgreement:

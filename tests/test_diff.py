@@ -117,6 +117,10 @@ def test_run_against_itself_is_identical(runs) -> None:
     assert s["imbalance_ratio"] == 1.0
     assert len(res.layers) == LAYERS
     assert all(r.tokens.tokens == STEPS * WORLD * T for r in res.layers)
+    # By position the records are byte-identical: decoded once, same sums as comparing them.
+    pos = diff_runs.diff_runs(runs["a"], runs["a"], match="position")
+    assert pos.match == "position"
+    assert {r.layer: r.tokens for r in pos.layers} == {r.layer: r.tokens for r in res.layers}
 
 
 def test_release_change_drifts_exactly_the_touched_layers(runs) -> None:

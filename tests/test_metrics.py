@@ -152,6 +152,13 @@ def test_token_agreement_hand_computed():
     assert ag.weight_change == pytest.approx((0.2 + 0.2 + 0.2) / 3)
 
 
+def test_identical_agreement_equals_comparing():
+    idx = np.array([[0, 1], [2, -1], [-1, -1]])
+    w = np.array([[0.6, 0.4], [1.0, 0.0], [0.0, 0.0]])
+    assert m.identical_agreement(idx, w) == m.token_agreement(idx, idx, w, w)
+    assert m.identical_agreement(idx) == m.token_agreement(idx, idx)
+
+
 def test_token_agreement_without_weights_and_empty():
     idx = np.array([[0, 1]])
     ag = m.token_agreement(idx, np.array([[1, 2]]))
