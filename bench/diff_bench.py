@@ -9,7 +9,8 @@ once into --dir (kept for the next invocation; generation is the slow part) and 
     (step, layer, expert) and per (step, layer, rank) from DuckDB, JS / hot sets / imbalance;
     also the whole CLI (`epreplay diff A B --match none --format json`, a fresh process);
   * token-matched level: diff_runs(A, B, match="position") — every dispatch record of both runs
-    read from the shards and compared token by token (one pass, thread pool over records).
+    read from the shards and compared token by token (one pass, thread pool over records); and
+    A against itself, where every record is byte-identical and decoded once.
 Target (issue 7): distribution level < 2 s.
 """
 from __future__ import annotations
@@ -109,6 +110,11 @@ def main() -> int:
         print(f"token-matched level (diff_runs, match=position): {tok_s:.1f} s for {matched / 1e6:.1f} M "
               f"matched token-layers ({matched / tok_s / 1e6:.2f} M/s, {os.cpu_count()} CPUs); "
               f"top1 {res.summary['top1']:.4f}, jaccard {res.summary['jaccard']:.4f}")
+        t0 = time.perf_counter()
+        res = diff_runs.diff_runs(run_a, run_a, match="position")
+        self_s = time.perf_counter() - t0
+        print(f"token-matched self-diff (A vs A: byte-identical records, decoded once): {self_s:.1f} s; "
+              f"top1 {res.summary['top1']:.4f}")
     return 0
 
 
