@@ -81,7 +81,11 @@ def load_run(run: RunDir, facts: RunFacts, *, steps: tuple[int, int] | None,
         from epreplay.index import ensure_index
     except ImportError:
         return _load_from_shards(run, facts, steps=steps, layers=layers, progress=progress)
-    ensure_index(run.path, progress=progress is not None)
+    result = ensure_index(run.path, progress=progress is not None)
+    if not run.index_path.exists():
+        why = getattr(result, "message", "") or result.action
+        raise UsageError(f"{run.path}: no index yet ({why}); wait for the other 'epreplay index' "
+                         f"to finish, or run 'epreplay index {run.path}'")
     return _load_from_index(run, facts, steps=steps, layers=layers)
 
 
