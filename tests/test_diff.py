@@ -340,3 +340,19 @@ def test_stdout_carries_only_the_report() -> None:
             "print('{}')\n")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert proc.stdout == "{}\n" and "[progress bar]" in proc.stderr and "python noise" in proc.stderr
+
+
+@pytest.mark.slow
+def test_cli_index_being_written_elsewhere_exits_2(runs, tmp_path) -> None:
+    """No index yet and another process holds the writer lock: one clear line, exit 2."""
+    import shutil
+
+    from epreplay.index import WriterLock
+
+    run = RunDir.open(shutil.copytree(runs["a"], tmp_path / "run",
+                                      ignore=shutil.ignore_patterns("index.duckdb*")))
+    with WriterLock(run):
+        proc = cli(str(run.path), str(runs["a"]))
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "no index yet" in proc.stderr and "Traceback" not in proc.stderr
+    assert cli(str(run.path), str(runs["a"])).returncode == 0  # lock gone: the diff builds it
