@@ -14,7 +14,20 @@ import argparse
 HELP = "run, record, index and replay a small DeepSeek-V3-style MoE demo on N local processes"
 
 
+EPILOG = """examples:
+  epreplay demo                                   # 4 ranks: run, record, index, replay on 2, summary
+  epreplay demo --out runs/a && epreplay demo --out runs/b --release b
+  epreplay diff runs/a runs/b                     # release b changed the routers of layers 1 and 3
+  epreplay demo --ranks 8 --experts 256 --topk 8 --groups 8 --topk-groups 4 --hidden 256
+                                                  # DeepSeek-V3's gate shape (top-8 of 256, 8 groups)
+  epreplay demo --slow-rank 2 --slow-ms 50        # a straggler for the timeline view
+  epreplay demo --device cuda --backend deepep --ranks 2 --hidden 2048   # real DeepEP on 2 GPUs
+"""
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.epilog = EPILOG
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.add_argument("--ranks", type=int, default=4, metavar="N", help="processes (cards), default 4")
     parser.add_argument("--steps", type=int, default=6, metavar="S",
                         help="model steps, default 6 (every 3rd is prefill, the others decode)")
