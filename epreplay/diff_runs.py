@@ -116,7 +116,7 @@ def _load_from_index(run: RunDir, facts: RunFacts, *, steps: tuple[int, int] | N
         step_N, layer_N, expert_N, tokens_N = step_N[keep], layer_N[keep], expert_N[keep], tokens_N[keep]
         rkeep = np.isin(rlayer_N, sorted(layers))
         rstep_N, rlayer_N, rank_N, slots_N = rstep_N[rkeep], rlayer_N[rkeep], rank_N[rkeep], slots_N[rkeep]
-    step_S, layer_L = np.unique(step_N), np.unique(layer_N)
+    step_S, layer_L = _present(step_N), _present(layer_N)
     E = max(facts.num_experts, int(expert_N.max()) + 1 if expert_N.size else 0)
     load_SLE = _scatter(step_S, layer_L, step_N, layer_N, expert_N, tokens_N, E)
     R = max(facts.world_size, int(rank_N.max()) + 1 if rank_N.size else 0)
@@ -125,6 +125,14 @@ def _load_from_index(run: RunDir, facts: RunFacts, *, steps: tuple[int, int] | N
                         slots_N[known], R) if R else None
     return RunLoads(str(run.path), facts.run_id, facts.release, E, facts.topk, facts.world_size,
                     tuple(int(s) for s in step_S), tuple(int(l) for l in layer_L), load_SLE, rank_SLR)
+
+
+def _present(values_N: np.ndarray) -> np.ndarray:
+    """Sorted distinct values of small integers (steps, layers): np.unique without its sort."""
+    if values_N.size == 0:
+        return values_N[:0]
+    lo = int(values_N.min())
+    return np.flatnonzero(np.bincount(values_N - lo)) + lo
 
 
 def _scatter(step_S: np.ndarray, layer_L: np.ndarray, step_N: np.ndarray, layer_N: np.ndarray,
