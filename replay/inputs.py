@@ -61,9 +61,11 @@ def synth_rows(key: int, src_N: torch.Tensor, tok_N: torch.Tensor, hidden: int) 
     Returns:
         [N, H] bf16, values in [-2, 2) on a 1/64 grid (exact in bf16, never NaN/inf).
     """
-    row = _mix((src_N.to(torch.int64) << 40) ^ (tok_N.to(torch.int64) << 8) ^ key)  # [N]
-    pos = torch.arange(hidden, dtype=torch.int64) * _GOLD  # [H]
-    z = _mix(row[:, None] ^ pos[None, :])  # [N, H]
+    row = _mix((src_N.to(torch.int64) << 40) ^ (tok_N.to(torch.int64) << 8) ^ key)  # [N], well mixed
+    # One multiply per element (a Weyl sequence per row, top byte of the product): a full mix per
+    # element cost more than the rest of the replay's verification. Rows differ through `row`.
+    pos = torch.arange(1, hidden + 1, dtype=torch.int64) * _GOLD  # [H]
+    z = (row[:, None] + pos[None, :]) * _M2  # [N, H]
     return ((_shr(z, 56) - 128).to(torch.float32) / 64.0).to(torch.bfloat16)
 
 
