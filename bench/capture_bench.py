@@ -38,6 +38,8 @@ def _rank(ctx, args: dict, root: str) -> dict:
     from epreplay.demo_run import _Card
     from epreplay.emulate import Buffer
 
+    if args["switch_interval"]:
+        sys.setswitchinterval(args["switch_interval"])  # every mode alike, "off" included
     cfg = DemoConfig(ranks=ctx.world_size, steps=args["steps"], layers=args["layers"],
                      experts=args["experts"], hidden=args["hidden"], prefill_tokens=args["tokens"],
                      decode_tokens=args["decode_tokens"])
@@ -62,12 +64,19 @@ def _rank(ctx, args: dict, root: str) -> dict:
 
     for s in range(cfg.steps):
         demo_step(s)  # warm-up: expert weights, gloo connections
-    times: dict[str, list[tuple[float, float]]] = {m: [] for m in MODES}
-    facts_by_mode: dict[str, list[dict]] = {m: [] for m in MODES}
+    modes = MODES + (["counts-hot", "routing-hot"] if args["diagnose"] else [])
+    times: dict[str, list[tuple[float, float]]] = {m: [] for m in modes}
+    facts_by_mode: dict[str, list[dict]] = {m: [] for m in modes}
     for rnd in range(args["rounds"]):
-        for mode in MODES:
+        for mode in modes:
             if mode != "off":
-                capture.start(os.path.join(root, f"{mode}-{rnd}"), level=mode)
+                level = mode.split("-")[0]
+                capture.start(os.path.join(root, f"{mode}-{rnd}"), level=level)
+                if mode.endswith("-hot"):  # diagnostic: stage every call, hand nothing to the writer
+                    from epreplay.capture import session
+
+                    rec = session.recorder(card.normal)
+                    rec._enqueue = lambda call, force=False: None
             dist.barrier()
             t0 = time.perf_counter()
             for s in range(cfg.steps):
@@ -94,6 +103,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--hidden", type=int, default=128)
     p.add_argument("--experts", type=int, default=32)
     p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--diagnose", action="store_true",
+                   help="also time counts-hot / routing-hot: the hot path alone (no writer work)")
+    p.add_argument("--switch-interval", type=float, default=0.0,
+                   help="sys.setswitchinterval in the ranks (0: Python's default 5 ms)")
     a = p.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="capture-bench-") as root:
         per_rank = run_ranks(_rank, a.ranks, vars(a), root, timeout=1200)
@@ -105,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{a.steps} steps x {a.rounds} interleaved rounds (median)")
     print(f"command: python bench/capture_bench.py {' '.join(argv if argv is not None else sys.argv[1:])}")
     print(f"{'mode':<13}{'ms/step':>9}{'ratio':>8}{'incl. drain':>13}{'dropped':>9}{'B/token-layer':>15}")
-    for mode in MODES:
+    for mode in MODES + (["counts-hot", "routing-hot"] if a.diagnose else []):
         step = statistics.median(t for t, _ in r0[mode])
         drain = statistics.median(d for _, d in r0[mode])
         facts = [f for r in per_rank for f in r["facts"][mode]]

@@ -64,6 +64,7 @@ class Recorder:
         self.enabled = True
         self.disabled_reason: str | None = None
         self.dropped = 0
+        self.graph_skipped = 0  # calls made while a CUDA graph was being captured (not recorded)
         self.records = 0
         self.calls = 0
         self.dumps: list[dict[str, Any]] = []
@@ -143,8 +144,15 @@ class Recorder:
         if level >= Level.PAYLOAD and not payload:
             level = Level.FINGERPRINTS
         x = args.get("x")
+        if x is None:  # get_dispatch_layout: its device is topk_idx's
+            x = args.get("topk_idx")
         first = x[0] if isinstance(x, (tuple, list)) else x
         cuda = isinstance(first, torch.Tensor) and first.is_cuda
+        if cuda and torch.cuda.is_current_stream_capturing():
+            # Inside CUDA-graph capture a side-stream copy or event would break the graph (and
+            # the job); the graph path (graph_ring.py) is the lead's to hook here. Never harm.
+            self.graph_skipped += 1
+            return None
         if cuda and self._side is None:
             self._side = torch.cuda.Stream(device=first.device)
         call = Call(op=op, buffer=bs.id, seq=seq, step=step, layer=layer, start_ns=time.time_ns(),
@@ -391,6 +399,11 @@ class Recorder:
             for item in batch:
                 if item is _STOP:
                     return
+                # Hand the GIL back between records: a job thread waiting for it (back from a
+                # kernel or a collective) then waits one record's encoding at most, instead of
+                # Python's 5 ms switch interval behind a busy writer (the convoy that made
+                # capture cost ~15% of a CPU demo step).
+                time.sleep(0)
                 try:
                     self._handle(item)
                     if self.enabled and self.dropped > self._dropped_written:
@@ -428,6 +441,7 @@ class Recorder:
             "rank": self.rank, "world_size": self.world_size, "host": socket.gethostname(),
             "pid": os.getpid(), "calls": self.calls, "records": self.records,
             "dropped": self.dropped, "disabled": self.disabled_reason, "dumps": self.dumps,
+            "graph_skipped": self.graph_skipped,
             "flight_evicted": self._ring.evicted if self._ring else 0,
             "shard": f"shards/{self.run.shard_path(self.rank).name}",
             "bytes": getattr(w, "bytes_written", 0), "buffers": self.buffers,
