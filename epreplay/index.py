@@ -153,11 +153,28 @@ def stale_reason(run: str | os.PathLike[str] | RunDir) -> str | None:
     if set(on_disk) != set(state["shards"]):
         return "shards added or removed"
     for rank, p in on_disk.items():
-        if p.stat().st_size != state["shards"][rank]["bytes"]:
+        row = state["shards"][rank]
+        if p.stat().st_size != row["bytes"]:
             return f"{p.name} changed size"
+        if row["writer_active"] and not _live(p):
+            return f"{p.name}: its writer has gone"
     if _report_ids(run) - state["replays"]:
         return "new replay reports"
     return None
+
+
+def _live(path: Path) -> bool:
+    """Whether a capture still holds the shard open for writing."""
+    from epreplay.index_scan import writer_active
+
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        return writer_active(fd)
+    finally:
+        os.close(fd)
 
 
 def _report_ids(run: RunDir) -> set[str]:
@@ -222,8 +239,8 @@ def _plan(run: RunDir, shard_paths: list[Path], state: dict | None
         size = p.stat().st_size
         if row is None:
             tasks.append((p, 0, 0))
-        elif size == row["bytes"]:
-            continue
+        elif size == row["bytes"] and not (row["writer_active"] and not _live(p)):
+            continue  # unchanged (a shard whose writer died since is re-read: its tail is damage now)
         elif size < row["bytes"] or row["truncated_at"] is not None:
             return full, True  # cut, repaired or rewritten: rows already indexed may be wrong
         else:
