@@ -46,13 +46,15 @@ class Heatmap(ScrollView, can_focus=True):
         Binding("enter", "select", "drill in"),
         Binding("z", "zoom", "zoom"),
     ]
-    COMPONENT_CLASSES = {"heatmap--label", "heatmap--header", "heatmap--highlight", "heatmap--total"}
+    COMPONENT_CLASSES = {"heatmap--label", "heatmap--header", "heatmap--highlight", "heatmap--total",
+                         "heatmap--cursor"}
     DEFAULT_CSS = """
     Heatmap { height: 1fr; }
     Heatmap > .heatmap--label { color: $text-muted; }
     Heatmap > .heatmap--header { color: $text-muted; }
     Heatmap > .heatmap--highlight { color: $text-warning; background: $warning-muted; text-style: bold; }
     Heatmap > .heatmap--total { color: $text; text-style: bold; }
+    Heatmap > .heatmap--cursor { color: $text-accent; text-style: bold; }
     """
 
     cursor = reactive((0, 0), always_update=True)
@@ -239,8 +241,12 @@ class Heatmap(ScrollView, can_focus=True):
             return self._header_line(width, sx, base)
         row = y - 1 + sy
         if row < rows:
-            style = self.get_component_rich_style("heatmap--highlight") \
-                if row in self.highlight_rows else label_style
+            if row in self.highlight_rows:
+                style = self.get_component_rich_style("heatmap--highlight")
+            elif row == self.cursor[0]:  # the cursor's row and column labels stand out
+                style = self.get_component_rich_style("heatmap--cursor")
+            else:
+                style = label_style
             gutter = Segment(self.row_labels[row].rjust(self._gutter - 1) + " ", style)
             body = self._row_segments(row)
             total = None
@@ -268,16 +274,18 @@ class Heatmap(ScrollView, can_focus=True):
         hstyle = self.get_component_rich_style("heatmap--header")
         text = self._header[sx:sx + max(width - self._gutter, 0)]
         segs = [Segment(" " * self._gutter, hstyle), Segment(text, hstyle)]
-        if self.highlight_cols and self.cell_w >= 2:
-            # Re-draw highlighted labels (the most loaded receiver) in the highlight style.
+        if self.values_RC.size and self.cell_w >= 2:
+            # Re-draw highlighted labels (the most loaded receiver) and the cursor's column label.
             hl = self.get_component_rich_style("heatmap--highlight")
             chars = list(text)
             styles = [hstyle] * len(chars)
-            for pos, col in enumerate(self.col_order):
-                if int(col) in self.highlight_cols:
-                    for x in range(pos * self.cell_w - sx, (pos + 1) * self.cell_w - sx):
-                        if 0 <= x < len(chars):
-                            styles[x] = hl
+            cur = self.get_component_rich_style("heatmap--cursor")
+            marked = [(pos, hl) for pos, col in enumerate(self.col_order) if int(col) in self.highlight_cols]
+            marked.append((self.cursor[1], cur))  # the cursor's column label (drawn last: on top)
+            for pos, style in marked:
+                for x in range(pos * self.cell_w - sx, (pos + 1) * self.cell_w - sx):
+                    if 0 <= x < len(chars):
+                        styles[x] = style
             segs = [Segment(" " * self._gutter, hstyle)] + [Segment(ch, st) for ch, st in zip(chars, styles)]
         return Strip(segs).adjust_cell_length(width, base)
 
