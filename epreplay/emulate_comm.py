@@ -146,11 +146,21 @@ def pack_rows(parts: Sequence[torch.Tensor]) -> torch.Tensor:
 
 
 def unpack_rows(rows_SB: torch.Tensor, specs: Sequence[tuple[torch.dtype, int]]) -> list[torch.Tensor]:
-    """Inverse of pack_rows: specs are (dtype, columns) per part -> list of [S, columns] tensors."""
+    """Inverse of pack_rows: specs are (dtype, columns) per part -> list of [S, columns] tensors.
+
+    A part whose byte offset and row width suit its dtype is a strided view of `rows_SB` (no copy);
+    the others are copied. Callers that hand a part to the user make it contiguous first.
+    """
     out, off = [], 0
+    S, B = rows_SB.shape
+    rows_SB = rows_SB.contiguous()
     for dtype, n in specs:
-        width = n * torch.empty((), dtype=dtype).element_size()
-        part = rows_SB[:, off:off + width].clone(memory_format=torch.contiguous_format)  # offset 0: aligned
-        out.append(part.view(dtype).view(rows_SB.shape[0], n))
+        size = torch.empty((), dtype=dtype).element_size()
+        width = n * size
+        if S and B % size == 0 and off % size == 0 and rows_SB.data_ptr() % size == 0:
+            out.append(rows_SB.view(dtype)[:, off // size:off // size + n])
+        else:
+            part = rows_SB[:, off:off + width].clone(memory_format=torch.contiguous_format)  # aligned copy
+            out.append(part.view(dtype).view(S, n))
         off += width
     return out

@@ -138,20 +138,20 @@ def dispatch(buf: Any, x: Any, handle: Any, num_tokens_per_rank: Any, num_tokens
     n_rows = max(num_worst_tokens, N) if num_worst_tokens > 0 else N
     if cached:
         n_rows = max(n_rows, p["handle_rows"])
-    recv_x = _pad(got[0], n_rows)
+    recv_x = _pad(got[0], n_rows).contiguous()
     recv_scales = None
     if xs is not None:
-        recv_scales = _pad(got[1], n_rows)
+        recv_scales = _pad(got[1], n_rows).contiguous()
         recv_scales = recv_scales.view(-1) if xs.dim() == 1 else recv_scales
-    src_idx_N = got[2 if xs is not None else 1].view(-1)
+    src_idx_N = got[2 if xs is not None else 1].reshape(-1)
     event = make_event(async_finish, previous_event)
     out_x = (recv_x, recv_scales) if xs is not None else recv_x
     if cached:
         return out_x, None, None, None, None, event
     recv_topk_idx = recv_topk_w = None
     if K:
-        recv_topk_idx = _pad(got[-3 if internode else -2], n_rows, fill=-1)
-        recv_topk_w = _pad(got[-2 if internode else -1], n_rows)
+        recv_topk_idx = _pad(got[-3 if internode else -2], n_rows, fill=-1).contiguous()
+        recv_topk_w = _pad(got[-2 if internode else -1], n_rows).contiguous()
     L = p["E"] // R
     if num_worst_tokens > 0:
         per_expert: list[int] = []
@@ -169,7 +169,7 @@ def dispatch(buf: Any, x: Any, handle: Any, num_tokens_per_rank: Any, num_tokens
     c = p["cfg"].num_sms // 2
     tokens_R = words[:, W.NTOK].tolist()
     recv_cpm = lay.recv_channel_prefix(src_rank_N, src_idx_N, tokens_R, c).to(xv.device)
-    recv_src_idx = _pad(src_idx_N, n_rows)
+    recv_src_idx = _pad(src_idx_N, n_rows).contiguous()
     dev = xv.device
     rpm = counts_RR.cumsum(0).to(torch.int32).to(dev)
     if internode:
@@ -279,7 +279,7 @@ def _internode_handle(in_rank: torch.Tensor, c: int, recv_cpm: torch.Tensor, rec
     node_of = torch.arange(R, device=dev) // n
     recv_rdma_cpm = torch.zeros(nr, c, dtype=torch.int32, device=dev).index_add_(0, node_of, recv_cpm)
     per_node = torch.zeros(nr, dtype=torch.int64, device=dev).index_add_(0, node_of, recv_from_R.to(torch.int64))
-    meta = _pad(src_meta, n_rows)
+    meta = _pad(src_meta, n_rows).contiguous()
     return (in_rank, lay.channel_prefix(nodes, c), lay.channel_prefix(in_rank, c), recv_rdma_cpm,
             per_node.cumsum(0).to(torch.int32), recv_cpm, recv_from_R.cumsum(0).to(torch.int32), meta,
             lay.send_head(nodes, c), torch.full((n_rows, lay.NVL_PEERS), -1, dtype=torch.int32, device=dev))
