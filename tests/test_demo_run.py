@@ -107,7 +107,8 @@ def test_straggler_makes_the_others_wait(demo_run_factory) -> None:
     from epreplay.run import RunDir
     from epreplay.shard import open_shard
 
-    run = RunDir.open(demo_run_factory(slow_rank=1, slow_ms=40.0, steps=2, layers=2))
+    # 80 ms: well above the scheduling noise of 4 ranks sharing 2 busy cores
+    run = RunDir.open(demo_run_factory(slow_rank=1, slow_ms=80.0, steps=2, layers=2))
     median_ms = {}
     for path in run.shard_paths():
         with open_shard(path) as scan:
@@ -115,5 +116,5 @@ def test_straggler_makes_the_others_wait(demo_run_factory) -> None:
                  if Op(e.header.op) in (Op.DISPATCH, Op.LL_DISPATCH)]
         median_ms[run.rank_of(path)] = float(np.median(d))
     others = [ms for r, ms in median_ms.items() if r != 1]
-    assert min(others) >= 30.0, median_ms  # each waited ~40 ms inside the collective
-    assert median_ms[1] < 0.5 * min(others), median_ms
+    assert min(others) >= 40.0, median_ms  # each waited ~80 ms inside the collective
+    assert median_ms[1] < 0.5 * float(np.median(others)), median_ms
