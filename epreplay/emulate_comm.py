@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import datetime
 import math
+import time
 import os
 from typing import Any, Sequence
 
@@ -68,15 +69,18 @@ class Comm:
         self.device = comm_device
 
     def _wait(self, work: Any, what: str) -> None:
+        t0 = time.monotonic()
         try:
             ok = work.wait(timeout=datetime.timedelta(seconds=self.timeout_s))
         except RuntimeError as exc:
             text = str(exc)
             if "timed out" in text.lower() or "timeout" in text.lower():
+                # the process group's own (shorter) timeout may fire first: say what really happened
                 raise EmulatedTimeout(
                     f"DeepEP error: CPU recv timeout (emulated {what}): rank {self.rank} waited "
-                    f"{self.timeout_s:g} s for its {self.size - 1} peers; a rank is late, hung, or "
-                    f"skipped this call (timeout from Buffer(timeout_s=...) or {ENV_TIMEOUT})") from exc
+                    f"{time.monotonic() - t0:.1f} s (limit {self.timeout_s:g} s) for its {self.size - 1} "
+                    f"peers; a rank is late, hung, or skipped this call (limit: Buffer(timeout_s=...) or "
+                    f"{ENV_TIMEOUT}, and the process group's own timeout)") from exc
             raise EmulatedDeepEPError(f"emulated {what}: rank {self.rank}: the collective failed: "
                                       f"{text.splitlines()[0] if text else type(exc).__name__}") from exc
         if ok is False:  # NCCL-style wait returns False on timeout

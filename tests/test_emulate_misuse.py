@@ -146,7 +146,7 @@ def _late_rank(ctx, pid_dir: str) -> float:
 
     open(os.path.join(pid_dir, str(os.getpid())), "w").close()
     faults.install(faults.Fault("hang", rank=1, op="combine", call=0))
-    buf = Buffer(dist.group.WORLD, timeout_s=3)
+    buf = Buffer(dist.group.WORLD)  # the 3 s limit comes from EPREPLAY_EMULATE_TIMEOUT_S
     idx = _route(ctx.rank)
     n_rank, _, n_exp, in_rank, _ = buf.get_dispatch_layout(idx, E)
     rx, _, _, _, h, _ = buf.dispatch(torch.zeros(T, H, dtype=torch.bfloat16), num_tokens_per_rank=n_rank,
@@ -162,9 +162,9 @@ def _late_rank(ctx, pid_dir: str) -> float:
 def test_missing_rank_times_out_with_deepep_text(tmp_path) -> None:
     t0 = time.monotonic()
     with pytest.raises(RankFailed) as info:
-        run_ranks(_late_rank, 2, str(tmp_path), timeout=60)
+        run_ranks(_late_rank, 2, str(tmp_path), timeout=60, env={"EPREPLAY_EMULATE_TIMEOUT_S": "3"})
     text = info.value.errors[0]
-    assert "timeout" in text and "EmulatedTimeout" in text, text[-600:]
+    assert "timeout" in text and "EmulatedTimeout" in text and "limit 3 s" in text, text[-600:]
     waited = float(re.search(r"RuntimeError: after ([0-9.]+)s:", text).group(1))
     assert 2.5 <= waited <= 15, f"rank 0 waited {waited}s with timeout_s=3"
     assert time.monotonic() - t0 < 50
