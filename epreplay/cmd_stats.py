@@ -83,11 +83,13 @@ def gather(ix, *, top: int, layer: int | None, steps: tuple[int, int] | None) ->
                           imb.layer_L[pick], imb.imbalance_L[pick], imb.slots_imbalance_L[pick],
                           imb.max_rank_L[pick], imb.mean_step_L[pick], imb.worst_L[pick],
                           imb.worst_step_L[pick])],
-        "stragglers": [{"rank": int(r), "slowest_calls": int(s), "calls": int(c),
+        "stragglers": [{"rank": int(r), "last_arrivals": int(la), "late_us": round(float(lt) / 1e3, 1),
+                        "slowest_calls": int(s), "calls": int(c),
                         "mean_us": round(float(m) / 1e3, 1), "max_us": round(float(x) / 1e3, 1),
                         "excess_us": round(float(e) / 1e3, 1)}
-                       for r, s, c, m, x, e in zip(strag.rank_N, strag.slowest_N, strag.calls_N,
-                                                   strag.mean_ns_N, strag.max_ns_N, strag.excess_ns_N)],
+                       for r, la, lt, s, c, m, x, e in zip(
+                           strag.rank_N, strag.last_N, strag.late_ns_N, strag.slowest_N, strag.calls_N,
+                           strag.mean_ns_N, strag.max_ns_N, strag.excess_ns_N)],
         "health": {"ok": health.ok, "missing_ranks": list(health.missing_ranks), "dropped": health.dropped,
                    "shards": [{"rank": s.rank, "bytes": s.bytes, "records": s.records,
                                "complete": s.complete, "writer_active": s.writer_active,
@@ -136,12 +138,14 @@ def render(d: dict, note: str | None) -> None:
                   f"{x['mean_step']:.3f}", f"{x['worst']:.3f}", str(x["worst_step"]))
     con.print(t)
     if d["stragglers"]:
-        t = Table(title="stragglers (slowest rank of a call)", title_justify="left")
-        for c in ("rank", "slowest in", "of calls", "mean us", "max us", "excess us"):
+        t = Table(title="stragglers (last to arrive at a call; the others wait inside it)",
+                  title_justify="left")
+        for c in ("rank", "last in", "of calls", "late us", "slowest in", "mean us", "max us", "excess us"):
             t.add_column(c, justify="right")
         for x in d["stragglers"]:
-            t.add_row(str(x["rank"]), str(x["slowest_calls"]), str(x["calls"]), f"{x['mean_us']:,.1f}",
-                      f"{x['max_us']:,.1f}", f"{x['excess_us']:,.1f}")
+            t.add_row(str(x["rank"]), str(x["last_arrivals"]), str(x["calls"]), f"{x['late_us']:,.0f}",
+                      str(x["slowest_calls"]), f"{x['mean_us']:,.0f}", f"{x['max_us']:,.0f}",
+                      f"{x['excess_us']:,.0f}")
         con.print(t)
     else:
         con.print("stragglers: no call durations recorded")

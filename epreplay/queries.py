@@ -81,18 +81,23 @@ EXPERT_SENDERS = f"""
 SELECT src_rank, sum(tokens[$expert + 1])::BIGINT AS tokens FROM expert_load_rank
 WHERE {_RANGE} GROUP BY src_rank HAVING sum(tokens[$expert + 1]) > 0 ORDER BY tokens DESC, src_rank"""
 
+# A straggler reaches a collective late; the other ranks wait for it inside the call, so *their*
+# durations grow while its own stays short. Ranks are therefore ranked by how often they arrived
+# last (start_ns, comparable across hosts to clock sync, NTP ~ 0.1-1 ms), then by lateness; the
+# duration columns show who waited (and a rank slow inside the call, e.g. a bad link).
 STRAGGLERS = f"""
 WITH c AS (
   SELECT rank, duration_ns,
          duration_ns - median(duration_ns) OVER w AS excess_ns,
          start_ns - min(start_ns) OVER w AS late_ns,
-         row_number() OVER (PARTITION BY buffer, seq ORDER BY duration_ns DESC, rank) AS pos
+         row_number() OVER (PARTITION BY buffer, seq ORDER BY duration_ns DESC, rank) AS pos,
+         row_number() OVER (PARTITION BY buffer, seq ORDER BY start_ns DESC, rank) AS arrival
   FROM calls WHERE duration_ns >= 0 AND {_RANGE} AND ($op = '' OR op::VARCHAR = $op)
   WINDOW w AS (PARTITION BY buffer, seq))
-SELECT rank, count(*) FILTER (WHERE pos = 1) AS slowest, count(*) AS calls,
-       avg(duration_ns) AS mean_ns, max(duration_ns) AS max_ns, avg(excess_ns) AS mean_excess_ns,
-       avg(late_ns) AS mean_late_ns
-FROM c GROUP BY rank ORDER BY slowest DESC, mean_ns DESC, rank LIMIT $top"""
+SELECT rank, count(*) FILTER (WHERE arrival = 1) AS last, count(*) FILTER (WHERE pos = 1) AS slowest,
+       count(*) AS calls, avg(duration_ns) AS mean_ns, max(duration_ns) AS max_ns,
+       avg(excess_ns) AS mean_excess_ns, avg(late_ns) AS mean_late_ns
+FROM c GROUP BY rank ORDER BY last DESC, mean_late_ns DESC, rank LIMIT $top"""
 
 SLOWEST_CALLS = f"""
 SELECT buffer, seq, min(step) AS step, min(layer) AS layer, min(op)::VARCHAR AS op,
@@ -225,13 +230,15 @@ class Senders:
 
 @dataclass(frozen=True)
 class Stragglers:
-    """Ranks by how often they were the slowest of a call (then mean duration).
+    """Ranks by how often they arrived last at a call (then by mean lateness); see STRAGGLERS.
 
-    rank_N; slowest_N: calls where the rank took longest; calls_N: its calls; mean_ns_N / max_ns_N:
-    durations; excess_ns_N: mean over its calls of duration - the call's median over ranks;
-    late_ns_N: mean of start - the call's earliest start (clock skew between hosts adds to it)."""
+    rank_N; last_N: calls the rank reached last; slowest_N: calls where it took longest (waiting
+    for a straggler, or slow itself); calls_N: its calls; mean_ns_N / max_ns_N: durations;
+    excess_ns_N: mean of duration - the call's median over ranks; late_ns_N: mean of start - the
+    call's earliest start (clock skew between hosts adds to it)."""
 
     rank_N: np.ndarray
+    last_N: np.ndarray
     slowest_N: np.ndarray
     calls_N: np.ndarray
     mean_ns_N: np.ndarray
@@ -497,11 +504,11 @@ class RunIndex:
     # -- time
     def stragglers(self, top: int = 5, *, layer: int | None = None, op: str | None = None,
                    steps: tuple[int, int] | None = None) -> Stragglers:
-        """Ranks most often slowest in a call (calls with a recorded duration only)."""
+        """Ranks most often last to arrive at a call (calls with a recorded duration only)."""
         lo, hi = _steps(steps)
         d = self._q(STRAGGLERS, lo=lo, hi=hi, layer=_layer(layer), op=op or "", top=int(top))
         f = lambda k: np.asarray(d[k], dtype=np.float64)  # noqa: E731
-        return Stragglers(_ints(d["rank"]), _ints(d["slowest"]), _ints(d["calls"]), f("mean_ns"),
+        return Stragglers(_ints(d["rank"]), _ints(d["last"]), _ints(d["slowest"]), _ints(d["calls"]), f("mean_ns"),
                           _ints(d["max_ns"]), f("mean_excess_ns"), f("mean_late_ns"))
 
     def slowest_calls(self, top: int = 10, *, layer: int | None = None, op: str | None = None,

@@ -53,7 +53,7 @@ class SynthSpec:
     hidden: int = 7168
     level: str = "routing"  # "counts" or "routing"
     straggler_rank: int | None = None
-    straggler_factor: float = 2.5  # the straggler's calls take this much longer
+    straggler_factor: float = 2.5  # the straggler arrives (factor - 1) x a call's base time late
     decode_steps: int = 0
     decode_tokens: int = 128
     release: str = "synthetic"
@@ -186,14 +186,19 @@ def _ll_arrays(spec: SynthSpec, f: CallFacts, r: int) -> tuple[dict, dict]:
     return arrays, meta
 
 
-def _durations(spec: SynthSpec, rng: np.random.Generator, work_R: np.ndarray, base_ns: float
-               ) -> np.ndarray:
+def _durations(spec: SynthSpec, rng: np.random.Generator, work_R: np.ndarray, base_ns: float,
+               start_R: np.ndarray) -> np.ndarray:
     """Per-rank call durations [R] int64 ns: a base, a share proportional to the rank's received
-    rows, log-normal noise, and the planted straggler `straggler_factor` times slower."""
+    rows, log-normal noise. The planted straggler arrives (straggler_factor - 1) x base late
+    (start_R is shifted in place) and every other rank waits for it inside the call, as in
+    DeepEP, where a late rank shows up as long calls on its peers."""
     mean = max(float(work_R.mean()), 1.0)
     d = base_ns * (0.6 + 0.4 * work_R / mean) * rng.lognormal(0.0, 0.08, work_R.size)
-    if spec.straggler_rank is not None:
-        d[spec.straggler_rank] *= spec.straggler_factor
+    s = spec.straggler_rank
+    if s is not None:
+        start_R[s] += int(base_ns * (spec.straggler_factor - 1.0))
+        # nobody finishes before the straggler arrived and did its share
+        d = np.maximum(d, (start_R[s] - start_R) + 0.8 * d[s])
     return d.astype(np.int64)
 
 
@@ -225,10 +230,11 @@ class SynthWriter:
                 f = call_facts(spec, idx, w)
                 rng = np.random.default_rng([spec.seed, 3, step, layer])
                 recv_R = f.sent_RR.sum(0)
-                d_disp = _durations(spec, rng, recv_R, 60_000 if decode else 250_000)
-                d_comb = _durations(spec, rng, recv_R, 60_000 if decode else 300_000)
                 start0 = 1_700_000_000_000_000_000 + step * STEP_NS + layer * LAYER_NS
                 start_R = start0 + rng.integers(0, 20_000, spec.ranks)
+                d_disp = _durations(spec, rng, recv_R, 60_000 if decode else 250_000, start_R)
+                c_start_R = start_R + d_disp + 1000
+                d_comb = _durations(spec, rng, recv_R, 60_000 if decode else 300_000, c_start_R)
                 if decode:
                     buffer, seq = 1, 2 * ((step - spec.steps) * spec.layers + layer)
                     ops = (Op.LL_DISPATCH, Op.LL_COMBINE)
@@ -245,7 +251,7 @@ class SynthWriter:
                     if decode and spec.level == "routing":
                         c_arrays = {"topk_idx_TK": f.idx_RTK[r], "topk_weights_TK": f.w_RTK[r]}
                     head = RecordHeader(Kind.CALL, int(ops[1]), self.level, Status.OK, buffer, seq + 1,
-                                        step, layer, T, start_ns=int(start_R[r] + d_disp[r] + 1000),
+                                        step, layer, T, start_ns=int(c_start_R[r]),
                                         duration_ns=int(d_comb[r]))
                     self.writers[r].append(head, c_arrays, {"dispatch_seq": seq})
 
@@ -289,7 +295,8 @@ def make_synthetic_run(path: str | os.PathLike[str], *, ranks: int, steps: int, 
         ranks / steps / layers / tokens / experts / topk: R, prefill steps, MoE layers, T per rank,
             E (a multiple of R), K.
         seed: everything is a deterministic function of the spec (same seed -> same bytes of data).
-        straggler_rank: this rank's calls take `SynthSpec.straggler_factor` x longer (None: none).
+        straggler_rank: this rank arrives late at every call and the others wait for it inside
+            the call (SynthSpec.straggler_factor; None: no straggler).
         decode_steps / decode_tokens: a low-latency decode phase after the prefill steps.
         level: "routing" (topk_idx/weights, receive layout) or "counts" (counts only).
         workers: processes writing disjoint blocks of ranks (default: the CPU count, at most 8).
