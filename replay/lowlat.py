@@ -81,7 +81,7 @@ def dispatch(eng: Any, call: Any, recs: dict) -> tuple[int, int]:
     src_info = handle[0].cpu().numpy().astype(np.int64)
     lrange = handle[1].cpu().numpy().astype(np.int64)
     st = eng.states[(call.buffer, call.seq)] = DispatchState(handle, x, topk, {}, recv_x)
-    st.extra.update(use_fp8=use_fp8, recv_count=recv_count)
+    st.extra.update(use_fp8=use_fp8, recv_count=recv_count, cast=cast)
     exp: dict = {}
     for v in vs:  # expected sets first: their fingerprints tell swapped rows from corrupt ones
         eng.check(call, v, lambda v=v: exp.__setitem__(v, _expected(eng, call, v, recs[v], cast)) or [])
@@ -208,7 +208,8 @@ def combine(eng: Any, call: Any, recs: dict) -> tuple[int, int]:
 def _verify_combine(st: Any, t: torch.Tensor, wv: torch.Tensor, v: int, got: torch.Tensor,
                     tol: float) -> list[tuple]:
     """Source-side reference: fp32 sum over k ascending of w * bf16(expert output), as DeepEP."""
-    x_f = I.dequant(I.to_fp8(st.x_V[v])) if st.extra.get("use_fp8") else st.x_V[v].float()
+    cast = st.extra.get("cast")  # the kernel's own FP8 cast (round_scale / UE8M0 as recorded)
+    x_f = I.dequant(cast(st.x_V[v])) if cast is not None else st.x_V[v].float()
     ref = torch.zeros_like(x_f)
     for k in range(t.shape[1]):
         valid = t[:, k] >= 0
