@@ -14,6 +14,11 @@ Two ways to pair a token of run A with a token of run B:
     wherever (step, rank, row) it was processed. A tag seen twice in one run's layer (a
     re-processed token) is matched at its first occurrence in (step, rank, row) order and the
     repeats are counted as unmatched.
+
+Weights: a normal dispatch record holds topk_weights_TK; a low-latency dispatch does not
+(DeepEP's low_latency_dispatch takes none), so its weights come from the ll_combine that follows
+it on the same rank (same ids row for row, checked). Position pairs whose records are
+byte-identical (same compressed frames) are decoded once and counted as full agreement.
 """
 from __future__ import annotations
 
