@@ -414,3 +414,35 @@ async def test_a_query_failing_on_an_older_index_layout_is_a_notice_not_a_crash(
         await pilot.press("3")  # the app keeps working
         await settle(pilot, app)
         assert _last(msgs, M.TrafficLoaded)
+
+
+@sync
+async def test_reload_picks_up_a_new_replay_report(synth_run: Path, tmp_path: Path) -> None:
+    import json
+
+    run = copy_run(synth_run, tmp_path / "live")
+    msgs: list = []
+    app = _app(run)
+    async with app.run_test(size=(100, 30), message_hook=msgs.append) as pilot:
+        await settle(pilot, app)
+        await pilot.press("5")
+        await settle(pilot, app)
+        assert [r.replay for r in _last(msgs, M.DivergencesLoaded).payload.replays] == ["rp-0001"]
+        # `epreplay replay` writes its report while the TUI is open; `r` brings it in.
+        div = dict(call=2, buffer=0, seq=2, step=0, layer=1, op="dispatch", rank=4, physical=1,
+                   kind="count", token=-1, src_rank=-1, expert=9, expected="5", got="6",
+                   detail="tokens per expert")
+        report = dict(id="rp-0002", run_id="tui-synth-run", created="2026-01-02T00:00:00",
+                      backend="emulated", device="cpu", payload="synthetic",
+                      plan={"virtual_ranks": 16, "physical_ranks": 2}, calls=64, scheduled=64,
+                      divergences=1, divergence_list=[div], verdict="DIVERGED")
+        (run / "replays").mkdir(exist_ok=True)
+        (run / "replays" / "rp-0002.json").write_text(json.dumps(report))
+        await pilot.press("r")
+        await settle(pilot, app)
+        assert _last(msgs, M.Reloaded)
+        d = _last(msgs, M.DivergencesLoaded).payload
+        assert {r.replay for r in d.replays} == {"rp-0001", "rp-0002"}
+        assert d.replay == "rp-0002"  # the newest diverged replay is opened
+        cur = app.query_one("#divergences").current
+        assert (cur.kind, cur.rank, cur.expert, cur.expected, cur.got) == ("count", 4, 9, "5", "6")

@@ -9,7 +9,7 @@ from __future__ import annotations
 from functools import partial
 from pathlib import Path
 
-from textual import on
+from textual import on, work
 from textual.app import App, ComposeResult, ScreenStackError
 from textual.binding import Binding
 from textual.command import DiscoveryHit, Hit, Hits, Provider
@@ -20,7 +20,7 @@ from textual.widgets import ContentSwitcher, Footer, Static, Tab, Tabs
 from epreplay.errors import UsageError
 from epreplay.tui.data import Selection, Session
 from epreplay.tui.jump import parse_jump
-from epreplay.tui.messages import FetchFailed
+from epreplay.tui.messages import FetchFailed, Reloaded
 from epreplay.tui.pane import Pane
 from epreplay.tui.screens_divergences import DivergencesPane
 from epreplay.tui.screens_diff import DiffPane
@@ -51,6 +51,7 @@ class EpCommands(Provider):
             ("Next step", partial(app.action_step, 1), "select the next step (])"),
             ("Next layer", partial(app.action_layer, 1), "select the next layer (})"),
             ("Jump to expert, rank, step or layer", app.action_jump, "/"),
+            ("Reload the index", app.action_reload, "index new records and replay reports (r)"),
             ("Keys", app.action_help, "the help screen (?)"),
         ]
         return cmds
@@ -83,6 +84,7 @@ class EpReplayApp(App[int]):
         Binding("left_curly_bracket", "layer(-1)", "layer-", show=False),
         Binding("right_curly_bracket", "layer(1)", "layer+"),
         Binding("a", "all", "all", show=False),
+        Binding("r", "reload", "reload", show=False),
         Binding("q", "quit", "quit"),
     ]
 
@@ -111,6 +113,32 @@ class EpReplayApp(App[int]):
 
     def on_unmount(self) -> None:
         self.session.close()
+
+    # ----- reload (a live capture, a new replay report) ---------------------------------------
+    def action_reload(self) -> None:
+        self.notify("updating the index…", timeout=2)
+        self._reload()
+
+    @work(thread=True, exclusive=True, group="reload")
+    def _reload(self) -> None:
+        """Index what is new in the run (ensure_index writes a new file and renames it over the
+        old one), then reopen it (Session.reopen)."""
+        try:
+            from epreplay import index as index_mod
+
+            index_mod.ensure_index(self.session.path, progress=False)
+            self.session.reopen()
+            self.post_message(Reloaded(self.session.index))
+        except Exception as exc:  # noqa: BLE001 - shown, never raised into the app
+            self.post_message(FetchFailed("reload", f"{type(exc).__name__}: {exc}"))
+
+    @on(Reloaded)
+    def _reloaded(self, msg: Reloaded) -> None:
+        for pane in self.query(Pane):
+            pane.stale = True
+        self.pane(self.current).activate()
+        self._status()
+        self.notify("index reloaded", timeout=2)
 
     # ----- panes ------------------------------------------------------------------------------
     def pane(self, pid: str) -> Pane:

@@ -8,6 +8,7 @@ Legend: L layers, E experts, R ranks, S steps.
 """
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -122,6 +123,9 @@ class Session:
     index: RunIndex
     path_b: Path | None = None
     _diffs: dict[str, DiffData] = field(default_factory=dict, repr=False)
+    # Held by every fetch that uses `index` (worker threads) and by `reopen`; the UI thread
+    # never takes it. Fetches barely overlap (one pane is visible), so little is serialized.
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @property
     def info(self) -> RunInfo:
@@ -130,33 +134,56 @@ class Session:
     def close(self) -> None:
         self.index.close()
 
+    def reopen(self) -> None:
+        """Swap in the index file now on disk (after ensure_index replaced it).
+
+        DuckDB shares one database instance per path inside a process, so a second connection
+        would still read the replaced file: the old connection is closed first, under the lock
+        every index fetch holds, so no fetch in flight loses its connection."""
+        with self._lock:
+            self.index.close()
+            self.index = queries.open_index(self.path, ensure=False)
+            self._diffs.clear()
+
     # ----- fetches (thread workers call these) --------------------------------------------------
     def overview(self, *, top: int = 10) -> OverviewData:
+        with self._lock:
+            return self._overview(top)
+
+    def _overview(self, top: int) -> OverviewData:
         health = self.index.health()
         errors = tuple((int(r), str(e)) for r, e in self.index.sql(ERRORS_SQL).rows)
         return OverviewData(str(self.path), self.info, health, self.index.hot_experts(top),
                             self.index.imbalance(), errors, len(self.index.replays()))
 
     def heat(self, sel: Selection) -> HeatData:
-        m = self.index.load_matrix(steps=sel.steps)
+        with self._lock:
+            m = self.index.load_matrix(steps=sel.steps)
         return HeatData(sel, m.layer_L, m.load_LE)
 
     def expert(self, expert: int, sel: Selection) -> ExpertDrill:
-        series = self.index.expert_load_over_time(expert, layer=sel.layer)
-        senders = self.index.expert_senders(expert, layer=sel.layer, steps=sel.steps)
+        with self._lock:
+            series = self.index.expert_load_over_time(expert, layer=sel.layer)
+            senders = self.index.expert_senders(expert, layer=sel.layer, steps=sel.steps)
         return ExpertDrill(expert, sel.layer, series, senders)
 
     def traffic(self, sel: Selection) -> TrafficData:
-        t = self.index.traffic(layer=sel.layer, steps=sel.steps)
+        with self._lock:
+            t = self.index.traffic(layer=sel.layer, steps=sel.steps)
         return TrafficData(sel, t.tokens_RR, t.bytes_RR)
 
     def timeline(self, *, op: str | None = None) -> TimelineData:
-        t = self.index.timeline(op=op)
-        strag = self.index.stragglers(top=self.info.world_size or 1, op=op)
+        with self._lock:
+            t = self.index.timeline(op=op)
+            strag = self.index.stragglers(top=self.info.world_size or 1, op=op)
         captured = bool(t.duration_SR.size and (t.duration_SR > 0).any())
         return TimelineData(t.step_S, t.duration_SR, strag, captured)
 
     def divergences(self, replay: str | None = None) -> DivergenceData:
+        with self._lock:
+            return self._divergences(replay)
+
+    def _divergences(self, replay: str | None) -> DivergenceData:
         replays = tuple(self.index.replays())
         if replay is None:
             # The newest replay that diverged, else the newest one: what a user opens first.

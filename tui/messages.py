@@ -55,3 +55,11 @@ class FetchFailed(Message):
         super().__init__()
         self.what = what
         self.error = error
+
+
+class Reloaded(Message):
+    """The index was brought up to date (new shard records, new replay reports) and reopened."""
+
+    def __init__(self, index: object) -> None:
+        super().__init__()
+        self.index = index  # epreplay.queries.RunIndex

@@ -22,6 +22,7 @@ epreplay tui — keys
  a     all steps and layers      z    zoom the heatmap (numbers / colour)
  s     sort experts (id / load)  p    cycle the op (timeline)
  /     jump: e12 expert, r5 rank, s3 or s3:10 steps, l4 layer
+ r       reload: index new records and replay reports (a live run)
  ctrl+p  command palette         ?    this help        q  quit
  tab     next widget
 
