@@ -12,13 +12,21 @@ Library use (frameworks, the demo, tests):
 
     env = capture.env_for("RUN", level="routing", layers_per_step=4)   # dict[str, str]
     subprocess.run(cmd, env={**os.environ, **env})   # every Python child captures, no code change
-    # for epreplay.launch.run_ranks (forkserver children): put env into os.environ *before* the
-    # first run_ranks call of the process, so the forkserver itself starts with it.
+    # epreplay.launch.run_ranks(fn, n, env=env) applies env *after* the forkserver forked the
+    # child, too late for the sitecustomize: there each rank calls capture.install() before
+    # creating its Buffers and capture.stop() at the end (the demo's RankHooks do exactly that);
+    # the recorder reads its config from the environment at the first Buffer.
 
     capture.install() / capture.wrap(buffer) / capture.uninstall()    # hooks only (see hooks.py)
     with capture.step(7): with capture.layer(3): ...; capture.mark_step(); capture.tag_tokens(ids_T)
 
 What a record holds per op and level: epreplay/records.py (arrays) and capture/extract.py (meta).
+Run directory extras: RUN/.capture/ (lock, rank-NNNNN.json closing facts, site/sitecustomize.py)
+and RUN/DUMP (flight-mode dump request, see triggers.py). manifest.json's ranks[r] holds each
+rank's closing facts (records, dropped, disabled reason, dumps, graph_skipped, buffers) and extra
+holds dropped / disabled_ranks / dumps totals (and exit_code under `epreplay record`).
+A (buffer, seq) may appear twice in a shard: a HUNG record written by the watchdog, then the
+OK/ERROR record if the call returned after all — the later one is the call's outcome.
 This package imports no torch until a Buffer is hooked or capture starts.
 """
 from __future__ import annotations
