@@ -10,7 +10,10 @@ once into --dir (kept for the next invocation; generation is the slow part) and 
     also the whole CLI (`epreplay diff A B --match none --format json`, a fresh process);
   * token-matched level: diff_runs(A, B, match="position") — every dispatch record of both runs
     read from the shards and compared token by token (one pass, thread pool over records); and
-    A against itself, where every record is byte-identical and decoded once.
+    A against itself, where every record is byte-identical and decoded once;
+  * token-matched by tag: a second pair of runs with token tags (written here: synth has none),
+    B with every step's batch shuffled across ranks and rows and layers 1 and 5 perturbed
+    (--tag-steps steps, default 50).
 Target (issue 7): distribution level < 2 s.
 """
 from __future__ import annotations
@@ -53,6 +56,56 @@ def _index(path: Path) -> float:
     return time.perf_counter() - t0
 
 
+def _make_tagged(path: Path, *, ranks: int, steps: int, layers: int, tokens: int, experts: int,
+                 topk: int, shuffle: bool, perturb: frozenset[int]) -> float:
+    """A run of tagged dispatch records (epreplay.synth writes no tags): token g of step s gets
+    tag g and, in layer l, a top-k row of a per-layer pool picked by hash(g, l) (the next row in
+    `perturb` layers); `shuffle` permutes each step's tokens across ranks and rows."""
+    import numpy as np
+
+    from epreplay.records import Kind, Level, Manifest, Op, RecordHeader, ShardInfo, Status
+    from epreplay.shard import ShardWriter
+
+    if (path / "manifest.json").exists():
+        return 0.0
+    t0 = time.perf_counter()
+    pool_rows = 8192
+    rng = np.random.default_rng(7)
+    pools = []
+    for _ in range(layers):  # Gumbel top-k over a skewed popularity: distinct experts per row
+        g = rng.normal(0, 0.8, experts)[None, :] + rng.gumbel(size=(pool_rows, experts))
+        idx = np.argsort(-g, axis=1)[:, :topk]
+        w = np.exp(np.take_along_axis(g, idx, 1) - g.max(axis=1, keepdims=True))
+        pools.append((idx.astype(np.int64), (w / w.sum(1, keepdims=True)).astype(np.float32)))
+    run = RunDir.create(path)
+    run.write_manifest(Manifest(run_id=path.name, created="bench", world_size=ranks,
+                                num_experts=experts, topk=topk, release=path.name))
+    writers = [ShardWriter(run.shard_path(r), ShardInfo(path.name, r, ranks, experts, topk, 0,
+                                                       Level.ROUTING)) for r in range(ranks)]
+    per_step = ranks * tokens
+    for step in range(steps):
+        tok_N = np.arange(step * per_step, (step + 1) * per_step, dtype=np.int64)
+        if shuffle:
+            tok_N = np.random.default_rng([11, step]).permutation(tok_N)
+        for layer in range(layers):
+            h_N = (tok_N.astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15)
+                   + np.uint64((layer * 0x632BE59BD9B4E019) % 2**64)) >> np.uint64(40)
+            row_N = (h_N % np.uint64(pool_rows)).astype(np.int64)
+            if layer in perturb:
+                row_N = (row_N + 1) % pool_rows
+            idx_pool, w_pool = pools[layer]
+            for r in range(ranks):
+                sl = slice(r * tokens, (r + 1) * tokens)
+                head = RecordHeader(Kind.CALL, Op.DISPATCH, Level.ROUTING, Status.OK, 0,
+                                    step * layers + layer, step, layer, tokens)
+                writers[r].append(head, {"topk_idx_TK": idx_pool[row_N[sl]],
+                                         "topk_weights_TK": w_pool[row_N[sl]],
+                                         "token_tag_T": tok_N[sl]})
+    for w in writers:
+        w.close()
+    return time.perf_counter() - t0
+
+
 def _timed(fn, repeat: int) -> tuple[float, float, object]:
     times, out = [], None
     for _ in range(repeat):
@@ -74,6 +127,8 @@ def main() -> int:
     p.add_argument("--repeat", type=int, default=3, help="timed repetitions of the distribution level")
     p.add_argument("--dir", type=Path, default=Path(os.environ.get("TMPDIR", "/tmp")) / "epreplay-diff-bench")
     p.add_argument("--no-tokens", action="store_true", help="skip the token-matched level")
+    p.add_argument("--tag-steps", type=int, default=50,
+                   help="steps of the tagged pair of runs for the tag-matched figure (0: skip)")
     args = p.parse_args()
 
     shape = f"r{args.ranks}-s{args.steps}-l{args.layers}-t{args.tokens}-e{args.experts}-k{args.topk}"
@@ -115,6 +170,24 @@ def main() -> int:
         self_s = time.perf_counter() - t0
         print(f"token-matched self-diff (A vs A: byte-identical records, decoded once): {self_s:.1f} s; "
               f"top1 {res.summary['top1']:.4f}")
+    if args.tag_steps:
+        tbase = args.dir / f"tagged-r{args.ranks}-s{args.tag_steps}-l{args.layers}-t{args.tokens}-e{args.experts}-k{args.topk}"
+        tbase.mkdir(parents=True, exist_ok=True)
+        shape = dict(ranks=args.ranks, steps=args.tag_steps, layers=args.layers, tokens=args.tokens,
+                     experts=args.experts, topk=args.topk)
+        gen = (_make_tagged(tbase / "a", shuffle=False, perturb=frozenset(), **shape)
+               + _make_tagged(tbase / "b", shuffle=True, perturb=frozenset({1, 5}), **shape))
+        n = args.ranks * args.tag_steps * args.layers * args.tokens
+        _index(tbase / "a")
+        _index(tbase / "b")
+        t0 = time.perf_counter()
+        res = diff_runs.diff_runs(tbase / "a", tbase / "b", match="tag")
+        tag_s = time.perf_counter() - t0
+        drifted = sorted(r.layer for r in res.layers if r.tokens.top1 < 1)
+        print(f"token-matched level by tag (B: batches shuffled across ranks/rows, layers 1 and 5 "
+              f"perturbed; {n / 1e6:.1f} M token-layers per run, generated in {gen:.0f} s): "
+              f"{tag_s:.1f} s ({n / tag_s / 1e6:.2f} M/s); matched "
+              f"{res.summary['matched']:.4f}, drifted layers {drifted}")
     return 0
 
 
