@@ -193,6 +193,9 @@ def run(args: argparse.Namespace) -> int:
             for rank, text in sorted(exc.errors.items()):
                 last = text.strip().splitlines()[-1] if text.strip() else "?"
                 err.print(escape(f"  rank {rank}: {last}"), soft_wrap=True, highlight=False)
+            if opts.out is not None and RunDir(out).shards_dir.is_dir():
+                err.print(escape(f"what was recorded is in {out}: epreplay inspect {out}"),
+                          soft_wrap=True, highlight=False)
             return 1
     if args.format == "json":
         import json
