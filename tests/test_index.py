@@ -3,7 +3,6 @@ shards, incremental indexing, damaged shards, replay reports. Real shards, real 
 from __future__ import annotations
 
 import shutil
-import time
 from collections import defaultdict
 from pathlib import Path
 
