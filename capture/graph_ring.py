@@ -36,6 +36,9 @@ GRAPH_SEQ_BASE = 1 << 40
 # 256 slots hold 256 decode steps between drains: at ~100 us per step that is ~25 ms of graph
 # replays, far longer than the drain thread's 5 ms period, while costing only S x (T*K*8 bytes).
 DEFAULT_SLOTS = 256
+# Hooked calls one Buffer may make inside captured graphs (e.g. 61 layers x dispatch + combine x
+# a few batch-size graphs would need more: raise it through EPREPLAY_GRAPH_SITES).
+MAX_SITES = 512
 
 
 def capturing() -> bool:
@@ -57,19 +60,19 @@ class Site:
     drained: int = 0  # host-side: slots already turned into records
 
     def stage(self, tensors: dict[str, torch.Tensor]) -> None:
-        """Record (into the graph being captured) copies of `tensors` into this site's ring."""
-        first = next(iter(tensors.values()))
-        if self.counter is None:
-            self.counter = torch.zeros(1, dtype=torch.int64, device=first.device)
-        slots = None
+        """Record (into the graph being captured) copies of `tensors` into this site's ring.
+
+        The rings are `torch.empty` (allocated from the graph's private pool, no fill kernel in
+        the graph): a slot is only read after the counter says it was written.
+        """
+        slot = None
         for name, t in tensors.items():
             ring = self.rings.get(name)
             if ring is None:
-                # Allocated at capture time, from the graph's private pool: stable addresses.
-                ring = self.rings[name] = torch.zeros((_slots(self),) + tuple(t.shape), dtype=t.dtype,
+                ring = self.rings[name] = torch.empty((_slots(self),) + tuple(t.shape), dtype=t.dtype,
                                                       device=t.device)
-            slots = ring.shape[0]
-            slot = torch.remainder(self.counter, slots)
+            if slot is None:
+                slot = torch.remainder(self.counter, ring.shape[0])
             ring.index_copy_(0, slot, t.detach().reshape((1,) + tuple(t.shape)))
         self.counter.add_(1)
 
@@ -81,19 +84,29 @@ def _slots(site: Site) -> int:
 class GraphRing:
     """The graph capture path of one Buffer: its sites and the host-side drain."""
 
-    def __init__(self, *, buffer_id: int, level: Level, slots: int = DEFAULT_SLOTS):
+    def __init__(self, *, buffer_id: int, level: Level, device: torch.device,
+                 slots: int = DEFAULT_SLOTS, max_sites: int = MAX_SITES):
         self.buffer_id = buffer_id
         self.level = level
         self.slots = slots
         self.sites: list[Site] = []
         self.dropped = 0
+        self.skipped = 0  # graph calls beyond max_sites (not recorded, counted)
         self._lock = threading.Lock()
         self._side: torch.cuda.Stream | None = None
+        # Counters must start at zero, and zeroing is a kernel: one made inside the capture would
+        # run again at every replay. So they are made here, outside any capture (the ring is
+        # created when the Buffer is first seen eagerly, as every framework warms up eagerly).
+        self._counters = torch.zeros(max_sites, dtype=torch.int64, device=device)
 
-    def site(self, op: Op, *, layer: int, tokens: int, meta: dict[str, Any]) -> Site:
-        """A new call site (called by a hook while capturing)."""
+    def site(self, op: Op, *, layer: int, tokens: int, meta: dict[str, Any]) -> Site | None:
+        """A new call site (called by a hook while capturing); None when the pool is used up."""
         with self._lock:
-            s = Site(len(self.sites), op, layer, tokens, dict(meta, ring_slots=self.slots))
+            if len(self.sites) >= self._counters.shape[0]:
+                self.skipped += 1
+                return None
+            s = Site(len(self.sites), op, layer, tokens, dict(meta, ring_slots=self.slots),
+                     counter=self._counters[len(self.sites):len(self.sites) + 1])
             self.sites.append(s)
             return s
 
@@ -105,7 +118,7 @@ class GraphRing:
         """
         out: list[tuple[RecordHeader, dict[str, np.ndarray], dict[str, Any]]] = []
         with self._lock:
-            sites = [s for s in self.sites if s.counter is not None]
+            sites = [s for s in self.sites if s.rings]
             if not sites:
                 return out
             if self._side is None:
@@ -141,7 +154,11 @@ class GraphRing:
             header = RecordHeader(kind=Kind.CALL, op=int(s.op), level=self.level, status=Status.OK,
                                   buffer=self.buffer_id, seq=seq, step=i, layer=s.layer,
                                   tokens=s.tokens)
-            records.append((header, arrays, dict(s.meta, graph_replay=i, graph_site=s.index)))
+            meta = dict(s.meta, graph_replay=i, graph_site=s.index)
+            meta.pop("ring_slots", None)
+            if "dispatch_site" in meta:  # handle lineage inside the graph: same replay, that site
+                meta["dispatch_seq"] = GRAPH_SEQ_BASE + i * n_sites + meta.pop("dispatch_site")
+            records.append((header, arrays, meta))
         s.drained = before
         return records
 
@@ -163,8 +180,118 @@ def _finish_arrays(op: Op, row: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         row["src_info_V"] = np.concatenate(
             [src_info_LX[e, : counts_L[e]] for e in range(len(counts_L))]
         ).astype(np.int32) if len(counts_L) else np.zeros(0, np.int32)
+    row.pop("tokens_T", None)
     if "x_fp_T" in row:
         row["x_fp_T"] = row["x_fp_T"].view(np.uint64)
     if "combined_fp_T" in row:
         row["combined_fp_T"] = row["combined_fp_T"].view(np.uint64)
     return row
+
+
+# --- the recorder's side: calls made while a graph is being captured -------------------------
+
+@dataclass
+class GraphCall:
+    """A hooked call made during graph capture (what Recorder.begin returns instead of a Call)."""
+
+    op: Op
+    buffer: int
+    layer: int
+    level: Level
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+def stage_end(ring: GraphRing, call: GraphCall, args: dict[str, Any], result: Any,
+              lineage: dict[int, int]) -> Any:
+    """The call returned inside the capture: add a site and stage its tensors into the graph.
+
+    Returns the result to hand back (for a low-latency dispatch with return_recv_hook the hook is
+    wrapped so the outputs are staged where they become valid, at the hook's place in the graph).
+    lineage maps id(handle[0]) -> dispatch site, so a combine's record names its dispatch.
+    """
+    from epreplay.fingerprint_gpu import fingerprint_rows_fast
+
+    level, op = call.level, call.op
+    if op == Op.LL_DISPATCH:
+        x, topk = args["x"], args["topk_idx"]
+        tokens = int(topk.shape[0])
+        site = ring.site(op, layer=call.layer, tokens=tokens, meta=call.meta)
+        if site is None:
+            return result
+        handle = result[2]
+        lineage[id(handle[0])] = site.index
+        inputs = {}
+        if level >= Level.ROUTING:
+            inputs["topk_idx_TK"] = topk
+        if level >= Level.FINGERPRINTS:
+            inputs["x_fp_T"] = fingerprint_rows_fast(x)
+
+        def stage_outputs() -> None:
+            out = dict(inputs, recv_count_L=result[1])
+            if level >= Level.ROUTING:
+                out["layout_range_LR"] = handle[1]
+                out["src_info_LX"] = handle[0]
+            site.stage(out)
+
+        hook = result[4] if len(result) > 4 else None
+        if call.meta.get("recv_hook") and callable(hook):
+            def recv_hook(*a: Any, **kw: Any) -> Any:
+                got = hook(*a, **kw)
+                stage_outputs()
+                return got
+            return result[:4] + (recv_hook,) + tuple(result[5:])
+        stage_outputs()
+        return result
+    if op == Op.LL_COMBINE:
+        topk = args["topk_idx"]
+        meta = dict(call.meta)
+        handle = args.get("handle")
+        if isinstance(handle, tuple) and handle and id(handle[0]) in lineage:
+            meta["dispatch_site"] = lineage[id(handle[0])]
+        site = ring.site(op, layer=call.layer, tokens=int(topk.shape[0]), meta=meta)
+        if site is None:
+            return result
+        out: dict[str, torch.Tensor] = {}
+        if level >= Level.ROUTING:
+            out["topk_idx_TK"] = topk
+            out["topk_weights_TK"] = args["topk_weights"]
+        if level >= Level.FINGERPRINTS:
+            out["combined_fp_T"] = fingerprint_rows_fast(result[0])
+        if not out:
+            out["tokens_T"] = torch.ones(1, dtype=torch.int32, device=topk.device)  # a replay count
+        site.stage(out)
+        return result
+    ring.skipped += 1  # normal-mode calls sync with the host: they are never graph-captured
+    return result
+
+
+class Drainer(threading.Thread):
+    """Drains a recorder's graph rings every `period_s` into its writer queue."""
+
+    def __init__(self, rings: dict[int, GraphRing], put: Any, period_s: float = 0.005):
+        super().__init__(name="epreplay-graph-drain", daemon=True)
+        self.rings, self.put, self.period_s = rings, put, period_s
+        self.stopped = threading.Event()
+
+    def drain_once(self) -> None:
+        for ring in list(self.rings.values()):
+            records = ring.drain()
+            if records:
+                self.put(("graph", records))
+
+    def run(self) -> None:
+        while not self.stopped.wait(self.period_s):
+            try:
+                self.drain_once()
+            except Exception as exc:  # noqa: BLE001 - the writer reports; capture never harms
+                self.put(("event", {"reason": "graph_drain_failed", "detail": f"{type(exc).__name__}: {exc}"}))
+                return
+
+    def stop(self) -> None:
+        """Final drain after the device has finished every graph replay launched so far."""
+        self.stopped.set()
+        self.join(timeout=2.0)
+        for ring in self.rings.values():
+            if ring.sites:
+                torch.cuda.synchronize(ring._counters.device)  # at close only, not on the hot path
+        self.drain_once()

@@ -83,6 +83,11 @@ class Recorder:
         self._auto_step, self._auto_layer, self._layer_open_by = 0, -1, None
         self._marked_step: int | None = None
         self._side = None  # CUDA side stream, created on the first CUDA call
+        # CUDA-graph path (graph_ring.py): per-Buffer device rings, made on the first eager CUDA
+        # call of a Buffer (outside any capture), drained by their own thread once graphs exist.
+        self._graph_rings: dict[int, Any] = {}
+        self._graph_lineage: dict[int, int] = {}
+        self._drainer: Any = None
         self._closed = False
         self._last_dump: tuple[str, float] = ("", 0.0)
         self.on_trigger: Callable[[str, str], None] | None = None  # set by triggers.Watchdog
@@ -149,10 +154,11 @@ class Recorder:
         first = x[0] if isinstance(x, (tuple, list)) else x
         cuda = isinstance(first, torch.Tensor) and first.is_cuda
         if cuda and torch.cuda.is_current_stream_capturing():
-            # Inside CUDA-graph capture a side-stream copy or event would break the graph (and
-            # the job); the graph path (graph_ring.py) is the lead's to hook here. Never harm.
-            self.graph_skipped += 1
-            return None
+            # Inside CUDA-graph capture a side-stream copy or event would break the graph: the
+            # call is staged into the graph itself (graph_ring.py), or counted when it cannot be.
+            return self._graph_begin(op, bs, layer, level, args)
+        if cuda and bs.id not in self._graph_rings and op in (Op.LL_DISPATCH, Op.LL_COMBINE):
+            self._make_graph_ring(bs.id, first.device)
         if cuda and self._side is None:
             self._side = torch.cuda.Stream(device=first.device)
         call = Call(op=op, buffer=bs.id, seq=seq, step=step, layer=layer, start_ns=time.time_ns(),
@@ -167,6 +173,26 @@ class Recorder:
         stage_inputs(call, args, payload)
         call.staging.seal()
         self.inflight[id(call)] = call
+        return call
+
+    def _make_graph_ring(self, buffer_id: int, device: Any) -> None:
+        from epreplay.capture.graph_ring import GraphRing
+
+        self._graph_rings[buffer_id] = GraphRing(buffer_id=buffer_id, level=self.level, device=device)
+
+    def _graph_begin(self, op: Op, bs: BufferState, layer: int, level: Level, args: dict[str, Any]) -> Any:
+        from epreplay.capture.graph_ring import Drainer, GraphCall
+
+        if bs.id not in self._graph_rings or op not in (Op.LL_DISPATCH, Op.LL_COMBINE):
+            self.graph_skipped += 1  # no eager call made the ring first, or a host-synced op
+            return None
+        call = GraphCall(op=op, buffer=bs.id, layer=layer, level=min(level, Level.FINGERPRINTS))
+        call.meta.update(ep_rank=bs.ep_rank, ep_size=bs.ep_size, graph=True)
+        self._op_meta(call, bs, args)
+        call.meta.pop("dispatch_seq", None)  # graph lineage is resolved per replay at drain
+        if self._drainer is None:
+            self._drainer = Drainer(self._graph_rings, self._q.put)
+            self._drainer.start()
         return call
 
     def _op_meta(self, call: Call, bs: BufferState, a: dict[str, Any]) -> None:
@@ -187,8 +213,8 @@ class Recorder:
                 m["E"] = h[-1] if isinstance(h[-1], int) else None
         else:
             for key in ("expert_alignment", "num_worst_tokens"):
-                if key in a:
-                    m[key] = a[key]
+                if isinstance(a.get(key), (int, float)) or hasattr(a.get(key), "__index__"):
+                    m[key] = int(a[key])  # numpy/torch scalars are not JSON
             if a.get("config") is not None:
                 m["config"] = repr(a["config"])
         if op in (Op.COMBINE, Op.CACHED_DISPATCH, Op.LL_COMBINE):
@@ -217,6 +243,10 @@ class Recorder:
 
     def end(self, call: Call, args: dict[str, Any], result: Any) -> Any:
         """The call returned: stage outputs (now, or when the LL recv hook runs) and enqueue."""
+        if not isinstance(call, Call):  # a GraphCall: staged into the graph being captured
+            from epreplay.capture.graph_ring import stage_end
+
+            return stage_end(self._graph_rings[call.buffer], call, args, result, self._graph_lineage)
         call.timer.stop()
         self.inflight.pop(id(call), None)
         if call.op == Op.DISPATCH and isinstance(result, tuple) and len(result) > 4:
@@ -248,6 +278,8 @@ class Recorder:
 
     def raised(self, call: Call, exc: BaseException) -> None:
         """The call raised: record it as ERROR with the text (the caller re-raises)."""
+        if not isinstance(call, Call):
+            return  # raised during graph capture: the capture itself fails for the caller
         try:
             call.timer.stop()
             self.inflight.pop(id(call), None)
@@ -382,6 +414,13 @@ class Recorder:
                 self._append(header, arrays, meta)
         elif kind == "event":
             self._event(item[1])
+        elif kind == "graph":  # records drained from CUDA-graph rings (graph_ring.Drainer)
+            for header, arrays, meta in item[1]:
+                self._learn_static(header, arrays, meta)
+                if self._ring is not None:
+                    self._ring.add((header, arrays, meta))
+                else:
+                    self._append(header, arrays, meta)
 
     def _loop(self) -> None:
         while True:
@@ -417,6 +456,11 @@ class Recorder:
         """Drain the queue, write the footer; returns this rank's closing facts. Idempotent."""
         if not self._closed:
             self._closed = True
+            if self._drainer is not None:
+                try:
+                    self._drainer.stop()
+                except Exception as exc:  # noqa: BLE001
+                    self.disable(f"close: graph drain: {type(exc).__name__}: {exc}")
             self._q.put(_STOP)
             self._thread.join(timeout)
             if self._thread.is_alive():
@@ -441,7 +485,9 @@ class Recorder:
             "rank": self.rank, "world_size": self.world_size, "host": socket.gethostname(),
             "pid": os.getpid(), "calls": self.calls, "records": self.records,
             "dropped": self.dropped, "disabled": self.disabled_reason, "dumps": self.dumps,
-            "graph_skipped": self.graph_skipped,
+            "graph_skipped": self.graph_skipped
+            + sum(r.skipped for r in self._graph_rings.values()),
+            "graph_dropped": sum(r.dropped for r in self._graph_rings.values()),
             "flight_evicted": self._ring.evicted if self._ring else 0,
             "shard": f"shards/{self.run.shard_path(self.rank).name}",
             "bytes": getattr(w, "bytes_written", 0), "buffers": self.buffers,

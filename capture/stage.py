@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from epreplay.fingerprint import fingerprint_rows
+from epreplay.fingerprint_gpu import fingerprint_rows_fast
 
 _FLOAT_KINDS = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
 # Recent CPU snapshots: id -> (weakref to the source, its _version then, the copy). 8 covers the
@@ -109,8 +110,22 @@ class Staging:
         if x is None:
             return
         first = x[0] if isinstance(x, (tuple, list)) else x
-        if first.is_cuda:
-            self._to_host(name, fingerprint_rows(x))
+        if first.is_cuda and self._side is not None:
+            # The hash runs on the side stream (Triton kernel), overlapping the job's next kernels
+            # (DeepEP's comm kernels leave most SMs idle) instead of adding to its stream.
+            side = self._side
+            if not self._synced:
+                side.wait_stream(torch.cuda.current_stream(first.device))
+                self._synced = True
+            with torch.cuda.stream(side):
+                fp = fingerprint_rows_fast(x)
+                finite = _rows_finite(x)
+            for part in (x if isinstance(x, (tuple, list)) else (x,)):
+                part.record_stream(side)
+            self._to_host(name, fp)
+            self._to_host(name + ":finite", finite)
+        elif first.is_cuda:
+            self._to_host(name, fingerprint_rows_fast(x))
             self._to_host(name + ":finite", _rows_finite(x))
         else:
             self.items[name] = ("fp", _clone(x))
