@@ -86,6 +86,8 @@ def main() -> int:
     print(f"  build rate: {res.routings / wall / 1e6:.2f} M token-layer routings/s wall-clock, "
           f"{res.routings / cpu / 1e6:.2f} M per CPU-second "
           f"(= {2 * res.routings / cpu / 1e6:.2f} M/s on 2 idle cores)")
+    print("  phases: " + ", ".join(f"{k} {v:.2f} s" for k, v in res.phases.items())
+          + "  (shards = parallel decode + aggregation; tables = merge + Arrow inserts)")
     print(f"  index size: {size / 1e6:.1f} MB ({size / shard_bytes * 100:.1f}% of the shards); rows: "
           + ", ".join(f"{k} {v:,}" for k, v in res.rows_added.items()))
     t = time.perf_counter()
@@ -116,6 +118,7 @@ def main() -> int:
             print(f"{head} {name:45s} {med * 1e3:8.1f} ms / {best * 1e3:8.1f} ms")
         print("  (* = headline queries; target < 200 ms each)")
     print(json.dumps({"routings": res.routings, "build_wall_s": round(wall, 3), "build_cpu_s": round(cpu, 3),
+                      "phases_s": {k: round(v, 3) for k, v in res.phases.items()},
                       "rate_wall_M_per_s": round(res.routings / wall / 1e6, 3),
                       "index_mb": round(size / 1e6, 2),
                       "queries_ms": {k: round(v[0] * 1e3, 2) for k, v in results.items()}}))

@@ -58,6 +58,7 @@ class IndexResult:
     problems: tuple[str, ...] = ()
     message: str = ""
     rows_added: dict[str, int] = field(default_factory=dict)
+    phases: dict[str, float] = field(default_factory=dict)  # seconds: plan, shards, tables, checkpoint
 
 
 class WriterLock:
@@ -346,11 +347,13 @@ def build_index(path: str | os.PathLike[str], *, force: bool = False, progress: 
         new_reports = _report_ids(run) - (state["replays"] if state else set())
         if not full and not tasks and not new_reports:
             return IndexResult(run.index_path, "fresh", seconds=time.perf_counter() - t0)
+        t1 = time.perf_counter()
         results = _run_workers(tasks, facts, progress, workers)
         if any(r.records < 0 for r in results):  # a shard changed under its indexed part
             tasks, full = [(p, 0, 0) for p in shard_paths], True
             results = _run_workers(tasks, facts, progress, workers)
         _validate(run, facts, shard_paths, results)
+        t2 = time.perf_counter()
         tmp = run.path / f".index.duckdb.tmp-{os.getpid()}"
         try:
             if not full:
@@ -362,11 +365,13 @@ def build_index(path: str | os.PathLike[str], *, force: bool = False, progress: 
                 added = _ingest(con, run, facts, results, shard_paths, merge=not full)
                 for rid in sorted(_report_ids(run) - _loaded_replays(con)):
                     _load_report(con, run, run.replays_dir / f"{rid}.json")
+                t3 = time.perf_counter()
                 con.execute("CHECKPOINT")
             finally:
                 con.close()
             os.chmod(tmp, 0o600)
             os.replace(tmp, run.index_path)
+            t4 = time.perf_counter()
         finally:
             for leftover in (tmp, tmp.with_name(tmp.name + ".wal")):
                 if leftover.exists():
@@ -375,7 +380,8 @@ def build_index(path: str | os.PathLike[str], *, force: bool = False, progress: 
     routings = sum(r.routings for r in results)
     return IndexResult(run.index_path, "built" if full else "updated", len(results),
                        sum(r.records - r.start for r in results), routings,
-                       time.perf_counter() - t0, problems, rows_added=added)
+                       time.perf_counter() - t0, problems, rows_added=added,
+                       phases={"plan": t1 - t0, "shards": t2 - t1, "tables": t3 - t2, "checkpoint": t4 - t3})
 
 
 def ensure_index(run: str | os.PathLike[str], *, progress: bool = True) -> IndexResult:
