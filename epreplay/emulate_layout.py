@@ -177,7 +177,6 @@ def recv_channel_prefix(src_rank_N: torch.Tensor, src_idx_N: torch.Tensor, src_t
     this rank), computed from the received rows' source token indices and each source's T.
     """
     R = len(src_tokens_R)
-    out = torch.zeros(R, num_channels, dtype=torch.int64)
     src = src_rank_N.cpu().to(torch.int64)
     idx = src_idx_N.cpu().to(torch.int64)
     per_R = torch.tensor([-(-t // num_channels) if t else 1 for t in src_tokens_R], dtype=torch.int64)

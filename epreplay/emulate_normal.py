@@ -103,8 +103,6 @@ def dispatch(buf: Any, x: Any, handle: Any, num_tokens_per_rank: Any, num_tokens
         err = str(exc)
     except Exception as exc:  # noqa: BLE001 - any local failure must reach the other ranks too
         err = f"{type(exc).__name__}: {exc}"
-    if err:
-        err = f"{err}"
     words = buf._agree(hdr, err, what, compare=(W.HID, W.FP8, W.TOPK, W.WORST, W.LINEAGE)
                        if cached else (W.HID, W.FP8, W.TOPK, W.NEXP, W.WORST))
     counts_RR = words[:, W.HEAD:W.HEAD + R]  # [source, destination] rows
@@ -194,7 +192,7 @@ def _check_dispatch(buf: Any, x: Any, handle: Any, ntpr: Any, itir: Any, ntpe: A
     T, H = xv.shape
     out: dict = {"x": xv, "scales": xs, "T": T, "H": H, "cfg": cfg, "expect": None, "lineage": -1}
     if handle is not None:
-        need(topk_idx is None and topk_weights_none(topk_w),
+        need(topk_idx is None and topk_w is None,
              "arguments topk_idx/topk_weights: a cached dispatch (handle=...) takes neither")
         n = 10 if internode else 6
         info = chk.handle_lineage("handle", handle, 7 if internode else 3, (n,), buf.buffer_id)
@@ -239,10 +237,6 @@ def _check_dispatch(buf: Any, x: Any, handle: Any, ntpr: Any, itir: Any, ntpe: A
     _nvl_bound(buf, cfg, H * xv.element_size(), K, 0 if xs is None else xs.numel() // max(T, 1), False)
     out.update(in_rank=itir, K=K, E=E, per_expert=ntpe)
     return out
-
-
-def topk_weights_none(w: Any) -> bool:
-    return w is None
 
 
 def _pad(t: torch.Tensor, rows: int, fill: float = 0) -> torch.Tensor:

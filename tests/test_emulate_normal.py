@@ -161,3 +161,31 @@ def test_normal_invariants_8_ranks() -> None:
     out = run_ranks(_normal_rank, 8, 5, ["random", "x=rank", "fp8", "zero-recv-rank", "worst"], timeout=180)
     fails = [f for per_rank in out for f in per_rank]
     assert not fails, "\n".join(fails[:20])
+
+
+def test_static_helpers_match_deepep() -> None:
+    from epreplay.emulate import Buffer, Config, EventOverlap
+
+    # DeepEP's LowLatencyLayout for M=128, H=7168, 8 ranks, 256 experts, worked out by hand:
+    # 2 x 477102080 (send) + 2 x 477102080 (recv) + 2 x 1024 (signals), aligned up past 128
+    assert Buffer.get_low_latency_rdma_size_hint(128, 7168, 8, 256) == 1908410496
+    cfg = Buffer.get_dispatch_config(8)
+    assert (cfg.num_sms, cfg.num_max_nvl_chunked_send_tokens, cfg.num_max_nvl_chunked_recv_tokens) == (20, 6, 256)
+    assert Buffer.get_combine_config(16).num_max_rdma_chunked_send_tokens == 12
+    with pytest.raises(ValueError):
+        Config(20, 300, 256, 6, 128)  # send chunk must be below the recv chunk, as DeepEP asserts
+    old = Buffer.num_sms
+    try:
+        Buffer.set_num_sms(24)
+        assert Buffer.get_dispatch_config(4).num_sms == 24
+        with pytest.raises(AssertionError):
+            Buffer.set_num_sms(7)
+    finally:
+        Buffer.set_num_sms(old)
+    ev = Buffer.capture()
+    assert isinstance(ev, EventOverlap) and ev.event is not None
+    ev.current_stream_wait()
+    with ev:
+        pass
+    with pytest.raises(AssertionError):
+        EventOverlap(None).current_stream_wait()  # as DeepEP: a synchronous call has no event
