@@ -80,15 +80,16 @@ def test_order_by_load_is_descending_with_ties_by_id():
         render.order(m, by="colour")
 
 
-def test_stragglers_mark_only_clear_laggards():
-    d = np.array([[10, 10, 10, 40], [10, 12, 11, 13], [np.nan, 5, 5, 20], [-1, -1, -1, -1]])
-    marks = render.stragglers(d)
+def test_late_marks_only_a_rank_last_at_most_calls():
+    last = np.array([[0, 0, 0, 8], [2, 3, 2, 1], [0, 5, 0, 3], [0, 0, 0, 0]])
+    marks = render.late_marks(last)
     assert marks[0].tolist() == [False, False, False, True]
-    assert not marks[1].any()  # 13 vs median 11.5: jitter, not a straggler
-    assert marks[2].tolist() == [False, False, False, True]
-    assert not marks[3].any()
-    assert render.straggler_rank(d) == (3, 2)
-    assert render.straggler_rank(np.ones((3, 4))) is None
+    assert not marks[1].any()  # last 3 of 8 times: jitter, not a straggler
+    assert marks[2].tolist() == [False, True, False, False]
+    assert not marks[3].any()  # nothing timed that step
+    assert render.straggler_rank(marks) in ((3, 1), (1, 1))
+    assert render.straggler_rank(render.late_marks(np.array([[0, 0, 4, 0], [0, 1, 3, 0]]))) == (2, 2)
+    assert render.straggler_rank(np.zeros((3, 4), bool)) is None
 
 
 def test_traffic_summary_finds_the_busiest_receiver():

@@ -79,14 +79,14 @@ class ShardTruth:
 
     load_SLE: {(step, layer): [E] slots} from every dispatch/ll_dispatch topk_idx;
     sent: {(step, layer): [R, R] rows src -> dst of normal dispatches (num_tokens_per_rank_R)};
-    slowest_R: [R] calls (buffer, seq) in which each rank had the longest duration (ties: lowest rank).
+    last_R: [R] timed calls (buffer, seq) at which each rank arrived last (latest start; ties: lowest rank).
     """
 
     num_experts: int
     ranks: int
     load: dict
     sent: dict
-    slowest_R: np.ndarray
+    last_R: np.ndarray
 
     def total_E(self, layer: int | None = None) -> np.ndarray:
         out = np.zeros(self.num_experts, np.int64)
@@ -107,7 +107,7 @@ class ShardTruth:
         return dict(sorted(out.items()))
 
     def straggler(self) -> int:
-        return int(np.argmax(self.slowest_R))
+        return int(np.argmax(self.last_R))
 
 
 def shard_truth(run: Path) -> ShardTruth:
@@ -117,7 +117,7 @@ def shard_truth(run: Path) -> ShardTruth:
     rd = RunDir.open(run)
     load: dict = {}
     sent: dict = {}
-    durations: dict = defaultdict(list)
+    starts: dict = defaultdict(list)
     E = R = 0
     for path in rd.shard_paths():
         rank = rd.rank_of(path)
@@ -127,7 +127,7 @@ def shard_truth(run: Path) -> ShardTruth:
             for e in scan.entries:
                 h = e.header
                 if h.duration_ns >= 0:
-                    durations[(h.buffer, h.seq)].append((h.duration_ns, rank))
+                    starts[(h.buffer, h.seq)].append((h.start_ns, rank))
             for rec in scan.records(ops=(Op.DISPATCH, Op.LL_DISPATCH)):
                 h = rec.header
                 idx = np.asarray(rec.arrays["topk_idx_TK"]).ravel()
@@ -137,10 +137,10 @@ def shard_truth(run: Path) -> ShardTruth:
                 if h.op == Op.DISPATCH:
                     m = sent.setdefault(key, np.zeros((R, R), np.int64))
                     m[rank] = np.asarray(rec.arrays["num_tokens_per_rank_R"])
-    slowest = np.zeros(R, np.int64)
-    for calls in durations.values():
-        slowest[min(calls, key=lambda dr: (-dr[0], dr[1]))[1]] += 1
-    return ShardTruth(E, R, load, sent, slowest)
+    last = np.zeros(R, np.int64)
+    for calls in starts.values():
+        last[min(calls, key=lambda sr: (-sr[0], sr[1]))[1]] += 1
+    return ShardTruth(E, R, load, sent, last)
 
 
 def screen_text(app) -> str:

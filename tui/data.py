@@ -86,13 +86,17 @@ class TrafficData:
 
 @dataclass(frozen=True)
 class TimelineData:
-    """Summed call durations per step x rank (ns, -1 where nothing was timed) and stragglers.
+    """Per step x rank: summed call durations (ns, 0 where nothing was timed), mean lateness
+    (start minus the call's earliest start, ns) and calls at which the rank arrived last;
+    and the index's straggler ranking (by last arrivals, then lateness).
 
     captured: False when no call of the run has a duration (counts recorded without timing).
     """
 
     step_S: np.ndarray
     duration_SR: np.ndarray
+    late_SR: np.ndarray
+    last_SR: np.ndarray
     stragglers: Stragglers
     captured: bool
 
@@ -113,6 +117,17 @@ class DiffData:
 
 
 ERRORS_SQL = """SELECT rank, error FROM calls WHERE status <> 'ok' ORDER BY step, layer, rank LIMIT 5"""
+
+# Per (step, rank): mean lateness at the step's calls and how often the rank arrived last — the
+# arrival order that STRAGGLERS (epreplay.queries) ranks by, resolved per step for the timeline.
+LATENESS_SQL = """
+WITH c AS (
+  SELECT step, rank, start_ns - min(start_ns) OVER w AS late_ns,
+         row_number() OVER (PARTITION BY buffer, seq ORDER BY start_ns DESC, rank) AS arrival
+  FROM calls WHERE duration_ns >= 0 AND ($op = '' OR op::VARCHAR = $op)
+  WINDOW w AS (PARTITION BY buffer, seq))
+SELECT step, rank, avg(late_ns) AS late_ns, count(*) FILTER (WHERE arrival = 1) AS last
+FROM c GROUP BY step, rank"""
 
 
 @dataclass
@@ -176,8 +191,17 @@ class Session:
         with self._lock:
             t = self.index.timeline(op=op)
             strag = self.index.stragglers(top=self.info.world_size or 1, op=op)
+            late = self.index._q(LATENESS_SQL, op=op or "")
+        late_SR = np.zeros(t.duration_SR.shape, np.float64)
+        last_SR = np.zeros(t.duration_SR.shape, np.int64)
+        if t.step_S.size and late["step"].size:
+            s_N = np.searchsorted(t.step_S, np.asarray(late["step"], np.int64))
+            r_N = np.asarray(late["rank"], np.int64)
+            ok = (s_N < t.step_S.size) & (r_N < late_SR.shape[1])
+            late_SR[s_N[ok], r_N[ok]] = np.asarray(late["late_ns"], np.float64)[ok]
+            last_SR[s_N[ok], r_N[ok]] = np.asarray(late["last"], np.int64)[ok]
         captured = bool(t.duration_SR.size and (t.duration_SR > 0).any())
-        return TimelineData(t.step_S, t.duration_SR, strag, captured)
+        return TimelineData(t.step_S, t.duration_SR, late_SR, last_SR, strag, captured)
 
     def divergences(self, replay: str | None = None) -> DivergenceData:
         with self._lock:

@@ -157,36 +157,36 @@ def order(values_RC: np.ndarray, *, by: str, axis: int = 1) -> np.ndarray:
     return np.lexsort((np.arange(count), -totals)).astype(np.int64)
 
 
-def stragglers(duration_SR: np.ndarray, *, factor: float = 1.5) -> np.ndarray:
-    """Mark the straggler of each step: the slowest rank, when it is `factor` x the step median.
+def late_marks(last_SR: np.ndarray, *, share: float = 0.5) -> np.ndarray:
+    """Mark the straggler of each step: the rank that arrived last at most of the step's calls.
 
-    A step's collectives finish when the slowest rank arrives, so the slowest rank of a step is
-    the one everybody waited for; 1.5x the median separates a real laggard from jitter.
+    On EP a late rank does not show as a long call of its own: its peers wait for it *inside*
+    the collective (their calls take longer), so the straggler is found by arrival order, not by
+    duration. With R ranks arriving at random each is last 1/R of the time; being last at more
+    than `share` of a step's calls is not jitter.
 
     Args:
-        duration_SR: [S, R] call durations (any unit); NaN or < 0 where not captured.
+        last_SR: [S, R] calls of step s at which rank r arrived last (every call has one last
+            arrival, so a row sums to the step's number of calls).
 
     Returns:
         [S, R] bool, at most one True per step.
     """
-    d = np.asarray(duration_SR, dtype=np.float64)
-    d = np.where(np.isfinite(d) & (d >= 0), d, np.nan)
-    out = np.zeros(d.shape, bool)
-    for s in range(d.shape[0]):
-        row = d[s]
-        if not np.isfinite(row).any():
+    last = np.asarray(last_SR, dtype=np.int64)
+    out = np.zeros(last.shape, bool)
+    for s in range(last.shape[0]):
+        calls = int(last[s].sum())
+        if not calls:
             continue
-        slow = int(np.nanargmax(row))
-        median = float(np.nanmedian(row))
-        if row[slow] > factor * median and row[slow] > 0:
-            out[s, slow] = True
+        r = int(np.argmax(last[s]))
+        if last[s, r] > share * calls:
+            out[s, r] = True
     return out
 
 
-def straggler_rank(duration_SR: np.ndarray, *, factor: float = 1.5) -> tuple[int, int] | None:
-    """The rank marked straggler in most steps and in how many steps; None when none is."""
-    marks = stragglers(duration_SR, factor=factor)
-    per_rank = marks.sum(axis=0)
+def straggler_rank(marks_SR: np.ndarray) -> tuple[int, int] | None:
+    """The rank marked (late_marks) in most steps and in how many steps; None when none is."""
+    per_rank = np.asarray(marks_SR).sum(axis=0)
     if per_rank.size == 0 or per_rank.max() == 0:
         return None
     rank = int(np.argmax(per_rank))

@@ -13,7 +13,7 @@ epreplay tui — keys
  1 o  Overview       run facts, capture health, hot experts, worst layers
  2 h  Hot experts    layers x experts heatmap; Enter drills into an expert
  3 t  Traffic        rank x rank rows for the selected step/layer
- 4 l  Timeline       call time per step x rank; ! marks the straggler
+ 4 l  Timeline       call time per step x rank; ! marks the straggler (last to arrive)
  5 d  Divergences    replays and their divergences, first one selected
  6 f  Diff           run A vs run B (start with two runs)
 
@@ -21,6 +21,7 @@ epreplay tui — keys
  [ ]   previous / next step      { }  previous / next layer
  a     all steps and layers      z    zoom the heatmap (numbers / colour)
  s     sort experts (id / load)  p    cycle the op (timeline)
+ v     timeline cells: call time / lateness
  /     jump: e12 expert, r5 rank, s3 or s3:10 steps, l4 layer
  r       reload: index new records and replay reports (a live run)
  ctrl+p  command palette         ?    this help        q  quit
