@@ -191,8 +191,12 @@ class LayerDiff:
 
 @dataclass(frozen=True)
 class Failure:
+    """A threshold that failed, the diff's value of its metric, and the layers whose own value
+    of the metric fails it too (the drifted layers; empty for a metric with no per-layer value)."""
+
     threshold: Threshold
     measured: float
+    layers: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -232,6 +236,7 @@ class DiffResult:
             head += f", top1 {s['top1']:.4f}, jaccard {s['jaccard']:.4f}"
         if self.failures:
             why = "; ".join(f"{f.threshold.metric}={f.measured:.4g} (fail-on {f.threshold})"
+                            + (f" in layer(s) {','.join(map(str, f.layers))}" if f.layers else "")
                             for f in self.failures)
             return f"FAIL: {why} [{head}]"
         checked = f" within {len(self.thresholds)} threshold(s)" if self.thresholds else ""
@@ -285,10 +290,31 @@ def summarize(rows: Sequence[LayerDiff], *, tokens_a: int | None = None) -> dict
     return {k: out[k] for k in METRICS}
 
 
-def judge(summary: dict[str, float | None], thresholds: Sequence[Threshold]) -> tuple[Failure, ...]:
-    """The thresholds that fail. A threshold on a metric that could not be measured raises
-    UsageError: a release gate that silently passes because tokens could not be matched would
-    be worse than no gate."""
+def layer_value(row: LayerDiff, metric: str) -> float | None:
+    """One layer's value of a METRICS name (js and js_mean both read the layer's JS;
+    hot_changed its entered experts); None where the layer has none."""
+    tok = row.tokens
+    if metric in ("js", "js_mean"):
+        return row.js
+    if metric == "hot_changed":
+        return float(len(row.hot.entered))
+    if metric in ("imbalance_a", "imbalance_b", "imbalance_ratio"):
+        return getattr(row, metric)
+    if tok is None:
+        return None
+    if metric == "matched":
+        total = tok.tokens + row.unmatched_a
+        return tok.tokens / total if total else 1.0
+    if metric == "weight_change":
+        return tok.weight_change if tok.weighted else None
+    return getattr(tok, metric)
+
+
+def judge(summary: dict[str, float | None], thresholds: Sequence[Threshold],
+          rows: Sequence[LayerDiff] = ()) -> tuple[Failure, ...]:
+    """The thresholds that fail, each with the layers that fail it. A threshold on a metric that
+    could not be measured raises UsageError: a release gate that silently passes because tokens
+    could not be matched would be worse than no gate."""
     failures = []
     for th in thresholds:
         value = summary.get(th.metric)
@@ -297,7 +323,12 @@ def judge(summary: dict[str, float | None], thresholds: Sequence[Threshold]) -> 
                              f"(token-level metrics need matched tokens; see the notes above, "
                              f"or use --match tag/position)")
         if th.fails(value):
-            failures.append(Failure(th, value))
+            bad = []
+            for row in rows:
+                v = layer_value(row, th.metric)
+                if v is not None and th.fails(v):
+                    bad.append(row.layer)
+            failures.append(Failure(th, value, tuple(sorted(bad))))
     return tuple(failures)
 
 

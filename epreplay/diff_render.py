@@ -46,7 +46,8 @@ def to_dict(res: DiffResult) -> dict[str, Any]:
         "summary": dict(res.summary),
         "thresholds": [str(t) for t in res.thresholds],
         "failed": [{"threshold": str(f.threshold), "metric": f.threshold.metric,
-                    "op": f.threshold.op, "value": f.threshold.value, "measured": f.measured}
+                    "op": f.threshold.op, "value": f.threshold.value, "measured": f.measured,
+                    "layers": list(f.layers)}
                    for f in res.failures],
         "verdict": res.verdict,
         "verdict_line": res.verdict_line(),
@@ -120,8 +121,8 @@ def render_markdown(res: DiffResult) -> str:
     lines = [f"### {icon} epreplay diff: {res.verdict_line()}", "",
              f"A: `{a}`  B: `{b}`  match: **{res.match}**, hot top-{res.top_n}", ""]
     if res.failures:
-        lines += ["| failed threshold | measured |", "|---|---:|"]
-        lines += [f"| `{f.threshold}` | {f.measured:.4g} |" for f in res.failures]
+        lines += ["| failed threshold | measured | layers |", "|---|---:|---|"]
+        lines += [f"| `{f.threshold}` | {f.measured:.4g} | {_ids(f.layers, 16)} |" for f in res.failures]
         lines.append("")
     lines += ["| metric | value |", "|---|---:|"]
     lines += [f"| {k} | {_metric(k, v)} |" for k, v in res.summary.items()]

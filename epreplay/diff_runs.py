@@ -244,7 +244,7 @@ def diff_runs(path_a: str | os.PathLike[str], path_b: str | os.PathLike[str], *,
         used, rows, tokens_a = _match_tokens(run_a, run_b, rows, match, steps, layers, notes, progress)
     summary = summarize(rows, tokens_a=tokens_a)
     return DiffResult(loads_a, loads_b, worst_first(rows), used, top_n, tuple(notes), summary,
-                      tuple(thresholds), judge(summary, thresholds))
+                      tuple(thresholds), judge(summary, thresholds, rows))
 
 
 def _match_tokens(run_a: RunDir, run_b: RunDir, rows: list[LayerDiff], match: str,

@@ -132,7 +132,8 @@ def test_release_change_drifts_exactly_the_touched_layers(runs) -> None:
     untouched = [r for r in res.layers if r.layer in (0, 2)]
     assert all(r.tokens.jaccard == 1.0 and r.tokens.weight_change == 0.0 for r in untouched)
     assert not res.passed and res.failures[0].threshold.metric == "js"
-    assert res.verdict_line().startswith("FAIL")
+    assert res.failures[0].layers == (1, 3)  # the drifted layers, named
+    assert res.verdict_line().startswith("FAIL") and "in layer(s) 1,3" in res.verdict_line()
 
 
 def test_batch_order_matched_by_tag_agrees_fully(runs) -> None:
@@ -240,6 +241,7 @@ def test_cli_text_json_md_and_exit_codes(runs) -> None:
     assert drift.returncode == 1, drift.stderr
     doc = json.loads(drift.stdout)
     assert doc["verdict"] == "fail" and doc["failed"][0]["metric"] == "js"
+    assert doc["failed"][0]["layers"] == [1, 3]
     assert {l["layer"] for l in doc["layers"][:2]} == {1, 3}
     assert doc["layers"][-1]["js"] == 0.0 and doc["match"] == "tag"
 
@@ -303,6 +305,9 @@ def test_compare_layers_hand_computed() -> None:
     s = diff.summarize(list(rows.values()))
     assert (s["js"], s["js_mean"], s["hot_changed"]) == (1.0, 2 / 3, 2.0)
     assert s["imbalance_b"] == 2.0 and s["top1"] is None
+    fails = diff.judge(s, [diff.parse_threshold("js>0.5"), diff.parse_threshold("imbalance_b>=2"),
+                           diff.parse_threshold("js_mean>0.9")], list(rows.values()))
+    assert [(f.threshold.metric, f.layers) for f in fails] == [("js", (1, 2)), ("imbalance_b", (0, 2))]
     # With the index's rank loads, those win over the contiguous-placement derivation.
     a2 = _loads(a.load_SLE, rank_SLR=np.array([[[1, 3], [2, 2]], [[2, 2], [0, 0]]]))
     assert a2.layer_imbalance(0) == pytest.approx((1.5 + 1.0) / 2)

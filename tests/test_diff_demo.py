@@ -72,4 +72,5 @@ def test_demo_cli_gate_exit_codes(demo_runs) -> None:
     assert bad.returncode == 1, bad.stdout + bad.stderr
     doc = json.loads(bad.stdout)
     assert doc["verdict"] == "fail" and {f["metric"] for f in doc["failed"]} <= {"js", "top1"}
+    assert all(f["layers"] == [1, 3] for f in doc["failed"])  # the release's layers, named
     assert {l["layer"] for l in doc["layers"][:2]} == {1, 3}
