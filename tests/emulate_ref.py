@@ -124,6 +124,6 @@ def fp8_cast(x: torch.Tensor, round_scale: bool) -> tuple[torch.Tensor, torch.Te
         scale = 1.0 / inv
     else:
         inv = amax * torch.tensor(1 / 448.0)
-        scale = 448.0 / amax
+        scale = torch.full_like(amax, 448.0) / amax  # the kernel divides (torch: scalar/t = reciprocal*scalar)
     q = (xf * scale.unsqueeze(-1)).clamp(-448, 448).view(T, H).to(torch.float8_e4m3fn)
     return q, inv
