@@ -319,9 +319,11 @@ def judge(summary: dict[str, float | None], thresholds: Sequence[Threshold],
     for th in thresholds:
         value = summary.get(th.metric)
         if value is None:
-            raise UsageError(f"--fail-on {th}: {th.metric} was not measured "
-                             f"(token-level metrics need matched tokens; see the notes above, "
-                             f"or use --match tag/position)")
+            why = ("token-level metrics need matched tokens (and weight_change recorded "
+                   "weights); see the notes, or use --match tag/position"
+                   if th.metric in TOKEN_METRICS else
+                   "rank imbalance needs the world size, dividing the expert count")
+            raise UsageError(f"--fail-on {th}: {th.metric} was not measured ({why})")
         if th.fails(value):
             bad = []
             for row in rows:
