@@ -201,12 +201,15 @@ def top1_expert(topk_idx_TK: np.ndarray, topk_weights_TK: np.ndarray | None = No
         return np.full(T, -1, dtype=np.int64)
     valid = idx >= 0
     if topk_weights_TK is None:
-        score = np.where(valid, -np.arange(K, dtype=np.float64)[None, :], -np.inf)
+        score = np.where(valid, -np.arange(K, dtype=np.float32)[None, :], -np.inf)
     else:
-        score = np.where(valid, np.asarray(topk_weights_TK, dtype=np.float64), -np.inf)
-    col = np.argmax(score, axis=1)  # argmax returns the first maximum: the lowest column
-    top = idx[np.arange(T), col]
-    return np.where(valid.any(axis=1), top, -1)
+        # float32 keeps recorded weights exact (they are float32) at half float64's traffic.
+        w = np.asarray(topk_weights_TK)
+        score = np.where(valid, w if w.dtype == np.float64 else w.astype(np.float32), -np.inf)
+    col_T1 = np.argmax(score, axis=1)[:, None]  # argmax returns the first maximum: the lowest column
+    top = np.take_along_axis(idx, col_T1, axis=1)[:, 0]
+    # The chosen slot is valid whenever the row has one (valid slots score above -inf).
+    return np.where(np.take_along_axis(valid, col_T1, axis=1)[:, 0], top, -1)
 
 
 @dataclass(frozen=True)
@@ -325,8 +328,8 @@ def _agreement(a: np.ndarray, b: np.ndarray, wa: np.ndarray | None, wb: np.ndarr
     pos[flat_b] = np.tile(np.arange(Kb, dtype=np.int16), T)
     got_TK = pos[flat_a].reshape(a.shape)  # B's slot of A's expert, -1 when B lacks it
     present_TK = got_TK >= 0
-    inter_T = present_TK.sum(axis=1)
-    union_T = (a >= 0).sum(axis=1) + (b >= 0).sum(axis=1) - inter_T
+    inter_T = np.count_nonzero(present_TK, axis=1)
+    union_T = np.count_nonzero(a >= 0, axis=1) + np.count_nonzero(b >= 0, axis=1) - inter_T
     jac_T = np.where(union_T > 0, inter_T / np.maximum(union_T, 1), 1.0)
     pairs, wsum = 0, 0.0
     if wa is not None and wb is not None:
