@@ -167,7 +167,7 @@ async def test_walk_every_pane_of_a_synthetic_run(synth_run: Path, synth_truth) 
 
 
 @sync
-async def test_heatmap_scroll_zoom_click_jump_and_palette_at_80x24(synth_run: Path) -> None:
+async def test_heatmap_scroll_zoom_click_jump_and_palette_at_80x24(synth_run: Path, synth_truth) -> None:
     from epreplay.tui.heatmap import Heatmap
 
     msgs: list = []
@@ -182,6 +182,16 @@ async def test_heatmap_scroll_zoom_click_jump_and_palette_at_80x24(synth_run: Pa
         await pilot.press("slash", *"l2", "enter")
         await settle(pilot, app)
         assert app.selection.layer == 2 and app.current == "traffic"
+        # A step window: ] selects step 0, + + widens it to steps 0..2, ] moves it, - narrows it.
+        await pilot.press("a", "right_square_bracket", "plus", "plus")
+        assert app.selection.steps == (0, 3)
+        await pilot.press("right_square_bracket", "minus")
+        assert app.selection.steps == (1, 3)
+        await settle(pilot, app)
+        tr = _last(msgs, M.TrafficLoaded).payload
+        assert tr.selection.steps == (1, 3)
+        want = sum(synth_truth.sent[(s, l)] for s in (1, 2) for l in range(SYNTH["layers"]))
+        assert tr.tokens_RR.tolist() == want.tolist()
         await pilot.press("a", "2")
         await settle(pilot, app)
         hm = app.query_one("#hot-map", Heatmap)

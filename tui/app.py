@@ -83,6 +83,8 @@ class EpReplayApp(App[int]):
         Binding("right_square_bracket", "step(1)", "step+"),
         Binding("left_curly_bracket", "layer(-1)", "layer-", show=False),
         Binding("right_curly_bracket", "layer(1)", "layer+"),
+        Binding("plus,equals_sign", "widen(1)", "steps+", show=False),
+        Binding("minus", "widen(-1)", "steps-", show=False),
         Binding("a", "all", "all", show=False),
         Binding("r", "reload", "reload", show=False),
         Binding("q", "quit", "quit"),
@@ -204,6 +206,15 @@ class EpReplayApp(App[int]):
             width = cur[1] - cur[0]
             lo = min(max(cur[0] + delta, lo_all), max(hi_all - width + 1, lo_all))
         self.select(steps=(lo, lo + width))
+
+    def action_widen(self, delta: int) -> None:
+        """Grow (+) or shrink (-) the step window by one step at its end (from one step)."""
+        info = self.session.info
+        if info.steps == 0:
+            return
+        lo, hi = self.selection.steps or (info.first_step, info.first_step + 1)
+        hi = min(max(hi + delta, lo + 1), info.last_step + 1)
+        self.select(steps=(lo, hi))
 
     def action_layer(self, delta: int) -> None:
         layers = list(self.session.info.layers)

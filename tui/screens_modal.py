@@ -18,7 +18,8 @@ epreplay tui — keys
  6 f  Diff           run A vs run B (start with two runs)
 
  arrows / PgUp PgDn / Home End   move the cursor      Enter / click  drill in
- [ ]   previous / next step      { }  previous / next layer
+ [ ]   move the step window      { }  previous / next layer
+ + -   widen / narrow the step window (hot experts and traffic use it)
  a     all steps and layers      z    zoom the heatmap (numbers / colour)
  s     sort experts (id / load)  p    cycle the op (timeline)
  v     timeline cells: call time / lateness
