@@ -458,3 +458,27 @@ async def test_reload_picks_up_a_new_replay_report(synth_run: Path, tmp_path: Pa
         assert d.replay == "rp-0002"  # the newest diverged replay is opened
         cur = app.query_one("#divergences").current
         assert (cur.kind, cur.rank, cur.expert, cur.expected, cur.got) == ("count", 4, 9, "5", "6")
+
+
+@sync
+async def test_overview_reports_a_truncated_shard(synth_run: Path, tmp_path: Path) -> None:
+    from textual.widgets import Static
+
+    from epreplay import index as index_mod
+    from epreplay.shard import open_shard
+
+    run = copy_run(synth_run, tmp_path / "cut")
+    shard = run / "shards" / "rank-00003.eprs"
+    with open(shard, "r+b") as fh:  # a crash mid-write: no footer, half a record
+        fh.truncate(shard.stat().st_size - 3000)
+    with open_shard(shard) as scan:
+        cut_at = scan.truncated_at
+    assert cut_at is not None
+    index_mod.ensure_index(run, progress=False)
+    msgs: list = []
+    app = _app(run)
+    async with app.run_test(size=(100, 30), message_hook=msgs.append) as pilot:
+        await settle(pilot, app)
+        health = str(app.query_one("#health", Static).render())
+        assert "1 truncated" in health and f"rank 3: truncated at byte {cut_at}" in health
+        assert app.query_one("#health").has_class("bad")
