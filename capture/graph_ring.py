@@ -41,6 +41,43 @@ DEFAULT_SLOTS = 256
 MAX_SITES = 512
 
 
+# While any CUDA graph is being captured in "global" mode (torch.cuda.graph's default), a CUDA
+# call from *another* thread that may synchronise (event/stream sync, host allocation, event
+# query) invalidates that capture: the job's graph would fail because of us. So the recorder's
+# threads make their CUDA calls under QUIET, and CUDAGraph.capture_begin/capture_end are wrapped
+# to hold QUIET for the whole capture: our threads wait (records queue up or are dropped and
+# counted), the job's capture never sees them. Patched once per process, on the first CUDA call.
+QUIET = threading.Lock()
+_patched_graph = False
+
+
+def guard_graph_capture() -> None:
+    """Wrap torch.cuda.CUDAGraph.capture_begin/end so QUIET is held while a graph is captured."""
+    global _patched_graph
+    if _patched_graph:
+        return
+    _patched_graph = True
+    cls = torch.cuda.CUDAGraph
+    begin, end = cls.capture_begin, cls.capture_end
+
+    def capture_begin(self: Any, *args: Any, **kwargs: Any) -> Any:
+        QUIET.acquire()  # waits for a recorder CUDA call in flight (short), then holds
+        try:
+            return begin(self, *args, **kwargs)
+        except BaseException:
+            QUIET.release()
+            raise
+
+    def capture_end(self: Any, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return end(self, *args, **kwargs)
+        finally:
+            if QUIET.locked():
+                QUIET.release()
+
+    cls.capture_begin, cls.capture_end = capture_begin, capture_end
+
+
 def capturing() -> bool:
     """True while the current CUDA stream is being captured into a graph."""
     return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
@@ -275,7 +312,8 @@ class Drainer(threading.Thread):
 
     def drain_once(self) -> None:
         for ring in list(self.rings.values()):
-            records = ring.drain()
+            with QUIET:
+                records = ring.drain()
             if records:
                 self.put(("graph", records))
 
@@ -291,7 +329,8 @@ class Drainer(threading.Thread):
         """Final drain after the device has finished every graph replay launched so far."""
         self.stopped.set()
         self.join(timeout=2.0)
-        for ring in self.rings.values():
-            if ring.sites:
-                torch.cuda.synchronize(ring._counters.device)  # at close only, not on the hot path
+        with QUIET:
+            for ring in self.rings.values():
+                if ring.sites:
+                    torch.cuda.synchronize(ring._counters.device)  # at close only, not the hot path
         self.drain_once()

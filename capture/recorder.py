@@ -160,6 +160,9 @@ class Recorder:
         if cuda and bs.id not in self._graph_rings and op in (Op.LL_DISPATCH, Op.LL_COMBINE):
             self._make_graph_ring(bs.id, first.device)
         if cuda and self._side is None:
+            from epreplay.capture.graph_ring import guard_graph_capture
+
+            guard_graph_capture()  # from now on our threads never touch CUDA during a graph capture
             self._side = torch.cuda.Stream(device=first.device)
         call = Call(op=op, buffer=bs.id, seq=seq, step=step, layer=layer, start_ns=time.time_ns(),
                     level=level, args=args, staging=Staging(self._side if cuda else None),
@@ -376,6 +379,16 @@ class Recorder:
                               seq=self.records, step=-1, layer=-1, tokens=0, start_ns=time.time_ns())
         self._append(header, {}, dict(meta, rank=self.rank))
 
+    def _build(self, call: Call) -> tuple[RecordHeader, dict[str, Any], dict[str, Any]]:
+        """build(call); for a CUDA call under graph_ring.QUIET (its event waits would break a
+        CUDA graph being captured by the job at the same moment)."""
+        if not call.staging.cuda:
+            return build(call)
+        from epreplay.capture.graph_ring import QUIET
+
+        with QUIET:
+            return build(call)
+
     def _handle(self, item: Any) -> None:
         if isinstance(item, Call):
             with self._lock:
@@ -383,7 +396,7 @@ class Recorder:
                 self._qbytes -= item.nbytes
             if not self.enabled:
                 return
-            header, arrays, meta = build(item)
+            header, arrays, meta = self._build(item)
             self._learn_static(header, arrays, meta)
             if meta.get("nonfinite") and self.config.flight:
                 self.trigger("nonfinite", f"{item.op.label} seq {item.seq}: {meta['nonfinite']}")
@@ -398,7 +411,7 @@ class Recorder:
         if kind == "hung":
             call = item[1]
             call.status = Status.HUNG
-            header, arrays, meta = build(call)
+            header, arrays, meta = self._build(call)
             if self._ring is not None:
                 self._ring.add((header, arrays, meta))
             else:
