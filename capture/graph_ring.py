@@ -36,8 +36,8 @@ GRAPH_SEQ_BASE = 1 << 40
 # 256 slots hold 256 decode steps between drains: at ~100 us per step that is ~25 ms of graph
 # replays, far longer than the drain thread's 5 ms period, while costing only S x (T*K*8 bytes).
 DEFAULT_SLOTS = 256
-# Hooked calls one Buffer may make inside captured graphs (e.g. 61 layers x dispatch + combine x
-# a few batch-size graphs would need more: raise it through EPREPLAY_GRAPH_SITES).
+# Hooked calls one Buffer may make inside captured graphs: 61 layers x (dispatch + combine) x 4
+# batch-size graphs fits; calls beyond it are counted in graph_skipped, never harm the job.
 MAX_SITES = 512
 
 
@@ -78,11 +78,6 @@ def guard_graph_capture() -> None:
     cls.capture_begin, cls.capture_end = capture_begin, capture_end
 
 
-def capturing() -> bool:
-    """True while the current CUDA stream is being captured into a graph."""
-    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
-
-
 @dataclass
 class Site:
     """One hooked call inside a captured graph: its rings and its device counter."""
@@ -92,6 +87,7 @@ class Site:
     layer: int
     tokens: int
     meta: dict[str, Any]
+    slots: int = DEFAULT_SLOTS  # S
     rings: dict[str, torch.Tensor] = field(default_factory=dict)  # name -> [S, *shape]
     counter: torch.Tensor | None = None  # [1] int64 on the device: replays so far
     drained: int = 0  # host-side: slots already turned into records
@@ -106,16 +102,12 @@ class Site:
         for name, t in tensors.items():
             ring = self.rings.get(name)
             if ring is None:
-                ring = self.rings[name] = torch.empty((_slots(self),) + tuple(t.shape), dtype=t.dtype,
+                ring = self.rings[name] = torch.empty((self.slots,) + tuple(t.shape), dtype=t.dtype,
                                                       device=t.device)
             if slot is None:
                 slot = torch.remainder(self.counter, ring.shape[0])
             ring.index_copy_(0, slot, t.detach().reshape((1,) + tuple(t.shape)))
         self.counter.add_(1)
-
-
-def _slots(site: Site) -> int:
-    return int(site.meta.get("ring_slots", DEFAULT_SLOTS))
 
 
 class GraphRing:
@@ -142,7 +134,7 @@ class GraphRing:
             if len(self.sites) >= self._counters.shape[0]:
                 self.skipped += 1
                 return None
-            s = Site(len(self.sites), op, layer, tokens, dict(meta, ring_slots=self.slots),
+            s = Site(len(self.sites), op, layer, tokens, dict(meta), slots=self.slots,
                      counter=self._counters[len(self.sites):len(self.sites) + 1])
             self.sites.append(s)
             return s
@@ -192,7 +184,6 @@ class GraphRing:
                                   buffer=self.buffer_id, seq=seq, step=i, layer=s.layer,
                                   tokens=s.tokens)
             meta = dict(s.meta, graph_replay=i, graph_site=s.index)
-            meta.pop("ring_slots", None)
             if "dispatch_site" in meta:  # handle lineage inside the graph: same replay, that site
                 meta["dispatch_seq"] = GRAPH_SEQ_BASE + i * n_sites + meta.pop("dispatch_site")
             records.append((header, arrays, meta))
