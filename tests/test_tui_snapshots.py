@@ -40,6 +40,10 @@ def _keys(*keys: str, theme: str | None = None):
         for key in keys:
             await pilot.press(key)
             await settle(pilot, pilot.app)
+        # A DataTable recomputes its column widths on a later idle pass: give the header one
+        # more frame so the screenshot never catches it mid-update (seen as header padding flakes).
+        await pilot.pause(0.1)
+        await pilot.pause()
 
     return run_before
 

@@ -51,10 +51,8 @@ class DivergencesPane(Pane):
         yield Static("", id="div-detail")
 
     def on_mount(self) -> None:
-        self.query_one("#div-replays", DataTable).add_columns(
-            "replay", "backend", "ranks", "calls", "divergences", "verdict")
-        self.query_one("#div-table", DataTable).add_columns(
-            "#", "kind", "step", "layer", "op", "rank", "token", "expert")
+        _fill(self.query_one("#div-replays", DataTable), REPLAY_COLUMNS, [])
+        _fill(self.query_one("#div-table", DataTable), DIVERGENCE_COLUMNS, [])
 
     def fetch(self, replay: str | None = None) -> None:
         self._load(replay)
@@ -70,18 +68,15 @@ class DivergencesPane(Pane):
     def _show(self, msg: DivergencesLoaded) -> None:
         self.data = d = msg.payload
         reps = self.query_one("#div-replays", DataTable)
-        reps.clear()
-        for r in d.replays:
-            reps.add_row(r.replay, f"{r.backend}/{r.device}", f"{r.virtual_ranks}->{r.physical_ranks}",
-                         str(r.calls), str(r.divergences), r.verdict[:60], key=r.replay)
+        _fill(reps, REPLAY_COLUMNS, [
+            (r.replay, (r.replay, f"{r.backend}/{r.device}", f"{r.virtual_ranks}->{r.physical_ranks}",
+                        str(r.calls), str(r.divergences), r.verdict[:60])) for r in d.replays])
         if d.replay is not None:
             reps.move_cursor(row=reps.get_row_index(d.replay))
-        table = self.query_one("#div-table", DataTable)
-        table.clear()
-        for n, v in enumerate(d.divergences):
-            table.add_row(str(n), v.kind, str(v.step), str(v.layer), v.op, str(v.rank),
-                          str(v.token) if v.token >= 0 else "-", str(v.expert) if v.expert >= 0 else "-",
-                          key=str(n))
+        _fill(self.query_one("#div-table", DataTable), DIVERGENCE_COLUMNS, [
+            (str(n), (str(n), v.kind, str(v.step), str(v.layer), v.op, str(v.rank),
+                      str(v.token) if v.token >= 0 else "-", str(v.expert) if v.expert >= 0 else "-"))
+            for n, v in enumerate(d.divergences)])
         if not d.replays:
             status = "no replay loaded; run 'epreplay replay RUN --ranks M' (reports load into the index)"
         elif not d.divergences:
@@ -122,3 +117,21 @@ class DivergencesPane(Pane):
 
     def focus_main(self) -> None:
         self.query_one("#div-table", DataTable).focus()
+
+
+REPLAY_COLUMNS = ("replay", "backend", "ranks", "calls", "divergences", "verdict")
+DIVERGENCE_COLUMNS = ("#", "kind", "step", "layer", "op", "rank", "token", "expert")
+
+
+def _fill(table: DataTable, labels: tuple[str, ...], rows: list[tuple[str, tuple[str, ...]]]) -> None:
+    """Replace a table's columns and rows, with column widths fixed from the data up front.
+
+    DataTable measures auto widths on a later idle pass, and a header line rendered in between
+    stays cached at the old widths; fixed widths (the same the auto pass would find) avoid that.
+    """
+    widths = [max([len(label)] + [len(cells[i]) for _, cells in rows]) for i, label in enumerate(labels)]
+    table.clear(columns=True)
+    for label, width in zip(labels, widths):
+        table.add_column(label, width=width)
+    for key, cells in rows:
+        table.add_row(*cells, key=key)
