@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, ClassVar
 from textual.containers import Vertical
 from textual.message import Message
 from textual.worker import get_current_worker
-from textual.widgets import Static
+from textual.widgets import DataTable, Static
 
 from epreplay.tui.data import Selection, Session
 from epreplay.tui.messages import FetchFailed
@@ -89,3 +89,17 @@ class Pane(Vertical):
 
 def title(text: str) -> Static:
     return Static(text, classes="pane-title")
+
+
+def fill_table(table: DataTable, labels: tuple[str, ...], rows: list[tuple[str, tuple]]) -> None:
+    """Replace a table's columns and rows, with column widths fixed from the data up front.
+
+    DataTable measures auto widths on a later idle pass, and a header line rendered in between
+    stays cached at the old widths; fixed widths (the same the auto pass would find) avoid that.
+    """
+    widths = [max([len(label)] + [len(cells[i]) for _, cells in rows]) for i, label in enumerate(labels)]
+    table.clear(columns=True)
+    for label, width in zip(labels, widths):
+        table.add_column(label, width=width)
+    for key, cells in rows:
+        table.add_row(*cells, key=key)

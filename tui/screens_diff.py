@@ -12,7 +12,7 @@ from textual.widgets import DataTable, Static
 from epreplay.tui import render
 from epreplay.tui.data import DiffData
 from epreplay.tui.messages import DiffLoaded
-from epreplay.tui.pane import Pane, title
+from epreplay.tui.pane import Pane, fill_table, title
 
 
 def _ids(ids: tuple[int, ...], limit: int = 4) -> str:
@@ -49,8 +49,7 @@ class DiffPane(Pane):
         yield DataTable(id="diff-table", cursor_type="row", zebra_stripes=True)
 
     def on_mount(self) -> None:
-        self.query_one("#diff-table", DataTable).add_columns(
-            "layer", "JS", "", "entered hot", "left hot", "top1", "jaccard")
+        fill_table(self.query_one("#diff-table", DataTable), DIFF_COLUMNS, [])
 
     def fetch(self) -> None:
         self._load()
@@ -73,17 +72,17 @@ class DiffPane(Pane):
         if msg.key == ("none",) and d.result is not None:
             summary += "\nmatching tokens for top-1/Jaccard agreement…"
         self.query_one("#diff-summary", Static).update(summary)
-        table = self.query_one("#diff-table", DataTable)
-        table.clear()
-        if d.result is not None:
-            rows = d.result.layers
-            top = max((r.js for r in rows), default=0.0) or 1.0
-            for r in rows:
-                tok = r.tokens
-                table.add_row(str(r.layer), f"{r.js:.4f}", render.bar(r.js / top, 16), _ids(r.hot.entered),
-                              _ids(r.hot.left), f"{tok.top1:.3f}" if tok else "-",
-                              f"{tok.jaccard:.3f}" if tok else "-", key=str(r.layer))
+        rows = d.result.layers if d.result is not None else []
+        top = max((r.js for r in rows), default=0.0) or 1.0
+        fill_table(self.query_one("#diff-table", DataTable), DIFF_COLUMNS, [
+            (str(r.layer), (str(r.layer), f"{r.js:.4f}", render.bar(r.js / top, 16), _ids(r.hot.entered),
+                            _ids(r.hot.left), f"{r.tokens.top1:.3f}" if r.tokens else "-",
+                            f"{r.tokens.jaccard:.3f}" if r.tokens else "-"))
+            for r in rows])
         self.mark_loaded()
 
     def focus_main(self) -> None:
         self.query_one("#diff-table", DataTable).focus()
+
+
+DIFF_COLUMNS = ("layer", "JS", "", "entered hot", "left hot", "top1", "jaccard")

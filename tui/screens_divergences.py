@@ -14,7 +14,7 @@ from textual.widgets import DataTable, Static
 from epreplay.queries import DivergenceRow
 from epreplay.tui.data import DivergenceData
 from epreplay.tui.messages import DivergencesLoaded
-from epreplay.tui.pane import Pane, title
+from epreplay.tui.pane import Pane, fill_table, title
 
 
 def detail_text(d: DivergenceRow) -> str:
@@ -51,8 +51,8 @@ class DivergencesPane(Pane):
         yield Static("", id="div-detail")
 
     def on_mount(self) -> None:
-        _fill(self.query_one("#div-replays", DataTable), REPLAY_COLUMNS, [])
-        _fill(self.query_one("#div-table", DataTable), DIVERGENCE_COLUMNS, [])
+        fill_table(self.query_one("#div-replays", DataTable), REPLAY_COLUMNS, [])
+        fill_table(self.query_one("#div-table", DataTable), DIVERGENCE_COLUMNS, [])
 
     def fetch(self, replay: str | None = None) -> None:
         self._load(replay)
@@ -68,12 +68,12 @@ class DivergencesPane(Pane):
     def _show(self, msg: DivergencesLoaded) -> None:
         self.data = d = msg.payload
         reps = self.query_one("#div-replays", DataTable)
-        _fill(reps, REPLAY_COLUMNS, [
+        fill_table(reps, REPLAY_COLUMNS, [
             (r.replay, (r.replay, f"{r.backend}/{r.device}", f"{r.virtual_ranks}->{r.physical_ranks}",
                         str(r.calls), str(r.divergences), r.verdict[:60])) for r in d.replays])
         if d.replay is not None:
             reps.move_cursor(row=reps.get_row_index(d.replay))
-        _fill(self.query_one("#div-table", DataTable), DIVERGENCE_COLUMNS, [
+        fill_table(self.query_one("#div-table", DataTable), DIVERGENCE_COLUMNS, [
             (str(n), (str(n), v.kind, str(v.step), str(v.layer), v.op, str(v.rank),
                       str(v.token) if v.token >= 0 else "-", str(v.expert) if v.expert >= 0 else "-"))
             for n, v in enumerate(d.divergences)])
@@ -121,17 +121,3 @@ class DivergencesPane(Pane):
 
 REPLAY_COLUMNS = ("replay", "backend", "ranks", "calls", "divergences", "verdict")
 DIVERGENCE_COLUMNS = ("#", "kind", "step", "layer", "op", "rank", "token", "expert")
-
-
-def _fill(table: DataTable, labels: tuple[str, ...], rows: list[tuple[str, tuple[str, ...]]]) -> None:
-    """Replace a table's columns and rows, with column widths fixed from the data up front.
-
-    DataTable measures auto widths on a later idle pass, and a header line rendered in between
-    stays cached at the old widths; fixed widths (the same the auto pass would find) avoid that.
-    """
-    widths = [max([len(label)] + [len(cells[i]) for _, cells in rows]) for i, label in enumerate(labels)]
-    table.clear(columns=True)
-    for label, width in zip(labels, widths):
-        table.add_column(label, width=width)
-    for key, cells in rows:
-        table.add_row(*cells, key=key)

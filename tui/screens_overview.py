@@ -10,7 +10,7 @@ from textual.widgets import DataTable, Static
 from epreplay.tui import render
 from epreplay.tui.data import OverviewData
 from epreplay.tui.messages import OverviewLoaded
-from epreplay.tui.pane import Pane, title
+from epreplay.tui.pane import Pane, fill_table, title
 
 
 def facts_text(d: OverviewData) -> str:
@@ -77,8 +77,8 @@ class OverviewPane(Pane):
                 yield DataTable(id="imb-table", cursor_type="row", zebra_stripes=True)
 
     def on_mount(self) -> None:
-        self.query_one("#hot-table", DataTable).add_columns("expert", "slots", "share", "")
-        self.query_one("#imb-table", DataTable).add_columns("layer", "max/mean", "rank", "worst step")
+        fill_table(self.query_one("#hot-table", DataTable), HOT_COLUMNS, [])
+        fill_table(self.query_one("#imb-table", DataTable), IMBALANCE_COLUMNS, [])
         self.query_one("#facts").border_title = "run"
         self.query_one("#health").border_title = "capture health"
 
@@ -101,19 +101,16 @@ class OverviewPane(Pane):
         health = self.query_one("#health", Static)
         health.update(text)
         health.set_class(not ok, "bad")
-        hot = self.query_one("#hot-table", DataTable)
-        hot.clear()
         shares = d.hot.share_N
         top = float(shares.max()) if shares.size else 1.0
-        for e, t, s in zip(d.hot.expert_N, d.hot.tokens_N, shares):
-            hot.add_row(str(int(e)), str(int(t)), f"{100 * s:5.1f}%", render.bar(s / top if top else 0, 10),
-                        key=f"e{int(e)}")
-        imb = self.query_one("#imb-table", DataTable)
-        imb.clear()
+        fill_table(self.query_one("#hot-table", DataTable), HOT_COLUMNS, [
+            (f"e{int(e)}", (str(int(e)), str(int(t)), f"{100 * s:5.1f}%", render.bar(s / top if top else 0, 10)))
+            for e, t, s in zip(d.hot.expert_N, d.hot.tokens_N, shares)])
         im = d.imbalance
-        for i in np.lexsort((im.layer_L, -im.imbalance_L))[:10]:
-            imb.add_row(str(int(im.layer_L[i])), f"{im.imbalance_L[i]:.2f}", str(int(im.max_rank_L[i])),
-                        str(int(im.worst_step_L[i])), key=f"l{int(im.layer_L[i])}")
+        fill_table(self.query_one("#imb-table", DataTable), IMBALANCE_COLUMNS, [
+            (f"l{int(im.layer_L[i])}", (str(int(im.layer_L[i])), f"{im.imbalance_L[i]:.2f}",
+                                        str(int(im.max_rank_L[i])), str(int(im.worst_step_L[i]))))
+            for i in np.lexsort((im.layer_L, -im.imbalance_L))[:10]])
         self.mark_loaded()
 
     @on(DataTable.RowSelected, "#hot-table")
@@ -130,3 +127,7 @@ class OverviewPane(Pane):
 
     def focus_main(self) -> None:
         self.query_one("#hot-table", DataTable).focus()
+
+
+HOT_COLUMNS = ("expert", "slots", "share", "")
+IMBALANCE_COLUMNS = ("layer", "max/mean", "rank", "worst step")

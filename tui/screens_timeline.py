@@ -20,7 +20,7 @@ from epreplay.tui import render
 from epreplay.tui.data import TimelineData, durations_us
 from epreplay.tui.heatmap import Heatmap
 from epreplay.tui.messages import TimelineLoaded
-from epreplay.tui.pane import Pane, title
+from epreplay.tui.pane import Pane, fill_table, title
 from epreplay.tui.screens_hot import legend_text
 
 OPS = (None, "dispatch", "combine", "ll_dispatch", "ll_combine")
@@ -66,7 +66,7 @@ class TimelinePane(Pane):
         yield Static("", id="tl-cell")
 
     def on_mount(self) -> None:
-        self.query_one("#tl-table", DataTable).add_columns("rank", "last", "calls", "late µs", "call µs")
+        fill_table(self.query_one("#tl-table", DataTable), STRAGGLER_COLUMNS, [])
 
     def fetch(self) -> None:
         self._load(OPS[self.op_index])
@@ -81,12 +81,11 @@ class TimelinePane(Pane):
     @on(TimelineLoaded)
     def _show(self, msg: TimelineLoaded) -> None:
         self.timeline = d = msg.payload
-        table = self.query_one("#tl-table", DataTable)
-        table.clear()
         s = d.stragglers
-        for i in range(min(int(s.rank_N.size), 50)):
-            table.add_row(str(int(s.rank_N[i])), str(int(s.last_N[i])), str(int(s.calls_N[i])),
-                          f"{s.late_ns_N[i] / 1e3:.1f}", f"{s.mean_ns_N[i] / 1e3:.1f}", key=f"r{int(s.rank_N[i])}")
+        fill_table(self.query_one("#tl-table", DataTable), STRAGGLER_COLUMNS, [
+            (f"r{int(s.rank_N[i])}", (str(int(s.rank_N[i])), str(int(s.last_N[i])), str(int(s.calls_N[i])),
+                                      f"{s.late_ns_N[i] / 1e3:.1f}", f"{s.mean_ns_N[i] / 1e3:.1f}"))
+            for i in range(min(int(s.rank_N.size), 50))])
         self._draw()
         self.mark_loaded()
 
@@ -134,3 +133,6 @@ class TimelinePane(Pane):
 
     def focus_main(self) -> None:
         self.query_one("#tl-map", Heatmap).focus()
+
+
+STRAGGLER_COLUMNS = ("rank", "last", "calls", "late µs", "call µs")
