@@ -283,7 +283,10 @@ async def test_walk_a_recorded_demo_run(demo_run_dir: Path, tmp_path: Path) -> N
         await settle(pilot, app)
         tl = _last(msgs, M.TimelineLoaded).payload
         if tl.captured:
-            assert int(tl.stragglers.rank_N[0]) == truth.straggler()
+            # No straggler is planted in the demo run, so several ranks may tie for "arrived last
+            # most often": the one shown must be among them (the shards break no tie).
+            assert int(tl.stragglers.rank_N[0]) in np.flatnonzero(truth.last_R == truth.last_R.max())
+            assert int(tl.stragglers.last_N[0]) == int(truth.last_R.max())
         for key in ("5", "6", "1"):
             await pilot.press(key)
             await settle(pilot, app)
@@ -400,7 +403,8 @@ async def test_walk_a_run_recorded_with_real_deepep(tmp_path: Path) -> None:
         await pilot.press("4")
         await settle(pilot, app)
         tl = _last(msgs, M.TimelineLoaded).payload
-        assert tl.captured and int(tl.stragglers.rank_N[0]) == truth.straggler()
+        assert tl.captured
+        assert int(tl.stragglers.rank_N[0]) in np.flatnonzero(truth.last_R == truth.last_R.max())
         assert int(tl.stragglers.last_N[0]) == int(truth.last_R.max())
     assert not [m for m in msgs if isinstance(m, M.FetchFailed)]
 
