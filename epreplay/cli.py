@@ -66,7 +66,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
-        return int(args._run(args) or 0)
+        rc = int(args._run(args) or 0)
+        sys.stdout.flush()  # a reader that left (`| head`) shows up here, handled below
+        return rc
     except UsageError as exc:
         if args.debug:
             raise

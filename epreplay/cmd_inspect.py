@@ -188,18 +188,7 @@ def _print_records(rows: list[dict], total: int) -> None:
         print(f"  ... {total - len(rows)} more (--limit 0 lists all)")
 
 
-def run(args: argparse.Namespace) -> int:
-    try:
-        return _run(args)
-    except BrokenPipeError:  # `epreplay inspect RUN --list | head`: the reader left, not an error
-        import os
-        import sys
-
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 0
-
-
-def _run(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:  # a broken pipe (`| head`) is handled in epreplay.cli
     from epreplay.errors import ShardError, UsageError
     from epreplay.run import RunDir
 

@@ -30,13 +30,7 @@ def run(args: argparse.Namespace) -> int:
 
     with open_index(args.run, progress=sys.stderr.isatty()) as ix:
         res = ix.sql(args.query)
-    try:
-        _print(res, args)
-        sys.stdout.flush()
-    except BrokenPipeError:  # `| head`: the reader left; not an error
-        import os
-
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    _print(res, args)  # a broken pipe (`| head`) is handled once, in epreplay.cli
     return 0
 
 

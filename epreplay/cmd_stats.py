@@ -188,16 +188,10 @@ def run(args: argparse.Namespace) -> int:
         d = gather(ix, top=args.top, layer=args.layer, steps=steps)
     if any(s["writer_active"] for s in d["health"]["shards"]):
         note = (note + "; " if note else "") + "a capture is still writing shards: these are the steps recorded so far"
-    try:
-        if args.format == "json":
-            d["note"] = note
-            json.dump(d, sys.stdout, indent=1)
-            print()
-        else:
-            render(d, note)
-        sys.stdout.flush()
-    except BrokenPipeError:  # `| head`: the reader left; not an error
-        import os
-
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    if args.format == "json":  # a broken pipe (`| head`) is handled once, in epreplay.cli
+        d["note"] = note
+        json.dump(d, sys.stdout, indent=1)
+        print()
+    else:
+        render(d, note)
     return 0
