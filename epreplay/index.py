@@ -34,6 +34,17 @@ from epreplay.errors import UsageError
 from epreplay.index_store import INDEX_VERSION, _ingest, _load_report, _loaded_replays
 from epreplay.run import RunDir
 
+
+
+def connect(path: Path | str, *, read_only: bool = False) -> "duckdb.DuckDBPyConnection":
+    """duckdb.connect without DuckDB's own progress bar: it draws on stdout for long statements,
+    which would corrupt `--format json` output; our commands show progress on stderr."""
+    import duckdb
+
+    con = duckdb.connect(str(path), read_only=read_only)
+    con.execute("SET enable_progress_bar = false")
+    return con
+
 LOCK_NAME = "index.duckdb.lock"
 
 
@@ -120,7 +131,7 @@ def _existing(run: RunDir) -> dict | None:
     if not run.index_path.exists():
         return None
     try:
-        con = duckdb.connect(str(run.index_path), read_only=True)
+        con = connect(run.index_path, read_only=True)
     except duckdb.Error:
         return None
     try:
@@ -358,7 +369,7 @@ def build_index(path: str | os.PathLike[str], *, force: bool = False, progress: 
         try:
             if not full:
                 shutil.copyfile(run.index_path, tmp)
-            con = duckdb.connect(str(tmp))
+            con = connect(tmp)
             try:
                 if full:
                     con.execute(_schema_sql())
@@ -430,7 +441,7 @@ def load_replay_report(run: str | os.PathLike[str], report: dict | str | os.Path
             tmp = rundir.path / f".index.duckdb.tmp-{os.getpid()}"
             try:
                 shutil.copyfile(rundir.index_path, tmp)
-                con = duckdb.connect(str(tmp))
+                con = connect(tmp)
                 try:
                     rid = _load_report(con, rundir, report if isinstance(report, dict) else Path(report))
                     con.execute("CHECKPOINT")

@@ -367,9 +367,11 @@ class RunIndex:
     def __init__(self, path: Path) -> None:
         import duckdb
 
+        from epreplay.index import connect as index_connect
+
         self.path = path
         try:
-            self._con = duckdb.connect(str(path), read_only=True)
+            self._con = index_connect(path, read_only=True)
         except duckdb.Error as exc:
             raise UsageError(f"{path}: cannot open the index read-only ({str(exc).splitlines()[0]}); "
                              f"rebuild it with 'epreplay index {path.parent} --force'") from None
