@@ -51,6 +51,7 @@ class CaptureConfig:
         ring_bytes: bound of the flight ring.
         run_id: the run's id (shard headers carry it); empty: read from the manifest.
         release: free-form release tag for the manifest.
+        writer: "process" (default) or "thread": where records are hashed, encoded and written.
     """
 
     run_dir: str
@@ -64,8 +65,13 @@ class CaptureConfig:
     ring_bytes: int = DEFAULT_RING_BYTES
     run_id: str = ""
     release: str = ""
+    # "process": hashing, encoding and writes run in a helper process (writer_proc.py), so they
+    # never hold the job's GIL; "thread": in the job's process (one fewer process, more overhead).
+    writer: str = "process"
 
     def __post_init__(self) -> None:
+        if self.writer not in ("process", "thread"):
+            raise UsageError(f"writer={self.writer!r}: must be 'process' or 'thread'")
         if not self.run_dir:
             raise UsageError("capture needs a run directory; pass --out RUN")
         if self.flight_steps < 0:

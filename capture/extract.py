@@ -1,11 +1,12 @@
-"""What each hooked op stages (hot path) and how the writer turns it into a record (records.py).
+"""What each hooked op stages (hot path); build.py turns that into a record (records.py).
 
 Legend: T tokens on this rank, K top-k, E experts, R ranks, L local experts, H hidden,
 M = num_max_dispatch_tokens_per_rank, X = R * M receive slots per local expert (low-latency),
 N rows received by a normal dispatch, V valid rows of a low-latency receive buffer.
 
 `stage_inputs` / `stage_outputs` run on the caller's thread and only take references or copies
-(see stage.py for which); `build` runs on the writer thread and does all the numpy work. The
+(see stage.py for which); build.build runs where records are written and does all the numpy
+work. The
 arrays and meta keys are exactly the table in epreplay/records.py's docstring, plus (additive):
   dispatch  routing  send_head_TR [T, R] int32  intranode handle's send_head as of dispatch
                                                 (combine rewrites it in place)
@@ -22,11 +23,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 import torch
 
-from epreplay.records import Kind, Level, Op, RecordHeader, Status
-from epreplay.capture.stage import Staging, Timer, to_numpy
+from epreplay.records import Level, Op, Status
+from epreplay.capture.stage import Staging, Timer
 
 ArraysMeta = tuple[dict[str, Any], dict[str, Any]]
 
@@ -52,6 +52,10 @@ class Call:
     nbytes: int = 0
     done: bool = False  # outputs staged (or the call raised)
     hung_reported: bool = False
+
+    def described_args(self) -> dict[str, Any]:
+        """The bound arguments as compact JSON (record meta "args")."""
+        return {k: describe(v) for k, v in self.args.items()}
 
 
 def _x_rows(x: Any) -> int:
@@ -190,7 +194,7 @@ def stage_outputs(call: Call, a: dict[str, Any], result: Any) -> None:
             st.rows_fp("combined_fp_T", result[0])
 
 
-# --- writer thread -----------------------------------------------------------------------------
+# --- argument descriptions (record meta "args") ---------------------------------------------
 
 _DTYPE_NAMES: dict[Any, str] = {}
 
@@ -216,83 +220,3 @@ def describe(v: Any) -> Any:
         return f"list[{len(v)}]"
     name = type(v).__name__
     return repr(v) if name == "Config" else name
-
-
-def _valid_rows(rows_LX: np.ndarray, counts_L: np.ndarray) -> np.ndarray:
-    """Rows [0, count[e]) of each local expert e, expert-major (records.py's V order)."""
-    L = len(counts_L)
-    X = rows_LX.shape[0] // max(L, 1) if L else 0
-    rows = rows_LX.reshape((L, X) + rows_LX.shape[1:])
-    parts = [rows[e, : int(counts_L[e])] for e in range(L)]
-    return np.concatenate(parts) if parts else rows_LX[:0]
-
-
-def _fp(st: Staging, name: str, arrays: dict[str, Any], nonfinite: list[str],
-        out_name: str | None = None) -> None:
-    got = st.fingerprints(name)
-    if got is None:
-        return
-    fp, finite = got
-    arrays[out_name or name] = fp
-    if not finite:
-        nonfinite.append(out_name or name)
-
-
-def build(call: Call) -> tuple[RecordHeader, dict[str, Any], dict[str, Any]]:
-    """The record of a staged call: header, named arrays and meta (see the module docstring)."""
-    st, op, lvl = call.staging, call.op, call.level
-    st.wait()
-    arrays: dict[str, Any] = {}
-    nonfinite: list[str] = []
-    meta = dict(call.meta)
-    meta["args"] = {k: describe(v) for k, v in call.args.items()}
-    me = int(meta.get("ep_rank", 0))
-    for name in list(st.items):
-        if name.startswith("_") or name.endswith(":finite"):
-            continue
-        v = st.items[name]
-        if isinstance(v, tuple) and v and v[0] in ("fp", "fpdone"):
-            _fp(st, name, arrays, nonfinite)
-        elif name.endswith(("_fp_T", "_fp_N", "_fp_V")):
-            _fp(st, name, arrays, nonfinite)
-        else:
-            arrays[name] = st.array(name)
-    if op in (Op.DISPATCH, Op.CACHED_DISPATCH):
-        rpm = st.array("_rank_prefix_matrix_RR")
-        if rpm is not None:
-            col = rpm[:, me].astype(np.int64)
-            arrays["recv_tokens_per_rank_R"] = np.diff(col, prepend=0).astype(np.int32)
-            if lvl >= Level.ROUTING and op == Op.DISPATCH:
-                arrays["rank_prefix_matrix_RR"] = rpm
-        gbl = st.array("_recv_gbl_rank_prefix_sum_R")
-        if gbl is not None:
-            arrays["recv_tokens_per_rank_R"] = np.diff(gbl.astype(np.int64), prepend=0).astype(np.int32)
-        lst = st.items.get("_num_recv_list")
-        if lst is not None:
-            arrays["recv_tokens_per_expert_L"] = np.asarray(lst, dtype=np.int64)
-    elif op == Op.LL_DISPATCH:
-        counts = arrays.get("recv_count_L")
-        src = st.array("_src_info_LX")
-        if src is not None and counts is not None:
-            arrays["src_info_V"] = _valid_rows(src.reshape(-1), counts).astype(np.int32)
-        if "_recv_x_fp_LX" in st.items and counts is not None:
-            _fp(st, "_recv_x_fp_LX", arrays, nonfinite, "recv_x_fp_V")
-            arrays["recv_x_fp_V"] = _valid_rows(arrays["recv_x_fp_V"], counts)
-    elif op == Op.LL_COMBINE:
-        lr = st.array("_layout_range_LR")
-        counts = (lr & 0xFFFFFFFF).sum(axis=1) if lr is not None else None
-        if "_x_fp_LX" in st.items and counts is not None:
-            _fp(st, "_x_fp_LX", arrays, nonfinite, "x_fp_V")
-            arrays["x_fp_V"] = _valid_rows(arrays["x_fp_V"], counts)
-        x = st.items.get("_x_LXH")
-        if x is not None and counts is not None:
-            bits = to_numpy(x)
-            if isinstance(bits, tuple):
-                arrays["x_VH"] = (_valid_rows(bits[0].reshape(-1, bits[0].shape[-1]), counts), bits[1])
-    if nonfinite:
-        meta["nonfinite"] = nonfinite
-    header = RecordHeader(kind=Kind.CALL, op=int(op), level=lvl, status=call.status,
-                          buffer=call.buffer, seq=call.seq, step=call.step, layer=call.layer,
-                          tokens=call.tokens, start_ns=call.start_ns,
-                          duration_ns=call.timer.duration_ns() if call.done else -1)
-    return header, {k: v for k, v in arrays.items() if v is not None}, meta

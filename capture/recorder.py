@@ -1,11 +1,14 @@
-"""The per-process recorder: call bookkeeping on the hot path, one writer thread behind a queue.
+"""The per-process recorder: call bookkeeping on the hot path, a courier thread behind a queue.
 
 Hot path (caller's thread): `begin` binds a call to (buffer, seq, step, layer) and stages its
 inputs, `end` stages its outputs and enqueues it; `raised` records an exception. Nothing waits:
 over the queue's bounds the call is dropped and counted before anything is copied.
-Writer thread: builds each record (extract.build), appends it to RUN/shards/rank-NNNNN.eprs, or
-in flight mode keeps it in the ring until a trigger. Any failure there (disk full, permission,
-an encoding bug) turns capture off for this process with one logged line; the job goes on.
+Courier thread: waits for each call's copies and hands it to the writer process
+(writer_proc.py), which builds the record (build.py), appends it to
+RUN/shards/rank-NNNNN.eprs, or in flight mode keeps it in the ring until a trigger (sink.py).
+With `writer="thread"` (or where no process can start) the courier runs the sink itself.
+Any failure there (disk full, permission, an encoding bug) turns capture off for this process
+with one logged line; the job goes on.
 """
 from __future__ import annotations
 
@@ -22,21 +25,15 @@ import torch
 
 from epreplay import marks
 from epreplay.capture.config import CaptureConfig
-from epreplay.capture.extract import Call, build, stage_inputs, stage_outputs
-from epreplay.capture.flight import FlightRing
-from epreplay.capture.stage import Staging, Timer, batch_fingerprints
-from epreplay.records import Kind, Level, Op, RecordHeader, ShardInfo, Status
+from epreplay.capture.extract import Call, stage_inputs, stage_outputs
+from epreplay.capture.sink import DUMP_DEDUP_S
+from epreplay.capture.stage import Staging, Timer
+from epreplay.records import Level, Op, Status
 from epreplay.run import RunDir
 
 _STOP = object()
-# Triggers with the same reason within 2 s are one incident (a NaN reaches every later record of
-# its step; all ranks see one hang and each also reads the others' DUMP markers).
-DUMP_DEDUP_S = 2.0
-# Records held back until the shard header can carry H: a layout precedes its dispatch, so 4
-# covers any sane call order while risking at most 4 records on a crash at the very start.
-EARLY_RECORDS = 4
 # Calls taken off the queue at once: their CPU fingerprints are computed in one pass per row
-# format. 64 bounds the extra latency of a record to one batch.
+# format (by the writer process or the in-process sink). 64 bounds the extra latency of a record.
 WRITER_BATCH = 64
 _OPENS_LAYER = (Op.LAYOUT, Op.DISPATCH, Op.LL_DISPATCH)
 
@@ -65,20 +62,17 @@ class Recorder:
         self.disabled_reason: str | None = None
         self.dropped = 0
         self.graph_skipped = 0  # calls made while a CUDA graph was being captured (not recorded)
-        self.records = 0
         self.calls = 0
-        self.dumps: list[dict[str, Any]] = []
         self.buffers: list[dict[str, Any]] = []
-        self.static = {"num_experts": 0, "topk": 0, "hidden": 0, "x_dtype": ""}
         self.inflight: dict[int, Call] = {}  # id(call) -> call, for the watchdog
         self._lock = threading.Lock()
         self._qn = 0
         self._qbytes = 0
         self._q: queue.SimpleQueue = queue.SimpleQueue()
-        self._writer = None  # ShardWriter, opened by the writer thread on first use
+        self._proc: Any = None  # writer_proc.WriterProcess, or
+        self._sink: Any = None  # sink.Sink when writing from the courier thread itself
+        self._sink_facts: dict[str, Any] | None = None
         self._dropped_written = 0
-        self._early: list[tuple[RecordHeader, dict[str, Any], dict[str, Any]]] = []
-        self._ring = FlightRing(config.flight_steps, config.ring_bytes) if config.flight else None
         self._lineage: dict[int, tuple[Any, int]] = {}  # id(handle[0]) -> (weakref, seq)
         self._auto_step, self._auto_layer, self._layer_open_by = 0, -1, None
         self._marked_step: int | None = None
@@ -89,7 +83,7 @@ class Recorder:
         self._graph_lineage: dict[int, int] = {}
         self._drainer: Any = None
         self._closed = False
-        self._last_dump: tuple[str, float] = ("", 0.0)
+        self._last_dump: dict[str, float] = {}  # reason -> time.monotonic() of its last dump
         self.on_trigger: Callable[[str, str], None] | None = None  # set by triggers.Watchdog
         self._thread = threading.Thread(target=self._loop, name=f"epreplay-writer-{rank}", daemon=True)
         self._thread.start()
@@ -312,10 +306,10 @@ class Recorder:
         if not self.config.flight or not self.enabled:
             return
         now = time.monotonic()
-        if self._last_dump[0] == reason and now - self._last_dump[1] < DUMP_DEDUP_S:
+        if now - self._last_dump.get(reason, -DUMP_DEDUP_S) < DUMP_DEDUP_S:
             return  # one NaN taints many records, every rank sees the same hang: dump once
-        self._last_dump = (reason, now)
-        self._q.put(("dump", reason, detail, self.rank if origin is None else origin))
+        self._last_dump[reason] = now
+        self._q.put(("dump", reason, detail, self.rank if origin is None else origin, time.time_ns()))
         if propagate and self.on_trigger is not None:
             self.on_trigger(reason, detail)
 
@@ -333,136 +327,113 @@ class Recorder:
         self.enabled = False
         self.disabled_reason = reason
         print(f"epreplay capture: rank {self.rank}: capture off: {reason}", file=sys.stderr, flush=True)
-        self._q.put(("event", {"reason": "capture_off", "detail": reason}))
+        self._q.put(("event", {"reason": "capture_off", "detail": reason}, time.time_ns()))
 
-    # --- writer thread --------------------------------------------------------------------
-    def _shard(self) -> Any:
-        if self._writer is None:
-            from epreplay.shard import ShardWriter
+    # --- courier thread -------------------------------------------------------------------
+    def _open_sink(self) -> None:
+        """The writer process (default) or, where it cannot start or the config says "thread",
+        an in-process Sink. Runs on the courier thread: a slow process start never delays the job."""
+        if self.config.writer == "process":
+            from epreplay.capture.writer_proc import WriterProcess
 
-            info = ShardInfo(run_id=self.config.run_id, rank=self.rank, world_size=self.world_size,
-                             num_experts=self.static["num_experts"], topk=self.static["topk"],
-                             hidden=self.static["hidden"], level=self.level, created_ns=time.time_ns())
-            self._writer = ShardWriter(self.run.shard_path(self.rank), info)
-        return self._writer
+            try:
+                self._proc = WriterProcess(self.config, rank=self.rank, world_size=self.world_size)
+                return
+            except OSError as exc:
+                print(f"epreplay capture: rank {self.rank}: no writer process ({exc}); writing from "
+                      f"a thread", file=sys.stderr, flush=True)
+        from epreplay.capture.sink import Sink
 
-    def _learn_static(self, header: RecordHeader, arrays: dict[str, Any], meta: dict[str, Any]) -> None:
-        s = self.static
-        if not s["num_experts"] and meta.get("E"):
-            s["num_experts"] = int(meta["E"])
-        if not s["num_experts"] and "num_tokens_per_expert_E" in arrays:
-            s["num_experts"] = int(arrays["num_tokens_per_expert_E"].shape[0])
-        if not s["topk"] and "topk_idx_TK" in arrays and arrays["topk_idx_TK"].ndim == 2:
-            s["topk"] = int(arrays["topk_idx_TK"].shape[1])
-        if not s["hidden"] and meta.get("hidden"):
-            s["hidden"], s["x_dtype"] = int(meta["hidden"]), str(meta.get("x_dtype", ""))
+        self._sink = Sink(self.config, rank=self.rank, world_size=self.world_size,
+                          on_trigger=lambda reason, detail: self.on_trigger and self.on_trigger(reason, detail))
 
-    def _append(self, header: RecordHeader, arrays: dict[str, Any], meta: dict[str, Any]) -> None:
-        if self._writer is None and not self.static["hidden"] and len(self._early) < EARLY_RECORDS:
-            # The shard header carries E, K and H; a layout call knows no H, so the first few
-            # records wait (in memory) for a dispatch that tells it.
-            self._early.append((header, arrays, meta))
+    def _send(self, msgs: list[Any]) -> None:
+        """Hand messages to the sink: in order, calls batched (one fingerprint pass per batch)."""
+        if self._proc is not None:
+            from epreplay.capture.packed import pack
+
+            for msg in msgs:
+                if msg[0] in ("call", "hung"):
+                    with self._quiet(msg[1]):
+                        msg = (msg[0], pack(msg[1]))
+                self._proc.send(msg)
             return
-        self._flush_early()
-        self._writer.append(header, arrays, meta)
-        self.records += 1
+        from epreplay.capture.build import build_calls
 
-    def _flush_early(self) -> None:
-        writer = self._shard()
-        early, self._early = self._early, []
-        for rec in early:
-            writer.append(*rec)
-            self.records += 1
+        calls = [m[1] for m in msgs if m[0] == "call"]
+        with self._quiet(*calls):
+            built = iter(build_calls(calls))
+        for msg in msgs:
+            kind = msg[0]
+            if kind == "call":
+                self._sink.call(next(built))
+            elif kind == "hung":
+                with self._quiet(msg[1]):
+                    self._sink.call(build_calls([msg[1]])[0])
+            elif kind == "event":
+                self._sink.event(*msg[1:])
+            elif kind == "dump":
+                self._sink.dump(*msg[1:])
+            elif kind == "graph":
+                self._sink.graph(msg[1])
 
-    def _event(self, meta: dict[str, Any]) -> None:
-        header = RecordHeader(kind=Kind.EVENT, op=0, level=self.level, status=Status.OK, buffer=0,
-                              seq=self.records, step=-1, layer=-1, tokens=0, start_ns=time.time_ns())
-        self._append(header, {}, dict(meta, rank=self.rank))
+    @staticmethod
+    def _quiet(*calls: Any) -> Any:
+        """graph_ring.QUIET around CUDA event waits (they would break a CUDA graph the job is
+        capturing at the same moment); a no-op for CPU calls."""
+        import contextlib
 
-    def _build(self, call: Call) -> tuple[RecordHeader, dict[str, Any], dict[str, Any]]:
-        """build(call); for a CUDA call under graph_ring.QUIET (its event waits would break a
-        CUDA graph being captured by the job at the same moment)."""
-        if not call.staging.cuda:
-            return build(call)
+        if not any(getattr(c.staging, "cuda", False) for c in calls):
+            return contextlib.nullcontext()
         from epreplay.capture.graph_ring import QUIET
 
-        with QUIET:
-            return build(call)
+        return QUIET
 
-    def _handle(self, item: Any) -> None:
+    def _message(self, item: Any) -> Any:
+        """A queue item as a sink message, or None when it is to be skipped."""
         if isinstance(item, Call):
             with self._lock:
                 self._qn -= 1
                 self._qbytes -= item.nbytes
-            if not self.enabled:
-                return
-            header, arrays, meta = self._build(item)
-            self._learn_static(header, arrays, meta)
-            if meta.get("nonfinite") and self.config.flight:
-                self.trigger("nonfinite", f"{item.op.label} seq {item.seq}: {meta['nonfinite']}")
-            if self._ring is not None:
-                self._ring.add((header, arrays, meta))
-            else:
-                self._append(header, arrays, meta)
-            return
+            return ("call", item) if self.enabled else None
         kind = item[0]
         if not self.enabled and kind != "event":
-            return
+            return None
         if kind == "hung":
-            call = item[1]
-            call.status = Status.HUNG
-            header, arrays, meta = self._build(call)
-            if self._ring is not None:
-                self._ring.add((header, arrays, meta))
-            else:
-                self._append(header, arrays, meta)
-        elif kind == "dump":
-            _, reason, detail, origin = item
-            recs = self._ring.drain() if self._ring is not None else []
-            self.dumps.append({"reason": reason, "origin_rank": origin, "records": len(recs),
-                               "time_ns": time.time_ns()})
-            self._event({"reason": reason, "detail": detail, "origin_rank": origin, "dump": True,
-                         "records": len(recs), "evicted": self._ring.evicted if self._ring else 0})
-            for header, arrays, meta in recs:
-                self._append(header, arrays, meta)
-        elif kind == "event":
-            self._event(item[1])
-        elif kind == "graph":  # records drained from CUDA-graph rings (graph_ring.Drainer)
-            for header, arrays, meta in item[1]:
-                self._learn_static(header, arrays, meta)
-                if self._ring is not None:
-                    self._ring.add((header, arrays, meta))
-                else:
-                    self._append(header, arrays, meta)
+            item[1].status = Status.HUNG
+        return item
 
     def _loop(self) -> None:
+        try:
+            self._open_sink()
+        except Exception as exc:  # noqa: BLE001
+            self.disable(f"writer: {type(exc).__name__}: {exc}")
         while True:
             batch = [self._q.get()]
-            while len(batch) < WRITER_BATCH:  # whatever else is waiting: hashed together below
+            while len(batch) < WRITER_BATCH:  # whatever else is waiting goes out together
                 try:
                     batch.append(self._q.get_nowait())
                 except queue.Empty:
                     break
-            try:
-                if self.enabled and self.level >= Level.FINGERPRINTS:
-                    batch_fingerprints([c.staging for c in batch if isinstance(c, Call) and not c.staging.cuda])
-            except Exception as exc:  # noqa: BLE001
-                self.disable(f"writer: fingerprints: {type(exc).__name__}: {exc}")
-            for item in batch:
-                if item is _STOP:
-                    return
-                # Hand the GIL back between records: a job thread waiting for it (back from a
-                # kernel or a collective) then waits one record's encoding at most, instead of
-                # Python's 5 ms switch interval behind a busy writer (the convoy that made
-                # capture cost ~15% of a CPU demo step).
-                time.sleep(0)
+            stop = any(item is _STOP for item in batch)
+            msgs = [m for m in (self._message(i) for i in batch if i is not _STOP) if m is not None]
+            if self.enabled and self.dropped > self._dropped_written:
+                self._dropped_written = self.dropped
+                msgs.append(("event", {"reason": "dropped", "dropped": self.dropped}, time.time_ns()))
+            if msgs and (self._proc is not None or self._sink is not None):
                 try:
-                    self._handle(item)
-                    if self.enabled and self.dropped > self._dropped_written:
-                        self._dropped_written = self.dropped
-                        self._event({"reason": "dropped", "dropped": self.dropped})
+                    self._send(msgs)
                 except Exception as exc:  # noqa: BLE001 - any recorder failure: capture off, job on
-                    self.disable(f"writer: {type(exc).__name__}: {exc}")
+                    self._fail(exc)
+            if stop:
+                return
+
+    def _fail(self, exc: BaseException) -> None:
+        if self._proc is not None and isinstance(exc, OSError):
+            self.disable(self._proc.why_off())  # the process said why it stopped reading
+            self._proc.kill()
+        else:
+            self.disable(f"writer: {type(exc).__name__}: {exc}")
 
     # --- close --------------------------------------------------------------------------------
     def close(self, timeout: float = 30.0) -> dict[str, Any]:
@@ -479,30 +450,32 @@ class Recorder:
             if self._thread.is_alive():
                 self.disable(f"writer did not drain within {timeout:g}s at close")
             try:
-                if self.enabled and self.dropped > self._dropped_written:
-                    self._event({"reason": "dropped", "dropped": self.dropped})
-                if self.enabled and (self._writer is None or self._early):
-                    self._flush_early()  # every rank that captured has a shard, even an empty one
+                if self._proc is not None:
+                    if self.enabled:
+                        self._sink_facts = self._proc.close(timeout)
+                    else:
+                        self._proc.kill()
+                elif self._sink is not None and self.enabled:
+                    self._sink.close()
+                    self._sink_facts = self._sink.facts()
             except Exception as exc:  # noqa: BLE001
-                self.disable(f"close: {type(exc).__name__}: {exc}")
-            if self._writer is not None:
-                try:
-                    self._writer.close()
-                except Exception as exc:  # noqa: BLE001
-                    self.disable(f"close: {type(exc).__name__}: {exc}")
+                self.disable(f"close: {exc}" if isinstance(exc, RuntimeError) else f"close: {type(exc).__name__}: {exc}")
         return self.facts()
 
     def facts(self) -> dict[str, Any]:
-        w = self._writer
+        sink = self._sink_facts or (self._sink.facts() if self._sink is not None else {})
+        static = {k: sink.get(k, v) for k, v in
+                  {"num_experts": 0, "topk": 0, "hidden": 0, "x_dtype": ""}.items()}
         return {
             "rank": self.rank, "world_size": self.world_size, "host": socket.gethostname(),
-            "pid": os.getpid(), "calls": self.calls, "records": self.records,
-            "dropped": self.dropped, "disabled": self.disabled_reason, "dumps": self.dumps,
-            "graph_skipped": self.graph_skipped
+            "pid": os.getpid(), "calls": self.calls, "records": sink.get("records", 0),
+            "dropped": self.dropped, "disabled": self.disabled_reason,
+            "dumps": sink.get("dumps", []), "graph_skipped": self.graph_skipped
             + sum(r.skipped for r in self._graph_rings.values()),
             "graph_dropped": sum(r.dropped for r in self._graph_rings.values()),
-            "flight_evicted": self._ring.evicted if self._ring else 0,
+            "flight_evicted": sink.get("flight_evicted", 0),
             "shard": f"shards/{self.run.shard_path(self.rank).name}",
-            "bytes": getattr(w, "bytes_written", 0), "buffers": self.buffers,
-            "level": self.level.label, **{k: v for k, v in self.static.items()},
+            "bytes": sink.get("bytes", 0), "buffers": self.buffers,
+            "writer": "process" if self._proc is not None else "thread",
+            "level": self.level.label, **static,
         }

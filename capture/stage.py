@@ -11,14 +11,18 @@ the result is ready (outputs); the writer thread later turns them into numpy arr
                buffer, send_head that combine rewrites, x that the next layer reuses): on CPU a
                clone now, on GPU the same side-stream copy, which is ordered before later kernels.
   rows_fp(x)   per-row fingerprints of x [T, H] (or an FP8 pair) as it is now, plus a "has
-               non-finite values" flag: on CPU a clone, fingerprinted by the writer thread (the
-               hot path pays a memcpy, not the hash); on GPU the hash runs on the job's stream
-               and only its [T] result is copied back.
+               non-finite values" flag: on CPU a clone, fingerprinted by the writer (the hot path
+               pays a memcpy, not the hash); on GPU the hash runs on the side stream (Triton
+               kernel) and only its [T] result is copied back.
 
-GPU ordering: the side stream first waits on the job's current stream (an event wait, no host
-sync), so every copy sees the values as of the call; `seal()` records one event after the copies
-and the writer thread waits on that event, never the job. Source tensors are `record_stream`-ed on
-the side stream so the caching allocator does not reuse them before the copies finish.
+GPU ordering: the GPU work of a call phase is issued together by `seal()`, in one side-stream
+context: the side stream first waits on the job's current stream (an event wait, no host sync),
+so every copy sees the values as of the call; snapshot copies come first and the job's stream
+waits for them (device-side), so a kernel that later rewrites such a tensor cannot overtake its
+copy; the hashes and other copies overlap the job's next kernels (DeepEP's comm kernels leave most
+SMs idle). One event after the copies is what the writer side waits on, never the job. Source
+tensors are `record_stream`-ed on the side stream so the caching allocator does not reuse them
+before the copies finish.
 """
 from __future__ import annotations
 
@@ -29,6 +33,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from epreplay.capture.packed import tagged
 from epreplay.fingerprint import fingerprint_rows
 from epreplay.fingerprint_gpu import fingerprint_rows_fast
 
@@ -65,7 +70,7 @@ def _nbytes(x: Any) -> int:
 class Staging:
     """The staged tensors of one call (see the module docstring)."""
 
-    __slots__ = ("items", "nbytes", "cuda", "_event", "_side", "_synced", "_after")
+    __slots__ = ("items", "nbytes", "cuda", "_event", "_side", "_after", "_pending")
 
     def __init__(self, cuda_side: "torch.cuda.Stream | None" = None) -> None:
         self.items: dict[str, Any] = {}
@@ -73,15 +78,17 @@ class Staging:
         self._side = cuda_side
         self.cuda = cuda_side is not None
         self._event: Any = None
-        self._synced = False  # the side stream already waits on the job's stream for this phase
         self._after: Any = None  # an EventOverlap the outputs' copies must also wait for
+        # GPU work of the current phase, issued together by seal(): (kind, name, tensor(s)) with
+        # kind "snap" (a copy the job's stream must not overtake), "keep" or "fp".
+        self._pending: list[tuple[str, str, Any]] = []
 
     # --- hot path -------------------------------------------------------------------------
     def keep(self, name: str, t: torch.Tensor | None) -> None:
         if t is None:
             return
         if t.is_cuda:
-            self._to_host(name, t)
+            self._to_host("keep", name, t)
         else:
             self.items[name] = t
 
@@ -89,7 +96,7 @@ class Staging:
         if t is None:
             return
         if t.is_cuda:
-            self._to_host(name, t)
+            self._to_host("snap", name, t)
             return
         # A layout and its dispatch (an LL dispatch and its combine) pass the same topk_idx:
         # one copy serves both while the tensor's version counter says nobody wrote to it.
@@ -106,27 +113,16 @@ class Staging:
         self.nbytes += t.numel() * t.element_size()
 
     def rows_fp(self, name: str, x: Any) -> None:
-        """Fingerprint rows of x later (CPU: clone now) or now on the device (GPU)."""
+        """Fingerprint rows of x later (CPU: clone now) or on the device at seal() (GPU)."""
         if x is None:
             return
         first = x[0] if isinstance(x, (tuple, list)) else x
         if first.is_cuda and self._side is not None:
-            # The hash runs on the side stream (Triton kernel), overlapping the job's next kernels
-            # (DeepEP's comm kernels leave most SMs idle) instead of adding to its stream.
-            side = self._side
-            if not self._synced:
-                side.wait_stream(torch.cuda.current_stream(first.device))
-                self._synced = True
-            with torch.cuda.stream(side):
-                fp = fingerprint_rows_fast(x)
-                finite = _rows_finite(x)
-            for part in (x if isinstance(x, (tuple, list)) else (x,)):
-                part.record_stream(side)
-            self._to_host(name, fp)
-            self._to_host(name + ":finite", finite)
+            self._pending.append(("fp", name, x))
+            self.nbytes += 9 * first.shape[0]
         elif first.is_cuda:
-            self._to_host(name, fingerprint_rows_fast(x))
-            self._to_host(name + ":finite", _rows_finite(x))
+            self.items[name] = fingerprint_rows_fast(x).cpu()
+            self.items[name + ":finite"] = _rows_finite(x).cpu()
         else:
             self.items[name] = ("fp", _clone(x))
             self.nbytes += _nbytes(x)
@@ -136,38 +132,61 @@ class Staging:
         stream's copies after `event` (an EventOverlap) too, not only after the job's stream."""
         if self.cuda and event is not None and hasattr(event, "current_stream_wait"):
             self._after = event
-            self._synced = False
 
     def value(self, name: str, v: Any) -> None:
         """A plain Python value (ints, lists): stored as is."""
         self.items[name] = v
 
-    def _to_host(self, name: str, t: torch.Tensor) -> None:
-        side = self._side
-        if side is None:  # a CUDA tensor reached a CPU-configured staging: copy synchronously
+    def _to_host(self, kind: str, name: str, t: torch.Tensor) -> None:
+        if self._side is None:  # a CUDA tensor reached a CPU-configured staging: copy synchronously
             self.items[name] = t.detach().cpu()
             return
-        if not self._synced:
-            side.wait_stream(torch.cuda.current_stream(t.device))
-            if self._after is not None:  # async_finish: outputs are done when DeepEP's event is
-                with torch.cuda.stream(side):
-                    self._after.current_stream_wait()
-            self._synced = True
-        with torch.cuda.stream(side):
-            host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
-            host.copy_(t.detach(), non_blocking=True)
-        t.record_stream(side)
-        self.items[name] = host
-        self.nbytes += host.numel() * host.element_size()
+        self._pending.append((kind, name, t))
+        self.nbytes += t.numel() * t.element_size()
 
     def seal(self) -> None:
-        """After the last copy of a call phase: one event the writer thread will wait on."""
-        if self._side is not None and any(isinstance(v, torch.Tensor) and v.is_pinned()
-                                          for v in self.items.values()):
+        """End of a call phase (inputs, or outputs): issue its GPU work in one go on the side
+        stream, after everything the job's stream has queued so far, and record the one event the
+        writer side waits on. Snapshots go first, and the job's stream waits for them (a device
+        wait, no host sync), so a later kernel rewriting such a tensor cannot overtake the copy;
+        fingerprints and other copies overlap the job's next kernels."""
+        pending, self._pending = self._pending, []
+        if not pending or self._side is None:
+            return
+        side = self._side
+        first = pending[0][2]
+        device = (first[0] if isinstance(first, (tuple, list)) else first).device
+        job = torch.cuda.current_stream(device)
+        side.wait_stream(job)
+        snaps = [p for p in pending if p[0] == "snap"]
+        rest = [p for p in pending if p[0] != "snap"]
+        with torch.cuda.stream(side):
+            if self._after is not None:  # async_finish: outputs are done when DeepEP's event is
+                self._after.current_stream_wait()
+            for _, name, t in snaps:
+                self._copy(name, t, side)
+                t.record_stream(side)
+            if snaps:
+                job.wait_stream(side)
+            for kind, name, t in rest:
+                if kind == "fp":
+                    self._copy(name, fingerprint_rows_fast(t), side)
+                    self._copy(name + ":finite", _rows_finite(t), side)
+                    for part in (t if isinstance(t, (tuple, list)) else (t,)):
+                        part.record_stream(side)
+                else:
+                    self._copy(name, t, side)
+                    t.record_stream(side)
             ev = torch.cuda.Event()
-            ev.record(self._side)
-            self._event = ev
-        self._synced = False  # outputs come later: the next phase waits on the job again
+            ev.record(side)
+        self._event = ev
+        self._after = None
+
+    def _copy(self, name: str, t: torch.Tensor, side: Any) -> None:
+        """An async device->host copy into pinned memory (on the side stream: seal's context)."""
+        host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+        host.copy_(t.detach(), non_blocking=True)
+        self.items[name] = host
 
     # --- writer thread ----------------------------------------------------------------------
     def wait(self) -> None:
@@ -187,9 +206,9 @@ class Staging:
         v = self.items.get(name)
         if v is None:
             return None
-        if isinstance(v, tuple) and v and v[0] == "fpdone":  # batch_fingerprints did it
+        if tagged(v, "fpdone"):  # batch_fingerprints did it
             return v[1], v[2]
-        if isinstance(v, tuple) and v and v[0] == "fp":
+        if tagged(v, "fp"):
             x = v[1]
             fp = fingerprint_rows(x).numpy().view(np.uint64)
             return fp, bool(_rows_finite(x))
@@ -220,7 +239,7 @@ def batch_fingerprints(stagings: list[Staging]) -> None:
     groups: dict[tuple, list[tuple[Staging, str, Any]]] = {}
     for st in stagings:
         for name, v in st.items.items():
-            if isinstance(v, tuple) and v and v[0] == "fp":
+            if tagged(v, "fp"):
                 groups.setdefault(_fp_key(v[1]), []).append((st, name, v[1]))
     for entries in groups.values():
         xs = [x for _, _, x in entries]
@@ -239,7 +258,10 @@ def batch_fingerprints(stagings: list[Staging]) -> None:
 
 
 def to_numpy(t: Any) -> Any:
-    """A host tensor as a codec array: numpy, or (uint view, logical name) for bf16/fp8."""
+    """A host tensor as a codec array: numpy, or (uint view, logical name) for bf16/fp8.
+    Values already in that form pass through."""
+    if isinstance(t, tuple) and len(t) == 2 and isinstance(t[1], str):
+        return t
     if isinstance(t, torch.Tensor):
         t = t.detach()
         if t.is_cuda:

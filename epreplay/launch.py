@@ -19,6 +19,9 @@ import traceback
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
+# Seconds a rank that returned its result may take to exit (capture's close runs in its exit path).
+EXIT_GRACE_S = 60.0
+
 
 class RankFailed(RuntimeError):
     """One or more ranks raised, or the group timed out. `errors` maps rank -> traceback text."""
@@ -144,7 +147,9 @@ def run_ranks(fn: Callable[..., Any], world_size: int, *args: Any, timeout: floa
             raise RankFailed(f"rank {first} failed:\n{errors[first]}", errors)
         return [outputs[r] for r in range(world_size)]
     finally:
-        _reap(procs)
+        # Ranks that all answered are only exiting (closing a capture can take seconds): give
+        # them time; after a failure the others may be stuck on the dead one, so end them soon.
+        _reap(procs, grace_s=EXIT_GRACE_S if len(outputs) == world_size else 3.0)
 
 
 def _reap(procs: Sequence[mp.process.BaseProcess], grace_s: float = 3.0) -> None:

@@ -226,6 +226,23 @@ def open_shard(path: str | os.PathLike[str]) -> ShardScan:
     return scan
 
 
+def wait_unlocked(path: str | os.PathLike[str], timeout: float) -> bool:
+    """Wait until no live writer holds the shard (e.g. a writer process finishing the records a
+    killed job had handed it). True when free within timeout seconds."""
+    import time
+
+    end = time.monotonic() + timeout
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        while _writer_active(fd):
+            if time.monotonic() > end:
+                return False
+            time.sleep(0.05)
+        return True
+    finally:
+        os.close(fd)
+
+
 def _writer_active(fd: int) -> bool:
     """Whether a live ShardWriter holds this file's lock (released by the kernel when it dies).
 

@@ -14,6 +14,7 @@ from epreplay.launch import RankFailed, run_ranks
 from epreplay.records import Kind, Op
 from epreplay.run import RunDir
 from epreplay.shard import open_shard
+from epreplay.shard_reader import wait_unlocked
 
 # A client written for DeepEP: it imports deep_ep and knows nothing of epreplay's capture.
 CLIENT = textwrap.dedent('''
@@ -137,6 +138,8 @@ def test_kill_9_loses_only_the_killed_ranks_tail(tmp_path):
             calls = [e for e in scan.entries if e.header.kind == Kind.CALL]
             # every call the rank made: 4 whole steps, then the dispatch that failed on the dead peer
             assert len(calls) >= 4 * 3
+    # The killed rank's writer process outlives it and writes what it was handed, then exits.
+    assert wait_unlocked(shards["rank-00001.eprs"], 30)
     with open_shard(shards["rank-00001.eprs"]) as scan:
         assert not scan.complete and scan.truncated_at is None  # killed between records
         recs = list(scan.records())

@@ -1,0 +1,150 @@
+"""A staged call made portable: what crosses from the job's process to the writer process.
+
+`pack(call)` runs on the job's courier thread once the call's copies are done: it waits on the
+call's event (the GIL is released while waiting), views every staged host tensor as numpy (no
+copy: pinned or CPU memory), describes the bound arguments and reads the duration. The result,
+a `PackedCall`, has a Call's attribute names, so build.build takes it in place of a Call, and it
+pickles with its arrays as out-of-band buffers (writer_proc.send): the job's process pays the
+waits and views, the writer process pays the hashing, encoding, compression and writes.
+
+Item values of a PackedStaging (by staged name):
+  ndarray                     a host tensor's values (GPU fingerprints arrive as int64 here)
+  (ndarray, "bfloat16"|...)   bf16/fp8 as raw unsigned words (stage.to_numpy's convention)
+  ("fp", rows)                CPU rows to fingerprint in the writer (rows: one such array or an
+                              FP8 pair of them); as torch tensors once `rows_to_torch` ran
+  ("fpdone", fp_T, finite)    after stage.batch_fingerprints
+  anything else               plain values (lists, ints), as staged
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from epreplay.records import Level, Op, Status
+
+
+def tagged(v: Any, tag: str) -> bool:
+    """v is a staged ("fp", rows) / ("fpdone", fp, finite) entry with that tag (not a tensor, and
+    not a (words, dtype name) pair, whose first item is an array)."""
+    return isinstance(v, tuple) and len(v) >= 2 and isinstance(v[0], str) and v[0] == tag
+
+
+class Duration:
+    """A measured duration standing in for stage.Timer."""
+
+    __slots__ = ("ns",)
+
+    def __init__(self, ns: int) -> None:
+        self.ns = ns
+
+    def duration_ns(self) -> int:
+        return self.ns
+
+
+class PackedStaging:
+    """Staging's reading side over plain values (see the module docstring)."""
+
+    cuda = False  # nothing left to wait for: batch_fingerprints may hash its "fp" rows
+
+    def __init__(self, items: dict[str, Any]) -> None:
+        self.items = items
+
+    def wait(self) -> None:
+        pass
+
+    def array(self, name: str) -> Any:
+        v = self.items.get(name)
+        if v is None or isinstance(v, (np.ndarray, tuple)):
+            return v
+        from epreplay.capture.stage import to_numpy
+
+        return to_numpy(v)  # a torch tensor (thread mode packs nothing) or a plain value
+
+    def fingerprints(self, name: str) -> tuple[np.ndarray, bool] | None:
+        v = self.items.get(name)
+        if v is None:
+            return None
+        if tagged(v, "fpdone"):
+            return v[1], v[2]
+        if tagged(v, "fp"):
+            self.rows_to_torch()
+            from epreplay.capture.stage import _rows_finite
+            from epreplay.fingerprint import fingerprint_rows
+
+            x = self.items[name][1]
+            return fingerprint_rows(x).numpy().view(np.uint64), bool(_rows_finite(x))
+        finite = self.items.get(name + ":finite")
+        return np.asarray(v).view(np.uint64), bool(finite) if finite is not None else True
+
+    def rows_to_torch(self) -> None:
+        """("fp", numpy rows) -> ("fp", torch rows), for stage.batch_fingerprints (imports torch:
+        only writers of CPU fingerprints pay for it)."""
+        for name, v in self.items.items():
+            if tagged(v, "fp") and not _is_torch(v[1]):
+                rows = v[1]
+                if isinstance(rows, list):  # an FP8 pair
+                    self.items[name] = ("fp", tuple(_to_torch(p) for p in rows))
+                else:
+                    self.items[name] = ("fp", _to_torch(rows))
+
+
+@dataclass(eq=False)
+class PackedCall:
+    """A Call after pack(): the same fields build.build reads, plain data only."""
+
+    op: Op
+    buffer: int
+    seq: int
+    step: int
+    layer: int
+    start_ns: int
+    level: Level
+    staging: PackedStaging
+    timer: Duration
+    args_text: dict[str, Any]
+    meta: dict[str, Any] = field(default_factory=dict)
+    tokens: int = 0
+    status: Status = Status.OK
+    done: bool = False
+
+    def described_args(self) -> dict[str, Any]:
+        return self.args_text
+
+
+def pack(call: Any) -> PackedCall:
+    """The portable form of a staged Call (waits for its copies; see the module docstring)."""
+    from epreplay.capture.stage import to_numpy
+
+    st = call.staging
+    st.wait()
+    items: dict[str, Any] = {}
+    for name, v in st.items.items():
+        if tagged(v, "fp"):
+            rows = v[1]
+            # a list marks an FP8 pair: a tuple would read as (words, dtype name)
+            items[name] = ("fp", [to_numpy(p) for p in rows] if isinstance(rows, tuple) else to_numpy(rows))
+        elif _is_torch(v):
+            items[name] = to_numpy(v)
+        else:
+            items[name] = v
+    return PackedCall(op=call.op, buffer=call.buffer, seq=call.seq, step=call.step, layer=call.layer,
+                      start_ns=call.start_ns, level=call.level, staging=PackedStaging(items),
+                      timer=Duration(call.timer.duration_ns() if call.done else -1),
+                      args_text=call.described_args(), meta=dict(call.meta), tokens=call.tokens,
+                      status=call.status, done=call.done)
+
+
+def _is_torch(v: Any) -> bool:
+    return type(v).__module__.startswith("torch") and hasattr(v, "numel")
+
+
+def _to_torch(a: Any) -> Any:
+    """stage.to_numpy's output back to a CPU tensor with the original dtype."""
+    import torch
+
+    if isinstance(a, tuple):
+        words, dtype = a
+        return torch.from_numpy(np.ascontiguousarray(words)).view(getattr(torch, dtype))
+    return torch.from_numpy(np.ascontiguousarray(a))

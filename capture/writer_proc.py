@@ -1,0 +1,235 @@
+"""The writer process: hashing, encoding, compression and shard writes, off the job's process.
+
+Why a process: the job's Python thread and a writer thread share one GIL. Building and encoding
+a record is mostly interpreted Python (0.3 ms at T=64, 2 ms at T=4096 on one core), and every
+time the job comes back from a kernel launch, a collective or DeepEP's host wait it may queue
+behind that work. On a GPU step of 0.1-1 ms that is the whole overhead. Here the job's side keeps
+a courier thread that waits on CUDA events (GIL released), views the staged host memory as numpy
+and writes it to a pipe (GIL released); everything else runs here.
+
+Protocol over the child's stdin (one message after another, each a pickle whose numpy arrays
+travel as out-of-band buffers, so nothing is copied into the pickle):
+  <u32 n> <u64 len>*n <pickle: len[0] bytes> <buffer i: len[i] bytes>...
+Messages, in the recorder's queue order:
+  ("init", config_json, rank, world_size)    first, once
+  ("call", PackedCall)                        batched: hashed together, built, written (or ringed)
+  ("hung", PackedCall) ("event", meta) ("dump", reason, detail, origin) ("graph", [built, ...])
+  ("close",)                                  write held-back records and the footer, reply
+Replies on the child's stdout, same framing: ("facts", dict) after "close", or ("off", reason)
+when the sink failed (disk full...), after which the child exits and the job's next write fails.
+EOF without "close" means the job died: records received are written, no footer (as a crash
+of the writer thread itself would leave it), so readers see an unclosed shard.
+"""
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import select
+import struct
+import subprocess
+import sys
+from typing import Any, BinaryIO
+
+_N = struct.Struct("<I")
+# The pipe's kernel buffer: 1 MiB lets a prefill step's records go out in one go (the default
+# 64 KiB made the courier block and wake ~20 times per T=4096 dispatch record).
+PIPE_BYTES = 1 << 20
+# Messages read at once before hashing: CPU fingerprints of a batch are one torch pass per format.
+READ_BATCH = 64
+
+
+# --- framing (both sides) ------------------------------------------------------------------------
+def send(fd: int, obj: Any) -> None:
+    """Write obj as one message (see the module docstring). Blocks while the pipe is full."""
+    bufs: list[pickle.PickleBuffer] = []
+    head = pickle.dumps(obj, protocol=5, buffer_callback=bufs.append)
+    raws = [b.raw() for b in bufs]
+    prefix = _N.pack(1 + len(raws)) + struct.pack(f"<{1 + len(raws)}Q", len(head), *(r.nbytes for r in raws))
+    for part in (prefix, head, *raws):
+        view = memoryview(part).cast("B")
+        while view:
+            n = os.write(fd, view)
+            view = view[n:]
+
+
+def recv(fh: BinaryIO) -> Any:
+    """Read one message; EOFError at a clean end of stream (or a cut-off message)."""
+    n = _N.unpack(_read_exact(fh, _N.size))[0]
+    lens = struct.unpack(f"<{n}Q", _read_exact(fh, 8 * n))
+    head = _read_exact(fh, lens[0])
+    bufs = [_read_exact(fh, k) for k in lens[1:]]
+    return pickle.loads(head, buffers=bufs)
+
+
+def _read_exact(fh: BinaryIO, n: int) -> bytearray:
+    out = bytearray(n)
+    view, got = memoryview(out), 0
+    while got < n:
+        k = fh.readinto(view[got:])
+        if not k:
+            raise EOFError("message cut off" if got else "end of stream")
+        got += k
+    return out
+
+
+def _grow_pipe(fd: int) -> None:
+    try:
+        import fcntl
+
+        fcntl.fcntl(fd, 1031, PIPE_BYTES)  # F_SETPIPE_SZ (Linux); others keep their default
+    except (OSError, ImportError, AttributeError):
+        pass
+
+
+# --- the job's side ------------------------------------------------------------------------------
+class WriterProcess:
+    """The job's handle on its writer process: start, send messages, close for the facts."""
+
+    def __init__(self, config: Any, *, rank: int, world_size: int) -> None:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("EPREPLAY_CAPTURE_")}
+        # No capture of the writer itself, and its own threads: one is plenty for the codec.
+        env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+        self.proc = subprocess.Popen([sys.executable, "-m", "epreplay.capture.writer_proc"],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env,
+                                     close_fds=True, bufsize=0)
+        self.fd = self.proc.stdin.fileno()
+        _grow_pipe(self.fd)
+        from dataclasses import asdict
+
+        body = asdict(config)
+        body["level"] = int(config.level)
+        send(self.fd, ("init", json.dumps(body), rank, world_size))
+
+    def send(self, msg: Any) -> None:
+        """Raises OSError (BrokenPipeError) when the process has gone."""
+        send(self.fd, msg)
+
+    def why_off(self, timeout: float = 2.0) -> str:
+        """After a failed send: the reason the process gave, or how it ended."""
+        try:
+            ready, _, _ = select.select([self.proc.stdout], [], [], timeout)
+            if ready:
+                reply = recv(self.proc.stdout)
+                if isinstance(reply, tuple) and reply and reply[0] == "off":
+                    return str(reply[1])
+        except (EOFError, OSError, pickle.UnpicklingError):
+            pass
+        code = self.proc.poll()
+        return f"writer process ended (exit code {code})" if code is not None else "writer process not answering"
+
+    def close(self, timeout: float) -> dict[str, Any]:
+        """Ask for the footer; returns the sink's facts. Raises RuntimeError with the reason."""
+        try:
+            send(self.fd, ("close",))
+            self.proc.stdin.close()
+        except OSError:
+            raise RuntimeError(self.why_off()) from None
+        ready, _, _ = select.select([self.proc.stdout], [], [], timeout)
+        if not ready:
+            self.proc.kill()
+            raise RuntimeError(f"writer process did not finish within {timeout:g}s at close")
+        try:
+            reply = recv(self.proc.stdout)
+        except (EOFError, OSError) as exc:
+            raise RuntimeError(f"writer process ended without its facts ({exc})") from None
+        finally:
+            try:
+                self.proc.wait(timeout=max(1.0, timeout))
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+        if reply[0] == "off":
+            raise RuntimeError(str(reply[1]))
+        return reply[1]
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+
+
+# --- the writer process --------------------------------------------------------------------------
+def _config(body_json: str) -> Any:
+    from epreplay.capture.config import CaptureConfig
+    from epreplay.records import Level
+
+    body = json.loads(body_json)
+    body["level"] = Level(body["level"])
+    return CaptureConfig(**body)
+
+
+def _batch(fh: BinaryIO) -> list[Any]:
+    """One message (blocking), then whatever else is already waiting, up to READ_BATCH."""
+    out = [recv(fh)]
+    while len(out) < READ_BATCH and out[-1][0] != "close":
+        # readinto on a raw pipe returns what is there; select says whether a message started
+        if not select.select([fh], [], [], 0)[0]:
+            break
+        out.append(recv(fh))
+    return out
+
+
+def serve(inp: BinaryIO, out_fd: int) -> int:
+    """The writer process's loop (see the module docstring). Returns its exit code."""
+    from epreplay.capture.manifest import write_marker
+    from epreplay.capture.sink import Sink
+    from epreplay.capture.build import build_calls
+
+    kind, body_json, rank, world = recv(inp)
+    if kind != "init":
+        print(f"epreplay writer: expected init, got {kind!r}", file=sys.stderr)
+        return 2
+    config = _config(body_json)
+
+    def tell_others(reason: str, detail: str) -> None:
+        try:
+            write_marker(config.run_dir, reason, detail, rank)
+        except OSError:
+            pass  # a full disk cannot stop this rank's own dump, only the others' signal
+
+    sink = Sink(config, rank=rank, world_size=world, on_trigger=tell_others)
+    while True:
+        try:
+            msgs = _batch(inp)
+        except EOFError:
+            # The job died without closing: keep what arrived, leave the shard unclosed.
+            try:
+                sink._flush_early()
+            except Exception:  # noqa: BLE001
+                pass
+            return 0
+        try:
+            calls = [m[1] for m in msgs if m[0] == "call"]
+            built = iter(build_calls(calls)) if calls else iter(())
+            for msg in msgs:
+                kind = msg[0]
+                if kind == "call":
+                    sink.call(next(built))
+                elif kind == "hung":
+                    sink.call(build_calls([msg[1]])[0])
+                elif kind == "event":
+                    sink.event(*msg[1:])
+                elif kind == "dump":
+                    sink.dump(*msg[1:])
+                elif kind == "graph":
+                    sink.graph(msg[1])
+                elif kind == "close":
+                    sink.close()
+                    send(out_fd, ("facts", sink.facts()))
+                    return 0
+        except Exception as exc:  # noqa: BLE001 - the job logs it (one line) and goes on uncaptured
+            send(out_fd, ("off", f"writer: {type(exc).__name__}: {exc}"))
+            return 1
+
+
+def main() -> int:
+    inp = open(0, "rb", buffering=0)
+    out_fd = os.dup(1)
+    os.dup2(2, 1)  # stray prints (a library's warning) must not corrupt the reply channel
+    try:
+        return serve(inp, out_fd)
+    except BrokenPipeError:
+        return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
