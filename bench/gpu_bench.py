@@ -1,11 +1,13 @@
 """GPU figures: capture overhead on DeepEP's own benchmark shapes, and the fingerprint kernel.
 
     python bench/gpu_bench.py [--ranks 2] [--backend deepep|emulated] [--iters 30]
+                              [--shapes normal-bf16,...] [--modes off,routing,fingerprints,off2]
 
 Prints, in one run and per shape (normal BF16 and FP8: T=4096, H=7168, top-8 of 256; low-latency:
-T=128, H=7168, top-8 of 256), the time per step with capture off and at the `routing` and
-`fingerprints` levels, as ratios to off (targets: routing <= 1.01 normal, <= 1.03 low-latency;
-fingerprints <= 1.05). "off" is measured before and after the captured runs and the lower is
+T=128, H=7168, top-8 of 256, eager and CUDA-graph replays), the time per step with capture off
+and at the `routing` and `fingerprints` levels, as ratios to off (targets: routing <= 1.01
+normal, <= 1.03 low-latency; fingerprints <= 1.05), with where the time goes: the hooks' own
+time per call, the courier thread's CPU per record, and the writer process's CPU. "off" is measured before and after the captured runs and the lower is
 used, so a warming GPU does not flatter capture. Then the Triton fingerprint kernel's read
 bandwidth next to the device's copy bandwidth and the torch reference.
 
@@ -18,7 +20,6 @@ import json
 import os
 import sys
 import tempfile
-import time
 
 from epreplay.launch import run_ranks
 
@@ -26,11 +27,27 @@ SHAPES = {
     "normal-bf16": dict(tokens=4096, hidden=7168, experts=256, topk=8, fp8=False, ll=False),
     "normal-fp8": dict(tokens=4096, hidden=7168, experts=256, topk=8, fp8=True, ll=False),
     "ll-bf16": dict(tokens=128, hidden=7168, experts=256, topk=8, fp8=False, ll=True),
+    # The same low-latency step captured in a CUDA graph and replayed, as SGLang/vLLM decode runs:
+    # capture's ops are inside the graph (graph_ring.py), its Python runs once, at graph capture.
+    "ll-graph": dict(tokens=128, hidden=7168, experts=256, topk=8, fp8=False, ll=True),
 }
 MODES = ["off", "routing", "fingerprints", "off2"]
 
 
-def _rank(ctx, backend: str, iters: int, shape_names: list[str], root: str) -> dict:
+def _graph_step(step, sync):
+    """`step` captured into a CUDA graph (after one eager call: warm-up, and the recorder's rings
+    are made on a Buffer's first eager call); returns the graph's replay."""
+    import torch
+
+    step()
+    sync()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    return graph.replay
+
+
+def _rank(ctx, backend: str, iters: int, shape_names: list[str], root: str, modes: list[str]) -> dict:
     import torch
     import torch.distributed as dist
 
@@ -50,19 +67,28 @@ def _rank(ctx, backend: str, iters: int, shape_names: list[str], root: str) -> d
         else:
             step = lambda: epbench.normal_step(buffer, inp, shape.experts)  # noqa: E731
         times = {}
-        for mode in MODES:
-            if mode.startswith("off"):
+        for mode in modes:
+            level, _, writer = mode.partition("-")  # e.g. "routing-thread": the in-process writer
+            if level.startswith("off"):
                 capture.uninstall()
             else:
-                capture.start(os.path.join(root, f"{name}-{mode}"), level=mode, layers_per_step=1)
+                capture.start(os.path.join(root, f"{name}-{mode}"), level=level, layers_per_step=1,
+                              writer=writer or "process")
             dist.barrier(group)
             torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            times[mode] = epbench.time_calls(step, iters=iters, warmup=5)
+            run = _graph_step(step, torch.cuda.synchronize) if name == "ll-graph" else step
+            times[mode] = epbench.time_calls(run, iters=iters, warmup=5)
             torch.cuda.synchronize()
-            if not mode.startswith("off"):
+            if not level.startswith("off"):
                 facts = capture.stop() or {}
                 times[mode + "_dropped"] = float(facts.get("dropped", 0) or 0)
+                # where the time goes: the hooks' own time per call, the courier thread's CPU
+                # per record (the job process's share of the writing) and the writer process's
+                times[mode + "_hot_us_per_call"] = facts.get("hot_us", 0) / max(1, facts.get("calls", 0))
+                times[mode + "_courier_us_per_record"] = facts.get("courier_cpu_us", 0) / max(1, facts.get("records", 0))
+                times[mode + "_records"] = float(facts.get("records", 0))
+                times[mode + "_writer_cpu_s"] = float(facts.get("writer_cpu_s", 0))
+            del run
         try:
             buffer.destroy()
         except Exception:
@@ -102,6 +128,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--backend", choices=["deepep", "emulated"], default="deepep")
     ap.add_argument("--iters", type=int, default=30)
     ap.add_argument("--shapes", default=",".join(SHAPES), help="comma-separated: " + ", ".join(SHAPES))
+    ap.add_argument("--modes", default=",".join(MODES),
+                    help="comma-separated, in order: off, counts, routing, fingerprints, payload, off2; "
+                         "LEVEL-thread for the in-process writer (e.g. routing-thread)")
     ap.add_argument("--json", metavar="PATH", help="also write the figures as JSON")
     args = ap.parse_args(argv)
     import torch
@@ -111,25 +140,31 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     names = [s for s in args.shapes.split(",") if s]
     with tempfile.TemporaryDirectory() as root:
-        per_rank = run_ranks(_rank, args.ranks, args.backend, args.iters, names, root,
+        modes = [m for m in args.modes.split(",") if m]
+        if "off" not in modes:
+            modes.insert(0, "off")
+        per_rank = run_ranks(_rank, args.ranks, args.backend, args.iters, names, root, modes,
                              device="cuda", timeout=900)
     print(f"capture overhead, {args.ranks} ranks, backend {args.backend}, {args.iters} iters "
           f"(time per step; ratio to off; max over ranks)")
     out = {}
     for name in names:
         rows = [r[name] for r in per_rank]
-        off = max(min(r["off"], r["off2"]) for r in rows)
+        off = max(min(r[m] for m in modes if m.startswith("off")) for r in rows)
         line = {"off_us": off * 1e6}
-        for mode in ("routing", "fingerprints"):
+        print(f"  {name:12s} off {off * 1e6:9.1f} us")
+        for mode in modes:
+            if mode.startswith("off"):
+                continue
             t = max(r[mode] for r in rows)
-            line[f"{mode}_us"] = t * 1e6
-            line[f"{mode}_ratio"] = t / off
-            line[f"{mode}_dropped"] = sum(r.get(mode + "_dropped", 0) for r in rows)
+            line[mode] = {k[len(mode) + 1:]: max(r[k] for r in rows) for k in rows[0]
+                          if k.startswith(mode + "_")}
+            line[mode].update(us=t * 1e6, ratio=t / off)
+            m = line[mode]
+            print(f"  {'':12s} {mode:18s} {m['us']:9.1f} us x{m['ratio']:.3f} | dropped {m['dropped']:.0f} "
+                  f"| hooks {m['hot_us_per_call']:.1f} us/call, courier {m['courier_us_per_record']:.1f} "
+                  f"us/record, writer process {m['writer_cpu_s']:.2f} s CPU for {m['records']:.0f} records")
         out[name] = line
-        print(f"  {name:12s} off {line['off_us']:9.1f} us | routing {line['routing_us']:9.1f} us "
-              f"x{line['routing_ratio']:.3f} | fingerprints {line['fingerprints_us']:9.1f} us "
-              f"x{line['fingerprints_ratio']:.3f} | dropped {line['routing_dropped']:.0f}/"
-              f"{line['fingerprints_dropped']:.0f}")
     fp = per_rank[0]["fingerprint"]
     out["fingerprint"] = fp
     print(f"fingerprint kernel, [4096, 7168] bf16 ({fp['bytes'] / 1e6:.1f} MB): "

@@ -19,6 +19,7 @@ import sys
 import threading
 import types
 import weakref
+from time import perf_counter_ns
 from typing import Any, Callable
 
 from epreplay.records import Op
@@ -105,12 +106,14 @@ def _make_hook(name: str, op: Op, orig: Callable[..., Any], cls: type | None = N
         if rec is None or not rec.enabled:
             return orig(self, *args, **kwargs)
         call = bound = None
+        t0 = perf_counter_ns()
         try:
             bound = binder.bind(args, kwargs)
             this_op = Op.CACHED_DISPATCH if op is Op.DISPATCH and bound.get("handle") is not None else op
             call = rec.begin(this_op, self, bound)
         except Exception as exc:  # noqa: BLE001 - capture never breaks the job
             rec.disable(f"hook {name}: {type(exc).__name__}: {exc}")
+        rec.hot_ns += perf_counter_ns() - t0  # the hook's own cost, reported in the facts
         _tls.depth = 1
         try:
             result = orig(self, *args, **kwargs)
@@ -122,11 +125,14 @@ def _make_hook(name: str, op: Op, orig: Callable[..., Any], cls: type | None = N
         _tls.depth = 0
         if call is None:
             return result
+        t0 = perf_counter_ns()
         try:
             return rec.end(call, bound, result)
         except Exception as exc:  # noqa: BLE001
             rec.disable(f"hook {name} outputs: {type(exc).__name__}: {exc}")
             return result
+        finally:
+            rec.hot_ns += perf_counter_ns() - t0
 
     setattr(hooked, _ORIG, orig)
     return hooked

@@ -63,6 +63,8 @@ class Recorder:
         self.dropped = 0
         self.graph_skipped = 0  # calls made while a CUDA graph was being captured (not recorded)
         self.calls = 0
+        self.hot_ns = 0  # time spent in the hooks themselves (hooks.py adds to it)
+        self.courier_cpu_ns = 0  # CPU time of the courier thread (GIL-holding work, mostly)
         self.buffers: list[dict[str, Any]] = []
         self.inflight: dict[int, Call] = {}  # id(call) -> call, for the watchdog
         self._lock = threading.Lock()
@@ -425,6 +427,7 @@ class Recorder:
                     self._send(msgs)
                 except Exception as exc:  # noqa: BLE001 - any recorder failure: capture off, job on
                     self._fail(exc)
+            self.courier_cpu_ns = time.thread_time_ns()
             if stop:
                 return
 
@@ -477,5 +480,7 @@ class Recorder:
             "shard": f"shards/{self.run.shard_path(self.rank).name}",
             "bytes": sink.get("bytes", 0), "buffers": self.buffers,
             "writer": "process" if self._proc is not None else "thread",
+            "hot_us": self.hot_ns / 1e3, "courier_cpu_us": self.courier_cpu_ns / 1e3,
+            "writer_cpu_s": sink.get("cpu_s", 0.0),
             "level": self.level.label, **static,
         }

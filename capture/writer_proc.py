@@ -29,6 +29,7 @@ import select
 import struct
 import subprocess
 import sys
+import time
 from typing import Any, BinaryIO
 
 _N = struct.Struct("<I")
@@ -214,7 +215,7 @@ def serve(inp: BinaryIO, out_fd: int) -> int:
                     sink.graph(msg[1])
                 elif kind == "close":
                     sink.close()
-                    send(out_fd, ("facts", sink.facts()))
+                    send(out_fd, ("facts", dict(sink.facts(), cpu_s=time.process_time())))
                     return 0
         except Exception as exc:  # noqa: BLE001 - the job logs it (one line) and goes on uncaptured
             send(out_fd, ("off", f"writer: {type(exc).__name__}: {exc}"))

@@ -255,3 +255,40 @@ def test_wrap_captures_one_instance(tmp_path):
         (0, 0, Op.LAYOUT), (0, 1, Op.DISPATCH), (0, 2, Op.COMBINE),
         (0, 3, Op.LAYOUT), (0, 4, Op.DISPATCH), (0, 5, Op.COMBINE)]
     assert facts["buffers"] == [dict(facts["buffers"][0], id=0)] and len(facts["buffers"]) == 1
+
+
+def _rank_writer(ctx, run_dir: str, writer: str):
+    import torch.distributed as dist
+
+    from epreplay import capture
+    from epreplay.emulate import Buffer
+
+    capture.start(run_dir, level="payload", layers_per_step=2, writer=writer)
+    buf = Buffer(dist.group.WORLD)
+    ll = Buffer(dist.group.WORLD, low_latency_mode=True)
+    moe_steps(buf, ctx.rank, steps=2, layers=2)
+    moe_steps(buf, ctx.rank, steps=1, layers=2, ll_buf=ll)
+    return capture.stop()
+
+
+@pytest.mark.slow
+def test_writer_process_and_writer_thread_write_the_same_records(tmp_path):
+    """The default writer (a helper process fed through a pipe) and the in-process one build
+    the same records bit for bit: every array (payloads, CPU fingerprints) and every meta key."""
+    got = {}
+    for writer in ("process", "thread"):
+        facts = run_ranks(_rank_writer, 2, str(tmp_path / writer), writer, timeout=120)
+        assert [f["writer"] for f in facts] == [writer] * 2
+        assert all(f["records"] > 0 and f["disabled"] is None for f in facts)
+        got[writer] = _load(tmp_path / writer)
+    for rank in (0, 1):
+        proc, thread = got["process"][rank], got["thread"][rank]
+        assert [r.header.op for r in proc] == [r.header.op for r in thread] and len(proc) >= 12
+        for a, b in zip(proc, thread):
+            assert (a.header.seq, a.header.step, a.header.layer, a.header.tokens) == \
+                   (b.header.seq, b.header.step, b.header.layer, b.header.tokens)
+            assert sorted(a.arrays) == sorted(b.arrays)
+            assert any(k.endswith("_fp_T") for k in a.arrays) or a.header.op == Op.LAYOUT
+            for k in a.arrays:
+                np.testing.assert_array_equal(a.arrays[k], b.arrays[k], err_msg=f"{k} of {a.header}")
+            assert a.meta == b.meta
