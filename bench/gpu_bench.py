@@ -47,7 +47,8 @@ def _graph_step(step, sync):
     return graph.replay
 
 
-def _rank(ctx, backend: str, iters: int, shape_names: list[str], root: str, modes: list[str]) -> dict:
+def _rank(ctx, backend: str, iters: int, shape_names: list[str], root: str, modes: list[str],
+          profile: bool) -> dict:
     import torch
     import torch.distributed as dist
 
@@ -58,7 +59,7 @@ def _rank(ctx, backend: str, iters: int, shape_names: list[str], root: str, mode
     results: dict[str, dict[str, float]] = {}
     for name in shape_names:
         spec = dict(SHAPES[name])
-        ll = spec.pop("ll")
+        ll = spec_ll = spec.pop("ll")
         shape = epbench.Shape(**spec)
         buffer = epbench.make_buffer(module, group, shape, low_latency=ll)
         inp = epbench.make_inputs(shape, rank=ctx.rank, step=0, device=ctx.device)
@@ -77,7 +78,24 @@ def _rank(ctx, backend: str, iters: int, shape_names: list[str], root: str, mode
             dist.barrier(group)
             torch.cuda.synchronize()
             run = _graph_step(step, torch.cuda.synchronize) if name == "ll-graph" else step
-            times[mode] = epbench.time_calls(run, iters=iters, warmup=5)
+            n = iters * 10 if spec_ll else iters  # a ~0.1 ms step: more of them for a stable mean
+            if profile and level == "routing" and not writer:
+                import cProfile
+                import io
+                import pstats
+
+                # every rank runs the same calls (they are collectives); rank 0 is profiled
+                epbench.time_calls(run, iters=5, warmup=5)  # first-call costs are not the profile's
+                prof = cProfile.Profile()
+                if ctx.rank == 0:
+                    prof.enable()
+                epbench.time_calls(run, iters=n, warmup=0)
+                prof.disable()
+                if ctx.rank == 0:
+                    text = io.StringIO()
+                    pstats.Stats(prof, stream=text).sort_stats("tottime").print_stats(25)
+                    times[mode + "_profile"] = text.getvalue()
+            times[mode] = epbench.time_calls(run, iters=n, warmup=5)
             torch.cuda.synchronize()
             if not level.startswith("off"):
                 facts = capture.stop() or {}
@@ -131,6 +149,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--modes", default=",".join(MODES),
                     help="comma-separated, in order: off, counts, routing, fingerprints, payload, off2; "
                          "LEVEL-thread for the in-process writer (e.g. routing-thread)")
+    ap.add_argument("--profile", action="store_true",
+                    help="cProfile rank 0 at routing level (the top 25 functions by own time, per shape)")
     ap.add_argument("--json", metavar="PATH", help="also write the figures as JSON")
     args = ap.parse_args(argv)
     import torch
@@ -144,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
         if "off" not in modes:
             modes.insert(0, "off")
         per_rank = run_ranks(_rank, args.ranks, args.backend, args.iters, names, root, modes,
-                             device="cuda", timeout=900)
+                             args.profile, device="cuda", timeout=900)
     print(f"capture overhead, {args.ranks} ranks, backend {args.backend}, {args.iters} iters "
           f"(time per step; ratio to off; max over ranks)")
     out = {}
@@ -158,12 +178,14 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             t = max(r[mode] for r in rows)
             line[mode] = {k[len(mode) + 1:]: max(r[k] for r in rows) for k in rows[0]
-                          if k.startswith(mode + "_")}
+                          if k.startswith(mode + "_") and not k.endswith("_profile")}
             line[mode].update(us=t * 1e6, ratio=t / off)
             m = line[mode]
             print(f"  {'':12s} {mode:18s} {m['us']:9.1f} us x{m['ratio']:.3f} | dropped {m['dropped']:.0f} "
                   f"| hooks {m['hot_us_per_call']:.1f} us/call, courier {m['courier_us_per_record']:.1f} "
                   f"us/record, writer process {m['writer_cpu_s']:.2f} s CPU for {m['records']:.0f} records")
+        if rows[0].get("routing_profile"):
+            print(rows[0]["routing_profile"])
         out[name] = line
     fp = per_rank[0]["fingerprint"]
     out["fingerprint"] = fp

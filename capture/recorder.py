@@ -27,7 +27,7 @@ from epreplay import marks
 from epreplay.capture.config import CaptureConfig
 from epreplay.capture.extract import Call, stage_inputs, stage_outputs
 from epreplay.capture.sink import DUMP_DEDUP_S
-from epreplay.capture.stage import Staging, Timer
+from epreplay.capture.stage import PinnedPool, Staging, Timer, current_stream
 from epreplay.records import Level, Op, Status
 from epreplay.run import RunDir
 
@@ -79,6 +79,7 @@ class Recorder:
         self._auto_step, self._auto_layer, self._layer_open_by = 0, -1, None
         self._marked_step: int | None = None
         self._side = None  # CUDA side stream, created on the first CUDA call
+        self._pool: PinnedPool | None = None  # pinned host buffers for the side stream's copies
         # CUDA-graph path (graph_ring.py): per-Buffer device rings, made on the first eager CUDA
         # call of a Buffer (outside any capture), drained by their own thread once graphs exist.
         self._graph_rings: dict[int, Any] = {}
@@ -160,9 +161,12 @@ class Recorder:
 
             guard_graph_capture()  # from now on our threads never touch CUDA during a graph capture
             self._side = torch.cuda.Stream(device=first.device)
+            if self.config.writer == "process":  # buffers come back once a record left the process
+                self._pool = PinnedPool(self.config.queue_bytes)
         call = Call(op=op, buffer=bs.id, seq=seq, step=step, layer=layer, start_ns=time.time_ns(),
-                    level=level, args=args, staging=Staging(self._side if cuda else None),
-                    timer=Timer(cuda), t_mono=time.monotonic())
+                    level=level, args=args, staging=Staging(self._side, self._pool) if cuda else Staging(),
+                    timer=Timer(current_stream(first.device) if cuda else None),
+                    t_mono=time.monotonic())
         call.meta.update(ep_rank=bs.ep_rank, ep_size=bs.ep_size)
         self._op_meta(call, bs, args)
         if op in (Op.DISPATCH, Op.LL_DISPATCH):
@@ -355,10 +359,15 @@ class Recorder:
             from epreplay.capture.packed import pack
 
             for msg in msgs:
-                if msg[0] in ("call", "hung"):
-                    with self._quiet(msg[1]):
-                        msg = (msg[0], pack(msg[1]))
+                call = msg[1] if msg[0] in ("call", "hung") else None
+                if call is not None:
+                    with self._quiet(call):
+                        msg = (msg[0], pack(call))
                 self._proc.send(msg)
+                if call is not None and msg[0] == "call" and self._pool is not None:
+                    # the bytes are in the pipe: the pinned buffers may take the next copies (not
+                    # after "hung": the call may still finish and be packed again)
+                    self._pool.give(call.staging.bufs)
             return
         from epreplay.capture.build import build_calls
 
