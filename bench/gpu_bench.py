@@ -69,17 +69,21 @@ def _rank(ctx, backend: str, iters: int, shape_names: list[str], root: str, mode
             step = lambda: epbench.normal_step(buffer, inp, shape.experts)  # noqa: E731
         times = {}
         for mode in modes:
-            level, _, writer = mode.partition("-")  # e.g. "routing-thread": the in-process writer
+            # "routing-thread": the in-process writer; "routing-drop": a queue of one record, so
+            # nearly every call is dropped before staging (the hooks' bare cost)
+            level, _, variant = mode.partition("-")
+            writer = "thread" if variant == "thread" else ""
             if level.startswith("off"):
                 capture.uninstall()
             else:
+                extra = {"queue_records": 1} if variant == "drop" else {}
                 capture.start(os.path.join(root, f"{name}-{mode}"), level=level, layers_per_step=1,
-                              writer=writer or "process")
+                              writer=writer or "process", **extra)
             dist.barrier(group)
             torch.cuda.synchronize()
             run = _graph_step(step, torch.cuda.synchronize) if name == "ll-graph" else step
             n = iters * 10 if spec_ll else iters  # a ~0.1 ms step: more of them for a stable mean
-            if profile and level == "routing" and not writer:
+            if profile and level == "routing" and not variant:
                 import cProfile
                 import io
                 import pstats
@@ -148,7 +152,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--shapes", default=",".join(SHAPES), help="comma-separated: " + ", ".join(SHAPES))
     ap.add_argument("--modes", default=",".join(MODES),
                     help="comma-separated, in order: off, counts, routing, fingerprints, payload, off2; "
-                         "LEVEL-thread for the in-process writer (e.g. routing-thread)")
+                         "LEVEL-thread for the in-process writer (e.g. routing-thread), LEVEL-drop "
+                         "to drop nearly every call before staging (the hooks' bare cost)")
     ap.add_argument("--profile", action="store_true",
                     help="cProfile rank 0 at routing level (the top 25 functions by own time, per shape)")
     ap.add_argument("--json", metavar="PATH", help="also write the figures as JSON")

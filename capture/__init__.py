@@ -35,7 +35,7 @@ from typing import Any
 
 from epreplay.marks import layer, mark_step, step, tag_tokens
 
-__all__ = ["start", "stop", "env_for", "install", "wrap", "uninstall", "step", "layer",
+__all__ = ["start", "stop", "flush", "env_for", "install", "wrap", "uninstall", "step", "layer",
            "mark_step", "tag_tokens"]
 
 
@@ -51,6 +51,14 @@ def stop() -> Any:
     from epreplay.capture import session
 
     return session.stop()
+
+
+def flush(timeout: float = 30.0) -> bool:
+    """Wait until every call recorded so far has left this process for its writer (so a crash
+    of this process from now on cannot lose it). True when done within timeout, or not capturing."""
+    from epreplay.capture import session
+
+    return session.flush(timeout)
 
 
 def env_for(run_dir: Any, **options: Any) -> dict[str, str]:

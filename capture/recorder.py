@@ -335,6 +335,13 @@ class Recorder:
         print(f"epreplay capture: rank {self.rank}: capture off: {reason}", file=sys.stderr, flush=True)
         self._q.put(("event", {"reason": "capture_off", "detail": reason}, time.time_ns()))
 
+    def flush(self, timeout: float) -> bool:
+        """Wait until the courier has handed over everything queued before this call (to the
+        writer process: out of this process; to an in-process sink: written or ringed)."""
+        done = threading.Event()
+        self._q.put(("flush", done))
+        return done.wait(timeout) or not self._thread.is_alive()
+
     # --- courier thread -------------------------------------------------------------------
     def _open_sink(self) -> None:
         """The writer process (default) or, where it cannot start or the config says "thread",
@@ -427,7 +434,9 @@ class Recorder:
                 except queue.Empty:
                     break
             stop = any(item is _STOP for item in batch)
-            msgs = [m for m in (self._message(i) for i in batch if i is not _STOP) if m is not None]
+            flushes = [i[1] for i in batch if isinstance(i, tuple) and i[0] == "flush"]
+            msgs = [m for m in (self._message(i) for i in batch if i is not _STOP and
+                                not (isinstance(i, tuple) and i[0] == "flush")) if m is not None]
             if self.enabled and self.dropped > self._dropped_written:
                 self._dropped_written = self.dropped
                 msgs.append(("event", {"reason": "dropped", "dropped": self.dropped}, time.time_ns()))
@@ -437,6 +446,8 @@ class Recorder:
                 except Exception as exc:  # noqa: BLE001 - any recorder failure: capture off, job on
                     self._fail(exc)
             self.courier_cpu_ns = time.thread_time_ns()
+            for done in flushes:
+                done.set()
             if stop:
                 return
 

@@ -173,6 +173,12 @@ def stop() -> dict[str, Any] | None:
         return facts
 
 
+def flush(timeout: float = 30.0) -> bool:
+    """See capture.flush."""
+    rec = _recorder
+    return rec.flush(timeout) if rec is not None else True
+
+
 def env_for(run_dir: Any, *, command: list[str] | None = None, fresh: bool = False,
             **options: Any) -> dict[str, str]:
     """Environment variables that make every Python process started with them capture into run_dir.

@@ -159,13 +159,17 @@ def _config(body_json: str) -> Any:
 
 
 def _batch(fh: BinaryIO) -> list[Any]:
-    """One message (blocking), then whatever else is already waiting, up to READ_BATCH."""
+    """One message (blocking), then whatever else is already waiting, up to READ_BATCH. At the
+    end of the stream the messages read so far come back first, then EOFError on the next call."""
     out = [recv(fh)]
     while len(out) < READ_BATCH and out[-1][0] != "close":
         # readinto on a raw pipe returns what is there; select says whether a message started
         if not select.select([fh], [], [], 0)[0]:
             break
-        out.append(recv(fh))
+        try:
+            out.append(recv(fh))
+        except EOFError:
+            break  # the next call meets it again, after these are written
     return out
 
 

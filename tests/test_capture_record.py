@@ -108,9 +108,9 @@ def _rank_killed(ctx, run_dir: str, victim: int, kill_at: int, steps: int):
             x = torch.randn(16, 32, generator=g).to(torch.bfloat16)
             idx = torch.topk(torch.rand(16, 12, generator=g), 2, dim=1).indices
             if ctx.rank == victim and step == kill_at:
-                import time
-
-                time.sleep(0.3)  # let the writer thread flush what it has, as a real crash might not
+                # everything recorded so far has left this process for its writer: a kill from
+                # here on must lose nothing of it (a real crash may come before the hand-over)
+                assert capture.flush(30)
                 os.kill(os.getpid(), signal.SIGKILL)
             n_rank, n_rdma, n_exp, in_rank, _ = buffer.get_dispatch_layout(idx, 12)
             recv_x, _, _, _, handle, _ = buffer.dispatch(
