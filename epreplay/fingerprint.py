@@ -66,7 +66,9 @@ from typing import Optional, Union
 
 import torch
 
-CURRENT = 2  # the version new recordings use
+from epreplay.records import FINGERPRINT_VERSION
+
+CURRENT = FINGERPRINT_VERSION  # the version new recordings use (2)
 VERSIONS = (1, 2)
 
 
