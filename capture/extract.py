@@ -97,7 +97,7 @@ def _valid_rows_fp(st: Staging, name: str, x: Any, counts_L: Any, *, ready: bool
     TODO(stage.py): once Staging.rows_fp passes fingerprint keywords to the side stream, this
     is `st.rows_fp(name, x, valid_counts_L=counts_L)` in every case.
     """
-    if counts_L is None or not ready or _on_cpu(x):
+    if counts_L is None or not ready:
         st.rows_fp(name, _flat_rows(x))
         return
     fp_LX, finite_LX = fingerprint_rows_fast(x, valid_counts_L=counts_L, with_finite=True)
