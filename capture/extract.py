@@ -85,7 +85,7 @@ def _gather_valid(x: Any, counts: list[int]) -> Any:
     return torch.cat([x[e, :c] for e, c in enumerate(counts)]) if counts else x.reshape(-1, x.shape[-1])[:0]
 
 
-def _valid_rows_fp(st: Staging, name: str, x: Any, counts_L: Any, *, ready: bool) -> None:
+def _valid_rows_fp(st: Staging, name: str, x: Any, counts_L: Any, *, ready: bool = True) -> None:
     """Fingerprints of a GPU low-latency buffer x [L, X, H] (or an FP8 pair) hashing only the
     valid rows, [0, counts_L[e]) of each local expert e: [L * X] with 0 past the counts (build
     slices them off), plus the valid rows' "all finite" flag, under `name` and `name:finite`.
