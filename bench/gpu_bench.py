@@ -8,8 +8,9 @@ T=128, H=7168, top-8 of 256, eager and CUDA-graph replays), the time per step wi
 and at the `routing` and `fingerprints` levels, as ratios to off (targets: routing <= 1.01
 normal, <= 1.03 low-latency; fingerprints <= 1.05), with where the time goes: the hooks' own
 time per call, the courier thread's CPU per record, and the writer process's CPU. "off" is measured before and after the captured runs and the lower is
-used, so a warming GPU does not flatter capture. Then the Triton fingerprint kernel's read
-bandwidth next to the device's copy bandwidth and the torch reference.
+used, so a warming GPU does not flatter capture. Then the Triton fingerprint kernels' read
+bandwidth (versions 1 and 2) next to the device's copy bandwidth and the torch reference, and
+version 2 on a decode x, an FP8 pair and a low-latency buffer hashed by its valid rows only.
 
 Needs CUDA; `--backend deepep` needs `deep_ep` importable (build DeepEP from source yourself).
 """
@@ -122,6 +123,10 @@ def _rank(ctx, backend: str, iters: int, shape_names: list[str], root: str, mode
 
 
 def _fingerprint_figures() -> dict[str, float]:
+    """The fingerprint kernels (versions 1 and 2) against the device's copy bandwidth, on
+    [4096, 7168] bf16 (a prefill dispatch's x), plus version 2 on the shapes capture hashes: a
+    decode x [128, 7168], an FP8 pair, and a low-latency receive buffer [L, X, 7168] of which
+    only ~3% of the rows are valid (the rest skipped on the device)."""
     import torch
 
     from epreplay.epbench import time_calls
@@ -131,17 +136,40 @@ def _fingerprint_figures() -> dict[str, float]:
     x = torch.randn(4096, 7168, device="cuda").to(torch.bfloat16)
     y = torch.empty_like(x)
     nbytes = x.numel() * x.element_size()
+    out: dict[str, float] = {"bytes": nbytes}
     t_copy = time_calls(lambda: y.copy_(x), iters=50)
-    t_kernel = time_calls(lambda: fingerprint_rows_triton(x), iters=50)
-    t_ref = time_calls(lambda: fingerprint_rows(x), iters=5, warmup=1)
-    assert torch.equal(fingerprint_rows_triton(x).cpu(), fingerprint_rows(x.cpu()))
-    return {
-        "bytes": nbytes,
-        "copy_GBps_read_plus_write": 2 * nbytes / t_copy / 1e9,
-        "kernel_GBps_read": nbytes / t_kernel / 1e9,
-        "reference_GBps_read": nbytes / t_ref / 1e9,
-        "kernel_us": t_kernel * 1e6,
-    }
+    out["copy_GBps_read_plus_write"] = 2 * nbytes / t_copy / 1e9
+    out["copy_us"] = t_copy * 1e6
+    x_cpu = x.cpu()
+    for v in (1, 2):
+        t_kernel = time_calls(lambda: fingerprint_rows_triton(x, version=v), iters=50)
+        t_ref = time_calls(lambda: fingerprint_rows(x, version=v), iters=3, warmup=1)
+        assert torch.equal(fingerprint_rows_triton(x, version=v).cpu(), fingerprint_rows(x_cpu, version=v)), v
+        out[f"v{v}_kernel_GBps_read"] = nbytes / t_kernel / 1e9
+        out[f"v{v}_kernel_us"] = t_kernel * 1e6
+        out[f"v{v}_reference_GBps_read"] = nbytes / t_ref / 1e9
+    t = time_calls(lambda: fingerprint_rows_triton(x, with_finite=True), iters=50)
+    out["v2_with_finite_GBps_read"] = nbytes / t / 1e9  # hash and NaN/inf flag in one pass
+    decode = x[:128]
+    out["v2_decode_T128_us"] = time_calls(lambda: fingerprint_rows_triton(decode), iters=200) * 1e6
+    q = x.to(torch.float8_e4m3fn)
+    scales = torch.rand(4096, 56, device="cuda")
+    t = time_calls(lambda: fingerprint_rows_triton((q, scales)), iters=50)
+    out["v2_fp8_pair_GBps_read"] = (q.numel() + scales.numel() * 4) / t / 1e9
+    # ll-bf16's receive buffer on 2 ranks: 128 local experts x (2 ranks x 128 tokens) slots,
+    # ~8 valid rows per expert (128 tokens x top-8 x 2 ranks / 256 experts)
+    L, X = 128, 2 * 128
+    buf = torch.randn(L, X, 7168, device="cuda").to(torch.bfloat16)
+    counts = torch.randint(0, 17, (L,), device="cuda", dtype=torch.int32)
+    out["ll_buffer_valid_fraction"] = float(counts.sum()) / (L * X)
+    out["v2_ll_valid_rows_us"] = time_calls(
+        lambda: fingerprint_rows_triton(buf, valid_counts_L=counts, with_finite=True), iters=50) * 1e6
+    out["v2_ll_every_row_us"] = time_calls(
+        lambda: fingerprint_rows_triton(buf.view(L * X, 7168)), iters=10) * 1e6
+    got = fingerprint_rows_triton(buf, valid_counts_L=counts).cpu()
+    want = fingerprint_rows(buf.cpu(), valid_counts_L=counts.cpu())
+    assert torch.equal(got, want)
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -194,10 +222,15 @@ def main(argv: list[str] | None = None) -> int:
         out[name] = line
     fp = per_rank[0]["fingerprint"]
     out["fingerprint"] = fp
-    print(f"fingerprint kernel, [4096, 7168] bf16 ({fp['bytes'] / 1e6:.1f} MB): "
-          f"{fp['kernel_GBps_read']:.0f} GB/s read ({fp['kernel_us']:.1f} us); "
-          f"device copy {fp['copy_GBps_read_plus_write']:.0f} GB/s read+write; "
-          f"torch reference {fp['reference_GBps_read']:.1f} GB/s")
+    print(f"fingerprint kernels, [4096, 7168] bf16 ({fp['bytes'] / 1e6:.1f} MB): "
+          f"device copy {fp['copy_GBps_read_plus_write']:.0f} GB/s read+write ({fp['copy_us']:.1f} us)")
+    for v in (1, 2):
+        print(f"  v{v}: kernel {fp[f'v{v}_kernel_GBps_read']:.0f} GB/s read ({fp[f'v{v}_kernel_us']:.1f} us); "
+              f"torch reference {fp[f'v{v}_reference_GBps_read']:.1f} GB/s")
+    print(f"  v2 with the finite flag {fp['v2_with_finite_GBps_read']:.0f} GB/s; FP8 pair "
+          f"{fp['v2_fp8_pair_GBps_read']:.0f} GB/s; decode T=128 {fp['v2_decode_T128_us']:.1f} us; "
+          f"LL buffer [128, 256, 7168] valid rows only ({100 * fp['ll_buffer_valid_fraction']:.1f}%) "
+          f"{fp['v2_ll_valid_rows_us']:.1f} us vs every row {fp['v2_ll_every_row_us']:.1f} us")
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(out, fh, indent=2)

@@ -134,10 +134,11 @@ def main() -> None:
 
 
 def fingerprint_bench() -> None:
-    """Rows per second of epreplay.fingerprint.fingerprint_rows at DeepSeek-V3 hidden size."""
+    """Throughput of epreplay.fingerprint.fingerprint_rows (both definitions) at DeepSeek-V3
+    hidden size."""
     import torch
 
-    from epreplay.fingerprint import fingerprint_rows
+    from epreplay.fingerprint import VERSIONS, fingerprint_rows
 
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     print(f"token fingerprint (reference, torch {torch.__version__}, {torch.get_num_threads()} CPU threads)")
@@ -145,17 +146,18 @@ def fingerprint_bench() -> None:
         for T in (128, 4096):
             for dtype in (torch.bfloat16, torch.float8_e4m3fn):
                 x = torch.randn(T, HIDDEN, device=device).to(dtype)
-                best = float("inf")
-                for _ in range(3):
-                    if device == "cuda":
-                        torch.cuda.synchronize()
-                    t0 = time.perf_counter()
-                    fingerprint_rows(x)
-                    if device == "cuda":
-                        torch.cuda.synchronize()
-                    best = min(best, time.perf_counter() - t0)
-                print(f"  {device:<5} T={T:<5} H={HIDDEN} {str(dtype).replace('torch.', ''):<14} "
-                      f"{best * 1e3:8.2f} ms  {x.numel() * x.element_size() / best / 1e6:8.0f} MB/s")
+                for version in VERSIONS:
+                    best = float("inf")
+                    for _ in range(3):
+                        if device == "cuda":
+                            torch.cuda.synchronize()
+                        t0 = time.perf_counter()
+                        fingerprint_rows(x, version=version)
+                        if device == "cuda":
+                            torch.cuda.synchronize()
+                        best = min(best, time.perf_counter() - t0)
+                    print(f"  {device:<5} T={T:<5} H={HIDDEN} {str(dtype).replace('torch.', ''):<14} v{version} "
+                          f"{best * 1e3:8.2f} ms  {x.numel() * x.element_size() / best / 1e6:8.0f} MB/s")
     print()
 
 

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from epreplay.capture.packed import tagged
-from epreplay.records import Kind, Level, Op, RecordHeader
+from epreplay.records import FINGERPRINT_VERSION, Kind, Level, Op, RecordHeader
 
 Built = tuple[RecordHeader, dict[str, Any], dict[str, Any]]
 
@@ -91,6 +91,8 @@ def build(call: Any) -> tuple[RecordHeader, dict[str, Any], dict[str, Any]]:
                 arrays["x_VH"] = (_valid_rows(bits[0].reshape(-1, bits[0].shape[-1]), counts), bits[1])
     if nonfinite:
         meta["nonfinite"] = nonfinite
+    if any("_fp_" in name for name in arrays):  # hashed by stage.py/packed.py's default version
+        meta["fp_version"] = FINGERPRINT_VERSION
     header = RecordHeader(kind=Kind.CALL, op=int(op), level=lvl, status=call.status,
                           buffer=call.buffer, seq=call.seq, step=call.step, layer=call.layer,
                           tokens=call.tokens, start_ns=call.start_ns,

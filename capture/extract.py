@@ -16,7 +16,8 @@ Buffer's group); "E", "M", "hidden", "x_dtype", "use_fp8", "expert_alignment",
 the dispatch whose handle it used, -1 unknown), "ll_parity" (low-latency receive buffer, 0/1),
 "handle_len", "error" (ERROR records), "nonfinite" (names of staged tensors holding NaN/inf),
 "recv_hook" (LL dispatch with return_recv_hook), "payload_skipped" (payload level, not a
-payload step).
+payload step), "fp_version" (records holding *_fp_* arrays: the fingerprint definition, see
+epreplay/records.py; set by build.py).
 """
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ from typing import Any
 
 import torch
 
+from epreplay.fingerprint_gpu import fingerprint_rows_fast
 from epreplay.records import Level, Op, Status
 from epreplay.capture.stage import Staging, Timer
 
@@ -83,6 +85,26 @@ def _gather_valid(x: Any, counts: list[int]) -> Any:
     return torch.cat([x[e, :c] for e, c in enumerate(counts)]) if counts else x.reshape(-1, x.shape[-1])[:0]
 
 
+def _valid_rows_fp(st: Staging, name: str, x: Any, counts_L: Any, *, ready: bool = True) -> None:
+    """Fingerprints of a GPU low-latency buffer x [L, X, H] (or an FP8 pair) hashing only the
+    valid rows, [0, counts_L[e]) of each local expert e: [L * X] with 0 past the counts (build
+    slices them off), plus the valid rows' "all finite" flag, under `name` and `name:finite`.
+
+    counts_L ([L], on x's device) is read by the kernel on the device: no host sync. The hash
+    runs on the job's stream here, so only where x is `ready` on it (not for async_finish
+    outputs, which DeepEP's comm stream is still writing); otherwise, or without counts, every
+    row is hashed on staging's side stream after them (Staging.rows_fp), as before.
+    TODO(stage.py): once Staging.rows_fp passes fingerprint keywords to the side stream, this
+    is `st.rows_fp(name, x, valid_counts_L=counts_L)` in every case.
+    """
+    if counts_L is None or not ready:
+        st.rows_fp(name, _flat_rows(x))
+        return
+    fp_LX, finite_LX = fingerprint_rows_fast(x, valid_counts_L=counts_L, with_finite=True)
+    st.keep(name, fp_LX)
+    st.keep(name + ":finite", finite_LX.all())
+
+
 def stage_inputs(call: Call, a: dict[str, Any], payload: bool) -> None:
     """Stage what the op records from its inputs (called at entry, before the kernels run)."""
     st, lvl, op = call.staging, call.level, call.op
@@ -137,7 +159,10 @@ def stage_inputs(call: Call, a: dict[str, Any], payload: bool) -> None:
                 st.snapshot("x_VH", valid)
             return
         if fps and x is not None:
-            st.rows_fp("_x_fp_LX", _flat_rows(x))
+            # valid rows per local expert: the count half of layout_range, summed over sources
+            # (device ops on the job's stream: no host sync)
+            counts_L = (layout_range & 0xFFFFFFFF).sum(dim=1) if layout_range is not None else None
+            _valid_rows_fp(st, "_x_fp_LX", x, counts_L, ready=True)  # an input: ready at entry
         if payload and x is not None:
             st.snapshot("_x_LXH", x)
 
@@ -187,7 +212,9 @@ def stage_outputs(call: Call, a: dict[str, Any], result: Any) -> None:
             if _on_cpu(recv_x) and isinstance(recv_count, torch.Tensor) and not recv_count.is_cuda:
                 st.rows_fp("recv_x_fp_V", _gather_valid(recv_x, recv_count.tolist()))
             else:
-                st.rows_fp("_recv_x_fp_LX", _flat_rows(recv_x))
+                _valid_rows_fp(st, "_recv_x_fp_LX", recv_x,
+                               recv_count if isinstance(recv_count, torch.Tensor) else None,
+                               ready=not a.get("async_finish"))
         return
     if op == Op.LL_COMBINE:
         if fps:

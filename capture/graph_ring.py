@@ -238,8 +238,11 @@ def stage_end(ring: GraphRing, call: GraphCall, args: dict[str, Any], result: An
     lineage maps id(handle[0]) -> dispatch site, so a combine's record names its dispatch.
     """
     from epreplay.fingerprint_gpu import fingerprint_rows_fast
+    from epreplay.records import FINGERPRINT_VERSION
 
     level, op = call.level, call.op
+    if level >= Level.FINGERPRINTS:  # every record of the site says which definition hashed it
+        call.meta["fp_version"] = FINGERPRINT_VERSION
     if op == Op.LL_DISPATCH:
         x, topk = args["x"], args["topk_idx"]
         tokens = int(topk.shape[0])
@@ -252,7 +255,7 @@ def stage_end(ring: GraphRing, call: GraphCall, args: dict[str, Any], result: An
         if level >= Level.ROUTING:
             inputs["topk_idx_TK"] = topk
         if level >= Level.FINGERPRINTS:
-            inputs["x_fp_T"] = fingerprint_rows_fast(x)
+            inputs["x_fp_T"] = fingerprint_rows_fast(x, version=FINGERPRINT_VERSION)
 
         def stage_outputs() -> None:
             out = dict(inputs, recv_count_L=result[1])
@@ -284,7 +287,7 @@ def stage_end(ring: GraphRing, call: GraphCall, args: dict[str, Any], result: An
             out["topk_idx_TK"] = topk
             out["topk_weights_TK"] = args["topk_weights"]
         if level >= Level.FINGERPRINTS:
-            out["combined_fp_T"] = fingerprint_rows_fast(result[0])
+            out["combined_fp_T"] = fingerprint_rows_fast(result[0], version=FINGERPRINT_VERSION)
         if not out:
             out["tokens_T"] = torch.ones(1, dtype=torch.int32, device=topk.device)  # a replay count
         site.stage(out)

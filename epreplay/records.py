@@ -56,6 +56,12 @@ The record's `meta` (a small JSON object) holds what is not an array: the bound 
 shapes/dtypes/flags ("args"), Config, M and E, "hidden", "x_dtype", "use_fp8", the seq of the
 dispatch a combine/cached dispatch belongs to ("dispatch_seq"), the LL buffer parity, and for a
 failed call "error" (the exception text). Exact keys are documented in epreplay.capture.
+
+Fingerprints (every *_fp_* array above) are epreplay.fingerprint's 64-bit row hashes; the record
+meta key "fp_version" (int) names the definition that made them: 2 (FINGERPRINT_VERSION) for
+records written now, absent for recordings made before versions existed, which are version 1
+(`fp_version(meta)` reads it so). A replay that compares recorded fingerprints recomputes its own
+with that version. Readers ignore meta keys they do not know.
 """
 from __future__ import annotations
 
@@ -65,6 +71,15 @@ import struct
 from dataclasses import asdict, dataclass, field, replace
 
 FORMAT_VERSION = 1
+# The token fingerprint definition new records use (epreplay.fingerprint.CURRENT; here so that
+# torch-free writers and readers know it). Version 1 records carry no "fp_version" meta key.
+FINGERPRINT_VERSION = 2
+
+
+def fp_version(meta: "dict | None") -> int:
+    """The fingerprint version of a record's *_fp_* arrays: meta["fp_version"], 1 when absent."""
+    v = (meta or {}).get("fp_version")
+    return 1 if v is None else int(v)
 
 
 class Op(enum.IntEnum):

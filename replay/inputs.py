@@ -164,8 +164,9 @@ def calc_diff(x: torch.Tensor, y: torch.Tensor) -> float:
     return float(1 - 2 * (x * y).sum() / denom)
 
 
-def fingerprints(x: Any) -> np.ndarray:
-    """Per-row fingerprints as uint64 numpy (the records' representation)."""
+def fingerprints(x: Any, *, version: int) -> np.ndarray:
+    """Per-row fingerprints as uint64 numpy (the records' representation), by fingerprint
+    definition `version` (Engine.fp_version says which: the recording's, when compared with it)."""
     from epreplay.fingerprint import fingerprint_rows
 
     if isinstance(x, (tuple, list)):
@@ -174,4 +175,4 @@ def fingerprints(x: Any) -> np.ndarray:
             return np.zeros(0, dtype=np.uint64)
     elif x.shape[0] == 0:
         return np.zeros(0, dtype=np.uint64)
-    return fingerprint_rows(x).cpu().numpy().view(np.uint64)
+    return fingerprint_rows(x, version=version).cpu().numpy().view(np.uint64)

@@ -35,12 +35,13 @@ def _flag(meta: dict, name: str, default: bool) -> bool:
     return bool(v) if isinstance(v, (bool, int)) else default
 
 
-def _recv_rows_fp(recv_x: Any, e_R: np.ndarray, rows_R: np.ndarray) -> np.ndarray:
-    """Fingerprints of receive rows (local expert e_R[i], row rows_R[i]) in one pass."""
+def _recv_rows_fp(recv_x: Any, e_R: np.ndarray, rows_R: np.ndarray, version: int) -> np.ndarray:
+    """Fingerprints (definition `version`) of receive rows (local expert e_R[i], row rows_R[i])
+    in one pass."""
     e, r = torch.from_numpy(e_R), torch.from_numpy(rows_R)
     if isinstance(recv_x, (tuple, list)):
-        return I.fingerprints((recv_x[0][e, r], recv_x[1][e, r].contiguous()))
-    return I.fingerprints(recv_x[e, r])
+        return I.fingerprints((recv_x[0][e, r], recv_x[1][e, r].contiguous()), version=version)
+    return I.fingerprints(recv_x[e, r], version=version)
 
 
 def dispatch(eng: Any, call: Any, recs: dict) -> tuple[int, int]:
@@ -113,7 +114,8 @@ def _verify_dispatch(eng: Any, call: Any, v: int, exp: dict, recv_x: Any, recv_c
     rows_R = np.concatenate(rows).astype(np.int64)
     src, tok = eng.to_virtual(call, np.concatenate(qs).astype(np.int64), src_info[e_R, rows_R])
     want_fp = any(f is not None for i in range(Lv) for f in (exp.get(i) or {}).values())
-    fps = _recv_rows_fp(recv_x, e_R, rows_R).tolist() if want_fp and len(e_R) else [None] * len(e_R)
+    version = eng.fp_version(eng.record(v, call))
+    fps = _recv_rows_fp(recv_x, e_R, rows_R, version).tolist() if want_fp and len(e_R) else [None] * len(e_R)
     for i in range(Lv):
         got[i] = {}
     for e, s_, t, f in zip((e_R - j * Lv).tolist(), src.tolist(), tok.tolist(), fps):

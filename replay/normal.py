@@ -178,7 +178,8 @@ def _verify_dispatch(eng: Any, call: Any, st: Any, v: int, recv_x: Any,
                np.asarray(recv_list[j * Lv:(j + 1) * Lv]) if isinstance(recv_list, list) else None,
                torch.where(inside, local, -1)[rows].numpy(),
                torch.where(inside, recv_w, 0.0)[rows].numpy(),
-               I.fingerprints(I.rows_of(recv_x, rows)) if exp.fp_N is not None else None)
+               I.fingerprints(I.rows_of(recv_x, rows), version=eng.fp_version(eng.record(v, call)))
+               if exp.fp_N is not None else None)
     found = check_counts(exp, got, expert_base=v * Lv)
     if not found and exp.src_N is not None:
         found = check_rows(exp, got, expert_base=v * Lv, known_fps=known)
@@ -281,7 +282,7 @@ def _verify_cached(eng: Any, st: Any, v: int, rec: Any, recv_x: Any, want_fp: np
         return []
     exp = Rows(exp_d.src_N, exp_d.tok_N, exp_d.per_rank_R, None, fp_N=want_fp)
     got = Rows(exp_d.src_N, exp_d.tok_N, exp_d.per_rank_R, None,
-               fp_N=I.fingerprints(I.rows_of(recv_x, rows)))
+               fp_N=I.fingerprints(I.rows_of(recv_x, rows), version=eng.fp_version(rec)))
     return check_rows(exp, got, expert_base=v * eng.plan.local_experts_virtual, known_fps=known)
 
 

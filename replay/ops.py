@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from epreplay.records import Op
+from epreplay.records import FINGERPRINT_VERSION, Op, fp_version
 from epreplay.replay import inputs as I
 from epreplay.replay import normal as N_
 from epreplay.replay import lowlat as LL
@@ -107,6 +107,12 @@ class Engine:
         x = I.synth_source(self.key(call), v, T, self.job.hidden)
         return I.to_fp8(x) if fp8 else x
 
+    def fp_version(self, rec: Any) -> int:
+        """The fingerprint definition to hash received rows with, for comparing with `rec`: the
+        recording's (meta "fp_version", 1 when absent) when this call compares against recorded
+        fingerprints, else the current one (expected and received rows are both hashed here)."""
+        return fp_version(rec.meta) if self.recorded_now else FINGERPRINT_VERSION
+
     def expected_fp(self, call: Call, rec: Any, name: str, src: np.ndarray, tok: np.ndarray,
                     cast: Any = None, key: int | None = None) -> np.ndarray | None:
         """Expected received fingerprints: recorded (payload replay) or recomputed from the
@@ -128,7 +134,7 @@ class Engine:
             v_need = np.searchsorted(base, need, side="right") - 1
             rows = I.synth_rows(key, torch.from_numpy(v_need), torch.from_numpy(need - base[v_need]),
                                 self.job.hidden)
-            fp[need] = I.fingerprints(cast(rows) if cast is not None else rows)
+            fp[need] = I.fingerprints(cast(rows) if cast is not None else rows, version=self.fp_version(rec))
             have[need] = True
         return fp[flat]
 

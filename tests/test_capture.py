@@ -229,6 +229,49 @@ def test_snapshots_are_shared_until_the_caller_writes():
     assert int(layout.array("topk_idx_TK")[0, 0]) == 0  # what the earlier call really got
 
 
+@pytest.mark.parametrize("fp8", [False, True])
+def test_low_latency_buffer_fingerprints_cover_valid_rows_only(fp8: bool):
+    """The GPU staging of a low-latency receive buffer [L, X, H] hashes rows [0, count[e]) of
+    each expert only (counts read on the device) and the record holds those rows' fingerprints,
+    expert-major; the garbage past the counts (NaN here) is neither hashed nor flagged."""
+    from epreplay.capture.build import build
+    from epreplay.capture.extract import Call, _valid_rows_fp
+    from epreplay.capture.stage import Staging, Timer
+    from epreplay.fingerprint import fingerprint_rows
+    from epreplay.records import FINGERPRINT_VERSION
+
+    L, X = 3, 8
+    g = torch.Generator().manual_seed(5)
+    recv = torch.randn(L, X, H, generator=g)
+    counts = torch.tensor([5, 0, 8], dtype=torch.int32)
+    recv[0, 5:] = float("nan")
+    if fp8:
+        from epreplay.fp8 import cast_fp8
+
+        q, s = cast_fp8(recv.view(L * X, H).nan_to_num(0.0))
+        s = s.clone()
+        s.view(L, X, -1)[0, 5:] = float("nan")
+        recv_x = (q.view(L, X, H), s.view(L, X, -1).transpose(1, 2).contiguous().transpose(1, 2))
+    else:
+        recv_x = recv.to(torch.bfloat16)
+    valid = [(p[0, :5], p[2]) for p in (recv_x if fp8 else (recv_x,))]
+    valid = tuple(torch.cat(v) for v in valid) if fp8 else torch.cat(valid[0])
+    for bad in (False, True):
+        st = Staging()
+        if bad:  # a NaN inside a valid row is reported
+            recv_x = (recv_x[0], recv_x[1].clone()) if fp8 else recv_x.clone()
+            (recv_x[1] if fp8 else recv_x)[2, 7, 0] = float("nan")
+        st.keep("recv_count_L", counts)
+        _valid_rows_fp(st, "_recv_x_fp_LX", recv_x, counts)
+        call = Call(op=Op.LL_DISPATCH, buffer=0, seq=0, step=0, layer=0, start_ns=0,
+                    level=Level.FINGERPRINTS, args={}, staging=st, timer=Timer(None), t_mono=0.0)
+        _, arrays, meta = build(call)
+        if not bad:
+            np.testing.assert_array_equal(arrays["recv_x_fp_V"], fingerprint_rows(valid).numpy().view(np.uint64))
+        assert len(arrays["recv_x_fp_V"]) == 13 and meta["fp_version"] == FINGERPRINT_VERSION
+        assert meta.get("nonfinite") == (["recv_x_fp_V"] if bad else None)
+
+
 def _rank_wrap(ctx, run_dir: str):
     import torch.distributed as dist
 

@@ -21,9 +21,10 @@ from epreplay.run import RunDir
 WORLD, TOKENS, HIDDEN, EXPERTS, TOPK = 4, 6, 128, 16, 3
 
 
-def _workload(ctx, run_dir: str) -> bool:
+def _workload(ctx, run_dir: str, fp_version: int | None = None) -> bool:
     """Each rank: step 0 (payload recorded) and step 1 (no payload); per step a normal layer
-    (layout, BF16 dispatch, FP8 cached dispatch, combine) and a low-latency layer."""
+    (layout, BF16 dispatch, FP8 cached dispatch, combine) and a low-latency layer. fp_version:
+    hash with that fingerprint definition instead of the current one (in-process writer)."""
     import torch
     import torch.distributed as dist
 
@@ -31,7 +32,15 @@ def _workload(ctx, run_dir: str) -> bool:
     from epreplay.emulate import Buffer
     from epreplay.epbench import per_token_cast_to_fp8
 
-    capture.start(run_dir, level="payload", payload_every=2, install=False)
+    if fp_version is None:
+        capture.start(run_dir, level="payload", payload_every=2, install=False)
+    else:  # what an older epreplay recorded: every fingerprint call defaults to that version
+        from epreplay import fingerprint, fingerprint_gpu
+
+        for fn in (fingerprint.fingerprint_rows, fingerprint_gpu.fingerprint_rows_fast,
+                   fingerprint_gpu.fingerprint_rows_triton):
+            fn.__kwdefaults__["version"] = fp_version
+        capture.start(run_dir, level="payload", payload_every=2, install=False, writer="thread")
     buf = capture.wrap(Buffer(dist.group.WORLD, low_latency_mode=True))
     g = torch.Generator().manual_seed(100 + ctx.rank)
     for s in range(2):
@@ -99,6 +108,12 @@ def test_demo_run_replays_without_divergence(demo8: Path, ranks: int, payload: s
 
 @pytest.mark.slow
 def test_every_op_replays_folded_without_divergence(recorded: Path) -> None:
+    from epreplay.records import FINGERPRINT_VERSION
+    from epreplay.shard import open_shard
+
+    with open_shard(RunDir(recorded).shard_path(0)) as scan:
+        versions = {r.meta.get("fp_version") for r in scan.records() if any("_fp_" in k for k in r.arrays)}
+    assert versions == {FINGERPRINT_VERSION}  # new recordings say which fingerprints they hold
     report = replay_run(recorded, 2, call_timeout=60, index=False)
     assert report.divergences == 0, report.divergence_list[:3]
     # every op, with recorded payload (step 0) and synthetic (step 1: not a payload step)
@@ -148,6 +163,49 @@ def test_edited_expert_is_reported_at_that_call(recorded: Path, tmp_path: Path) 
     # ... and the new expert's virtual rank received a row it never recorded
     home = new_expert // (EXPERTS // WORLD)
     assert any(d["rank"] == home and d["kind"] == "count" for d in at_call)
+
+
+def _rewrite_meta(run: Path, edit) -> None:
+    """Rewrite every shard of `run` in place with edit(meta) applied to each record's meta."""
+    from epreplay.shard import ShardWriter, open_shard
+
+    for path in RunDir(run).shard_paths():
+        old = path.with_suffix(".old")
+        path.rename(old)
+        with open_shard(old) as scan, ShardWriter(path, scan.info) as w:
+            for rec in scan.records():
+                arrays = dict(rec.arrays)
+                for k, name in rec.meta.get("_logical_dtypes", {}).items():
+                    arrays[k] = (arrays[k], name)
+                meta = {k: v for k, v in rec.meta.items() if k != "_logical_dtypes"}
+                edit(meta)
+                w.append(rec.header, arrays, meta)
+        old.unlink()
+
+
+@pytest.mark.slow
+def test_version1_recording_replays_clean(tmp_path: Path) -> None:
+    """A recording made before fingerprint versions existed (v1 hashes, no "fp_version" meta)
+    replays with its recorded payload and fingerprints without divergence: replay hashes the
+    received rows with version 1. Claiming version 2 for the same bits makes them diverge."""
+    from epreplay.launch import run_ranks
+    from epreplay.shard import open_shard
+
+    run = tmp_path / "v1"
+    run_ranks(_workload, WORLD, str(run), 1, timeout=240)
+    _rewrite_meta(run, lambda meta: meta.pop("fp_version", None))
+    with open_shard(RunDir(run).shard_path(0)) as scan:
+        recs = [r for r in scan.records() if "recv_x_fp_N" in r.arrays]
+    assert recs and all("fp_version" not in r.meta for r in recs)
+    report = replay_run(run, 2, call_timeout=60, index=False)
+    assert report.divergences == 0, report.divergence_list[:3]
+    assert report.payload == "recorded" and report.calls == report.scheduled == 12
+
+    wrong = _copy(run, tmp_path / "claims-v2")
+    _rewrite_meta(wrong, lambda meta: meta.update(fp_version=2))
+    report = replay_run(wrong, 2, call_timeout=60, index=False)
+    assert report.exit_code == 1
+    assert report.first_divergence["kind"] == "payload" and report.first_divergence["step"] == 0
 
 
 @pytest.mark.slow
