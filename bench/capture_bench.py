@@ -64,14 +64,16 @@ def _rank(ctx, args: dict, root: str) -> dict:
 
     for s in range(cfg.steps):
         demo_step(s)  # warm-up: expert weights, gloo connections
-    modes = MODES + (["counts-hot", "routing-hot"] if args["diagnose"] else [])
+    modes = MODES + (["counts-hot", "routing-hot"] if args["diagnose"] else []) \
+        + (["routing-thread", "fingerprints-thread"] if args["compare_writers"] else [])
     times: dict[str, list[tuple[float, float]]] = {m: [] for m in modes}
     facts_by_mode: dict[str, list[dict]] = {m: [] for m in modes}
     for rnd in range(args["rounds"]):
         for mode in modes:
             if mode != "off":
                 level = mode.split("-")[0]
-                capture.start(os.path.join(root, f"{mode}-{rnd}"), level=level)
+                writer = "thread" if mode.endswith("-thread") else "process"
+                capture.start(os.path.join(root, f"{mode}-{rnd}"), level=level, writer=writer)
                 if mode.endswith("-hot"):  # diagnostic: stage every call, hand nothing to the writer
                     from epreplay.capture import session
 
@@ -103,6 +105,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--hidden", type=int, default=128)
     p.add_argument("--experts", type=int, default=32)
     p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--compare-writers", action="store_true",
+                   help="also routing/fingerprints with the in-process writer thread (LEVEL-thread)")
     p.add_argument("--diagnose", action="store_true",
                    help="also time counts-hot / routing-hot: the hot path alone (no writer work)")
     p.add_argument("--switch-interval", type=float, default=0.0,
@@ -117,15 +121,16 @@ def main(argv: list[str] | None = None) -> int:
           f"M={a.decode_tokens} decode tokens per rank, H={a.hidden}, E={a.experts}, {a.layers} MoE layers, "
           f"{a.steps} steps x {a.rounds} interleaved rounds (median)")
     print(f"command: python bench/capture_bench.py {' '.join(argv if argv is not None else sys.argv[1:])}")
-    print(f"{'mode':<13}{'ms/step':>9}{'ratio':>8}{'incl. drain':>13}{'dropped':>9}{'B/token-layer':>15}")
-    for mode in MODES + (["counts-hot", "routing-hot"] if a.diagnose else []):
+    print(f"{'mode':<20}{'ms/step':>9}{'ratio':>8}{'incl. drain':>13}{'dropped':>9}{'B/token-layer':>15}")
+    for mode in MODES + (["counts-hot", "routing-hot"] if a.diagnose else []) \
+            + (["routing-thread", "fingerprints-thread"] if a.compare_writers else []):
         step = statistics.median(t for t, _ in r0[mode])
         drain = statistics.median(d for _, d in r0[mode])
         facts = [f for r in per_rank for f in r["facts"][mode]]
         nbytes = sum(f.get("bytes", 0) for f in facts) / max(1, a.rounds)
         dropped = sum(f.get("dropped", 0) for f in facts)
         per_tl = f"{nbytes / token_layers:.1f}" if mode != "off" else "-"
-        print(f"{mode:<13}{step * 1e3:>9.2f}{step / off:>8.3f}{drain / off:>13.3f}{dropped:>9}{per_tl:>15}")
+        print(f"{mode:<20}{step * 1e3:>9.2f}{step / off:>8.3f}{drain / off:>13.3f}{dropped:>9}{per_tl:>15}")
     return 0
 
 

@@ -347,10 +347,10 @@ class Recorder:
         """The writer process (default) or, where it cannot start or the config says "thread",
         an in-process Sink. Runs on the courier thread: a slow process start never delays the job."""
         if self.config.writer == "process":
-            from epreplay.capture.writer_proc import WriterProcess
+            from epreplay.capture.writer_proc import acquire
 
             try:
-                self._proc = WriterProcess(self.config, rank=self.rank, world_size=self.world_size)
+                self._proc = acquire(self.config, rank=self.rank, world_size=self.world_size)
                 return
             except OSError as exc:
                 print(f"epreplay capture: rank {self.rank}: no writer process ({exc}); writing from "

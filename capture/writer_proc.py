@@ -14,7 +14,8 @@ Messages, in the recorder's queue order:
   ("init", config_json, rank, world_size)    first, once
   ("call", PackedCall)                        batched: hashed together, built, written (or ringed)
   ("hung", PackedCall) ("event", meta) ("dump", reason, detail, origin) ("graph", [built, ...])
-  ("close",)                                  write held-back records and the footer, reply
+  ("close",)                                  write held-back records and the footer, reply;
+                                              then the process waits for the next "init"
 Replies on the child's stdout, same framing: ("facts", dict) after "close", or ("off", reason)
 when the sink failed (disk full...), after which the child exits and the job's next write fails.
 EOF without "close" means the job died: records received are written, no footer (as a crash
@@ -85,9 +86,11 @@ def _grow_pipe(fd: int) -> None:
 
 # --- the job's side ------------------------------------------------------------------------------
 class WriterProcess:
-    """The job's handle on its writer process: start, send messages, close for the facts."""
+    """The job's handle on a writer process: start a session, send messages, close it for the
+    facts. A process whose session closed cleanly waits for the next one (`acquire`), so a job
+    that starts and stops capture many times pays the process start (~0.3 s CPU) once."""
 
-    def __init__(self, config: Any, *, rank: int, world_size: int) -> None:
+    def __init__(self) -> None:
         env = {k: v for k, v in os.environ.items() if not k.startswith("EPREPLAY_CAPTURE_")}
         # No capture of the writer itself, and its own threads: one is plenty for the codec.
         env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1")
@@ -95,7 +98,10 @@ class WriterProcess:
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env,
                                      close_fds=True, bufsize=0)
         self.fd = self.proc.stdin.fileno()
+        self.pid = os.getpid()  # the job process that owns it (a fork's child must not use it)
         _grow_pipe(self.fd)
+
+    def begin(self, config: Any, *, rank: int, world_size: int) -> None:
         from dataclasses import asdict
 
         body = asdict(config)
@@ -120,32 +126,52 @@ class WriterProcess:
         return f"writer process ended (exit code {code})" if code is not None else "writer process not answering"
 
     def close(self, timeout: float) -> dict[str, Any]:
-        """Ask for the footer; returns the sink's facts. Raises RuntimeError with the reason."""
+        """End the session: footer, then the sink's facts; the process then waits for the next
+        session (kept by `release`). Raises RuntimeError with the reason."""
         try:
             send(self.fd, ("close",))
-            self.proc.stdin.close()
         except OSError:
             raise RuntimeError(self.why_off()) from None
         ready, _, _ = select.select([self.proc.stdout], [], [], timeout)
         if not ready:
-            self.proc.kill()
+            self.kill()
             raise RuntimeError(f"writer process did not finish within {timeout:g}s at close")
         try:
             reply = recv(self.proc.stdout)
         except (EOFError, OSError) as exc:
+            self.kill()
             raise RuntimeError(f"writer process ended without its facts ({exc})") from None
-        finally:
-            try:
-                self.proc.wait(timeout=max(1.0, timeout))
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
         if reply[0] == "off":
+            self.kill()
             raise RuntimeError(str(reply[1]))
+        _idle.append(self)
         return reply[1]
 
+    def alive(self) -> bool:
+        return self.proc.poll() is None and self.pid == os.getpid()
+
     def kill(self) -> None:
-        if self.proc.poll() is None:
+        if self.proc.poll() is None and self.pid == os.getpid():
             self.proc.kill()
+            self.proc.wait()
+
+
+_idle: list[WriterProcess] = []  # writer processes between sessions, most recent last
+
+
+def acquire(config: Any, *, rank: int, world_size: int) -> WriterProcess:
+    """A writer process for a new session: an idle one of this process, or a new one."""
+    while _idle:
+        proc = _idle.pop()
+        if proc.alive():
+            try:
+                proc.begin(config, rank=rank, world_size=world_size)
+                return proc
+            except OSError:
+                proc.kill()
+    proc = WriterProcess()
+    proc.begin(config, rank=rank, world_size=world_size)
+    return proc
 
 
 # --- the writer process --------------------------------------------------------------------------
@@ -174,16 +200,26 @@ def _batch(fh: BinaryIO) -> list[Any]:
 
 
 def serve(inp: BinaryIO, out_fd: int) -> int:
-    """The writer process's loop (see the module docstring). Returns its exit code."""
+    """The writer process's loop: one capture session after another (see the module
+    docstring); returns its exit code."""
+    while True:
+        try:
+            kind, body_json, rank, world = recv(inp)
+        except EOFError:
+            return 0  # the job ended between sessions
+        if kind != "init":
+            print(f"epreplay writer: expected init, got {kind!r}", file=sys.stderr)
+            return 2
+        ended = _session(inp, out_fd, _config(body_json), rank, world)
+        if ended != "closed":
+            return 0 if ended == "eof" else 1
+
+
+def _session(inp: BinaryIO, out_fd: int, config: Any, rank: int, world: int) -> str:
+    """One capture session, "init" to "close": "closed", "eof" (the job died) or "failed"."""
+    from epreplay.capture.build import build_calls
     from epreplay.capture.manifest import write_marker
     from epreplay.capture.sink import Sink
-    from epreplay.capture.build import build_calls
-
-    kind, body_json, rank, world = recv(inp)
-    if kind != "init":
-        print(f"epreplay writer: expected init, got {kind!r}", file=sys.stderr)
-        return 2
-    config = _config(body_json)
 
     def tell_others(reason: str, detail: str) -> None:
         try:
@@ -191,6 +227,7 @@ def serve(inp: BinaryIO, out_fd: int) -> int:
         except OSError:
             pass  # a full disk cannot stop this rank's own dump, only the others' signal
 
+    cpu0 = time.process_time()
     sink = Sink(config, rank=rank, world_size=world, on_trigger=tell_others)
     while True:
         try:
@@ -201,7 +238,7 @@ def serve(inp: BinaryIO, out_fd: int) -> int:
                 sink._flush_early()
             except Exception:  # noqa: BLE001
                 pass
-            return 0
+            return "eof"
         try:
             calls = [m[1] for m in msgs if m[0] == "call"]
             built = iter(build_calls(calls)) if calls else iter(())
@@ -219,11 +256,11 @@ def serve(inp: BinaryIO, out_fd: int) -> int:
                     sink.graph(msg[1])
                 elif kind == "close":
                     sink.close()
-                    send(out_fd, ("facts", dict(sink.facts(), cpu_s=time.process_time())))
-                    return 0
+                    send(out_fd, ("facts", dict(sink.facts(), cpu_s=time.process_time() - cpu0)))
+                    return "closed"
         except Exception as exc:  # noqa: BLE001 - the job logs it (one line) and goes on uncaptured
             send(out_fd, ("off", f"writer: {type(exc).__name__}: {exc}"))
-            return 1
+            return "failed"
 
 
 def main() -> int:
