@@ -112,6 +112,51 @@ class PackedCall:
     def described_args(self) -> dict[str, Any]:
         return self.args_text
 
+    # --- wire form (writer_proc): marshal of plain values + raw array buffers ---------------
+    # pickle cost 150+ us a call here (numpy's and the enums' reduce in Python) and held the GIL
+    # the job's thread was waiting for; marshal of plain tuples costs a few us.
+    def to_wire(self) -> tuple[bytes, list[np.ndarray]]:
+        """(header, byte arrays): marshal.dumps of plain values, then each array's bytes.
+        Raises ValueError where meta holds something marshal cannot carry."""
+        import marshal
+
+        bufs: list[np.ndarray] = []
+        entries = []
+        for name, v in self.staging.items.items():
+            if tagged(v, "fp"):
+                rows = v[1]
+                parts = rows if isinstance(rows, list) else [rows]
+                entries.append(("fp", name, [_spec(p, bufs) for p in parts], isinstance(rows, list)))
+            elif isinstance(v, (np.ndarray, tuple)) and _is_array(v):
+                entries.append(("a", name, [_spec(v, bufs)], False))
+            else:
+                entries.append(("v", name, v, False))
+        head = (int(self.op), self.buffer, self.seq, self.step, self.layer, self.start_ns,
+                int(self.level), int(self.status), self.tokens, self.done, self.timer.ns,
+                self.meta, self.args_text, entries)
+        return marshal.dumps(head), bufs
+
+    @classmethod
+    def from_wire(cls, head: bytes, bufs: list[Any]) -> "PackedCall":
+        import marshal
+
+        (op, buffer, seq, step, layer, start_ns, level, status, tokens, done, duration, meta,
+         args_text, entries) = marshal.loads(head)
+        it = iter(bufs)
+        items: dict[str, Any] = {}
+        for kind, name, spec, pair in entries:
+            if kind == "v":
+                items[name] = spec
+                continue
+            arrays = [_unspec(sp, next(it)) for sp in spec]
+            if kind == "a":
+                items[name] = arrays[0]
+            else:
+                items[name] = ("fp", arrays if pair else arrays[0])
+        return cls(op=Op(op), buffer=buffer, seq=seq, step=step, layer=layer, start_ns=start_ns,
+                   level=Level(level), staging=PackedStaging(items), timer=Duration(duration),
+                   args_text=args_text, meta=meta, tokens=tokens, status=Status(status), done=done)
+
 
 def pack(call: Any) -> PackedCall:
     """The portable form of a staged Call (waits for its copies; see the module docstring)."""
@@ -134,6 +179,24 @@ def pack(call: Any) -> PackedCall:
                       timer=Duration(call.timer.duration_ns() if call.done else -1),
                       args_text=call.described_args(), meta=dict(call.meta), tokens=call.tokens,
                       status=call.status, done=call.done)
+
+
+def _is_array(v: Any) -> bool:
+    """A numpy array, or stage.to_numpy's (words, dtype name) pair."""
+    return isinstance(v, np.ndarray) or (len(v) == 2 and isinstance(v[0], np.ndarray) and isinstance(v[1], str))
+
+
+def _spec(a: Any, bufs: list[np.ndarray]) -> tuple[str, tuple[int, ...], str | None]:
+    words, logical = a if isinstance(a, tuple) else (a, None)
+    words = np.ascontiguousarray(words)
+    bufs.append(words.reshape(-1).view(np.uint8))
+    return words.dtype.str, tuple(words.shape), logical
+
+
+def _unspec(spec: Any, buf: Any) -> Any:
+    dtype, shape, logical = spec
+    arr = np.frombuffer(buf, dtype=np.dtype(dtype)).reshape(shape)
+    return (arr, logical) if logical else arr
 
 
 def _is_torch(v: Any) -> bool:

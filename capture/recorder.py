@@ -365,16 +365,23 @@ class Recorder:
         if self._proc is not None:
             from epreplay.capture.packed import pack
 
+            wire = []
             for msg in msgs:
-                call = msg[1] if msg[0] in ("call", "hung") else None
-                if call is not None:
-                    with self._quiet(call):
-                        msg = (msg[0], pack(call))
-                self._proc.send(msg)
-                if call is not None and msg[0] == "call" and self._pool is not None:
-                    # the bytes are in the pipe: the pinned buffers may take the next copies (not
-                    # after "hung": the call may still finish and be packed again)
-                    self._pool.give(call.staging.bufs)
+                if msg[0] in ("call", "hung"):
+                    with self._quiet(msg[1]):
+                        wire.append((msg[0], pack(msg[1])))
+                    # Hand the GIL over between calls: a job thread waiting for it (back from a
+                    # torch op, each of which releases it) then waits one call's packing at most.
+                    time.sleep(0)
+                else:
+                    wire.append(msg)
+            self._proc.send_many(wire)
+            if self._pool is not None:
+                for msg in msgs:
+                    if msg[0] == "call":
+                        # the bytes are in the pipe: the pinned buffers may take the next copies
+                        # (not after "hung": the call may still finish and be packed again)
+                        self._pool.give(msg[1].staging.bufs)
             return
         from epreplay.capture.build import build_calls
 

@@ -7,9 +7,11 @@ behind that work. On a GPU step of 0.1-1 ms that is the whole overhead. Here the
 a courier thread that waits on CUDA events (GIL released), views the staged host memory as numpy
 and writes it to a pipe (GIL released); everything else runs here.
 
-Protocol over the child's stdin (one message after another, each a pickle whose numpy arrays
-travel as out-of-band buffers, so nothing is copied into the pickle):
-  <u32 n> <u64 len>*n <pickle: len[0] bytes> <buffer i: len[i] bytes>...
+Protocol over the child's stdin (one message after another; a call is a marshal of plain values
+plus its arrays' raw bytes, anything else a pickle whose arrays travel as out-of-band buffers, so
+nothing is copied into the head):
+  <u32 n> <u64 len>*n <tag byte, head: len[0] bytes> <buffer i: len[i] bytes>...
+  tag: C/H a "call"/"hung" PackedCall (packed.PackedCall.to_wire), P a pickle
 Messages, in the recorder's queue order:
   ("init", config_json, rank, world_size)    first, once
   ("call", PackedCall)                        batched: hashed together, built, written (or ringed)
@@ -44,15 +46,36 @@ READ_BATCH = 64
 # --- framing (both sides) ------------------------------------------------------------------------
 def send(fd: int, obj: Any) -> None:
     """Write obj as one message (see the module docstring). Blocks while the pipe is full."""
-    bufs: list[pickle.PickleBuffer] = []
-    head = pickle.dumps(obj, protocol=5, buffer_callback=bufs.append)
-    raws = [b.raw() for b in bufs]
-    prefix = _N.pack(1 + len(raws)) + struct.pack(f"<{1 + len(raws)}Q", len(head), *(r.nbytes for r in raws))
-    for part in (prefix, head, *raws):
-        view = memoryview(part).cast("B")
-        while view:
-            n = os.write(fd, view)
-            view = view[n:]
+    send_many(fd, [obj])
+
+
+def send_many(fd: int, msgs: list[Any]) -> None:
+    """Write messages in one writev per ~1000 parts: each syscall releases the job's GIL and must
+    take it back, so fewer of them is less waiting for the job's thread. ("call"/"hung",
+    PackedCall) goes as marshal plus raw buffers (packed.PackedCall.to_wire), the rest pickled."""
+    parts: list[Any] = []
+    for msg in msgs:
+        head, raws = None, []
+        if msg[0] in ("call", "hung") and hasattr(msg[1], "to_wire"):
+            try:
+                head, raws = msg[1].to_wire()
+                head = (b"C" if msg[0] == "call" else b"H") + head
+            except ValueError:  # meta marshal cannot carry: pickle this one
+                head = None
+        if head is None:
+            bufs: list[pickle.PickleBuffer] = []
+            head = b"P" + pickle.dumps(msg, protocol=5, buffer_callback=bufs.append)
+            raws = [b.raw() for b in bufs]
+        lens = [len(head), *(memoryview(r).nbytes for r in raws)]
+        parts += [_N.pack(len(lens)) + struct.pack(f"<{len(lens)}Q", *lens), head, *raws]
+    views = [memoryview(p).cast("B") for p in parts if len(memoryview(p).cast("B"))]
+    while views:
+        n = os.writev(fd, views[:1000])
+        while n:  # drop what went out; keep the rest of a part cut short
+            if n >= len(views[0]):
+                n -= len(views.pop(0))
+            else:
+                views[0], n = views[0][n:], 0
 
 
 def recv(fh: BinaryIO) -> Any:
@@ -61,7 +84,12 @@ def recv(fh: BinaryIO) -> Any:
     lens = struct.unpack(f"<{n}Q", _read_exact(fh, 8 * n))
     head = _read_exact(fh, lens[0])
     bufs = [_read_exact(fh, k) for k in lens[1:]]
-    return pickle.loads(head, buffers=bufs)
+    tag, body = head[:1], memoryview(head)[1:]
+    if tag in (b"C", b"H"):
+        from epreplay.capture.packed import PackedCall
+
+        return ("call" if tag == b"C" else "hung", PackedCall.from_wire(bytes(body), bufs))
+    return pickle.loads(body, buffers=bufs)
 
 
 def _read_exact(fh: BinaryIO, n: int) -> bytearray:
@@ -111,6 +139,9 @@ class WriterProcess:
     def send(self, msg: Any) -> None:
         """Raises OSError (BrokenPipeError) when the process has gone."""
         send(self.fd, msg)
+
+    def send_many(self, msgs: list[Any]) -> None:
+        send_many(self.fd, msgs)
 
     def why_off(self, timeout: float = 2.0) -> str:
         """After a failed send: the reason the process gave, or how it ended."""
