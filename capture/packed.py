@@ -188,7 +188,8 @@ def _is_array(v: Any) -> bool:
 
 def _spec(a: Any, bufs: list[np.ndarray]) -> tuple[str, tuple[int, ...], str | None]:
     words, logical = a if isinstance(a, tuple) else (a, None)
-    words = np.ascontiguousarray(words)
+    if not words.flags.c_contiguous:  # (np.ascontiguousarray would make a 0-d array 1-d)
+        words = words.copy(order="C")
     bufs.append(words.reshape(-1).view(np.uint8))
     return words.dtype.str, tuple(words.shape), logical
 

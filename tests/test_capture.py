@@ -335,3 +335,38 @@ def test_writer_process_and_writer_thread_write_the_same_records(tmp_path):
             for k in a.arrays:
                 np.testing.assert_array_equal(a.arrays[k], b.arrays[k], err_msg=f"{k} of {a.header}")
             assert a.meta == b.meta
+
+
+def test_packed_call_wire_round_trip_keeps_every_item():
+    """What a GPU call hands the writer process: int64 fingerprints, 0-d finite flags, bf16 words
+    with their logical dtype, an FP8 pair of CPU rows to hash, plain values, and meta."""
+    from epreplay.capture.packed import Duration, PackedCall, PackedStaging
+    from epreplay.records import Level, Status
+
+    items = {
+        "x_fp_T": np.arange(5, dtype=np.int64) * -7,
+        "x_fp_T:finite": np.array(True),
+        "x_TH": (np.arange(12, dtype=np.uint16).reshape(3, 4), "bfloat16"),
+        "rows_fp": ("fp", [(np.arange(6, dtype=np.uint8).reshape(2, 3), "float8_e4m3fn"),
+                           np.ones((2, 1), np.float32)]),
+        "_num_recv_list": [3, 0, 5],
+        "empty_TK": np.zeros((0, 8), np.int64),
+    }
+    call = PackedCall(op=Op.DISPATCH, buffer=1, seq=7, step=2, layer=3, start_ns=123, level=Level.PAYLOAD,
+                      staging=PackedStaging(items), timer=Duration(456), args_text={"x": "bfloat16[3,4]"},
+                      meta={"E": 8, "config": "Config(1)", "nested": {"a": [1, 2]}}, tokens=3,
+                      status=Status.ERROR, done=True)
+    head, bufs = call.to_wire()
+    back = PackedCall.from_wire(head, [bytearray(memoryview(b).cast("B")) for b in bufs])
+    for f in ("op", "buffer", "seq", "step", "layer", "start_ns", "level", "tokens", "status", "done",
+              "meta", "args_text"):
+        assert getattr(back, f) == getattr(call, f), f
+    assert back.timer.duration_ns() == 456
+    got = back.staging.items
+    np.testing.assert_array_equal(got["x_fp_T"], items["x_fp_T"])
+    assert got["x_fp_T:finite"].shape == () and bool(got["x_fp_T:finite"])
+    assert got["x_TH"][1] == "bfloat16" and np.array_equal(got["x_TH"][0], items["x_TH"][0])
+    (q, dt), s = got["rows_fp"][1]
+    assert got["rows_fp"][0] == "fp" and dt == "float8_e4m3fn" and np.array_equal(q, items["rows_fp"][1][0][0])
+    np.testing.assert_array_equal(s, items["rows_fp"][1][1])
+    assert got["_num_recv_list"] == [3, 0, 5] and got["empty_TK"].shape == (0, 8)
