@@ -215,12 +215,12 @@ def open_shard(path: str | os.PathLike[str]) -> ShardScan:
         if not stat.S_ISREG(st.st_mode):
             raise ShardError(f"{path}: is a directory or special file, not a shard (.eprs) file")
         size = st.st_size
-        info, data_start = _read_header(path, fd, size)
+        info, data_start = read_header(path, fd, size)
     except BaseException:
         os.close(fd)
         raise
     scan = ShardScan(path, fd, size, info, data_start)
-    scan.writer_active = _writer_active(fd)
+    scan.writer_active = writer_active(fd)
     if not _load_footer(scan, fd):
         _scan(scan, fd)
     return scan
@@ -234,7 +234,7 @@ def wait_unlocked(path: str | os.PathLike[str], timeout: float) -> bool:
     end = time.monotonic() + timeout
     fd = os.open(path, os.O_RDONLY)
     try:
-        while _writer_active(fd):
+        while writer_active(fd):
             if time.monotonic() > end:
                 return False
             time.sleep(0.05)
@@ -243,7 +243,7 @@ def wait_unlocked(path: str | os.PathLike[str], timeout: float) -> bool:
         os.close(fd)
 
 
-def _writer_active(fd: int) -> bool:
+def writer_active(fd: int) -> bool:
     """Whether a live ShardWriter holds this file's lock (released by the kernel when it dies).
 
     Filesystems without flock support answer False: such shards look unclosed while written.
@@ -258,7 +258,7 @@ def _writer_active(fd: int) -> bool:
     return False
 
 
-def _read_header(path: Path, fd: int, size: int) -> tuple[ShardInfo, int]:
+def read_header(path: Path, fd: int, size: int) -> tuple[ShardInfo, int]:
     head = os.pread(fd, 64 * 1024, 0)
     not_shard = f"{path}: not an epreplay shard"
     if len(head) < FRAME.size + 8:
@@ -326,18 +326,34 @@ def _known_enums(heads: np.ndarray) -> bool:
     return True
 
 
-def _scan(scan: ShardScan, fd: int) -> None:
-    """No valid footer: walk the records, CRC-checking each, up to the first short or bad one."""
-    pos, size, why, short = scan.data_start, scan.size, None, False
-    entries: list[Entry] = []
+# Record prefixes are read through a window this large (one pread per window, not per record).
+SCAN_BYTES = 4 << 20
+
+
+def walk_records(fd: int, pos: int, size: int, *, check_data: bool
+                 ) -> tuple[list[tuple[int, bytes]], int, str | None, bool, bool]:
+    """Walk record frames from byte `pos`, CRC-checking each header (and each record's data when
+    check_data), up to the first short or bad one, a footer frame, or `size`.
+
+    Returns (records, end, why, short, at_footer): records as (offset, 56-byte header) in file
+    order; end, where the walk stopped (the end of the last intact record); why, what stopped it
+    (None at `size` or at a footer frame, which the caller validates); short, whether what stopped
+    it are bytes a live writer may still be completing; at_footer, a footer frame starts at end.
+    Shared by open_shard (a shard without a valid footer) and the index's resume of a live shard.
+    """
+    found: list[tuple[int, bytes]] = []
+    why, short, at_footer = None, False, False
+    lo, buf = pos, b""
     while pos < size:
-        pre = os.pread(fd, REC_PREFIX, pos)
+        if pos + REC_PREFIX > lo + len(buf):
+            lo, buf = pos, os.pread(fd, SCAN_BYTES, pos)
+        pre = buf[pos - lo:pos - lo + REC_PREFIX]
         if len(pre) < FRAME.size:
             why, short = f"{len(pre)} stray bytes", True
             break
         magic, n = FRAME.unpack_from(pre)
         if magic == MAGIC_FOOTER:
-            why = "footer damaged, cut short or followed by stray bytes"
+            at_footer = True
             break
         if magic != MAGIC_RECORD or n != REC_FRAME:
             why = f"no record frame (bytes {pre[:8].hex()})"
@@ -349,20 +365,31 @@ def _scan(scan: ShardScan, fd: int) -> None:
         try:
             if U32.unpack_from(pre, REC_PREFIX - 4)[0] != zlib.crc32(hb):
                 raise ValueError
-            entry = Entry(pos, RecordHeader.from_bytes(hb))
+            header = RecordHeader.from_bytes(hb)
         except ValueError:
             why = "record header damaged (crc mismatch)"
             break
-        if entry.end > size:
-            why, short = (f"record cut short ({size - entry.data_offset} of "
-                          f"{entry.header.comp_len} data bytes)"), True
+        data_at = pos + REC_PREFIX
+        if data_at + header.comp_len > size:
+            why, short = f"record cut short ({size - data_at} of {header.comp_len} data bytes)", True
             break
-        crc = zlib.crc32(os.pread(fd, entry.header.comp_len, entry.data_offset))
-        if crc != entry.header.crc32:
-            why = f"record data damaged (crc {crc:#010x} != {entry.header.crc32:#010x})"
-            break
-        entries.append(entry)
-        pos = entry.end
+        if check_data:
+            crc = zlib.crc32(os.pread(fd, header.comp_len, data_at))
+            if crc != header.crc32:
+                why = f"record data damaged (crc {crc:#010x} != {header.crc32:#010x})"
+                break
+        found.append((pos, hb))
+        pos = data_at + header.comp_len
+    return found, pos, why, short, at_footer
+
+
+def _scan(scan: ShardScan, fd: int) -> None:
+    """No valid footer: walk the records, CRC-checking each, up to the first short or bad one."""
+    size = scan.size
+    found, pos, why, short, at_footer = walk_records(fd, scan.data_start, size, check_data=True)
+    if at_footer:
+        why = "footer damaged, cut short or followed by stray bytes"
+    entries = [Entry(off, RecordHeader.from_bytes(hb)) for off, hb in found]
     scan.entries = entries
     if scan.writer_active and (why is None or short):
         scan.problem = (f"being written by a live process: {len(entries)} records so far"
