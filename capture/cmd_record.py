@@ -30,6 +30,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--payload-every", type=int, default=1, metavar="K",
                         help="at --level payload, keep the payload of every K-th step only")
     parser.add_argument("--release", default="", help="release tag stored in the manifest")
+    parser.add_argument("--writer", choices=("process", "thread"), default="process",
+                        help="where records are hashed, encoded and written: a helper process per "
+                             "rank (default; keeps that work off the job's interpreter lock) or a "
+                             "thread inside each rank (one process fewer)")
     parser.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- CMD ARGS...",
                         help="the command to run")
 
@@ -55,7 +59,7 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out or os.path.join("runs", new_run_id()))
     env = env_for(out, level=args.level, flight=args.flight, hang_timeout=args.hang_timeout,
                   layers_per_step=args.layers_per_step, payload_every=args.payload_every,
-                  release=args.release, command=cmd, fresh=True)
+                  release=args.release, writer=args.writer, command=cmd, fresh=True)
     print(f"epreplay record: capturing into {out}", file=sys.stderr, flush=True)
     try:
         proc = subprocess.Popen(cmd, env={**os.environ, **env})

@@ -76,6 +76,7 @@ def test_record_captures_unmodified_client_on_four_ranks(tmp_path):
     assert inspect.returncode == 0, inspect.stdout + inspect.stderr
     manifest = json.loads((run / "manifest.json").read_text())
     assert manifest["world_size"] == 4 and sorted(manifest["ranks"]) == ["0", "1", "2", "3"]
+    assert {f["writer"] for f in manifest["ranks"].values()} == {"process"}  # the default writer
     assert manifest["num_experts"] == 8 and manifest["topk"] == 2 and manifest["hidden"] == 64
     assert manifest["extra"]["exit_code"] == 5 and manifest["command"][-3:] == ["4", "3", "5"]
 
