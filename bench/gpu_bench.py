@@ -60,7 +60,7 @@ def _rank(ctx, backend: str, iters: int, shape_names: list[str], root: str, mode
     results: dict[str, dict[str, float]] = {}
     for name in shape_names:
         spec = dict(SHAPES[name])
-        ll = spec_ll = spec.pop("ll")
+        ll = spec.pop("ll")
         shape = epbench.Shape(**spec)
         buffer = epbench.make_buffer(module, group, shape, low_latency=ll)
         inp = epbench.make_inputs(shape, rank=ctx.rank, step=0, device=ctx.device)
@@ -83,7 +83,7 @@ def _rank(ctx, backend: str, iters: int, shape_names: list[str], root: str, mode
             dist.barrier(group)
             torch.cuda.synchronize()
             run = _graph_step(step, torch.cuda.synchronize) if name == "ll-graph" else step
-            n = iters * 10 if spec_ll else iters  # a ~0.1 ms step: more of them for a stable mean
+            n = iters * 10 if ll else iters  # a ~0.1 ms step: more of them for a stable mean
             if profile and level == "routing" and not variant:
                 import cProfile
                 import io

@@ -26,7 +26,7 @@ import torch
 from epreplay import marks
 from epreplay.capture.config import CaptureConfig
 from epreplay.capture.extract import Call, stage_inputs, stage_outputs
-from epreplay.capture.sink import DUMP_DEDUP_S
+from epreplay.capture.sink import DUMP_DEDUP_S, STATIC_FACTS
 from epreplay.capture.stage import PinnedPool, Staging, Timer, current_stream
 from epreplay.records import Level, Op, Status
 from epreplay.run import RunDir
@@ -522,8 +522,7 @@ class Recorder:
 
     def facts(self) -> dict[str, Any]:
         sink = self._sink_facts or (self._sink.facts() if self._sink is not None else {})
-        static = {k: sink.get(k, v) for k, v in
-                  {"num_experts": 0, "topk": 0, "hidden": 0, "x_dtype": ""}.items()}
+        static = {k: sink.get(k, v) for k, v in STATIC_FACTS.items()}
         return {
             "rank": self.rank, "world_size": self.world_size, "host": socket.gethostname(),
             "pid": os.getpid(), "calls": self.calls, "records": sink.get("records", 0),

@@ -27,6 +27,8 @@ DUMP_DEDUP_S = 2.0
 # Records held back until the shard header can carry H: a layout precedes its dispatch, so 4
 # covers any sane call order while risking at most 4 records on a crash at the very start.
 EARLY_RECORDS = 4
+# What a shard header needs to know, learnt from the first records; reported in a rank's facts.
+STATIC_FACTS = {"num_experts": 0, "topk": 0, "hidden": 0, "x_dtype": ""}
 
 
 class Sink:
@@ -42,7 +44,7 @@ class Sink:
         self.rank, self.world_size = rank, world_size
         self.run = RunDir(Path(config.run_dir))
         self.on_trigger = on_trigger
-        self.static = {"num_experts": 0, "topk": 0, "hidden": 0, "x_dtype": ""}
+        self.static = dict(STATIC_FACTS)
         self.records = 0
         self.dumps: list[dict[str, Any]] = []
         self._writer: Any = None  # ShardWriter, opened on the first record that can go out
@@ -102,6 +104,11 @@ class Sink:
         if self._writer is None or self._early:
             self._flush_early()
         self._writer.close()
+
+    def abandon(self) -> None:
+        """The job died without closing: write what is held back, leave the shard unclosed (as
+        a crash would, so readers see it was not closed)."""
+        self._flush_early()
 
     def facts(self) -> dict[str, Any]:
         """This sink's part of a rank's closing facts."""

@@ -26,7 +26,6 @@ before the copies finish.
 """
 from __future__ import annotations
 
-import math
 import threading
 import time
 import weakref
@@ -84,12 +83,9 @@ class PinnedPool:
         self._free: dict[int, list[torch.Tensor]] = {}
         self._lock = threading.Lock()  # take: the job's thread; give: the courier
 
-    def take(self, shape: tuple[int, ...], dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """(a pinned tensor of shape and dtype, the buffer to give back later)."""
-        itemsize = _ITEMSIZE.get(dtype)
-        if itemsize is None:
-            itemsize = _ITEMSIZE[dtype] = torch.empty((), dtype=dtype).element_size()
-        n = math.prod(shape) * itemsize
+    def take(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(a pinned tensor of like's shape and dtype, the buffer to give back later)."""
+        n = like.numel() * like.element_size()
         size = max(512, 1 << max(0, (n - 1).bit_length()))
         with self._lock:
             free = self._free.get(size)
@@ -98,7 +94,7 @@ class PinnedPool:
                 self.kept -= size
         if buf is None:
             buf = torch.empty(size, dtype=torch.uint8, pin_memory=True)
-        return buf[:n].view(dtype).reshape(shape), buf
+        return buf[:n].view(like.dtype).reshape(like.shape), buf
 
     def give(self, bufs: list[torch.Tensor]) -> None:
         with self._lock:
@@ -107,9 +103,6 @@ class PinnedPool:
                 if self.kept + size <= self.max_bytes:
                     self._free.setdefault(size, []).append(buf)
                     self.kept += size
-
-
-_ITEMSIZE: dict[torch.dtype, int] = {}
 
 
 class Staging:
@@ -211,18 +204,18 @@ class Staging:
             if self._after is not None:  # async_finish: outputs are done when DeepEP's event is
                 self._after.current_stream_wait()
             for _, name, t in snaps:
-                self._copy(name, t, side)
+                self._copy(name, t)
                 t.record_stream(side)
             if snaps:
                 job.wait_stream(side)
             for kind, name, t in rest:
                 if kind == "fp":
-                    self._copy(name, fingerprint_rows_fast(t), side)
-                    self._copy(name + ":finite", _rows_finite(t), side)
+                    self._copy(name, fingerprint_rows_fast(t))
+                    self._copy(name + ":finite", _rows_finite(t))
                     for part in (t if isinstance(t, (tuple, list)) else (t,)):
                         part.record_stream(side)
                 else:
-                    self._copy(name, t, side)
+                    self._copy(name, t)
                     t.record_stream(side)
             ev = torch.cuda.Event()
             ev.record(side)
@@ -231,10 +224,10 @@ class Staging:
         self._event = ev
         self._after = None
 
-    def _copy(self, name: str, t: torch.Tensor, side: Any) -> None:
+    def _copy(self, name: str, t: torch.Tensor) -> None:
         """An async device->host copy into pinned memory (on the side stream: seal's context)."""
         if self._pool is not None:
-            host, buf = self._pool.take(tuple(t.shape), t.dtype)
+            host, buf = self._pool.take(t)
             self.bufs.append(buf)
         else:
             host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)

@@ -136,11 +136,8 @@ class WriterProcess:
         body["level"] = int(config.level)
         send(self.fd, ("init", json.dumps(body), rank, world_size))
 
-    def send(self, msg: Any) -> None:
-        """Raises OSError (BrokenPipeError) when the process has gone."""
-        send(self.fd, msg)
-
     def send_many(self, msgs: list[Any]) -> None:
+        """Raises OSError (BrokenPipeError) when the process has gone."""
         send_many(self.fd, msgs)
 
     def why_off(self, timeout: float = 2.0) -> str:
@@ -264,9 +261,8 @@ def _session(inp: BinaryIO, out_fd: int, config: Any, rank: int, world: int) -> 
         try:
             msgs = _batch(inp)
         except EOFError:
-            # The job died without closing: keep what arrived, leave the shard unclosed.
             try:
-                sink._flush_early()
+                sink.abandon()
             except Exception:  # noqa: BLE001
                 pass
             return "eof"
