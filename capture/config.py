@@ -52,6 +52,7 @@ class CaptureConfig:
         run_id: the run's id (shard headers carry it); empty: read from the manifest.
         release: free-form release tag for the manifest.
         writer: "process" (default) or "thread": where records are hashed, encoded and written.
+        hot_path: "auto" (default), "ring" or "courier": how a hooked call reaches the writer.
     """
 
     run_dir: str
@@ -68,8 +69,14 @@ class CaptureConfig:
     # "process": hashing, encoding and writes run in a helper process (writer_proc.py), so they
     # never hold the job's GIL; "thread": in the job's process (one fewer process, more overhead).
     writer: str = "process"
+    # "auto": host tensors go through the shared capture ring (ring_path.py: no per-record Python
+    # in the job), CUDA tensors through side-stream staging and a courier thread; "ring" or
+    # "courier" forces one (the courier path is the reference the ring path is tested against).
+    hot_path: str = "auto"
 
     def __post_init__(self) -> None:
+        if self.hot_path not in ("auto", "ring", "courier"):
+            raise UsageError(f"hot_path={self.hot_path!r}: must be 'auto', 'ring' or 'courier'")
         if self.writer not in ("process", "thread"):
             raise UsageError(f"writer={self.writer!r}: must be 'process' or 'thread'")
         if not self.run_dir:

@@ -25,7 +25,7 @@ import torch
 
 from epreplay import marks
 from epreplay.capture.config import CaptureConfig
-from epreplay.capture.extract import Call, stage_inputs, stage_outputs
+from epreplay.capture.extract import Call, describe, stage_inputs, stage_outputs
 from epreplay.capture.sink import DUMP_DEDUP_S, STATIC_FACTS
 from epreplay.capture.stage import PinnedPool, Staging, Timer, current_stream
 from epreplay.records import Level, Op, Status
@@ -119,8 +119,13 @@ class Recorder:
         self._closed = False
         self._last_dump: dict[str, float] = {}  # reason -> time.monotonic() of its last dump
         self.on_trigger: Callable[[str, str], None] | None = None  # set by triggers.Watchdog
-        self._thread = threading.Thread(target=self._loop, name=f"epreplay-writer-{rank}", daemon=True)
-        self._thread.start()
+        # The hot path, chosen at the first hooked call: "ring" (host tensors: frames into a
+        # shared ring, ring_path.py) or "courier" (CUDA tensors: side-stream staging, a courier
+        # thread hands calls to the writer). config.hot_path may force one.
+        self.path: str | None = None
+        self._rp: Any = None  # ring_path.RingPath
+        self._call_ids = 0
+        self._thread: Any = None  # the courier thread (courier path only)
 
     # --- buffers and attribution (hot path) -------------------------------------------------
     def buffer_state(self, buf: Any) -> BufferState:
@@ -181,6 +186,9 @@ class Recorder:
             x = args.get("topk_idx")
         first = x[0] if isinstance(x, (tuple, list)) else x
         cuda = isinstance(first, torch.Tensor) and first.is_cuda
+        path = self.path or self._choose_path(cuda)
+        if path == "ring":
+            return self._ring_begin(op, bs, seq, step, layer, level, payload, args)
         if cuda and torch.cuda.is_current_stream_capturing():
             # Inside CUDA-graph capture a side-stream copy or event would break the graph: the
             # call is staged into the graph itself (graph_ring.py), or counted when it cannot be.
@@ -208,6 +216,68 @@ class Recorder:
         call.staging.seal()
         self.inflight[id(call)] = call
         return call
+
+    def _choose_path(self, cuda: bool) -> str:
+        """The session's hot path, fixed at its first hooked call (module docstring)."""
+        choice = self.config.hot_path
+        if choice == "auto":
+            choice = "courier" if cuda else "ring"
+        if choice == "ring":
+            from epreplay.capture.ring_path import RingPath
+
+            try:
+                self._rp = RingPath(self.config, rank=self.rank, world_size=self.world_size)
+                self._rp.on_off = self.disable
+            except OSError as exc:
+                print(f"epreplay capture: rank {self.rank}: no capture ring ({exc}); staging through "
+                      f"a courier thread", file=sys.stderr, flush=True)
+                choice = "courier"
+        if choice == "courier":
+            self._thread = threading.Thread(target=self._loop, name=f"epreplay-writer-{self.rank}",
+                                            daemon=True)
+            self._thread.start()
+        self.path = choice
+        return choice
+
+    def _ring_begin(self, op: Op, bs: BufferState, seq: int, step: int, layer: int, level: Level,
+                    payload: bool, args: dict[str, Any]) -> Any:
+        """Stage a call's inputs into a BEGIN frame (ring path); None when it is dropped."""
+        from epreplay.capture.ring_frames import BEGIN, write_call
+        from epreplay.capture.ring_path import RingCall, RingStaging, memmove
+
+        self._call_ids += 1
+        call = RingCall(self._call_ids, op, bs.id, seq, step, layer, level)
+        call.meta.update(ep_rank=bs.ep_rank, ep_size=bs.ep_size)
+        self._op_meta(call, bs, args)
+        st = call.staging = RingStaging()
+        if op in (Op.DISPATCH, Op.LL_DISPATCH):
+            tags = marks.take_tags()
+            if tags is not None:
+                st.snapshot("token_tag_T", torch.as_tensor(tags, dtype=torch.int64))
+        stage_inputs(call, args, payload)
+        head = (int(op), bs.id, seq, step, layer, time.time_ns(), int(level), call.tokens, call.meta,
+                {k: describe(v) for k, v in args.items()})
+        if not write_call(self._rp.ring, BEGIN, call.id, head, st.arrays, st.values, memmove):
+            self.dropped += 1
+            return None
+        call.meta_n = len(call.meta)
+        self.inflight[call.id] = call
+        return call
+
+    def _ring_ready(self, call: Any, args: dict[str, Any], result: Any, duration_ns: int) -> None:
+        """The call's outputs are valid: its END frame (a dropped END leaves the call unrecorded)."""
+        from epreplay.capture.ring_frames import END, write_call
+        from epreplay.capture.ring_path import RingStaging, memmove
+
+        st = call.staging = RingStaging()
+        if result is not None:
+            stage_outputs(call, args, result)
+        call.done = True
+        meta = call.meta
+        added = dict(list(meta.items())[call.meta_n:]) if len(meta) > call.meta_n else None
+        head = (int(call.status), call.tokens, duration_ns, added, True)
+        if not write_call(self._rp.ring, END, call.id, head, st.arrays, st.values, memmove):
+            self.dropped += 1
 
     def _make_graph_ring(self, buffer_id: int, device: Any) -> None:
         from epreplay.capture.graph_ring import GraphRing
@@ -277,20 +347,30 @@ class Recorder:
 
     def end(self, call: Call, args: dict[str, Any], result: Any) -> Any:
         """The call returned: stage outputs (now, or when the LL recv hook runs) and enqueue."""
-        if not isinstance(call, Call):  # a GraphCall: staged into the graph being captured
+        ring = self._rp is not None and not isinstance(call, Call)
+        if ring:
+            duration = time.perf_counter_ns() - call.t0
+            self.inflight.pop(call.id, None)
+        elif not isinstance(call, Call):  # a GraphCall: staged into the graph being captured
             from epreplay.capture.graph_ring import stage_end
 
             return stage_end(self._graph_rings[call.buffer], call, args, result, self._graph_lineage)
-        call.timer.stop()
-        self.inflight.pop(id(call), None)
+        else:
+            call.timer.stop()
+            self.inflight.pop(id(call), None)
         if call.op == Op.DISPATCH and isinstance(result, tuple) and len(result) > 4:
             self._remember_handle(result[4], call.seq)
         elif call.op == Op.LL_DISPATCH and isinstance(result, tuple) and len(result) > 2:
             self._remember_handle(result[2], call.seq)
             hook = result[4] if len(result) > 4 else None
             if call.meta.get("recv_hook") and callable(hook):
+                if ring:
+                    call.t0 = duration  # the call's own time; the outputs come with the hook
                 return result[:4] + (self._wrap_recv_hook(call, args, result, hook),) + result[5:]
-        self._ready(call, args, result)
+        if ring:
+            self._ring_ready(call, args, result, duration)
+        else:
+            self._ready(call, args, result)
         return result
 
     def _wrap_recv_hook(self, call: Call, args: dict[str, Any], result: Any, hook: Any) -> Any:
@@ -298,7 +378,10 @@ class Recorder:
             out = hook(*a, **kw)
             if not call.done and self.enabled:
                 try:
-                    self._ready(call, args, result)
+                    if not isinstance(call, Call):  # ring path: t0 holds the call's duration
+                        self._ring_ready(call, args, result, call.t0)
+                    else:
+                        self._ready(call, args, result)
                 except Exception as exc:  # noqa: BLE001 - capture never breaks the job
                     self.disable(f"staging {call.op.label} outputs: {type(exc).__name__}: {exc}")
             return out
@@ -312,6 +395,16 @@ class Recorder:
 
     def raised(self, call: Call, exc: BaseException) -> None:
         """The call raised: record it as ERROR with the text (the caller re-raises)."""
+        if not isinstance(call, Call) and self._rp is not None:  # ring path
+            try:
+                self.inflight.pop(call.id, None)
+                call.status = int(Status.ERROR)
+                call.meta["error"] = f"{type(exc).__name__}: {exc}"
+                self._ring_ready(call, {}, None, time.perf_counter_ns() - call.t0)
+                self.trigger("exception", f"{call.op.label} seq {call.seq}: {type(exc).__name__}: {exc}")
+            except Exception as inner:  # noqa: BLE001
+                self.disable(f"recording an exception: {type(inner).__name__}: {inner}")
+            return
         if not isinstance(call, Call):
             return  # raised during graph capture: the capture itself fails for the caller
         try:
@@ -346,14 +439,14 @@ class Recorder:
         if now - self._last_dump.get(reason, -DUMP_DEDUP_S) < DUMP_DEDUP_S:
             return  # one NaN taints many records, every rank sees the same hang: dump once
         self._last_dump[reason] = now
-        self._q.put(("dump", reason, detail, self.rank if origin is None else origin, time.time_ns()))
+        self._post(("dump", reason, detail, self.rank if origin is None else origin, time.time_ns()))
         if propagate and self.on_trigger is not None:
             self.on_trigger(reason, detail)
 
     def report_hung(self, call: Call) -> None:
         """The watchdog saw `call` run past the hang timeout: write it (HUNG) with its inputs."""
         call.hung_reported = True
-        self._q.put(("hung", call))
+        self._post(("hung", call.id) if self._rp is not None else ("hung", call))
         self.trigger("hang", f"{call.op.label} seq {call.seq} on buffer {call.buffer} running "
                              f"> {self.config.hang_timeout:g}s")
 
@@ -364,11 +457,22 @@ class Recorder:
         self.enabled = False
         self.disabled_reason = reason
         print(f"epreplay capture: rank {self.rank}: capture off: {reason}", file=sys.stderr, flush=True)
-        self._q.put(("event", {"reason": "capture_off", "detail": reason}, time.time_ns()))
+        self._post(("event", {"reason": "capture_off", "detail": reason}, time.time_ns()))
+
+    def _post(self, msg: tuple) -> None:
+        """A control message to the writer, after every call recorded so far."""
+        if self._rp is not None:
+            self._rp.control(msg)
+        else:
+            self._q.put(msg)
 
     def flush(self, timeout: float) -> bool:
         """Wait until the courier has handed over everything queued before this call (to the
         writer process: out of this process; to an in-process sink: written or ringed)."""
+        if self._rp is not None:
+            return self._rp.flush(timeout)
+        if self._thread is None:
+            return True  # nothing recorded yet
         done = threading.Event()
         self._q.put(("flush", done))
         return done.wait(timeout) or not self._thread.is_alive()
@@ -503,6 +607,11 @@ class Recorder:
                     self._drainer.stop()
                 except Exception as exc:  # noqa: BLE001
                     self.disable(f"close: graph drain: {type(exc).__name__}: {exc}")
+            if self.path is None:  # no call was hooked: an empty shard all the same
+                self._choose_path(False)
+            if self._rp is not None:
+                self._close_ring(timeout)
+                return self.facts()
             self._q.put(_STOP)
             self._thread.join(timeout)
             if self._thread.is_alive():
@@ -520,6 +629,16 @@ class Recorder:
                 self.disable(f"close: {exc}" if isinstance(exc, RuntimeError) else f"close: {type(exc).__name__}: {exc}")
         return self.facts()
 
+    def _close_ring(self, timeout: float) -> None:
+        try:
+            if self.enabled:
+                self._sink_facts = self._rp.close(timeout)
+            else:
+                self._rp.kill()
+        except Exception as exc:  # noqa: BLE001
+            self.disable(f"close: {exc}" if isinstance(exc, RuntimeError) else f"close: {type(exc).__name__}: {exc}")
+            self._rp.kill()
+
     def facts(self) -> dict[str, Any]:
         sink = self._sink_facts or (self._sink.facts() if self._sink is not None else {})
         static = {k: sink.get(k, v) for k, v in STATIC_FACTS.items()}
@@ -533,7 +652,8 @@ class Recorder:
             "flight_evicted": sink.get("flight_evicted", 0),
             "shard": f"shards/{self.run.shard_path(self.rank).name}",
             "bytes": sink.get("bytes", 0), "buffers": self.buffers,
-            "writer": "process" if self._proc is not None else "thread",
+            "writer": "process" if self._proc is not None or (self._rp is not None and self._rp.proc is not None) else "thread",
+            "hot_path": self.path, "writer_restarts": self._rp.restarts if self._rp is not None else 0,
             "hot_us": self.hot_ns / 1e3, "courier_cpu_us": self.courier_cpu_ns / 1e3,
             "writer_cpu_s": sink.get("cpu_s", 0.0),
             "level": self.level.label, **static,

@@ -39,7 +39,7 @@ class Sink:
     """
 
     def __init__(self, config: CaptureConfig, *, rank: int, world_size: int,
-                 on_trigger: Callable[[str, str], None] | None = None) -> None:
+                 on_trigger: Callable[[str, str], None] | None = None, resume: bool = False) -> None:
         self.config, self.level = config, config.level
         self.rank, self.world_size = rank, world_size
         self.run = RunDir(Path(config.run_dir))
@@ -51,6 +51,15 @@ class Sink:
         self._early: list[Built] = []
         self._ring = FlightRing(config.flight_steps, config.ring_bytes) if config.flight else None
         self._last_dump: dict[str, float] = {}  # reason -> time.monotonic() of its last dump
+        if resume and self.run.shard_path(rank).exists():
+            # A writer before this one died (ring_consumer.py): go on with its shard, cut back to
+            # its last whole record.
+            from epreplay.shard import ShardWriter
+
+            self._writer = ShardWriter.resume(self.run.shard_path(rank))
+            self.static.update(num_experts=self._writer.info.num_experts, topk=self._writer.info.topk,
+                               hidden=self._writer.info.hidden)
+            self.records = self._writer.records
 
     # --- records ------------------------------------------------------------------------------
     def call(self, built: Built) -> None:

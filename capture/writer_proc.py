@@ -41,6 +41,10 @@ _N = struct.Struct("<I")
 PIPE_BYTES = 1 << 20
 # Messages read at once before hashing: CPU fingerprints of a batch are one torch pass per format.
 READ_BATCH = 64
+# How often a ring writer looks for new frames when nothing wakes it: the job never wakes it per
+# call (that would be a syscall on the job's thread), and the ring holds seconds of traffic.
+POLL_S = 0.005
+ENV_RING_FD = "EPREPLAY_RING_FD"
 
 
 # --- framing (both sides) ------------------------------------------------------------------------
@@ -118,29 +122,36 @@ class WriterProcess:
     facts. A process whose session closed cleanly waits for the next one (`acquire`), so a job
     that starts and stops capture many times pays the process start (~0.3 s CPU) once."""
 
-    def __init__(self) -> None:
+    def __init__(self, ring: Any = None) -> None:
         env = {k: v for k, v in os.environ.items() if not k.startswith("EPREPLAY_CAPTURE_")}
         # No capture of the writer itself, and its own threads: one is plenty for the codec.
         env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+        self.ring = ring  # shm_ring.ShmRing the process reads (ring sessions), inherited by fd
+        fds: tuple[int, ...] = ()
+        if ring is not None:
+            env[ENV_RING_FD] = str(ring.fd)
+            fds = (ring.fd,)
         self.proc = subprocess.Popen([sys.executable, "-m", "epreplay.capture.writer_proc"],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env,
-                                     close_fds=True, bufsize=0)
+                                     close_fds=True, pass_fds=fds, bufsize=0)
         self.fd = self.proc.stdin.fileno()
         self.pid = os.getpid()  # the job process that owns it (a fork's child must not use it)
         _grow_pipe(self.fd)
 
-    def begin(self, config: Any, *, rank: int, world_size: int) -> None:
+    def begin(self, config: Any, *, rank: int, world_size: int, resume: bool = False) -> None:
+        """Start a session: records of this rank into config's run (resume: a writer before
+        this one died; continue its shard and ring)."""
         from dataclasses import asdict
 
         body = asdict(config)
         body["level"] = int(config.level)
-        send(self.fd, ("init", json.dumps(body), rank, world_size))
+        send(self.fd, ("init", json.dumps(body), rank, world_size, self.ring is not None, resume))
 
     def send_many(self, msgs: list[Any]) -> None:
         """Raises OSError (BrokenPipeError) when the process has gone."""
         send_many(self.fd, msgs)
 
-    def why_off(self, timeout: float = 2.0) -> str:
+    def why_off(self, timeout: float = 2.0) -> str:  # noqa: D401
         """After a failed send: the reason the process gave, or how it ended."""
         try:
             ready, _, _ = select.select([self.proc.stdout], [], [], timeout)
@@ -187,10 +198,29 @@ class WriterProcess:
 _idle: list[WriterProcess] = []  # writer processes between sessions, most recent last
 
 
+def acquire_ring(config: Any, *, rank: int, world_size: int) -> WriterProcess:
+    """A ring writer process for a new session: an idle one of this process whose ring has the
+    configured size (its positions go on from where the last session ended), or a new one."""
+    from epreplay.capture.shm_ring import ShmRing, aligned
+
+    for proc in list(_idle):
+        if proc.ring is not None and proc.ring.capacity == aligned(max(config.queue_bytes, 4096)):
+            _idle.remove(proc)
+            if proc.alive():
+                try:
+                    proc.begin(config, rank=rank, world_size=world_size)
+                    return proc
+                except OSError:
+                    proc.kill()
+    proc = WriterProcess(ring=ShmRing.create(config.queue_bytes))
+    proc.begin(config, rank=rank, world_size=world_size)
+    return proc
+
+
 def acquire(config: Any, *, rank: int, world_size: int) -> WriterProcess:
     """A writer process for a new session: an idle one of this process, or a new one."""
-    while _idle:
-        proc = _idle.pop()
+    for proc in [p for p in _idle if p.ring is None][::-1]:  # ring writers serve acquire_ring
+        _idle.remove(proc)
         if proc.alive():
             try:
                 proc.begin(config, rank=rank, world_size=world_size)
@@ -230,15 +260,23 @@ def _batch(fh: BinaryIO) -> list[Any]:
 def serve(inp: BinaryIO, out_fd: int) -> int:
     """The writer process's loop: one capture session after another (see the module
     docstring); returns its exit code."""
+    ring = None
+    if os.environ.get(ENV_RING_FD):
+        from epreplay.capture.shm_ring import ShmRing
+
+        ring = ShmRing(int(os.environ[ENV_RING_FD]))
     while True:
         try:
-            kind, body_json, rank, world = recv(inp)
+            kind, body_json, rank, world, *rest = recv(inp)
         except EOFError:
             return 0  # the job ended between sessions
         if kind != "init":
             print(f"epreplay writer: expected init, got {kind!r}", file=sys.stderr)
             return 2
-        ended = _session(inp, out_fd, _config(body_json), rank, world)
+        if rest and rest[0]:
+            ended = _ring_session(inp, out_fd, _config(body_json), rank, world, ring, bool(rest[1]))
+        else:
+            ended = _session(inp, out_fd, _config(body_json), rank, world)
         if ended != "closed":
             return 0 if ended == "eof" else 1
 
@@ -285,6 +323,50 @@ def _session(inp: BinaryIO, out_fd: int, config: Any, rank: int, world: int) -> 
                     sink.close()
                     send(out_fd, ("facts", dict(sink.facts(), cpu_s=time.process_time() - cpu0)))
                     return "closed"
+        except Exception as exc:  # noqa: BLE001 - the job logs it (one line) and goes on uncaptured
+            send(out_fd, ("off", f"writer: {type(exc).__name__}: {exc}"))
+            return "failed"
+
+
+def _ring_session(inp: BinaryIO, out_fd: int, config: Any, rank: int, world: int, ring: Any,
+                  resume: bool) -> str:
+    """One capture session fed through the ring (ring_consumer.py): frames are read every
+    POLL_S or when a control message arrives; "closed", "eof" (the job died: every published
+    frame is still written) or "failed"."""
+    from epreplay.capture.manifest import write_marker
+    from epreplay.capture.ring_consumer import RingConsumer
+    from epreplay.capture.sink import Sink
+
+    def tell_others(reason: str, detail: str) -> None:
+        try:
+            write_marker(config.run_dir, reason, detail, rank)
+        except OSError:
+            pass
+
+    cpu0 = time.process_time()
+    try:
+        sink = Sink(config, rank=rank, world_size=world, on_trigger=tell_others, resume=resume)
+        consumer = RingConsumer(ring, sink, resume=resume)
+    except Exception as exc:  # noqa: BLE001
+        send(out_fd, ("off", f"writer: {type(exc).__name__}: {exc}"))
+        return "failed"
+    while True:
+        try:
+            if select.select([inp], [], [], POLL_S)[0]:
+                try:
+                    msgs = _batch(inp)
+                except EOFError:
+                    consumer.drain()  # the job died: what it published is still here
+                    sink.abandon()
+                    return "eof"
+                for msg in msgs:
+                    if msg[0] == "close":
+                        consumer.drain()
+                        sink.close()
+                        send(out_fd, ("facts", dict(sink.facts(), cpu_s=time.process_time() - cpu0)))
+                        return "closed"
+                    consumer.control(msg[1], msg[2])
+            consumer.drain()
         except Exception as exc:  # noqa: BLE001 - the job logs it (one line) and goes on uncaptured
             send(out_fd, ("off", f"writer: {type(exc).__name__}: {exc}"))
             return "failed"

@@ -92,6 +92,31 @@ class ShardWriter:
             os.close(self._fd)
             raise
 
+    @classmethod
+    def resume(cls, path: str | os.PathLike[str], **options: int) -> "ShardWriter":
+        """Go on appending to an unclosed shard whose writer died: the file is cut back to its
+        last whole record (what a crash mid-append leaves after it is lost anyway) and later
+        records follow it. Only capture's writer restart uses this; `repair` is for users."""
+        self = cls.__new__(cls)
+        self.path = Path(path)
+        self.zstd_level = options.get("zstd_level", DEFAULT_LEVEL)
+        self.large_level = options.get("large_level", LARGE_LEVEL)
+        self.fsync_every = options.get("fsync_every", 0)
+        self._lock = threading.Lock()
+        with open_shard(self.path) as scan:
+            self.info = scan.info
+            end = scan.valid_end
+            self._index = [(e.offset, e.header.to_bytes()) for e in scan.entries]
+        self._fd = os.open(self.path, os.O_WRONLY)
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            pass
+        os.ftruncate(self._fd, end)
+        os.lseek(self._fd, end, os.SEEK_SET)
+        self.bytes_written = end
+        return self
+
     @property
     def records(self) -> int:
         return len(self._index)

@@ -1,0 +1,185 @@
+"""Capture's cost per hooked call: host time (and on a GPU, device time and launches) it adds.
+
+    python bench/capture_hotpath.py [--device cpu|cuda] [--rounds 7] [--iters 40]
+                                    [--shapes decode,decode-ll,prefill] [--levels counts,routing,fingerprints]
+                                    [--writer process|thread]
+
+Legend: T tokens, H hidden, E experts, K top-k.
+
+One rank (world size 1, gloo on CPU, NCCL on a GPU) drives the emulated Buffer through DeepEP's
+call sequences (epreplay.epbench): a normal step is layout + dispatch + combine (3 hooked calls),
+a low-latency step is low_latency_dispatch + low_latency_combine (2). Capture off and each level
+are interleaved in every round (one capture session per level and round) and the minimum over
+rounds counts, so a machine whose load drifts hits every mode alike. Per level and shape it
+prints:
+  host us/call    (step time with capture - step time off) / hooked calls per step: what the job
+                  pays, the GIL waits behind capture's other threads included
+  hook us/call    the hooks' own time, as the recorder measures it (facts "hot_us")
+  device us/call  (GPU) CUDA-event time of the step with capture - off, per hooked call
+  launches/call   (GPU) kernels + copies + memsets per step with capture - off, per hooked call
+                  (torch.profiler, one profiled step)
+Targets (issue 13): host <= 5 us/call at routing, <= 10 at fingerprints; device <= 2 us; 1 launch.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+
+from epreplay.launch import run_ranks
+
+SHAPES = {
+    # DeepSeek-V3 decode on one rank of a large instance, scaled to a CPU: T=128, top-8 of 32
+    "decode": dict(tokens=128, hidden=512, experts=32, topk=8, ll=False),
+    "decode-ll": dict(tokens=128, hidden=512, experts=32, topk=8, ll=True),
+    "prefill": dict(tokens=4096, hidden=512, experts=32, topk=8, ll=False),
+}
+GPU_SHAPES = {  # DeepEP's benchmark shapes
+    "decode": dict(tokens=128, hidden=7168, experts=256, topk=8, ll=False),
+    "decode-ll": dict(tokens=128, hidden=7168, experts=256, topk=8, ll=True),
+    "prefill": dict(tokens=4096, hidden=7168, experts=256, topk=8, ll=False),
+}
+LEVELS = ["counts", "routing", "fingerprints"]
+
+
+def _launches(step, device: str) -> int:
+    """Kernels, copies and memsets one call of step() puts on the GPU (torch.profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        step()
+        import torch
+
+        torch.cuda.synchronize()
+    return sum(1 for e in prof.events() if e.device_type.name == "CUDA")
+
+
+def _rank(ctx, args: dict, root: str) -> dict:
+    import torch
+    import torch.distributed as dist
+
+    from epreplay import capture, epbench
+    from epreplay import emulate
+
+    cuda = ctx.device.startswith("cuda")
+    group = dist.new_group([0])
+    out: dict = {}
+    shapes = GPU_SHAPES if cuda else SHAPES
+    for name in args["shapes"]:
+        spec = dict(shapes[name])
+        ll = spec.pop("ll")
+        shape = epbench.Shape(**spec)
+        buffer = epbench.make_buffer(emulate, group, shape, low_latency=ll)
+        inp = epbench.make_inputs(shape, rank=ctx.rank, step=0, device=ctx.device)
+        calls = 2 if ll else 3
+        if ll:
+            step = lambda: epbench.ll_step(buffer, inp, shape.experts, shape.tokens)  # noqa: E731
+        else:
+            step = lambda: epbench.normal_step(buffer, inp, shape.experts)  # noqa: E731
+        iters = args["iters"] if shape.tokens <= 512 else max(3, args["iters"] // 8)
+        modes = ["off", *args["levels"]]
+        host = {m: float("inf") for m in modes}
+        dev = {m: float("inf") for m in modes}
+        hook = {m: float("inf") for m in modes}
+        dropped = {m: 0 for m in modes}
+        for _ in range(3):
+            step()  # warm-up: allocator, gloo/NCCL connections
+        for rnd in range(args["rounds"]):
+            for mode in modes:
+                if mode != "off":
+                    capture.start(os.path.join(root, f"{name}-{mode}-{rnd}"), level=mode,
+                                  writer=args["writer"], layers_per_step=1)
+                    step()  # a session's first call makes its recorder (not the steady state)
+                if cuda:
+                    torch.cuda.synchronize()
+                    e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                    e0.record()
+                t0 = time.perf_counter()
+                for _ in range(iters):
+                    step()
+                t1 = time.perf_counter()
+                if cuda:
+                    e1.record()
+                    e1.synchronize()
+                    dev[mode] = min(dev[mode], e0.elapsed_time(e1) * 1e3 / iters)
+                host[mode] = min(host[mode], (t1 - t0) * 1e6 / iters)
+                if mode != "off":
+                    facts = capture.stop() or {}
+                    hook[mode] = min(hook[mode], facts.get("hot_us", 0.0) / max(1, facts.get("calls", 1)))
+                    dropped[mode] += int(facts.get("dropped", 0))
+        row = {"calls": calls, "iters": iters, "host_us": host, "hook_us": hook, "dropped": dropped}
+        if cuda:
+            row["device_us"] = dev
+            launches = {"off": _launches(step, ctx.device)}
+            for level in args["levels"]:
+                capture.start(os.path.join(root, f"{name}-{level}-prof"), level=level,
+                              writer=args["writer"], layers_per_step=1)
+                step()
+                torch.cuda.synchronize()
+                launches[level] = _launches(step, ctx.device)
+                capture.stop()
+            row["launches"] = launches
+        out[name] = row
+        try:
+            buffer.destroy()
+        except Exception:  # noqa: BLE001
+            pass
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--rounds", type=int, default=7, help="interleaved rounds (the minimum counts)")
+    p.add_argument("--iters", type=int, default=40, help="steps per round and mode (decode shapes; "
+                                                         "prefill runs 1/8 of them)")
+    p.add_argument("--shapes", default=",".join(SHAPES), help="comma-separated: " + ", ".join(SHAPES))
+    p.add_argument("--levels", default=",".join(LEVELS), help="comma-separated capture levels")
+    p.add_argument("--writer", choices=["process", "thread"], default="process")
+    a = p.parse_args(argv)
+    if a.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            print("capture_hotpath: --device cuda needs CUDA", file=sys.stderr)
+            return 2
+    args = dict(shapes=[s for s in a.shapes.split(",") if s], levels=[s for s in a.levels.split(",") if s],
+                rounds=a.rounds, iters=a.iters, writer=a.writer)
+    unknown = [s for s in args["shapes"] if s not in SHAPES]
+    if unknown:
+        print(f"capture_hotpath: unknown shape(s) {unknown}; known: {', '.join(SHAPES)}", file=sys.stderr)
+        return 2
+    with tempfile.TemporaryDirectory(prefix="capture-hotpath-") as root:
+        res = run_ranks(_rank, 1, args, root, device=a.device, timeout=1800)[0]
+    shapes = GPU_SHAPES if a.device == "cuda" else SHAPES
+    print(f"capture hot path, 1 rank, emulated Buffer on {a.device}, writer {a.writer}, "
+          f"min of {a.rounds} interleaved rounds")
+    print(f"command: python bench/capture_hotpath.py {' '.join(argv if argv is not None else sys.argv[1:])}")
+    head = f"{'shape':<34}{'level':<14}{'step us':>10}{'host us/call':>14}{'hook us/call':>14}"
+    if a.device == "cuda":
+        head += f"{'device us/call':>16}{'launches/call':>15}"
+    print(head + f"{'dropped':>9}")
+    for name, row in res.items():
+        s = shapes[name]
+        label = f"{name} T={s['tokens']} H={s['hidden']} E={s['experts']}"
+        off = row["host_us"]["off"]
+        line = f"{label:<34}{'off':<14}{off:>10.1f}{'-':>14}{'-':>14}"
+        if a.device == "cuda":
+            line += f"{row['device_us']['off']:>16.1f}{row['launches']['off']:>15d}"
+        print(line)
+        for level in args["levels"]:
+            added = (row["host_us"][level] - off) / row["calls"]
+            line = (f"{'':<34}{level:<14}{row['host_us'][level]:>10.1f}{added:>14.2f}"
+                    f"{row['hook_us'][level]:>14.2f}")
+            if a.device == "cuda":
+                d = (row["device_us"][level] - row["device_us"]["off"]) / row["calls"]
+                n = (row["launches"][level] - row["launches"]["off"]) / row["calls"]
+                line += f"{d:>16.2f}{n:>15.2f}"
+            print(line + f"{row['dropped'][level]:>9d}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

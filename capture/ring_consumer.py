@@ -1,0 +1,144 @@
+"""The writer's side of the capture ring: frames -> built records -> the sink.
+
+Runs in the writer process (writer_proc.py, the default) or in a thread of the job (writer
+"thread"). It reads published frames (ring_frames.py), joins each call's BEGIN and END frames by
+call id into a packed.PackedCall (the form build.build takes), builds the records of a batch
+together (one CPU fingerprint pass per row format) and hands them to the Sink in ring order.
+
+Control messages (events, dumps, hang reports, close) do not travel in the ring: they come
+over the writer's pipe tagged with the ring position the job had published when it sent them,
+and are applied once every frame before that position is done, so a dump holds exactly the
+calls made before its trigger.
+
+Ring words the consumer keeps (shm_ring.py): tail (the oldest byte still needed: a call whose
+END has not come holds its BEGIN frame) and committed (every frame before it is in the sink,
+which `capture.flush()` waits for). A writer started on a ring another writer left (killed)
+resumes from tail: it skips END frames and events before `committed`, which its predecessor
+wrote, and re-reads the BEGIN frames of calls still open.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from epreplay.capture.packed import Duration, PackedCall, PackedStaging
+from epreplay.capture.ring_frames import BEGIN, END, read_call
+from epreplay.capture.shm_ring import PAD, W_COMMITTED, W_DROPPED, W_HEAD, W_TAIL, ShmRing
+from epreplay.records import Level, Op, Status
+
+# Bytes of frames read at once before building: bounds the writer's memory, and a batch's CPU
+# fingerprints are hashed in one pass per row format.
+READ_BYTES = 16 << 20
+
+
+class RingConsumer:
+    """Frames of one ring into one Sink (see the module docstring)."""
+
+    def __init__(self, ring: ShmRing, sink: Any, *, resume: bool = False) -> None:
+        self.ring, self.sink = ring, sink
+        self.pos = ring.word(W_TAIL)  # next frame to read
+        # Frames before this were handled by a writer before us (resume) or before this session.
+        self.skip_before = ring.word(W_COMMITTED) if resume else self.pos
+        self.open: dict[int, tuple[int, tuple, dict[str, Any]]] = {}  # call id -> (pos, head, items)
+        self.dropped_seen = ring.word(W_DROPPED)
+        self.records = 0
+
+    def drain(self, upto: int | None = None) -> int:
+        """Handle every published frame (before `upto` when given); returns frames handled."""
+        ring = self.ring
+        done = 0
+        while True:
+            limit = ring.word(W_HEAD) if upto is None else min(upto, ring.word(W_HEAD))
+            if self.pos >= limit:
+                break
+            frames = ring.frames(self.pos, READ_BYTES)
+            calls: list[PackedCall] = []
+            end = self.pos
+            for pos, end, kind, body in frames:
+                if pos >= limit:
+                    end = pos
+                    break
+                self._frame(pos, kind, body, calls)
+                done += 1
+            else:
+                end = frames[-1][1] if frames else self.pos
+            self._emit(calls)
+            self.pos = end
+            self._advance()
+        self._report_drops()
+        return done
+
+    def _frame(self, pos: int, kind: int, body: Any, calls: list[PackedCall]) -> None:
+        if kind == PAD:
+            return
+        call_id, head, items = read_call(body)
+        if kind == BEGIN:
+            self.open[call_id] = (pos, head, items)
+            return
+        if kind != END:
+            raise ValueError(f"capture ring: unknown frame kind {kind} at position {pos}")
+        begun = self.open.pop(call_id, None)
+        if begun is None or pos < self.skip_before:
+            return  # written by the writer before us (resume), or its BEGIN was dropped
+        calls.append(_packed(begun[1], begun[2], head, items))
+
+    def _emit(self, calls: list[PackedCall]) -> None:
+        if not calls:
+            return
+        from epreplay.capture.build import build_calls
+
+        for built in build_calls(calls):
+            self.sink.call(built)
+            self.records += 1
+
+    def _advance(self) -> None:
+        """Publish committed (everything read is in the sink) and tail (keep open calls' BEGINs)."""
+        self.ring.set_word(W_COMMITTED, max(self.pos, self.skip_before))
+        oldest = min((p for p, _, _ in self.open.values()), default=self.pos)
+        self.ring.release(min(oldest, self.pos))
+
+    def _report_drops(self) -> None:
+        dropped = self.ring.word(W_DROPPED)
+        if dropped > self.dropped_seen:
+            self.dropped_seen = dropped
+            import time
+
+            self.sink.event({"reason": "dropped", "dropped": dropped}, time.time_ns())
+
+    # --- control messages (from the pipe, in order) -------------------------------------------
+    def control(self, at: int, msg: tuple) -> None:
+        """Apply one control message once the frames published before it are handled."""
+        self.drain(at)
+        kind = msg[0]
+        if kind == "event":
+            self.sink.event(*msg[1:])
+        elif kind == "dump":
+            self.sink.dump(*msg[1:])
+        elif kind == "hung":
+            begun = self.open.get(msg[1])
+            if begun is not None:  # the inputs staged at entry, status HUNG, no outputs
+                from epreplay.capture.build import build_calls
+
+                call = _packed(begun[1], begun[2], None, {})
+                call.status = Status.HUNG
+                self.sink.call(build_calls([call])[0])
+                self.records += 1
+        elif kind == "graph":
+            self.sink.graph(msg[1])
+
+
+def _packed(begin: tuple, items: dict[str, Any], end: tuple | None, out: dict[str, Any]) -> PackedCall:
+    """A BEGIN head and items (+ the END's) as the PackedCall build.build takes."""
+    op, buffer, seq, step, layer, start_ns, level, tokens, meta, args_text = begin
+    merged = dict(items)
+    status, done, duration = Status.OK, False, -1
+    if end is not None:
+        status, end_tokens, duration, added, done = end
+        merged.update(out)
+        if end_tokens >= 0:
+            tokens = end_tokens
+        if added:
+            meta = dict(meta, **added)
+        status = Status(status)
+    return PackedCall(op=Op(op), buffer=buffer, seq=seq, step=step, layer=layer, start_ns=start_ns,
+                      level=Level(level), staging=PackedStaging(merged), timer=Duration(duration),
+                      args_text=args_text, meta=meta, tokens=tokens, status=status, done=done)

@@ -1,0 +1,126 @@
+"""Call frames in the capture ring (shm_ring.py): the job writes them, the writer reads them.
+
+Legend: T tokens, K top-k; shapes as in extract.py.
+
+A hooked call is two frames: BEGIN at entry (the inputs: routing, counts, rows to fingerprint)
+and END when its outputs are valid (layouts, handles, received rows). The writer joins them by
+call id, so a call whose outputs never come (a hang, a killed job) still has its inputs there.
+
+Frame body after shm_ring's 8-byte frame header:
+  u32 desc_len, u16 desc_codec (0 marshal, 1 pickle), u16 spare, u64 call id,
+  desc (desc_len bytes, padded to 8), then each array's raw bytes (each padded to 8).
+desc = (head, specs, values):
+  BEGIN head  (op, buffer, seq, step, layer, start_ns, level, tokens, meta, args_text)
+  END head    (status, tokens, duration_ns, meta_added, done)
+  specs       [(name, tag, numpy dtype str, shape, logical dtype or None, nbytes)] in byte order;
+              tag "a" an array, "fp" rows to fingerprint, "fp0"/"fp1" an FP8 pair's two parts
+  values      [(name, plain value)] (lists of ints: num_recv_tokens_per_expert_list)
+Everything here but `write_call` is torch-free: the writer process imports it without torch.
+"""
+from __future__ import annotations
+
+import marshal
+import pickle
+import struct
+from typing import Any
+
+import numpy as np
+
+from epreplay.capture.shm_ring import FRAME, HEADER
+
+BEGIN, END = 1, 2
+CALL_HEAD = struct.Struct("<IHHQ")  # desc_len, desc codec, spare, call id
+BODY = FRAME.size + CALL_HEAD.size  # where desc starts in a frame
+
+# torch dtype name -> (numpy dtype str of the stored words, logical name for bf16/fp8 or None);
+# the same convention as stage.to_numpy (bf16/fp8 travel as unsigned words plus their name).
+_WORDS = {
+    "bfloat16": ("<u2", "bfloat16"), "float8_e4m3fn": ("|u1", "float8_e4m3fn"),
+    "float8_e5m2": ("|u1", "float8_e5m2"), "float16": ("<f2", None), "float32": ("<f4", None),
+    "float64": ("<f8", None), "int64": ("<i8", None), "int32": ("<i4", None), "int16": ("<i2", None),
+    "int8": ("|i1", None), "uint8": ("|u1", None), "bool": ("|b1", None),
+}
+
+
+def read_call(body: memoryview) -> tuple[int, int, Any, dict[str, Any]]:
+    """One BEGIN/END frame's body (after the 8-byte frame header) -> (kind-free) call id,
+    head, items: {name: array | (words, logical) | ("fp", rows) | value}, copied out of the ring."""
+    desc_len, codec, _, call_id = CALL_HEAD.unpack_from(body, 0)
+    start = CALL_HEAD.size
+    raw = bytes(body[start:start + desc_len])
+    head, specs, values = marshal.loads(raw) if codec == 0 else pickle.loads(raw)
+    pos = start + ((desc_len + 7) & ~7)
+    items: dict[str, Any] = {}
+    pairs: dict[str, list[Any]] = {}
+    for name, tag, dtype, shape, logical, nbytes in specs:
+        arr = np.frombuffer(body[pos:pos + nbytes], dtype=np.dtype(dtype)).reshape(shape).copy()
+        pos += (nbytes + 7) & ~7
+        a = (arr, logical) if logical else arr
+        if tag == "a":
+            items[name] = a
+        elif tag == "fp":
+            items[name] = ("fp", a)
+        else:  # an FP8 pair's parts: a list marks a pair (packed.py's convention)
+            pairs.setdefault(name, [None, None])[tag == "fp1"] = a
+            items[name] = ("fp", pairs[name])
+    for name, v in values:
+        items[name] = v
+    return call_id, head, items
+
+
+# --- the job's side (torch tensors) ----------------------------------------------------------
+_DTYPES: dict[Any, tuple[str, str | None]] = {}
+
+
+def _words(dtype: Any) -> tuple[str, str | None]:
+    got = _DTYPES.get(dtype)
+    if got is None:
+        name = str(dtype).replace("torch.", "")
+        if name not in _WORDS:
+            raise TypeError(f"capture ring: no wire form for dtype {name}")
+        got = _DTYPES[dtype] = _WORDS[name]
+    return got
+
+
+def write_call(ring: Any, kind: int, call_id: int, head: tuple, arrays: list[tuple[str, Any, str]],
+               values: list[tuple[str, Any]], memmove: Any) -> bool:
+    """Write one call frame into the ring and publish it; False when it did not fit (dropped).
+
+    arrays: [(name, CPU tensor, tag)]; each is copied (a memmove from its data pointer) now, so
+    the frame is a snapshot as of this moment whatever the caller does with the tensor later.
+    """
+    specs = []
+    srcs = []
+    total = 0
+    for name, t, tag in arrays:
+        if not t.is_contiguous():
+            t = t.contiguous()
+        words, logical = _words(t.dtype)
+        nb = t.nbytes
+        specs.append((name, tag, words, tuple(t.shape), logical, nb))
+        srcs.append((t, nb))
+        total += (nb + 7) & ~7
+    desc = (head, specs, values)
+    try:
+        raw, codec = marshal.dumps(desc), 0
+    except ValueError:  # a meta value marshal cannot carry (rare): pickle this one
+        raw, codec = pickle.dumps(desc, protocol=5), 1
+    dl = len(raw)
+    size = BODY + ((dl + 7) & ~7) + total
+    off = ring.reserve(size)
+    if off < 0:
+        return False
+    size = (size + 7) & ~7
+    at = HEADER + off
+    mm = ring.mm
+    FRAME.pack_into(mm, at, size, kind, 0)
+    CALL_HEAD.pack_into(mm, at + FRAME.size, dl, codec, 0, call_id)
+    at += BODY
+    mm[at:at + dl] = raw
+    dst = ring.base + off + BODY + ((dl + 7) & ~7)
+    for t, nb in srcs:
+        if nb:
+            memmove(dst, t.data_ptr(), nb)
+        dst += (nb + 7) & ~7
+    ring.publish()
+    return True

@@ -1,0 +1,247 @@
+"""The job's side of the capture ring: what a hooked call costs the job, and the writer it feeds.
+
+Per hooked call the job's thread does only this (Recorder.begin/end on host tensors):
+bind the arguments, count (buffer, seq, step, layer), let extract.stage_inputs/stage_outputs
+name what the op records (into a `RingStaging`, which only collects references), and write one
+frame per phase into the shared ring (ring_frames.write_call: one memmove per array, one 8-byte
+store to publish). No queue, no courier thread, no per-record Python anywhere else in the job:
+the writer (a process by default, writer_proc.py) reads the frames, joins and builds the records,
+hashes rows on its own CPU, compresses and writes. A frame that does not fit is dropped and
+counted; the hook never waits.
+
+`RingPath` owns the ring and the writer for one capture session: control messages (events,
+dumps, hang reports) go to the writer over its pipe tagged with the ring position, `flush`
+waits on the ring's committed word, `close` ends the session and returns the writer's facts.
+A monitor thread (wakes every MONITOR_S, no per-record work) restarts a writer process that
+died (kill -9, OOM): the new one resumes from the ring, so no published frame is lost.
+"""
+from __future__ import annotations
+
+import ctypes
+import os
+import sys
+import threading
+import time
+from typing import Any
+
+from epreplay.capture.shm_ring import W_COMMITTED, W_HEAD, ShmRing
+
+# How often the monitor looks at the writer process: a dead writer costs at most this much
+# ring space before a new one drains it (and the ring holds seconds of traffic).
+MONITOR_S = 0.05
+# Writer restarts per session before capture turns off: a writer that keeps dying is broken.
+MAX_RESTARTS = 3
+memmove = ctypes.memmove
+
+
+class RingStaging:
+    """extract.stage_inputs/stage_outputs' staging interface for host tensors: collects
+    (name, tensor, tag) references; ring_frames.write_call copies them into the frame."""
+
+    __slots__ = ("arrays", "values")
+    cuda = False
+
+    def __init__(self) -> None:
+        self.arrays: list[tuple[str, Any, str]] = []
+        self.values: list[tuple[str, Any]] = []
+
+    def keep(self, name: str, t: Any) -> None:
+        if t is not None:
+            self.arrays.append((name, t if not t.is_cuda else t.detach().cpu(), "a"))
+
+    snapshot = keep  # the frame copies at once: every kept tensor is a snapshot
+
+    def rows_fp(self, name: str, x: Any) -> None:
+        """Rows the writer fingerprints: their bytes go in the frame (hashing is the writer's)."""
+        if x is None:
+            return
+        if isinstance(x, (tuple, list)):
+            self.arrays.append((name, x[0], "fp0"))
+            self.arrays.append((name, x[1], "fp1"))
+        else:
+            self.arrays.append((name, x, "fp"))
+
+    def value(self, name: str, v: Any) -> None:
+        self.values.append((name, v))
+
+    def after(self, event: Any) -> None:
+        pass  # host tensors: nothing to order after
+
+    def seal(self) -> None:
+        pass
+
+
+class RingCall:
+    """A hooked call between its BEGIN and END frames (what Recorder.begin returns)."""
+
+    __slots__ = ("id", "op", "buffer", "seq", "step", "layer", "level", "meta", "tokens",
+                 "staging", "status", "done", "t0", "t_mono", "meta_n", "hung_reported")
+
+    def __init__(self, call_id: int, op: Any, buffer: int, seq: int, step: int, layer: int,
+                 level: Any) -> None:
+        self.id, self.op, self.buffer, self.seq = call_id, op, buffer, seq
+        self.step, self.layer, self.level = step, layer, level
+        self.tokens = 0
+        self.status = 0
+        self.done = False
+        self.hung_reported = False
+        self.meta: dict[str, Any] = {}
+        self.meta_n = 0
+        self.t0 = time.perf_counter_ns()
+        self.t_mono = time.monotonic()
+
+
+class RingPath:
+    """One capture session's ring and writer (see the module docstring)."""
+
+    def __init__(self, config: Any, *, rank: int, world_size: int) -> None:
+        self.config, self.rank, self.world_size = config, rank, world_size
+        self.proc: Any = None
+        self.thread: Any = None
+        self.restarts = 0
+        self.off_reason: str | None = None  # set when the writer failed for good
+        self.on_off: Any = None  # Recorder.disable, set by the recorder
+        self._ctl_lock = threading.Lock()
+        self._closing = False
+        if config.writer == "process":
+            from epreplay.capture.writer_proc import acquire_ring
+
+            self.proc = acquire_ring(config, rank=rank, world_size=world_size)
+            self.ring: ShmRing = self.proc.ring
+        else:
+            from epreplay.capture.ring_consumer import RingConsumer
+            from epreplay.capture.sink import Sink
+
+            self.ring = ShmRing.create(config.queue_bytes)
+            self.sink = Sink(config, rank=rank, world_size=world_size)
+            self.thread = ThreadWriter(RingConsumer(self.ring, self.sink), self)
+        self._stop = threading.Event()
+        self._monitor = threading.Thread(target=self._watch, name=f"epreplay-ring-monitor-{rank}",
+                                         daemon=True)
+        self._monitor.start()
+
+    # --- control -----------------------------------------------------------------------------
+    def control(self, msg: tuple) -> None:
+        """A control message, ordered after every frame published so far."""
+        at = self.ring.word(W_HEAD)
+        with self._ctl_lock:
+            if self.thread is not None:
+                self.thread.put(at, msg)
+                return
+            try:
+                self.proc.send_many([("ctl", at, msg)])
+            except OSError:
+                pass  # the monitor restarts the writer; this message is lost with it
+
+    def flush(self, timeout: float) -> bool:
+        """Wait until every frame published so far is in the sink (shard or flight ring)."""
+        target = self.ring.word(W_HEAD)
+        self.control(("wake",))
+        end = time.monotonic() + timeout
+        while self.ring.word(W_COMMITTED) < target:
+            if time.monotonic() > end or self.off_reason is not None:
+                return False
+            time.sleep(0.001)
+        return True
+
+    def close(self, timeout: float) -> dict[str, Any]:
+        """Drain the ring, write the footer; the writer's facts. Raises RuntimeError with the
+        reason when the writer failed."""
+        self._closing = True
+        self._stop.set()
+        self._monitor.join(2.0)
+        if self.off_reason is not None:
+            raise RuntimeError(self.off_reason)
+        if self.thread is not None:
+            return self.thread.close(timeout)
+        return self.proc.close(timeout)
+
+    def kill(self) -> None:
+        self._closing = True
+        self._stop.set()
+        if self.proc is not None:
+            self.proc.kill()
+
+    # --- monitor -------------------------------------------------------------------------------
+    def _watch(self) -> None:
+        while not self._stop.wait(MONITOR_S):
+            if self.proc is None or self._closing or self.proc.proc.poll() is None:
+                continue
+            why = self.proc.why_off(0.0)
+            if "exit code" not in why or self.restarts >= MAX_RESTARTS:  # the writer said why
+                self._off(why)
+                return
+            try:
+                from epreplay.capture.writer_proc import WriterProcess
+
+                with self._ctl_lock:
+                    self.proc = WriterProcess(ring=self.ring)
+                    self.proc.begin(self.config, rank=self.rank, world_size=self.world_size,
+                                    resume=True)
+                self.restarts += 1
+                print(f"epreplay capture: rank {self.rank}: writer process ended ({why}); restarted, "
+                      f"resuming at ring position {self.ring.word(W_COMMITTED)}", file=sys.stderr,
+                      flush=True)
+            except OSError as exc:
+                self._off(f"writer process ended ({why}) and could not restart: {exc}")
+                return
+
+    def _off(self, reason: str) -> None:
+        self.off_reason = reason
+        if self.on_off is not None:
+            self.on_off(reason)
+
+
+class ThreadWriter(threading.Thread):
+    """writer="thread": the ring consumer in a thread of the job (one fewer process; its
+    building holds the job's GIL)."""
+
+    def __init__(self, consumer: Any, path: RingPath) -> None:
+        super().__init__(name=f"epreplay-ring-writer-{path.rank}", daemon=True)
+        import collections
+
+        self.consumer, self.path = consumer, path
+        self._msgs: Any = collections.deque()
+        self._wake = threading.Event()
+        self._done = threading.Event()
+        self.cpu_s = 0.0
+        self.start()
+
+    def put(self, at: int, msg: tuple) -> None:
+        self._msgs.append((at, msg))
+        self._wake.set()
+
+    def run(self) -> None:
+        from epreplay.capture.writer_proc import POLL_S
+
+        try:
+            while True:
+                self._wake.wait(POLL_S)
+                self._wake.clear()
+                while self._msgs:
+                    at, msg = self._msgs.popleft()
+                    if msg[0] == "close":
+                        self.consumer.drain()
+                        self.consumer.sink.close()
+                        return
+                    self.consumer.control(at, msg)
+                self.consumer.drain()
+                self.cpu_s = time.thread_time()
+        except Exception as exc:  # noqa: BLE001 - capture off, the job goes on
+            self.path._off(f"writer: {type(exc).__name__}: {exc}")
+        finally:
+            self.cpu_s = time.thread_time()
+            self._done.set()
+
+    def close(self, timeout: float) -> dict[str, Any]:
+        self.put(self.path.ring.word(W_HEAD), ("close",))
+        if not self._done.wait(timeout):
+            raise RuntimeError(f"writer thread did not finish within {timeout:g}s at close")
+        if self.path.off_reason is not None:
+            raise RuntimeError(self.path.off_reason)
+        return dict(self.consumer.sink.facts(), cpu_s=self.cpu_s)
+
+
+def ring_available() -> bool:
+    """The ring path needs a shared mapping and ctypes; both exist on every Linux and macOS."""
+    return hasattr(os, "ftruncate")

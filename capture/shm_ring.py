@@ -1,0 +1,147 @@
+"""A shared-memory byte ring between a capturing job (one producer) and its writer process.
+
+Why: the job's process must do no per-record Python beyond the hook itself. The hook copies a
+call's staged bytes straight into this ring (one memmove per array) and publishes them with one
+8-byte store; the writer process reads the same pages, builds, compresses and writes the
+records. Nothing in the job waits on the writer: a frame that does not fit is dropped and
+counted. The memory is a memfd (anonymous shared memory, not bounded by /dev/shm's mount), so
+what was published survives a kill -9 of the job (the writer keeps its mapping) and of the
+writer (the job keeps it, and a new writer resumes from the words below).
+
+Layout (little-endian, x86-64 and arm64 alike; every word is 8-byte aligned):
+  word 0  MAGIC             word 1  capacity C (bytes of the data area, a multiple of 8)
+  word 8  head              bytes ever published by the producer (frames before it are complete)
+  word 16 tail              bytes the consumer no longer needs (the producer may overwrite them)
+  word 24 committed         frames before it reached the shard (or are held by the writer)
+  word 32 dropped           frames the producer could not fit (informational; the job counts too)
+  data    at HEADER, C bytes; absolute position p lives at HEADER + p % C
+Frames (8-byte aligned): u32 length (header included, padded to 8), u16 kind, u16 spare, body.
+A frame never wraps: when the rest of the area is too short the producer writes a PAD frame
+there and starts the next frame at the area's beginning.
+
+Ordering: the producer writes a frame's bytes, then stores head (one aligned 8-byte store, which
+x86-64's total store order keeps behind the data; the writer runs on the same host). The consumer
+reads head, then the frames before it, then stores tail.
+"""
+from __future__ import annotations
+
+import ctypes
+import mmap
+import os
+import struct
+
+import numpy as np
+
+MAGIC = 0x3147_4E49_5252_5045  # b"EPRRING1" little-endian
+HEADER = 4096  # one page of control words, so the data area is page-aligned
+W_MAGIC, W_CAP, W_HEAD, W_TAIL, W_COMMITTED, W_DROPPED = 0, 1, 8, 16, 24, 32  # uint64 word index
+FRAME = struct.Struct("<IHH")  # length, kind, spare
+PAD = 0
+ALIGN = 8
+
+
+def aligned(n: int) -> int:
+    return (n + 7) & ~7
+
+
+class ShmRing:
+    """One ring over a shared-memory file descriptor (see the module docstring).
+
+    `ShmRing.create(capacity)` makes a new one (the job's side); `ShmRing(fd)` maps an existing
+    one (the writer's side, from the fd it inherited).
+    """
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        size = os.fstat(fd).st_size
+        self.mm = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        self.words = np.frombuffer(self.mm, dtype=np.uint64, count=HEADER // 8)
+        if int(self.words[W_MAGIC]) != MAGIC:
+            raise ValueError(f"fd {fd}: not an epreplay capture ring (magic {int(self.words[W_MAGIC]):#x})")
+        self.capacity = int(self.words[W_CAP])
+        # The data area's address, for ctypes.memmove from a tensor's data pointer (the hot path)
+        self.base = ctypes.addressof(ctypes.c_char.from_buffer(self.mm)) + HEADER
+        self.view = memoryview(self.mm)
+        self._head = int(self.words[W_HEAD])  # the producer's private head (reserved, unpublished)
+
+    @classmethod
+    def create(cls, capacity: int) -> "ShmRing":
+        """A new ring of `capacity` data bytes (rounded up to 8) in a fresh memfd."""
+        capacity = aligned(max(capacity, 4096))
+        try:
+            fd = os.memfd_create("epreplay-capture-ring", os.MFD_CLOEXEC)
+        except (AttributeError, OSError):  # no memfd: an unlinked file in the temp dir
+            import tempfile
+
+            fh = tempfile.TemporaryFile(prefix="epreplay-ring-")
+            fd = os.dup(fh.fileno())
+            fh.close()
+        os.ftruncate(fd, HEADER + capacity)
+        with mmap.mmap(fd, HEADER, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE) as mm:
+            struct.pack_into("<QQ", mm, 0, MAGIC, capacity)
+        return cls(fd)
+
+    def close(self) -> None:
+        """Unmap (the caller owns the fd)."""
+        self.words = None  # type: ignore[assignment]
+        self.view.release()
+        try:
+            self.mm.close()
+        except BufferError:  # a ctypes export of the mapping is still alive: the GC frees it
+            pass
+
+    # --- producer (the job's hook; one thread at a time: the recorder's lock) ---------------------
+    def reserve(self, nbytes: int) -> int:
+        """Room for one frame of nbytes (aligned to 8 here): its absolute data-area offset in
+        [0, C), or -1 when it does not fit now (the caller drops and counts). Not yet visible to
+        the consumer: `publish()` makes every reserved frame visible."""
+        n = (nbytes + 7) & ~7
+        cap = self.capacity
+        head = self._head
+        off = head % cap
+        pad = cap - off if off + n > cap else 0
+        if head + pad + n - int(self.words[W_TAIL]) > cap:
+            self.words[W_DROPPED] += 1
+            return -1
+        if pad:
+            FRAME.pack_into(self.mm, HEADER + off, pad, PAD, 0)
+            off = 0
+        self._head = head + pad + n
+        return off
+
+    def publish(self) -> None:
+        """Make every frame reserved so far visible to the consumer (one 8-byte store)."""
+        self.words[W_HEAD] = self._head
+
+    def used(self) -> int:
+        """Bytes published or reserved and not yet released by the consumer."""
+        return self._head - int(self.words[W_TAIL])
+
+    # --- consumer (the writer) ------------------------------------------------------------------
+    def frames(self, start: int, limit: int = 1 << 62) -> "list[tuple[int, int, int, memoryview]]":
+        """Published frames from absolute position `start`: [(pos, end, kind, body)], at most
+        `limit` bytes' worth (whole frames), PAD frames included (kind PAD: skip them). body
+        views the shared memory: copy what must outlive release()."""
+        head = int(self.words[W_HEAD])
+        cap = self.capacity
+        out = []
+        pos = start
+        while pos < head and pos - start < limit:
+            off = pos % cap
+            length, kind, _ = FRAME.unpack_from(self.mm, HEADER + off)
+            if length < FRAME.size or length % ALIGN or off + length > cap or pos + length > head:
+                raise ValueError(f"capture ring: bad frame at position {pos} (length {length})")
+            out.append((pos, pos + length, kind,
+                        self.view[HEADER + off + FRAME.size:HEADER + off + length]))
+            pos += length
+        return out
+
+    def release(self, upto: int) -> None:
+        """The consumer no longer needs bytes before absolute position `upto`."""
+        self.words[W_TAIL] = upto
+
+    def word(self, index: int) -> int:
+        return int(self.words[index])
+
+    def set_word(self, index: int, value: int) -> None:
+        self.words[index] = value
