@@ -241,43 +241,17 @@ class Recorder:
 
     def _ring_begin(self, op: Op, bs: BufferState, seq: int, step: int, layer: int, level: Level,
                     payload: bool, args: dict[str, Any]) -> Any:
-        """Stage a call's inputs into a BEGIN frame (ring path); None when it is dropped."""
-        from epreplay.capture.ring_frames import BEGIN, write_call
-        from epreplay.capture.ring_path import RingCall, RingStaging, memmove
+        """Ring path: only the call's identity now; its one frame is written when it returns
+        (host tensors are not changed by the call itself, so its inputs are what they were)."""
+        from epreplay.capture.ring_path import RingCall
 
         self._call_ids += 1
-        call = RingCall(self._call_ids, op, bs.id, seq, step, layer, level)
-        call.meta.update(ep_rank=bs.ep_rank, ep_size=bs.ep_size)
-        self._op_meta(call, bs, args)
-        st = call.staging = RingStaging()
+        call = RingCall(self._call_ids, op, bs, seq, step, layer, level, payload)
+        call.args = args
         if op in (Op.DISPATCH, Op.LL_DISPATCH):
-            tags = marks.take_tags()
-            if tags is not None:
-                st.snapshot("token_tag_T", torch.as_tensor(tags, dtype=torch.int64))
-        stage_inputs(call, args, payload)
-        head = (int(op), bs.id, seq, step, layer, time.time_ns(), int(level), call.tokens, call.meta,
-                {k: describe(v) for k, v in args.items()})
-        if not write_call(self._rp.ring, BEGIN, call.id, head, st.arrays, st.values, memmove):
-            self.dropped += 1
-            return None
-        call.meta_n = len(call.meta)
+            call.tags = marks.take_tags()
         self.inflight[call.id] = call
         return call
-
-    def _ring_ready(self, call: Any, args: dict[str, Any], result: Any, duration_ns: int) -> None:
-        """The call's outputs are valid: its END frame (a dropped END leaves the call unrecorded)."""
-        from epreplay.capture.ring_frames import END, write_call
-        from epreplay.capture.ring_path import RingStaging, memmove
-
-        st = call.staging = RingStaging()
-        if result is not None:
-            stage_outputs(call, args, result)
-        call.done = True
-        meta = call.meta
-        added = dict(list(meta.items())[call.meta_n:]) if len(meta) > call.meta_n else None
-        head = (int(call.status), call.tokens, duration_ns, added, True)
-        if not write_call(self._rp.ring, END, call.id, head, st.arrays, st.values, memmove):
-            self.dropped += 1
 
     def _make_graph_ring(self, buffer_id: int, device: Any) -> None:
         from epreplay.capture.graph_ring import GraphRing
@@ -349,7 +323,7 @@ class Recorder:
         """The call returned: stage outputs (now, or when the LL recv hook runs) and enqueue."""
         ring = self._rp is not None and not isinstance(call, Call)
         if ring:
-            duration = time.perf_counter_ns() - call.t0
+            call.t0 = time.perf_counter_ns() - call.t0  # from here on: the call's duration
             self.inflight.pop(call.id, None)
         elif not isinstance(call, Call):  # a GraphCall: staged into the graph being captured
             from epreplay.capture.graph_ring import stage_end
@@ -363,12 +337,14 @@ class Recorder:
         elif call.op == Op.LL_DISPATCH and isinstance(result, tuple) and len(result) > 2:
             self._remember_handle(result[2], call.seq)
             hook = result[4] if len(result) > 4 else None
-            if call.meta.get("recv_hook") and callable(hook):
-                if ring:
-                    call.t0 = duration  # the call's own time; the outputs come with the hook
+            if ring and args.get("return_recv_hook") and callable(hook):
+                # the outputs are valid once the hook ran: the inputs go out now (BEGIN)
+                self._rp.begin_frame(self, call, args)
+                return result[:4] + (self._wrap_recv_hook(call, args, result, hook),) + result[5:]
+            if not ring and call.meta.get("recv_hook") and callable(hook):
                 return result[:4] + (self._wrap_recv_hook(call, args, result, hook),) + result[5:]
         if ring:
-            self._ring_ready(call, args, result, duration)
+            self._rp.call_frame(self, call, args, result)
         else:
             self._ready(call, args, result)
         return result
@@ -378,8 +354,8 @@ class Recorder:
             out = hook(*a, **kw)
             if not call.done and self.enabled:
                 try:
-                    if not isinstance(call, Call):  # ring path: t0 holds the call's duration
-                        self._ring_ready(call, args, result, call.t0)
+                    if not isinstance(call, Call):  # ring path
+                        self._rp.end_frame(self, call, args, result)
                     else:
                         self._ready(call, args, result)
                 except Exception as exc:  # noqa: BLE001 - capture never breaks the job
@@ -398,9 +374,10 @@ class Recorder:
         if not isinstance(call, Call) and self._rp is not None:  # ring path
             try:
                 self.inflight.pop(call.id, None)
+                call.t0 = time.perf_counter_ns() - call.t0
                 call.status = int(Status.ERROR)
-                call.meta["error"] = f"{type(exc).__name__}: {exc}"
-                self._ring_ready(call, {}, None, time.perf_counter_ns() - call.t0)
+                call.error = f"{type(exc).__name__}: {exc}"
+                self._rp.call_frame(self, call, call.args, None)
                 self.trigger("exception", f"{call.op.label} seq {call.seq}: {type(exc).__name__}: {exc}")
             except Exception as inner:  # noqa: BLE001
                 self.disable(f"recording an exception: {type(inner).__name__}: {inner}")
@@ -446,7 +423,10 @@ class Recorder:
     def report_hung(self, call: Call) -> None:
         """The watchdog saw `call` run past the hang timeout: write it (HUNG) with its inputs."""
         call.hung_reported = True
-        self._post(("hung", call.id) if self._rp is not None else ("hung", call))
+        if self._rp is not None:  # the inputs as they are now (the call has not returned)
+            self._rp.hung_frame(self, call)
+        else:
+            self._q.put(("hung", call))
         self.trigger("hang", f"{call.op.label} seq {call.seq} on buffer {call.buffer} running "
                              f"> {self.config.hang_timeout:g}s")
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 from typing import Any
 
 from epreplay.capture.packed import Duration, PackedCall, PackedStaging
-from epreplay.capture.ring_frames import BEGIN, END, read_call
+from epreplay.capture.ring_frames import BEGIN, CALL, END, HUNG, read_call
 from epreplay.capture.shm_ring import PAD, W_COMMITTED, W_DROPPED, W_HEAD, W_TAIL, ShmRing
 from epreplay.records import Level, Op, Status
 
@@ -71,6 +71,16 @@ class RingConsumer:
         if kind == PAD:
             return
         call_id, head, items = read_call(body)
+        if kind == CALL:
+            if pos >= self.skip_before:
+                calls.append(_packed(head[:10], items, head[10], {}))
+            return
+        if kind == HUNG:
+            if pos >= self.skip_before:
+                call = _packed(head, items, None, {})
+                call.status = Status.HUNG
+                calls.append(call)
+            return
         if kind == BEGIN:
             self.open[call_id] = (pos, head, items)
             return
@@ -113,15 +123,6 @@ class RingConsumer:
             self.sink.event(*msg[1:])
         elif kind == "dump":
             self.sink.dump(*msg[1:])
-        elif kind == "hung":
-            begun = self.open.get(msg[1])
-            if begun is not None:  # the inputs staged at entry, status HUNG, no outputs
-                from epreplay.capture.build import build_calls
-
-                call = _packed(begun[1], begun[2], None, {})
-                call.status = Status.HUNG
-                self.sink.call(build_calls([call])[0])
-                self.records += 1
         elif kind == "graph":
             self.sink.graph(msg[1])
 

@@ -2,16 +2,19 @@
 
 Legend: T tokens, K top-k; shapes as in extract.py.
 
-A hooked call is two frames: BEGIN at entry (the inputs: routing, counts, rows to fingerprint)
-and END when its outputs are valid (layouts, handles, received rows). The writer joins them by
-call id, so a call whose outputs never come (a hang, a killed job) still has its inputs there.
+A hooked call is one CALL frame, written when it returns: its inputs (routing, counts, rows to
+fingerprint) and outputs (layouts, handles, received rows) together — a call does not change
+its host inputs, so they are what they were at entry. A low-latency dispatch whose outputs come
+with its recv hook is two frames, BEGIN at return (inputs) and END when the hook ran (outputs),
+joined by call id. A HUNG frame is the watchdog's: the inputs of a call still running.
 
 Frame body after shm_ring's 8-byte frame header:
   u32 desc_len, u16 desc_codec (0 marshal, 1 pickle), u16 spare, u64 call id,
   desc (desc_len bytes, padded to 8), then each array's raw bytes (each padded to 8).
 desc = (head, specs, values):
-  BEGIN head  (op, buffer, seq, step, layer, start_ns, level, tokens, meta, args_text)
+  BEGIN head  (op, buffer, seq, step, layer, start_ns, level, tokens, meta, args_text); HUNG too
   END head    (status, tokens, duration_ns, meta_added, done)
+  CALL head   BEGIN's ten fields + (END's head,)
   specs       [(name, tag, numpy dtype str, shape, logical dtype or None, nbytes)] in byte order;
               tag "a" an array, "fp" rows to fingerprint, "fp0"/"fp1" an FP8 pair's two parts
   values      [(name, plain value)] (lists of ints: num_recv_tokens_per_expert_list)
@@ -28,7 +31,7 @@ import numpy as np
 
 from epreplay.capture.shm_ring import FRAME, HEADER
 
-BEGIN, END = 1, 2
+BEGIN, END, CALL, HUNG = 1, 2, 3, 4
 CALL_HEAD = struct.Struct("<IHHQ")  # desc_len, desc codec, spare, call id
 BODY = FRAME.size + CALL_HEAD.size  # where desc starts in a frame
 
