@@ -39,8 +39,10 @@ class RingConsumer:
         # Frames before this were handled by a writer before us (resume) or before this session.
         self.skip_before = ring.word(W_COMMITTED) if resume else self.pos
         self.open: dict[int, tuple[int, tuple, dict[str, Any]]] = {}  # call id -> (pos, head, items)
-        self.dropped_seen = ring.word(W_DROPPED)
+        self.dropped_seen = 0  # the job zeroes the word at a session's start (RingPath)
         self.records = 0
+        # (kind, buffer, seq, status) of the record a killed predecessor wrote last, if any
+        self.last = sink.last_record() if resume else None
 
     def drain(self, upto: int | None = None) -> int:
         """Handle every published frame (before `upto` when given); returns frames handled."""
@@ -50,61 +52,68 @@ class RingConsumer:
             limit = ring.word(W_HEAD) if upto is None else min(upto, ring.word(W_HEAD))
             if self.pos >= limit:
                 break
-            frames = ring.frames(self.pos, READ_BYTES)
-            calls: list[PackedCall] = []
-            end = self.pos
-            for pos, end, kind, body in frames:
+            calls: list[tuple[int, PackedCall]] = []
+            for pos, end, kind, body in ring.frames(self.pos, READ_BYTES):
                 if pos >= limit:
-                    end = pos
                     break
-                self._frame(pos, kind, body, calls)
+                self._frame(pos, end, kind, body, calls)
+                self.pos = end
                 done += 1
-            else:
-                end = frames[-1][1] if frames else self.pos
             self._emit(calls)
-            self.pos = end
-            self._advance()
+            self._advance(self.pos)
         self._report_drops()
         return done
 
-    def _frame(self, pos: int, kind: int, body: Any, calls: list[PackedCall]) -> None:
+    def _frame(self, pos: int, end: int, kind: int, body: Any,
+               calls: list[tuple[int, PackedCall]]) -> None:
         if kind == PAD:
             return
         call_id, head, items = read_call(body)
-        if kind == CALL:
-            if pos >= self.skip_before:
-                calls.append(_packed(head[:10], items, head[10], {}))
-            return
-        if kind == HUNG:
-            if pos >= self.skip_before:
-                call = _packed(head, items, None, {})
-                call.status = Status.HUNG
-                calls.append(call)
-            return
         if kind == BEGIN:
             self.open[call_id] = (pos, head, items)
             return
-        if kind != END:
+        if pos < self.skip_before:  # written by the writer before us (resume)
+            self.open.pop(call_id, None)
+            return
+        if kind == CALL:
+            calls.append((end, _packed(head[:10], items, head[10], {})))
+        elif kind == HUNG:
+            call = _packed(head, items, None, {})
+            call.status = Status.HUNG
+            calls.append((end, call))
+        elif kind == END:
+            begun = self.open.pop(call_id, None)
+            if begun is not None:
+                calls.append((end, _packed(begun[1], begun[2], head, items)))
+        else:
             raise ValueError(f"capture ring: unknown frame kind {kind} at position {pos}")
-        begun = self.open.pop(call_id, None)
-        if begun is None or pos < self.skip_before:
-            return  # written by the writer before us (resume), or its BEGIN was dropped
-        calls.append(_packed(begun[1], begun[2], head, items))
 
-    def _emit(self, calls: list[PackedCall]) -> None:
+    def _emit(self, calls: list[tuple[int, PackedCall]]) -> None:
         if not calls:
             return
         from epreplay.capture.build import build_calls
 
-        for built in build_calls(calls):
+        for (end, _), built in zip(calls, build_calls([c for _, c in calls])):
+            if self.last is not None:  # resume: the record our predecessor wrote last may be
+                last, self.last = self.last, None  # the first we read again (killed in between)
+                h = built[0]
+                if (h.kind, h.buffer, h.seq, h.status) == last:
+                    continue
             self.sink.call(built)
             self.records += 1
+            # committed moves per record (a writer killed now loses nothing and repeats at most
+            # this one, which `last` catches), and not while the sink holds records back
+            if not self.sink.held:
+                self.ring.set_word(W_COMMITTED, end)
 
-    def _advance(self) -> None:
-        """Publish committed (everything read is in the sink) and tail (keep open calls' BEGINs)."""
-        self.ring.set_word(W_COMMITTED, max(self.pos, self.skip_before))
-        oldest = min((p for p, _, _ in self.open.values()), default=self.pos)
-        self.ring.release(min(oldest, self.pos))
+    def _advance(self, pos: int) -> None:
+        """Publish committed (all read frames are in the sink) and tail (the oldest byte still
+        needed: open calls' BEGIN frames, and frames whose records the sink holds back)."""
+        if not self.sink.held:
+            self.ring.set_word(W_COMMITTED, max(pos, self.skip_before))
+        oldest = min((p for p, _, _ in self.open.values()), default=pos)
+        keep = self.ring.word(W_COMMITTED) if self.sink.held else pos
+        self.ring.release(min(oldest, keep, pos))
 
     def _report_drops(self) -> None:
         dropped = self.ring.word(W_DROPPED)

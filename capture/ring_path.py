@@ -24,7 +24,7 @@ import threading
 import time
 from typing import Any
 
-from epreplay.capture.shm_ring import W_COMMITTED, W_HEAD, ShmRing
+from epreplay.capture.shm_ring import W_COMMITTED, W_DROPPED, W_HEAD, ShmRing
 
 # How often the monitor looks at the writer process: a dead writer costs at most this much
 # ring space before a new one drains it (and the ring holds seconds of traffic).
@@ -148,6 +148,7 @@ class RingPath:
 
             self.proc = acquire_ring(config, rank=rank, world_size=world_size)
             self.ring: ShmRing = self.proc.ring
+            self.ring.set_word(W_DROPPED, 0)  # drops are counted per session (before any frame)
         else:
             from epreplay.capture.ring_consumer import RingConsumer
             from epreplay.capture.sink import Sink

@@ -106,6 +106,21 @@ class Sink:
         if self.dump(reason, detail, self.rank) and self.on_trigger is not None:
             self.on_trigger(reason, detail)
 
+    @property
+    def held(self) -> int:
+        """Records taken but not yet in the shard (the first few wait for the header's H)."""
+        return len(self._early)
+
+    def last_record(self) -> tuple[int, int, int, int] | None:
+        """(kind, buffer, seq, status) of the shard's last record when this sink resumed one."""
+        index = getattr(self._writer, "_index", None)
+        if not index:
+            return None
+        from epreplay.records import RecordHeader
+
+        h = RecordHeader.from_bytes(index[-1][1])
+        return (h.kind, h.buffer, h.seq, h.status)
+
     # --- close ----------------------------------------------------------------------------------
     def close(self) -> None:
         """Write what is held back (every rank that captured gets a shard, even an empty one)

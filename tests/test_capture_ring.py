@@ -1,0 +1,307 @@
+"""The capture ring (shared memory between the job and its writer): the ring itself, records
+equal to the courier path's for the same calls, drop-and-count when full, and kill -9 of the job
+or of the writer losing no frame that reached the ring."""
+from __future__ import annotations
+
+import os
+import random
+import re
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from epreplay.launch import run_ranks
+from epreplay.records import Kind, Op, Status
+from epreplay.run import RunDir
+from epreplay.shard import open_shard
+
+E, K, H, T = 8, 3, 128, 24
+
+
+# --- the ring alone ------------------------------------------------------------------------------
+def test_ring_frames_wrap_with_padding_and_a_full_ring_refuses():
+    from epreplay.capture.shm_ring import FRAME, HEADER, PAD, W_DROPPED, ShmRing
+
+    ring = ShmRing.create(4096)
+    other = ShmRing(os.dup(ring.fd))  # the writer's mapping of the same memory
+    sizes = [1000, 1500, 1200]
+    got = []
+    for n in sizes:
+        off = ring.reserve(n)
+        assert off >= 0
+        FRAME.pack_into(ring.mm, HEADER + off, (n + 7) & ~7, 5, 0)
+        ring.mm[HEADER + off + 8:HEADER + off + 16] = n.to_bytes(8, "little")
+    assert other.frames(0) == []  # nothing published yet
+    ring.publish()
+    frames = other.frames(0)
+    assert [(k, int.from_bytes(b[:8], "little")) for _, _, k, b in frames] == [(5, n) for n in sizes]
+    assert ring.reserve(1000) == -1 and ring.word(W_DROPPED) == 1  # 3712 used of 4096: full
+    other.release(frames[1][1])  # the writer is done with the first two
+    off = ring.reserve(1000)  # does not fit before the end: a PAD frame, then from 0
+    assert off == 0
+    FRAME.pack_into(ring.mm, HEADER, 1000, 6, 0)
+    ring.publish()
+    kinds = [k for _, _, k, _ in other.frames(frames[1][1])]
+    assert kinds == [5, PAD, 6]
+    got = other.frames(frames[-1][1])
+    assert got[-1][0] == 4096 and got[-1][0] % ring.capacity == 0
+    other.close()
+    ring.close()
+
+
+def test_call_frames_round_trip_every_dtype_and_pair():
+    import ctypes
+
+    from epreplay.capture.ring_frames import CALL, read_call, write_call
+    from epreplay.capture.shm_ring import HEADER, ShmRing
+
+    ring = ShmRing.create(1 << 16)
+    q = torch.randint(-100, 100, (4, 128)).to(torch.float8_e4m3fn)
+    s = torch.rand(4, 1)
+    arrays = [("a_TK", torch.arange(12).view(3, 4), "a"),
+              ("w_TK", torch.rand(3, 4)[:, :2], "a"),  # not contiguous: copied contiguous
+              ("x_TH", torch.randn(3, 128).to(torch.bfloat16), "fp"),
+              ("p", q, "fp0"), ("p", s, "fp1"), ("empty", torch.zeros(0, 8, dtype=torch.int32), "a"),
+              ("flag", torch.tensor(True), "a")]
+    head = (1, 2, 3, 4, 5, 6, 7, 8, {"E": 8, "nested": {"a": [1]}}, {"x": "bfloat16[3,128]"})
+    assert write_call(ring, CALL, 42, head, arrays, [("_num_recv_list", [3, 0])], ctypes.memmove)
+    (pos, end, kind, body), = ring.frames(0)
+    call_id, got_head, items = read_call(body)
+    assert (kind, call_id, got_head) == (CALL, 42, head)
+    np.testing.assert_array_equal(items["a_TK"], np.arange(12).reshape(3, 4))
+    np.testing.assert_array_equal(items["w_TK"], arrays[1][1].numpy())
+    tag, (words, name) = items["x_TH"]
+    assert tag == "fp" and name == "bfloat16"
+    np.testing.assert_array_equal(words, arrays[2][1].view(torch.uint16).numpy())
+    tag, (qp, sp) = items["p"]
+    assert qp[1] == "float8_e4m3fn" and np.array_equal(qp[0], q.view(torch.uint8).numpy())
+    np.testing.assert_array_equal(sp, s.numpy())
+    assert items["empty"].shape == (0, 8) and items["flag"].shape == () and bool(items["flag"])
+    assert items["_num_recv_list"] == [3, 0]
+    ring.close()
+
+
+# --- the same records as the courier path ---------------------------------------------------------
+def _inputs(rank: int, step: int):
+    g = torch.Generator().manual_seed(100 * rank + step)
+    idx = torch.topk(torch.rand(T, E, generator=g), K, dim=1).indices.to(torch.int64)
+    idx[torch.rand(T, K, generator=g) < 0.1] = -1
+    return torch.randn(T, H, generator=g).to(torch.bfloat16), idx, torch.rand(T, K, generator=g)
+
+
+def _workload(buf, ll, rank: int) -> None:
+    """Every call shape capture knows on a CPU: normal BF16 and FP8 dispatch, cached dispatch,
+    combine, low-latency dispatch (BF16 and FP8, with and without the recv hook) and combine,
+    token tags, and a dispatch that raises."""
+    from epreplay import capture
+    from epreplay.epbench import per_token_cast_to_fp8
+
+    for step in range(2):
+        with capture.step(step):
+            x, idx, w = _inputs(rank, step)
+            n_rank, n_rdma, n_exp, in_rank, _ = buf.get_dispatch_layout(idx, E)
+            capture.tag_tokens(torch.arange(T) + 1000 * rank)
+            xs = per_token_cast_to_fp8(x) if step else x
+            recv_x, _, recv_w, _, handle, _ = buf.dispatch(
+                xs, num_tokens_per_rank=n_rank, num_tokens_per_rdma_rank=n_rdma, is_token_in_rank=in_rank,
+                num_tokens_per_expert=n_exp, topk_idx=idx, topk_weights=w)
+            buf.dispatch(xs, handle=handle)  # cached
+            y = recv_x if not isinstance(recv_x, tuple) else x[:0].new_zeros(recv_x[0].shape)
+            buf.combine(y, handle, topk_weights=recv_w)
+            hook = step == 1
+            recv, count, h, _, got_hook = ll.low_latency_dispatch(x, idx, T, E, use_fp8=bool(step),
+                                                                  return_recv_hook=hook)
+            if hook:
+                got_hook()
+            z = recv if not isinstance(recv, tuple) else torch.zeros(recv[0].shape, dtype=torch.bfloat16)
+            ll.low_latency_combine(z, idx, w, h)
+    try:
+        buf.dispatch(x, topk_idx=idx[:, :1].contiguous(), topk_weights=w)  # wrong shapes: raises
+    except Exception:  # noqa: BLE001
+        pass
+
+
+def _rank_paths(ctx, root: str, level: str) -> dict:
+    import torch.distributed as dist
+
+    from epreplay import capture
+    from epreplay.emulate import Buffer
+
+    facts = {}
+    for path in ("courier", "ring"):
+        capture.start(os.path.join(root, path), level=level, hot_path=path)
+        buf = Buffer(dist.group.WORLD)
+        ll = Buffer(dist.group.WORLD, low_latency_mode=True)
+        _workload(buf, ll, ctx.rank)
+        facts[path] = capture.stop()
+    return facts
+
+
+def _records(run_dir) -> dict[int, list]:
+    out = {}
+    for path in RunDir.open(run_dir).shard_paths():
+        with open_shard(path) as scan:
+            assert scan.complete, scan.problem
+            out[scan.info.rank] = list(scan.records(kinds=(Kind.CALL,)))
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("level", ["counts", "routing", "fingerprints", "payload"])
+def test_ring_records_equal_the_courier_path_at_every_level(tmp_path, level):
+    facts = run_ranks(_rank_paths, 2, str(tmp_path), level, timeout=180)
+    for f in facts:
+        assert f["ring"]["hot_path"] == "ring" and f["courier"]["hot_path"] == "courier"
+        assert f["ring"]["dropped"] == 0 and f["ring"]["disabled"] is None
+    ring, courier = _records(tmp_path / "ring"), _records(tmp_path / "courier")
+    for rank in (0, 1):
+        a, b = ring[rank], courier[rank]
+        ops = [r.header.op for r in a]
+        assert ops == [r.header.op for r in b] and len(a) == 2 * 6 + 1
+        assert Op.CACHED_DISPATCH in ops and a[-1].header.status == Status.ERROR
+        for x, y in zip(a, b):
+            hx, hy = x.header, y.header
+            assert (hx.kind, hx.op, hx.level, hx.status, hx.buffer, hx.seq, hx.step, hx.layer, hx.tokens) == \
+                   (hy.kind, hy.op, hy.level, hy.status, hy.buffer, hy.seq, hy.step, hy.layer, hy.tokens)
+            if "error" in x.meta:  # the emulation names its Buffer by creation in the process
+                x.meta["error"], y.meta["error"] = (re.sub(r"Buffer #\d+", "Buffer", m.meta["error"])
+                                                    for m in (x, y))
+            assert list(x.meta) == list(y.meta) and x.meta == y.meta, hx
+            assert sorted(x.arrays) == sorted(y.arrays), hx
+            for name in x.arrays:
+                u, v = x.arrays[name], y.arrays[name]
+                assert u.dtype == v.dtype and u.shape == v.shape, name
+                np.testing.assert_array_equal(u, v, err_msg=f"{name} of {hx}")
+
+
+# --- a full ring: drop and count, never block -----------------------------------------------------
+def _rank_full(ctx, run_dir: str) -> dict:
+    import torch.distributed as dist
+
+    from epreplay import capture
+    from epreplay.capture import session
+    from epreplay.emulate import Buffer
+
+    capture.start(run_dir, level="routing", queue_bytes=64 << 10)  # a 64 KiB ring
+    buf = Buffer(dist.group.WORLD)
+    x, idx, w = _inputs(0, 0)
+    buf.get_dispatch_layout(idx, E)  # the first call starts the writer
+    rec = session.recorder()
+    os.kill(rec._rp.proc.proc.pid, signal.SIGSTOP)  # a writer that has stopped reading
+    t0 = time.perf_counter()
+    for _ in range(300):
+        buf.get_dispatch_layout(idx, E)
+    busy = time.perf_counter() - t0
+    dropped = rec.dropped
+    os.kill(rec._rp.proc.proc.pid, signal.SIGCONT)
+    facts = capture.stop()
+    return {"facts": facts, "dropped_while_stopped": dropped, "busy_s": busy}
+
+
+@pytest.mark.slow
+def test_a_full_ring_drops_and_counts_and_the_job_never_waits(tmp_path):
+    (out,) = run_ranks(_rank_full, 1, str(tmp_path / "run"), timeout=120)
+    facts = out["facts"]
+    # a layout frame at T=24 is ~1 KiB: a 64 KiB ring holds a few dozen, the rest are dropped
+    assert 200 < out["dropped_while_stopped"] < 300 and facts["dropped"] == out["dropped_while_stopped"]
+    assert out["busy_s"] < 10  # 300 calls never waited for the stopped writer
+    recs = _records(tmp_path / "run")[0]
+    assert len(recs) == facts["calls"] - facts["dropped"]
+    seqs = [r.header.seq for r in recs]
+    assert seqs == sorted(seqs) and seqs[0] == 0  # what was kept is in order
+    with open_shard(RunDir.open(tmp_path / "run").shard_paths()[0]) as scan:
+        events = [r.meta for r in scan.records(kinds=(Kind.EVENT,))]
+    assert any(e.get("reason") == "dropped" and e["dropped"] == facts["dropped"] for e in events), (events, facts)
+    assert facts["records"] == len(recs) + len(events)
+
+
+# --- kill -9 of the writer: a new one resumes, nothing lost or repeated ---------------------------
+def _rank_kill_writer(ctx, run_dir: str, seed: int) -> dict:
+    import torch.distributed as dist
+
+    from epreplay import capture
+    from epreplay.capture import session
+    from epreplay.emulate import Buffer
+
+    rng = random.Random(seed)
+    capture.start(run_dir, level="routing")
+    buf = Buffer(dist.group.WORLD)
+    calls = 0
+    kills = sorted(rng.sample(range(5, 120), 2))
+    for i in range(120):
+        x, idx, w = _inputs(0, i % 4)
+        buf.get_dispatch_layout(idx, E)
+        calls += 1
+        if i in kills:  # at a random moment: between frames, or while the writer builds one
+            time.sleep(rng.random() * 0.01)
+            rec = session.recorder()
+            pid = rec._rp.proc.proc.pid
+            os.kill(pid, signal.SIGKILL)
+            deadline = time.monotonic() + 10
+            while rec._rp.proc.proc.pid == pid and time.monotonic() < deadline:
+                time.sleep(0.01)  # the monitor starts the next writer (frames wait in the ring)
+    return {"facts": capture.stop(), "calls": calls}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", [1, 2])
+def test_kill9_of_the_writer_loses_and_repeats_no_record(tmp_path, seed):
+    (out,) = run_ranks(_rank_kill_writer, 1, str(tmp_path / "run"), seed, timeout=120)
+    facts = out["facts"]
+    assert facts["writer_restarts"] == 2 and facts["disabled"] is None and facts["dropped"] == 0
+    recs = _records(tmp_path / "run")[0]
+    assert [r.header.seq for r in recs] == list(range(out["calls"]))
+    for r in recs:
+        x, idx, w = _inputs(0, r.header.seq % 4)
+        np.testing.assert_array_equal(r.arrays["topk_idx_TK"], idx.numpy())
+
+
+# --- kill -9 of the job: its writer still writes every published frame ----------------------------
+JOB = textwrap.dedent("""
+    import os, sys, torch, torch.distributed as dist
+    from epreplay import capture
+    from epreplay.emulate import Buffer
+    dist.init_process_group("gloo", rank=0, world_size=1, init_method="tcp://127.0.0.1:%d" % int(sys.argv[2]))
+    capture.start(sys.argv[1], level="routing")
+    buf = Buffer(dist.group.WORLD)
+    g = torch.Generator().manual_seed(0)
+    idx = torch.topk(torch.rand(64, 8, generator=g), 3, dim=1).indices
+    out = os.fdopen(1, "w", buffering=1)
+    for i in range(100000):
+        buf.get_dispatch_layout(idx, 8)
+        print(i, flush=True)  # call i returned: its frame is published
+""")
+
+
+@pytest.mark.slow
+def test_kill9_of_the_job_keeps_every_published_call(tmp_path):
+    from epreplay.launch import free_port
+    from epreplay.shard_reader import wait_unlocked
+
+    run_dir = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-c", JOB, str(run_dir), str(free_port())],
+                            stdout=subprocess.PIPE, text=True)
+    target = random.Random(7).randrange(200, 600)
+    last = -1
+    for line in proc.stdout:
+        last = int(line)
+        if last >= target:
+            break
+    proc.kill()  # SIGKILL, mid-loop
+    proc.wait()
+    shard = RunDir(run_dir).shard_path(0)
+    deadline = time.monotonic() + 30
+    while not shard.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)  # the orphaned writer may still be starting up; it drains the ring then
+    assert wait_unlocked(shard, 30), "the writer process did not finish"
+    with open_shard(shard) as scan:
+        assert not scan.complete and scan.truncated_at is None  # unclosed, nothing damaged
+        seqs = [r.header.seq for r in scan.records(kinds=(Kind.CALL,))]
+    # every call that returned before the kill is there (the kill may land after one more)
+    assert seqs[: last + 1] == list(range(last + 1)) and len(seqs) <= last + 2
