@@ -5,10 +5,10 @@ Runs in the writer process (writer_proc.py, the default) or in a thread of the j
 call id into a packed.PackedCall (the form build.build takes), builds the records of a batch
 together (one CPU fingerprint pass per row format) and hands them to the Sink in ring order.
 
-Control messages (events, dumps, hang reports, close) do not travel in the ring: they come
-over the writer's pipe tagged with the ring position the job had published when it sent them,
-and are applied once every frame before that position is done, so a dump holds exactly the
-calls made before its trigger.
+Control messages (events, dumps) travel in the ring too, as CTL frames, so a dump holds exactly
+the calls made before its trigger. Only when the ring is full does one come over the writer's
+pipe instead, tagged with the ring position the job had published, and is applied once every
+frame before that position is done. "close" always comes over the pipe.
 
 Ring words the consumer keeps (shm_ring.py): tail (the oldest byte still needed: a call whose
 END has not come holds its BEGIN frame) and committed (every frame before it is in the sink,
@@ -18,10 +18,11 @@ wrote, and re-reads the BEGIN frames of calls still open.
 """
 from __future__ import annotations
 
+import pickle
 from typing import Any
 
 from epreplay.capture.packed import Duration, PackedCall, PackedStaging
-from epreplay.capture.ring_frames import BEGIN, CALL, END, HUNG, read_call
+from epreplay.capture.ring_frames import BEGIN, CALL, CTL, END, HUNG, read_call
 from epreplay.capture.shm_ring import PAD, W_COMMITTED, W_DROPPED, W_HEAD, W_TAIL, ShmRing
 from epreplay.records import Level, Op, Status
 
@@ -56,6 +57,13 @@ class RingConsumer:
             for pos, end, kind, body in ring.frames(self.pos, READ_BYTES):
                 if pos >= limit:
                     break
+                if kind == CTL:  # in ring order: the calls before it go out first
+                    self._emit(calls)
+                    calls = []
+                    if pos >= self.skip_before:
+                        self._apply(pickle.loads(bytes(body)))
+                    self.pos = end
+                    continue
                 self._frame(pos, end, kind, body, calls)
                 self.pos = end
                 done += 1
@@ -125,8 +133,12 @@ class RingConsumer:
 
     # --- control messages (from the pipe, in order) -------------------------------------------
     def control(self, at: int, msg: tuple) -> None:
-        """Apply one control message once the frames published before it are handled."""
+        """Apply one control message that came over the pipe (the ring was full) once the frames
+        published before it are handled."""
         self.drain(at)
+        self._apply(msg)
+
+    def _apply(self, msg: tuple) -> None:
         kind = msg[0]
         if kind == "event":
             self.sink.event(*msg[1:])

@@ -31,7 +31,7 @@ import numpy as np
 
 from epreplay.capture.shm_ring import FRAME, HEADER
 
-BEGIN, END, CALL, HUNG = 1, 2, 3, 4
+BEGIN, END, CALL, HUNG, CTL = 1, 2, 3, 4, 5  # CTL: a pickled control message
 CALL_HEAD = struct.Struct("<IHHQ")  # desc_len, desc codec, spare, call id
 BODY = FRAME.size + CALL_HEAD.size  # where desc starts in a frame
 
@@ -83,6 +83,19 @@ def _words(dtype: Any) -> tuple[str, str | None]:
             raise TypeError(f"capture ring: no wire form for dtype {name}")
         got = _DTYPES[dtype] = _WORDS[name]
     return got
+
+
+def write_control(ring: Any, msg: tuple) -> bool:
+    """A control message (event, dump) as a CTL frame, published; False when it did not fit."""
+    raw = pickle.dumps(msg, protocol=5)
+    off = ring.reserve(FRAME.size + len(raw))
+    if off < 0:
+        return False
+    at = HEADER + off
+    FRAME.pack_into(ring.mm, at, (FRAME.size + len(raw) + 7) & ~7, CTL, 0)
+    ring.mm[at + FRAME.size:at + FRAME.size + len(raw)] = raw
+    ring.publish()
+    return True
 
 
 def write_call(ring: Any, kind: int, call_id: int, head: tuple, arrays: list[tuple[str, Any, str]],

@@ -244,7 +244,14 @@ class RingPath:
 
     # --- control -----------------------------------------------------------------------------
     def control(self, msg: tuple) -> None:
-        """A control message, ordered after every frame published so far."""
+        """A control message, ordered after every frame published so far: a CTL frame in the
+        ring, or over the pipe (tagged with the ring position) when the ring is full."""
+        if msg[0] != "wake":
+            from epreplay.capture.ring_frames import write_control
+
+            with self._write_lock:
+                if write_control(self.ring, msg):
+                    return
         at = self.ring.word(W_HEAD)
         with self._ctl_lock:
             if self.thread is not None:
