@@ -102,7 +102,7 @@ def _valid_rows_fp(st: Staging, name: str, x: Any, counts_L: Any, *, ready: bool
         return
     fp_LX, finite_LX = fingerprint_rows_fast(x, valid_counts_L=counts_L, with_finite=True)
     st.keep(name, fp_LX)
-    st.keep(name + ":finite", finite_LX.all())
+    st.keep(name + ":finite", finite_LX)  # per row (the writer reduces it): no extra launch
 
 
 def stage_inputs(call: Call, a: dict[str, Any], payload: bool) -> None:

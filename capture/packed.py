@@ -75,8 +75,8 @@ class PackedStaging:
 
             x = self.items[name][1]
             return fingerprint_rows(x).numpy().view(np.uint64), bool(_rows_finite(x))
-        finite = self.items.get(name + ":finite")
-        return np.asarray(v).view(np.uint64), bool(finite) if finite is not None else True
+        finite = self.items.get(name + ":finite")  # 0-d, or per row (the ring's GPU path)
+        return np.asarray(v).view(np.uint64), bool(np.all(finite)) if finite is not None else True
 
     def rows_to_torch(self) -> None:
         """("fp", numpy rows) -> ("fp", torch rows), for stage.batch_fingerprints (imports torch:

@@ -186,15 +186,15 @@ class Recorder:
             x = args.get("topk_idx")
         first = x[0] if isinstance(x, (tuple, list)) else x
         cuda = isinstance(first, torch.Tensor) and first.is_cuda
-        path = self.path or self._choose_path(cuda)
-        if path == "ring":
-            return self._ring_begin(op, bs, seq, step, layer, level, payload, args)
         if cuda and torch.cuda.is_current_stream_capturing():
             # Inside CUDA-graph capture a side-stream copy or event would break the graph: the
             # call is staged into the graph itself (graph_ring.py), or counted when it cannot be.
             return self._graph_begin(op, bs, layer, level, args)
         if cuda and bs.id not in self._graph_rings and op in (Op.LL_DISPATCH, Op.LL_COMBINE):
             self._make_graph_ring(bs.id, first.device)
+        path = self.path or self._choose_path(cuda)
+        if path == "ring":
+            return self._ring_begin(op, bs, seq, step, layer, level, payload, args)
         if cuda and self._side is None:
             from epreplay.capture.graph_ring import guard_graph_capture
 
@@ -221,12 +221,12 @@ class Recorder:
         """The session's hot path, fixed at its first hooked call (module docstring)."""
         choice = self.config.hot_path
         if choice == "auto":
-            choice = "courier" if cuda else "ring"
+            choice = "ring"
         if choice == "ring":
             from epreplay.capture.ring_path import RingPath
 
             try:
-                self._rp = RingPath(self.config, rank=self.rank, world_size=self.world_size)
+                self._rp = RingPath(self.config, rank=self.rank, world_size=self.world_size, cuda=cuda)
                 self._rp.on_off = self.disable
             except OSError as exc:
                 print(f"epreplay capture: rank {self.rank}: no capture ring ({exc}); staging through "
@@ -269,7 +269,7 @@ class Recorder:
         self._op_meta(call, bs, args)
         call.meta.pop("dispatch_seq", None)  # graph lineage is resolved per replay at drain
         if self._drainer is None:
-            self._drainer = Drainer(self._graph_rings, self._q.put)
+            self._drainer = Drainer(self._graph_rings, self._post)
             self._drainer.start()
         return call
 

@@ -23,7 +23,7 @@ from typing import Any
 
 from epreplay.capture.packed import Duration, PackedCall, PackedStaging
 from epreplay.capture.ring_frames import BEGIN, CALL, CTL, END, HUNG, read_call
-from epreplay.capture.shm_ring import PAD, W_COMMITTED, W_DROPPED, W_HEAD, W_TAIL, ShmRing
+from epreplay.capture.shm_ring import PAD, W_COMMITTED, W_DROPPED, W_DTAIL, W_HEAD, W_TAIL, ShmRing
 from epreplay.records import Level, Op, Status
 
 # Bytes of frames read at once before building: bounds the writer's memory, and a batch's CPU
@@ -42,6 +42,7 @@ class RingConsumer:
         self.open: dict[int, tuple[int, tuple, dict[str, Any]]] = {}  # call id -> (pos, head, items)
         self.dropped_seen = 0  # the job zeroes the word at a session's start (RingPath)
         self.records = 0
+        self.dev_tail = ring.word(W_DTAIL)
         # (kind, buffer, seq, status) of the record a killed predecessor wrote last, if any
         self.last = sink.last_record() if resume else None
 
@@ -76,7 +77,9 @@ class RingConsumer:
                calls: list[tuple[int, PackedCall]]) -> None:
         if kind == PAD:
             return
-        call_id, head, items = read_call(body)
+        call_id, head, items, dev_end = read_call(body, self.ring.dev_view)
+        if dev_end > self.dev_tail:  # copied out: the device mirror may take new bytes there
+            self.dev_tail = dev_end
         if kind == BEGIN:
             self.open[call_id] = (pos, head, items)
             return
@@ -119,6 +122,7 @@ class RingConsumer:
         needed: open calls' BEGIN frames, and frames whose records the sink holds back)."""
         if not self.sink.held:
             self.ring.set_word(W_COMMITTED, max(pos, self.skip_before))
+        self.ring.set_word(W_DTAIL, self.dev_tail)
         oldest = min((p for p, _, _ in self.open.values()), default=pos)
         keep = self.ring.word(W_COMMITTED) if self.sink.held else pos
         self.ring.release(min(oldest, keep, pos))

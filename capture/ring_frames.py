@@ -15,7 +15,9 @@ desc = (head, specs, values):
   BEGIN head  (op, buffer, seq, step, layer, start_ns, level, tokens, meta, args_text); HUNG too
   END head    (status, tokens, duration_ns, meta_added, done)
   CALL head   BEGIN's ten fields + (END's head,)
-  specs       [(name, tag, numpy dtype str, shape, logical dtype or None, nbytes)] in byte order;
+  specs       [(name, tag, numpy dtype str, shape, logical dtype or None, nbytes, where)]: where
+              -1 for bytes inline in the frame (in spec order), else the absolute position of
+              the bytes in the ring's device mirror area (a GPU tensor, device_stage.py);
               tag "a" an array, "fp" rows to fingerprint, "fp0"/"fp1" an FP8 pair's two parts
   values      [(name, plain value)] (lists of ints: num_recv_tokens_per_expert_list)
 Everything here but `write_call` is torch-free: the writer process imports it without torch.
@@ -45,9 +47,11 @@ _WORDS = {
 }
 
 
-def read_call(body: memoryview) -> tuple[int, int, Any, dict[str, Any]]:
-    """One BEGIN/END frame's body (after the 8-byte frame header) -> (kind-free) call id,
-    head, items: {name: array | (words, logical) | ("fp", rows) | value}, copied out of the ring."""
+def read_call(body: memoryview, dev: Any = None) -> tuple[int, Any, dict[str, Any], int]:
+    """One call frame's body (after the 8-byte frame header) -> call id, head, items:
+    {name: array | (words, logical) | ("fp", rows) | value}, copied out of the ring, and the end
+    of its bytes in the device mirror area (-1: none there).
+    dev: the ring's device mirror area (ShmRing.dev_view), where GPU arrays' bytes are."""
     desc_len, codec, _, call_id = CALL_HEAD.unpack_from(body, 0)
     start = CALL_HEAD.size
     raw = bytes(body[start:start + desc_len])
@@ -55,9 +59,16 @@ def read_call(body: memoryview) -> tuple[int, int, Any, dict[str, Any]]:
     pos = start + ((desc_len + 7) & ~7)
     items: dict[str, Any] = {}
     pairs: dict[str, list[Any]] = {}
-    for name, tag, dtype, shape, logical, nbytes in specs:
-        arr = np.frombuffer(body[pos:pos + nbytes], dtype=np.dtype(dtype)).reshape(shape).copy()
-        pos += (nbytes + 7) & ~7
+    dev_end = -1
+    for name, tag, dtype, shape, logical, nbytes, where in specs:
+        if where < 0:
+            src = body[pos:pos + nbytes]
+            pos += (nbytes + 7) & ~7
+        else:
+            at = where % len(dev)
+            src = dev[at:at + nbytes]
+            dev_end = max(dev_end, where + nbytes)
+        arr = np.frombuffer(src, dtype=np.dtype(dtype)).reshape(shape).copy()
         a = (arr, logical) if logical else arr
         if tag == "a":
             items[name] = a
@@ -68,14 +79,14 @@ def read_call(body: memoryview) -> tuple[int, int, Any, dict[str, Any]]:
             items[name] = ("fp", pairs[name])
     for name, v in values:
         items[name] = v
-    return call_id, head, items
+    return call_id, head, items, dev_end
 
 
 # --- the job's side (torch tensors) ----------------------------------------------------------
 _DTYPES: dict[Any, tuple[str, str | None]] = {}
 
 
-def _words(dtype: Any) -> tuple[str, str | None]:
+def words_of(dtype: Any) -> tuple[str, str | None]:
     got = _DTYPES.get(dtype)
     if got is None:
         name = str(dtype).replace("torch.", "")
@@ -99,21 +110,22 @@ def write_control(ring: Any, msg: tuple) -> bool:
 
 
 def write_call(ring: Any, kind: int, call_id: int, head: tuple, arrays: list[tuple[str, Any, str]],
-               values: list[tuple[str, Any]], memmove: Any) -> bool:
+               values: list[tuple[str, Any]], memmove: Any, dev_specs: list | None = None) -> bool:
     """Write one call frame into the ring and publish it; False when it did not fit (dropped).
 
     arrays: [(name, CPU tensor, tag)]; each is copied (a memmove from its data pointer) now, so
     the frame is a snapshot as of this moment whatever the caller does with the tensor later.
+    dev_specs: specs of GPU arrays already gathered into the device ring (device_stage.py).
     """
-    specs = []
+    specs = list(dev_specs) if dev_specs else []
     srcs = []
     total = 0
     for name, t, tag in arrays:
         if not t.is_contiguous():
             t = t.contiguous()
-        words, logical = _words(t.dtype)
+        words, logical = words_of(t.dtype)
         nb = t.nbytes
-        specs.append((name, tag, words, tuple(t.shape), logical, nb))
+        specs.append((name, tag, words, tuple(t.shape), logical, nb, -1))
         srcs.append((t, nb))
         total += (nb + 7) & ~7
     desc = (head, specs, values)

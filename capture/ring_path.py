@@ -35,25 +35,33 @@ memmove = ctypes.memmove
 
 
 class RingStaging:
-    """extract.stage_inputs/stage_outputs' staging interface for host tensors: collects
-    (name, tensor, tag) references; ring_frames.write_call copies them into the frame."""
+    """extract.stage_inputs/stage_outputs' staging interface: collects (name, tensor, tag)
+    references; ring_frames.write_call copies host tensors into the frame, device_stage gathers
+    CUDA tensors (one launch) into the device ring."""
 
-    __slots__ = ("arrays", "values")
+    __slots__ = ("arrays", "values", "dev", "after_ev")
     cuda = False
 
     def __init__(self) -> None:
         self.arrays: list[tuple[str, Any, str]] = []
         self.values: list[tuple[str, Any]] = []
+        self.dev: list[tuple[str, Any, str]] = []  # CUDA tensors, and ("hash") rows to fingerprint
+        self.after_ev: Any = None
 
     def keep(self, name: str, t: Any) -> None:
         if t is not None:
-            self.arrays.append((name, t if not t.is_cuda else t.detach().cpu(), "a"))
+            (self.dev if t.is_cuda else self.arrays).append((name, t, "a"))
 
-    snapshot = keep  # the frame copies at once: every kept tensor is a snapshot
+    snapshot = keep  # the frame (or the gather, in stream order) copies now: a snapshot
 
     def rows_fp(self, name: str, x: Any) -> None:
-        """Rows the writer fingerprints: their bytes go in the frame (hashing is the writer's)."""
+        """Rows to fingerprint: host rows' bytes go in the frame (the writer hashes them); CUDA
+        rows are hashed on the device where the gather runs (device_stage.py)."""
         if x is None:
+            return
+        first = x[0] if isinstance(x, (tuple, list)) else x
+        if first.is_cuda:
+            self.dev.append((name, tuple(x) if isinstance(x, list) else x, "hash"))
             return
         if isinstance(x, (tuple, list)):
             self.arrays.append((name, x[0], "fp0"))
@@ -65,7 +73,9 @@ class RingStaging:
         self.values.append((name, v))
 
     def after(self, event: Any) -> None:
-        pass  # host tensors: nothing to order after
+        """Outputs from DeepEP's comm stream (async_finish): the gather waits for this event."""
+        if event is not None and hasattr(event, "current_stream_wait"):
+            self.after_ev = event
 
     def seal(self) -> None:
         pass
@@ -131,9 +141,10 @@ def args_text(args: dict[str, Any]) -> dict[str, Any]:
 class RingPath:
     """One capture session's ring and writer (see the module docstring)."""
 
-    def __init__(self, config: Any, *, rank: int, world_size: int) -> None:
+    def __init__(self, config: Any, *, rank: int, world_size: int, cuda: bool = False) -> None:
         self.config, self.rank, self.world_size = config, rank, world_size
         self.proc: Any = None
+        self.dev: Any = None  # device_stage.DeviceStage, made at the first CUDA call
         self.thread: Any = None
         self.restarts = 0
         self.off_reason: str | None = None  # set when the writer failed for good
@@ -146,16 +157,17 @@ class RingPath:
         if config.writer == "process":
             from epreplay.capture.writer_proc import acquire_ring
 
-            self.proc = acquire_ring(config, rank=rank, world_size=world_size)
+            self.proc = acquire_ring(config, rank=rank, world_size=world_size, cuda=cuda)
             self.ring: ShmRing = self.proc.ring
             self.ring.set_word(W_DROPPED, 0)  # drops are counted per session (before any frame)
         else:
             from epreplay.capture.ring_consumer import RingConsumer
             from epreplay.capture.sink import Sink
 
-            self.ring = ShmRing.create(config.queue_bytes)
+            self.ring = ShmRing.create(*ring_sizes(config, cuda))
             self.sink = Sink(config, rank=rank, world_size=world_size)
             self.thread = ThreadWriter(RingConsumer(self.ring, self.sink), self)
+        self.ring.deferred = cuda  # GPU frames are published by the device drain
         self._stop = threading.Event()
         self._monitor = threading.Thread(target=self._watch, name=f"epreplay-ring-monitor-{rank}",
                                          daemon=True)
@@ -184,9 +196,32 @@ class RingPath:
         from epreplay.capture.ring_frames import write_call
 
         with self._write_lock:
-            ok = write_call(self.ring, kind, call.id, head, st.arrays, st.values, memmove)
+            specs = None
+            if st.dev:
+                specs = self._gather(st)
+                if specs is None:  # the device ring is full: drop and count
+                    self.ring.count_drop()
+                    rec.dropped += 1
+                    return
+            ok = write_call(self.ring, kind, call.id, head, st.arrays, st.values, memmove, specs)
         if not ok:
             rec.dropped += 1
+
+    def _gather(self, st: RingStaging) -> Any:
+        from epreplay.capture.stage import current_stream
+
+        first = st.dev[0][1]
+        device = (first[0] if isinstance(first, tuple) else first).device
+        if self.dev is None:
+            from epreplay.capture.device_stage import DeviceStage
+
+            if not self.ring.dev_capacity:
+                raise RuntimeError("a CUDA tensor reached a host-only capture session "
+                                   "(its first hooked call was on the CPU)")
+            self.dev = DeviceStage(self.ring, device, self._write_lock)
+        if self.dev.failed:
+            raise RuntimeError(self.dev.failed)
+        return self.dev.gather(st.dev, current_stream(device), st.after_ev)
 
     def _begin_head(self, call: RingCall, meta: dict[str, Any], args: dict[str, Any]) -> tuple:
         return (int(call.op), call.buffer, call.seq, call.step, call.layer, call.start_ns,
@@ -264,7 +299,7 @@ class RingPath:
 
     def flush(self, timeout: float) -> bool:
         """Wait until every frame published so far is in the sink (shard or flight ring)."""
-        target = self.ring.word(W_HEAD)
+        target = self.ring._head  # written so far (a GPU session's drain publishes them shortly)
         self.control(("wake",))
         end = time.monotonic() + timeout
         while self.ring.word(W_COMMITTED) < target:
@@ -277,6 +312,10 @@ class RingPath:
         """Drain the ring, write the footer; the writer's facts. Raises RuntimeError with the
         reason when the writer failed."""
         self._closing = True
+        if self.dev is not None:
+            self.dev.stop()  # the last device bytes and frames reach the ring
+            if self.dev.failed:
+                self._off(self.dev.failed)
         self._stop.set()
         self._monitor.join(2.0)
         if self.off_reason is not None:
@@ -369,6 +408,15 @@ class ThreadWriter(threading.Thread):
         if self.path.off_reason is not None:
             raise RuntimeError(self.path.off_reason)
         return dict(self.consumer.sink.facts(), cpu_s=self.cpu_s)
+
+
+def ring_sizes(config: Any, cuda: bool) -> tuple[int, int]:
+    """(frame area, device area) bytes. A GPU session's frames hold descriptors and host items
+    only (the arrays are in the device area), so 32 MiB of frames go with queue_bytes of device
+    bytes; a host session's frames hold everything: queue_bytes."""
+    if cuda:
+        return min(config.queue_bytes, 32 << 20), config.queue_bytes
+    return config.queue_bytes, 0
 
 
 def ring_available() -> bool:

@@ -14,7 +14,10 @@ Layout (little-endian, x86-64 and arm64 alike; every word is 8-byte aligned):
   word 16 tail              bytes the consumer no longer needs (the producer may overwrite them)
   word 24 committed         frames before it reached the shard (or are held by the writer)
   word 32 dropped           frames the producer could not fit (informational; the job counts too)
+  word 2  device capacity D (0: none)   word 40 device tail (bytes of the device area released)
   data    at HEADER, C bytes; absolute position p lives at HEADER + p % C
+  device  at HEADER + C, D bytes: the host mirror of the job's device staging ring
+          (device_stage.py), filled in bulk by device->host copies, read by the writer
 Frames (8-byte aligned): u32 length (header included, padded to 8), u16 kind, u16 spare, body.
 A frame never wraps: when the rest of the area is too short the producer writes a PAD frame
 there and starts the next frame at the area's beginning.
@@ -35,6 +38,7 @@ import numpy as np
 MAGIC = 0x3147_4E49_5252_5045  # b"EPRRING1" little-endian
 HEADER = 4096  # one page of control words, so the data area is page-aligned
 W_MAGIC, W_CAP, W_HEAD, W_TAIL, W_COMMITTED, W_DROPPED = 0, 1, 8, 16, 24, 32  # uint64 word index
+W_DCAP, W_DTAIL = 2, 40
 FRAME = struct.Struct("<IHH")  # length, kind, spare
 PAD = 0
 ALIGN = 8
@@ -59,15 +63,22 @@ class ShmRing:
         if int(self.words[W_MAGIC]) != MAGIC:
             raise ValueError(f"fd {fd}: not an epreplay capture ring (magic {int(self.words[W_MAGIC]):#x})")
         self.capacity = int(self.words[W_CAP])
+        self.dev_capacity = int(self.words[W_DCAP])
         # The data area's address, for ctypes.memmove from a tensor's data pointer (the hot path)
         self.base = ctypes.addressof(ctypes.c_char.from_buffer(self.mm)) + HEADER
         self.view = memoryview(self.mm)
+        self.dev_view = self.view[HEADER + self.capacity:HEADER + self.capacity + self.dev_capacity]
         self._head = int(self.words[W_HEAD])  # the producer's private head (reserved, unpublished)
+        # GPU sessions: frames are published by the drain once their device bytes are here
+        # (device_stage.py), not by each write.
+        self.deferred = False
 
     @classmethod
-    def create(cls, capacity: int) -> "ShmRing":
-        """A new ring of `capacity` data bytes (rounded up to 8) in a fresh memfd."""
+    def create(cls, capacity: int, dev_capacity: int = 0) -> "ShmRing":
+        """A new ring of `capacity` data bytes (rounded up to 8) in a fresh memfd, plus a device
+        mirror area of dev_capacity bytes (GPU sessions)."""
         capacity = aligned(max(capacity, 4096))
+        dev_capacity = aligned(dev_capacity)
         try:
             fd = os.memfd_create("epreplay-capture-ring", os.MFD_CLOEXEC)
         except (AttributeError, OSError):  # no memfd: an unlinked file in the temp dir
@@ -76,9 +87,9 @@ class ShmRing:
             fh = tempfile.TemporaryFile(prefix="epreplay-ring-")
             fd = os.dup(fh.fileno())
             fh.close()
-        os.ftruncate(fd, HEADER + capacity)
+        os.ftruncate(fd, HEADER + capacity + dev_capacity)
         with mmap.mmap(fd, HEADER, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE) as mm:
-            struct.pack_into("<QQ", mm, 0, MAGIC, capacity)
+            struct.pack_into("<QQQ", mm, 0, MAGIC, capacity, dev_capacity)
         ring = cls(fd)
         ring.populate()
         return ring
@@ -98,6 +109,7 @@ class ShmRing:
     def close(self) -> None:
         """Unmap (the caller owns the fd)."""
         self.words = None  # type: ignore[assignment]
+        self.dev_view.release()
         self.view.release()
         try:
             self.mm.close()
@@ -124,8 +136,17 @@ class ShmRing:
         return off
 
     def publish(self) -> None:
-        """Make every frame reserved so far visible to the consumer (one 8-byte store)."""
-        self.words[W_HEAD] = self._head
+        """Make every frame reserved so far visible to the consumer (one 8-byte store); in a
+        deferred ring (GPU session) the device drain does it (publish_upto)."""
+        if not self.deferred:
+            self.words[W_HEAD] = self._head
+
+    def publish_upto(self, head: int) -> None:
+        self.words[W_HEAD] = head
+
+    def count_drop(self) -> None:
+        """A frame dropped for another reason (the device ring full): the writer reports it."""
+        self.words[W_DROPPED] += 1
 
     def used(self) -> int:
         """Bytes published or reserved and not yet released by the consumer."""

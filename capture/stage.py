@@ -258,8 +258,8 @@ class Staging:
             x = v[1]
             fp = fingerprint_rows(x).numpy().view(np.uint64)
             return fp, bool(_rows_finite(x))
-        finite = self.items.get(name + ":finite")
-        return v.numpy().view(np.uint64), bool(finite) if finite is not None else True
+        finite = self.items.get(name + ":finite")  # 0-d, or one flag per row
+        return v.numpy().view(np.uint64), bool(finite.all()) if finite is not None else True
 
 
 def _fp_key(x: Any) -> tuple:

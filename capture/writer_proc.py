@@ -198,13 +198,16 @@ class WriterProcess:
 _idle: list[WriterProcess] = []  # writer processes between sessions, most recent last
 
 
-def acquire_ring(config: Any, *, rank: int, world_size: int) -> WriterProcess:
+def acquire_ring(config: Any, *, rank: int, world_size: int, cuda: bool = False) -> WriterProcess:
     """A ring writer process for a new session: an idle one of this process whose ring has the
-    configured size (its positions go on from where the last session ended), or a new one."""
+    configured sizes (its positions go on from where the last session ended), or a new one."""
+    from epreplay.capture.ring_path import ring_sizes
     from epreplay.capture.shm_ring import ShmRing, aligned
 
+    frames, dev = ring_sizes(config, cuda)
     for proc in list(_idle):
-        if proc.ring is not None and proc.ring.capacity == aligned(max(config.queue_bytes, 4096)):
+        if proc.ring is not None and (proc.ring.capacity, proc.ring.dev_capacity) == \
+                (aligned(max(frames, 4096)), aligned(dev)):
             _idle.remove(proc)
             if proc.alive():
                 try:
@@ -212,7 +215,7 @@ def acquire_ring(config: Any, *, rank: int, world_size: int) -> WriterProcess:
                     return proc
                 except OSError:
                     proc.kill()
-    proc = WriterProcess(ring=ShmRing.create(config.queue_bytes))
+    proc = WriterProcess(ring=ShmRing.create(frames, dev))
     proc.begin(config, rank=rank, world_size=world_size)
     return proc
 

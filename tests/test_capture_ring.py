@@ -72,7 +72,8 @@ def test_call_frames_round_trip_every_dtype_and_pair():
     head = (1, 2, 3, 4, 5, 6, 7, 8, {"E": 8, "nested": {"a": [1]}}, {"x": "bfloat16[3,128]"})
     assert write_call(ring, CALL, 42, head, arrays, [("_num_recv_list", [3, 0])], ctypes.memmove)
     (pos, end, kind, body), = ring.frames(0)
-    call_id, got_head, items = read_call(body)
+    call_id, got_head, items, dev_end = read_call(body)
+    assert dev_end == -1
     assert (kind, call_id, got_head) == (CALL, 42, head)
     np.testing.assert_array_equal(items["a_TK"], np.arange(12).reshape(3, 4))
     np.testing.assert_array_equal(items["w_TK"], arrays[1][1].numpy())
@@ -88,29 +89,32 @@ def test_call_frames_round_trip_every_dtype_and_pair():
 
 
 # --- the same records as the courier path ---------------------------------------------------------
-def _inputs(rank: int, step: int):
+def _inputs(rank: int, step: int, device: str = "cpu"):
     g = torch.Generator().manual_seed(100 * rank + step)
     idx = torch.topk(torch.rand(T, E, generator=g), K, dim=1).indices.to(torch.int64)
     idx[torch.rand(T, K, generator=g) < 0.1] = -1
-    return torch.randn(T, H, generator=g).to(torch.bfloat16), idx, torch.rand(T, K, generator=g)
+    x, w = torch.randn(T, H, generator=g).to(torch.bfloat16), torch.rand(T, K, generator=g)
+    return x.to(device), idx.to(device), w.to(device)
 
 
-def _workload(buf, ll, rank: int) -> None:
-    """Every call shape capture knows on a CPU: normal BF16 and FP8 dispatch, cached dispatch,
-    combine, low-latency dispatch (BF16 and FP8, with and without the recv hook) and combine,
-    token tags, and a dispatch that raises."""
+def _workload(buf, ll, rank: int, device: str = "cpu") -> None:
+    """Every call shape capture knows: normal BF16 and FP8 dispatch (the FP8 one with
+    async_finish), cached dispatch, combine, low-latency dispatch (BF16 and FP8, with and without
+    the recv hook) and combine, token tags, and a dispatch that raises."""
     from epreplay import capture
     from epreplay.epbench import per_token_cast_to_fp8
 
     for step in range(2):
         with capture.step(step):
-            x, idx, w = _inputs(rank, step)
+            x, idx, w = _inputs(rank, step, device)
             n_rank, n_rdma, n_exp, in_rank, _ = buf.get_dispatch_layout(idx, E)
             capture.tag_tokens(torch.arange(T) + 1000 * rank)
             xs = per_token_cast_to_fp8(x) if step else x
-            recv_x, _, recv_w, _, handle, _ = buf.dispatch(
+            recv_x, _, recv_w, _, handle, event = buf.dispatch(
                 xs, num_tokens_per_rank=n_rank, num_tokens_per_rdma_rank=n_rdma, is_token_in_rank=in_rank,
-                num_tokens_per_expert=n_exp, topk_idx=idx, topk_weights=w)
+                num_tokens_per_expert=n_exp, topk_idx=idx, topk_weights=w, async_finish=bool(step))
+            if step:
+                event.current_stream_wait()
             buf.dispatch(xs, handle=handle)  # cached
             y = recv_x if not isinstance(recv_x, tuple) else x[:0].new_zeros(recv_x[0].shape)
             buf.combine(y, handle, topk_weights=recv_w)
@@ -119,7 +123,8 @@ def _workload(buf, ll, rank: int) -> None:
                                                                   return_recv_hook=hook)
             if hook:
                 got_hook()
-            z = recv if not isinstance(recv, tuple) else torch.zeros(recv[0].shape, dtype=torch.bfloat16)
+            z = recv if not isinstance(recv, tuple) else torch.zeros(recv[0].shape, dtype=torch.bfloat16,
+                                                                     device=device)
             ll.low_latency_combine(z, idx, w, h)
     try:
         buf.dispatch(x, topk_idx=idx[:, :1].contiguous(), topk_weights=w)  # wrong shapes: raises
@@ -138,9 +143,12 @@ def _rank_paths(ctx, root: str, level: str) -> dict:
         capture.start(os.path.join(root, path), level=level, hot_path=path)
         buf = Buffer(dist.group.WORLD)
         ll = Buffer(dist.group.WORLD, low_latency_mode=True)
-        _workload(buf, ll, ctx.rank)
+        _workload(buf, ll, ctx.rank, ctx.device)
         facts[path] = capture.stop()
     return facts
+
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 
 def _records(run_dir) -> dict[int, list]:
@@ -153,14 +161,18 @@ def _records(run_dir) -> dict[int, list]:
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, needs_cuda])])
 @pytest.mark.parametrize("level", ["counts", "routing", "fingerprints", "payload"])
-def test_ring_records_equal_the_courier_path_at_every_level(tmp_path, level):
-    facts = run_ranks(_rank_paths, 2, str(tmp_path), level, timeout=180)
+def test_ring_records_equal_the_courier_path_at_every_level(tmp_path, level, device):
+    """On a GPU: the ring's one-launch gather and bulk drain against the courier path's
+    side-stream copies (GPU fingerprints on both), CUDA tensors through NCCL on one rank."""
+    ranks = 2 if device == "cpu" else 1
+    facts = run_ranks(_rank_paths, ranks, str(tmp_path), level, device=device, timeout=300)
     for f in facts:
         assert f["ring"]["hot_path"] == "ring" and f["courier"]["hot_path"] == "courier"
-        assert f["ring"]["dropped"] == 0 and f["ring"]["disabled"] is None
+        assert f["ring"]["dropped"] == 0 and f["ring"]["disabled"] is None, f["ring"]
     ring, courier = _records(tmp_path / "ring"), _records(tmp_path / "courier")
-    for rank in (0, 1):
+    for rank in range(ranks):
         a, b = ring[rank], courier[rank]
         ops = [r.header.op for r in a]
         assert ops == [r.header.op for r in b] and len(a) == 2 * 6 + 1

@@ -1,0 +1,181 @@
+"""GPU staging for the capture ring: one gather launch per hooked call, drained in bulk.
+
+Legend: D the device staging ring's bytes (= the ring's device mirror area), T tokens.
+
+Per hooked call with CUDA tensors the job's thread launches ONE kernel on the stream the call
+ran on: `torch.cat` of the call's staged tensors (each viewed as bytes) into the next free
+bytes of a device ring `D` (reserved on the host: shapes are host facts, so no device counter
+and no host sync), and writes the call's frame, which names each array's place in D, into the
+shared ring without publishing it. No event, no allocation, no side stream per call. Fingerprints
+(level `fingerprints`) are computed by their Triton kernel on the same stream before the gather.
+
+The drain thread, every DRAIN_S: under the ring's write lock it takes the frames and D bytes
+written so far, records one event per stream the calls used (the same event object each time),
+makes its side stream wait on them, copies D's new bytes into the ring's device mirror area
+(host memory registered with CUDA, so the copy is one async DMA, two where it wraps), waits for
+that copy (the GIL is released while it waits), then publishes the frames. One copy and one event
+per batch. The writer process reads the bytes from the mirror; D and the mirror share offsets, so
+the writer's release of mirror bytes (word W_DTAIL) frees D's bytes too.
+
+A call whose outputs come from DeepEP's comm stream (async_finish=True) is gathered on the side
+stream after its EventOverlap, not on the job's stream (two event waits: the one exception).
+CUDA-graph captures keep their own device rings (graph_ring.py); the drain never touches CUDA
+while a graph is being captured (graph_ring.QUIET).
+"""
+from __future__ import annotations
+
+import ctypes
+import threading
+from typing import Any
+
+import torch
+
+from epreplay.capture.ring_frames import words_of
+from epreplay.capture.shm_ring import HEADER, W_DTAIL, ShmRing
+
+# Drain period: a batch every 2 ms keeps the frames' delay short while the drain's Python (a
+# handful of torch calls, ~50 us) costs the job's GIL ~2%.
+DRAIN_S = 0.002
+
+
+class DeviceStage:
+    """The device ring D of one capture session and its drain (module docstring)."""
+
+    def __init__(self, ring: ShmRing, device: torch.device, lock: threading.Lock) -> None:
+        from epreplay.capture.graph_ring import guard_graph_capture
+
+        guard_graph_capture()  # from now on our threads never touch CUDA during a graph capture
+        self.ring, self.lock = ring, lock
+        self.capacity = ring.dev_capacity
+        self.D = torch.empty(self.capacity, dtype=torch.uint8, device=device)
+        self.head = 0  # bytes of D reserved (absolute)
+        self.drained = 0  # bytes of D copied to the mirror
+        self.streams: dict[int, Any] = {}  # streams gathered on since the last drain
+        self.side = torch.cuda.Stream(device=device)
+        self.ev = torch.cuda.Event()
+        self.done = torch.cuda.Event()
+        self.mirror = self._mirror()
+        self.failed: str | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="epreplay-device-drain", daemon=True)
+        self._thread.start()
+
+    def _mirror(self) -> torch.Tensor:
+        """The ring's device mirror area as a CPU tensor over the shared pages, registered with
+        CUDA so device->host copies into it are DMA (no staging buffer, no extra host copy)."""
+        mm = self.ring.mm
+        host = torch.frombuffer(mm, dtype=torch.uint8, count=self.capacity,
+                                offset=HEADER + self.ring.capacity)
+        rc = torch.cuda.cudart().cudaHostRegister(host.data_ptr(), self.capacity, 0)
+        if int(rc) != 0:
+            raise OSError(f"cudaHostRegister of the capture ring's device area failed ({rc})")
+        self._registered = host.data_ptr()
+        return host
+
+    # --- the job's thread, under the ring's write lock ----------------------------------------
+    def gather(self, tensors: list[tuple[str, torch.Tensor, str]], stream: Any, after: Any = None
+               ) -> list[tuple] | None:
+        """One launch: copy every tensor's bytes into D; returns their frame specs, or None when
+        D is full (the call is dropped). after: an EventOverlap the copies must wait for."""
+        specs, pieces, total = [], [], 0
+        for name, t, tag in self._hashed(tensors, stream, after):
+            if not t.is_contiguous():
+                t = t.contiguous()
+            words, logical = words_of(t.dtype)
+            nb = t.nbytes
+            specs.append([name, tag, words, tuple(t.shape), logical, nb, total])
+            pieces.append(t.reshape(-1).view(torch.uint8) if t.dim() else t.reshape(1).view(torch.uint8))
+            total += nb
+        if not total:
+            return [tuple(s) for s in specs]
+        cap, head = self.capacity, self.head
+        off = head % cap
+        pad = cap - off if off + total > cap else 0  # never wrap inside one call's bytes
+        if total > cap or head + pad + total - self.ring.word(W_DTAIL) > cap:
+            return None
+        start = head + pad
+        self.head = start + total
+        o = start % cap
+        dst = self.D[o:o + total]
+        if after is not None:  # async_finish outputs: gather on the side stream after DeepEP's event
+            with torch.cuda.stream(self.side):
+                torch.cat(pieces, out=dst)
+            for p in pieces:
+                p.record_stream(self.side)
+            stream = self.side
+        else:
+            with torch.cuda.stream(stream):
+                torch.cat(pieces, out=dst)
+        self.streams[id(stream)] = stream
+        for s in specs:
+            s[6] += start
+        return [tuple(s) for s in specs]
+
+    def _hashed(self, tensors: list[tuple[str, Any, str]], stream: Any, after: Any) -> list:
+        """("hash" entries -> their fingerprints and per-row finite flags, computed on the stream
+        the gather runs on; for async_finish outputs that is the side stream, made to wait for
+        the job's stream and DeepEP's event first."""
+        from epreplay.fingerprint_gpu import fingerprint_rows_fast
+
+        if after is not None:
+            self.side.wait_stream(stream)
+            with torch.cuda.stream(self.side):
+                after.current_stream_wait()
+        if not any(tag == "hash" for _, _, tag in tensors):
+            return tensors
+        out = []
+        with torch.cuda.stream(self.side if after is not None else stream):
+            for name, x, tag in tensors:
+                if tag != "hash":
+                    out.append((name, x, tag))
+                    continue
+                fp_T, finite_T = fingerprint_rows_fast(x, with_finite=True)
+                out.append((name, fp_T, "a"))
+                out.append((name + ":finite", finite_T, "a"))
+        return out
+
+    # --- the drain thread ---------------------------------------------------------------------
+    def drain_once(self) -> None:
+        from epreplay.capture.graph_ring import QUIET
+
+        with QUIET:
+            with self.lock:
+                frames_head = self.ring._head
+                dev_head = self.head
+                streams = list(self.streams.values())
+                self.streams.clear()
+            if dev_head > self.drained:
+                for s in streams:
+                    self.ev.record(s)
+                    self.side.wait_event(self.ev)
+                cap = self.capacity
+                a, b = self.drained, dev_head
+                with torch.cuda.stream(self.side):
+                    while a < b:  # one copy, two where the new bytes wrap around D's end
+                        off = a % cap
+                        n = min(b - a, cap - off)
+                        self.mirror[off:off + n].copy_(self.D[off:off + n], non_blocking=True)
+                        a += n
+                self.done.record(self.side)
+                self.done.synchronize()
+                self.drained = dev_head
+        self.ring.publish_upto(frames_head)
+
+    def _run(self) -> None:
+        while not self._stop.wait(DRAIN_S):
+            try:
+                self.drain_once()
+            except Exception as exc:  # noqa: BLE001 - capture off, the job goes on
+                self.failed = f"device drain: {type(exc).__name__}: {exc}"
+                return
+
+    def stop(self) -> None:
+        """Final drain (everything gathered so far reaches the ring), then unregister."""
+        self._stop.set()
+        self._thread.join(5.0)
+        if self.failed is None:
+            self.drain_once()
+        try:
+            torch.cuda.cudart().cudaHostUnregister(ctypes.c_void_p(self._registered).value)
+        except Exception:  # noqa: BLE001
+            pass
