@@ -2,7 +2,7 @@
 
     python bench/capture_hotpath.py [--device cpu|cuda] [--rounds 7] [--iters 40]
                                     [--shapes decode,decode-ll,prefill] [--levels counts,routing,fingerprints]
-                                    [--writer process|thread]
+                                    [--writer process|thread] [--hot-path auto|ring|courier]
 
 Legend: T tokens, H hidden, E experts, K top-k.
 
@@ -60,8 +60,8 @@ def _rank(ctx, args: dict, root: str) -> dict:
     import torch
     import torch.distributed as dist
 
-    from epreplay import capture, epbench
-    from epreplay import emulate
+    from epreplay import capture, emulate, epbench
+    from epreplay.capture import session
 
     cuda = ctx.device.startswith("cuda")
     group = dist.new_group([0])
@@ -90,8 +90,10 @@ def _rank(ctx, args: dict, root: str) -> dict:
             for mode in modes:
                 if mode != "off":
                     capture.start(os.path.join(root, f"{name}-{mode}-{rnd}"), level=mode,
-                                  writer=args["writer"], layers_per_step=1)
-                    step()  # a session's first call makes its recorder (not the steady state)
+                                  writer=args["writer"], hot_path=args["hot_path"], layers_per_step=1)
+                    step()  # a session's first call makes its recorder and ring (once a session)
+                    rec = session.recorder()
+                    hot0, calls0 = rec.hot_ns, rec.calls
                 if cuda:
                     torch.cuda.synchronize()
                     e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -106,8 +108,8 @@ def _rank(ctx, args: dict, root: str) -> dict:
                     dev[mode] = min(dev[mode], e0.elapsed_time(e1) * 1e3 / iters)
                 host[mode] = min(host[mode], (t1 - t0) * 1e6 / iters)
                 if mode != "off":
+                    hook[mode] = min(hook[mode], (rec.hot_ns - hot0) / 1e3 / max(1, rec.calls - calls0))
                     facts = capture.stop() or {}
-                    hook[mode] = min(hook[mode], facts.get("hot_us", 0.0) / max(1, facts.get("calls", 1)))
                     dropped[mode] += int(facts.get("dropped", 0))
         row = {"calls": calls, "iters": iters, "host_us": host, "hook_us": hook, "dropped": dropped}
         if cuda:
@@ -115,7 +117,7 @@ def _rank(ctx, args: dict, root: str) -> dict:
             launches = {"off": _launches(step, ctx.device)}
             for level in args["levels"]:
                 capture.start(os.path.join(root, f"{name}-{level}-prof"), level=level,
-                              writer=args["writer"], layers_per_step=1)
+                              writer=args["writer"], hot_path=args["hot_path"], layers_per_step=1)
                 step()
                 torch.cuda.synchronize()
                 launches[level] = _launches(step, ctx.device)
@@ -138,6 +140,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--shapes", default=",".join(SHAPES), help="comma-separated: " + ", ".join(SHAPES))
     p.add_argument("--levels", default=",".join(LEVELS), help="comma-separated capture levels")
     p.add_argument("--writer", choices=["process", "thread"], default="process")
+    p.add_argument("--hot-path", choices=["auto", "ring", "courier"], default="auto",
+                   help="how calls reach the writer: the shared ring (auto) or the courier thread "
+                        "(the previous design, kept as the reference) for a before/after")
     a = p.parse_args(argv)
     if a.device == "cuda":
         import torch
@@ -146,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
             print("capture_hotpath: --device cuda needs CUDA", file=sys.stderr)
             return 2
     args = dict(shapes=[s for s in a.shapes.split(",") if s], levels=[s for s in a.levels.split(",") if s],
-                rounds=a.rounds, iters=a.iters, writer=a.writer)
+                rounds=a.rounds, iters=a.iters, writer=a.writer, hot_path=a.hot_path)
     unknown = [s for s in args["shapes"] if s not in SHAPES]
     if unknown:
         print(f"capture_hotpath: unknown shape(s) {unknown}; known: {', '.join(SHAPES)}", file=sys.stderr)
@@ -154,8 +159,8 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="capture-hotpath-") as root:
         res = run_ranks(_rank, 1, args, root, device=a.device, timeout=1800)[0]
     shapes = GPU_SHAPES if a.device == "cuda" else SHAPES
-    print(f"capture hot path, 1 rank, emulated Buffer on {a.device}, writer {a.writer}, "
-          f"min of {a.rounds} interleaved rounds")
+    print(f"capture hot path, 1 rank, emulated Buffer on {a.device}, writer {a.writer}, hot path "
+          f"{a.hot_path}, min of {a.rounds} interleaved rounds")
     print(f"command: python bench/capture_hotpath.py {' '.join(argv if argv is not None else sys.argv[1:])}")
     head = f"{'shape':<34}{'level':<14}{'step us':>10}{'host us/call':>14}{'hook us/call':>14}"
     if a.device == "cuda":

@@ -25,7 +25,8 @@ import torch
 
 from epreplay import marks
 from epreplay.capture.config import CaptureConfig
-from epreplay.capture.extract import Call, describe, stage_inputs, stage_outputs
+from epreplay.capture.extract import Call, stage_inputs, stage_outputs
+from epreplay.capture.ring_path import RingCall
 from epreplay.capture.sink import DUMP_DEDUP_S, STATIC_FACTS
 from epreplay.capture.stage import PinnedPool, Staging, Timer, current_stream
 from epreplay.records import Level, Op, Status
@@ -243,8 +244,6 @@ class Recorder:
                     payload: bool, args: dict[str, Any]) -> Any:
         """Ring path: only the call's identity now; its one frame is written when it returns
         (host tensors are not changed by the call itself, so its inputs are what they were)."""
-        from epreplay.capture.ring_path import RingCall
-
         self._call_ids += 1
         call = RingCall(self._call_ids, op, bs, seq, step, layer, level, payload)
         call.args = args

@@ -18,6 +18,7 @@ wrote, and re-reads the BEGIN frames of calls still open.
 """
 from __future__ import annotations
 
+import marshal
 import pickle
 from typing import Any
 
@@ -155,6 +156,8 @@ class RingConsumer:
 def _packed(begin: tuple, items: dict[str, Any], end: tuple | None, out: dict[str, Any]) -> PackedCall:
     """A BEGIN head and items (+ the END's) as the PackedCall build.build takes."""
     op, buffer, seq, step, layer, start_ns, level, tokens, meta, args_text = begin
+    if isinstance(args_text, bytes):  # the job's cached marshal of the descriptions
+        args_text = marshal.loads(args_text)
     merged = dict(items)
     status, done, duration = Status.OK, False, -1
     if end is not None:

@@ -64,11 +64,17 @@ class ShmRing:
             raise ValueError(f"fd {fd}: not an epreplay capture ring (magic {int(self.words[W_MAGIC]):#x})")
         self.capacity = int(self.words[W_CAP])
         self.dev_capacity = int(self.words[W_DCAP])
+        # The hot path's words as ctypes scalars: an aligned 8-byte load/store each, ~5x cheaper
+        # than numpy scalar indexing.
+        self._w_head = ctypes.c_uint64.from_buffer(self.mm, W_HEAD * 8)
+        self._w_tail = ctypes.c_uint64.from_buffer(self.mm, W_TAIL * 8)
+        self._tail_seen = 0  # the consumer's tail as last read: re-read only when it looks full
         # The data area's address, for ctypes.memmove from a tensor's data pointer (the hot path)
         self.base = ctypes.addressof(ctypes.c_char.from_buffer(self.mm)) + HEADER
         self.view = memoryview(self.mm)
         self.dev_view = self.view[HEADER + self.capacity:HEADER + self.capacity + self.dev_capacity]
         self._head = int(self.words[W_HEAD])  # the producer's private head (reserved, unpublished)
+        self._tail_seen = int(self.words[W_TAIL])
         # GPU sessions: frames are published by the drain once their device bytes are here
         # (device_stage.py), not by each write.
         self.deferred = False
@@ -108,7 +114,7 @@ class ShmRing:
 
     def close(self) -> None:
         """Unmap (the caller owns the fd)."""
-        self.words = None  # type: ignore[assignment]
+        self.words = self._w_head = self._w_tail = None  # type: ignore[assignment]
         self.dev_view.release()
         self.view.release()
         try:
@@ -126,9 +132,11 @@ class ShmRing:
         head = self._head
         off = head % cap
         pad = cap - off if off + n > cap else 0
-        if head + pad + n - int(self.words[W_TAIL]) > cap:
-            self.words[W_DROPPED] += 1
-            return -1
+        if head + pad + n - self._tail_seen > cap:
+            self._tail_seen = self._w_tail.value
+            if head + pad + n - self._tail_seen > cap:
+                self.words[W_DROPPED] += 1
+                return -1
         if pad:
             FRAME.pack_into(self.mm, HEADER + off, pad, PAD, 0)
             off = 0
@@ -139,10 +147,10 @@ class ShmRing:
         """Make every frame reserved so far visible to the consumer (one 8-byte store); in a
         deferred ring (GPU session) the device drain does it (publish_upto)."""
         if not self.deferred:
-            self.words[W_HEAD] = self._head
+            self._w_head.value = self._head
 
     def publish_upto(self, head: int) -> None:
-        self.words[W_HEAD] = head
+        self._w_head.value = head
 
     def count_drop(self) -> None:
         """A frame dropped for another reason (the device ring full): the writer reports it."""
