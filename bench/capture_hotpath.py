@@ -15,9 +15,12 @@ prints:
   host us/call    (step time with capture - step time off) / hooked calls per step: what the job
                   pays, the GIL waits behind capture's other threads included
   hook us/call    the hooks' own time, as the recorder measures it (facts "hot_us")
-  device us/call  (GPU) CUDA-event time of the step with capture - off, per hooked call
-  launches/call   (GPU) kernels + copies + memsets per step with capture - off, per hooked call
-                  (torch.profiler, one profiled step)
+  device us/call  (GPU) device time of every kernel and copy in a step with capture - off, per
+                  hooked call (torch.profiler over 5 steps; the "off" row gives the step's total)
+  kernels/call    (GPU) kernels per step with capture - off, per hooked call (the gather, and at
+                  fingerprints the hash kernels)
+  copies/call     (GPU) copies per step with capture - off, per call (the drain's bulk copies,
+                  one per batch, so a fraction)
 Targets (issue 13): host <= 5 us/call at routing, <= 10 at fingerprints; device <= 2 us; 1 launch.
 """
 from __future__ import annotations
@@ -44,16 +47,30 @@ GPU_SHAPES = {  # DeepEP's benchmark shapes
 LEVELS = ["counts", "routing", "fingerprints"]
 
 
-def _launches(step, device: str) -> int:
-    """Kernels, copies and memsets one call of step() puts on the GPU (torch.profiler)."""
+def _device_work(step, steps: int = 5) -> tuple[float, float, float]:
+    """Per step of step(): (kernels, copies and memsets, device us of all of them) that the GPU
+    ran, from torch.profiler over `steps` steps. Capture's kernels are the gather (one per call)
+    and, at `fingerprints`, the hash kernels; its copies are the drain's (one per batch)."""
+    import torch
     from torch.profiler import ProfilerActivity, profile
 
+    torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        step()
-        import torch
-
+        for _ in range(steps):
+            step()
         torch.cuda.synchronize()
-    return sum(1 for e in prof.events() if e.device_type.name == "CUDA")
+    kernels = copies = 0
+    busy_us = 0.0
+    for e in prof.events():
+        if e.device_type.name != "CUDA":
+            continue
+        name = e.name.lower()
+        if "memcpy" in name or "memset" in name:
+            copies += 1
+        else:
+            kernels += 1
+        busy_us += getattr(e, "device_time", None) or getattr(e, "cuda_time", 0.0) or 0.0
+    return kernels / steps, copies / steps, busy_us / steps
 
 
 def _rank(ctx, args: dict, root: str) -> dict:
@@ -114,15 +131,14 @@ def _rank(ctx, args: dict, root: str) -> dict:
         row = {"calls": calls, "iters": iters, "host_us": host, "hook_us": hook, "dropped": dropped}
         if cuda:
             row["device_us"] = dev
-            launches = {"off": _launches(step, ctx.device)}
+            work = {"off": _device_work(step)}
             for level in args["levels"]:
                 capture.start(os.path.join(root, f"{name}-{level}-prof"), level=level,
                               writer=args["writer"], hot_path=args["hot_path"], layers_per_step=1)
                 step()
-                torch.cuda.synchronize()
-                launches[level] = _launches(step, ctx.device)
+                work[level] = _device_work(step)
                 capture.stop()
-            row["launches"] = launches
+            row["work"] = work
         out[name] = row
         try:
             buffer.destroy()
@@ -164,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"command: python bench/capture_hotpath.py {' '.join(argv if argv is not None else sys.argv[1:])}")
     head = f"{'shape':<34}{'level':<14}{'step us':>10}{'host us/call':>14}{'hook us/call':>14}"
     if a.device == "cuda":
-        head += f"{'device us/call':>16}{'launches/call':>15}"
+        head += f"{'device us/call':>16}{'kernels/call':>14}{'copies/call':>13}"
     print(head + f"{'dropped':>9}")
     for name, row in res.items():
         s = shapes[name]
@@ -172,16 +188,17 @@ def main(argv: list[str] | None = None) -> int:
         off = row["host_us"]["off"]
         line = f"{label:<34}{'off':<14}{off:>10.1f}{'-':>14}{'-':>14}"
         if a.device == "cuda":
-            line += f"{row['device_us']['off']:>16.1f}{row['launches']['off']:>15d}"
+            k, c, busy = row["work"]["off"]
+            line += f"{busy:>16.1f}{k:>14.1f}{c:>13.1f}"
         print(line)
         for level in args["levels"]:
             added = (row["host_us"][level] - off) / row["calls"]
             line = (f"{'':<34}{level:<14}{row['host_us'][level]:>10.1f}{added:>14.2f}"
                     f"{row['hook_us'][level]:>14.2f}")
             if a.device == "cuda":
-                d = (row["device_us"][level] - row["device_us"]["off"]) / row["calls"]
-                n = (row["launches"][level] - row["launches"]["off"]) / row["calls"]
-                line += f"{d:>16.2f}{n:>15.2f}"
+                (k0, c0, b0), (k1, c1, b1) = row["work"]["off"], row["work"][level]
+                n = row["calls"]
+                line += f"{(b1 - b0) / n:>16.2f}{(k1 - k0) / n:>14.2f}{(c1 - c0) / n:>13.2f}"
             print(line + f"{row['dropped'][level]:>9d}")
     return 0
 

@@ -20,11 +20,13 @@ ENV_DIR = ENV_PREFIX + "DIR"  # the run directory; its presence turns autostart 
 ENV_RUN_ID = ENV_PREFIX + "RUN_ID"
 
 # Queue bound: 4096 calls is ~40 steps of a 61-layer model x (layout, dispatch, combine) — the
-# writer is seconds behind before anything drops. The byte bound caps what the queue pins in
-# (host or pinned) memory: 256 MiB stays small next to a serving process, yet holds many steps of
-# routing (a 4096-token top-8 dispatch is ~400 KiB at `routing`).
+# writer is seconds behind before anything drops. The byte bound is the capture ring's size
+# (ring_path.py), memory the ring holds for the whole session (pages populated at its start, and
+# on a GPU as much device memory for the staging ring): 64 MiB holds ~1 s of decode routing
+# (20-60 KiB a call at ~3500 calls/s) or a third of a 4096-token prefill step, while the writer
+# process drains ~600 MB/s; it is populated in ~20 ms once per writer process.
 DEFAULT_QUEUE_RECORDS = 4096
-DEFAULT_QUEUE_BYTES = 256 << 20
+DEFAULT_QUEUE_BYTES = 64 << 20
 # Flight ring: 512 MiB holds 10 steps of routing for a large prefill batch on every layer.
 DEFAULT_RING_BYTES = 512 << 20
 # DeepEP's own CPU spin gives up after 100 s; a watchdog at 120 s still sees the calls that hang

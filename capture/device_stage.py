@@ -48,13 +48,17 @@ class DeviceStage:
         self.ring, self.lock = ring, lock
         self.capacity = ring.dev_capacity
         self.D = torch.empty(self.capacity, dtype=torch.uint8, device=device)
-        self.head = 0  # bytes of D reserved (absolute)
-        self.drained = 0  # bytes of D copied to the mirror
+        # Absolute positions go on from the ring's last session (a reused ring: its writer's
+        # release word, W_DTAIL, is where the mirror is free from).
+        self.head = ring.word(W_DTAIL)  # bytes of D reserved (absolute)
+        self.drained = self.head  # bytes of D copied to the mirror
         self.streams: dict[int, Any] = {}  # streams gathered on since the last drain
         self.side = torch.cuda.Stream(device=device)
         self.ev = torch.cuda.Event()
         self.done = torch.cuda.Event()
         self.mirror = self._mirror()
+        self._w_dtail = ctypes.c_uint64.from_buffer(ring.mm, W_DTAIL * 8)
+        self._dtail_seen = self.head
         self.failed: str | None = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="epreplay-device-drain", daemon=True)
@@ -91,21 +95,25 @@ class DeviceStage:
         cap, head = self.capacity, self.head
         off = head % cap
         pad = cap - off if off + total > cap else 0  # never wrap inside one call's bytes
-        if total > cap or head + pad + total - self.ring.word(W_DTAIL) > cap:
-            return None
+        if total > cap or head + pad + total - self._dtail_seen > cap:
+            self._dtail_seen = self._w_dtail.value  # re-read the writer's release only when full
+            if total > cap or head + pad + total - self._dtail_seen > cap:
+                return None
         start = head + pad
         self.head = start + total
         o = start % cap
         dst = self.D[o:o + total]
-        if after is not None:  # async_finish outputs: gather on the side stream after DeepEP's event
-            with torch.cuda.stream(self.side):
+        if after is None:
+            torch.cat(pieces, out=dst)  # on the current stream: the one the call ran on
+        else:  # async_finish outputs: on the side stream, after DeepEP's event (see _hashed)
+            torch.cuda.set_stream(self.side)  # torch.cuda.stream()'s effect without its lookups
+            try:
                 torch.cat(pieces, out=dst)
+            finally:
+                torch.cuda.set_stream(stream)
             for p in pieces:
                 p.record_stream(self.side)
             stream = self.side
-        else:
-            with torch.cuda.stream(stream):
-                torch.cat(pieces, out=dst)
         self.streams[id(stream)] = stream
         for s in specs:
             s[6] += start
@@ -119,12 +127,17 @@ class DeviceStage:
 
         if after is not None:
             self.side.wait_stream(stream)
-            with torch.cuda.stream(self.side):
+            torch.cuda.set_stream(self.side)
+            try:
                 after.current_stream_wait()
+            finally:
+                torch.cuda.set_stream(stream)
         if not any(tag == "hash" for _, _, tag in tensors):
             return tensors
         out = []
-        with torch.cuda.stream(self.side if after is not None else stream):
+        if after is not None:
+            torch.cuda.set_stream(self.side)
+        try:
             for name, x, tag in tensors:
                 if tag != "hash":
                     out.append((name, x, tag))
@@ -132,6 +145,9 @@ class DeviceStage:
                 fp_T, finite_T = fingerprint_rows_fast(x, with_finite=True)
                 out.append((name, fp_T, "a"))
                 out.append((name + ":finite", finite_T, "a"))
+        finally:
+            if after is not None:
+                torch.cuda.set_stream(stream)
         return out
 
     # --- the drain thread ---------------------------------------------------------------------

@@ -1,14 +1,19 @@
-"""The per-process recorder: call bookkeeping on the hot path, a courier thread behind a queue.
+"""The per-process recorder: call bookkeeping on the hot path, and the path calls take out.
 
-Hot path (caller's thread): `begin` binds a call to (buffer, seq, step, layer) and stages its
-inputs, `end` stages its outputs and enqueues it; `raised` records an exception. Nothing waits:
-over the queue's bounds the call is dropped and counted before anything is copied.
-Courier thread: waits for each call's copies and hands it to the writer process
-(writer_proc.py), which builds the record (build.py), appends it to
-RUN/shards/rank-NNNNN.eprs, or in flight mode keeps it in the ring until a trigger (sink.py).
-With `writer="thread"` (or where no process can start) the courier runs the sink itself.
-Any failure there (disk full, permission, an encoding bug) turns capture off for this process
-with one logged line; the job goes on.
+Hot path (caller's thread): `begin` binds a call to (buffer, seq, step, layer); `end` records it;
+`raised` records an exception. Nothing waits: a call that does not fit is dropped and counted.
+
+Two ways out of the job's process, chosen at a session's first hooked call (config.hot_path):
+  ring (default)  the call's frame goes straight into a shared-memory ring (ring_path.py,
+                  shm_ring.py): host tensors by one memmove each, CUDA tensors by one gather
+                  launch into a device ring drained in bulk (device_stage.py). The writer
+                  process reads the ring; no thread of the job does per-record work.
+  courier         the previous design, kept as the reference the ring is tested against:
+                  Staging copies (stage.py), a queue, and a courier thread that waits for each
+                  call's copies and hands it to the writer (writer_proc.py) or a sink.
+CUDA-graph captures stage into their own device rings on either path (graph_ring.py).
+Any failure (disk full, permission, an encoding bug) turns capture off for this process with
+one logged line; the job goes on.
 """
 from __future__ import annotations
 
@@ -96,6 +101,7 @@ class Recorder:
         self.graph_skipped = 0  # calls made while a CUDA graph was being captured (not recorded)
         self.calls = 0
         self.hot_ns = 0  # time spent in the hooks themselves (hooks.py adds to it)
+        self.setup_ns = 0  # of which: one-off set-up (ring, writer process, device ring)
         self.courier_cpu_ns = 0  # CPU time of the courier thread (GIL-holding work, mostly)
         self.buffers: list[dict[str, Any]] = []
         self.inflight: dict[int, Call] = {}  # id(call) -> call, for the watchdog
@@ -219,7 +225,15 @@ class Recorder:
         return call
 
     def _choose_path(self, cuda: bool) -> str:
-        """The session's hot path, fixed at its first hooked call (module docstring)."""
+        """The session's hot path, fixed at its first hooked call (module docstring). Its set-up
+        (the ring, the writer process) is counted in setup_ns, not in the hooks' time."""
+        t0 = time.perf_counter_ns()
+        try:
+            return self._choose_path_now(cuda)
+        finally:
+            self.setup_ns += time.perf_counter_ns() - t0
+
+    def _choose_path_now(self, cuda: bool) -> str:
         choice = self.config.hot_path
         if choice == "auto":
             choice = "ring"
@@ -633,7 +647,9 @@ class Recorder:
             "bytes": sink.get("bytes", 0), "buffers": self.buffers,
             "writer": "process" if self._proc is not None or (self._rp is not None and self._rp.proc is not None) else "thread",
             "hot_path": self.path, "writer_restarts": self._rp.restarts if self._rp is not None else 0,
-            "hot_us": self.hot_ns / 1e3, "courier_cpu_us": self.courier_cpu_ns / 1e3,
+            "hot_us": (self.hot_ns - self.setup_ns - (self._rp.setup_ns if self._rp is not None else 0)) / 1e3,
+            "setup_us": (self.setup_ns + (self._rp.setup_ns if self._rp is not None else 0)) / 1e3,
+            "courier_cpu_us": self.courier_cpu_ns / 1e3,
             "writer_cpu_s": sink.get("cpu_s", 0.0),
             "level": self.level.label, **static,
         }

@@ -147,6 +147,7 @@ class RingPath:
         self.config, self.rank, self.world_size = config, rank, world_size
         self.proc: Any = None
         self.dev: Any = None  # device_stage.DeviceStage, made at the first CUDA call
+        self.setup_ns = 0  # one-off set-up inside a hook (the device ring), reported apart
         self.thread: Any = None
         self.restarts = 0
         self.off_reason: str | None = None  # set when the writer failed for good
@@ -166,7 +167,7 @@ class RingPath:
             from epreplay.capture.ring_consumer import RingConsumer
             from epreplay.capture.sink import Sink
 
-            self.ring = ShmRing.create(*ring_sizes(config, cuda))
+            self.ring = _idle_ring(*ring_sizes(config, cuda))
             self.sink = Sink(config, rank=rank, world_size=world_size)
             self.thread = ThreadWriter(RingConsumer(self.ring, self.sink), self)
         self.ring.deferred = cuda  # GPU frames are published by the device drain
@@ -215,7 +216,9 @@ class RingPath:
             if not self.ring.dev_capacity:
                 raise RuntimeError("a CUDA tensor reached a host-only capture session "
                                    "(its first hooked call was on the CPU)")
+            t0 = time.perf_counter_ns()
             self.dev = DeviceStage(self.ring, device, self._write_lock)
+            self.setup_ns += time.perf_counter_ns() - t0  # once a session: not the hooks' cost
         if self.dev.failed:
             raise RuntimeError(self.dev.failed)
         return self.dev.gather(st.dev, current_stream(device), st.after_ev)
@@ -306,7 +309,9 @@ class RingPath:
         if self.off_reason is not None:
             raise RuntimeError(self.off_reason)
         if self.thread is not None:
-            return self.thread.close(timeout)
+            facts = self.thread.close(timeout)
+            _IDLE_RINGS.append(self.ring)  # the next session of this process reuses it
+            return facts
         return self.proc.close(timeout)
 
     def kill(self) -> None:
@@ -393,6 +398,20 @@ class ThreadWriter(threading.Thread):
         if self.path.off_reason is not None:
             raise RuntimeError(self.path.off_reason)
         return dict(self.consumer.sink.facts(), cpu_s=self.cpu_s)
+
+
+# Rings of closed writer-thread sessions: populating a ring costs ~20 ms per 64 MiB, once.
+_IDLE_RINGS: list[ShmRing] = []
+
+
+def _idle_ring(frames: int, dev: int) -> ShmRing:
+    from epreplay.capture.shm_ring import aligned
+
+    for ring in _IDLE_RINGS:
+        if (ring.capacity, ring.dev_capacity) == (aligned(max(frames, 4096)), aligned(dev)):
+            _IDLE_RINGS.remove(ring)
+            return ring
+    return ShmRing.create(frames, dev)
 
 
 def ring_sizes(config: Any, cuda: bool) -> tuple[int, int]:

@@ -320,13 +320,21 @@ def to_numpy(t: Any) -> Any:
     return np.asarray(t)
 
 
+_STREAMS: dict[tuple, "torch.cuda.Stream"] = {}  # (stream id, device index, type) -> Stream
+
+
 def current_stream(device: torch.device) -> "torch.cuda.Stream":
     """torch.cuda.current_stream(device) without its Python device-index resolution (~20-30 us
-    a call on an H200 host, several times per hooked call); same result."""
+    a call on an H200 host, several times per hooked call); same result. The Stream objects are
+    kept per stream id (a job uses a handful), so none is made per call."""
     try:
-        sid, index, dtype = torch._C._cuda_getCurrentStream(device.index if device.index is not None
-                                                            else torch.cuda.current_device())
-        return torch.cuda.Stream(stream_id=sid, device_index=index, device_type=dtype)
+        key = torch._C._cuda_getCurrentStream(device.index if device.index is not None
+                                              else torch.cuda.current_device())
+        got = _STREAMS.get(key)
+        if got is None:
+            sid, index, dtype = key
+            got = _STREAMS[key] = torch.cuda.Stream(stream_id=sid, device_index=index, device_type=dtype)
+        return got
     except (AttributeError, TypeError):  # a torch without that binding
         return torch.cuda.current_stream(device)
 
