@@ -89,7 +89,7 @@ class RingCall:
 
     __slots__ = ("id", "op", "bs", "buffer", "seq", "step", "layer", "level", "payload", "args",
                  "meta", "meta_n", "tokens", "staging", "status", "done", "error", "start_ns", "t0",
-                 "t_mono", "hung_reported", "tags")
+                 "t_mono", "hung_reported", "tags", "args_blob")
 
     def __init__(self, call_id: int, op: Any, bs: Any, seq: int, step: int, layer: int, level: Any,
                  payload: bool) -> None:
@@ -98,7 +98,8 @@ class RingCall:
         self.tags: Any = None  # capture.tag_tokens() ids for this dispatch
         self.args: Any = None  # the bound arguments (references), for a HUNG frame
         self.meta_n = 0
-        self.meta: Any = None  # made once, by the first frame (Recorder._op_meta)
+        self.meta: Any = None  # made once, by the first frame (RingPath._meta)
+        self.args_blob = b""  # marshal of the argument descriptions (RingPath._meta)
         self.tokens = 0
         self.status = 0
         self.done = False
@@ -109,11 +110,13 @@ class RingCall:
         self.t_mono = time.monotonic()
 
 
-# Argument descriptions (record meta "args") by a key of the arguments' types, dtypes, shapes
-# and plain values: describing 14 arguments costs ~15 us a call, the key ~3 us. Bounded: a job
-# whose shapes never repeat stops caching (and describes each call).
-ARGS_CACHE_MAX = 4096
-_ARGS_CACHE: dict[Any, bytes] = {}
+# What a call site records that does not change from call to call — the argument descriptions
+# (record meta "args") and the op's meta keys (E, M, hidden, dtypes, config...) — made once per
+# key of the arguments' types, dtypes, shapes and plain values: describing 14 arguments and the
+# meta costs ~20 us a call, the key ~3-8 us. Only "ll_parity" and "dispatch_seq" are per call.
+# Bounded: a job whose shapes never repeat stops caching (and describes each call).
+SITES_MAX = 4096
+_SITES: dict[Any, tuple[dict[str, Any], bytes]] = {}
 
 
 def _key(v: Any) -> Any:
@@ -125,19 +128,15 @@ def _key(v: Any) -> Any:
         return (v.dtype, v.shape, v.is_cuda)
     if v.__class__ is list:
         return ("list", len(v))
-    return (v.__class__, id(v))  # a Config: its repr is taken once per object
+    if v.__class__.__name__ == "Config":
+        return (v.__class__, id(v))  # described by its repr: taken once per object
+    return v.__class__  # described by its type name (an EventOverlap: a new one each call)
 
 
 def args_text(args: dict[str, Any]) -> bytes:
-    """marshal.dumps({name: extract.describe(value)}) for the bound arguments, cached by their
-    key: the frame carries these bytes as they are (marshalling the dict was ~8 us a call)."""
-    key = (tuple(args), tuple(map(_key, args.values())))
-    got = _ARGS_CACHE.get(key)
-    if got is None:
-        got = marshal.dumps({k: describe(v) for k, v in args.items()})
-        if len(_ARGS_CACHE) < ARGS_CACHE_MAX:
-            _ARGS_CACHE[key] = got
-    return got
+    """marshal.dumps({name: extract.describe(value)}) for the bound arguments: what the frame
+    carries as "args" (the writer unmarshals it into the record's meta)."""
+    return marshal.dumps({k: describe(v) for k, v in args.items()})
 
 
 class RingPath:
@@ -178,11 +177,28 @@ class RingPath:
 
     # --- frames (the job's thread; the watchdog's for HUNG) -------------------------------------
     def _meta(self, rec: Any, call: RingCall, args: dict[str, Any]) -> dict[str, Any]:
-        if call.meta is None:
-            call.args = args
-            call.meta = {"ep_rank": call.bs.ep_rank, "ep_size": call.bs.ep_size}
-            rec._op_meta(call, call.bs, args)
-        return call.meta
+        """The call's meta (made once per call: a copy of its site's, the per-call keys set)."""
+        if call.meta is not None:
+            return call.meta
+        bs = call.bs
+        call.args = args
+        key = (call.op, bs.ep_rank, bs.ep_size, tuple(args), tuple(map(_key, args.values())))
+        site = _SITES.get(key)
+        if site is None:
+            meta = call.meta = {"ep_rank": bs.ep_rank, "ep_size": bs.ep_size}
+            rec._op_meta(call, bs, args)
+            site = (dict(meta), args_text(args))
+            if len(_SITES) < SITES_MAX:
+                _SITES[key] = site
+        else:
+            meta = call.meta = dict(site[0])
+            if "ll_parity" in meta:  # a low-latency dispatch: which of the two receive buffers
+                meta["ll_parity"] = bs.ll_calls % 2
+                bs.ll_calls += 1
+            if "dispatch_seq" in meta:  # the dispatch whose handle this call used
+                meta["dispatch_seq"] = rec._lineage_of(args.get("handle"))
+        call.args_blob = site[1]
+        return meta
 
     def _inputs(self, rec: Any, call: RingCall, args: dict[str, Any], st: RingStaging) -> None:
         call.staging = st
@@ -225,7 +241,7 @@ class RingPath:
 
     def _begin_head(self, call: RingCall, meta: dict[str, Any], args: dict[str, Any]) -> tuple:
         return (int(call.op), call.buffer, call.seq, call.step, call.layer, call.start_ns,
-                int(call.level), call.tokens, meta, args_text(args))
+                int(call.level), call.tokens, meta, call.args_blob)
 
     def call_frame(self, rec: Any, call: RingCall, args: dict[str, Any], result: Any) -> None:
         """The call returned (or raised: result None): its one CALL frame, inputs and outputs."""
