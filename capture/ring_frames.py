@@ -83,7 +83,11 @@ def read_call(body: memoryview, dev: Any = None) -> tuple[int, Any, dict[str, An
 
 
 # --- the job's side (torch tensors) ----------------------------------------------------------
-_DTYPES: dict[Any, tuple[str, str | None]] = {}
+_DTYPES: dict[Any, tuple[str, str | None]] = {}  # torch dtype -> words_of(dtype), as seen
+try:  # the C frame writer (optional: setup.py builds it where a C compiler is found)
+    from epreplay.capture import _ringc
+except ImportError:
+    _ringc = None
 
 
 def words_of(dtype: Any) -> tuple[str, str | None]:
@@ -116,7 +120,21 @@ def write_call(ring: Any, kind: int, call_id: int, head: tuple, arrays: list[tup
     arrays: [(name, CPU tensor, tag)]; each is copied (a memmove from its data pointer) now, so
     the frame is a snapshot as of this moment whatever the caller does with the tensor later.
     dev_specs: specs of GPU arrays already gathered into the device ring (device_stage.py).
+    The C accelerator (_ringc.c, built with the package where a compiler is found) writes the
+    same frame; what it does not handle (a dtype not seen yet, meta marshal cannot carry) comes
+    back None and is written here.
     """
+    if _ringc is not None:
+        got = _ringc.write(ring.state, ring.base, ring.words_addr, ring.capacity, kind, call_id, head,
+                           arrays, values, dev_specs, _DTYPES)
+        if got is not None:
+            return got
+    return write_call_py(ring, kind, call_id, head, arrays, values, memmove, dev_specs)
+
+
+def write_call_py(ring: Any, kind: int, call_id: int, head: tuple, arrays: list[tuple[str, Any, str]],
+                  values: list[tuple[str, Any]], memmove: Any, dev_specs: list | None = None) -> bool:
+    """write_call in Python (the reference for _ringc.c, and its fallback)."""
     specs = list(dev_specs) if dev_specs else []
     srcs = []
     total = 0

@@ -28,6 +28,7 @@ reads head, then the frames before it, then stores tail.
 """
 from __future__ import annotations
 
+import array
 import ctypes
 import mmap
 import os
@@ -68,16 +69,31 @@ class ShmRing:
         # than numpy scalar indexing.
         self._w_head = ctypes.c_uint64.from_buffer(self.mm, W_HEAD * 8)
         self._w_tail = ctypes.c_uint64.from_buffer(self.mm, W_TAIL * 8)
-        self._tail_seen = 0  # the consumer's tail as last read: re-read only when it looks full
+        # The producer's own state (not shared): [head reserved, tail as last read (re-read only
+        # when the ring looks full), deferred]; a buffer, so the C frame writer updates it too.
+        self.state = array.array("Q", [0, 0, 0])
         # The data area's address, for ctypes.memmove from a tensor's data pointer (the hot path)
         self.base = ctypes.addressof(ctypes.c_char.from_buffer(self.mm)) + HEADER
         self.view = memoryview(self.mm)
         self.dev_view = self.view[HEADER + self.capacity:HEADER + self.capacity + self.dev_capacity]
-        self._head = int(self.words[W_HEAD])  # the producer's private head (reserved, unpublished)
-        self._tail_seen = int(self.words[W_TAIL])
-        # GPU sessions: frames are published by the drain once their device bytes are here
-        # (device_stage.py), not by each write.
-        self.deferred = False
+        self.state[0] = int(self.words[W_HEAD])
+        self.state[1] = int(self.words[W_TAIL])
+        self.words_addr = ctypes.addressof(ctypes.c_char.from_buffer(self.mm))
+
+    @property
+    def _head(self) -> int:
+        """The producer's head: bytes reserved so far (published or not)."""
+        return self.state[0]
+
+    @property
+    def deferred(self) -> bool:
+        """GPU sessions: frames are published by the drain once their device bytes are here
+        (device_stage.py), not by each write."""
+        return bool(self.state[2])
+
+    @deferred.setter
+    def deferred(self, value: bool) -> None:
+        self.state[2] = int(value)
 
     @classmethod
     def create(cls, capacity: int, dev_capacity: int = 0) -> "ShmRing":
@@ -129,25 +145,26 @@ class ShmRing:
         the consumer: `publish()` makes every reserved frame visible."""
         n = (nbytes + 7) & ~7
         cap = self.capacity
-        head = self._head
+        state = self.state
+        head = state[0]
         off = head % cap
         pad = cap - off if off + n > cap else 0
-        if head + pad + n - self._tail_seen > cap:
-            self._tail_seen = self._w_tail.value
-            if head + pad + n - self._tail_seen > cap:
+        if head + pad + n - state[1] > cap:
+            state[1] = self._w_tail.value
+            if head + pad + n - state[1] > cap:
                 self.words[W_DROPPED] += 1
                 return -1
         if pad:
             FRAME.pack_into(self.mm, HEADER + off, pad, PAD, 0)
             off = 0
-        self._head = head + pad + n
+        state[0] = head + pad + n
         return off
 
     def publish(self) -> None:
         """Make every frame reserved so far visible to the consumer (one 8-byte store); in a
         deferred ring (GPU session) the device drain does it (publish_upto)."""
-        if not self.deferred:
-            self._w_head.value = self._head
+        if not self.state[2]:
+            self._w_head.value = self.state[0]
 
     def publish_upto(self, head: int) -> None:
         self._w_head.value = head

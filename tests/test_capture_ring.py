@@ -88,6 +88,47 @@ def test_call_frames_round_trip_every_dtype_and_pair():
     ring.close()
 
 
+def test_c_frame_writer_writes_the_python_frames():
+    """capture/_ringc.c (built by `pip install -e .` where a compiler exists) and the Python
+    writer make frames that read back the same, and agree on a full ring."""
+    import ctypes
+
+    from epreplay.capture import ring_frames
+    from epreplay.capture.ring_frames import CALL, read_call, write_call_py, words_of
+    from epreplay.capture.shm_ring import W_DROPPED, ShmRing
+
+    if ring_frames._ringc is None:
+        pytest.skip("the C frame writer was not built (no C compiler at install)")
+    t = torch.arange(24).view(4, 6)
+    arrays = [("a", t, "a"), ("t", t.t(), "a"), ("b", torch.randn(3, 128).to(torch.bfloat16), "fp"),
+              ("e", torch.zeros(0, 3, dtype=torch.int32), "a"), ("z", torch.tensor(False), "a")]
+    for _, x, _ in arrays:
+        words_of(x.dtype)  # the C writer knows dtypes Python has seen
+    head = (1, 2, 3, 4, 5, 6, 7, 8, {"E": 8}, b"\x00args")
+    got = []
+    for write in ("c", "py"):
+        ring = ShmRing.create(4096)
+        fn = (lambda *a: ring_frames._ringc.write(ring.state, ring.base, ring.words_addr, ring.capacity,
+                                                  *a[:5], None, ring_frames._DTYPES)) if write == "c" else \
+             (lambda *a: write_call_py(ring, *a, ctypes.memmove))
+        results = [fn(CALL, i, head, arrays, [("v", [1, 2])]) for i in range(4)]
+        frames = [read_call(b)[:3] for _, _, k, b in ring.frames(0) if k == CALL]
+        got.append((results, frames, ring.word(W_DROPPED), ring._head))
+        ring.close()
+    (rc, fc, dc, hc), (rp, fp, dp, hp) = got
+    assert rc == rp and dc == dp and hc == hp and True in rc and False in rc  # the 4 KiB ring fills
+    for (ic, hdc, itc), (ip, hdp, itp) in zip(fc, fp):
+        assert ic == ip and hdc == hdp and sorted(itc) == sorted(itp)
+        for name in itc:
+            a, b = itc[name], itp[name]
+            if isinstance(a, tuple):
+                assert a[0] == b[0] and np.array_equal(a[1][0], b[1][0]) and a[1][1] == b[1][1]
+            elif isinstance(a, np.ndarray):
+                assert a.dtype == b.dtype and np.array_equal(a, b)
+            else:
+                assert a == b
+
+
 # --- the same records as the courier path ---------------------------------------------------------
 def _inputs(rank: int, step: int, device: str = "cpu"):
     g = torch.Generator().manual_seed(100 * rank + step)
