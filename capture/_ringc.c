@@ -209,8 +209,76 @@ done:
     return result;
 }
 
+/* ring_path._key in C: the part of a call-site key one argument contributes. */
+static PyObject *s_is_cuda, *s_list;
+
+static PyObject *arg_key(PyObject *v, PyObject *tensor_type) {
+    if (v == Py_None || PyBool_Check(v) || PyLong_CheckExact(v) || PyFloat_CheckExact(v) ||
+        PyUnicode_CheckExact(v)) {
+        Py_INCREF(v);
+        return v;
+    }
+    if (PyTuple_CheckExact(v)) {
+        Py_ssize_t n = PyTuple_GET_SIZE(v);
+        PyObject *out = PyTuple_New(n);
+        if (!out)
+            return NULL;
+        for (Py_ssize_t i = 0; i < n; i++) {
+            PyObject *k = arg_key(PyTuple_GET_ITEM(v, i), tensor_type);
+            if (!k) {
+                Py_DECREF(out);
+                return NULL;
+            }
+            PyTuple_SET_ITEM(out, i, k);
+        }
+        return out;
+    }
+    int is_t = PyObject_IsInstance(v, tensor_type);
+    if (is_t < 0)
+        return NULL;
+    if (is_t) {
+        PyObject *dt = PyObject_GetAttr(v, s_dtype), *shape = PyObject_GetAttr(v, s_shape),
+                 *cuda = PyObject_GetAttr(v, s_is_cuda);
+        PyObject *out = (dt && shape && cuda) ? PyTuple_Pack(3, dt, shape, cuda) : NULL;
+        Py_XDECREF(dt);
+        Py_XDECREF(shape);
+        Py_XDECREF(cuda);
+        return out;
+    }
+    if (PyList_CheckExact(v))
+        return Py_BuildValue("(On)", s_list, PyList_GET_SIZE(v));
+    PyObject *cls = (PyObject *)Py_TYPE(v);
+    if (strcmp(Py_TYPE(v)->tp_name, "Config") == 0 ||
+        (strrchr(Py_TYPE(v)->tp_name, '.') && strcmp(strrchr(Py_TYPE(v)->tp_name, '.') + 1, "Config") == 0))
+        return Py_BuildValue("(ON)", cls, PyLong_FromVoidPtr(v));
+    Py_INCREF(cls);
+    return cls;
+}
+
+static PyObject *ring_key(PyObject *self, PyObject *args) {
+    PyObject *values, *tensor_type;
+    if (!PyArg_ParseTuple(args, "OO", &values, &tensor_type))
+        return NULL;
+    PyObject *seq = PySequence_Fast(values, "values must be iterable");
+    if (!seq)
+        return NULL;
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
+    PyObject *out = PyTuple_New(n);
+    for (Py_ssize_t i = 0; out && i < n; i++) {
+        PyObject *k = arg_key(PySequence_Fast_GET_ITEM(seq, i), tensor_type);
+        if (!k) {
+            Py_CLEAR(out);
+            break;
+        }
+        PyTuple_SET_ITEM(out, i, k);
+    }
+    Py_DECREF(seq);
+    return out;
+}
+
 static PyMethodDef methods[] = {
     {"write", ring_write, METH_VARARGS, "Write one call frame into the capture ring (see _ringc.c)."},
+    {"key", ring_key, METH_VARARGS, "key(values, Tensor): ring_path._key of each value, as a tuple."},
     {NULL, NULL, 0, NULL},
 };
 
@@ -223,5 +291,7 @@ PyMODINIT_FUNC PyInit__ringc(void) {
     s_nbytes = PyUnicode_InternFromString("nbytes");
     s_shape = PyUnicode_InternFromString("shape");
     s_data_ptr = PyUnicode_InternFromString("data_ptr");
+    s_is_cuda = PyUnicode_InternFromString("is_cuda");
+    s_list = PyUnicode_InternFromString("list");
     return PyModule_Create(&module);
 }

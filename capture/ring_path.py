@@ -133,6 +133,21 @@ def _key(v: Any) -> Any:
     return v.__class__  # described by its type name (an EventOverlap: a new one each call)
 
 
+def _keys_py(values: Any) -> tuple:
+    return tuple(map(_key, values))
+
+
+try:  # the C version of the same key (capture/_ringc.c), where it was built
+    from epreplay.capture._ringc import key as _key_c
+
+    import torch as _torch
+
+    def _keys(values: Any) -> tuple:
+        return _key_c(values, _torch.Tensor)
+except ImportError:
+    _keys = _keys_py
+
+
 def args_text(args: dict[str, Any]) -> bytes:
     """marshal.dumps({name: extract.describe(value)}) for the bound arguments: what the frame
     carries as "args" (the writer unmarshals it into the record's meta)."""
@@ -182,7 +197,7 @@ class RingPath:
             return call.meta
         bs = call.bs
         call.args = args
-        key = (call.op, bs.ep_rank, bs.ep_size, tuple(args), tuple(map(_key, args.values())))
+        key = (call.op, bs.ep_rank, bs.ep_size, tuple(args), _keys(args.values()))
         site = _SITES.get(key)
         if site is None:
             meta = call.meta = {"ep_rank": bs.ep_rank, "ep_size": bs.ep_size}

@@ -115,6 +115,13 @@ def test_c_frame_writer_writes_the_python_frames():
         frames = [read_call(b)[:3] for _, _, k, b in ring.frames(0) if k == CALL]
         got.append((results, frames, ring.word(W_DROPPED), ring._head))
         ring.close()
+    from epreplay.capture import ring_path
+
+    class Config:  # described by its repr: keyed by the object
+        pass
+
+    values = [None, 3, 2.5, "x", True, t, (t[:1], 7), [1, 2], Config(), object()]
+    assert ring_path._keys(values) == ring_path._keys_py(values)  # the C site key is Python's
     (rc, fc, dc, hc), (rp, fp, dp, hp) = got
     assert rc == rp and dc == dp and hc == hp and True in rc and False in rc  # the 4 KiB ring fills
     for (ic, hdc, itc), (ip, hdp, itp) in zip(fc, fp):
