@@ -49,7 +49,7 @@ def build(call: Any) -> tuple[RecordHeader, dict[str, Any], dict[str, Any]]:
     meta["args"] = call.described_args()
     me = int(meta.get("ep_rank", 0))
     for name in list(st.items):
-        if name.startswith("_") or name.endswith(":finite"):
+        if name.startswith("_") or name.endswith((":finite", ":nonfinite")):
             continue
         v = st.items[name]
         if tagged(v, "fp") or tagged(v, "fpdone"):

@@ -88,7 +88,7 @@ def _gather_valid(x: Any, counts: list[int]) -> Any:
 def _valid_rows_fp(st: Staging, name: str, x: Any, counts_L: Any, *, ready: bool = True) -> None:
     """Fingerprints of a GPU low-latency buffer x [L, X, H] (or an FP8 pair) hashing only the
     valid rows, [0, counts_L[e]) of each local expert e: [L * X] with 0 past the counts (build
-    slices them off), plus the valid rows' "all finite" flag, under `name` and `name:finite`.
+    slices them off), plus the kernel's non-finite marks under `name:nonfinite` (nonzero: not finite).
 
     counts_L ([L], on x's device) is read by the kernel on the device: no host sync. The hash
     runs on the job's stream here, so only where x is `ready` on it (not for async_finish
@@ -100,9 +100,9 @@ def _valid_rows_fp(st: Staging, name: str, x: Any, counts_L: Any, *, ready: bool
     if counts_L is None or not ready:
         st.rows_fp(name, _flat_rows(x))
         return
-    fp_LX, finite_LX = fingerprint_rows_fast(x, valid_counts_L=counts_L, with_finite=True)
+    fp_LX, marks = fingerprint_rows_fast(x, valid_counts_L=counts_L, with_finite="raw")
     st.keep(name, fp_LX)
-    st.keep(name + ":finite", finite_LX)  # per row (the writer reduces it): no extra launch
+    st.keep(name + ":nonfinite", marks)  # the kernel's marks, reduced by the writer: one launch
 
 
 def stage_inputs(call: Call, a: dict[str, Any], payload: bool) -> None:

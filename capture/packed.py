@@ -31,6 +31,16 @@ def tagged(v: Any, tag: str) -> bool:
     return isinstance(v, tuple) and len(v) >= 2 and isinstance(v[0], str) and v[0] == tag
 
 
+def all_finite(items: dict[str, Any], name: str) -> bool:
+    """Whether the rows hashed under `name` were all finite: its ":finite" flags (0-d or per
+    row, True = finite) or the GPU kernel's ":nonfinite" marks (nonzero = not finite)."""
+    finite = items.get(name + ":finite")
+    if finite is not None:
+        return bool(np.all(np.asarray(finite)))
+    marks = items.get(name + ":nonfinite")
+    return marks is None or not np.any(np.asarray(marks))
+
+
 class Duration:
     """A measured duration standing in for stage.Timer."""
 
@@ -75,8 +85,7 @@ class PackedStaging:
 
             x = self.items[name][1]
             return fingerprint_rows(x).numpy().view(np.uint64), bool(_rows_finite(x))
-        finite = self.items.get(name + ":finite")  # 0-d, or per row (the ring's GPU path)
-        return np.asarray(v).view(np.uint64), bool(np.all(finite)) if finite is not None else True
+        return np.asarray(v).view(np.uint64), all_finite(self.items, name)
 
     def rows_to_torch(self) -> None:
         """("fp", numpy rows) -> ("fp", torch rows), for stage.batch_fingerprints (imports torch:

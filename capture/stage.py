@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from epreplay.capture.packed import tagged
+from epreplay.capture.packed import all_finite, tagged
 from epreplay.fingerprint import fingerprint_rows
 from epreplay.fingerprint_gpu import fingerprint_rows_fast
 
@@ -258,8 +258,9 @@ class Staging:
             x = v[1]
             fp = fingerprint_rows(x).numpy().view(np.uint64)
             return fp, bool(_rows_finite(x))
-        finite = self.items.get(name + ":finite")  # 0-d, or one flag per row
-        return v.numpy().view(np.uint64), bool(finite.all()) if finite is not None else True
+        marks = {k: t.numpy() for k in (name + ":finite", name + ":nonfinite")
+                 if (t := self.items.get(k)) is not None}
+        return v.numpy().view(np.uint64), all_finite(marks, name)
 
 
 def _fp_key(x: Any) -> tuple:

@@ -198,6 +198,8 @@ def _fingerprint_v2(parts: list[torch.Tensor], T: int, X: int, counts: Optional[
         fp2_finish[(triton.cdiv(T, BLOCK_T),)](out, fp, counts if counts is not None else fp, T, P, X,
                                                n_words, MASKED=counts is not None, BLOCK_T=BLOCK_T,
                                                BLOCK_P=triton.next_power_of_2(P))
+    if with_finite == "raw":  # the kernel's [T, P] non-finite counts as they are: no reduction
+        return fp, nf        # launches (capture reduces them on the host, off the job's stream)
     return fp, ((nf == 0).all(dim=1) if with_finite else None)
 
 
@@ -239,7 +241,9 @@ def fingerprint_rows_triton(x: ref.RowsIn, *, version: int = ref.CURRENT,
         valid_counts_L: [L] int32/int64 on x's device, or None. Only rows [0, count[l]) of each
             group l of X rows are read and hashed; the others get 0.
         rows_per_group: X, when x is given flat as [L * X, H].
-        with_finite: also return rows_finite's [T] bool (True for rows outside the counts).
+        with_finite: also return rows_finite's [T] bool (True for rows outside the counts);
+            "raw": instead the kernel's own non-finite marks, an integer tensor whose entries are
+            0 where the values are finite (version 2; other versions give the [T] bool).
     Returns:
         fp_T [T] int64 holding the 64 fingerprint bits, or (fp_T, finite_T) with with_finite.
     """
@@ -255,9 +259,12 @@ def fingerprint_rows_triton(x: ref.RowsIn, *, version: int = ref.CURRENT,
             fp = torch.where(ref.valid_rows(valid_counts_L, X), fp, 0)
         if not with_finite:
             return fp
-        return fp, ref.rows_finite(x, valid_counts_L=valid_counts_L, rows_per_group=rows_per_group)
+        finite = ref.rows_finite(x, valid_counts_L=valid_counts_L, rows_per_group=rows_per_group)
+        return fp, (~finite if with_finite == "raw" else finite)
     parts, T, X = _groups(x, valid_counts_L, rows_per_group)
     fp, finite = _fingerprint_v2(parts, T, X, valid_counts_L, with_finite)
+    if with_finite == "raw" and finite is not None and finite.dtype != torch.int8:
+        finite = finite == 0  # T == 0: an empty bool, which is no mark either way
     return (fp, finite) if with_finite else fp
 
 
@@ -274,4 +281,5 @@ def fingerprint_rows_fast(x: ref.RowsIn, *, version: int = ref.CURRENT,
     fp = ref.fingerprint_rows(x, **kw)
     if not with_finite:
         return fp
-    return fp, ref.rows_finite(x, valid_counts_L=valid_counts_L, rows_per_group=rows_per_group)
+    finite = ref.rows_finite(x, valid_counts_L=valid_counts_L, rows_per_group=rows_per_group)
+    return fp, (~finite if with_finite == "raw" else finite)

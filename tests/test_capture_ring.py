@@ -363,5 +363,6 @@ def test_kill9_of_the_job_keeps_every_published_call(tmp_path):
     with open_shard(shard) as scan:
         assert not scan.complete and scan.truncated_at is None  # unclosed, nothing damaged
         seqs = [r.header.seq for r in scan.records(kinds=(Kind.CALL,))]
-    # every call that returned before the kill is there (the kill may land after one more)
-    assert seqs[: last + 1] == list(range(last + 1)) and len(seqs) <= last + 2
+    # every call that returned before the kill is there (the job may have made more by then: the
+    # parent reads its lines later), with no gap
+    assert seqs == list(range(len(seqs))) and len(seqs) >= last + 1, (last, len(seqs), seqs[-3:])
