@@ -192,7 +192,7 @@ def _fingerprint_v2(parts: list[torch.Tensor], T: int, X: int, counts: Optional[
                  A_PER=a.per, A_BITS=a.bits, A_EXP=a.exp, A_LO=a.lo, A_HI=a.hi,
                  B_PER=bb.per, B_BITS=bb.bits, B_EXP=bb.exp, B_LO=bb.lo, B_HI=bb.hi,
                  HAS_B=b is not None and b.K > 0, MASKED=counts is not None, FINAL=P == 1,
-                 CHECK=with_finite, BLOCK=LANES, STEP=(LANES * ref.PMUL) & _MASK64)
+                 CHECK=bool(with_finite), BLOCK=LANES, STEP=(LANES * ref.PMUL) & _MASK64)
     if P > 1:
         BLOCK_T = 128
         fp2_finish[(triton.cdiv(T, BLOCK_T),)](out, fp, counts if counts is not None else fp, T, P, X,
