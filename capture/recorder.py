@@ -18,6 +18,7 @@ one logged line; the job goes on.
 from __future__ import annotations
 
 import collections
+import itertools
 import os
 import socket
 import sys
@@ -131,7 +132,7 @@ class Recorder:
         # thread hands calls to the writer). config.hot_path may force one.
         self.path: str | None = None
         self._rp: Any = None  # ring_path.RingPath
-        self._call_ids = 0
+        self._call_ids = itertools.count(1)  # next() is atomic: hooks on several threads
         self._thread: Any = None  # the courier thread (courier path only)
 
     # --- buffers and attribution (hot path) -------------------------------------------------
@@ -258,8 +259,7 @@ class Recorder:
                     payload: bool, args: dict[str, Any]) -> Any:
         """Ring path: only the call's identity now; its one frame is written when it returns
         (host tensors are not changed by the call itself, so its inputs are what they were)."""
-        self._call_ids += 1
-        call = RingCall(self._call_ids, op, bs, seq, step, layer, level, payload)
+        call = RingCall(next(self._call_ids), op, bs, seq, step, layer, level, payload)
         call.args = args
         if op in (Op.DISPATCH, Op.LL_DISPATCH):
             call.tags = marks.take_tags()
