@@ -205,32 +205,31 @@ def acquire_ring(config: Any, *, rank: int, world_size: int, cuda: bool = False)
     from epreplay.capture.shm_ring import ShmRing, aligned
 
     frames, dev = ring_sizes(config, cuda)
-    for proc in list(_idle):
-        if proc.ring is not None and (proc.ring.capacity, proc.ring.dev_capacity) == \
-                (aligned(max(frames, 4096)), aligned(dev)):
-            _idle.remove(proc)
-            if proc.alive():
-                try:
-                    proc.begin(config, rank=rank, world_size=world_size)
-                    return proc
-                except OSError:
-                    proc.kill()
-    proc = WriterProcess(ring=ShmRing.create(frames, dev))
-    proc.begin(config, rank=rank, world_size=world_size)
-    return proc
+    sizes = (aligned(max(frames, 4096)), aligned(dev))
+    return _reuse(config, rank, world_size,
+                  lambda p: p.ring is not None and (p.ring.capacity, p.ring.dev_capacity) == sizes) \
+        or _started(WriterProcess(ring=ShmRing.create(frames, dev)), config, rank, world_size)
 
 
 def acquire(config: Any, *, rank: int, world_size: int) -> WriterProcess:
     """A writer process for a new session: an idle one of this process, or a new one."""
-    for proc in [p for p in _idle if p.ring is None][::-1]:  # ring writers serve acquire_ring
+    return _reuse(config, rank, world_size, lambda p: p.ring is None) \
+        or _started(WriterProcess(), config, rank, world_size)  # ring writers serve acquire_ring
+
+
+def _reuse(config: Any, rank: int, world_size: int, fits: Any) -> WriterProcess | None:
+    """The most recent idle writer process that fits and takes the new session, or None."""
+    for proc in [p for p in _idle if fits(p)][::-1]:
         _idle.remove(proc)
         if proc.alive():
             try:
-                proc.begin(config, rank=rank, world_size=world_size)
-                return proc
+                return _started(proc, config, rank, world_size)
             except OSError:
                 proc.kill()
-    proc = WriterProcess()
+    return None
+
+
+def _started(proc: WriterProcess, config: Any, rank: int, world_size: int) -> WriterProcess:
     proc.begin(config, rank=rank, world_size=world_size)
     return proc
 
