@@ -1,7 +1,9 @@
 """`epreplay diff RUN_A RUN_B`: how routing changed between two runs, with CI thresholds.
 
-Exit codes: 0 within every --fail-on threshold, 1 beyond one, 2 unusable input (a missing run,
-a run with neither index nor shards, a threshold that does not parse or cannot be measured).
+Exit codes: 0 within every --fail-on threshold (or no threshold given: nothing judged, and the
+verdict says so), 1 beyond one or a threshold whose metric could not be measured (no matched
+tokens, ...), 2 unusable input (a missing run, a run with neither index nor shards, a threshold
+that does not parse).
 """
 from __future__ import annotations
 
@@ -27,6 +29,14 @@ metrics for --fail-on (one number per diff):
   top1             fraction of matched tokens with the same top-1 expert
   weight_change    mean |w_A - w_B| over matched (token, expert) pairs
   matched          fraction of A's tokens matched to a token of B
+verdict and exit code:
+  without --fail-on nothing is judged: the report ends "no thresholds given: nothing judged"
+  (exit 0); there is no default gate. With --fail-on: exit 0 within every threshold, 1 beyond
+  one. A metric with nothing to compute it over (jaccard, top1 or weight_change of zero matched
+  tokens) is shown as n/a and never as 1.0, and a threshold on a metric that could not be
+  measured fails the gate (exit 1) with the reason: tokens match by the same step, rank and
+  position (the same batches) or by tags (capture.tag_tokens(ids) before each dispatch).
+  Exit 2: unusable input.
 examples:
   epreplay diff runs/v1 runs/v2 --fail-on 'js>0.05' --fail-on 'top1<0.9'
   epreplay diff runs/v1 runs/v2 --layers 0-3 --steps 10:20 --format md > comment.md
@@ -49,8 +59,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "auto: tag when both runs tagged tokens, else position when both "
                              "ran the same batches, else none (default)")
     parser.add_argument("--fail-on", action="append", default=[], metavar="EXPR",
-                        help="fail (exit 1) when EXPR holds, e.g. 'js>0.05' or 'top1<0.9' "
-                             "(repeatable; metrics below)")
+                        help="fail (exit 1) when EXPR holds, e.g. 'js>0.05' or 'top1<0.9', or when "
+                             "its metric could not be measured (repeatable; metrics below); "
+                             "without it nothing is judged")
     parser.add_argument("--format", choices=("text", "json", "md"), default="text",
                         help="text table (default), JSON for scripts, Markdown for a PR comment")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")

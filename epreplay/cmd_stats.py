@@ -47,6 +47,19 @@ def parse_steps(text: str | None) -> tuple[int, int] | None:
     return lo_i, hi_i
 
 
+def check_steps(text: str | None, steps: tuple[int, int] | None, first: int, last: int) -> None:
+    """UsageError when --steps selects no step of the run (steps first..last; first -1: the run
+    has no stepped call yet): empty tables with exit 0 would read as "nothing happened there"."""
+    from epreplay.errors import UsageError
+
+    if steps is None or first < 0:
+        return
+    lo, hi = steps
+    if hi <= first or lo > last:
+        raise UsageError(f"--steps {text}: outside the run, which recorded steps {first}..{last}; "
+                         f"choose a range that overlaps {first}:{last + 1}")
+
+
 def gather(ix, *, top: int, layer: int | None, steps: tuple[int, int] | None) -> dict:
     """Everything stats shows, as one JSON-able dict (also what --format json prints)."""
     info = ix.info
@@ -185,6 +198,7 @@ def run(args: argparse.Namespace) -> int:
                              f"retry when 'epreplay index' finishes")
         note = "another process is updating the index; showing what was indexed before it started"
     with RunIndex(rundir.index_path) as ix:
+        check_steps(args.steps, steps, ix.info.first_step, ix.info.last_step)
         d = gather(ix, top=args.top, layer=args.layer, steps=steps)
     if any(s["writer_active"] for s in d["health"]["shards"]):
         note = (note + "; " if note else "") + "a capture is still writing shards: these are the steps recorded so far"

@@ -37,6 +37,24 @@ METRICS: dict[str, str] = {
 }
 TOKEN_METRICS = frozenset({"jaccard", "top1", "weight_change", "matched"})
 __doc__ += "".join(f"\n  {k:16s} {v}" for k, v in METRICS.items()) + "\n"
+__doc__ += """
+A metric with nothing to compute it over (agreement of zero matched tokens, weight change
+without weights, imbalance without the world size) is not measured: None, never a neutral
+value such as 1.0, and a threshold on it fails the diff with the reason (`judge`). A 1.0 over
+zero tokens would let a release gate pass two runs that share no token at all.
+"""
+
+# Why a metric is not measured: the short reasons shown as "n/a (<reason>)" in every output.
+NO_MATCHED_TOKENS = "no matched tokens"
+TOKENS_NOT_MATCHED = "tokens not matched"
+NO_WEIGHTS = "no weights recorded"
+NO_TOKENS_IN_A = "no tokens in A"
+NO_WORLD_SIZE = "world size unknown"
+
+# How tokens of two runs get paired (see epreplay.diff_tokens), for a gate that needed them.
+HOW_TO_MATCH = ("tokens are matched when both runs ran the same batches (the same step, rank and "
+                "position: --match position) or tagged their tokens (capture.tag_tokens(ids) before "
+                "each dispatch in both runs: --match tag)")
 
 _OPS: dict[str, Callable[[float, float], bool]] = {
     ">=": lambda v, x: v >= x, "<=": lambda v, x: v <= x,
@@ -192,11 +210,21 @@ class LayerDiff:
 @dataclass(frozen=True)
 class Failure:
     """A threshold that failed, the diff's value of its metric, and the layers whose own value
-    of the metric fails it too (the drifted layers; empty for a metric with no per-layer value)."""
+    of the metric fails it too (the drifted layers; empty for a metric with no per-layer value).
+    `measured` None: the metric could not be measured, and `why` says why and what to do."""
 
     threshold: Threshold
-    measured: float
+    measured: float | None
     layers: tuple[int, ...] = ()
+    why: str = ""
+
+    def describe(self) -> str:
+        """'top1=0.83 (fail-on top1<0.9) in layer(s) 1,3' or 'top1 could not be measured (...)'."""
+        th = self.threshold
+        if self.measured is None:
+            return f"{th.metric} could not be measured (fail-on {th})"
+        where = f" in layer(s) {','.join(map(str, self.layers))}" if self.layers else ""
+        return f"{th.metric}={self.measured:.4g} (fail-on {th}){where}"
 
 
 @dataclass(frozen=True)
@@ -207,7 +235,9 @@ class DiffResult:
         match: the token matching used: "tag", "position" or "none".
         notes: human-readable facts a reader must know (distribution level only, and why; ...).
         summary: metric name (see METRICS) -> value, None where not measurable.
-        failures: thresholds that failed. passed: no failures.
+        failures: thresholds that failed. passed: no failures (also true with no thresholds:
+            `verdict` then says "unjudged").
+        unmeasured: metric name -> short reason, for every None in `summary`.
     """
 
     run_a: RunLoads
@@ -219,6 +249,7 @@ class DiffResult:
     summary: dict[str, float | None]
     thresholds: tuple[Threshold, ...] = ()
     failures: tuple[Failure, ...] = field(default=())
+    unmeasured: dict[str, str] = field(default_factory=dict)
 
     @property
     def passed(self) -> bool:
@@ -226,21 +257,31 @@ class DiffResult:
 
     @property
     def verdict(self) -> str:
-        return "pass" if self.passed else "fail"
+        """"fail", "pass" (within every threshold), or "unjudged" (no threshold given)."""
+        if self.failures:
+            return "fail"
+        return "pass" if self.thresholds else "unjudged"
+
+    def value_text(self, metric: str) -> str:
+        """A summary value for people: 4 decimals (counts as integers), or 'n/a (<reason>)'."""
+        v = self.summary.get(metric)
+        if v is None:
+            return f"n/a ({self.unmeasured.get(metric, 'not measured')})"
+        return str(int(v)) if metric == "hot_changed" else f"{v:.4f}"
 
     def verdict_line(self) -> str:
-        """One line: PASS/FAIL, what failed, and the headline numbers."""
+        """One line: FAIL / PASS / nothing judged, what failed, and the headline numbers."""
         s = self.summary
         head = f"js max {s['js']:.4f}"
-        if s.get("top1") is not None:
-            head += f", top1 {s['top1']:.4f}, jaccard {s['jaccard']:.4f}"
+        if self.match != "none":
+            head += f", top1 {self.value_text('top1')}, jaccard {self.value_text('jaccard')}"
         if self.failures:
-            why = "; ".join(f"{f.threshold.metric}={f.measured:.4g} (fail-on {f.threshold})"
-                            + (f" in layer(s) {','.join(map(str, f.layers))}" if f.layers else "")
-                            for f in self.failures)
-            return f"FAIL: {why} [{head}]"
-        checked = f" within {len(self.thresholds)} threshold(s)" if self.thresholds else ""
-        return f"PASS{checked}: {head}"
+            return f"FAIL: {'; '.join(f.describe() for f in self.failures)} [{head}]"
+        if not self.thresholds:
+            # Without a gate nothing was judged; "PASS" here would read as a verdict in CI logs.
+            return (f"no thresholds given: nothing judged (pass --fail-on, e.g. --fail-on 'js>0.05' "
+                    f"--fail-on 'top1<0.9') [{head}]")
+        return f"PASS within {len(self.thresholds)} threshold(s): {head}"
 
 
 def compare_layers(a: RunLoads, b: RunLoads, *, top_n: int) -> list[LayerDiff]:
@@ -279,15 +320,56 @@ def summarize(rows: Sequence[LayerDiff], *, tokens_a: int | None = None) -> dict
         "imbalance_b": _max([r.imbalance_b for r in rows]),
         "imbalance_ratio": _max([r.imbalance_ratio for r in rows]),
     }
+    out.update(jaccard=None, top1=None, weight_change=None, matched=None)
     matched = [r.tokens for r in rows if r.tokens is not None]
     if matched and tokens_a is not None:
         total = sum(matched, TokenAgreement())
-        out["jaccard"], out["top1"] = total.jaccard, total.top1
-        out["weight_change"] = total.weight_change if total.weighted else None
-        out["matched"] = total.tokens / tokens_a if tokens_a else 1.0
-    else:
-        out.update(jaccard=None, top1=None, weight_change=None, matched=None)
+        # Agreement over zero tokens is not measured (TokenAgreement's 1.0 means "nothing
+        # compared"); the fraction matched is, as 0.0, when A had tokens.
+        if total.tokens:
+            out["jaccard"], out["top1"] = total.jaccard, total.top1
+            out["weight_change"] = total.weight_change if total.weighted else None
+        out["matched"] = total.tokens / tokens_a if tokens_a else None
     return {k: out[k] for k in METRICS}
+
+
+def unmeasured_reasons(summary: dict[str, float | None], rows: Sequence[LayerDiff]) -> dict[str, str]:
+    """metric -> short reason (NO_MATCHED_TOKENS, ...) for every metric `summary` has no value of."""
+    agreements = [r.tokens for r in rows if r.tokens is not None]
+    compared = sum(a.tokens for a in agreements)
+    out = {}
+    for name, value in summary.items():
+        if value is not None:
+            continue
+        if name not in TOKEN_METRICS:
+            out[name] = NO_WORLD_SIZE
+        elif not agreements:
+            out[name] = TOKENS_NOT_MATCHED
+        elif name == "matched":
+            out[name] = NO_TOKENS_IN_A
+        elif compared == 0:
+            out[name] = NO_MATCHED_TOKENS
+        else:
+            out[name] = NO_WEIGHTS
+    return out
+
+
+def explain_unmeasured(metric: str, reason: str, rows: Sequence[LayerDiff] = ()) -> str:
+    """The sentence a failed gate prints for a metric it could not measure: why, and the fix."""
+    if reason == NO_MATCHED_TOKENS:
+        total = sum(r.unmatched_a + (r.tokens.tokens if r.tokens else 0) for r in rows)
+        detail = f"no tokens matched (0 of A's {total} tokens found a partner in B); {HOW_TO_MATCH}"
+    elif reason == TOKENS_NOT_MATCHED:
+        detail = f"tokens were not matched (the notes say why); {HOW_TO_MATCH}"
+    elif reason == NO_WEIGHTS:
+        detail = ("no weights recorded for the matched tokens (a low-latency dispatch takes none; "
+                  "they come from its ll_combine, so record the combines too)")
+    elif reason == NO_WORLD_SIZE:
+        detail = ("rank imbalance needs the world size, dividing the expert count (the manifest's "
+                  "world_size is missing or does not divide num_experts)")
+    else:
+        detail = reason
+    return f"{metric} could not be measured: {detail}"
 
 
 def layer_value(row: LayerDiff, metric: str) -> float | None:
@@ -304,7 +386,9 @@ def layer_value(row: LayerDiff, metric: str) -> float | None:
         return None
     if metric == "matched":
         total = tok.tokens + row.unmatched_a
-        return tok.tokens / total if total else 1.0
+        return tok.tokens / total if total else None
+    if tok.tokens == 0:  # nothing compared in this layer: no agreement to speak of
+        return None
     if metric == "weight_change":
         return tok.weight_change if tok.weighted else None
     return getattr(tok, metric)
@@ -313,17 +397,16 @@ def layer_value(row: LayerDiff, metric: str) -> float | None:
 def judge(summary: dict[str, float | None], thresholds: Sequence[Threshold],
           rows: Sequence[LayerDiff] = ()) -> tuple[Failure, ...]:
     """The thresholds that fail, each with the layers that fail it. A threshold on a metric that
-    could not be measured raises UsageError: a release gate that silently passes because tokens
+    could not be measured fails too, with the reason: a release gate that passes because tokens
     could not be matched would be worse than no gate."""
+    reasons = unmeasured_reasons(summary, rows)
     failures = []
     for th in thresholds:
         value = summary.get(th.metric)
         if value is None:
-            why = ("token-level metrics need matched tokens (and weight_change recorded "
-                   "weights); see the notes, or use --match tag/position"
-                   if th.metric in TOKEN_METRICS else
-                   "rank imbalance needs the world size, dividing the expert count")
-            raise UsageError(f"--fail-on {th}: {th.metric} was not measured ({why})")
+            why = explain_unmeasured(th.metric, reasons.get(th.metric, "not measured"), rows)
+            failures.append(Failure(th, None, why=why))
+            continue
         if th.fails(value):
             bad = []
             for row in rows:
@@ -336,5 +419,8 @@ def judge(summary: dict[str, float | None], thresholds: Sequence[Threshold],
 
 def worst_first(rows: Sequence[LayerDiff]) -> tuple[LayerDiff, ...]:
     """Sort layers by JS descending, then top-1 agreement ascending, then layer number."""
-    return tuple(sorted(rows, key=lambda r: (-r.js, r.tokens.top1 if r.tokens else 1.0, r.layer)))
+    def top1(row: LayerDiff) -> float:
+        value = layer_value(row, "top1")
+        return 1.0 if value is None else value  # unmeasured sorts with "no change"
+    return tuple(sorted(rows, key=lambda r: (-r.js, top1(r), r.layer)))
 

@@ -6,9 +6,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from epreplay.diff import DiffResult, LayerDiff, RunLoads
+from epreplay.diff import DiffResult, LayerDiff, RunLoads, layer_value
 
-JSON_VERSION = 1  # bump when a key of to_dict() changes meaning
+# Bump when a key of to_dict() changes meaning. 2: verdict "unjudged" without thresholds; a
+# failed threshold may have "measured": null with "why"; "unmeasured" gives the reason of every
+# null in "summary"; agreement over zero matched tokens is null (1.0 in version 1).
+JSON_VERSION = 2
 
 
 def _run_dict(r: RunLoads) -> dict[str, Any]:
@@ -30,9 +33,9 @@ def _layer_dict(row: LayerDiff) -> dict[str, Any]:
         "imbalance_a": row.imbalance_a, "imbalance_b": row.imbalance_b,
         "imbalance_ratio": row.imbalance_ratio,
         "matched_tokens": tok.tokens if tok else None,
-        "jaccard": tok.jaccard if tok else None,
-        "top1": tok.top1 if tok else None,
-        "weight_change": tok.weight_change if tok and tok.weighted else None,
+        "jaccard": layer_value(row, "jaccard"),
+        "top1": layer_value(row, "top1"),
+        "weight_change": layer_value(row, "weight_change"),
         "unmatched_a": row.unmatched_a, "unmatched_b": row.unmatched_b,
     }
 
@@ -43,11 +46,11 @@ def to_dict(res: DiffResult) -> dict[str, Any]:
         "version": JSON_VERSION,
         "run_a": _run_dict(res.run_a), "run_b": _run_dict(res.run_b),
         "match": res.match, "top_n": res.top_n, "notes": list(res.notes),
-        "summary": dict(res.summary),
+        "summary": dict(res.summary), "unmeasured": dict(res.unmeasured),
         "thresholds": [str(t) for t in res.thresholds],
         "failed": [{"threshold": str(f.threshold), "metric": f.threshold.metric,
                     "op": f.threshold.op, "value": f.threshold.value, "measured": f.measured,
-                    "layers": list(f.layers)}
+                    "layers": list(f.layers), "why": f.why}
                    for f in res.failures],
         "verdict": res.verdict,
         "verdict_line": res.verdict_line(),
@@ -57,11 +60,6 @@ def to_dict(res: DiffResult) -> dict[str, Any]:
 
 def _f(v: float | None, digits: int = 4) -> str:
     return "-" if v is None else f"{v:.{digits}f}"
-
-
-def _metric(name: str, v: float | None) -> str:
-    """A summary value: counts as integers, the rest with 4 decimals."""
-    return str(int(v)) if name == "hot_changed" and v is not None else _f(v)
 
 
 def _ids(ids: tuple[int, ...], limit: int = 6) -> str:
@@ -77,8 +75,8 @@ def _cells(row: LayerDiff) -> list[str]:
         str(row.layer), _f(row.js), str(row.slots_a), str(row.slots_b),
         _ids(row.hot.entered), _ids(row.hot.left),
         _f(row.imbalance_a, 2), _f(row.imbalance_b, 2),
-        _f(tok.jaccard if tok else None), _f(tok.top1 if tok else None),
-        _f(tok.weight_change if tok and tok.weighted else None), str(tok.tokens) if tok else "-",
+        _f(layer_value(row, "jaccard")), _f(layer_value(row, "top1")),
+        _f(layer_value(row, "weight_change")), str(tok.tokens) if tok else "-",
     ]
 
 
@@ -106,26 +104,33 @@ def render_text(res: DiffResult, console: Any) -> None:
         style = "bold red" if failing_js and row.js == res.summary["js"] and row.js > 0 else None
         table.add_row(*_cells(row), style=style)
     console.print(table)
-    summary = "  ".join(f"{k}={_metric(k, v)}" for k, v in res.summary.items() if v is not None)
-    console.print(f"summary: {summary}", highlight=False)
+    summary = "  ".join(f"{k}={res.value_text(k)}" for k in res.summary)
+    console.print(f"summary: {summary}", highlight=False, markup=False)
     for note in res.notes:
-        console.print(f"note: {note}", highlight=False)
-    colour = "green" if res.passed else "bold red"
-    console.print(f"[{colour}]{res.verdict_line()}[/]", highlight=False)
+        console.print(f"note: {note}", highlight=False, markup=False)
+    for f in res.failures:
+        if f.why:
+            console.print(f"fail-on {f.threshold}: {f.why}", style="red", highlight=False, markup=False)
+    colour = {"pass": "green", "fail": "bold red"}.get(res.verdict, "yellow")
+    console.print(res.verdict_line(), style=colour, highlight=False, markup=False)
 
 
 def render_markdown(res: DiffResult) -> str:
     """A pull-request comment: verdict first, then the summary and the per-layer table."""
     a, b = _title(res)
-    icon = "✅" if res.passed else "❌"
+    icon = {"pass": "✅", "fail": "❌"}.get(res.verdict, "➖")
     lines = [f"### {icon} epreplay diff: {res.verdict_line()}", "",
              f"A: `{a}`  B: `{b}`  match: **{res.match}**, hot top-{res.top_n}", ""]
     if res.failures:
         lines += ["| failed threshold | measured | layers |", "|---|---:|---|"]
-        lines += [f"| `{f.threshold}` | {f.measured:.4g} | {_ids(f.layers, 16)} |" for f in res.failures]
+        lines += [f"| `{f.threshold}` | {'n/a' if f.measured is None else f'{f.measured:.4g}'} | "
+                  f"{_ids(f.layers, 16)} |" for f in res.failures]
         lines.append("")
+        lines += [f"**`{f.threshold}`**: {f.why}  " for f in res.failures if f.why]
+        if any(f.why for f in res.failures):
+            lines.append("")
     lines += ["| metric | value |", "|---|---:|"]
-    lines += [f"| {k} | {_metric(k, v)} |" for k, v in res.summary.items()]
+    lines += [f"| {k} | {res.value_text(k)} |" for k in res.summary]
     lines.append("")
     lines += ["| " + " | ".join(HEADERS) + " |",
               "|" + "|".join("---" if h.startswith("hot") else "---:" for h in HEADERS) + "|"]

@@ -16,7 +16,7 @@ import numpy as np
 
 from epreplay import diff_tokens
 from epreplay.diff import (DiffResult, LayerDiff, RunLoads, Threshold, compare_layers, judge,
-                           summarize, worst_first)
+                           summarize, unmeasured_reasons, worst_first)
 from epreplay.errors import UsageError
 from epreplay.run import RunDir
 
@@ -213,8 +213,8 @@ def diff_runs(path_a: str | os.PathLike[str], path_b: str | os.PathLike[str], *,
     """Compare two runs; see epreplay.diff for the metrics and the verdict.
 
     Raises:
-        UsageError: a run is missing or empty, an option is invalid, or a threshold names a
-            metric this diff could not measure.
+        UsageError: a run is missing or empty, or an option is invalid. (A threshold on a
+            metric this diff could not measure is a failure of the diff, not an error.)
     """
     if match not in MATCH_MODES:
         raise UsageError(f"--match {match!r}: choose one of {', '.join(MATCH_MODES)}")
@@ -229,6 +229,9 @@ def diff_runs(path_a: str | os.PathLike[str], path_b: str | os.PathLike[str], *,
             sel = "" if steps is None and layers is None else " in the selected steps/layers"
             raise UsageError(f"{run.path}: no dispatch calls{sel}; nothing to compare")
     notes: list[str] = []
+    same = same_recording(run_a, run_b, facts_a, facts_b)
+    if same:
+        notes.append(same)
     rows = compare_layers(loads_a, loads_b, top_n=top_n)
     used, tokens_a = "none", None
     shapes_differ = []
@@ -244,7 +247,20 @@ def diff_runs(path_a: str | os.PathLike[str], path_b: str | os.PathLike[str], *,
         used, rows, tokens_a = _match_tokens(run_a, run_b, rows, match, steps, layers, notes, progress)
     summary = summarize(rows, tokens_a=tokens_a)
     return DiffResult(loads_a, loads_b, worst_first(rows), used, top_n, tuple(notes), summary,
-                      tuple(thresholds), judge(summary, thresholds, rows))
+                      tuple(thresholds), judge(summary, thresholds, rows),
+                      unmeasured_reasons(summary, rows))
+
+
+def same_recording(run_a: RunDir, run_b: RunDir, facts_a: RunFacts, facts_b: RunFacts) -> str | None:
+    """A note when A and B are one run (or copies of one recording), else None: such a diff
+    shows "no change" whatever the code did, which a reader must not take for a result."""
+    if os.path.samefile(run_a.path, run_b.path):
+        return (f"A and B are the same run ({run_a.path}): it is compared with itself, so every "
+                f"metric shows no change")
+    if facts_a.run_id and facts_a.run_id == facts_b.run_id:
+        return (f"A and B are copies of one recording (run id {facts_a.run_id}): every metric "
+                f"compares it with itself")
+    return None
 
 
 def _match_tokens(run_a: RunDir, run_b: RunDir, rows: list[LayerDiff], match: str,

@@ -41,6 +41,32 @@ class RankContext:
     device: str  # "cpu" or "cuda:<local rank>"
 
 
+def check_device(device: str, *, option: str | None = None) -> None:
+    """Raise UsageError, in the parent and before any process starts, when `device` cannot be
+    used here: otherwise every child fails on its own (torch.cuda.device_count() is 0 without
+    CUDA, so picking GPU `rank % count` divides by zero) and the caller sees N tracebacks.
+
+    Args:
+        device: "cpu" or "cuda". option: the command-line option that gave it ("--device"),
+            named in the message instead of the keyword argument.
+    """
+    from epreplay.errors import UsageError
+
+    def name(value: str) -> str:
+        return f"{option} {value}" if option else f"device={value!r}"
+
+    if device == "cpu":
+        return
+    if device != "cuda":
+        raise UsageError(f"{name(device)}: choose {name('cpu')} or {name('cuda')}")
+    import torch
+
+    if not torch.cuda.is_available():
+        build = "a CPU-only build" if torch.version.cuda is None else f"built for CUDA {torch.version.cuda}"
+        raise UsageError(f"{name('cuda')}: torch {torch.__version__} ({build}) sees no CUDA device "
+                         f"on this machine; use {name('cpu')}, or run on a GPU machine")
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -93,7 +119,8 @@ def run_ranks(fn: Callable[..., Any], world_size: int, *args: Any, timeout: floa
         world_size: number of processes, >= 1.
         timeout: seconds for the whole group; past it every child is killed and RankFailed raised.
         backend: torch.distributed backend; default gloo on CPU, nccl on CUDA.
-        device: "cpu" or "cuda" (rank r uses GPU r % device_count).
+        device: "cpu" or "cuda" (rank r uses GPU r % device_count); checked before any process
+            starts (see check_device).
         pg_timeout_s: the process group's own collective timeout.
         env: extra environment variables for the children.
         wait_all: keep waiting for every rank after one fails (to check that an error is raised
@@ -101,9 +128,11 @@ def run_ranks(fn: Callable[..., Any], world_size: int, *args: Any, timeout: floa
 
     Raises:
         RankFailed: a rank raised (its traceback is in the message) or the group timed out.
+        UsageError: `device` cannot be used on this machine (CUDA asked for, none available).
     """
     if world_size < 1:
         raise ValueError(f"world_size={world_size}: need at least one rank")
+    check_device(device)
     backend = backend or ("nccl" if device == "cuda" else "gloo")
     ctx = _context()
     results = ctx.Queue()

@@ -14,7 +14,8 @@ Defined edge cases (so a diff never divides by zero or prints NaN):
   * Hot experts: only experts with load > 0 can be hot, so a layer with fewer than N loaded
     experts has fewer than N hot ones; ties are broken by the lower expert id.
   * Token agreement over zero tokens: jaccard = top1 = 1.0, weight_change = 0.0, with
-    `tokens == 0` saying that nothing was compared.
+    `tokens == 0` saying that nothing was compared; epreplay.diff reports such agreement as
+    not measured (None), never as these values.
 """
 from __future__ import annotations
 

@@ -9,6 +9,7 @@ import time
 from typing import Any, Callable
 
 from epreplay.errors import UsageError
+from epreplay.launch import check_device
 from epreplay.records import Level, Op
 from epreplay.replay import schedule as S
 from epreplay.replay.plan import Plan
@@ -78,7 +79,9 @@ def replay_run(run_dir: str | os.PathLike[str], ranks: int | None = None, *, bac
     Returns:
         The ReplayReport (exit_code 0 / 1).
     Raises:
-        UsageError: unusable input (no run, bad --ranks, nothing to replay, payload missing).
+        UsageError: unusable input (no run, bad --ranks, nothing to replay, payload missing, a
+            counts-level recording, --device cuda without CUDA), raised before any process
+            starts and before anything is written.
     """
     if backend not in ("emulated", "deepep") and ":" not in backend:
         raise UsageError(f"--backend {backend!r}: choose emulated or deepep")
@@ -91,6 +94,7 @@ def replay_run(run_dir: str | os.PathLike[str], ranks: int | None = None, *, bac
     t_start = time.monotonic()
     scans, world = _load_shards(run)
     try:
+        _check_level(run, scans)
         info0 = scans[0].info
         manifest = run.read_manifest()
         run_id = manifest.run_id if manifest else info0.run_id
@@ -119,6 +123,9 @@ def replay_run(run_dir: str | os.PathLike[str], ranks: int | None = None, *, bac
     finally:
         for s in scans.values():
             s.close()
+    # A machine without CUDA is a setup error, not a divergence: refuse it before any process
+    # starts, so nothing is stored (after the run checks: those name the run's own problems).
+    check_device(device, option="--device")
     if on_plan is not None:
         on_plan(plan, sched)
     work = tempfile.mkdtemp(prefix="epreplay-replay-")
@@ -141,6 +148,19 @@ def replay_run(run_dir: str | os.PathLike[str], ranks: int | None = None, *, bac
         if index:
             _index(run, report)
     return report
+
+
+def _check_level(run: RunDir, scans: dict[int, Any]) -> None:
+    """A recording without token routing (capture level 'counts') cannot be replayed: every
+    dispatch needs its topk_idx_TK. Refused up front (exit 2) rather than reported as one
+    divergence per call."""
+    low = sorted(r for r, s in scans.items() if s.info.level < Level.ROUTING)
+    if low:
+        label = Level(scans[low[0]].info.level).label
+        ranks = "every rank" if len(low) == len(scans) else f"rank(s) {', '.join(map(str, low[:8]))}"
+        raise UsageError(f"{run.path}: {ranks} recorded at capture level '{label}', which holds no "
+                         f"token routing; replay needs level 'routing' or above: record again with "
+                         f"--level routing (epreplay record) or capture.start(RUN, level='routing')")
 
 
 def _check_backend(backend: str) -> None:

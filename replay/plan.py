@@ -20,6 +20,11 @@ import numpy as np
 from epreplay.errors import UsageError
 
 
+def processes(n: int) -> str:
+    """'1 process', '4 processes': the count of replay processes as a person reads it."""
+    return f"{n} process" if n == 1 else f"{n} processes"
+
+
 def valid_ranks(n: int) -> list[int]:
     """Every M a run recorded on `n` ranks can be replayed on (the divisors of n)."""
     return [m for m in range(1, n + 1) if n % m == 0]
@@ -127,7 +132,7 @@ class Plan:
 
     def describe(self) -> list[str]:
         """Human-readable lines: one per physical rank."""
-        lines = [f"plan: {self.virtual} recorded ranks on {self.physical} processes "
+        lines = [f"plan: {self.virtual} recorded ranks on {processes(self.physical)} "
                  f"({self.per_process} per process)"]
         for p in range(self.physical):
             vs = self.virtual_of(p)

@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from epreplay.replay.plan import processes
 from epreplay.replay.verify import KINDS
 
 
@@ -84,7 +85,7 @@ class ReplayReport:
     @property
     def verdict(self) -> str:
         if not self.divergences:
-            return (f"OK: {self.calls} calls replayed on {self.plan.get('physical_ranks')} processes, "
+            return (f"OK: {self.calls} calls replayed on {processes(self.plan.get('physical_ranks', 0))}, "
                     f"no divergence")
         f = self.first_divergence or {}
         return (f"DIVERGED: {self.divergences} divergence(s); first: {f.get('kind')} at step "
@@ -133,8 +134,8 @@ def render(report: ReplayReport, console: Any = None) -> None:
     console = console or Console()
     pl = report.plan
     console.print(f"[bold]replay[/bold] {E(report.run)} (run {E(report.run_id)}) -> report {report.id}")
-    console.print(f"plan: {pl.get('virtual_ranks')} recorded ranks on {pl.get('physical_ranks')} "
-                  f"processes ({pl.get('virtual_per_physical')} per process), backend {E(report.backend)} "
+    console.print(f"plan: {pl.get('virtual_ranks')} recorded ranks on {processes(pl.get('physical_ranks', 0))} "
+                  f"({pl.get('virtual_per_physical')} per process), backend {E(report.backend)} "
                   f"on {report.device}, payload {report.payload}")
     for row in pl.get("placement", []):
         v0, v1 = row["virtual"]

@@ -28,7 +28,7 @@ HIDDEN = 8
 def write_run(path: Path, *, experts: int = 16, topk: int = 4, seed: int = 0,
               perturb: frozenset[int] = frozenset(), order_seed: int | None = None,
               tags: bool = True, release: str = "r1", routing: bool = True,
-              world: int = WORLD, tokens: int = T, ll: str = "") -> Path:
+              world: int = WORLD, tokens: int = T, ll: str = "", tag_base: int = 0) -> Path:
     """A run of WORLD ranks x STEPS steps x LAYERS layers of dispatch records.
 
     seed: the token data (the same seed -> the same tokens). perturb: layers whose router is
@@ -37,6 +37,8 @@ def write_run(path: Path, *, experts: int = 16, topk: int = 4, seed: int = 0,
     world, tokens: ranks and tokens per rank; the same world * tokens processes the same tokens.
     ll: "" normal dispatch (weights in the record); "combine": low-latency dispatch (no weights)
     followed by its ll_combine (weights); "bare": low-latency dispatch alone.
+    tag_base: added to every token tag (another workload's tokens: no tag in common with a run
+    of tag_base 0).
     """
     data = np.random.default_rng(seed)
     n_tok = STEPS * world * tokens
@@ -67,7 +69,7 @@ def write_run(path: Path, *, experts: int = 16, topk: int = 4, seed: int = 0,
                     if not routing:
                         del arrays["topk_idx_TK"], arrays["topk_weights_TK"]
                     if tags:
-                        arrays["token_tag_T"] = tok_T.astype(np.int64)
+                        arrays["token_tag_T"] = (tok_T + tag_base).astype(np.int64)
                     op = Op.LL_DISPATCH if ll else Op.DISPATCH
                     if ll:
                         weights = arrays.pop("topk_weights_TK", None)
@@ -99,6 +101,9 @@ def runs(tmp_path_factory) -> dict[str, Path]:
         "ll": write_run(base / "ll", ll="combine"),
         "ll_release": write_run(base / "ll_release", ll="combine", perturb=frozenset({1, 3})),
         "ll_bare": write_run(base / "ll_bare", ll="bare"),
+        # other tokens (other seed, other tags): tag matching pairs none of them with "a"'s
+        "disjoint": write_run(base / "disjoint", seed=5, tag_base=10**6),
+        "top8": write_run(base / "top8", topk=8),
     }
 
 
@@ -165,9 +170,11 @@ def test_low_latency_weights_come_from_the_combine(runs) -> None:
     # Without the combine records no weights exist: weight change is unmeasured, not 0.
     bare = diff_runs.diff_runs(runs["ll"], runs["ll_bare"])
     assert bare.summary["top1"] == 1.0 and bare.summary["weight_change"] is None
-    with pytest.raises(UsageError, match="weight_change was not measured"):
-        diff_runs.diff_runs(runs["ll"], runs["ll_bare"],
-                            thresholds=[diff.parse_threshold("weight_change>0.1")])
+    assert bare.unmeasured["weight_change"] == "no weights recorded"
+    gated = diff_runs.diff_runs(runs["ll"], runs["ll_bare"],
+                                thresholds=[diff.parse_threshold("weight_change>0.1")])
+    (fail,) = gated.failures  # a gate on a metric that could not be measured fails, saying why
+    assert fail.measured is None and "no weights recorded" in fail.why
 
 
 def test_auto_falls_back_to_position_then_none(runs) -> None:
@@ -177,9 +184,10 @@ def test_auto_falls_back_to_position_then_none(runs) -> None:
     assert none.match == "none" and none.summary["top1"] is None
     with pytest.raises(UsageError, match="recorded no token tags"):
         diff_runs.diff_runs(runs["untagged"], runs["a"], match="tag")
-    with pytest.raises(UsageError, match="top1 was not measured"):
-        diff_runs.diff_runs(runs["a"], runs["a"], match="none",
-                            thresholds=[diff.parse_threshold("top1<0.9")])
+    gated = diff_runs.diff_runs(runs["a"], runs["a"], match="none",
+                                thresholds=[diff.parse_threshold("top1<0.9")])
+    (fail,) = gated.failures
+    assert fail.measured is None and "tokens were not matched" in fail.why
 
 
 def test_different_expert_counts_compare_distributions_only(runs) -> None:
@@ -203,6 +211,48 @@ def test_layer_and_step_selection(runs) -> None:
     assert sorted(r.layer for r in res.layers) == [0, 2] and res.summary["js"] == 0.0
     assert res.run_a.steps == (1, 2)
     assert all(r.tokens.tokens == 2 * WORLD * T for r in res.layers)
+
+
+def test_no_matched_tokens_is_not_measured_and_fails_the_gate(runs) -> None:
+    """Runs with no token in common (issue 20: demo seed 0 against seed 1 printed matched=0,
+    jaccard=1, top1=1 and passed 'top1<0.9'): agreement over zero tokens is not measured, and a
+    gate on it fails, saying why and how tokens get matched."""
+    res = diff_runs.diff_runs(runs["a"], runs["disjoint"],
+                              thresholds=[diff.parse_threshold("top1<0.9")])
+    s = res.summary
+    assert res.match == "tag" and s["matched"] == 0.0
+    assert (s["jaccard"], s["top1"], s["weight_change"]) == (None, None, None)
+    assert res.unmeasured["top1"] == res.unmeasured["jaccard"] == "no matched tokens"
+    assert all(diff.layer_value(r, "top1") is None for r in res.layers)
+    assert not res.passed and res.verdict == "fail"
+    (fail,) = res.failures
+    assert fail.threshold.metric == "top1" and fail.measured is None
+    assert "no tokens matched" in fail.why and "position" in fail.why and "tag_tokens" in fail.why
+    assert res.verdict_line().startswith("FAIL: top1 could not be measured")
+    # `matched` itself is measured (0 of A's tokens), so a gate on it judges normally.
+    gated = diff_runs.diff_runs(runs["a"], runs["disjoint"],
+                                thresholds=[diff.parse_threshold("matched<0.5")])
+    assert [(f.threshold.metric, f.measured) for f in gated.failures] == [("matched", 0.0)]
+
+
+def test_no_thresholds_judges_nothing(runs) -> None:
+    """Top-8 against top-4 used to say 'PASS: js max ...' with no gate at all."""
+    res = diff_runs.diff_runs(runs["a"], runs["top8"])
+    assert res.summary["js"] > 0 and res.match == "none"
+    assert res.verdict == "unjudged" and res.passed  # exit 0: nothing failed, nothing was judged
+    assert res.verdict_line().startswith("no thresholds given: nothing judged (pass --fail-on")
+    assert "PASS" not in res.verdict_line()
+
+
+def test_run_against_itself_says_it_is_the_same_run(runs, tmp_path) -> None:
+    import shutil
+
+    res = diff_runs.diff_runs(runs["a"], runs["a"])
+    assert res.notes[0].startswith("A and B are the same run")
+    copy = shutil.copytree(runs["a"], tmp_path / "copy", ignore=shutil.ignore_patterns("index.duckdb*"))
+    res = diff_runs.diff_runs(runs["a"], copy)
+    assert res.notes[0].startswith("A and B are copies of one recording")
+    assert not any("same run" in n for n in diff_runs.diff_runs(runs["a"], runs["release"]).notes)
 
 
 @pytest.mark.parametrize("text, want", [
@@ -250,11 +300,44 @@ def test_cli_text_json_md_and_exit_codes(runs) -> None:
     assert "| `js>0.01` |" in md.stdout
 
 
+@pytest.mark.slow
+def test_cli_gate_on_an_unmeasured_metric_fails_with_the_reason(runs) -> None:
+    a, other = str(runs["a"]), str(runs["disjoint"])
+    text = cli(a, other, "--fail-on", "top1<0.9")
+    assert text.returncode == 1, text.stdout + text.stderr
+    flat = " ".join(text.stdout.split())  # rich wraps long lines
+    assert "PASS" not in flat and "top1=n/a (no matched tokens)" in flat
+    assert "top1 could not be measured: no tokens matched" in flat and "tag_tokens" in flat
+    js = cli(a, other, "--fail-on", "top1<0.9", "--format", "json")
+    assert js.returncode == 1, js.stderr
+    doc = json.loads(js.stdout)
+    assert doc["summary"]["top1"] is None and doc["summary"]["matched"] == 0.0
+    assert doc["unmeasured"]["top1"] == "no matched tokens"
+    assert doc["verdict"] == "fail" and doc["failed"][0]["measured"] is None
+    assert "no tokens matched" in doc["failed"][0]["why"]
+    md = cli(a, other, "--fail-on", "top1<0.9", "--format", "md")
+    assert md.returncode == 1 and md.stdout.startswith("### ❌ epreplay diff: FAIL")
+    assert "| top1 | n/a (no matched tokens) |" in md.stdout
+
+
+@pytest.mark.slow
+def test_cli_without_thresholds_says_nothing_was_judged(runs) -> None:
+    proc = cli(str(runs["a"]), str(runs["top8"]))
+    assert proc.returncode == 0, proc.stderr
+    flat = " ".join(proc.stdout.split())
+    assert "no thresholds given: nothing judged (pass --fail-on" in flat and "PASS" not in flat
+    same = cli(str(runs["a"]), str(runs["a"]))
+    assert "A and B are the same run" in " ".join(same.stdout.split())
+
+
 def test_cli_help_lists_every_metric() -> None:
     proc = cli("--help")
     assert proc.returncode == 0
     for name in diff.METRICS:
         assert f"\n  {name} " in proc.stdout, name
+    flat = " ".join(proc.stdout.split())
+    assert "without --fail-on nothing is judged" in flat  # what a diff without a gate means
+    assert "could not be measured fails the gate" in flat
 
 
 @pytest.mark.slow
@@ -275,7 +358,7 @@ def test_cli_unusable_input_exits_2_with_one_line(runs, tmp_path) -> None:
 def test_json_dict_is_complete(runs) -> None:
     doc = diff_render.to_dict(diff_runs.diff_runs(runs["a"], runs["release"]))
     assert set(doc["summary"]) == set(diff.METRICS)
-    assert doc["verdict"] == "pass" and doc["failed"] == []  # no thresholds: pass
+    assert doc["verdict"] == "unjudged" and doc["failed"] == []  # no thresholds: nothing judged
     layer = doc["layers"][0]
     assert {"js", "hot_entered", "hot_left", "imbalance_a", "top1", "jaccard"} <= set(layer)
     json.dumps(doc)  # JSON-able (no numpy scalars)

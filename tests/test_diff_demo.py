@@ -26,7 +26,9 @@ def demo_runs(demo_run_dir, demo_run_factory, tmp_path_factory) -> dict[str, Pat
     """The session's shared demo runs (tests/conftest.py), copied: the diff writes their index."""
     base = tmp_path_factory.mktemp("diffdemo")
     sources = {"a": demo_run_dir, "b": demo_run_factory(release="b"),
-               "shuffled": demo_run_factory(shuffle_batches=True)}
+               "shuffled": demo_run_factory(shuffle_batches=True),
+               # other tokens: the tags hash the seed, so no token of seed 1 matches one of seed 0
+               "seed1": demo_run_factory(seed=1, steps=2)}
     return {name: Path(shutil.copytree(src, base / name)) for name, src in sources.items()}
 
 
@@ -74,3 +76,18 @@ def test_demo_cli_gate_exit_codes(demo_runs) -> None:
     assert doc["verdict"] == "fail" and {f["metric"] for f in doc["failed"]} <= {"js", "top1"}
     assert all(f["layers"] == [1, 3] for f in doc["failed"])  # the release's layers, named
     assert {l["layer"] for l in doc["layers"][:2]} == {1, 3}
+
+
+def test_demo_other_seed_matches_no_token_and_fails_the_gate(demo_runs) -> None:
+    """Issue 20: seed 0 against seed 1 printed matched=0.0000 but jaccard=1.0000 top1=1.0000 and
+    passed --fail-on 'top1<0.9' (exit 0). Agreement over no token is not measured; the gate fails."""
+    a, other = str(demo_runs["a"]), str(demo_runs["seed1"])
+    proc = subprocess.run([sys.executable, "-m", "epreplay", "diff", a, other, "--steps", "0:2",
+                           "--fail-on", "top1<0.9", "--format", "json"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    doc = json.loads(proc.stdout)
+    assert doc["match"] == "tag" and doc["summary"]["matched"] == 0.0
+    assert doc["summary"]["top1"] is None and doc["summary"]["jaccard"] is None
+    assert doc["verdict"] == "fail" and doc["failed"][0]["measured"] is None
+    assert "no tokens matched" in doc["failed"][0]["why"]

@@ -245,6 +245,52 @@ def test_unusable_input_exits_2(tmp_path: Path, recorded: Path) -> None:
     assert r.returncode == 2 and "nothing to replay" in r.stderr
 
 
+def _refused_and_nothing_stored(r: subprocess.CompletedProcess, run: Path, *needles: str) -> None:
+    """A setup or usage error: exit 2, one line naming the value and the fix, no traceback, and no
+    report stored (no replays/*.json, no row in the index: it is not a replay's finding)."""
+    assert r.returncode == 2, r.stdout + r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in r.stderr, r.stderr
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+    assert not list(run.glob("replays/*.json"))
+    if (run / "index.duckdb").exists():
+        import duckdb
+
+        with duckdb.connect(str(run / "index.duckdb"), read_only=True) as con:
+            assert con.execute("SELECT count(*) FROM replays").fetchone()[0] == 0
+
+
+def test_device_cuda_without_cuda_is_refused_before_any_process(recorded: Path, tmp_path: Path) -> None:
+    """Issue 20: four ZeroDivisionError tracebacks from the ranks, then 'DIVERGED: 1
+    divergence(s)', exit 1, stored in the index."""
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("CUDA is available here: --device cuda is valid")
+    run = _copy(recorded, tmp_path / "run")
+    _refused_and_nothing_stored(_cli(str(run), "--device", "cuda"), run, "--device cuda", "--device cpu")
+
+
+def test_run_ranks_on_cuda_without_cuda_raises_in_the_parent() -> None:
+    import torch
+
+    from epreplay.errors import UsageError
+    from epreplay.launch import run_ranks
+
+    if torch.cuda.is_available():
+        pytest.skip("CUDA is available here")
+    with pytest.raises(UsageError, match="device='cuda'.*no CUDA device.*device='cpu'"):
+        run_ranks(_workload, 2, "unused", device="cuda")
+
+
+def test_counts_level_recording_is_refused_before_any_process(demo_run_factory, tmp_path: Path) -> None:
+    """Issue 20: 'DIVERGED: 4 divergence(s)' although every divergence said replay needs
+    level 'routing'."""
+    run = _copy(demo_run_factory(level="counts", ranks=2, steps=1, layers=1), tmp_path / "run")
+    _refused_and_nothing_stored(_cli(str(run)), run, "level 'counts'", "--level routing")
+
+
 @pytest.mark.slow
 def test_cli_json_report_exit_1_and_index(recorded: Path, tmp_path: Path) -> None:
     import duckdb

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from epreplay.errors import UsageError
-from epreplay.replay.plan import Plan, valid_ranks
+from epreplay.replay.plan import Plan, processes, valid_ranks
 
 
 @pytest.mark.parametrize("n,m", [(8, 8), (8, 4), (8, 2), (8, 1), (6, 3), (1, 1)])
@@ -49,3 +49,8 @@ def test_bad_rank_counts_name_the_valid_ones() -> None:
     with pytest.raises(UsageError, match="multiple of the world size"):
         Plan.make(8, 4, experts=12)
     assert Plan.make(8).physical == 8
+
+
+def test_one_process_is_singular() -> None:
+    assert processes(1) == "1 process" and processes(2) == "2 processes"
+    assert Plan.make(4, 1).describe()[0] == "plan: 4 recorded ranks on 1 process (4 per process)"

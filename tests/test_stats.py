@@ -140,3 +140,13 @@ def test_stats_while_a_capture_is_writing(tmp_path: Path) -> None:
         writer.close()
     d = json.loads(cli("stats", rundir.path, "--format", "json").stdout)
     assert d["note"] is None and d["health"]["ok"]
+
+
+def test_steps_outside_the_run_exit_2(runs) -> None:
+    """Issue 20: '--steps 7:9' beyond the run printed empty tables with exit 0."""
+    one_line_exit_2(cli("stats", runs["a"], "--steps", "7:9"), "--steps 7:9", "steps 0..2", "0:3")
+    one_line_exit_2(cli("stats", runs["a"], "--steps", "5"), "--steps 5", "steps 0..2")
+    # a range that overlaps the run is fine: its steps in the range are shown
+    part = cli("stats", runs["a"], "--steps", "2:9", "--format", "json")
+    assert part.returncode == 0, part.stderr
+    assert json.loads(part.stdout)["total_slots"] == 4 * 32 * 4 * 2  # 1 step x 4 ranks x 32 x top-4 x 2 layers

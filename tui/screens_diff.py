@@ -9,6 +9,7 @@ from textual import on, work
 from textual.app import ComposeResult
 from textual.widgets import DataTable, Static
 
+from epreplay.diff import layer_value
 from epreplay.tui import render
 from epreplay.tui.data import DiffData
 from epreplay.tui.messages import DiffLoaded
@@ -20,6 +21,10 @@ def _ids(ids: tuple[int, ...], limit: int = 4) -> str:
     return text + ("…" if len(ids) > limit else "") if ids else "-"
 
 
+def _agree(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"  # None: no tokens matched in the layer
+
+
 def summary_text(d: DiffData) -> str:
     res = d.result
     if res is None:
@@ -27,7 +32,8 @@ def summary_text(d: DiffData) -> str:
     s = res.summary
     lines = [f"A {res.run_a.run_id} ({res.run_a.release or '-'})  vs  B {res.run_b.run_id} "
              f"({res.run_b.release or '-'})", res.verdict_line()]
-    agree = [f"{k} {s[k]:.3f}" for k in ("top1", "jaccard", "weight_change", "matched") if s.get(k) is not None]
+    agree = [f"{k} {s[k]:.3f}" if s.get(k) is not None else f"{k} n/a ({res.unmeasured.get(k, '-')})"
+             for k in ("top1", "jaccard", "weight_change", "matched")] if res.match != "none" else []
     lines.append(f"token match: {res.match}" + (" · " + " · ".join(agree) if agree else ""))
     lines.extend(res.notes[:2])
     return "\n".join(lines)
@@ -76,8 +82,8 @@ class DiffPane(Pane):
         top = max((r.js for r in rows), default=0.0) or 1.0
         fill_table(self.query_one("#diff-table", DataTable), DIFF_COLUMNS, [
             (str(r.layer), (str(r.layer), f"{r.js:.4f}", render.bar(r.js / top, 16), _ids(r.hot.entered),
-                            _ids(r.hot.left), f"{r.tokens.top1:.3f}" if r.tokens else "-",
-                            f"{r.tokens.jaccard:.3f}" if r.tokens else "-"))
+                            _ids(r.hot.left), _agree(layer_value(r, "top1")),
+                            _agree(layer_value(r, "jaccard"))))
             for r in rows])
         self.mark_loaded()
 
