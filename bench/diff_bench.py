@@ -32,6 +32,11 @@ from epreplay import diff_runs  # noqa: E402
 from epreplay.run import RunDir  # noqa: E402
 
 
+
+def _f(v: float | None) -> str:
+    """A token-level metric: 'n/a' when no token matched (diff reports it as not measured)."""
+    return "n/a" if v is None else f"{v:.4f}"
+
 def _make(path: Path, seed: int, args: argparse.Namespace) -> float:
     """Generate one run unless a complete one is already there; seconds spent."""
     from epreplay.synth import make_synthetic_run
@@ -164,12 +169,12 @@ def main() -> int:
         matched = sum(r.tokens.tokens for r in res.layers if r.tokens)
         print(f"token-matched level (diff_runs, match=position): {tok_s:.1f} s for {matched / 1e6:.1f} M "
               f"matched token-layers ({matched / tok_s / 1e6:.2f} M/s, {os.cpu_count()} CPUs); "
-              f"top1 {res.summary['top1']:.4f}, jaccard {res.summary['jaccard']:.4f}")
+              f"top1 {_f(res.summary['top1'])}, jaccard {_f(res.summary['jaccard'])}")
         t0 = time.perf_counter()
         res = diff_runs.diff_runs(run_a, run_a, match="position")
         self_s = time.perf_counter() - t0
         print(f"token-matched self-diff (A vs A: byte-identical records, decoded once): {self_s:.1f} s; "
-              f"top1 {res.summary['top1']:.4f}")
+              f"top1 {_f(res.summary['top1'])}")
     if args.tag_steps:
         tbase = args.dir / f"tagged-r{args.ranks}-s{args.tag_steps}-l{args.layers}-t{args.tokens}-e{args.experts}-k{args.topk}"
         tbase.mkdir(parents=True, exist_ok=True)
