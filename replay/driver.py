@@ -1,5 +1,6 @@
-"""`replay_run`: open the run, plan, schedule, launch M workers (launcher.py), build the report
-(collect.py), write it to RUN/replays/<id>.json and load it into the index."""
+"""`replay_run`: open the run, refuse shard damage (damage.py), plan, schedule, launch M workers
+(launcher.py), build the report (collect.py), write it to RUN/replays/<id>.json and load it into
+the index."""
 from __future__ import annotations
 
 import os
@@ -11,6 +12,7 @@ from typing import Any, Callable
 from epreplay.errors import UsageError
 from epreplay.records import Level, Op
 from epreplay.replay import schedule as S
+from epreplay.replay.damage import damage_error, damaged_offsets, find_damage
 from epreplay.replay.plan import Plan
 from epreplay.replay.collect import build_report
 from epreplay.replay.launcher import joined_from_torchrun, launch_local, run_torchrun
@@ -60,7 +62,7 @@ def replay_run(run_dir: str | os.PathLike[str], ranks: int | None = None, *, bac
                ops: str | None = None, payload: str | None = None, call_timeout: float = 60.0,
                fault: Any = None, on_progress: Callable[[int, int], None] | None = None,
                on_plan: Callable[[Plan, S.Schedule], None] | None = None,
-               write: bool = True, index: bool = True) -> ReplayReport:
+               write: bool = True, index: bool = True, allow_partial: bool = False) -> ReplayReport:
     """Replay a recorded run on `ranks` processes and verify every call against the recording.
 
     Args:
@@ -75,10 +77,14 @@ def replay_run(run_dir: str | os.PathLike[str], ranks: int | None = None, *, bac
         on_progress: called with (calls done by the slowest rank, calls scheduled).
         on_plan: called once with the plan and schedule before the workers start.
         write: write RUN/replays/<id>.json. index: load the report into RUN/index.duckdb.
+        allow_partial: accept shard damage and skipped calls: replay what every rank holds
+            intact (for a truncated shard, the prefix before the cut) and exit 0 when that has
+            no divergence. Without it, damage is refused up front and skipped calls give exit 3.
     Returns:
-        The ReplayReport (exit_code 0 / 1).
+        The ReplayReport (exit_code 0 / 1 / 3; see epreplay.replay.report).
     Raises:
-        UsageError: unusable input (no run, bad --ranks, nothing to replay, payload missing).
+        UsageError: unusable input (no run, bad --ranks, nothing to replay, payload missing);
+            ShardError (a UsageError): shard damage without allow_partial, before any process starts.
     """
     if backend not in ("emulated", "deepep") and ":" not in backend:
         raise UsageError(f"--backend {backend!r}: choose emulated or deepep")
@@ -91,6 +97,9 @@ def replay_run(run_dir: str | os.PathLike[str], ranks: int | None = None, *, bac
     t_start = time.monotonic()
     scans, world = _load_shards(run)
     try:
+        damage = find_damage(scans)
+        if damage and not allow_partial:
+            raise damage_error(run.path, damage)
         info0 = scans[0].info
         manifest = run.read_manifest()
         run_id = manifest.run_id if manifest else info0.run_id
@@ -106,7 +115,7 @@ def replay_run(run_dir: str | os.PathLike[str], ranks: int | None = None, *, bac
         elif payload not in ("recorded", "synthetic"):
             raise UsageError(f"--payload {payload!r}: choose recorded or synthetic")
         sched = S.build(scans, world, steps=S.parse_steps(steps), layers=S.parse_int_set(layers, "--layers"),
-                        ops=S.parse_ops(ops))
+                        ops=S.parse_ops(ops), damaged=damaged_offsets(damage))
         if not sched.calls:
             why = (f"{len(sched.skipped)} recorded call(s) skipped (first: {sched.skipped[0].reason})"
                    if sched.skipped else "no calls recorded" if not sched.filtered
@@ -133,7 +142,8 @@ def replay_run(run_dir: str | os.PathLike[str], ranks: int | None = None, *, bac
             write = write and is_writer
         else:
             hang, died = launch_local(job, device, call_timeout, on_progress, pids)
-        report = build_report(job, run, sched, hang, died, backend, device, time.monotonic() - t_start, pids)
+        report = build_report(job, run, sched, hang, died, backend, device, time.monotonic() - t_start, pids,
+                              allow_partial=allow_partial)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     if write:
