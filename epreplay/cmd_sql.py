@@ -1,4 +1,6 @@
-"""`epreplay sql RUN "SELECT ..."`: read-only SQL on the run's index, as a table, CSV or JSON."""
+"""`epreplay sql RUN "SELECT ..."`: one read-only query on the run's index, as a table, CSV or JSON.
+
+The query touches no file and no network unless --allow-external (see epreplay.user_sql)."""
 from __future__ import annotations
 
 import argparse
@@ -10,6 +12,8 @@ expert_load_rank, traffic, rank_load, replays, divergences.
 examples:
   epreplay sql runs/r1 "SELECT expert, sum(tokens) t FROM expert_load GROUP BY expert ORDER BY t DESC LIMIT 5"
   epreplay sql runs/r1 "SELECT * FROM shards WHERE problem IS NOT NULL" --format csv
+one statement per call, read-only; files (COPY, EXPORT, ATTACH, read_csv, glob, ...) and
+extensions (INSTALL, LOAD) are refused unless --allow-external.
 """
 
 
@@ -18,6 +22,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.add_argument("run", metavar="RUN", help="run directory")
     parser.add_argument("query", metavar="SQL", help="one SQL statement (read-only)")
+    parser.add_argument("--allow-external", action="store_true",
+                        help="let the query use files, other databases and extensions (COPY, "
+                             "EXPORT, ATTACH, read_csv, glob, INSTALL, ...): this query may read "
+                             "and write files as you")
     parser.add_argument("--format", choices=("table", "csv", "json"), default="table")
     parser.add_argument("--limit", type=int, default=1000, metavar="N",
                         help="print at most N rows in table format (default 1000)")
@@ -29,7 +37,7 @@ def run(args: argparse.Namespace) -> int:
     from epreplay.queries import open_index
 
     with open_index(args.run, progress=sys.stderr.isatty()) as ix:
-        res = ix.sql(args.query)
+        res = ix.user_sql(args.query, allow_external=args.allow_external)
     _print(res, args)  # a broken pipe (`| head`) is handled once, in epreplay.cli
     return 0
 

@@ -30,7 +30,8 @@ def available(module: str) -> bool:
 
 @dataclass
 class StepOutcome:
-    """One pipeline step: name, status ("ok", "skipped", "failed", "diverged"), a short note."""
+    """One pipeline step: name, status ("ok", "skipped", "failed", "diverged", "incomplete": the
+    replay skipped recorded calls), a short note."""
 
     name: str
     status: str
@@ -51,7 +52,9 @@ class PipelineResult:
     def exit_code(self) -> int:
         if any(s.status == "failed" for s in self.steps):
             return 1
-        return 1 if any(s.status == "diverged" for s in self.steps) else 0
+        if any(s.status == "diverged" for s in self.steps):
+            return 1
+        return 3 if any(s.status == "incomplete" for s in self.steps) else 0  # replay's exit 3
 
 
 @dataclass(frozen=True)
@@ -179,7 +182,7 @@ def run_pipeline(cfg: DemoConfig, opts: PipelineOptions, *, progress: Progress |
             report = replay_run(opts.out, ranks, device=cfg.device, on_progress=on_rp,
                                 index=indexed)
             result.replay = report
-            status = "ok" if report.exit_code == 0 else "diverged"
+            status = {0: "ok", 3: "incomplete"}.get(report.exit_code, "diverged")
             result.steps.append(StepOutcome("replay", status, report.verdict, time.perf_counter() - t0))
         except Exception as exc:  # noqa: BLE001
             result.steps.append(StepOutcome("replay", "failed", f"{type(exc).__name__}: {exc}",

@@ -7,7 +7,8 @@ from typing import Any
 from epreplay.demo_pipeline import PipelineResult, available
 from epreplay.demo_model import release_layers
 
-_STATUS_STYLE = {"ok": "green", "skipped": "yellow", "failed": "bold red", "diverged": "bold red"}
+_STATUS_STYLE = {"ok": "green", "skipped": "yellow", "failed": "bold red", "diverged": "bold red",
+                 "incomplete": "yellow"}
 
 
 def summary_lines(result: PipelineResult) -> list[str]:

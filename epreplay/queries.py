@@ -563,13 +563,37 @@ class RunIndex:
         return [DivergenceRow(*row) for row in rows]
 
     def sql(self, text: str) -> SqlResult:
-        """Run any read-only SQL; UsageError with DuckDB's message when it fails."""
+        """Run epreplay's own read-only SQL; UsageError with DuckDB's message when it fails.
+        Text from a user goes through `user_sql` instead."""
         import duckdb
 
         try:
             cols, rows = self._rows(text)
         except duckdb.Error as exc:
             raise UsageError(f"SQL failed: {str(exc).splitlines()[0]}") from None
+        return SqlResult(tuple(cols), rows)
+
+    def user_sql(self, text: str, *, allow_external: bool = False) -> SqlResult:
+        """Run one user query (see epreplay.user_sql): one statement, read-only, and unless
+        `allow_external`, no file or network access. This index's connection keeps external
+        access off afterwards (DuckDB's setting is per database and locked).
+
+        Raises:
+            UsageError: empty SQL, several statements, a refused statement or file access, or
+                DuckDB's error (first line).
+        """
+        import duckdb
+
+        from epreplay import user_sql
+
+        one = user_sql.check_statement(self._con, text, allow_external=allow_external)
+        if not allow_external:
+            user_sql.shut_external_access(self._con)
+        try:
+            cols, rows = self._rows(one)
+        except duckdb.Error as exc:
+            raise (user_sql.refused_access(exc)
+                   or UsageError(f"SQL failed: {str(exc).splitlines()[0]}")) from None
         return SqlResult(tuple(cols), rows)
 
 

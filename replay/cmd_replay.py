@@ -1,4 +1,7 @@
-"""`epreplay replay RUN`: re-run a recorded run's dispatch/combine traffic and verify every call."""
+"""`epreplay replay RUN`: re-run a recorded run's dispatch/combine traffic and verify every call.
+
+Exit codes: 0 OK, 1 divergence, 2 unusable input or shard damage, 3 incomplete (recorded calls
+skipped; --allow-partial accepts that). See epreplay.replay.report."""
 from __future__ import annotations
 
 import argparse
@@ -7,8 +10,19 @@ import sys
 
 HELP = "replay a recorded run on the same or fewer ranks and report every divergence"
 
+EPILOG = """exit codes:
+  0  every recorded call replayed, no divergence (with --allow-partial: none in what was replayed)
+  1  divergence(s)
+  2  unusable input, or shard damage (a truncated shard, a record whose CRC fails): nothing is
+     replayed; 'epreplay repair RUN' cuts shards to their intact prefix
+  3  incomplete: no divergence, but recorded calls were skipped (the summary and the JSON
+     report's `skipped` / `skipped_by_rank` say which and why)
+"""
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.epilog = EPILOG
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.add_argument("run", metavar="RUN", help="run directory (manifest.json, shards/)")
     parser.add_argument("--ranks", type=int, default=None, metavar="M",
                         help="replay processes; must divide the recorded world size (default: the same)")
@@ -25,6 +39,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="seconds a call may take before it is reported as a hang (default 60)")
     parser.add_argument("--format", choices=("text", "json"), default="text")
     parser.add_argument("--no-index", action="store_true", help="do not load the report into the index")
+    parser.add_argument("--allow-partial", action="store_true",
+                        help="accept shard damage and skipped calls: replay only the calls every "
+                             "rank holds intact (a truncated shard: the prefix before the cut); "
+                             "exit 0 when that has no divergence, and say PARTIAL")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -64,7 +82,7 @@ def run(args: argparse.Namespace) -> int:
         report = replay_run(args.run, args.ranks, backend=args.backend, device=args.device,
                             steps=args.steps, layers=args.layers, ops=args.ops, payload=args.payload,
                             call_timeout=args.call_timeout, on_progress=on_progress, on_plan=on_plan,
-                            index=not args.no_index)
+                            index=not args.no_index, allow_partial=args.allow_partial)
     finally:
         if "p" in bar:
             bar["p"].stop()

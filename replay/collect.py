@@ -14,7 +14,8 @@ from epreplay.run import RunDir, new_run_id
 
 
 def build_report(job: Job, run: RunDir, sched: S.Schedule, hang: dict | None, died: dict[int, str],
-             backend: str, device: str, wall_s: float, pids: list[int]) -> ReplayReport:
+             backend: str, device: str, wall_s: float, pids: list[int], *,
+             allow_partial: bool = False) -> ReplayReport:
     work = Path(job.work_dir)
     plan = job.plan
     divs: list[dict] = []
@@ -74,9 +75,10 @@ def build_report(job: Job, run: RunDir, sched: S.Schedule, hang: dict | None, di
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"), plan=plan.to_dict(),
         backend=backend, device=device, payload=job.payload, calls=done, scheduled=len(job.calls),
         calls_by_op=calls_by_op, divergences=count, by_kind=by_kind, first_divergence=first_of(divs),
-        divergence_list=divs[:1000], skipped=[s.__dict__ for s in sched.skipped], filtered=sched.filtered,
+        divergence_list=divs[:1000], filtered=sched.filtered,
+        skipped=[{**s.__dict__, "ranks": list(s.ranks)} for s in sched.skipped],
         ops=ops, stopped=stopped, wall_s=round(wall_s, 3), worker_pids=pids,
-        shard_problems={str(k): v for k, v in sched.shard_problems.items()})
+        shard_problems={str(k): v for k, v in sched.shard_problems.items()}, allow_partial=allow_partial)
 
 
 def _op_stats(job: Job, summaries: dict[int, dict], sched: S.Schedule) -> dict[str, dict]:

@@ -1,5 +1,6 @@
-"""`replay_run`: open the run, plan, schedule, launch M workers (launcher.py), build the report
-(collect.py), write it to RUN/replays/<id>.json and load it into the index."""
+"""`replay_run`: open the run, refuse shard damage (damage.py), plan, schedule, launch M workers
+(launcher.py), build the report (collect.py), write it to RUN/replays/<id>.json and load it into
+the index."""
 from __future__ import annotations
 
 import os
@@ -12,6 +13,7 @@ from epreplay.errors import UsageError
 from epreplay.launch import check_device
 from epreplay.records import Level, Op
 from epreplay.replay import schedule as S
+from epreplay.replay.damage import damage_error, damaged_offsets, find_damage
 from epreplay.replay.plan import Plan
 from epreplay.replay.collect import build_report
 from epreplay.replay.launcher import joined_from_torchrun, launch_local, run_torchrun
@@ -61,7 +63,7 @@ def replay_run(run_dir: str | os.PathLike[str], ranks: int | None = None, *, bac
                ops: str | None = None, payload: str | None = None, call_timeout: float = 60.0,
                fault: Any = None, on_progress: Callable[[int, int], None] | None = None,
                on_plan: Callable[[Plan, S.Schedule], None] | None = None,
-               write: bool = True, index: bool = True) -> ReplayReport:
+               write: bool = True, index: bool = True, allow_partial: bool = False) -> ReplayReport:
     """Replay a recorded run on `ranks` processes and verify every call against the recording.
 
     Args:
@@ -76,12 +78,16 @@ def replay_run(run_dir: str | os.PathLike[str], ranks: int | None = None, *, bac
         on_progress: called with (calls done by the slowest rank, calls scheduled).
         on_plan: called once with the plan and schedule before the workers start.
         write: write RUN/replays/<id>.json. index: load the report into RUN/index.duckdb.
+        allow_partial: accept shard damage and skipped calls: replay what every rank holds
+            intact (for a truncated shard, the prefix before the cut) and exit 0 when that has
+            no divergence. Without it, damage is refused up front and skipped calls give exit 3.
     Returns:
-        The ReplayReport (exit_code 0 / 1).
+        The ReplayReport (exit_code 0 / 1 / 3; see epreplay.replay.report).
     Raises:
         UsageError: unusable input (no run, bad --ranks, nothing to replay, payload missing, a
             counts-level recording, --device cuda without CUDA), raised before any process
-            starts and before anything is written.
+            starts and before anything is written; ShardError (a UsageError): shard damage
+            without allow_partial, likewise.
     """
     if backend not in ("emulated", "deepep") and ":" not in backend:
         raise UsageError(f"--backend {backend!r}: choose emulated or deepep")
@@ -95,6 +101,9 @@ def replay_run(run_dir: str | os.PathLike[str], ranks: int | None = None, *, bac
     scans, world = _load_shards(run)
     try:
         _check_level(run, scans)
+        damage = find_damage(scans)
+        if damage and not allow_partial:
+            raise damage_error(run.path, damage)
         info0 = scans[0].info
         manifest = run.read_manifest()
         run_id = manifest.run_id if manifest else info0.run_id
@@ -110,7 +119,7 @@ def replay_run(run_dir: str | os.PathLike[str], ranks: int | None = None, *, bac
         elif payload not in ("recorded", "synthetic"):
             raise UsageError(f"--payload {payload!r}: choose recorded or synthetic")
         sched = S.build(scans, world, steps=S.parse_steps(steps), layers=S.parse_int_set(layers, "--layers"),
-                        ops=S.parse_ops(ops))
+                        ops=S.parse_ops(ops), damaged=damaged_offsets(damage))
         if not sched.calls:
             why = (f"{len(sched.skipped)} recorded call(s) skipped (first: {sched.skipped[0].reason})"
                    if sched.skipped else "no calls recorded" if not sched.filtered
@@ -140,7 +149,8 @@ def replay_run(run_dir: str | os.PathLike[str], ranks: int | None = None, *, bac
             write = write and is_writer
         else:
             hang, died = launch_local(job, device, call_timeout, on_progress, pids)
-        report = build_report(job, run, sched, hang, died, backend, device, time.monotonic() - t_start, pids)
+        report = build_report(job, run, sched, hang, died, backend, device, time.monotonic() - t_start, pids,
+                              allow_partial=allow_partial)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     if write:

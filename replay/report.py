@@ -1,8 +1,13 @@
 """The replay report: what was replayed, every divergence found, the first one, throughput.
 
 Written as RUN/replays/<id>.json (never overwritten) and loaded into the run's index; printed
-with rich or as JSON. Exit code: 0 no divergence, 1 divergences, 2 unusable input (raised as
-UsageError before a report exists).
+with rich or as JSON. Exit codes (EXIT_*):
+    0  OK: every recorded call replayed, no divergence; or, with --allow-partial, no divergence
+       in the calls that were replayed (the verdict then says PARTIAL and how many were skipped)
+    1  DIVERGED: at least one divergence (whatever else)
+    2  unusable input, shard damage included (raised as UsageError before a report exists)
+    3  INCOMPLETE: no divergence, but recorded calls were skipped (missing, damaged or failed
+       in the recording) or not replayed; a replay that did not replay everything is no OK
 """
 from __future__ import annotations
 
@@ -14,6 +19,8 @@ from typing import Any
 
 from epreplay.replay.plan import processes
 from epreplay.replay.verify import KINDS
+
+EXIT_OK, EXIT_DIVERGED, EXIT_USAGE, EXIT_INCOMPLETE = 0, 1, 2, 3
 
 
 @dataclass(frozen=True)
@@ -77,24 +84,63 @@ class ReplayReport:
     wall_s: float = 0.0
     shard_problems: dict[str, str] = field(default_factory=dict)
     worker_pids: list[int] = field(default_factory=list)  # the replay processes (all ended)
+    allow_partial: bool = False  # the user accepted skipped calls (--allow-partial)
+
+    @property
+    def incomplete(self) -> bool:
+        """Recorded calls were skipped, or scheduled calls not replayed."""
+        return bool(self.skipped) or self.calls < self.scheduled
+
+    @property
+    def skipped_by_rank(self) -> dict[int, int]:
+        """Recorded rank -> skipped calls it is named in (Skipped.ranks)."""
+        out: dict[int, int] = {}
+        for s in self.skipped:
+            for r in s.get("ranks", ()):
+                out[int(r)] = out.get(int(r), 0) + 1
+        return dict(sorted(out.items()))
 
     @property
     def exit_code(self) -> int:
-        return 1 if self.divergences else 0
+        if self.divergences:
+            return EXIT_DIVERGED
+        # --allow-partial accepts skipped recorded calls, not a replay that stopped early
+        if self.incomplete and not (self.allow_partial and self.calls == self.scheduled):
+            return EXIT_INCOMPLETE
+        return EXIT_OK
 
     @property
     def verdict(self) -> str:
-        if not self.divergences:
-            return (f"OK: {self.calls} calls replayed on {processes(self.plan.get('physical_ranks', 0))}, "
-                    f"no divergence")
-        f = self.first_divergence or {}
-        return (f"DIVERGED: {self.divergences} divergence(s); first: {f.get('kind')} at step "
-                f"{f.get('step')} layer {f.get('layer')} {f.get('op')} rank {f.get('rank')}")
+        where = f"on {processes(self.plan.get('physical_ranks', 0))}"
+        skipped = ""
+        if self.skipped:
+            ranks = ", ".join(f"rank {r}: {n}" for r, n in self.skipped_by_rank.items())
+            skipped = f"{len(self.skipped)} recorded call(s) skipped" + (f" ({ranks})" if ranks else "")
+        if self.divergences:
+            f = self.first_divergence or {}
+            return (f"DIVERGED: {self.divergences} divergence(s); first: {f.get('kind')} at step "
+                    f"{f.get('step')} layer {f.get('layer')} {f.get('op')} rank {f.get('rank')}"
+                    + (f"; {skipped}" if skipped else ""))
+        code = self.exit_code
+        if code == EXIT_INCOMPLETE:
+            parts = [f"{self.calls} calls replayed {where}"]
+            if self.calls < self.scheduled:
+                parts.append(f"{self.scheduled - self.calls} scheduled call(s) not replayed")
+            if skipped:
+                parts.append(skipped)
+            return (f"INCOMPLETE: {', '.join(parts)}; no divergence in what was replayed "
+                    f"(exit {EXIT_INCOMPLETE}; --allow-partial accepts skipped calls)")
+        if self.skipped:
+            return (f"PARTIAL (--allow-partial): {self.calls} calls replayed {where}, {skipped}; "
+                    f"no divergence in what was replayed")
+        return f"OK: {self.calls} calls replayed {where}, no divergence"
 
     def to_dict(self) -> dict:
         d = asdict(self)
         d["exit_code"] = self.exit_code
         d["verdict"] = self.verdict
+        d["incomplete"] = self.incomplete
+        d["skipped_by_rank"] = {str(r): n for r, n in self.skipped_by_rank.items()}
         return d
 
     def write(self, replays_dir: Path) -> Path:
@@ -174,5 +220,5 @@ def render(report: ReplayReport, console: Any = None) -> None:
         console.print(f"[bold red]first divergence[/bold red]: {f.get('kind')} at " + ", ".join(where))
         console.print(f"  expected: {E(str(f.get('expected')))}\n  got:      {E(str(f.get('got')))}\n"
                       f"  {E(str(f.get('detail')))}")
-    style = "green" if not report.divergences else "red"
+    style = {EXIT_OK: "green", EXIT_INCOMPLETE: "yellow"}.get(report.exit_code, "red")
     console.print(f"[bold {style}]{E(report.verdict)}[/bold {style}]")

@@ -2,9 +2,10 @@
 
 A collective is named by (buffer, seq) on every rank. It is replayable only when every recorded
 rank holds an intact, successful record of it with the same op; anything else is skipped with a
-reason (a truncated shard, a call that raised or hung in the recording, ranks disagreeing on the
-op, or a combine whose dispatch was skipped). Filters (--steps/--layers/--ops) select calls;
-a selected combine or cached dispatch pulls in the dispatch whose handle it uses.
+reason (a truncated shard, a damaged record that --allow-partial accepted, a call that raised
+or hung in the recording, ranks disagreeing on the op, or a combine whose dispatch was skipped).
+Filters (--steps/--layers/--ops) select calls; a selected combine or cached dispatch pulls in
+the dispatch whose handle it uses.
 
 Reads only shard headers and footers (open_shard's entry list): no record is decoded here.
 """
@@ -47,12 +48,17 @@ class Call:
 
 @dataclass(frozen=True)
 class Skipped:
+    """A recorded call not replayed. ranks: the recorded ranks whose record of it is missing,
+    damaged, unsuccessful or disagreeing (for a call whose dispatch was skipped: that
+    dispatch's ranks). reason: the same in words."""
+
     buffer: int
     seq: int
     op: str
     step: int
     layer: int
     reason: str
+    ranks: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -105,29 +111,41 @@ def parse_ops(text: str | None) -> set[Op] | None:
 
 
 def build(shards: dict[int, object], world_size: int, *, steps: tuple[int | None, int | None] = (None, None),
-          layers: set[int] | None = None, ops: set[Op] | None = None) -> Schedule:
+          layers: set[int] | None = None, ops: set[Op] | None = None,
+          damaged: dict[int, dict[int, str]] | None = None) -> Schedule:
     """Join every rank's calls by (buffer, seq) and decide what is replayed.
 
     Args:
         shards: rank -> ShardScan (open_shard) for ranks 0 .. world_size-1.
         world_size: N.
+        damaged: rank -> {record offset: what is wrong} (replay.damage.damaged_offsets): records
+            that are listed but must not be read; their calls are skipped, naming the damage.
     """
     problems = {r: s.problem for r, s in shards.items() if getattr(s, "problem", None)}
+    damaged = damaged or {}
     per_rank: dict[int, dict[tuple[int, int], tuple[object, int]]] = {}
+    lost: dict[int, dict[tuple[int, int], str]] = {}  # rank -> key -> why its record is unusable
+    lost_headers: dict[tuple[int, int], object] = {}  # the footer's copy of a damaged record's header
     for r in range(world_size):
         table = {}
+        bad_here = damaged.get(r, {})
         for e in shards[r].entries:
             h = e.header
             if h.kind == Kind.CALL:
+                if e.offset in bad_here:
+                    lost.setdefault(r, {})[(h.buffer, h.seq)] = bad_here[e.offset]
+                    lost_headers.setdefault((h.buffer, h.seq), h)
+                    continue
                 table[(h.buffer, h.seq)] = (h, e.offset)
         per_rank[r] = table
     keys = set().union(*(t.keys() for t in per_rank.values())) if per_rank else set()
+    keys |= lost_headers.keys()  # a call damaged on every rank is still named
 
     def first_header(key):
         for r in range(world_size):
             if key in per_rank[r]:
                 return per_rank[r][key][0]
-        raise KeyError(key)
+        return lost_headers[key]
 
     buffers = {k[0] for k in keys}
     if len(buffers) <= 1:
@@ -137,7 +155,7 @@ def build(shards: dict[int, object], world_size: int, *, steps: tuple[int | None
 
     calls: list[Call] = []
     skipped: list[Skipped] = []
-    skipped_keys: set[tuple[int, int]] = set()
+    skipped_keys: dict[tuple[int, int], tuple[int, ...]] = {}  # key -> its Skipped.ranks
     last_parent: dict[tuple[int, Op], int] = {}
     filtered = 0
     lo, hi = steps
@@ -146,34 +164,39 @@ def build(shards: dict[int, object], world_size: int, *, steps: tuple[int | None
         h0 = first_header(key)
         op = Op(h0.op)
         missing = [r for r in range(world_size) if key not in per_rank[r]]
-        reason = None
+        reason, ranks = None, tuple(missing)
         if missing:
             why = []
             for r in missing[:4]:
                 s = shards[r]
-                why.append(f"rank {r}" + (f" (shard truncated at byte {s.truncated_at})"
+                why.append(f"rank {r}" + (f" ({lost[r][key]})" if key in lost.get(r, {})
+                                          else f" (shard truncated at byte {s.truncated_at})"
                                           if s.truncated_at is not None else " (not recorded)"))
             more = f" and {len(missing) - 4} more" if len(missing) > 4 else ""
-            reason = "missing on " + ", ".join(why) + more
+            damaged_here = any(key in lost.get(r, {}) for r in missing)
+            reason = ("missing or damaged on " if damaged_here else "missing on ") + ", ".join(why) + more
         else:
             hs = [per_rank[r][key][0] for r in range(world_size)]
             bad = [(r, h) for r, h in enumerate(hs) if h.status != Status.OK]
             if {h.op for h in hs} != {h0.op}:
                 reason = "ranks recorded different ops for this (buffer, seq)"
+                ranks = tuple(r for r, h in enumerate(hs) if h.op != h0.op)
             elif bad:
                 r, h = bad[0]
                 reason = f"recorded as {Status(h.status).name.lower()} on rank {r}"
+                ranks = tuple(r for r, _ in bad)
         parent = None
         if op in PARENT_OP:
             parent = last_parent.get((key[0], PARENT_OP[op]))
             if reason is None and (parent is None or (key[0], parent) in skipped_keys):
                 reason = (f"its {PARENT_OP[op].label} (seq {parent}) was skipped" if parent is not None
                           else f"no {PARENT_OP[op].label} precedes it in the recording")
+                ranks = skipped_keys.get((key[0], parent), ())
         if op in (Op.DISPATCH, Op.LL_DISPATCH):
             last_parent[(key[0], op)] = key[1]
         if reason is not None:
-            skipped.append(Skipped(key[0], key[1], op.label, h0.step, h0.layer, reason))
-            skipped_keys.add(key)
+            skipped.append(Skipped(key[0], key[1], op.label, h0.step, h0.layer, reason, ranks))
+            skipped_keys[key] = ranks
             continue
         hs = [per_rank[r][key][0] for r in range(world_size)]
         sel = ((lo is None or h0.step >= lo) and (hi is None or h0.step < hi)

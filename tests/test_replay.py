@@ -208,22 +208,54 @@ def test_version1_recording_replays_clean(tmp_path: Path) -> None:
     assert report.first_divergence["kind"] == "payload" and report.first_divergence["step"] == 0
 
 
-@pytest.mark.slow
-def test_truncated_shard_replays_common_calls_and_says_what_was_skipped(recorded: Path, tmp_path: Path) -> None:
+def _cut(run: Path, rank: int, *, record: int, into: int) -> int:
+    """Truncate rank's shard `into` bytes after the start of its record number `record` (0: at a
+    record boundary, as a rank that died between calls leaves it); returns that record's offset
+    (where the intact part ends: the offset a reader reports)."""
     from epreplay.shard import open_shard
 
-    run = _copy(recorded, tmp_path / "truncated")
-    path = RunDir(run).shard_path(3)
+    path = RunDir(run).shard_path(rank)
     with open_shard(path) as scan:
-        entries = list(scan.entries)
-    cut = entries[8].offset + 40  # inside step 1's ll... record 8: keep 8 intact records
+        start = scan.entries[record].offset
     with open(path, "r+b") as fh:
-        fh.truncate(cut)
-    report = replay_run(run, 2, call_timeout=60, index=False)
+        fh.truncate(start + into)
+    return start
+
+
+def _flip(run: Path, rank: int, *, record: int) -> int:
+    """Flip one byte of the compressed data of rank's record number `record` (its CRC fails; the
+    footer still lists it); returns the record's offset."""
+    from epreplay.shard import open_shard
+    from epreplay.shard_frames import REC_PREFIX
+
+    path = RunDir(run).shard_path(rank)
+    with open_shard(path) as scan:
+        assert scan.complete
+        off = scan.entries[record].offset
+    with open(path, "r+b") as fh:
+        fh.seek(off + REC_PREFIX + 10)
+        b = fh.read(1)
+        fh.seek(off + REC_PREFIX + 10)
+        fh.write(bytes([b[0] ^ 0xFF]))
+    return off
+
+
+@pytest.mark.slow
+def test_truncated_shard_replays_common_calls_and_says_what_was_skipped(recorded: Path, tmp_path: Path) -> None:
+    from epreplay.errors import ShardError
+
+    run = _copy(recorded, tmp_path / "truncated")
+    cut = _cut(run, 3, record=8, into=40)  # 40 bytes into step 1's first record: 8 stay intact
+    with pytest.raises(ShardError, match=f"rank 3 .*truncated at byte {cut}"):
+        replay_run(run, 2, call_timeout=60, index=False)  # damage: refused without --allow-partial
+    assert not (run / "replays").exists()
+    report = replay_run(run, 2, call_timeout=60, index=False, allow_partial=True)
     assert report.divergences == 0, report.divergence_list[:3]
     assert report.calls == 8 and len(report.skipped) == 4
-    assert all("rank 3 (shard truncated at byte" in s["reason"] for s in report.skipped)
+    assert all("rank 3 (shard truncated at byte" in s["reason"] and s["ranks"] == [3] for s in report.skipped)
     assert {s["step"] for s in report.skipped} == {1}
+    assert report.exit_code == 0 and report.verdict.startswith("PARTIAL")
+    assert report.to_dict()["skipped_by_rank"] == {"3": 4}
 
 
 def _cli(*args: str, timeout: float = 200) -> subprocess.CompletedProcess:
@@ -310,6 +342,83 @@ def test_cli_json_report_exit_1_and_index(recorded: Path, tmp_path: Path) -> Non
             == out["divergences"]
         assert con.execute("SELECT count(*) FROM divergences WHERE replay = ?", [out["id"]]).fetchone()[0] \
             == len(out["divergence_list"])
+
+
+def _one_line_exit_2(r: subprocess.CompletedProcess, *needles: str) -> str:
+    assert r.returncode == 2, (r.returncode, r.stdout[-2000:], r.stderr[-2000:])
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in r.stderr, r.stderr
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+    return lines[0]
+
+
+@pytest.mark.parametrize("damage", ["truncated", "crc"])
+def test_shard_damage_is_refused_before_any_replay_process(recorded: Path, tmp_path: Path,
+                                                           damage: str) -> None:
+    run = _copy(recorded, tmp_path / damage)
+    if damage == "truncated":
+        rank, off = 3, _cut(run, 3, record=8, into=40)
+        what = f"truncated at byte {off}"
+    else:
+        rank, off = 1, _flip(run, 1, record=5)
+        what = f"record at byte {off}: crc"
+    r = _cli(str(run), "--ranks", "2", "--no-index")
+    line = _one_line_exit_2(r, "shard damage", f"rank {rank} (rank-0000{rank}.eprs) {what}",
+                            f"epreplay repair {run}", "--allow-partial")
+    assert "Connection closed" not in r.stderr and "DIVERGED" not in r.stdout + line
+    assert not (run / "replays").exists()  # no replay ran, no report written
+
+
+@pytest.mark.slow
+def test_allow_partial_replays_what_is_intact_and_says_partial(recorded: Path, tmp_path: Path) -> None:
+    run = _copy(recorded, tmp_path / "partial")
+    cut = _cut(run, 3, record=8, into=40)
+    r = _cli(str(run), "--ranks", "2", "--no-index", "--allow-partial")
+    assert r.returncode == 0, r.stderr[-2000:]
+    summary = " ".join(r.stdout.split())  # rich wraps at 80 columns without a terminal
+    assert ("PARTIAL (--allow-partial): 8 calls replayed on 2 processes, "
+            "4 recorded call(s) skipped (rank 3: 4)") in summary
+    assert f"shard truncated at byte {cut}" in summary
+    (saved,) = (run / "replays").glob("*.json")
+    doc = json.loads(saved.read_text())
+    assert doc["exit_code"] == 0 and doc["allow_partial"] and doc["incomplete"]
+    assert doc["skipped_by_rank"] == {"3": 4} and {tuple(s["ranks"]) for s in doc["skipped"]} == {(3,)}
+
+    # a damaged record among intact ones: only its call is skipped, named with the offset
+    flipped = _copy(recorded, tmp_path / "flipped")
+    off = _flip(flipped, 1, record=5)
+    r = _cli(str(flipped), "--ranks", "2", "--no-index", "--allow-partial", "--format", "json")
+    assert r.returncode == 0, r.stderr[-2000:]
+    doc = json.loads(r.stdout)
+    assert doc["divergences"] == 0 and doc["calls"] == 11 and doc["verdict"].startswith("PARTIAL")
+    (skip,) = doc["skipped"]
+    assert skip["ranks"] == [1] and f"record at byte {off} damaged: crc" in skip["reason"]
+
+
+@pytest.mark.slow
+def test_skipped_calls_make_the_replay_incomplete_exit_3(recorded: Path, tmp_path: Path) -> None:
+    run = _copy(recorded, tmp_path / "died")
+    _cut(run, 3, record=8, into=0)  # rank 3 died between calls: no damage, 4 calls it never recorded
+    r = _cli(str(run), "--ranks", "2", "--no-index")
+    assert r.returncode == 3, r.stderr[-2000:]
+    summary = " ".join(r.stdout.split())
+    assert "INCOMPLETE: 8 calls replayed on 2 processes, 4 recorded call(s) skipped (rank 3: 4)" in summary
+    assert "OK" not in summary.split("INCOMPLETE")[1]
+    (saved,) = (run / "replays").glob("*.json")
+    doc = json.loads(saved.read_text())
+    assert doc["exit_code"] == 3 and doc["incomplete"] and not doc["allow_partial"]
+    assert doc["skipped_by_rank"] == {"3": 4}
+    assert all(s["ranks"] == [3] and s["reason"] == "missing on rank 3 (not recorded)"
+               for s in doc["skipped"])
+
+
+@pytest.mark.slow
+def test_clean_run_still_exits_0_with_ok(recorded: Path, tmp_path: Path) -> None:
+    run = _copy(recorded, tmp_path / "clean")
+    r = _cli(str(run), "--ranks", "2", "--no-index")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "OK: 12 calls replayed on 2 processes, no divergence" in " ".join(r.stdout.split())
 
 
 # Faults fire in the emulated Buffer of one replay process (physical rank) at the n-th call of an

@@ -43,6 +43,57 @@ def test_schedule_joins_by_seq_and_says_why_calls_are_skipped(tmp_path: Path) ->
     assert [c.seq for c in sched.calls] == [0, 3, 4, 5, 6]
     assert [c.index for c in sched.calls] == list(range(5))
     assert sched.calls[2].parent_seq == 3  # ll_combine -> its ll_dispatch
+    ranks = {s.seq: s.ranks for s in sched.skipped}
+    assert ranks[1] == ranks[2] == (1,) and ranks[7] == (2,)  # a combine names its dispatch's rank
+
+
+def test_damaged_record_is_found_and_only_its_calls_are_skipped(tmp_path: Path) -> None:
+    from epreplay.replay.damage import damaged_offsets, find_damage
+    from epreplay.shard_frames import REC_PREFIX
+
+    full = [(seq, OPS[seq % 5], Status.OK) for seq in range(10)]
+    scans = _shards(tmp_path, {0: full, 1: full})
+    assert find_damage(scans) == []
+    off = scans[1].entries[1].offset  # seq 1, a dispatch: its combine (seq 2) goes with it
+    path = scans[1].path
+    scans[1].close()
+    with open(path, "r+b") as fh:
+        fh.seek(off + REC_PREFIX)
+        b = fh.read(1)
+        fh.seek(off + REC_PREFIX)
+        fh.write(bytes([b[0] ^ 1]))
+    scans[1] = open_shard(path)
+    (d,) = find_damage(scans)
+    assert (d.rank, d.offset, d.truncated) == (1, off, False) and d.what.startswith("crc ")
+    sched = S.build(scans, 2, damaged=damaged_offsets([d]))
+    skipped = {s.seq: s for s in sched.skipped}
+    assert sorted(skipped) == [1, 2] and skipped[1].ranks == skipped[2].ranks == (1,)
+    assert skipped[1].reason.startswith(f"missing or damaged on rank 1 (record at byte {off} damaged: crc")
+    assert [c.seq for c in sched.calls] == [0, 3, 4, 5, 6, 7, 8, 9]
+
+
+def test_exit_code_is_incomplete_when_calls_were_skipped() -> None:
+    from epreplay.replay.report import EXIT_DIVERGED, EXIT_INCOMPLETE, EXIT_OK, ReplayReport
+
+    skip = [{"buffer": 0, "seq": 9, "op": "combine", "step": 1, "layer": 0, "ranks": [3],
+             "reason": "missing on rank 3 (not recorded)"}]
+
+    def report(**kw) -> ReplayReport:
+        base = dict(id="r", run="run", run_id="id", created="", plan={"physical_ranks": 2},
+                    backend="emulated", device="cpu", payload="synthetic", calls=8, scheduled=8,
+                    calls_by_op={}, divergences=0, by_kind={}, first_divergence=None)
+        return ReplayReport(**{**base, **kw})
+
+    assert report().exit_code == EXIT_OK and report().verdict.startswith("OK: 8 calls")
+    r = report(skipped=skip)
+    assert r.exit_code == EXIT_INCOMPLETE == 3 and r.verdict.startswith("INCOMPLETE: 8 calls replayed")
+    assert "1 recorded call(s) skipped (rank 3: 1)" in r.verdict and r.to_dict()["skipped_by_rank"] == {"3": 1}
+    r = report(skipped=skip, allow_partial=True)
+    assert r.exit_code == EXIT_OK and r.verdict.startswith("PARTIAL (--allow-partial): 8 calls")
+    # --allow-partial accepts skipped recorded calls, not a replay that stopped short
+    assert report(calls=5, allow_partial=True).exit_code == EXIT_INCOMPLETE
+    r = report(skipped=skip, divergences=1, first_divergence={"kind": "count"})
+    assert r.exit_code == EXIT_DIVERGED and r.verdict.endswith("; 1 recorded call(s) skipped (rank 3: 1)")
 
 
 def test_filters_pull_in_the_dispatch_a_combine_needs(tmp_path: Path) -> None:
