@@ -30,7 +30,7 @@ MARKER = "DUMP"  # RUN/DUMP: flight-mode dump request that every rank's watchdog
 
 
 def capture_dir(run: RunDir) -> Path:
-    return run.path / CAPTURE_DIR
+    return run.capture_dir  # refuses a .capture symlink leaving the run
 
 
 @contextlib.contextmanager

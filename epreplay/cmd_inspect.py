@@ -6,8 +6,10 @@ Health of a shard, worst first:
   unclosed   no footer, every record intact, no writer alive (killed between records)
   writing    a live capture process still holds the shard (its last record may be in flight)
   complete   valid footer, every record intact
-Exit code: 0 when every shard is complete, writing or unclosed, 1 when any is truncated/corrupt/unreadable,
-2 for bad input (missing path, not a shard, not a run).
+  unreadable a name like a shard's that is no shard file: a directory, FIFO, device, or a symlink
+             leaving the run (listed by name, never opened)
+Exit code: 0 when every shard is complete, writing or unclosed, 1 when any is truncated/corrupt/unreadable
+or a rank below the manifest's world size has no shard, 2 for bad input (missing path, not a shard, not a run).
 """
 from __future__ import annotations
 
@@ -213,8 +215,11 @@ def run(args: argparse.Namespace) -> int:  # a broken pipe (`| head`) is handled
     if path.is_dir():
         rundir = RunDir.open(path)
         manifest = rundir.read_manifest()
-        summaries = []
-        for shard in rundir.shard_paths():
+        shards, problems = rundir.shard_listing()
+        # listed, never opened (a FIFO would block, a link leaving the run is not the run's)
+        summaries = [{"path": msg.split(": ", 1)[0], "size": 0, "health": "unreadable",
+                      "problem": msg, "records": 0} for msg in problems]
+        for shard in shards:
             try:
                 summaries.append(shard_summary(shard, verify=not args.quick))
             except ShardError as exc:  # one bad file must not hide the others
@@ -225,17 +230,20 @@ def run(args: argparse.Namespace) -> int:  # a broken pipe (`| head`) is handled
                     "level": manifest.level if manifest else None,
                     "release": manifest.release if manifest else None,
                     "manifest": manifest is not None, "shards": len(summaries),
+                    "missing_ranks": rundir.missing_ranks(manifest.world_size if manifest else None),
                     "records": sum(s["records"] for s in summaries)}
     else:
         summaries = [shard_summary(path, verify=not args.quick)]
     bad = [s for s in summaries if s["health"] in ("truncated", "corrupt", "unreadable")]
+    missing = run_info["missing_ranks"] if run_info is not None else []
     if args.list:
         for s in summaries:
             if s["health"] != "unreadable":
                 s["record_list"] = record_rows(Path(s["path"]), args.limit)
     if args.format == "json":
-        print(json.dumps({"run": run_info, "shards": summaries, "healthy": not bad}, indent=2))
-        return 1 if bad else 0
+        print(json.dumps({"run": run_info, "shards": summaries, "healthy": not bad and not missing},
+                         indent=2))
+        return 1 if bad or missing else 0
     if run_info is not None:
         print(f"run {run_info['path']}  id {run_info['run_id'] or '? (no manifest.json)'}  "
               f"world {run_info['world_size']}  level {run_info['level']}  "
@@ -248,5 +256,13 @@ def run(args: argparse.Namespace) -> int:  # a broken pipe (`| head`) is handled
             _print_records(s["record_list"], s["records"])
     if run_info is not None and summaries:
         health = Counter(s["health"] for s in summaries)
-        print("health: " + ", ".join(f"{n} {h}" for h, n in sorted(health.items())))
-    return 1 if bad else 0
+        print("health: " + ", ".join(f"{n} {h}" for h, n in sorted(health.items()))
+              + (f"; {no_shard(missing)}" if missing else ""))
+    return 1 if bad or missing else 0
+
+
+def no_shard(missing: list[int]) -> str:
+    """'1 rank with no shard (rank 0)': the count first, so rank 0 cannot read as 'none'."""
+    n = len(missing)
+    return f"{n} rank{'s' if n > 1 else ''} with no shard ({'rank' if n == 1 else 'ranks'} " \
+           f"{', '.join(map(str, missing))})"

@@ -115,6 +115,8 @@ def gather(ix, *, top: int, layer: int | None, steps: tuple[int, int] | None) ->
 
 def render(d: dict, note: str | None) -> None:
     from rich.console import Console
+
+    from epreplay.cmd_inspect import no_shard
     from rich.table import Table
 
     con = Console()
@@ -167,7 +169,7 @@ def render(d: dict, note: str | None) -> None:
         con.print("[green]capture health: every shard complete, nothing dropped or truncated[/green]")
         return
     con.print(f"[bold]capture health[/bold]: dropped {h['dropped']} record(s)"
-              + (f"; ranks with no shard: {', '.join(map(str, h['missing_ranks']))}" if h["missing_ranks"] else ""))
+              + (f"; {no_shard(h['missing_ranks'])}" if h["missing_ranks"] else ""))
     for s in h["shards"]:
         state = ("being written" if s["writer_active"] else
                  f"truncated at byte {s['truncated_at']} ({s['lost_bytes']} bytes lost)"

@@ -6,12 +6,15 @@
     RUN/replays/<id>.json
 
 Paths inside a run are relative and fixed by this module; nothing read from disk may steer a path
-outside the run (absolute paths and `..` are rejected).
+outside the run (absolute paths and `..` are rejected). Nor may a symlink: every path this module
+hands out is checked (`RunDir.inside`) to resolve inside the run, so a `shards/rank-00001.eprs ->
+/etc/passwd` or `replays -> /elsewhere` is refused with its name instead of read or written through.
 """
 from __future__ import annotations
 
 import os
 import re
+import stat
 import time
 import uuid
 from dataclasses import dataclass
@@ -24,6 +27,7 @@ MANIFEST = "manifest.json"
 SHARDS = "shards"
 INDEX = "index.duckdb"
 REPLAYS = "replays"
+CAPTURE = ".capture"
 SHARD_RE = re.compile(r"^rank-(\d{5,})\.eprs$")
 
 # Directories and files of a run are owner-only: payload capture may hold user data.
@@ -47,30 +51,56 @@ def safe_relative(base: Path, rel: str) -> Path:
     return base / candidate
 
 
+def _kind(mode: int) -> str:
+    """What a non-regular file is, in words, for error messages."""
+    for test, word in ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO (named pipe)"),
+                       (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"),
+                       (stat.S_ISBLK, "a block device")):
+        if test(mode):
+            return word
+    return "not a regular file"
+
+
 @dataclass(frozen=True)
 class RunDir:
     """A run directory. Construct with `RunDir.open` (existing) or `RunDir.create` (new)."""
 
     path: Path
 
+    def inside(self, rel: str) -> Path:
+        """RUN/rel, refused (UsageError) when a symlink on the way takes it outside the run:
+        what a run holds is read and written only inside its directory (the run directory itself
+        may be reached through a symlink). The path need not exist yet."""
+        path = self.path / rel
+        root = self.path.resolve()
+        real = path.resolve()
+        if real != root and root not in real.parents:
+            raise UsageError(f"{path}: leads (through a symlink) to {real}, outside the run; a run's files must stay "
+                             f"in {self.path}: replace the link with the file itself or remove it")
+        return path
+
     @property
     def manifest_path(self) -> Path:
-        return self.path / MANIFEST
+        return self.inside(MANIFEST)
 
     @property
     def shards_dir(self) -> Path:
-        return self.path / SHARDS
+        return self.inside(SHARDS)
 
     @property
     def index_path(self) -> Path:
-        return self.path / INDEX
+        return self.inside(INDEX)
 
     @property
     def replays_dir(self) -> Path:
-        return self.path / REPLAYS
+        return self.inside(REPLAYS)
+
+    @property
+    def capture_dir(self) -> Path:
+        return self.inside(CAPTURE)
 
     def shard_path(self, rank: int) -> Path:
-        return self.shards_dir / shard_name(rank)
+        return self.inside(f"{SHARDS}/{shard_name(rank)}")
 
     @classmethod
     def create(cls, path: str | os.PathLike[str], *, exist_ok: bool = False) -> "RunDir":
@@ -100,11 +130,49 @@ class RunDir:
         return run
 
     def shard_paths(self) -> list[Path]:
-        """Shards sorted by rank; files that do not look like shards are ignored."""
+        """Shards sorted by rank; files whose names do not look like shards are ignored.
+
+        Raises:
+            UsageError: the first problem of `shard_listing` (a shard name that is no regular
+                file, or a symlink leaving the run).
+        """
+        found, problems = self.shard_listing()
+        if problems:
+            raise UsageError(problems[0])
+        return found
+
+    def shard_listing(self) -> tuple[list[Path], list[str]]:
+        """(regular shard files sorted by rank, one message per shard name that is not one).
+
+        Not one: a directory, FIFO, socket or device (skipping it silently would hide a rank;
+        opening a FIFO would block), a dangling symlink, or a symlink leaving the run."""
         if not self.shards_dir.is_dir():
-            return []
-        found = [p for p in self.shards_dir.iterdir() if SHARD_RE.match(p.name) and p.is_file()]
-        return sorted(found, key=lambda p: int(SHARD_RE.match(p.name).group(1)))
+            return [], []
+        found, problems = [], []
+        for p in sorted(self.shards_dir.iterdir()):
+            if not SHARD_RE.match(p.name):
+                continue
+            try:
+                p = self.inside(f"{SHARDS}/{p.name}")
+                mode = p.stat().st_mode
+            except UsageError as exc:
+                problems.append(str(exc))
+                continue
+            except OSError as exc:  # a dangling symlink inside the run
+                problems.append(f"{p}: cannot be read ({exc.strerror}); restore the shard or move "
+                                f"it out of {self.shards_dir}")
+                continue
+            if not stat.S_ISREG(mode):
+                problems.append(f"{p}: {_kind(mode)}, not a shard file; move it out of "
+                                f"{self.shards_dir} (or put rank {self.rank_of(p)}'s shard there)")
+                continue
+            found.append(p)
+        return sorted(found, key=lambda p: int(SHARD_RE.match(p.name).group(1))), problems
+
+    def missing_ranks(self, world_size: int | None) -> list[int]:
+        """Ranks below `world_size` (the manifest's) with no regular shard file."""
+        have = {self.rank_of(p) for p in self.shard_listing()[0]}
+        return [r for r in range(world_size or 0) if r not in have]
 
     def rank_of(self, shard: Path) -> int:
         m = SHARD_RE.match(shard.name)

@@ -266,7 +266,7 @@ def read_header(path: Path, fd: int, size: int) -> tuple[ShardInfo, int]:
                          f"{FRAME.size + 8}+ byte header frame)")
     magic, n = FRAME.unpack_from(head)
     if magic != MAGIC_HEADER or head[8:12] != FILE_MAGIC:
-        raise ShardError(f"{not_shard} (first bytes {head[:12].hex()} are no EPRS header frame)")
+        raise ShardError(f"{not_shard} (no EPRS header frame at byte 0)")
     if FRAME.size + n > len(head):
         raise ShardError(f"{not_shard} (header frame of {n} bytes is cut short or implausible)")
     (crc,) = U32.unpack_from(head, 12)
