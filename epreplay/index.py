@@ -10,8 +10,14 @@ with numpy and inserted through Arrow (epreplay.index_store).
 
 Writes never touch the live file: the writer builds (or copies and updates) a temporary database
 next to it, CHECKPOINTs, closes and renames it over RUN/index.duckdb. Readers holding the old file
-open (a TUI, `epreplay stats`) keep reading it, and a failure half way leaves the old index whole.
+open (a TUI, `epreplay stats`) keep reading it. A build that fails on its input (a damaged shard,
+a shard of another run) removes the old index instead of leaving it answering as if current.
 One writer at a time: RUN/index.duckdb.lock (flock; the kernel drops it if the writer dies).
+
+Trust: `shards` keeps a stamp of each shard (size, mtime, CRC of its header and footer windows;
+epreplay.index_check); a shard that no longer matches its stamp is re-read, so no command shows
+figures of bytes that are gone. A build that fails removes the index it could not bring up to date
+(`_discard`): the next command rebuilds it, or fails with the same message naming the shard.
 
 Incremental: `shards` keeps each shard's size and intact record count. A shard that grew is
 indexed from its first unindexed record; its new aggregate rows are added, and rows of a
@@ -31,6 +37,7 @@ from pathlib import Path
 import numpy as np
 
 from epreplay.errors import UsageError
+from epreplay.index_check import changed
 from epreplay.index_store import INDEX_VERSION, _ingest, _load_report, _loaded_replays
 from epreplay.run import RunDir
 
@@ -76,7 +83,7 @@ class WriterLock:
     """flock on RUN/index.duckdb.lock, non-blocking (or waiting up to `wait_s`)."""
 
     def __init__(self, run: RunDir, *, wait_s: float = 0.0) -> None:
-        self.path = run.path / LOCK_NAME
+        self.path = run.inside(LOCK_NAME)
         self.wait_s = wait_s
         self.fd: int | None = None
 
@@ -114,13 +121,12 @@ def _schema_sql() -> str:
     return (Path(__file__).with_name("index_schema.sql")).read_text()
 
 
-def _open_run(path: str | os.PathLike[str]) -> tuple[RunDir, list[Path]]:
-    run = RunDir.open(path)
+def _shard_paths(run: RunDir) -> list[Path]:
     shards = run.shard_paths()
     if not shards:
         raise UsageError(f"{run.path}: no shards in {run.shards_dir} (nothing recorded yet?); "
                          f"record with 'epreplay record --out {run.path} -- CMD'")
-    return run, shards
+    return shards
 
 
 def _existing(run: RunDir) -> dict | None:
@@ -164,8 +170,9 @@ def stale_reason(run: str | os.PathLike[str] | RunDir) -> str | None:
         return "shards added or removed"
     for rank, p in on_disk.items():
         row = state["shards"][rank]
-        if p.stat().st_size != row["bytes"]:
-            return f"{p.name} changed size"
+        why = changed(p, row)
+        if why is not None:
+            return why
         if row["writer_active"] and not _live(p):
             return f"{p.name}: its writer has gone"
     if _report_ids(run) - state["replays"]:
@@ -249,6 +256,8 @@ def _plan(run: RunDir, shard_paths: list[Path], state: dict | None
         size = p.stat().st_size
         if row is None:
             tasks.append((p, 0, 0))
+        elif size == row["bytes"] and changed(p, row) is not None:
+            return full, True  # rewritten in place: rows already indexed may be wrong
         elif size == row["bytes"] and not (row["writer_active"] and not _live(p)):
             continue  # unchanged (a shard whose writer died since is re-read: its tail is damage now)
         elif size < row["bytes"] or row["truncated_at"] is not None:
@@ -341,52 +350,85 @@ def build_index(path: str | os.PathLike[str], *, force: bool = False, progress: 
         workers: processes indexing shards (default: the CPU count, at most 8).
     Raises:
         UsageError: not a run, no shards, a shard of another run, a manifest that does not match
-            its shards; IndexLocked when another process is writing the index. Nothing is
-            written in any of these cases.
+            its shards; IndexLocked when another process is writing the index (nothing touched).
+            On any failure with the lock held the old index is removed (see `_discard`).
     """
     import duckdb
 
     t0 = time.perf_counter()
-    run, shard_paths = _open_run(path)
-    facts = _facts(run, shard_paths)
+    run = RunDir.open(path)
     with WriterLock(run):
-        state = None if force else _existing(run)
-        if state is not None and (state["run_id"], state["world_size"], state["num_experts"]) != (
-                facts["run_id"], facts["world_size"], facts["num_experts"]):
-            state = None  # another run's index, or the manifest changed: rebuild (and re-validate)
-        tasks, full = _plan(run, shard_paths, state)
-        new_reports = _report_ids(run) - (state["replays"] if state else set())
-        if not full and not tasks and not new_reports:
-            return IndexResult(run.index_path, "fresh", seconds=time.perf_counter() - t0)
-        t1 = time.perf_counter()
-        results = _run_workers(tasks, facts, progress, workers)
-        if any(r.records < 0 for r in results):  # a shard changed under its indexed part
-            tasks, full = [(p, 0, 0) for p in shard_paths], True
-            results = _run_workers(tasks, facts, progress, workers)
-        _validate(run, facts, shard_paths, results)
-        t2 = time.perf_counter()
-        tmp = run.path / f".index.duckdb.tmp-{os.getpid()}"
         try:
-            if not full:
-                shutil.copyfile(run.index_path, tmp)
-            con = connect(tmp)
-            try:
-                if full:
-                    con.execute(_schema_sql())
-                added = _ingest(con, run, facts, results, shard_paths, merge=not full)
-                for rid in sorted(_report_ids(run) - _loaded_replays(con)):
-                    _load_report(con, run, run.replays_dir / f"{rid}.json")
-                t3 = time.perf_counter()
-                con.execute("CHECKPOINT")
-            finally:
-                con.close()
-            os.chmod(tmp, 0o600)
-            os.replace(tmp, run.index_path)
-            t4 = time.perf_counter()
+            return _build_locked(run, force, progress, workers, t0)
+        except Exception as exc:
+            removed = _discard(run)
+            if not isinstance(exc, UsageError):
+                raise
+            raise type(exc)(_with_fix(str(exc), run, removed)) from None
+
+
+def _discard(run: RunDir) -> bool:
+    """Remove RUN/index.duckdb after a failed build (under the writer lock): it describes shards
+    that are no longer there as they were, and must not go on answering as if current. The next
+    command rebuilds it, or fails naming the shard. Readers holding it open keep their copy."""
+    try:
+        run.index_path.unlink()
+    except FileNotFoundError:
+        return False
+    return True
+
+
+def _with_fix(msg: str, run: RunDir, removed: bool) -> str:
+    """A build error completed with what to do, and with the removal of the old index."""
+    if "'epreplay " not in msg and "move it out" not in msg:
+        msg += (f"; repair or move the shard ('epreplay repair {run.path}'), then "
+                f"'epreplay index {run.path}'")
+    if removed:
+        msg += f" (the old index was removed: its figures no longer match {run.shards_dir})"
+    return msg
+
+
+def _build_locked(run: RunDir, force: bool, progress: bool, workers: int | None, t0: float) -> IndexResult:
+    """build_index's work, with the writer lock held."""
+    shard_paths = _shard_paths(run)
+    facts = _facts(run, shard_paths)
+    state = None if force else _existing(run)
+    if state is not None and (state["run_id"], state["world_size"], state["num_experts"]) != (
+            facts["run_id"], facts["world_size"], facts["num_experts"]):
+        state = None  # another run's index, or the manifest changed: rebuild (and re-validate)
+    tasks, full = _plan(run, shard_paths, state)
+    new_reports = _report_ids(run) - (state["replays"] if state else set())
+    if not full and not tasks and not new_reports:
+        return IndexResult(run.index_path, "fresh", seconds=time.perf_counter() - t0)
+    t1 = time.perf_counter()
+    results = _run_workers(tasks, facts, progress, workers)
+    if any(r.records < 0 for r in results):  # a shard changed under its indexed part
+        tasks, full = [(p, 0, 0) for p in shard_paths], True
+        results = _run_workers(tasks, facts, progress, workers)
+    _validate(run, facts, shard_paths, results)
+    t2 = time.perf_counter()
+    tmp = run.inside(f".index.duckdb.tmp-{os.getpid()}")
+    try:
+        if not full:
+            shutil.copyfile(run.index_path, tmp)
+        con = connect(tmp)
+        try:
+            if full:
+                con.execute(_schema_sql())
+            added = _ingest(con, run, facts, results, shard_paths, merge=not full)
+            for rid in sorted(_report_ids(run) - _loaded_replays(con)):
+                _load_report(con, run, run.replays_dir / f"{rid}.json")
+            t3 = time.perf_counter()
+            con.execute("CHECKPOINT")
         finally:
-            for leftover in (tmp, tmp.with_name(tmp.name + ".wal")):
-                if leftover.exists():
-                    leftover.unlink()
+            con.close()
+        os.chmod(tmp, 0o600)
+        os.replace(tmp, run.index_path)
+        t4 = time.perf_counter()
+    finally:
+        for leftover in (tmp, tmp.with_name(tmp.name + ".wal")):
+            if leftover.exists():
+                leftover.unlink()
     problems = tuple(f"rank {r.rank}: {r.problem}" for r in results if r.truncated_at is not None)
     routings = sum(r.routings for r in results)
     return IndexResult(run.index_path, "built" if full else "updated", len(results),
@@ -438,7 +480,7 @@ def load_replay_report(run: str | os.PathLike[str], report: dict | str | os.Path
                 return True
     try:
         with WriterLock(rundir, wait_s=wait_s):
-            tmp = rundir.path / f".index.duckdb.tmp-{os.getpid()}"
+            tmp = rundir.inside(f".index.duckdb.tmp-{os.getpid()}")
             try:
                 shutil.copyfile(rundir.index_path, tmp)
                 con = connect(tmp)

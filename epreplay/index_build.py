@@ -29,6 +29,7 @@ import numpy as np
 import zstandard
 
 from epreplay import codec
+from epreplay.index_check import ShardStamp, stamp
 from epreplay.records import Kind, Op, ShardInfo
 from epreplay.shard_frames import REC_PREFIX, RECORD_FRAME_HEAD
 
@@ -62,6 +63,7 @@ class ShardResult:
     recv_PE: np.ndarray | None = None
     path: str = ""
     routings: int = 0  # token-layer routings aggregated (rows of topk_idx_TK, or T at counts level)
+    stamp: ShardStamp = ShardStamp(0, 0, 0)  # taken before reading (epreplay.index_check)
 
 
 # The codec writes each array spec with this key order (epreplay.codec.encode); parsing the table
@@ -209,6 +211,9 @@ def index_shard(path: str, start: int = 0, *, num_experts: int = 0, world_size: 
     from epreplay.index_scan import resume
     from epreplay.shard import open_shard
 
+    # stamped before anything is read: a change made while reading leaves a stamp that does not
+    # match the file, so the next open re-reads it (the other order could bless unread bytes)
+    before = stamp(path)
     if start:  # resume where the last indexing stopped, without re-scanning the indexed part
         r = resume(str(path), expect_end, start)
         info, new = r.info, r.headers
@@ -224,6 +229,7 @@ def index_shard(path: str, start: int = 0, *, num_experts: int = 0, world_size: 
                 else scan.data_start
             res = ShardResult(info.rank, info, scan.size, scan.complete, scan.writer_active,
                               scan.truncated_at, scan.problem, len(new), end, start, path=str(path))
+    res.stamp = before
     E = num_experts or info.num_experts
     R = world_size or info.world_size
     fd = os.open(path, os.O_RDONLY)

@@ -31,7 +31,9 @@ CREATE TABLE shards (
     lost_bytes UBIGINT,           -- bytes from truncated_at to the end of the file
     dropped UINTEGER,             -- records the recorder dropped (events, manifest)
     problem VARCHAR,              -- what the reader found wrong, human readable; NULL = healthy
-    indexed_end UBIGINT           -- end of the last indexed record (incremental resumes here)
+    indexed_end UBIGINT,          -- end of the last indexed record (incremental resumes here)
+    mtime_ns BIGINT,              -- st_mtime_ns when indexed (0: it changed while being indexed)
+    stamp_crc UBIGINT             -- CRC32 of its header and footer windows (epreplay.index_check)
 );
 
 -- One row per CALL record (per rank and hooked call); (buffer, seq) joins one collective across ranks.

@@ -15,7 +15,7 @@ import numpy as np
 from epreplay.errors import UsageError
 from epreplay.run import RunDir
 
-INDEX_VERSION = 1
+INDEX_VERSION = 2  # 2: shards.mtime_ns / stamp_crc (an index of 1 is rebuilt)
 # dense (step-layer) x rank x expert block assembled at once when merging shard results (64 MiB
 # of int32 counts: 1024 pairs of a 64-rank, 256-expert run)
 DENSE_CELLS = 1 << 24
@@ -194,11 +194,14 @@ def _ingest(con, run: RunDir, facts: dict, results: list, shard_paths: list[Path
             rows.append((r.rank, f"shards/{Path(r.path).name}", r.size, r.records, counts.get(r.rank, 0),
                          ev_counts.get(r.rank, 0), r.complete, r.writer_active, r.truncated_at,
                          r.size - r.truncated_at if r.truncated_at is not None else 0, dropped,
-                         r.problem, r.indexed_end))
+                         r.problem, r.indexed_end,
+                         # a stamp of other bytes than those scanned (written to meanwhile) must
+                         # never match: mtime 0 makes the next open re-read the shard
+                         r.stamp.mtime_ns if r.stamp.size == r.size else 0, r.stamp.crc))
         names = ["rank", "path", "bytes", "records", "calls", "events", "complete", "writer_active",
-                 "truncated_at", "lost_bytes", "dropped", "problem", "indexed_end"]
+                 "truncated_at", "lost_bytes", "dropped", "problem", "indexed_end", "mtime_ns", "stamp_crc"]
         dtypes = [np.int16, object, np.uint64, np.uint32, np.uint32, np.uint32, bool, bool, object,
-                  np.uint64, np.uint32, object, np.uint64]
+                  np.uint64, np.uint32, object, np.uint64, np.int64, np.uint64]
         _insert_rows(con, "shards", names, dtypes, rows)
     present = {run.rank_of(p) for p in shard_paths}
     missing = sorted(set(range(facts["world_size"])) - present)
