@@ -101,6 +101,8 @@ def replay_run(run_dir: str | os.PathLike[str], ranks: int | None = None, *, bac
     scans, world = _load_shards(run)
     try:
         _check_level(run, scans)
+        if write:
+            run.replays_dir  # noqa: B018 - refuses a replays/ that leads outside the run, up front
         damage = find_damage(scans)
         if damage and not allow_partial:
             raise damage_error(run.path, damage)

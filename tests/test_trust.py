@@ -139,6 +139,8 @@ def test_replays_symlink_leaving_the_run_is_refused(run: Path, tmp_path: Path) -
     with pytest.raises(UsageError, match="outside the run"):
         RunDir(run).replays_dir  # noqa: B018 -- where `epreplay replay` writes its report
     one_line_exit_2(cli("index", run, "--force"), "replays", "outside the run")
+    # replay refuses before any process starts (not after replaying, when it writes the report)
+    one_line_exit_2(cli("replay", run, "--ranks", "1"), "replays", "outside the run")
     assert list(elsewhere.iterdir()) == []
 
 
