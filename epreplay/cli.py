@@ -77,12 +77,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("epreplay: interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:  # noqa: BLE001 - only a damaged index file is ours to explain
+        if args.debug or not _damaged_index(exc):
+            raise
+        run = getattr(args, "run", None) or "RUN"
+        print(f"epreplay {args.command}: {run}/index.duckdb is damaged ({str(exc).splitlines()[0][:160]}); "
+              f"it is derived from the shards: rebuild it with 'epreplay index {run} --force'",
+              file=sys.stderr)
+        return 2
     except BrokenPipeError:
         # `epreplay stats RUN | head`: the reader left; say nothing more (stdout is gone).
         import os
 
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
+
+
+def _damaged_index(exc: BaseException) -> bool:
+    """A DuckDB error that says its database file is corrupt (a flipped or cut index.duckdb)."""
+    kind = type(exc)
+    return kind.__module__.split(".")[0].lstrip("_") == "duckdb" and any(
+        word in str(exc) for word in ("Corrupt", "corrupt", "checksum", "not a valid DuckDB"))
 
 
 if __name__ == "__main__":

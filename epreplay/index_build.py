@@ -185,6 +185,11 @@ class _Reader:
             raise ValueError("record cut short")
         if bytes(view[:8]) != RECORD_FRAME_HEAD:
             raise ValueError("record header frame damaged")
+        # the record's own header copy (the footer's is what we index by) has its CRC too: a
+        # damaged one is damage, as shard_reader and `inspect` see it
+        head = view[8:REC_PREFIX - 4]
+        if int.from_bytes(view[REC_PREFIX - 4:REC_PREFIX], "little") != zlib.crc32(head):
+            raise ValueError("record header damaged")
         comp = view[REC_PREFIX:]
         got = zlib.crc32(comp)
         if got != crc:
