@@ -24,7 +24,10 @@ What a record holds per op and level: epreplay/records.py (arrays) and capture/e
 Run directory extras: RUN/.capture/ (lock, rank-NNNNN.json closing facts, site/sitecustomize.py)
 and RUN/DUMP (flight-mode dump request, see triggers.py). manifest.json's ranks[r] holds each
 rank's closing facts (records, dropped, disabled reason, dumps, graph_skipped, buffers) and extra
-holds dropped / disabled_ranks / dumps totals (and exit_code under `epreplay record`).
+holds dropped / disabled_ranks / dumps totals (and exit_code under `epreplay record`); after a
+job that did not end cleanly, the launcher's last merge (manifest.finish) adds interrupted,
+ranks_found, missing_ranks, unclosed_ranks, and a ranks[r] from the shard header (source "shard
+header") for each rank that never closed.
 A (buffer, seq) may appear twice in a shard: a HUNG record written by the watchdog, then the
 OK/ERROR record if the call returned after all — the later one is the call's outcome.
 This package imports no torch until a Buffer is hooked or capture starts.

@@ -8,7 +8,8 @@ environment of `epreplay.capture.env_for` (a sitecustomize.py first on PYTHONPAT
 EPREPLAY_CAPTURE_* variables), so torchrun workers and multiprocessing children capture too,
 with no change to the user's code. The exit code is CMD's (128 + signal if it was killed).
 SIGINT/SIGTERM are passed on to CMD; SIGUSR1 to `epreplay record` makes every flight-mode rank
-dump (through the RUN/DUMP marker).
+dump (through the RUN/DUMP marker). However CMD ended, the manifest is completed last from the
+ranks' facts and, for ranks that never closed, their shard headers (capture.manifest.finish).
 """
 from __future__ import annotations
 
@@ -45,7 +46,7 @@ def run(args: argparse.Namespace) -> int:
     import sys
     from pathlib import Path
 
-    from epreplay.capture.manifest import merge, write_marker
+    from epreplay.capture.manifest import finish, write_marker
     from epreplay.capture.session import env_for
     from epreplay.errors import UsageError
     from epreplay.run import RunDir, new_run_id
@@ -66,7 +67,10 @@ def run(args: argparse.Namespace) -> int:
     except (FileNotFoundError, PermissionError) as exc:
         raise UsageError(f"cannot run {cmd[0]!r}: {exc.strerror}; check the command after '--'") from None
 
+    stopped_by: list[int] = []
+
     def forward(signum: int, _frame: object) -> None:
+        stopped_by.append(signum)
         proc.send_signal(signum)  # the command decides how to stop; we wait for it
 
     def dump_all(_signum: int, _frame: object) -> None:
@@ -84,13 +88,34 @@ def run(args: argparse.Namespace) -> int:
     finally:
         for s, h in old.items():
             signal.signal(s, h)
+    interrupted = bool(stopped_by) or rc in (-signal.SIGINT, -signal.SIGTERM)
     run_dir = RunDir(out)
-    manifest = merge(run_dir, exit_code=rc)
-    shards = run_dir.shard_paths()
+    manifest = finish(run_dir, exit_code=rc, interrupted=interrupted)
     if manifest is not None:
-        extra = manifest.extra
-        print(f"epreplay record: {len(shards)} shard(s) in {out}/shards, "
-              f"{sum(int(f.get('records', 0)) for f in manifest.ranks.values())} records, "
-              f"{extra.get('dropped', 0)} dropped, capture off on ranks {extra.get('disabled_ranks', [])}",
+        print(summary(manifest, out, shards=len(run_dir.shard_paths()), flight=args.flight),
               file=sys.stderr)
     return rc if rc >= 0 else 128 - rc
+
+
+def summary(manifest, out, *, shards: int, flight: int) -> str:
+    """`epreplay record`'s last line(s): what the run holds, and why it may hold little."""
+    from pathlib import Path
+
+    from epreplay.capture.manifest import MARKER
+
+    extra = manifest.extra
+    records = sum(int(f.get("records", 0)) for f in manifest.ranks.values())
+    text = (f"epreplay record: {shards} shard(s) in {out}/shards, {records} records, "
+            f"{extra.get('dropped', 0)} dropped")
+    if extra.get("disabled_ranks"):
+        text += f", capture off on ranks {extra['disabled_ranks']}"
+    if extra.get("interrupted"):
+        text += (f"; interrupted (world size {manifest.world_size}, shards of ranks "
+                 f"{extra.get('ranks_found', [])})")
+    if flight:
+        # a normal exit writes nothing in flight mode: say so, or 0 records reads as a failure
+        text += (f"\nflight mode (--flight {flight}) writes records only on a trigger: an exception, "
+                 f"a hang, SIGUSR1 to epreplay record, non-finite values, or a marker file "
+                 f"{Path(out) / MARKER}; "
+                 f"{extra.get('dumps', 0)} dump(s) happened")
+    return text

@@ -4,8 +4,10 @@ No process group is needed (capture must work when the group is the thing that b
   * the launcher (`epreplay record`, `env_for`) or, in library mode, the first process to take
     RUN/.capture/lock creates manifest.json with the run id; every rank reads the id from there;
   * on close each rank writes RUN/.capture/rank-NNNNN.json (its closing facts) and then merges
-    every rank file present into manifest.json under the same lock; `epreplay record` merges once
-    more after the command exits, so the manifest ends complete whatever order ranks closed in.
+    every rank file present into manifest.json under the same lock; the launcher (`epreplay
+    record`, the demo) merges once more after the job ends (`finish`), so the manifest ends
+    complete whatever order ranks closed in, and describes from the shard headers the ranks
+    that never closed (a Ctrl-C, a kill) instead of keeping world size 0.
 """
 from __future__ import annotations
 
@@ -110,26 +112,71 @@ def merge(run: RunDir, *, exit_code: int | None = None) -> Manifest | None:
         manifest = run.read_manifest()
         if manifest is None:
             return None
-        ranks = dict(manifest.ranks)
-        ranks.update(read_rank_facts(run))
-        world = max([manifest.world_size] + [int(f.get("world_size", 0)) for f in ranks.values()])
-        static = {k: getattr(manifest, k) for k in ("num_experts", "topk", "hidden")}
-        for f in sorted(ranks.values(), key=lambda f: int(f.get("rank", 0))):
-            for k in static:
-                if not static[k] and f.get(k):
-                    static[k] = int(f[k])
-        x_dtype = next((f["x_dtype"] for f in ranks.values() if f.get("x_dtype")), manifest.x_dtype)
-        hosts = sorted(set(manifest.hosts) | {f["host"] for f in ranks.values() if f.get("host")})
-        extra = dict(manifest.extra)
-        extra["dropped"] = sum(int(f.get("dropped", 0)) for f in ranks.values())
-        extra["disabled_ranks"] = sorted(int(r) for r, f in ranks.items() if f.get("disabled"))
-        extra["dumps"] = sum(len(f.get("dumps") or []) for f in ranks.values())
-        if exit_code is not None:
-            extra["exit_code"] = exit_code
-        manifest = replace(manifest, ranks=ranks, world_size=world, hosts=hosts, x_dtype=x_dtype,
-                           extra=extra, **static)
+        manifest = _folded(manifest, read_rank_facts(run), exit_code)
         run.write_manifest(manifest)
         return manifest
+
+
+# Seconds finish() waits for writer processes still writing out what their killed rank had
+# handed over: a ring holds seconds of traffic and drains in well under one; 10 covers a busy
+# machine, and a writer still busy after that is described as it is (its shard unclosed).
+WRITER_WAIT_S = 10.0
+
+
+def finish(run: RunDir, *, exit_code: int | None = None, interrupted: bool = False,
+           wait_s: float = WRITER_WAIT_S) -> Manifest | None:
+    """The launcher's last merge (`epreplay record`, the demo), once the job has ended however
+    it ended: every rank's facts as merge() folds them, then what the shard headers say for the
+    ranks that left a shard but no facts (interrupted or killed before their close), so that
+    manifest.json describes what is on disk (world size, ranks found, missing and unclosed).
+
+    Args:
+        interrupted: the job was stopped by a signal (Ctrl-C): extra["interrupted"] says so.
+        wait_s: seconds to wait for writers finishing those ranks' shards (see WRITER_WAIT_S).
+
+    Returns the new manifest; None when the run has none (nothing was ever started).
+    """
+    from epreplay.run_census import described, read_shards
+
+    facts = read_rank_facts(run)
+    unclosed = [r for r in map(run.rank_of, run.shard_paths()) if str(r) not in facts]
+    found = []
+    if interrupted or unclosed:  # a clean end reads no shard: their footers can be large
+        # outside the lock: an unclosed shard is scanned whole, and ranks closing late need it
+        found, _ = read_shards(run, wait_s=wait_s)
+    with locked(run):
+        manifest = run.read_manifest()
+        if manifest is None:
+            return None
+        manifest = _folded(manifest, read_rank_facts(run), exit_code)
+        if found:
+            manifest = described(manifest, found)
+        if interrupted:
+            manifest = replace(manifest, extra={**manifest.extra, "interrupted": True})
+        run.write_manifest(manifest)
+        return manifest
+
+
+def _folded(manifest: Manifest, facts: dict[str, dict[str, Any]], exit_code: int | None) -> Manifest:
+    """`manifest` with the ranks' closing facts folded in (world size, shapes, hosts, totals)."""
+    ranks = dict(manifest.ranks)
+    ranks.update(facts)
+    world = max([manifest.world_size] + [int(f.get("world_size", 0)) for f in ranks.values()])
+    static = {k: getattr(manifest, k) for k in ("num_experts", "topk", "hidden")}
+    for f in sorted(ranks.values(), key=lambda f: int(f.get("rank", 0))):
+        for k in static:
+            if not static[k] and f.get(k):
+                static[k] = int(f[k])
+    x_dtype = next((f["x_dtype"] for f in ranks.values() if f.get("x_dtype")), manifest.x_dtype)
+    hosts = sorted(set(manifest.hosts) | {f["host"] for f in ranks.values() if f.get("host")})
+    extra = dict(manifest.extra)
+    extra["dropped"] = sum(int(f.get("dropped", 0)) for f in ranks.values())
+    extra["disabled_ranks"] = sorted(int(r) for r, f in ranks.items() if f.get("disabled"))
+    extra["dumps"] = sum(len(f.get("dumps") or []) for f in ranks.values())
+    if exit_code is not None:
+        extra["exit_code"] = exit_code
+    return replace(manifest, ranks=ranks, world_size=world, hosts=hosts, x_dtype=x_dtype,
+                   extra=extra, **static)
 
 
 def write_marker(run_dir: str | os.PathLike[str], reason: str, detail: str, rank: int) -> Path:

@@ -22,6 +22,12 @@ Replies on the child's stdout, same framing: ("facts", dict) after "close", or (
 when the sink failed (disk full...), after which the child exits and the job's next write fails.
 EOF without "close" means the job died: records received are written, no footer (as a crash
 of the writer thread itself would leave it), so readers see an unclosed shard.
+
+Signals: the job decides when capture ends, the writer only follows (close, or EOF when the job
+dies). So a Ctrl-C, which a terminal sends to its whole foreground process group, must not
+reach it: it starts in a session of its own, and ignores SIGINT besides (a SIGINT sent to its
+pid). Killed mid-session it would lose what the job already handed over, and print a
+KeyboardInterrupt traceback per rank over the job's own message.
 """
 from __future__ import annotations
 
@@ -29,6 +35,7 @@ import json
 import os
 import pickle
 import select
+import signal
 import struct
 import subprocess
 import sys
@@ -133,7 +140,10 @@ class WriterProcess:
             fds = (ring.fd,)
         self.proc = subprocess.Popen([sys.executable, "-m", "epreplay.capture.writer_proc"],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env,
-                                     close_fds=True, pass_fds=fds, bufsize=0)
+                                     close_fds=True, pass_fds=fds, bufsize=0,
+                                     # out of the terminal's process group from its first
+                                     # instruction: main() can only ignore SIGINT once Python runs
+                                     start_new_session=True)
         self.fd = self.proc.stdin.fileno()
         self.pid = os.getpid()  # the job process that owns it (a fork's child must not use it)
         _grow_pipe(self.fd)
@@ -375,6 +385,7 @@ def _ring_session(inp: BinaryIO, out_fd: int, config: Any, rank: int, world: int
 
 
 def main() -> int:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the job decides (module docstring: Signals)
     inp = open(0, "rb", buffering=0)
     out_fd = os.dup(1)
     os.dup2(2, 1)  # stray prints (a library's warning) must not corrupt the reply channel

@@ -122,6 +122,22 @@ def _warm_up() -> None:
     threading.Thread(target=forkserver.ensure_running, daemon=True, name="forkserver-warm-up").start()
 
 
+def _recorded(out) -> str:
+    """Where a stopped demo's recording is, and what its manifest says it holds."""
+    from epreplay.errors import UsageError
+    from epreplay.run import RunDir
+
+    try:
+        manifest = RunDir(out).read_manifest()
+    except UsageError:
+        manifest = None
+    held = ""
+    if manifest is not None:
+        records = sum(int(f.get("records", 0)) for f in manifest.ranks.values())
+        held = f" ({len(manifest.ranks)} of {manifest.world_size} ranks, {records} records)"
+    return f"what was recorded is in {out}{held}: epreplay inspect {out}"
+
+
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
@@ -194,9 +210,15 @@ def run(args: argparse.Namespace) -> int:
                 last = text.strip().splitlines()[-1] if text.strip() else "?"
                 err.print(escape(f"  rank {rank}: {last}"), soft_wrap=True, highlight=False)
             if opts.out is not None and RunDir(out).shards_dir.is_dir():
-                err.print(escape(f"what was recorded is in {out}: epreplay inspect {out}"),
-                          soft_wrap=True, highlight=False)
+                err.print(escape(_recorded(out)), soft_wrap=True, highlight=False)
             return 1
+        except KeyboardInterrupt:  # the ranks stopped and closed what they had; say where it is
+            from rich.markup import escape
+
+            err.print("epreplay demo: interrupted", highlight=False)
+            if opts.out is not None and RunDir(out).shards_dir.is_dir():
+                err.print(escape(_recorded(out)), soft_wrap=True, highlight=False)
+            return 130
     if args.format == "json":
         import json
         import sys

@@ -96,6 +96,19 @@ def shard_summary(path: Path, *, verify: bool = True) -> dict:
         }
 
 
+def _manifest_problem(manifest, summaries: list[dict]) -> str | None:
+    """How the manifest misdescribes the shards summarised (e.g. world size 0 after a capture
+    stopped before any rank closed), or None."""
+    from epreplay.records import Level, ShardInfo
+    from epreplay.run_census import disagreement
+
+    if manifest is None or any(s["health"] == "writing" for s in summaries):
+        return None  # a capture still running: its ranks complete the manifest when they close
+    headers = [ShardInfo(**{**s["info"], "level": Level.parse(s["info"]["level"])})
+               for s in summaries if "info" in s]
+    return disagreement(manifest, headers)
+
+
 def record_rows(path: Path, limit: int) -> list[dict]:
     """One dict per record (header fields only, nothing decompressed); `limit` 0 for all."""
     from epreplay.records import Kind, Op
@@ -231,7 +244,9 @@ def run(args: argparse.Namespace) -> int:  # a broken pipe (`| head`) is handled
                     "release": manifest.release if manifest else None,
                     "manifest": manifest is not None, "shards": len(summaries),
                     "missing_ranks": rundir.missing_ranks(manifest.world_size if manifest else None),
-                    "records": sum(s["records"] for s in summaries)}
+                    "records": sum(s["records"] for s in summaries),
+                    "interrupted": bool(manifest and manifest.extra.get("interrupted")),
+                    "manifest_problem": _manifest_problem(manifest, summaries)}
     else:
         summaries = [shard_summary(path, verify=not args.quick)]
     bad = [s for s in summaries if s["health"] in ("truncated", "corrupt", "unreadable")]
@@ -247,7 +262,11 @@ def run(args: argparse.Namespace) -> int:  # a broken pipe (`| head`) is handled
     if run_info is not None:
         print(f"run {run_info['path']}  id {run_info['run_id'] or '? (no manifest.json)'}  "
               f"world {run_info['world_size']}  level {run_info['level']}  "
-              f"{run_info['shards']} shards, {run_info['records']} records")
+              f"{run_info['shards']} shards, {run_info['records']} records"
+              + ("  (interrupted)" if run_info["interrupted"] else ""))
+        if run_info["manifest_problem"]:
+            print(f"  manifest.json says {run_info['manifest_problem']}; "
+                  f"'epreplay repair {path}' rebuilds it from the shards")
         if not summaries:
             print("  no shards yet (shards/ is empty)")
     for s in summaries:

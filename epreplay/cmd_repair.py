@@ -3,15 +3,17 @@
 For each damaged shard (truncated, or corrupt records behind a footer) the original is kept as
 PATH.bak (never overwritten: repair refuses while one exists), the file is truncated after its last
 intact record and a footer is written. Healthy shards are not touched. On a run directory every
-shard is repaired, and a missing or unreadable manifest.json is rebuilt from the shard headers
-(the unreadable one kept as manifest.json.bak).
+shard is repaired, and a manifest.json that is missing, unreadable or misdescribes the shards
+(world size 0 after an interrupted capture, a rank it does not list) is rebuilt from the shard
+headers (the old one kept as manifest.json.bak, never overwritten: repair refuses while one exists).
 Exit code: 0 when everything is healthy or repaired, 2 for bad input or a repair refused.
 """
 from __future__ import annotations
 
 import argparse
+import os
 import sys
-import time
+from dataclasses import replace
 from pathlib import Path
 
 HELP = "truncate damaged shards to their intact records and write a footer (keeps PATH.bak)"
@@ -29,42 +31,49 @@ def _describe(report) -> str:
             + (f" [{report.problem.split('; run ')[0]}]" if report.problem else ""))
 
 
-def _rebuild_manifest(rundir, shards: list[Path]) -> str | None:
-    """Write manifest.json from the shard headers when it is missing or unreadable."""
-    from epreplay.errors import ShardError, UsageError
-    from epreplay.records import Manifest
-    from epreplay.shard import open_shard
+def _rebuild_manifest(rundir) -> str | None:
+    """Rebuild manifest.json from the shard headers when it is missing, unreadable, or
+    misdescribes the shards (world size 0 after an interrupted capture, another world size or
+    run id, a rank with a shard but no entry: run_census.disagreement). What the old one holds
+    and the shards do not (command, versions, closing facts) is kept, and the old file too, as
+    manifest.json.bak (never overwritten). Returns a note, or None when nothing was to do."""
+    from epreplay.errors import UsageError
+    from epreplay.run_census import described, disagreement, read_shards
 
+    path = rundir.manifest_path
+    found, _ = read_shards(rundir)  # unreadable shards were reported by the shard repair
     try:
-        if rundir.read_manifest() is not None:
-            return None
-        state = "missing"
+        old = rundir.read_manifest()
+        why = "missing" if old is None else disagreement(old, [f.info for f in found])
     except UsageError:
-        state = "unreadable"
-    infos = []
-    for shard in shards:
+        old, why = None, "unreadable"
+    if why is None:
+        return None
+    state = f"said {why}" if old is not None else f"was {why}"
+    if not found:
+        return f"{path}: {state}, and no readable shard to rebuild it from"
+    writing = [f.path for f in found if f.writing]
+    if writing:
+        return (f"{path}: {state}; not rebuilt while a running process still writes {writing[0]}: "
+                f"its ranks complete it when they close; if they were killed, run "
+                f"'epreplay repair {rundir.path}' again once they are gone")
+    manifest = described(old, found)
+    manifest = replace(manifest, extra={**manifest.extra, "rebuilt_by": "epreplay repair",
+                                        "rebuilt_because": why,
+                                        "rebuilt_from_shards": len(found)})
+    note = f"{path}: {state}; rebuilt from {len(found)} shard header(s)"
+    if path.exists():
+        backup = path.with_name(path.name + ".bak")
         try:
-            with open_shard(shard) as scan:
-                infos.append((scan.info, len(scan.entries)))
-        except ShardError:
-            continue
-    if not infos:
-        return f"{rundir.manifest_path}: {state}, and no readable shard to rebuild it from"
-    first = infos[0][0]
-    if state == "unreadable":
-        backup = rundir.manifest_path.with_name("manifest.json.bak")
-        if backup.exists():
+            with open(backup, "xb") as dst:  # "x": never overwritten, as shard_repair's backups
+                dst.write(path.read_bytes())
+        except FileExistsError:
             raise UsageError(f"{backup} already exists and is never overwritten; move it away, "
-                             f"then run 'epreplay repair {rundir.path}' again")
-        rundir.manifest_path.rename(backup)
-    created = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(first.created_ns / 1e9))
-    rundir.write_manifest(Manifest(
-        run_id=first.run_id, created=created, world_size=first.world_size,
-        num_experts=first.num_experts, topk=first.topk, hidden=first.hidden,
-        level=first.level.label,
-        ranks={str(info.rank): {"records": n} for info, n in infos},
-        extra={"rebuilt_by": "epreplay repair", "rebuilt_from_shards": len(infos)}))
-    return f"{rundir.manifest_path}: was {state}; rebuilt from {len(infos)} shard header(s)"
+                             f"then run 'epreplay repair {rundir.path}' again") from None
+        os.chmod(backup, 0o600)
+        note += f"; the old one kept as {backup}"
+    rundir.write_manifest(manifest)  # atomic: there is a manifest.json at every moment
+    return note
 
 
 def run(args: argparse.Namespace) -> int:
@@ -87,7 +96,7 @@ def run(args: argparse.Namespace) -> int:
         except ShardError as exc:  # report and go on: one refused shard must not block the rest
             print(f"epreplay repair: {exc}", file=sys.stderr)
             failed += 1
-    note = _rebuild_manifest(rundir, shards)
+    note = _rebuild_manifest(rundir)
     if note:
         print(note)
     if not shards:

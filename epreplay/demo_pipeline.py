@@ -93,13 +93,16 @@ def _record_env(cfg: DemoConfig, opts: PipelineOptions) -> tuple[dict[str, str],
     return env, RankHooks(start="epreplay.capture:install", stop="epreplay.capture:stop")
 
 
-def _annotate_manifest(out: Path, cfg: DemoConfig, backend: str) -> str:
-    """Put the workload's parameters in manifest.extra["demo"] (diff and tui show them).
-    Returns capture's health in a few words (records, drops, ranks whose capture went off)."""
+def _close_recording(out: Path, cfg: DemoConfig, backend: str, *, interrupted: bool = False) -> str:
+    """The run's last merge (capture's `finish`: every rank's closing facts, and what the shard
+    headers say of ranks that never closed, e.g. after a Ctrl-C), then the workload's parameters
+    in manifest.extra["demo"] (diff and tui show them). Returns capture's health in a few words
+    (records, drops, ranks whose capture went off)."""
     from epreplay.run import RunDir
 
+    finish = importlib.import_module("epreplay.capture.manifest").finish
     run = RunDir.open(out)
-    manifest = run.read_manifest()
+    manifest = finish(run, interrupted=interrupted)
     if manifest is None:
         return "no manifest was written"
     extra = dict(manifest.extra)
@@ -135,11 +138,20 @@ def run_pipeline(cfg: DemoConfig, opts: PipelineOptions, *, progress: Progress |
         result.out = opts.out
     t0 = time.perf_counter()
     on_progress = (lambda done, total: progress("run", done, total)) if progress else None
-    result.demo = run_demo(cfg, backend=opts.backend, rank_hooks=hooks, env=env,
-                           timeout=opts.timeout, on_progress=on_progress)
+    try:
+        result.demo = run_demo(cfg, backend=opts.backend, rank_hooks=hooks, env=env,
+                               timeout=opts.timeout, on_progress=on_progress)
+    except BaseException as exc:  # Ctrl-C or a failed rank: the manifest still says what is there
+        if recording:
+            try:
+                _close_recording(opts.out, cfg, opts.backend,
+                                 interrupted=isinstance(exc, KeyboardInterrupt))
+            except Exception:  # noqa: BLE001 - the error to report is exc; repair can rebuild
+                pass
+        raise
     seconds = time.perf_counter() - t0
     if recording:
-        health = _annotate_manifest(opts.out, cfg, opts.backend)
+        health = _close_recording(opts.out, cfg, opts.backend)
         note = f"recorded at level {opts.level} into {opts.out} ({health})"
     else:
         note = ("not recorded: epreplay.capture is not installed" if opts.record

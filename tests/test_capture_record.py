@@ -149,3 +149,60 @@ def test_kill_9_loses_only_the_killed_ranks_tail(tmp_path):
     manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
     assert sorted(manifest["ranks"]) == ["0", "2", "3"]  # the killed rank never wrote its facts
     assert np.all([manifest["ranks"][r]["disabled"] is None for r in ("0", "2", "3")])
+
+
+def _unclosed_shard(run: RunDir, run_id: str, rank: int, world: int, records: int) -> None:
+    """A shard as a rank stopped mid-run leaves it: intact records, no footer."""
+    from epreplay.records import Level, RecordHeader, ShardInfo, Status
+    from epreplay.shard import ShardWriter
+
+    path = run.shard_path(rank)
+    with ShardWriter(path, ShardInfo(run_id, rank, world, 16, 2, 32, Level.ROUTING)) as writer:
+        for seq in range(records):
+            writer.append(RecordHeader(Kind.CALL, Op.LAYOUT, Level.ROUTING, Status.OK, 0, seq, seq, 0, 4),
+                          {"topk_idx_TK": np.zeros((4, 2), np.int64)})
+    with open_shard(path) as scan:
+        end = scan.entries[-1].end
+    os.truncate(path, end)
+
+
+def test_finish_describes_ranks_that_never_closed_from_their_shards(tmp_path):
+    from epreplay.capture.config import CaptureConfig
+    from epreplay.capture.manifest import finish, merge, prepare_run, write_rank_facts
+
+    # as `epreplay record` and the demo start a run: the launcher's manifest, world size 0
+    config = prepare_run(CaptureConfig.make(tmp_path / "run"), command=["python", "job.py"], fresh=True)
+    run = RunDir.open(tmp_path / "run")
+    assert run.read_manifest().world_size == 0
+    for rank in (0, 1, 2):  # rank 3 of 4 was stopped before it opened its shard
+        _unclosed_shard(run, config.run_id, rank, 4, records=5)
+    manifest = finish(run, exit_code=130, interrupted=True, wait_s=0)
+    assert run.read_manifest() == manifest
+    assert manifest.world_size == 4 and (manifest.num_experts, manifest.topk, manifest.hidden) == (16, 2, 32)
+    assert manifest.command == ["python", "job.py"]  # the launcher's facts stay
+    extra = manifest.extra
+    assert extra["interrupted"] is True and extra["exit_code"] == 130
+    assert extra["ranks_found"] == [0, 1, 2] and extra["missing_ranks"] == [3]
+    assert extra["unclosed_ranks"] == [0, 1, 2]
+    assert manifest.ranks["2"]["records"] == 5 and manifest.ranks["2"]["closed"] is False
+    # a rank that closes after all: its closing facts replace what its header said
+    write_rank_facts(run, 1, {"rank": 1, "world_size": 4, "records": 5, "host": "late"})
+    manifest = merge(run)
+    assert manifest.ranks["1"] == {"rank": 1, "world_size": 4, "records": 5, "host": "late"}
+    assert manifest.world_size == 4 and manifest.ranks["0"]["source"] == "shard header"
+
+
+def test_record_summary_lists_no_empty_ranks_and_explains_flight_mode(tmp_path):
+    res = _epreplay("record", "--out", str(tmp_path / "plain"), "--", sys.executable, "-c", "pass")
+    assert res.returncode == 0, res.stderr
+    assert "epreplay record: 0 shard(s)" in res.stderr
+    assert "capture off on ranks" not in res.stderr and "flight mode" not in res.stderr
+    res = _epreplay("record", "--out", str(tmp_path / "flight"), "--flight", "3", "--",
+                    sys.executable, "-c", "pass")
+    assert res.returncode == 0, res.stderr
+    assert "capture off on ranks" not in res.stderr
+    # 0 records after a normal exit is what flight mode does: the summary says so
+    assert "flight mode (--flight 3) writes records only on a trigger" in res.stderr, res.stderr
+    for trigger in ("exception", "hang", "SIGUSR1", "non-finite", str(tmp_path / "flight" / "DUMP")):
+        assert trigger in res.stderr
+    assert "0 dump(s) happened" in res.stderr

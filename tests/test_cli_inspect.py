@@ -137,3 +137,38 @@ def test_live_shard_reads_as_writing_and_repair_refuses(tmp_path: Path) -> None:
         assert proc.returncode == 0 and "being written by a live process (1 records so far)" in proc.stdout
         assert_one_clean_line(cli("repair", str(path)), "still writing this shard")
     assert "complete" in cli("inspect", str(path)).stdout
+
+
+def test_repair_rebuilds_a_world_size_0_manifest_and_keeps_the_old_one(run_dir) -> None:
+    from epreplay.records import Manifest
+
+    run, _ = run_dir  # rank 1's shard cut mid-record, as an interrupted capture leaves it
+    # what a capture stopped before any rank closed leaves: the launcher's manifest, world size 0
+    old = Manifest(run_id="run-cli", created="2026-01-01T00:00:00Z", world_size=0,
+                   command=["python", "train.py"], extra={"layers_per_step": 3})
+    run.write_manifest(old)
+    stale = run.manifest_path.read_bytes()
+    assert ("manifest.json says world size 0, but the shards say 2; 'epreplay repair "
+            f"{run.path}' rebuilds it") in cli("inspect", str(run.path)).stdout
+    proc = cli("repair", str(run.path))
+    assert proc.returncode == 0, proc.stderr
+    bak = run.manifest_path.with_name("manifest.json.bak")
+    assert (f"manifest.json: said world size 0, but the shards say 2; rebuilt from 2 shard "
+            f"header(s); the old one kept as {bak}") in proc.stdout
+    assert bak.read_bytes() == stale
+    manifest = run.read_manifest()
+    assert manifest.world_size == 2 and (manifest.num_experts, manifest.topk, manifest.hidden) == (32, 4, 16)
+    assert manifest.ranks["0"]["records"] == 7 and manifest.ranks["1"]["records"] == 3
+    assert manifest.command == ["python", "train.py"] and manifest.extra["layers_per_step"] == 3
+    assert manifest.extra["ranks_found"] == [0, 1] and manifest.extra["missing_ranks"] == []
+    inspect = cli("inspect", str(run.path)).stdout
+    assert "world 2" in inspect and "manifest.json says" not in inspect
+    # a manifest that agrees with its shards is left alone
+    rebuilt = run.manifest_path.read_bytes()
+    proc = cli("repair", str(run.path))
+    assert proc.returncode == 0 and "manifest.json" not in proc.stdout
+    assert run.manifest_path.read_bytes() == rebuilt
+    # wrong again while a backup exists: refuse, naming it; nothing is overwritten
+    run.write_manifest(old)
+    assert_one_clean_line(cli("repair", str(run.path)), "manifest.json.bak already exists", "move it away")
+    assert bak.read_bytes() == stale and run.manifest_path.read_bytes() == stale
