@@ -135,6 +135,7 @@ def test_ctrl_c_while_recording_leaves_a_run_that_inspects_and_replays(
     replay = subprocess.run([sys.executable, "-m", "epreplay", "replay", str(out), "--ranks", "1"],
                             capture_output=True, text=True, timeout=240)
     text = replay.stdout + replay.stderr
-    # accepted: it may report calls some rank did not finish recording, but it replays the rest
-    assert replay.returncode in (0, 1) and "world size 0" not in text, text
+    # accepted: it replays what every rank recorded; a call the interrupt cut (recorded as an
+    # error, or on some ranks only) is skipped, which makes the verdict INCOMPLETE (exit 3)
+    assert replay.returncode in (0, 1, 3) and "world size 0" not in text, text
     assert re.search(r"\d+ calls replayed on 1 process", text), text
