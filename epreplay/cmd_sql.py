@@ -48,7 +48,7 @@ def _print(res, args: argparse.Namespace) -> None:
     import sys
 
     if args.format == "csv":
-        out = csv.writer(sys.stdout)
+        out = csv.writer(sys.stdout, lineterminator="\n")  # as DuckDB's CLI (csv's default is \r\n)
         out.writerow(res.columns)
         out.writerows(res.rows)
     elif args.format == "json":

@@ -92,6 +92,9 @@ def test_a_select_still_works(run: Path) -> None:
     csv = cli(run, "WITH x AS (SELECT layer FROM expert_load) SELECT DISTINCT layer FROM x;",
               "--format", "csv")
     assert csv.returncode == 0 and csv.stdout.splitlines() == ["layer", "0"], csv.stderr
+    raw = subprocess.run([sys.executable, "-m", "epreplay", "sql", str(run), "SELECT 1 AS a", "--format", "csv"],
+                         capture_output=True, timeout=60)
+    assert raw.stdout == b"a\n1\n", raw.stdout  # \n line ends, as DuckDB's own CLI (not csv's \r\n)
 
 
 def test_allow_external_reads_and_writes_files_as_the_user(run: Path, outside: Path) -> None:
