@@ -25,8 +25,9 @@ def summary_lines(result: PipelineResult) -> list[str]:
             f"seed {cfg.seed}" + (f", release {cfg.release!r} (layers {rel})" if cfg.release else "")
             + f", {demo.seconds:.1f} s")
         total_slots = int(demo.load_SLE.sum())
-        lines.append(f"tokens moved: {demo.tokens_moved:,} token copies sent between ranks over "
-                     f"{cfg.steps} steps x {cfg.layers} layers ({demo.tokens:,} tokens per layer, "
+        lines.append(f"rows sent between ranks: {demo.tokens_moved:,} over {cfg.steps} steps x {cfg.layers} "
+                     f"layers (a token once per destination rank in normal dispatch, once per expert in "
+                     f"low-latency; the index's traffic table; {demo.tokens:,} tokens per layer, "
                      f"{total_slots:,} token-expert assignments)")
         hot = ", ".join(f"e{e} {share:.1%}" for e, share in demo.hottest(5))
         lines.append(f"hottest experts: {hot} (uniform: {1 / cfg.experts:.1%} each)")

@@ -25,6 +25,8 @@ from typing import Any, Callable
 
 import numpy as np
 
+from epreplay import metrics
+
 from epreplay import marks
 from epreplay.fp8 import cast_fp8
 from epreplay.demo_model import (DemoConfig, rms_norm, route_layer, rank_batch, swiglu,
@@ -52,7 +54,9 @@ class RankResult:
         rank: the rank.
         tokens_S: [S] int64 tokens this rank processed per step.
         load_SLE: [S, NL, E] int64 (token, slot) pairs this rank routed to each expert.
-        send_SLR: [S, NL, R] int64 tokens this rank sent to each rank (once per destination).
+        send_SLR: [S, NL, R] int64 rows this rank sent to each rank (metrics.rows_sent: a token
+            once per destination rank in prefill's normal dispatch, once per expert slot in decode's
+            low-latency dispatch — what the index's traffic table counts).
         recv_SL: [S, NL] int64 rows this rank received (N normal, sum(recv_count) low-latency).
         ll_recv_stats_L: [L] int64 cumulative_local_expert_recv_stats after the run.
         routing_digest: sha256 of every topk_idx/topk_weights in call order (determinism checks).
@@ -200,9 +204,10 @@ def rank_main(ctx: Any, cfg: DemoConfig, hooks: RankHooks | None, backend: str,
                         digest.update(idx_np.tobytes())
                         digest.update(w_TK.cpu().numpy().tobytes())
                         load_SLE[s, layer] = np.bincount(idx_np.ravel(), minlength=E)
-                        dest_TR = np.zeros((len(idx_np), R), bool)
-                        dest_TR[np.arange(len(idx_np))[:, None], idx_np // card.L] = True
-                        send_SLR[s, layer] = dest_TR.sum(0)
+                        # rows sent: the index's definition (normal dispatch once per
+                        # destination rank, low-latency once per expert slot)
+                        send_SLR[s, layer] = metrics.rows_sent(idx_np, E, R,
+                                                               per_destination=cfg.is_prefill(s))
                         if rank == cfg.slow_rank and cfg.slow_ms:
                             time.sleep(cfg.slow_ms / 1e3)  # the straggler's extra "compute"
                         if cfg.is_prefill(s):
@@ -249,7 +254,8 @@ class DemoResult:
 
     @property
     def tokens_moved(self) -> int:
-        """Token copies sent between different ranks (self-sends excluded), all steps and layers."""
+        """Rows sent between different ranks (self-sends excluded), all steps and layers: the
+        index's `SELECT sum(tokens) FROM traffic WHERE src_rank <> dst_rank` (metrics.rows_sent)."""
         t = self.traffic_SLRR
         return int(t.sum() - np.trace(t, axis1=2, axis2=3).sum())
 

@@ -154,6 +154,31 @@ def rank_load(load_E: np.ndarray, world_size: int) -> np.ndarray:
     return load_E.reshape(world_size, -1).sum(axis=1)
 
 
+def rows_sent(topk_idx_TK: np.ndarray, num_experts: int, world_size: int, *,
+              per_destination: bool) -> np.ndarray:
+    """[R] int64: the rows one rank's dispatch sends to each rank — epreplay's one definition of
+    traffic (the index's `traffic` table, the demo's summary and stats all count this).
+
+    Args:
+        topk_idx_TK: [T, K] expert ids of the sending rank's tokens; -1 (or out of range): none.
+        num_experts: E; rank r owns experts [r * E/R, (r+1) * E/R).
+        world_size: R.
+        per_destination: True for normal dispatch (DeepEP sends a token once to each rank holding
+            any of its experts: is_token_in_rank); False for low-latency dispatch (one row per
+            (token, expert) slot, as its receive buffers are per expert).
+    """
+    E, R = int(num_experts), int(world_size)
+    X = max(E // max(R, 1), 1)
+    idx = np.asarray(topk_idx_TK)
+    valid = (idx >= 0) & (idx < E)
+    dst_TK = np.where(valid, idx // X, -1)
+    if per_destination:
+        hit_TR = np.zeros((idx.shape[0], R + 1), bool)
+        hit_TR[np.arange(idx.shape[0])[:, None], np.where(valid, dst_TK, R)] = True
+        return hit_TR[:, :R].sum(axis=0).astype(np.int64)
+    return np.bincount(dst_TK[valid].ravel(), minlength=R)[:R].astype(np.int64)
+
+
 def imbalance(load_R: np.ndarray) -> float:
     """Load imbalance max/mean (>= 1.0; the straggler rank's load over the average).
 

@@ -55,7 +55,7 @@ def test_demo_records_replays_and_points_at_the_tui(tmp_path: Path) -> None:
     out = tmp_path / "demo"
     proc = demo("--ranks", "2", "--steps", "3", "--layers", "2", "--experts", "16", "--out", str(out))
     text = proc.stdout
-    for label in ("tokens moved:", "hottest experts: e", "most loaded rank:"):
+    for label in ("rows sent between ranks:", "hottest experts: e", "most loaded rank:"):
         assert label in text, text
     assert "run: ok" in text and f"recorded at level routing into {out}" in text, text + proc.stderr
     assert len(list((out / "shards").glob("rank-*.eprs"))) == 2

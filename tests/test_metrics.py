@@ -222,3 +222,13 @@ def test_token_agreement_matches_the_naive_definition(num_experts):
     jac, top1, pairs, wsum = _naive(idx_a, idx_b, w_a, w_b)
     assert got.tokens == T and got.top1_agree == top1 and got.pairs == pairs
     assert got.jaccard_sum == pytest.approx(jac) and got.weight_abs_sum == pytest.approx(wsum)
+
+
+def test_rows_sent_counts_normal_once_per_rank_and_low_latency_once_per_expert():
+    """The one definition of traffic (index, demo, stats): 4 experts on 2 ranks (2 each)."""
+    idx_TK = np.array([[0, 1],    # both experts on rank 0: normal 1 row to rank 0, LL 2
+                       [1, 2],    # one each: 1 + 1 either way
+                       [3, -1]])  # -1 is no expert
+    np.testing.assert_array_equal(metrics.rows_sent(idx_TK, 4, 2, per_destination=True), [2, 2])
+    np.testing.assert_array_equal(metrics.rows_sent(idx_TK, 4, 2, per_destination=False), [3, 2])
+    assert metrics.rows_sent(np.zeros((0, 2), np.int64), 4, 2, per_destination=True).tolist() == [0, 0]
