@@ -229,6 +229,6 @@ def test_rows_sent_counts_normal_once_per_rank_and_low_latency_once_per_expert()
     idx_TK = np.array([[0, 1],    # both experts on rank 0: normal 1 row to rank 0, LL 2
                        [1, 2],    # one each: 1 + 1 either way
                        [3, -1]])  # -1 is no expert
-    np.testing.assert_array_equal(metrics.rows_sent(idx_TK, 4, 2, per_destination=True), [2, 2])
-    np.testing.assert_array_equal(metrics.rows_sent(idx_TK, 4, 2, per_destination=False), [3, 2])
-    assert metrics.rows_sent(np.zeros((0, 2), np.int64), 4, 2, per_destination=True).tolist() == [0, 0]
+    np.testing.assert_array_equal(m.rows_sent(idx_TK, 4, 2, per_destination=True), [2, 2])
+    np.testing.assert_array_equal(m.rows_sent(idx_TK, 4, 2, per_destination=False), [3, 2])
+    assert m.rows_sent(np.zeros((0, 2), np.int64), 4, 2, per_destination=True).tolist() == [0, 0]
