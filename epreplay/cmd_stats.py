@@ -91,11 +91,12 @@ def gather(ix, *, top: int, layer: int | None, steps: tuple[int, int] | None) ->
                           "recv_bytes": int(ranks.recv_bytes_R[r])} for r in order],
         "imbalance": [{"layer": int(l), "imbalance": round(float(i), 4),
                        "slots_imbalance": round(float(si), 4), "max_rank": int(mr),
-                       "mean_step": round(float(ms), 4), "worst": round(float(w), 4), "worst_step": int(ws)}
-                      for l, i, si, mr, ms, w, ws in zip(
+                       "mean_step": round(float(ms), 4), "worst": round(float(w), 4), "worst_step": int(ws),
+                       "slots_mean_step": round(float(ss), 4)}
+                      for l, i, si, mr, ms, w, ws, ss in zip(
                           imb.layer_L[pick], imb.imbalance_L[pick], imb.slots_imbalance_L[pick],
                           imb.max_rank_L[pick], imb.mean_step_L[pick], imb.worst_L[pick],
-                          imb.worst_step_L[pick])],
+                          imb.worst_step_L[pick], imb.mean_step_slots_L[pick])],
         "stragglers": [{"rank": int(r), "last_arrivals": int(la), "late_us": round(float(lt) / 1e3, 1),
                         "slowest_calls": int(s), "calls": int(c),
                         "mean_us": round(float(m) / 1e3, 1), "max_us": round(float(x) / 1e3, 1),
@@ -145,12 +146,15 @@ def render(d: dict, note: str | None) -> None:
         t.add_row(str(x["rank"]), f"{x['recv_tokens']:,}", f"{x['vs_mean']:.2f}", f"{x['recv_slots']:,}",
                   f"{x['sent_tokens']:,}", f"{x['recv_bytes'] / 1e6:,.1f}")
     con.print(t)
-    t = Table(title="imbalance per layer (max/mean over ranks)", title_justify="left")
-    for c in ("layer", "rows", "slots", "most loaded", "mean per step", "worst step", "at step"):
+    t = Table(title="imbalance per layer (max/mean over ranks; rows received, or expert slots; "
+                    "'slots per step' is what `epreplay diff` calls imbalance)", title_justify="left")
+    for c in ("layer", "rows", "slots", "most loaded", "rows per step", "worst step", "at step",
+              "slots per step"):
         t.add_column(c, justify="right")
     for x in d["imbalance"]:
         t.add_row(str(x["layer"]), f"{x['imbalance']:.3f}", f"{x['slots_imbalance']:.3f}", str(x["max_rank"]),
-                  f"{x['mean_step']:.3f}", f"{x['worst']:.3f}", str(x["worst_step"]))
+                  f"{x['mean_step']:.3f}", f"{x['worst']:.3f}", str(x["worst_step"]),
+                  f"{x['slots_mean_step']:.3f}")
     con.print(t)
     if d["stragglers"]:
         t = Table(title="stragglers (last to arrive at a call; the others wait inside it)",

@@ -27,7 +27,8 @@ METRICS: dict[str, str] = {
     "js": "largest per-layer Jensen-Shannon divergence of the expert-load distributions (0..1)",
     "js_mean": "mean per-layer JS divergence over the compared layers (0..1)",
     "hot_changed": "experts that entered the per-layer top-N hot sets, summed over layers",
-    "imbalance_a": "largest per-layer rank imbalance (max/mean rank load, mean over steps) of A",
+    "imbalance_a": "largest per-layer rank imbalance of A: expert slots per rank, max/mean per step, "
+                   "mean over steps (`epreplay stats`: 'slots per step')",
     "imbalance_b": "largest per-layer rank imbalance of B",
     "imbalance_ratio": "largest per-layer imbalance of B over that of A (>1: B is less balanced)",
     "jaccard": "mean top-k set Jaccard of matched tokens, all layers (0..1, 1 = same experts)",

@@ -65,12 +65,14 @@ agg AS (
          max(slots)::BIGINT AS max_slots, avg(slots) AS mean_slots, arg_max(rank, slots) AS max_slots_rank
   FROM per_rank GROUP BY layer),
 per_step AS (
-  SELECT layer, step, max(recv_tokens) / nullif(avg(recv_tokens), 0) AS imb FROM rank_load
+  SELECT layer, step, max(recv_tokens) / nullif(avg(recv_tokens), 0) AS imb,
+         max(recv_slots) / nullif(avg(recv_slots), 0) AS slots_imb FROM rank_load
   WHERE step >= $lo AND step < $hi GROUP BY layer, step),
-steps AS (SELECT layer, avg(imb) AS mean_step_imb, max(imb) AS worst_imb, arg_max(step, imb) AS worst_step
+steps AS (SELECT layer, avg(imb) AS mean_step_imb, max(imb) AS worst_imb, arg_max(step, imb) AS worst_step,
+                 avg(slots_imb) AS mean_step_slots_imb
           FROM per_step GROUP BY layer)
 SELECT layer, max_recv, mean_recv, max_rank, max_slots, mean_slots, max_slots_rank,
-       mean_step_imb, worst_imb, worst_step
+       mean_step_imb, worst_imb, worst_step, mean_step_slots_imb
 FROM agg JOIN steps USING (layer) ORDER BY layer"""
 
 TRAFFIC = f"""
@@ -197,7 +199,8 @@ class RankLoad:
 class Imbalance:
     """Per layer (row = layer_L): received rows' max/mean over ranks (aggregated over the step
     range: imbalance_L; per step then averaged: mean_step_L; the worst step: worst_L at
-    worst_step_L), the most loaded rank max_rank_L, and the same for expert slots (slots_imbalance_L)."""
+    worst_step_L), the most loaded rank max_rank_L, and the same for expert slots (slots_imbalance_L;
+    per step then averaged: mean_step_slots_L, which is diff's imbalance)."""
 
     layer_L: np.ndarray
     max_recv_L: np.ndarray
@@ -209,6 +212,9 @@ class Imbalance:
     mean_step_L: np.ndarray
     worst_L: np.ndarray
     worst_step_L: np.ndarray
+    # expert slots per rank, max/mean per step, averaged over steps: the quantity `epreplay diff`
+    # calls a layer's imbalance (diff.RunDistribution.layer_imbalance), so both say one number
+    mean_step_slots_L: np.ndarray
 
 
 @dataclass(frozen=True)
@@ -488,7 +494,8 @@ class RunIndex:
             simb = np.where(mean_slots > 0, f("max_slots") / mean_slots, 0.0)
         return Imbalance(_ints(d["layer"]), _ints(d["max_recv"]), mean_recv, _ints(d["max_rank"]),
                          imb, simb, _ints(d["max_slots_rank"]), np.nan_to_num(f("mean_step_imb")),
-                         np.nan_to_num(f("worst_imb")), _ints(d["worst_step"]))
+                         np.nan_to_num(f("worst_imb")), _ints(d["worst_step"]),
+                         np.nan_to_num(f("mean_step_slots_imb"), nan=1.0))
 
     def traffic(self, *, step: int | None = None, layer: int | None = None,
                 steps: tuple[int, int] | None = None) -> Traffic:

@@ -151,3 +151,19 @@ def test_steps_outside_the_run_exit_2(runs) -> None:
     part = cli("stats", runs["a"], "--steps", "2:9", "--format", "json")
     assert part.returncode == 0, part.stderr
     assert json.loads(part.stdout)["total_slots"] == 4 * 32 * 4 * 2  # 1 step x 4 ranks x 32 x top-4 x 2 layers
+
+
+@pytest.mark.slow
+def test_stats_and_diff_say_one_imbalance(runs) -> None:
+    """`stats`' 'slots per step' and `diff`'s per-layer imbalance are one quantity (expert slots
+    per rank, max/mean per step, averaged over steps): the same run gives the same numbers."""
+    run = runs["b"]
+    d = json.loads(cli("stats", run, "--format", "json").stdout)
+    stats_L = {x["layer"]: x["slots_mean_step"] for x in d["imbalance"]}
+    diff = cli("diff", run, run, "--format", "json")
+    assert diff.returncode == 0, diff.stderr
+    layers = json.loads(diff.stdout)["layers"]
+    got = {x["layer"]: x["imbalance_a"] for x in layers}
+    assert set(got) == set(stats_L) and len(got) == SHAPE["layers"]
+    for layer, value in got.items():
+        assert value == pytest.approx(stats_L[layer], abs=1e-4), (layer, value, stats_L[layer])
