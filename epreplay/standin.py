@@ -154,6 +154,10 @@ def main(argv: list[str] | None = None) -> int:
     if args[0] in ("-m", "-c") and len(args) < 2:
         print(f"epreplay.standin: {args[0]} needs an argument\n{USAGE}", file=sys.stderr)
         return 2
+    if args[0] not in ("-m", "-c") and not os.path.isfile(args[0]):
+        print(f"epreplay.standin: {args[0]}: no such script; give a .py file, -m MODULE or -c CODE\n{USAGE}",
+              file=sys.stderr)
+        return 2
     os.environ[ENV] = "1"
     install()
     if args[0] == "-m":

@@ -214,6 +214,33 @@ def test_standin_runner_module_and_code_forms(tmp_path) -> None:
                                  "{port}"], _clean_env())
 
 
+def test_env_var_reaches_forkserver_children_and_subprocesses(tmp_path) -> None:
+    """Without torch: the finder that answers for deep_ep in each child is ours (the .pth's work)."""
+    code = textwrap.dedent('''
+        import importlib.util, multiprocessing, subprocess, sys
+
+        def which():
+            return type(importlib.util.find_spec("deep_ep").loader).__module__
+
+        if __name__ == "__main__":
+            with multiprocessing.get_context("forkserver").Pool(1) as pool:
+                print("forkserver", pool.apply(which))
+            print("subprocess", subprocess.run([sys.executable, "-c", "import importlib.util as u; "
+                  "print(type(u.find_spec('deep_ep').loader).__module__)"], capture_output=True, text=True).stdout.strip())
+    ''')
+    (tmp_path / "kids.py").write_text(code)
+    p = subprocess.run([sys.executable, "kids.py"], cwd=tmp_path, env=_clean_env(EPREPLAY_EMULATE_DEEP_EP="1"),
+                       capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "forkserver epreplay.standin" in p.stdout and "subprocess epreplay.standin" in p.stdout, p.stdout
+
+
+def test_standin_runner_names_a_missing_script(tmp_path) -> None:
+    p = subprocess.run([sys.executable, "-m", "epreplay.standin", "nope.py"], cwd=tmp_path, env=_clean_env(),
+                       capture_output=True, text=True, timeout=60)
+    assert p.returncode == 2 and "nope.py: no such script" in p.stderr, p.stderr
+
+
 def test_without_env_var_deep_ep_stays_missing() -> None:
     """The .pth does nothing (imports nothing of ours) when the variable is unset or 0."""
     code = textwrap.dedent('''
