@@ -225,8 +225,9 @@ def test_env_var_reaches_forkserver_children_and_subprocesses(tmp_path) -> None:
         if __name__ == "__main__":
             with multiprocessing.get_context("forkserver").Pool(1) as pool:
                 print("forkserver", pool.apply(which))
-            print("subprocess", subprocess.run([sys.executable, "-c", "import importlib.util as u; "
-                  "print(type(u.find_spec('deep_ep').loader).__module__)"], capture_output=True, text=True).stdout.strip())
+            child = "import importlib.util as u; print(type(u.find_spec('deep_ep').loader).__module__)"
+            out = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True).stdout
+            print("subprocess", out.strip())
     ''')
     (tmp_path / "kids.py").write_text(code)
     p = subprocess.run([sys.executable, "kids.py"], cwd=tmp_path, env=_clean_env(EPREPLAY_EMULATE_DEEP_EP="1"),
