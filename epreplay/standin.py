@@ -1,12 +1,17 @@
 """`deep_ep` stand-in: make `import deep_ep` give epreplay's emulated Buffer when DeepEP is absent.
 
-Three ways to switch it on (none is automatic; no .pth file is installed):
+Ways to switch it on:
+  * by environment:   EPREPLAY_EMULATE_DEEP_EP=1 alone. Installing epreplay puts
+                      `epreplay_standin.pth` in site-packages; `site` runs its one line at every
+                      interpreter start-up, and only when the variable is 1/true/yes/on does it
+                      import this module (whose import calls `boot()`). So the main process,
+                      multiprocessing spawn/forkserver children and subprocesses all get it.
+  * a program as is:  `python -m epreplay.standin client.py ARGS...` (also `-m module ARGS...` and
+                      `-c CODE ARGS...`, as `python` takes them); it sets the variable for its
+                      children too.
   * in code:          `import epreplay.emulate; epreplay.emulate.install_standin()` (or `standin.install()`)
-  * a script as is:   `python -m epreplay.standin client.py ARGS...` (runs client.py as __main__)
-  * by environment:   EPREPLAY_EMULATE_DEEP_EP=1 *and* a process that imports `epreplay.standin`
-                      (importing it calls `boot()`), e.g. a sitecustomize.py on PYTHONPATH that
-                      does `import epreplay.standin` — `epreplay record` writes such a file and
-                      calls `boot()`, so every process it starts (torchrun workers included) gets it.
+`python -m epreplay.standin --install-pth` copies the .pth into site-packages by hand, for
+installs that dropped it (e.g. a tool that does not honour top-level wheel files).
 The real package always wins: the finder sits at the *end* of sys.meta_path and only answers
 when no other finder can find `deep_ep`. The stand-in module exports Buffer, Config, EventOverlap,
 EventHandle, topk_idx_t (torch.int64) and `EMULATED = True`; `deep_ep.Buffer is
@@ -25,6 +30,8 @@ from typing import Any
 ENV = "EPREPLAY_EMULATE_DEEP_EP"
 NAMES = ("deep_ep", "deep_ep.buffer", "deep_ep.buffers", "deep_ep.buffers.legacy", "deep_ep.utils",
          "deep_ep.utils.event")
+PTH_NAME = "epreplay_standin.pth"  # shipped next to this module; setup.py puts a copy in site-packages
+TRUE = ("1", "true", "yes", "on")  # the .pth line tests the same spellings
 VERSION = "1.2.1+epreplay.emulated"  # a DeepEP V1 version the emulation follows, marked as emulated
 
 
@@ -101,21 +108,80 @@ def uninstall() -> None:
 
 def boot() -> bool:
     """Install the stand-in when EPREPLAY_EMULATE_DEEP_EP is 1/true/yes; for sitecustomize files."""
-    if os.environ.get(ENV, "").strip().lower() in ("1", "true", "yes", "on"):
+    if os.environ.get(ENV, "").strip().lower() in TRUE:
         return install()
     return False
 
 
+USAGE = """usage: python -m epreplay.standin SCRIPT.py [ARGS...]
+       python -m epreplay.standin -m MODULE [ARGS...]
+       python -m epreplay.standin -c CODE [ARGS...]
+       python -m epreplay.standin --install-pth [SITE_PACKAGES_DIR]"""
+
+
+def install_pth(target: str | None = None) -> str:
+    """Copy epreplay_standin.pth into site-packages (or `target`); returns the path written.
+
+    Only needed where the install dropped the file: pip (regular and editable) installs it.
+    """
+    import shutil
+    import sysconfig
+
+    src = os.path.join(os.path.dirname(os.path.abspath(__file__)), PTH_NAME)
+    dst_dir = target or sysconfig.get_paths()["purelib"]
+    if not os.path.isdir(dst_dir):
+        raise FileNotFoundError(f"{dst_dir}: no such site-packages folder; pass the one "
+                                f"`python -c 'import sysconfig; print(sysconfig.get_paths()[\"purelib\"])'` prints")
+    dst = os.path.join(dst_dir, PTH_NAME)
+    shutil.copyfile(src, dst)
+    return dst
+
+
 def main(argv: list[str] | None = None) -> int:
-    """`python -m epreplay.standin script.py ARGS...`: run a script with the stand-in installed."""
+    """`python -m epreplay.standin (SCRIPT | -m MODULE | -c CODE) ARGS...`, as `python` runs them.
+
+    Installs the stand-in here and sets EPREPLAY_EMULATE_DEEP_EP=1 in os.environ, so the
+    children this program starts (multiprocessing spawn, subprocess) get it from the .pth.
+    """
     args = list(sys.argv[1:] if argv is None else argv)
     if not args or args[0] in ("-h", "--help"):
         print(__doc__)
-        print("usage: python -m epreplay.standin SCRIPT.py [ARGS...]")
+        print(USAGE)
         return 0 if args else 2
+    if args[0] == "--install-pth":
+        print(install_pth(args[1] if len(args) > 1 else None))
+        return 0
+    if args[0] in ("-m", "-c") and len(args) < 2:
+        print(f"epreplay.standin: {args[0]} needs an argument\n{USAGE}", file=sys.stderr)
+        return 2
+    if args[0] not in ("-m", "-c") and not os.path.isfile(args[0]):
+        print(f"epreplay.standin: {args[0]}: no such script; give a .py file, -m MODULE or -c CODE\n{USAGE}",
+              file=sys.stderr)
+        return 2
+    os.environ[ENV] = "1"
     install()
-    sys.argv = args
-    runpy.run_path(args[0], run_name="__main__")
+    if args[0] == "-m":
+        # sys.path[0] is already the working directory (we were started with -m ourselves)
+        sys.argv = [args[1], *args[2:]]  # runpy swaps argv[0] for the module's file, as python -m
+        runpy.run_module(args[1], run_name="__main__", alter_sys=True)
+    elif args[0] == "-c":
+        sys.argv = ["-c", *args[2:]]
+        sys.path[0] = ""  # as `python -c`: the working directory, looked up at each import
+        main_module = sys.modules["__main__"]
+        # run in a fresh __main__ namespace, as python -c does; no __file__, so spawn children
+        # do not re-import it (functions they run must live in importable modules, as with python -c)
+        import types
+
+        code_main = types.ModuleType("__main__")
+        sys.modules["__main__"] = code_main
+        try:
+            exec(compile(args[1], "<string>", "exec"), code_main.__dict__)
+        finally:
+            sys.modules["__main__"] = main_module
+    else:
+        sys.argv = args
+        sys.path[0] = os.path.dirname(os.path.abspath(args[0]))  # as python SCRIPT: the script's folder
+        runpy.run_path(args[0], run_name="__main__")
     return 0
 
 

@@ -20,4 +20,10 @@ if ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
 fi
 echo "bootstrap: installing epreplay and its test extras"
 pip install -e ".[test]"
+# setup.py's build_py puts epreplay_standin.pth (EPREPLAY_EMULATE_DEEP_EP=1 -> `import deep_ep` gives
+# the emulation in every process) into site-packages; older/odd setuptools may drop it, so check.
+if ! "$VENV/bin/python" -c 'import os, sysconfig, sys; sys.exit(not os.path.isfile(os.path.join(sysconfig.get_paths()["purelib"], "epreplay_standin.pth")))'; then
+  echo "bootstrap: the install left out epreplay_standin.pth; copying it into site-packages"
+  "$VENV/bin/python" -m epreplay.standin --install-pth
+fi
 echo "bootstrap: ready ($("$VENV/bin/python" -c 'import torch; print("torch", torch.__version__)'))"
