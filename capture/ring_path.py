@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import ctypes
 import marshal
-import os
 import sys
 import threading
 import time
@@ -215,7 +214,8 @@ class RingPath:
         call.args_blob = site[1]
         return meta
 
-    def _inputs(self, rec: Any, call: RingCall, args: dict[str, Any], st: RingStaging) -> None:
+    @staticmethod
+    def _inputs(call: RingCall, args: dict[str, Any], st: RingStaging) -> None:
         call.staging = st
         if call.tags is not None:
             import torch
@@ -254,7 +254,8 @@ class RingPath:
             raise RuntimeError(self.dev.failed)
         return self.dev.gather(st.dev, current_stream(device), st.after_ev)
 
-    def _begin_head(self, call: RingCall, meta: dict[str, Any], args: dict[str, Any]) -> tuple:
+    @staticmethod
+    def _begin_head(call: RingCall, meta: dict[str, Any]) -> tuple:
         return (int(call.op), call.buffer, call.seq, call.step, call.layer, call.start_ns,
                 int(call.level), call.tokens, meta, call.args_blob)
 
@@ -262,21 +263,21 @@ class RingPath:
         """The call returned (or raised: result None): its one CALL frame, inputs and outputs."""
         meta = self._meta(rec, call, args)
         st = call.staging = RingStaging()
-        self._inputs(rec, call, args, st)
+        self._inputs(call, args, st)
         if result is not None:
             stage_outputs(call, args, result)
         if call.error is not None:
             meta["error"] = call.error
-        head = self._begin_head(call, meta, args)
+        head = self._begin_head(call, meta)
         self._write(rec, CALL, call, head + ((int(call.status), call.tokens, call.t0, None, True),), st)
 
     def begin_frame(self, rec: Any, call: RingCall, args: dict[str, Any]) -> None:
         """A low-latency dispatch whose outputs come with its recv hook: the inputs now."""
         meta = self._meta(rec, call, args)
         st = call.staging = RingStaging()
-        self._inputs(rec, call, args, st)
+        self._inputs(call, args, st)
         call.meta_n = len(meta)
-        self._write(rec, BEGIN, call, self._begin_head(call, dict(meta), args), st)
+        self._write(rec, BEGIN, call, self._begin_head(call, dict(meta)), st)
 
     def end_frame(self, rec: Any, call: RingCall, args: dict[str, Any], result: Any) -> None:
         """The recv hook ran: the outputs (END, joined to the BEGIN by call id)."""
@@ -295,8 +296,8 @@ class RingPath:
             return
         meta = dict(self._meta(rec, call, args))
         st = RingStaging()
-        self._inputs(rec, call, args, st)
-        self._write(rec, HUNG, call, self._begin_head(call, meta, args), st)
+        self._inputs(call, args, st)
+        self._write(rec, HUNG, call, self._begin_head(call, meta), st)
 
     # --- control -----------------------------------------------------------------------------
     def control(self, msg: tuple) -> None:
@@ -452,8 +453,3 @@ def ring_sizes(config: Any, cuda: bool) -> tuple[int, int]:
     if cuda:
         return min(config.queue_bytes, 32 << 20), config.queue_bytes
     return config.queue_bytes, 0
-
-
-def ring_available() -> bool:
-    """The ring path needs a shared mapping and ctypes; both exist on every Linux and macOS."""
-    return hasattr(os, "ftruncate")

@@ -173,10 +173,6 @@ class ShmRing:
         """A frame dropped for another reason (the device ring full): the writer reports it."""
         self.words[W_DROPPED] += 1
 
-    def used(self) -> int:
-        """Bytes published or reserved and not yet released by the consumer."""
-        return self._head - int(self.words[W_TAIL])
-
     # --- consumer (the writer) ------------------------------------------------------------------
     def frames(self, start: int, limit: int = 1 << 62) -> "list[tuple[int, int, int, memoryview]]":
         """Published frames from absolute position `start`: [(pos, end, kind, body)], at most

@@ -59,7 +59,7 @@ def test_call_frames_round_trip_every_dtype_and_pair():
     import ctypes
 
     from epreplay.capture.ring_frames import CALL, read_call, write_call
-    from epreplay.capture.shm_ring import HEADER, ShmRing
+    from epreplay.capture.shm_ring import ShmRing
 
     ring = ShmRing.create(1 << 16)
     q = torch.randint(-100, 100, (4, 128)).to(torch.float8_e4m3fn)
