@@ -258,7 +258,7 @@ def _rank_full(ctx, run_dir: str) -> dict:
     for _ in range(300):
         buf.get_dispatch_layout(idx, E)
     busy = time.perf_counter() - t0
-    dropped = rec.dropped
+    dropped = rec.dropped_total()
     os.kill(rec._rp.proc.proc.pid, signal.SIGCONT)
     facts = capture.stop()
     return {"facts": facts, "dropped_while_stopped": dropped, "busy_s": busy}

@@ -1,0 +1,177 @@
+"""The compiled hook's plans: learned from the Python hook, run by _hookx.cpp.
+
+A *plan* says, for one call-site key (method, Buffer, calling convention, the arguments' types,
+dtypes, shapes and plain values), everything a call's frame needs that does not change from call
+to call: the op, level, meta and argument descriptions, and where each staged array and value
+comes from — an argument slot or a result element (`Src` = (root, i, j): root 0 argument slot i,
+root 1 result element i; j >= 0 its tuple element j). With it the compiled hook writes a FAST
+frame (ring_frames.py) per call without running Python; the writer joins the frame with the plan
+(ring_frames.read_fast) into the CALL frame the Python hook would have written.
+
+Learning: the first call of a key goes through the Python hook. When its CALL frame is written,
+`learn` finds every staged tensor among the call's arguments and results by identity; when all
+are found (host tensors only, no derived tensors, no token tags, no error), the plan goes to the
+ring's plan area (the writer reads it there) and to the session (`Session.learn`); when a key can
+never be planned (CUDA tensors, a derived tensor) the session remembers that instead.
+
+    load()                       the compiled module, or None (not built, or built for another torch)
+    FastSession(rec, ring)       the session the hooks use while a recorder captures into `ring`
+    learn(fs, call, args, result, staging, meta)   from ring_path.call_frame
+"""
+from __future__ import annotations
+
+import array
+import marshal
+import os
+from typing import Any
+
+from epreplay.records import Op
+
+NONE = -(1 << 63)  # None in the shared int64 arrays (recorder._attr)
+_module: Any = False  # not looked up yet
+
+
+def load() -> Any:
+    """epreplay.capture._hookx when it is built for this torch, else None. EPREPLAY_CAPTURE_COMPILED=0
+    turns it off (the Python hook then runs: same records, slower)."""
+    global _module
+    if _module is False:
+        _module = None
+        if os.environ.get("EPREPLAY_CAPTURE_COMPILED", "1").lower() not in ("0", "false", "no", "off"):
+            try:
+                import torch
+
+                from epreplay.capture import _hookx
+
+                if _hookx.torch_version == torch.__version__:
+                    _module = _hookx
+            except ImportError:  # not built (no compiler), or built against another torch
+                pass
+    return _module
+
+
+class FastSession:
+    """One recorder's compiled-hook session over its ring: made and activated at the session's
+    first hooked call (host tensors, ring path, below `payload`), deactivated at close."""
+
+    def __init__(self, rec: Any, ring: Any, hookx: Any) -> None:
+        from epreplay import marks
+
+        self.ring = ring
+        self.hookx = hookx
+        self.stats = array.array("q", [0, 0, 0, 0])  # hot ns, calls, dropped, frames
+        self.session = hookx.Session(rec, ring.state, ring.base, ring.words_addr, ring.capacity, rec._attr,
+                                     self.stats, int(rec.config.layers_per_step), marks._local)
+        hookx.activate(self.session)
+
+    def close(self) -> None:
+        self.hookx.activate(None)
+        self.session.disable()
+
+
+def _slots(binder: Any, nargs: int, kwnames: Any) -> dict[str, int] | None:
+    """{argument name: slot} for this calling convention; None where the binder cannot say."""
+    if not getattr(binder, "simple", False) or nargs > len(binder.names):
+        return None
+    slots = {name: i for i, name in enumerate(binder.names[:nargs])}
+    for k, name in enumerate(kwnames or ()):
+        slots[name] = nargs + k
+    return slots
+
+
+def _finder(args: dict[str, Any], slots: dict[str, int], result: Any) -> Any:
+    def find(obj: Any) -> tuple[int, int, int] | None:
+        for name, v in args.items():
+            i = slots.get(name)
+            if i is None:
+                continue
+            if v is obj:
+                return (0, i, -1)
+            if type(v) is tuple:
+                for j, p in enumerate(v):
+                    if p is obj:
+                        return (0, i, j)
+        if type(result) is tuple:
+            for i, v in enumerate(result):
+                if v is obj:
+                    return (1, i, -1)
+                if type(v) is tuple:
+                    for j, p in enumerate(v):
+                        if p is obj:
+                            return (1, i, j)
+        return None
+    return find
+
+
+def compile_plan(call: Any, args: dict[str, Any], result: Any, st: Any, meta: dict[str, Any],
+                 slots: dict[str, int]) -> tuple[list, tuple] | None:
+    """(the session's spec without its id, the writer's plan) for this call, or None when its
+    frame cannot be expressed as a plan (see the module docstring)."""
+    from epreplay.capture.ring_frames import words_of
+
+    if st.dev or st.after_ev is not None:
+        return None
+    find = _finder(args, slots, result)
+    arrays, specs = [], []
+    for name, t, tag in st.arrays:
+        src = find(t)
+        if src is None:
+            return None  # a tensor made by staging (a gather of valid rows): Python's job
+        words, logical = words_of(t.dtype)
+        arrays.append((src, t.dtype, t.dim()))
+        specs.append((name, tag, words, logical, t.element_size(), t.dim()))
+    values, value_names = [], []
+    for name, v in st.values:
+        src = None
+        if type(v) is list and type(result) is tuple:
+            src = next(((1, i, -1) for i, r in enumerate(result) if type(r) is list and r == v), None)
+        if src is None:
+            return None
+        values.append(src)
+        value_names.append(name)
+    lookup = remember = None
+    if "dispatch_seq" in meta:
+        h = args.get("handle")
+        lookup = find(h[0]) if type(h) is tuple and h else None
+        if lookup is None:
+            return None
+    if call.op == Op.DISPATCH and type(result) is tuple and len(result) > 4 and type(result[4]) is tuple:
+        remember = (1, 4, 0)
+    elif call.op == Op.LL_DISPATCH and type(result) is tuple and len(result) > 2 and type(result[2]) is tuple:
+        remember = (1, 2, 0)
+    parity = "ll_parity" in meta
+    from_result = call.op == Op.COMBINE
+    spec = [int(call.op), parity, lookup, remember, from_result, int(call.tokens), arrays, values]
+    plan = (int(call.op), call.buffer, int(call.level), dict(meta), call.args_blob, specs, value_names,
+            parity, "dispatch_seq" in meta)
+    return spec, plan
+
+
+def learn(fs: FastSession, call: Any, args: dict[str, Any], result: Any, st: Any, meta: dict[str, Any]) -> None:
+    """After the Python hook wrote `call`'s CALL frame: a plan for its key, if the compiled hook
+    asked for one (the session remembers "never" where none can be made)."""
+    pending = fs.hookx.pending()
+    if pending is None or call.tags is not None or call.error is not None or call.status:
+        return  # not asked, or this one call is unusual (tags, an error): the next may teach
+    hook, nargs, kwnames = pending
+    slots = _slots(getattr(hook, "binder", None), nargs, kwnames)
+    got = compile_plan(call, args, result, st, meta, slots) if slots is not None else None
+    if got is None:
+        fs.session.learn(None)
+        return
+    spec, plan = got
+    try:
+        blob = marshal.dumps(plan)
+    except ValueError:  # a meta value marshal cannot carry: the Python path keeps this site
+        fs.session.learn(None)
+        return
+    plan_id = fs.ring.append_plan(blob)
+    if plan_id < 0:
+        return  # the plan area is full: this key stays on the Python path
+    fs.session.learn((plan_id, *spec))
+
+
+def never(fs: FastSession | None) -> None:
+    """The pending call's key cannot be planned (a low-latency dispatch with a recv hook)."""
+    if fs is not None and fs.hookx.pending() is not None:
+        fs.session.learn(None)
