@@ -70,8 +70,9 @@ struct Plan {
   int op = 0;
   bool parity = false;     // meta ll_parity per call (the Buffer's low-latency call count % 2)
   Src lookup, remember;    // dispatch_seq from this handle's first tensor / remember this one
-  bool tokens_from_result = false;
+  Src tokens_src;          // the call's tokens: this tensor's rows (else the constant)
   int64_t tokens = 0;
+  int arg_dims = 0;        // dims of the argument tensors (the frame carries them: descriptions)
   std::vector<ArraySpec> arrays;
   std::vector<Src> values;  // int lists
   int total_dims = 0;
@@ -159,8 +160,10 @@ PyObject *s_state, *s_step, *s_layer, *s_pending_tags, *s_epreplay_capture, *s_o
     *s_fast_raised, *s_fast_mismatch;
 
 // --- keys ------------------------------------------------------------------------------------
-// One argument's part of the call-site key (ring_path._key's rules): scalars by value, tensors by
-// dtype/device/shape, tuples element-wise, lists by length, a Config by identity, else by type.
+// One argument's part of the call-site key (ring_path._key's rules, but a tensor's leading dims
+// are not part of it: rows received change every call, and the frame carries every argument's
+// dims): scalars by value, tensors by dtype/device/rank/last dim of 2+-D, tuples element-wise, lists by
+// length, a Config by identity, else by type.
 bool key_of(PyObject *v, std::vector<int64_t> &k, int depth = 0) {
   if (v == Py_None) { k.push_back(1); return true; }
   if (PyBool_Check(v)) { k.push_back(2); k.push_back(v == Py_True); return true; }
@@ -186,7 +189,7 @@ bool key_of(PyObject *v, std::vector<int64_t> &k, int depth = 0) {
     k.push_back(int64_t(t.scalar_type()));
     k.push_back(int64_t(t.device().type()) * 1024 + t.device().index());
     k.push_back(t.dim());
-    for (int64_t s : t.sizes()) k.push_back(s);
+    k.push_back(t.dim() >= 2 ? t.size(-1) : -1);  // hidden, top-k, ranks; not a 1-D tensor's rows
     return true;
   }
   if (PyTuple_CheckExact(v) && depth < 2) {
@@ -204,6 +207,18 @@ bool key_of(PyObject *v, std::vector<int64_t> &k, int depth = 0) {
   name = name ? name + 1 : tp->tp_name;
   if (strcmp(name, "Config") == 0) k.push_back(int64_t(intptr_t(v)));
   return true;
+}
+
+// The dims of every argument tensor, in key_of's order (the writer renders descriptions from them).
+int64_t *put_dims(PyObject *v, int64_t *w, int depth = 0) {
+  if (THPVariable_Check(v)) {
+    const at::Tensor &t = THPVariable_Unpack(v);
+    if (t.defined())
+      for (int64_t d : t.sizes()) *w++ = d;
+  } else if (PyTuple_CheckExact(v) && depth < 2) {
+    for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(v); i++) w = put_dims(PyTuple_GET_ITEM(v, i), w, depth + 1);
+  }
+  return w;
 }
 
 // --- sources -----------------------------------------------------------------------------------
@@ -401,8 +416,8 @@ PyObject *identity(const InFlight &f, PyObject *bs, int64_t duration) {
 // Writes the FAST frame of a call that returned; false when it is dropped (counted).
 bool write_fast(Session *s, const Plan &p, const InFlight &f, int64_t tokens, int64_t duration,
                 int64_t parity, int64_t dseq, const std::vector<at::Tensor> &ts,
-                const std::vector<PyObject *> &vals) {
-  uint64_t head = FAST_FIXED + 8 * uint64_t(p.total_dims), data = 0;
+                const std::vector<PyObject *> &vals, PyObject *const *slots, Py_ssize_t nslots) {
+  uint64_t head = FAST_FIXED + 8 * uint64_t(p.arg_dims + p.total_dims), data = 0;
   for (PyObject *v : vals) head += 8 + 8 * uint64_t(PyList_GET_SIZE(v));
   for (const auto &t : ts) data += align8(t.nbytes());
   uint64_t size = head + data, off;
@@ -423,6 +438,7 @@ bool write_fast(Session *s, const Plan &p, const InFlight &f, int64_t tokens, in
   int64_t fields[8] = {f.seq, f.step, f.layer, f.start_ns, tokens, duration, parity, dseq};
   memcpy(at + 24, fields, sizeof fields);
   int64_t *w = reinterpret_cast<int64_t *>(at + FAST_FIXED);
+  for (Py_ssize_t i = 0; i < nslots; i++) w = put_dims(slots[i], w);
   for (const auto &t : ts)
     for (int64_t d : t.sizes()) *w++ = d;
   for (PyObject *v : vals) {
@@ -545,8 +561,8 @@ PyObject *hook_call(PyObject *self, PyObject *const *args, size_t nargsf, PyObje
     vals.push_back(o);
   }
   int64_t tokens = p.tokens;
-  if (ok && p.tokens_from_result) {
-    PyObject *o = PyTuple_Check(result) && PyTuple_GET_SIZE(result) ? PyTuple_GET_ITEM(result, 0) : nullptr;
+  if (ok && p.tokens_src.set()) {
+    PyObject *o = resolve(p.tokens_src, slots, nslots, result);
     tokens = 0;
     if (o && THPVariable_Check(o)) {
       const at::Tensor &t = THPVariable_Unpack(o);
@@ -559,7 +575,7 @@ PyObject *hook_call(PyObject *self, PyObject *const *args, size_t nargsf, PyObje
   }
   ok = ok && !s->state[3];  // a Python writer is mid-frame (the watchdog's): Python writes this one
   if (ok) {
-    write_fast(s, p, f, tokens, duration, parity, dseq, ts, vals);
+    write_fast(s, p, f, tokens, duration, parity, dseq, ts, vals, slots, nslots);
   } else {
     ts.clear();
     PyObject *ident = identity(f, bi->state, duration);
@@ -705,8 +721,9 @@ bool parse_src(PyObject *o, Src *out) {
 }
 
 // learn(spec): a plan for the key of the call this thread's Python path is handling.
-// spec = (plan id, op, parity, lookup src|None, remember src|None, tokens from result, tokens,
-//         [(src, torch dtype, ndim)], [value src]); None: that key always takes the Python path.
+// spec = (plan id, op, parity, lookup src|None, remember src|None, tokens src|None, tokens,
+//         argument dims, [(src, torch dtype, ndim)], [value src]); None: that key always takes
+//         the Python path.
 PyObject *sess_learn(PyObject *self, PyObject *spec) {
   Session *s = reinterpret_cast<Session *>(self);
   if (!t_pending.active) Py_RETURN_FALSE;
@@ -714,20 +731,21 @@ PyObject *sess_learn(PyObject *self, PyObject *spec) {
   if (spec != Py_None) {
     p = new Plan();
     unsigned int id;
-    int op, parity, from_result;
+    int op, parity, arg_dims;
     long long tokens;
-    PyObject *lookup, *remember, *arrays, *values;
-    if (!PyArg_ParseTuple(spec, "IipOOpLO!O!", &id, &op, &parity, &lookup, &remember, &from_result, &tokens,
-                          &PyList_Type, &arrays, &PyList_Type, &values) ||
-        !parse_src(lookup, &p->lookup) || !parse_src(remember, &p->remember)) {
+    PyObject *lookup, *remember, *tokens_src, *arrays, *values;
+    if (!PyArg_ParseTuple(spec, "IipOOOLiO!O!", &id, &op, &parity, &lookup, &remember, &tokens_src, &tokens,
+                          &arg_dims, &PyList_Type, &arrays, &PyList_Type, &values) ||
+        !parse_src(lookup, &p->lookup) || !parse_src(remember, &p->remember) ||
+        !parse_src(tokens_src, &p->tokens_src)) {
       delete p;
       return nullptr;
     }
     p->id = id;
     p->op = op;
     p->parity = parity;
-    p->tokens_from_result = from_result;
     p->tokens = tokens;
+    p->arg_dims = arg_dims;
     for (Py_ssize_t i = 0; i < PyList_GET_SIZE(arrays); i++) {
       PyObject *src, *dt;
       int ndim;

@@ -25,6 +25,8 @@ import marshal
 import os
 from typing import Any
 
+import torch
+
 from epreplay.records import Op
 
 NONE = -(1 << 63)  # None in the shared int64 arrays (recorder._attr)
@@ -103,13 +105,61 @@ def _finder(args: dict[str, Any], slots: dict[str, int], result: Any) -> Any:
     return find
 
 
+TENSOR = "\0T"  # an argument template's tensor leaf: (TENSOR, dtype name, device suffix, dims at, ndim)
+
+
+def args_template(args: dict[str, Any], slots: dict[str, int]) -> tuple[dict[str, Any], int] | None:
+    """extract.describe of the bound arguments with each tensor's dims left open: the frame
+    carries the dims of every argument tensor, in _hookx.cpp's order (slots in order, tuple
+    elements two levels deep), and ring_frames.render_args fills them in. (template, dims) or None."""
+    from epreplay.capture.extract import describe
+
+    order = sorted((i, name) for name, i in slots.items())
+    at = 0
+    leaves: dict[int, Any] = {}  # id(tensor) -> leaf (a tensor passed twice: its first position)
+
+    def walk(v: Any, depth: int) -> Any:
+        nonlocal at
+        if isinstance(v, torch.Tensor):
+            leaf = (TENSOR, str(v.dtype).replace("torch.", ""),
+                    "" if v.device.type == "cpu" else f"@{v.device.type}", at, v.dim())
+            at += v.dim()
+            return leaf
+        if type(v) is tuple and depth < 2:
+            return [walk(p, depth + 1) for p in v]
+        if isinstance(v, tuple) and any(isinstance(p, torch.Tensor) for p in v):
+            raise LookupError  # a tuple subclass, or deeper than the hook looks
+        return describe(v)
+
+    try:
+        by_slot = {name: walk(args[name], 0) for _, name in order}
+    except LookupError:
+        return None
+    return {name: by_slot[name] if name in by_slot else describe(v) for name, v in args.items()}, at
+
+
+def _rows_source(call: Any, args: dict[str, Any], result: Any) -> Any:
+    """The tensor whose rows are the call's tokens (extract.py's rule per op), or None."""
+    if call.op in (Op.LAYOUT, Op.LL_COMBINE):
+        t = args.get("topk_idx")
+    elif call.op == Op.COMBINE:
+        t = result[0] if type(result) is tuple and result else None
+    else:
+        t = args.get("x")
+        t = t[0] if isinstance(t, (tuple, list)) else t
+    return t if isinstance(t, torch.Tensor) and t.dim() else None
+
+
 def compile_plan(call: Any, args: dict[str, Any], result: Any, st: Any, meta: dict[str, Any],
                  slots: dict[str, int]) -> tuple[list, tuple] | None:
     """(the session's spec without its id, the writer's plan) for this call, or None when its
     frame cannot be expressed as a plan (see the module docstring)."""
     from epreplay.capture.ring_frames import words_of
 
-    if st.dev or st.after_ev is not None:
+    if st.dev:  # (an async_finish event only orders device copies: host arrays are ready)
+        return None
+    template = args_template(args, slots)
+    if template is None:
         return None
     find = _finder(args, slots, result)
     arrays, specs = [], []
@@ -140,9 +190,13 @@ def compile_plan(call: Any, args: dict[str, Any], result: Any, st: Any, meta: di
     elif call.op == Op.LL_DISPATCH and type(result) is tuple and len(result) > 2 and type(result[2]) is tuple:
         remember = (1, 2, 0)
     parity = "ll_parity" in meta
-    from_result = call.op == Op.COMBINE
-    spec = [int(call.op), parity, lookup, remember, from_result, int(call.tokens), arrays, values]
-    plan = (int(call.op), call.buffer, int(call.level), dict(meta), call.args_blob, specs, value_names,
+    rows = _rows_source(call, args, result)
+    tokens_src = find(rows) if rows is not None else None
+    if (rows is not None and (tokens_src is None or rows.shape[0] != call.tokens)) or \
+            (rows is None and call.tokens):
+        return None  # tokens the plan could not reproduce
+    spec = [int(call.op), parity, lookup, remember, tokens_src, 0, template[1], arrays, values]
+    plan = (int(call.op), call.buffer, int(call.level), dict(meta), template, specs, value_names,
             parity, "dispatch_seq" in meta)
     return spec, plan
 

@@ -36,7 +36,8 @@ from epreplay.capture.shm_ring import FRAME, HEADER
 BEGIN, END, CALL, HUNG, CTL, FAST = 1, 2, 3, 4, 5, 6  # CTL: a pickled control message
 # FAST: a call written by the compiled hook (_hookx.cpp) against a plan (fast_plan.py):
 #   u32 plan id, u32 spare, u64 call id, i64 seq, step, layer, start_ns, tokens, duration_ns,
-#   ll_parity, dispatch_seq; each array's dims (i64, ndim per the plan); each int-list value as
+#   ll_parity, dispatch_seq; the argument tensors' dims (i64: the descriptions of the record's
+#   meta "args"); each array's dims (i64, ndim per the plan); each int-list value as
 #   i64 count + items; then each array's raw bytes (padded to 8). The plan supplies the rest.
 FAST_HEAD = struct.Struct("<IIQ8q")
 CALL_HEAD = struct.Struct("<IHHQ")  # desc_len, desc codec, spare, call id
@@ -92,8 +93,12 @@ def read_fast(body: memoryview, plans: dict[int, tuple]) -> tuple[int, tuple, di
     frame the Python hook would have written. plans: {plan id: fast_plan.Plan tuple}; a
     KeyError means the plan is not read yet (the caller reads the ring's plan area)."""
     pid, _, call_id, seq, step, layer, start_ns, tokens, duration, parity, dseq = FAST_HEAD.unpack_from(body, 0)
-    op, buffer, level, meta, args_blob, specs, value_names, has_parity, has_dseq = plans[pid]
+    op, buffer, level, meta, template, specs, value_names, has_parity, has_dseq = plans[pid]
     pos = FAST_HEAD.size
+    n_arg = template[1]
+    arg_dims = struct.unpack_from(f"<{n_arg}q", body, pos)
+    pos += 8 * n_arg
+    args = {name: render_arg(t, arg_dims) for name, t in template[0].items()}
     dims = []
     for spec in specs:
         nd = spec[5]
@@ -125,9 +130,20 @@ def read_fast(body: memoryview, plans: dict[int, tuple]) -> tuple[int, tuple, di
             meta["ll_parity"] = parity
         if has_dseq:
             meta["dispatch_seq"] = dseq
-    head = (op, buffer, seq, step, layer, start_ns, level, tokens, meta, args_blob,
+    head = (op, buffer, seq, step, layer, start_ns, level, tokens, meta, args,
             (0, tokens, duration, None, True))
     return call_id, head, items
+
+
+def render_arg(t: Any, dims: tuple) -> Any:
+    """An argument template (fast_plan.args_template) with its tensors' dims filled in: what
+    extract.describe gave for the call."""
+    if type(t) is tuple:  # (TENSOR, dtype name, device suffix, dims at, ndim)
+        _, name, suffix, at, nd = t
+        return f"{name}[{','.join(map(str, dims[at:at + nd]))}]{suffix}"
+    if type(t) is list:
+        return [render_arg(p, dims) for p in t]
+    return t
 
 
 # --- the job's side (torch tensors) ----------------------------------------------------------
