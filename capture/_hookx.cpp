@@ -63,7 +63,46 @@ struct ArraySpec {
   Src src;
   c10::ScalarType dtype;
   int ndim;
+  // 0: the tensor as it is; 1/2: the valid rows of a low-latency buffer [L, X, H] as [V, H],
+  // rows [0, counts[e]) of each local expert e (extract._gather_valid): counts from a [L] tensor
+  // (1: recv_count) or summed from a handle's layout_range [L, R] (2: the low 32 bits)
+  int mode = 0;
+  Src counts;
 };
+
+struct Out {  // one staged array of a call: a tensor, or the valid rows of one
+  at::Tensor t;
+  std::vector<int64_t> rows;  // mode 1/2: valid rows per local expert
+  int64_t valid = 0;
+  int64_t dims() const { return rows.empty() ? t.dim() : 2; }
+  uint64_t nbytes() const { return rows.empty() ? t.nbytes() : uint64_t(valid) * row_bytes(); }
+  uint64_t row_bytes() const { return uint64_t(t.size(-1)) * t.element_size(); }
+};
+
+// The valid-row counts of `base` [L, X, H] from `c` (mode 1: [L]; mode 2: layout_range [L, R]).
+bool valid_rows(int mode, const at::Tensor &base, const at::Tensor &c, Out &out) {
+  if (base.dim() != 3 || !c.defined() || !c.is_cpu() || !c.is_contiguous()) return false;
+  int64_t L = base.size(0), X = base.size(1);
+  if (c.size(0) != L) return false;
+  out.rows.resize(L);
+  for (int64_t e = 0; e < L; e++) {
+    int64_t n = 0;
+    if (mode == 1 && c.dim() == 1 && c.scalar_type() == at::kInt) {
+      n = c.const_data_ptr<int32_t>()[e];
+    } else if (mode == 1 && c.dim() == 1 && c.scalar_type() == at::kLong) {
+      n = c.const_data_ptr<int64_t>()[e];
+    } else if (mode == 2 && c.dim() == 2 && c.scalar_type() == at::kLong) {
+      const int64_t *r = c.const_data_ptr<int64_t>() + e * c.size(1);
+      for (int64_t k = 0; k < c.size(1); k++) n += r[k] & 0xFFFFFFFF;
+    } else {
+      return false;
+    }
+    if (n < 0 || n > X) return false;
+    out.rows[e] = n;
+    out.valid += n;
+  }
+  return true;
+}
 
 struct Plan {
   uint32_t id = 0;
@@ -415,11 +454,11 @@ PyObject *identity(const InFlight &f, PyObject *bs, int64_t duration) {
 
 // Writes the FAST frame of a call that returned; false when it is dropped (counted).
 bool write_fast(Session *s, const Plan &p, const InFlight &f, int64_t tokens, int64_t duration,
-                int64_t parity, int64_t dseq, const std::vector<at::Tensor> &ts,
+                int64_t parity, int64_t dseq, const std::vector<Out> &ts,
                 const std::vector<PyObject *> &vals, PyObject *const *slots, Py_ssize_t nslots) {
   uint64_t head = FAST_FIXED + 8 * uint64_t(p.arg_dims + p.total_dims), data = 0;
   for (PyObject *v : vals) head += 8 + 8 * uint64_t(PyList_GET_SIZE(v));
-  for (const auto &t : ts) data += align8(t.nbytes());
+  for (const auto &o : ts) data += align8(o.nbytes());
   uint64_t size = head + data, off;
   if (!reserve(s, size, &off)) {
     s->words[W_DROPPED] += 1;
@@ -439,17 +478,33 @@ bool write_fast(Session *s, const Plan &p, const InFlight &f, int64_t tokens, in
   memcpy(at + 24, fields, sizeof fields);
   int64_t *w = reinterpret_cast<int64_t *>(at + FAST_FIXED);
   for (Py_ssize_t i = 0; i < nslots; i++) w = put_dims(slots[i], w);
-  for (const auto &t : ts)
-    for (int64_t d : t.sizes()) *w++ = d;
+  for (const auto &o : ts) {
+    if (o.rows.empty()) {
+      for (int64_t d : o.t.sizes()) *w++ = d;
+    } else {
+      *w++ = o.valid;
+      *w++ = o.t.size(-1);
+    }
+  }
   for (PyObject *v : vals) {
     Py_ssize_t n = PyList_GET_SIZE(v);
     *w++ = n;
     for (Py_ssize_t i = 0; i < n; i++) *w++ = PyLong_AsLongLong(PyList_GET_ITEM(v, i));
   }
   char *dst = at + head;
-  for (const auto &t : ts) {
-    size_t nb = t.nbytes();
-    if (nb) memcpy(dst, t.data_ptr(), nb);
+  for (const auto &o : ts) {
+    size_t nb = o.nbytes();
+    if (o.rows.empty()) {
+      if (nb) memcpy(dst, o.t.data_ptr(), nb);
+    } else {  // expert-major: rows [0, rows[e]) of each local expert
+      const char *src = static_cast<const char *>(o.t.data_ptr());
+      uint64_t rb = o.row_bytes(), per_expert = rb * uint64_t(o.t.size(1));
+      char *d = dst;
+      for (size_t e = 0; e < o.rows.size(); e++) {
+        memcpy(d, src + e * per_expert, rb * uint64_t(o.rows[e]));
+        d += rb * uint64_t(o.rows[e]);
+      }
+    }
     dst += align8(nb);
   }
   if (!s->state[2]) s->words[W_HEAD] = s->state[0];  // publish: one 8-byte store after the bytes
@@ -543,7 +598,7 @@ PyObject *hook_call(PyObject *self, PyObject *const *args, size_t nargsf, PyObje
     return nullptr;
   }
   // Outputs as learned? Then the frame; else the Python path writes it from this identity.
-  std::vector<at::Tensor> ts;
+  std::vector<Out> ts;
   std::vector<PyObject *> vals;
   ts.reserve(p.arrays.size());
   bool ok = true;
@@ -552,7 +607,12 @@ PyObject *hook_call(PyObject *self, PyObject *const *args, size_t nargsf, PyObje
     if (!o || !THPVariable_Check(o)) { ok = false; break; }
     const at::Tensor &t = THPVariable_Unpack(o);
     if (!t.defined() || !t.is_cpu() || t.scalar_type() != a.dtype || t.dim() != a.ndim) { ok = false; break; }
-    ts.push_back(t.is_contiguous() ? t : t.contiguous());
+    Out out{t.is_contiguous() ? t : t.contiguous()};
+    if (a.mode) {
+      PyObject *c = resolve(a.counts, slots, nslots, result);
+      if (!c || !THPVariable_Check(c) || !valid_rows(a.mode, out.t, THPVariable_Unpack(c), out)) { ok = false; break; }
+    }
+    ts.push_back(std::move(out));
   }
   for (size_t i = 0; ok && i < p.values.size(); i++) {
     PyObject *o = resolve(p.values[i], slots, nslots, result);
@@ -747,18 +807,20 @@ PyObject *sess_learn(PyObject *self, PyObject *spec) {
     p->tokens = tokens;
     p->arg_dims = arg_dims;
     for (Py_ssize_t i = 0; i < PyList_GET_SIZE(arrays); i++) {
-      PyObject *src, *dt;
-      int ndim;
+      PyObject *src, *dt, *counts;
+      int ndim, mode;
       ArraySpec a;
-      if (!PyArg_ParseTuple(PyList_GET_ITEM(arrays, i), "OOi", &src, &dt, &ndim) || !parse_src(src, &a.src) ||
-          !THPDtype_Check(dt)) {
-        if (!PyErr_Occurred()) PyErr_SetString(PyExc_TypeError, "learn: arrays are (src, torch.dtype, ndim)");
+      if (!PyArg_ParseTuple(PyList_GET_ITEM(arrays, i), "OOiiO", &src, &dt, &ndim, &mode, &counts) ||
+          !parse_src(src, &a.src) || !parse_src(counts, &a.counts) || !THPDtype_Check(dt)) {
+        if (!PyErr_Occurred())
+          PyErr_SetString(PyExc_TypeError, "learn: arrays are (src, torch.dtype, ndim, mode, counts src)");
         delete p;
         return nullptr;
       }
       a.dtype = reinterpret_cast<THPDtype *>(dt)->scalar_type;
       a.ndim = ndim;
-      p->total_dims += ndim;
+      a.mode = mode;
+      p->total_dims += mode ? 2 : ndim;
       p->arrays.push_back(a);
     }
     for (Py_ssize_t i = 0; i < PyList_GET_SIZE(values); i++) {

@@ -150,6 +150,33 @@ def _rows_source(call: Any, args: dict[str, Any], result: Any) -> Any:
     return t if isinstance(t, torch.Tensor) and t.dim() else None
 
 
+def _valid_rows_source(call: Any, name: str, tag: str, t: Any, args: dict[str, Any], result: Any,
+                       find: Any) -> tuple | None:
+    """(source of the [L, X, H] buffer, mode, source of its counts) of the valid rows extract.py
+    gathered into `t` on a CPU (recv_x_fp_V of a low-latency dispatch: counts recv_count, mode 1;
+    x_fp_V of a low-latency combine: counts from the handle's layout_range, mode 2), checked by
+    gathering them again; None for anything else."""
+    from epreplay.capture.extract import _gather_valid
+
+    part = {"fp0": 0, "fp1": 1}.get(tag)
+    if call.op == Op.LL_DISPATCH and name == "recv_x_fp_V" and type(result) is tuple and len(result) > 1:
+        base, c, mode = result[0], result[1], 1
+        counts = c.tolist() if isinstance(c, torch.Tensor) else None
+    elif call.op == Op.LL_COMBINE and name == "x_fp_V" and type(args.get("handle")) is tuple:
+        base, c, mode = args.get("x"), args["handle"][1], 2
+        counts = (c & 0xFFFFFFFF).sum(dim=1).tolist() if isinstance(c, torch.Tensor) else None
+    else:
+        return None
+    if isinstance(base, (tuple, list)):
+        base = base[part] if part is not None else None
+    if not isinstance(base, torch.Tensor) or base.dim() != 3 or counts is None:
+        return None
+    src, counts_src = find(base), find(c)
+    if src is None or counts_src is None or not torch.equal(_gather_valid(base, counts), t):
+        return None
+    return src, mode, counts_src
+
+
 def compile_plan(call: Any, args: dict[str, Any], result: Any, st: Any, meta: dict[str, Any],
                  slots: dict[str, int]) -> tuple[list, tuple] | None:
     """(the session's spec without its id, the writer's plan) for this call, or None when its
@@ -164,11 +191,14 @@ def compile_plan(call: Any, args: dict[str, Any], result: Any, st: Any, meta: di
     find = _finder(args, slots, result)
     arrays, specs = [], []
     for name, t, tag in st.arrays:
-        src = find(t)
-        if src is None:
-            return None  # a tensor made by staging (a gather of valid rows): Python's job
+        src, mode, counts = find(t), 0, None
+        if src is None:  # a tensor staging made: the valid rows of a low-latency buffer?
+            got = _valid_rows_source(call, name, tag, t, args, result, find)
+            if got is None:
+                return None
+            src, mode, counts = got
         words, logical = words_of(t.dtype)
-        arrays.append((src, t.dtype, t.dim()))
+        arrays.append((src, t.dtype, 3 if mode else t.dim(), mode, counts))
         specs.append((name, tag, words, logical, t.element_size(), t.dim()))
     values, value_names = [], []
     for name, v in st.values:
