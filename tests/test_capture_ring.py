@@ -315,6 +315,10 @@ def test_kill9_of_the_writer_loses_and_repeats_no_record(tmp_path, seed):
     (out,) = run_ranks(_rank_kill_writer, 1, str(tmp_path / "run"), seed, timeout=120)
     facts = out["facts"]
     assert facts["writer_restarts"] == 2 and facts["disabled"] is None and facts["dropped"] == 0
+    from epreplay.capture import fast_plan
+
+    # the compiled hook's frames too: a restarted writer reads their plans from the ring
+    assert fast_plan.load() is None or facts["compiled_frames"] > 100, facts
     recs = _records(tmp_path / "run")[0]
     assert [r.header.seq for r in recs] == list(range(out["calls"]))
     for r in recs:
