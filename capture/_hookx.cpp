@@ -21,6 +21,8 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 
+#include <ATen/ops/cat.h>
+#include <c10/core/impl/DeviceGuardImplInterface.h>
 #include <torch/csrc/Dtype.h>
 #include <torch/csrc/autograd/python_variable.h>
 
@@ -37,9 +39,9 @@
 namespace {
 
 // --- ring words (shm_ring.py) ----------------------------------------------------------------
-constexpr int W_HEAD = 8, W_TAIL = 16, W_DROPPED = 32;
+constexpr int W_HEAD = 8, W_TAIL = 16, W_DROPPED = 32, W_DTAIL = 40;
 constexpr uint16_t PAD_KIND = 0, FAST_KIND = 6;
-constexpr uint64_t FAST_FIXED = 88;  // frame header 8 + plan 8 + call id 8 + 8 fields x 8
+constexpr uint64_t FAST_FIXED = 96;  // frame header 8 + plan 8 + call id 8 + 9 fields x 8
 inline uint64_t align8(uint64_t n) { return (n + 7) & ~uint64_t(7); }
 
 // Op codes (epreplay/records.py Op)
@@ -112,6 +114,7 @@ struct Plan {
   Src tokens_src;          // the call's tokens: this tensor's rows (else the constant)
   int64_t tokens = 0;
   int arg_dims = 0;        // dims of the argument tensors (the frame carries them: descriptions)
+  bool device = false;     // CUDA arrays: one gather launch into the device ring (device_stage.py)
   std::vector<ArraySpec> arrays;
   std::vector<Src> values;  // int lists
   int total_dims = 0;
@@ -173,6 +176,13 @@ struct Session {
   std::unordered_map<PyObject *, BufInfo> *bufs;
   std::unordered_map<c10::TensorImpl *, Lineage> *lineage;
   InFlight inflight;     // list head
+  // GPU sessions (set_device): the device ring D, its host state [head, writer's release as
+  // last read] shared with device_stage.DeviceStage, graph_ring's capture count, and the streams
+  // gathered on since the drain last looked
+  at::Tensor *D;
+  Py_buffer dstate_v, capt_v;
+  int64_t *dstate, *capturing;
+  std::vector<c10::Stream> *streams;
 };
 
 struct Hook {
@@ -455,10 +465,12 @@ PyObject *identity(const InFlight &f, PyObject *bs, int64_t duration) {
 // Writes the FAST frame of a call that returned; false when it is dropped (counted).
 bool write_fast(Session *s, const Plan &p, const InFlight &f, int64_t tokens, int64_t duration,
                 int64_t parity, int64_t dseq, const std::vector<Out> &ts,
-                const std::vector<PyObject *> &vals, PyObject *const *slots, Py_ssize_t nslots) {
+                const std::vector<PyObject *> &vals, PyObject *const *slots, Py_ssize_t nslots,
+                int64_t dev_start) {
   uint64_t head = FAST_FIXED + 8 * uint64_t(p.arg_dims + p.total_dims), data = 0;
   for (PyObject *v : vals) head += 8 + 8 * uint64_t(PyList_GET_SIZE(v));
-  for (const auto &o : ts) data += align8(o.nbytes());
+  if (dev_start < 0)  // else the bytes are in the device ring, gathered already
+    for (const auto &o : ts) data += align8(o.nbytes());
   uint64_t size = head + data, off;
   if (!reserve(s, size, &off)) {
     s->words[W_DROPPED] += 1;
@@ -474,7 +486,7 @@ bool write_fast(Session *s, const Plan &p, const InFlight &f, int64_t tokens, in
   memcpy(at + 8, &pid, 4);
   memcpy(at + 12, &zero32, 4);
   memcpy(at + 16, &f.call_id, 8);
-  int64_t fields[8] = {f.seq, f.step, f.layer, f.start_ns, tokens, duration, parity, dseq};
+  int64_t fields[9] = {f.seq, f.step, f.layer, f.start_ns, tokens, duration, parity, dseq, dev_start};
   memcpy(at + 24, fields, sizeof fields);
   int64_t *w = reinterpret_cast<int64_t *>(at + FAST_FIXED);
   for (Py_ssize_t i = 0; i < nslots; i++) w = put_dims(slots[i], w);
@@ -492,7 +504,8 @@ bool write_fast(Session *s, const Plan &p, const InFlight &f, int64_t tokens, in
     for (Py_ssize_t i = 0; i < n; i++) *w++ = PyLong_AsLongLong(PyList_GET_ITEM(v, i));
   }
   char *dst = at + head;
-  for (const auto &o : ts) {
+  for (size_t k = 0; dev_start < 0 && k < ts.size(); k++) {
+    const Out &o = ts[k];
     size_t nb = o.nbytes();
     if (o.rows.empty()) {
       if (nb) memcpy(dst, o.t.data_ptr(), nb);
@@ -510,6 +523,33 @@ bool write_fast(Session *s, const Plan &p, const InFlight &f, int64_t tokens, in
   if (!s->state[2]) s->words[W_HEAD] = s->state[0];  // publish: one 8-byte store after the bytes
   s->stats[3] += 1;
   return true;
+}
+
+// One launch: the call's CUDA arrays' bytes into the next free bytes of D, on the current stream
+// (device_stage.DeviceStage.gather, same reservation rules); their absolute position, or -1 when
+// D is full (dropped and counted).
+int64_t gather(Session *s, const std::vector<Out> &ts) {
+  int64_t total = 0;
+  for (const auto &o : ts) total += int64_t(o.nbytes());
+  int64_t cap = s->D->numel(), head = s->dstate[0];
+  if (!total) return head;
+  int64_t off = head % cap, pad = off + total > cap ? cap - off : 0;
+  if (total > cap || head + pad + total - s->dstate[1] > cap) {
+    s->dstate[1] = int64_t(s->words[W_DTAIL / 8]);  // the writer's release, re-read only when full
+    if (total > cap || head + pad + total - s->dstate[1] > cap) return -1;
+  }
+  int64_t start = head + pad;
+  std::vector<at::Tensor> pieces;
+  pieces.reserve(ts.size());
+  for (const auto &o : ts) pieces.push_back(o.t.reshape({-1}).view(at::kByte));
+  at::Tensor dst = s->D->narrow(0, start % cap, total);
+  at::cat_out(dst, pieces, 0);
+  s->dstate[0] = start + total;
+  c10::Stream st = c10::impl::getDeviceGuardImpl(c10::DeviceType::CUDA)->getStream(s->D->device());
+  bool seen = false;
+  for (const auto &x : *s->streams) seen = seen || x == st;
+  if (!seen) s->streams->push_back(st);
+  return start;
 }
 
 PyObject *hook_call(PyObject *self, PyObject *const *args, size_t nargsf, PyObject *kwnames) {
@@ -544,6 +584,12 @@ PyObject *hook_call(PyObject *self, PyObject *const *args, size_t nargsf, PyObje
     return r;
   }
   const Plan &p = *found->second;
+  if (p.device && (!s->D || (s->capturing && *s->capturing))) {  // a CUDA graph is being captured
+    t_depth++;
+    PyObject *r = slow_path(h, args, nargsf, kwnames, nullptr);
+    t_depth--;
+    return r;
+  }
   InFlight f{};
   f.call_id = s->next_id++;
   f.hook = h;
@@ -606,8 +652,15 @@ PyObject *hook_call(PyObject *self, PyObject *const *args, size_t nargsf, PyObje
     PyObject *o = resolve(a.src, slots, nslots, result);
     if (!o || !THPVariable_Check(o)) { ok = false; break; }
     const at::Tensor &t = THPVariable_Unpack(o);
-    if (!t.defined() || !t.is_cpu() || t.scalar_type() != a.dtype || t.dim() != a.ndim) { ok = false; break; }
-    Out out{t.is_contiguous() ? t : t.contiguous()};
+    if (!t.defined() || t.scalar_type() != a.dtype || t.dim() != a.ndim ||
+        (p.device ? t.device() != s->D->device() : !t.is_cpu())) { ok = false; break; }
+    Out out;
+    try {
+      out.t = t.is_contiguous() ? t : t.contiguous();
+    } catch (const std::exception &) {
+      ok = false;
+      break;
+    }
     if (a.mode) {
       PyObject *c = resolve(a.counts, slots, nslots, result);
       if (!c || !THPVariable_Check(c) || !valid_rows(a.mode, out.t, THPVariable_Unpack(c), out)) { ok = false; break; }
@@ -634,8 +687,19 @@ PyObject *hook_call(PyObject *self, PyObject *const *args, size_t nargsf, PyObje
     if (o && THPVariable_Check(o)) lineage_put(s, THPVariable_Unpack(o), f.seq);
   }
   ok = ok && !s->state[3];  // a Python writer is mid-frame (the watchdog's): Python writes this one
-  if (ok) {
-    write_fast(s, p, f, tokens, duration, parity, dseq, ts, vals, slots, nslots);
+  int64_t dev_start = -1;
+  if (ok && p.device) {
+    try {
+      dev_start = gather(s, ts);
+    } catch (const std::exception &) {  // a torch error: Python's path says what it is
+      ok = false;
+    }
+  }
+  if (ok && p.device && dev_start < 0) {
+    s->words[W_DROPPED] += 1;  // D is full: dropped and counted, the job goes on
+    s->stats[2] += 1;
+  } else if (ok) {
+    write_fast(s, p, f, tokens, duration, parity, dseq, ts, vals, slots, nslots, dev_start);
   } else {
     ts.clear();
     PyObject *ident = identity(f, bi->state, duration);
@@ -730,6 +794,9 @@ PyObject *sess_new(PyTypeObject *type, PyObject *args, PyObject *kw) {
   s->bufs = new std::unordered_map<PyObject *, BufInfo>();
   s->lineage = new std::unordered_map<c10::TensorImpl *, Lineage>();
   s->inflight.next = s->inflight.prev = &s->inflight;
+  s->D = nullptr;
+  s->dstate = s->capturing = nullptr;
+  s->streams = new std::vector<c10::Stream>();
   return reinterpret_cast<PyObject *>(s);
 fail_attr:
   PyBuffer_Release(&s->attr_v);
@@ -763,6 +830,12 @@ void sess_dealloc(PyObject *self) {
     delete s->plans;
     delete s->bufs;
     delete s->lineage;
+    delete s->streams;
+    if (s->D) {
+      delete s->D;
+      PyBuffer_Release(&s->dstate_v);
+      PyBuffer_Release(&s->capt_v);
+    }
     PyBuffer_Release(&s->state_v);
     PyBuffer_Release(&s->attr_v);
     PyBuffer_Release(&s->stats_v);
@@ -791,11 +864,11 @@ PyObject *sess_learn(PyObject *self, PyObject *spec) {
   if (spec != Py_None) {
     p = new Plan();
     unsigned int id;
-    int op, parity, arg_dims;
+    int op, parity, arg_dims, device;
     long long tokens;
     PyObject *lookup, *remember, *tokens_src, *arrays, *values;
-    if (!PyArg_ParseTuple(spec, "IipOOOLiO!O!", &id, &op, &parity, &lookup, &remember, &tokens_src, &tokens,
-                          &arg_dims, &PyList_Type, &arrays, &PyList_Type, &values) ||
+    if (!PyArg_ParseTuple(spec, "IipOOOLiO!O!p", &id, &op, &parity, &lookup, &remember, &tokens_src, &tokens,
+                          &arg_dims, &PyList_Type, &arrays, &PyList_Type, &values, &device) ||
         !parse_src(lookup, &p->lookup) || !parse_src(remember, &p->remember) ||
         !parse_src(tokens_src, &p->tokens_src)) {
       delete p;
@@ -806,6 +879,7 @@ PyObject *sess_learn(PyObject *self, PyObject *spec) {
     p->parity = parity;
     p->tokens = tokens;
     p->arg_dims = arg_dims;
+    p->device = device;
     for (Py_ssize_t i = 0; i < PyList_GET_SIZE(arrays); i++) {
       PyObject *src, *dt, *counts;
       int ndim, mode;
@@ -894,6 +968,45 @@ PyObject *sess_lineage_get(PyObject *self, PyObject *t) {
   return PyLong_FromLongLong(lineage_get(reinterpret_cast<Session *>(self), THPVariable_Unpack(t)));
 }
 
+// set_device(D, dstate, capturing): a GPU session's device ring (uint8 [cap] on the device),
+// its host state array('q', [head, release seen]) and graph_ring's capture count array('q', [n]).
+PyObject *sess_set_device(PyObject *self, PyObject *args) {
+  Session *s = reinterpret_cast<Session *>(self);
+  PyObject *D, *dstate, *capt;
+  if (!PyArg_ParseTuple(args, "OOO", &D, &dstate, &capt)) return nullptr;
+  if (s->D) Py_RETURN_NONE;  // once a session
+  if (!THPVariable_Check(D)) {
+    PyErr_SetString(PyExc_TypeError, "set_device: D must be a tensor");
+    return nullptr;
+  }
+  if (PyObject_GetBuffer(dstate, &s->dstate_v, PyBUF_WRITABLE) < 0) return nullptr;
+  if (PyObject_GetBuffer(capt, &s->capt_v, PyBUF_WRITABLE) < 0) {
+    PyBuffer_Release(&s->dstate_v);
+    return nullptr;
+  }
+  s->dstate = static_cast<int64_t *>(s->dstate_v.buf);
+  s->capturing = static_cast<int64_t *>(s->capt_v.buf);
+  s->D = new at::Tensor(THPVariable_Unpack(D));
+  Py_RETURN_NONE;
+}
+
+// take_streams(): [(stream id, device index, device type)] gathered on since the last call.
+PyObject *sess_take_streams(PyObject *self, PyObject *) {
+  Session *s = reinterpret_cast<Session *>(self);
+  PyObject *out = PyList_New(0);
+  for (const auto &st : *s->streams) {
+    PyObject *item = Py_BuildValue("(Lii)", (long long)st.id(), int(st.device_index()), int(st.device_type()));
+    if (!item || PyList_Append(out, item) < 0) {
+      Py_XDECREF(item);
+      Py_DECREF(out);
+      return nullptr;
+    }
+    Py_DECREF(item);
+  }
+  s->streams->clear();
+  return out;
+}
+
 PyObject *sess_disable(PyObject *self, PyObject *) {
   reinterpret_cast<Session *>(self)->enabled = false;
   Py_RETURN_NONE;
@@ -912,6 +1025,8 @@ PyMethodDef sess_methods[] = {
     {"lineage_put", sess_lineage_put, METH_VARARGS, "lineage_put(tensor, seq): this handle came from dispatch seq."},
     {"lineage_get", sess_lineage_get, METH_O, "lineage_get(tensor): the dispatch seq of a handle, or -1."},
     {"disable", sess_disable, METH_NOARGS, "Calls go through the Python hook from now on."},
+    {"set_device", sess_set_device, METH_VARARGS, "set_device(D, dstate, capturing): the device ring."},
+    {"take_streams", sess_take_streams, METH_NOARGS, "Streams gathered on since the last call."},
     {"plans", sess_plans, METH_NOARGS, "(keys seen, plans learned)."},
     {nullptr, nullptr, 0, nullptr},
 };

@@ -56,10 +56,11 @@ class FastSession:
     """One recorder's compiled-hook session over its ring: made and activated at the session's
     first hooked call (host tensors, ring path, below `payload`), deactivated at close."""
 
-    def __init__(self, rec: Any, ring: Any, hookx: Any) -> None:
+    def __init__(self, rec: Any, rp: Any, hookx: Any) -> None:
         from epreplay import marks
 
-        self.ring = ring
+        self.rp = rp  # ring_path.RingPath: its ring, and on a GPU its device stage
+        ring = self.ring = rp.ring
         self.hookx = hookx
         self.stats = array.array("q", [0, 0, 0, 0])  # hot ns, calls, dropped, frames
         self.session = hookx.Session(rec, ring.state, ring.base, ring.words_addr, ring.capacity, rec._attr,
@@ -183,15 +184,19 @@ def compile_plan(call: Any, args: dict[str, Any], result: Any, st: Any, meta: di
     frame cannot be expressed as a plan (see the module docstring)."""
     from epreplay.capture.ring_frames import words_of
 
-    if st.dev:  # (an async_finish event only orders device copies: host arrays are ready)
-        return None
+    device = bool(st.dev)
+    if device and (st.arrays or st.after_ev is not None or any(tag != "a" for _, _, tag in st.dev)):
+        return None  # hashed rows, async_finish outputs, host and CUDA arrays mixed: Python's
+    staged = st.dev if device else st.arrays  # (on the host an async_finish event orders nothing)
     template = args_template(args, slots)
     if template is None:
         return None
     find = _finder(args, slots, result)
     arrays, specs = [], []
-    for name, t, tag in st.arrays:
+    for name, t, tag in staged:
         src, mode, counts = find(t), 0, None
+        if src is None and device:
+            return None
         if src is None:  # a tensor staging made: the valid rows of a low-latency buffer?
             got = _valid_rows_source(call, name, tag, t, args, result, find)
             if got is None:
@@ -225,7 +230,7 @@ def compile_plan(call: Any, args: dict[str, Any], result: Any, st: Any, meta: di
     if (rows is not None and (tokens_src is None or rows.shape[0] != call.tokens)) or \
             (rows is None and call.tokens):
         return None  # tokens the plan could not reproduce
-    spec = [int(call.op), parity, lookup, remember, tokens_src, 0, template[1], arrays, values]
+    spec = [int(call.op), parity, lookup, remember, tokens_src, 0, template[1], arrays, values, device]
     plan = (int(call.op), call.buffer, int(call.level), dict(meta), template, specs, value_names,
             parity, "dispatch_seq" in meta)
     return spec, plan
@@ -244,6 +249,14 @@ def learn(fs: FastSession, call: Any, args: dict[str, Any], result: Any, st: Any
         fs.session.learn(None)
         return
     spec, plan = got
+    if spec[-1]:  # CUDA arrays: the compiled hook gathers into the session's device ring
+        dev = fs.rp.dev
+        if dev is None:
+            fs.session.learn(None)
+            return
+        from epreplay.capture.graph_ring import CAPTURING
+
+        fs.session.set_device(dev.D, dev.dstate, CAPTURING)
     try:
         blob = marshal.dumps(plan)
     except ValueError:  # a meta value marshal cannot carry: the Python path keeps this site

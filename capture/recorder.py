@@ -268,9 +268,9 @@ class Recorder:
             try:
                 self._rp = RingPath(self.config, rank=self.rank, world_size=self.world_size, cuda=cuda)
                 self._rp.on_off = self.disable
-                hookx = fast_plan.load() if compiled and not cuda and self.level < Level.PAYLOAD else None
-                if hookx is not None:  # host calls: the compiled hook writes their frames
-                    self._fast = fast_plan.FastSession(self, self._rp.ring, hookx)
+                hookx = fast_plan.load() if compiled and self.level < Level.PAYLOAD else None
+                if hookx is not None:  # the compiled hook writes the frames of learned sites
+                    self._fast = fast_plan.FastSession(self, self._rp, hookx)
                     self._rp.fast = self._fast
                     choice = "compiled"
             except OSError as exc:

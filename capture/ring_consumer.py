@@ -81,8 +81,9 @@ class RingConsumer:
         if kind == PAD:
             return
         if kind == FAST:
-            if pos >= self.skip_before:
-                calls.append((end, _packed(*self._fast(body))))
+            fast = self._fast(body)
+            if pos >= self.skip_before:  # else written by the writer before us (resume)
+                calls.append((end, _packed(*fast)))
             return
         call_id, head, items, dev_end = read_call(body, self.ring.dev_view)
         if dev_end > self.dev_tail:  # copied out: the device mirror may take new bytes there
@@ -110,12 +111,14 @@ class RingConsumer:
         """A FAST frame as (BEGIN head, items, END head, {}); its plan was published to the ring's
         plan area before the frame (a writer started later reads them all there)."""
         try:
-            _, head, items = read_fast(body, self.plans)
+            _, head, items, dev_end = read_fast(body, self.plans, self.ring.dev_view)
         except KeyError:
             new, self._plan_pos = self.ring.plans_from(self._plan_pos)
             for plan_id, blob in new:
                 self.plans[plan_id] = marshal.loads(blob)
-            _, head, items = read_fast(body, self.plans)
+            _, head, items, dev_end = read_fast(body, self.plans, self.ring.dev_view)
+        if dev_end > self.dev_tail:  # copied out: the device mirror may take new bytes there
+            self.dev_tail = dev_end
         return head[:10], items, head[10], {}
 
     def _emit(self, calls: list[tuple[int, PackedCall]]) -> None:

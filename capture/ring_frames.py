@@ -36,10 +36,11 @@ from epreplay.capture.shm_ring import FRAME, HEADER
 BEGIN, END, CALL, HUNG, CTL, FAST = 1, 2, 3, 4, 5, 6  # CTL: a pickled control message
 # FAST: a call written by the compiled hook (_hookx.cpp) against a plan (fast_plan.py):
 #   u32 plan id, u32 spare, u64 call id, i64 seq, step, layer, start_ns, tokens, duration_ns,
-#   ll_parity, dispatch_seq; the argument tensors' dims (i64: the descriptions of the record's
+#   ll_parity, dispatch_seq, dev_start (-1: the arrays' bytes follow in the frame; else their
+#   absolute position in the device mirror area, packed without padding); the argument tensors' dims (i64: the descriptions of the record's
 #   meta "args"); each array's dims (i64, ndim per the plan); each int-list value as
 #   i64 count + items; then each array's raw bytes (padded to 8). The plan supplies the rest.
-FAST_HEAD = struct.Struct("<IIQ8q")
+FAST_HEAD = struct.Struct("<IIQ9q")
 CALL_HEAD = struct.Struct("<IHHQ")  # desc_len, desc codec, spare, call id
 BODY = FRAME.size + CALL_HEAD.size  # where desc starts in a frame
 
@@ -88,11 +89,13 @@ def read_call(body: memoryview, dev: Any = None) -> tuple[int, Any, dict[str, An
     return call_id, head, items, dev_end
 
 
-def read_fast(body: memoryview, plans: dict[int, tuple]) -> tuple[int, tuple, dict[str, Any]]:
+def read_fast(body: memoryview, plans: dict[int, tuple], dev: Any = None) -> tuple[int, tuple, dict[str, Any], int]:
     """One FAST frame's body -> call id, CALL head and items, as read_call gives for the CALL
-    frame the Python hook would have written. plans: {plan id: fast_plan.Plan tuple}; a
-    KeyError means the plan is not read yet (the caller reads the ring's plan area)."""
-    pid, _, call_id, seq, step, layer, start_ns, tokens, duration, parity, dseq = FAST_HEAD.unpack_from(body, 0)
+    frame the Python hook would have written, and the end of its bytes in the device mirror area
+    (-1: none there). plans: {plan id: the plan tuple fast_plan.compile_plan made}; a KeyError
+    means the plan is not read yet (the caller reads the ring's plan area)."""
+    (pid, _, call_id, seq, step, layer, start_ns, tokens, duration, parity, dseq,
+     dev_start) = FAST_HEAD.unpack_from(body, 0)
     op, buffer, level, meta, template, specs, value_names, has_parity, has_dseq = plans[pid]
     pos = FAST_HEAD.size
     n_arg = template[1]
@@ -110,12 +113,19 @@ def read_fast(body: memoryview, plans: dict[int, tuple]) -> tuple[int, tuple, di
         items[name] = list(struct.unpack_from(f"<{n}q", body, pos + 8))
         pos += 8 + 8 * n
     pairs: dict[str, list[Any]] = {}
+    dev_end = -1
+    if dev_start >= 0:
+        src_buf, pos = dev, dev_start % len(dev)  # one call's bytes never wrap there
+    else:
+        src_buf = body
     for (name, tag, dtype, logical, itemsize, _), shape in zip(specs, dims):
         nbytes = itemsize
         for d in shape:
             nbytes *= d
-        arr = np.frombuffer(body[pos:pos + nbytes], dtype=np.dtype(dtype)).reshape(shape).copy()
-        pos += (nbytes + 7) & ~7
+        arr = np.frombuffer(src_buf[pos:pos + nbytes], dtype=np.dtype(dtype)).reshape(shape).copy()
+        pos += nbytes if dev_start >= 0 else (nbytes + 7) & ~7
+        if dev_start >= 0:
+            dev_end = dev_start + pos - dev_start % len(dev)
         a = (arr, logical) if logical else arr
         if tag == "a":
             items[name] = a
@@ -132,7 +142,7 @@ def read_fast(body: memoryview, plans: dict[int, tuple]) -> tuple[int, tuple, di
             meta["dispatch_seq"] = dseq
     head = (op, buffer, seq, step, layer, start_ns, level, tokens, meta, args,
             (0, tokens, duration, None, True))
-    return call_id, head, items
+    return call_id, head, items, dev_end
 
 
 def render_arg(t: Any, dims: tuple) -> Any:

@@ -251,11 +251,15 @@ class RingPath:
                 raise RuntimeError("a CUDA tensor reached a host-only capture session "
                                    "(its first hooked call was on the CPU)")
             t0 = time.perf_counter_ns()
-            self.dev = DeviceStage(self.ring, device, self._write_lock)
+            self.dev = DeviceStage(self.ring, device, self._write_lock, self._fast_streams)
             self.setup_ns += time.perf_counter_ns() - t0  # once a session: not the hooks' cost
         if self.dev.failed:
             raise RuntimeError(self.dev.failed)
         return self.dev.gather(st.dev, current_stream(device), st.after_ev)
+
+    def _fast_streams(self) -> list:
+        """The streams the compiled hook gathered on since the drain last asked."""
+        return self.fast.session.take_streams() if self.fast is not None else []
 
     @staticmethod
     def _begin_head(call: RingCall, meta: dict[str, Any]) -> tuple:

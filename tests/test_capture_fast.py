@@ -24,14 +24,15 @@ pytestmark = pytest.mark.skipif(fast_plan.load() is None,
                                 reason="the compiled hook is not built (python -m epreplay.capture.hookx_build)")
 
 
-def _inputs(rank: int, step: int):
+def _inputs(rank: int, step: int, device: str = "cpu"):
     g = torch.Generator().manual_seed(100 * rank + step)
     idx = torch.topk(torch.rand(T, E, generator=g), K, dim=1).indices.to(torch.int64)
     idx[torch.rand(T, K, generator=g) < 0.1] = -1
-    return torch.randn(T, H, generator=g).to(torch.bfloat16), idx, torch.rand(T, K, generator=g)
+    x, w = torch.randn(T, H, generator=g).to(torch.bfloat16), torch.rand(T, K, generator=g)
+    return x.to(device), idx.to(device), w.to(device)
 
 
-def _workload(buf, ll, rank: int) -> None:
+def _workload(buf, ll, rank: int, device: str = "cpu") -> None:
     """STEPS steps alternating two call shapes (BF16 / FP8 with async_finish, LL BF16 / FP8,
     the last with the recv hook), so every call site recurs and runs compiled from its second call;
     token tags on one dispatch of a learned site; a dispatch that raises."""
@@ -41,7 +42,7 @@ def _workload(buf, ll, rank: int) -> None:
     for step in range(STEPS):
         odd = step % 2
         with capture.step(step):
-            x, idx, w = _inputs(rank, step)
+            x, idx, w = _inputs(rank, step, device)
             n_rank, n_rdma, n_exp, in_rank, _ = buf.get_dispatch_layout(idx, E)
             if step == 4:  # a learned site: this one call goes through Python (tags)
                 capture.tag_tokens(torch.arange(T) + 1000 * rank)
@@ -59,7 +60,8 @@ def _workload(buf, ll, rank: int) -> None:
                                                                   return_recv_hook=hook)
             if hook:
                 got_hook()
-            z = recv if not isinstance(recv, tuple) else torch.zeros(recv[0].shape, dtype=torch.bfloat16)
+            z = recv if not isinstance(recv, tuple) else torch.zeros(recv[0].shape, dtype=torch.bfloat16,
+                                                                     device=device)
             ll.low_latency_combine(z, idx, w, h)
     try:
         buf.dispatch(x, topk_idx=idx[:, :1].contiguous(), topk_weights=w)  # wrong shapes: raises
@@ -78,7 +80,7 @@ def _rank_paths(ctx, root: str, level: str) -> dict:
         capture.start(os.path.join(root, path), level=level, hot_path=path)
         buf = Buffer(dist.group.WORLD)
         ll = Buffer(dist.group.WORLD, low_latency_mode=True)
-        _workload(buf, ll, ctx.rank)
+        _workload(buf, ll, ctx.rank, ctx.device)
         facts[path] = capture.stop()
     return facts
 
@@ -108,16 +110,26 @@ def _assert_same_records(a: list, b: list) -> None:
             np.testing.assert_array_equal(u, v, err_msg=f"{name} of {hx}")
 
 
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
 @pytest.mark.slow
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, needs_cuda])])
 @pytest.mark.parametrize("level", ["counts", "routing", "fingerprints", "payload"])
-def test_compiled_records_equal_the_python_hook_and_the_courier_path(tmp_path, level):
-    facts = run_ranks(_rank_paths, 2, str(tmp_path), level, timeout=300)
+def test_compiled_records_equal_the_python_hook_and_the_courier_path(tmp_path, level, device):
+    """On a GPU (one rank, NCCL): CUDA arrays gathered by the compiled hook's one launch into
+    the device ring, against the Python hook's gather and the courier's side-stream copies."""
+    ranks = 2 if device == "cpu" else 1
+    facts = run_ranks(_rank_paths, ranks, str(tmp_path), level, device=device, timeout=300)
     for f in facts:
         assert f["ring"]["hot_path"] == "ring" and f["courier"]["hot_path"] == "courier"
         c = f["compiled"]
         assert c["dropped"] == 0 and c["disabled"] is None, c
         if level == "payload":  # payload steps are Python's: no compiled session
             assert c["hot_path"] == "ring" and c["compiled_frames"] == 0
+        elif device == "cuda":  # async_finish outputs and hashed rows are Python's on a GPU
+            assert c["hot_path"] == "compiled"
+            assert c["compiled_frames"] >= (1 if level == "fingerprints" else 10), c
         else:
             # 6 steps x 6 calls + 1: from its second appearance every plain site is compiled
             # (the LL sites with a recv hook, the tagged dispatch and the error are Python's;
@@ -125,7 +137,7 @@ def test_compiled_records_equal_the_python_hook_and_the_courier_path(tmp_path, l
             assert c["hot_path"] == "compiled" and c["compiled_frames"] >= 20, c
             assert c["calls"] == f["ring"]["calls"] == STEPS * 6 + 1
     runs = {p: _records(tmp_path / p) for p in ("courier", "ring", "compiled")}
-    for rank in range(2):
+    for rank in range(ranks):
         assert len(runs["compiled"][rank]) == STEPS * 6 + 1
         assert any(r.header.op == Op.CACHED_DISPATCH for r in runs["compiled"][rank])
         assert runs["compiled"][rank][-1].header.status == Status.ERROR
