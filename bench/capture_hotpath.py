@@ -95,6 +95,9 @@ def _rank(ctx, args: dict, root: str) -> dict:
             step = lambda: epbench.ll_step(buffer, inp, shape.experts, shape.tokens)  # noqa: E731
         else:
             step = lambda: epbench.normal_step(buffer, inp, shape.experts)  # noqa: E731
+        if cuda and args["sync"]:  # an idle GPU at every step: no launch queue to wait behind
+            inner = step
+            step = lambda: (inner(), torch.cuda.synchronize())  # noqa: E731
         iters = args["iters"] if shape.tokens <= 512 else max(3, args["iters"] // 8)
         # (level, hot path) pairs, interleaved with "off" in every round
         modes = ["off", *[(lv, hp) for hp in args["hot_paths"] for lv in args["levels"]]]
@@ -160,6 +163,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--shapes", default=",".join(SHAPES), help="comma-separated: " + ", ".join(SHAPES))
     p.add_argument("--levels", default=",".join(LEVELS), help="comma-separated capture levels")
     p.add_argument("--writer", choices=["process", "thread"], default="process")
+    p.add_argument("--sync", action="store_true",
+                   help="(GPU) synchronize after every step, so a hook's launch never waits behind "
+                        "a full launch queue: the hooks' own host cost, without backpressure")
     p.add_argument("--hot-path", default="auto",
                    help="comma-separated, measured side by side: auto (the compiled hook where built, "
                         "host calls), compiled, ring (the Python hook into the ring), courier (the "
@@ -172,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
             print("capture_hotpath: --device cuda needs CUDA", file=sys.stderr)
             return 2
     args = dict(shapes=[s for s in a.shapes.split(",") if s], levels=[s for s in a.levels.split(",") if s],
-                rounds=a.rounds, iters=a.iters, writer=a.writer,
+                rounds=a.rounds, iters=a.iters, writer=a.writer, sync=a.sync,
                 hot_paths=[s for s in a.hot_path.split(",") if s])
     bad = [h for h in args["hot_paths"] if h not in ("auto", "compiled", "ring", "courier")]
     if bad:

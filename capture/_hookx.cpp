@@ -462,6 +462,20 @@ PyObject *identity(const InFlight &f, PyObject *bs, int64_t duration) {
                        reinterpret_cast<PyObject *>(f.hook));
 }
 
+// Hands a fast call back to the recorder: rec.<method>(identity, args, kwargs, last), where last
+// is the exception it raised or its result. Whatever that raises is dropped: the job goes on.
+void hand_back(Session *s, PyObject *method, const InFlight &f, PyObject *bs, int64_t duration,
+               PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames, PyObject *last) {
+  PyObject *ident = identity(f, bs, duration);
+  PyObject *a = args_tuple(args, nargs), *kw = kwargs_dict(args + 1, nargs - 1, kwnames);
+  PyObject *r = (ident && a && kw) ? PyObject_CallMethodObjArgs(s->rec, method, ident, a, kw, last, nullptr) : nullptr;
+  if (!r) PyErr_Clear();
+  Py_XDECREF(r);
+  Py_XDECREF(ident);
+  Py_XDECREF(a);
+  Py_XDECREF(kw);
+}
+
 // Writes the FAST frame of a call that returned; false when it is dropped (counted).
 bool write_fast(Session *s, const Plan &p, const InFlight &f, int64_t tokens, int64_t duration,
                 int64_t parity, int64_t dseq, const std::vector<Out> &ts,
@@ -629,16 +643,7 @@ PyObject *hook_call(PyObject *self, PyObject *const *args, size_t nargsf, PyObje
     PyObject *et, *ev, *tb;
     PyErr_Fetch(&et, &ev, &tb);
     PyErr_NormalizeException(&et, &ev, &tb);
-    PyObject *ident = identity(f, bi->state, duration);
-    PyObject *a = args_tuple(args, nargs), *kw = kwargs_dict(slots, npos, kwnames);
-    PyObject *r = (ident && a && kw) ? PyObject_CallMethodObjArgs(s->rec, s_fast_raised, ident, a, kw,
-                                                                  ev ? ev : Py_None, nullptr)
-                                     : nullptr;
-    if (!r) PyErr_Clear();
-    Py_XDECREF(r);
-    Py_XDECREF(ident);
-    Py_XDECREF(a);
-    Py_XDECREF(kw);
+    hand_back(s, s_fast_raised, f, bi->state, duration, args, nargs, kwnames, ev ? ev : Py_None);
     PyErr_Restore(et, ev, tb);
     Py_DECREF(s);
     return nullptr;
@@ -702,16 +707,7 @@ PyObject *hook_call(PyObject *self, PyObject *const *args, size_t nargsf, PyObje
     write_fast(s, p, f, tokens, duration, parity, dseq, ts, vals, slots, nslots, dev_start);
   } else {
     ts.clear();
-    PyObject *ident = identity(f, bi->state, duration);
-    PyObject *a = args_tuple(args, nargs), *kw = kwargs_dict(slots, npos, kwnames);
-    PyObject *r = (ident && a && kw) ? PyObject_CallMethodObjArgs(s->rec, s_fast_mismatch, ident, a, kw,
-                                                                  result, nullptr)
-                                     : nullptr;
-    if (!r) PyErr_Clear();
-    Py_XDECREF(r);
-    Py_XDECREF(ident);
-    Py_XDECREF(a);
-    Py_XDECREF(kw);
+    hand_back(s, s_fast_mismatch, f, bi->state, duration, args, nargs, kwnames, result);
   }
   s->stats[0] += now_ns(CLOCK_MONOTONIC) - t_out;
   Py_DECREF(s);

@@ -117,7 +117,6 @@ def args_template(args: dict[str, Any], slots: dict[str, int]) -> tuple[dict[str
 
     order = sorted((i, name) for name, i in slots.items())
     at = 0
-    leaves: dict[int, Any] = {}  # id(tensor) -> leaf (a tensor passed twice: its first position)
 
     def walk(v: Any, depth: int) -> Any:
         nonlocal at

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import random
-import re
 import signal
 import subprocess
 import sys
@@ -21,7 +20,7 @@ from epreplay.records import Kind, Op, Status
 from epreplay.run import RunDir
 from epreplay.shard import open_shard
 
-E, K, H, T = 8, 3, 128, 24
+from capture_workload import E, assert_same_records, inputs, records, workload
 
 
 # --- the ring alone ------------------------------------------------------------------------------
@@ -137,49 +136,6 @@ def test_c_frame_writer_writes_the_python_frames():
 
 
 # --- the same records as the courier path ---------------------------------------------------------
-def _inputs(rank: int, step: int, device: str = "cpu"):
-    g = torch.Generator().manual_seed(100 * rank + step)
-    idx = torch.topk(torch.rand(T, E, generator=g), K, dim=1).indices.to(torch.int64)
-    idx[torch.rand(T, K, generator=g) < 0.1] = -1
-    x, w = torch.randn(T, H, generator=g).to(torch.bfloat16), torch.rand(T, K, generator=g)
-    return x.to(device), idx.to(device), w.to(device)
-
-
-def _workload(buf, ll, rank: int, device: str = "cpu") -> None:
-    """Every call shape capture knows: normal BF16 and FP8 dispatch (the FP8 one with
-    async_finish), cached dispatch, combine, low-latency dispatch (BF16 and FP8, with and without
-    the recv hook) and combine, token tags, and a dispatch that raises."""
-    from epreplay import capture
-    from epreplay.epbench import per_token_cast_to_fp8
-
-    for step in range(2):
-        with capture.step(step):
-            x, idx, w = _inputs(rank, step, device)
-            n_rank, n_rdma, n_exp, in_rank, _ = buf.get_dispatch_layout(idx, E)
-            capture.tag_tokens(torch.arange(T) + 1000 * rank)
-            xs = per_token_cast_to_fp8(x) if step else x
-            recv_x, _, recv_w, _, handle, event = buf.dispatch(
-                xs, num_tokens_per_rank=n_rank, num_tokens_per_rdma_rank=n_rdma, is_token_in_rank=in_rank,
-                num_tokens_per_expert=n_exp, topk_idx=idx, topk_weights=w, async_finish=bool(step))
-            if step:
-                event.current_stream_wait()
-            buf.dispatch(xs, handle=handle)  # cached
-            y = recv_x if not isinstance(recv_x, tuple) else x[:0].new_zeros(recv_x[0].shape)
-            buf.combine(y, handle, topk_weights=recv_w)
-            hook = step == 1
-            recv, count, h, _, got_hook = ll.low_latency_dispatch(x, idx, T, E, use_fp8=bool(step),
-                                                                  return_recv_hook=hook)
-            if hook:
-                got_hook()
-            z = recv if not isinstance(recv, tuple) else torch.zeros(recv[0].shape, dtype=torch.bfloat16,
-                                                                     device=device)
-            ll.low_latency_combine(z, idx, w, h)
-    try:
-        buf.dispatch(x, topk_idx=idx[:, :1].contiguous(), topk_weights=w)  # wrong shapes: raises
-    except Exception:  # noqa: BLE001
-        pass
-
-
 def _rank_paths(ctx, root: str, level: str) -> dict:
     import torch.distributed as dist
 
@@ -191,21 +147,12 @@ def _rank_paths(ctx, root: str, level: str) -> dict:
         capture.start(os.path.join(root, path), level=level, hot_path=path)
         buf = Buffer(dist.group.WORLD)
         ll = Buffer(dist.group.WORLD, low_latency_mode=True)
-        _workload(buf, ll, ctx.rank, ctx.device)
+        workload(buf, ll, ctx.rank, ctx.device)
         facts[path] = capture.stop()
     return facts
 
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-
-
-def _records(run_dir) -> dict[int, list]:
-    out = {}
-    for path in RunDir.open(run_dir).shard_paths():
-        with open_shard(path) as scan:
-            assert scan.complete, scan.problem
-            out[scan.info.rank] = list(scan.records(kinds=(Kind.CALL,)))
-    return out
 
 
 @pytest.mark.slow
@@ -219,25 +166,13 @@ def test_ring_records_equal_the_courier_path_at_every_level(tmp_path, level, dev
     for f in facts:
         assert f["ring"]["hot_path"] == "ring" and f["courier"]["hot_path"] == "courier"
         assert f["ring"]["dropped"] == 0 and f["ring"]["disabled"] is None, f["ring"]
-    ring, courier = _records(tmp_path / "ring"), _records(tmp_path / "courier")
+    ring, courier = records(tmp_path / "ring"), records(tmp_path / "courier")
     for rank in range(ranks):
         a, b = ring[rank], courier[rank]
         ops = [r.header.op for r in a]
         assert ops == [r.header.op for r in b] and len(a) == 2 * 6 + 1
         assert Op.CACHED_DISPATCH in ops and a[-1].header.status == Status.ERROR
-        for x, y in zip(a, b):
-            hx, hy = x.header, y.header
-            assert (hx.kind, hx.op, hx.level, hx.status, hx.buffer, hx.seq, hx.step, hx.layer, hx.tokens) == \
-                   (hy.kind, hy.op, hy.level, hy.status, hy.buffer, hy.seq, hy.step, hy.layer, hy.tokens)
-            if "error" in x.meta:  # the emulation names its Buffer by creation in the process
-                x.meta["error"], y.meta["error"] = (re.sub(r"Buffer #\d+", "Buffer", m.meta["error"])
-                                                    for m in (x, y))
-            assert list(x.meta) == list(y.meta) and x.meta == y.meta, hx
-            assert sorted(x.arrays) == sorted(y.arrays), hx
-            for name in x.arrays:
-                u, v = x.arrays[name], y.arrays[name]
-                assert u.dtype == v.dtype and u.shape == v.shape, name
-                np.testing.assert_array_equal(u, v, err_msg=f"{name} of {hx}")
+        assert_same_records(a, b)
 
 
 # --- a full ring: drop and count, never block -----------------------------------------------------
@@ -250,7 +185,7 @@ def _rank_full(ctx, run_dir: str) -> dict:
 
     capture.start(run_dir, level="routing", queue_bytes=64 << 10)  # a 64 KiB ring
     buf = Buffer(dist.group.WORLD)
-    x, idx, w = _inputs(0, 0)
+    x, idx, w = inputs(0, 0)
     buf.get_dispatch_layout(idx, E)  # the first call starts the writer
     rec = session.recorder()
     os.kill(rec._rp.proc.proc.pid, signal.SIGSTOP)  # a writer that has stopped reading
@@ -271,7 +206,7 @@ def test_a_full_ring_drops_and_counts_and_the_job_never_waits(tmp_path):
     # a layout frame at T=24 is ~1 KiB: a 64 KiB ring holds a few dozen, the rest are dropped
     assert 200 < out["dropped_while_stopped"] < 300 and facts["dropped"] == out["dropped_while_stopped"]
     assert out["busy_s"] < 10  # 300 calls never waited for the stopped writer
-    recs = _records(tmp_path / "run")[0]
+    recs = records(tmp_path / "run")[0]
     assert len(recs) == facts["calls"] - facts["dropped"]
     seqs = [r.header.seq for r in recs]
     assert seqs == sorted(seqs) and seqs[0] == 0  # what was kept is in order
@@ -295,7 +230,7 @@ def _rank_kill_writer(ctx, run_dir: str, seed: int) -> dict:
     calls = 0
     kills = sorted(rng.sample(range(5, 120), 2))
     for i in range(120):
-        x, idx, w = _inputs(0, i % 4)
+        x, idx, w = inputs(0, i % 4)
         buf.get_dispatch_layout(idx, E)
         calls += 1
         if i in kills:  # at a random moment: between frames, or while the writer builds one
@@ -319,10 +254,10 @@ def test_kill9_of_the_writer_loses_and_repeats_no_record(tmp_path, seed):
 
     # the compiled hook's frames too: a restarted writer reads their plans from the ring
     assert fast_plan.load() is None or facts["compiled_frames"] > 100, facts
-    recs = _records(tmp_path / "run")[0]
+    recs = records(tmp_path / "run")[0]
     assert [r.header.seq for r in recs] == list(range(out["calls"]))
     for r in recs:
-        x, idx, w = _inputs(0, r.header.seq % 4)
+        x, idx, w = inputs(0, r.header.seq % 4)
         np.testing.assert_array_equal(r.arrays["topk_idx_TK"], idx.numpy())
 
 
