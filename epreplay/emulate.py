@@ -109,7 +109,8 @@ class Buffer:
         self._op_calls: dict[str, int] = {}
         self.low_latency_buffer_idx = 0  # DeepEP alternates two LL buffers; parity of the next call
         self._ll_calls = 0  # low-latency calls so far (a hook is stale once its buffer is reused)
-        self._ll_mask = torch.zeros(self.group_size, dtype=torch.int32)  # enable_shrink's rank mask
+        # enable_shrink's rank mask; host-side (explicit: a client's default device must not move it)
+        self._ll_mask = torch.zeros(self.group_size, dtype=torch.int32, device="cpu")
         self.destroyed = False
 
     # ---- static helpers (DeepEP's) -------------------------------------------------------------
@@ -204,7 +205,8 @@ class Buffer:
     def get_next_low_latency_combine_buffer(self, handle: object) -> torch.Tensor:
         """A fresh [L, R*M, H] bf16 tensor (zero_copy combines read x as given anyway)."""
         _, _, M, H, E = handle
-        return torch.zeros(E // self.group_size, self.group_size * M, H, dtype=torch.bfloat16)
+        return torch.zeros(E // self.group_size, self.group_size * M, H, dtype=torch.bfloat16,
+                           device=handle[0].device)
 
     # ---- entry points ----------------------------------------------------------------------------
     def get_dispatch_layout(self, topk_idx: torch.Tensor, num_experts: int,
