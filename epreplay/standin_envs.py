@@ -5,7 +5,10 @@ num_local_ranks)` in each spawned rank and rely on: the MASTER_ADDR / MASTER_POR
 (nodes) / RANK (node) variables, a process group over every rank, the default dtype bfloat16, the
 default device 'cuda' with this rank's GPU current, and the seeds set from (seed + rank).
 Written for epreplay (not DeepEP's code); what needs DeepEP's C++ (_C) is left out.
-On a machine without CUDA the group is gloo and the default device stays the CPU.
+On a machine without CUDA the group is gloo and the default device stays the CPU; there, with
+EPREPLAY_STANDIN_CUDA_AS_CPU=1 (a test aid, never the default), tensors a client asks for on
+'cuda' are made on the CPU instead, so DeepEP's tests, which name device='cuda' everywhere, run
+their checks on a CPU-only machine.
 """
 from __future__ import annotations
 
@@ -17,7 +20,33 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from torch.overrides import TorchFunctionMode
+
+ENV_CUDA_AS_CPU = "EPREPLAY_STANDIN_CUDA_AS_CPU"
 _state = {"local_rank": None, "local_seed": 0, "global_seed": 0}
+
+
+def _is_cuda(v: object) -> bool:
+    return (isinstance(v, str) and v.split(":")[0] == "cuda") or (isinstance(v, torch.device) and v.type == "cuda")
+
+
+class CudaAsCpu(TorchFunctionMode):
+    """Every 'cuda' device argument of a torch call (factories, .to, .cuda) becomes the CPU.
+
+    Also gives gloo NCCL's stacked all_gather_into_tensor form (output [R, *input.shape]), which
+    DeepEP's tests use and gloo rejects (it takes only the concatenated [R * N, ...] form).
+    """
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        if func is torch.Tensor.cuda:
+            return args[0]
+        args = tuple("cpu" if _is_cuda(a) else a for a in args)
+        kwargs = {k: ("cpu" if _is_cuda(v) else v) for k, v in (kwargs or {}).items()}
+        if getattr(func, "__name__", "") in ("all_gather_into_tensor", "all_gather_single") and len(args) >= 2:
+            out, inp = args[0], args[1]
+            if isinstance(out, torch.Tensor) and isinstance(inp, torch.Tensor) and out.dim() == inp.dim() + 1:
+                args = (out.view(-1, *inp.shape[1:]) if inp.dim() else out.view(-1), *args[1:])
+        return func(*args, **kwargs)
 
 
 def init_seed(global_seed: int) -> None:
@@ -69,6 +98,8 @@ def init_dist(local_rank: int, num_local_ranks: int, seed: int = 0,
     if cuda:
         torch.set_default_device("cuda")
         torch.cuda.set_device(local_rank)
+    elif os.environ.get(ENV_CUDA_AS_CPU, "").strip().lower() in ("1", "true", "yes", "on"):
+        CudaAsCpu().__enter__()  # for the rest of this process, as set_default_device is
     init_seed(seed)
     world = dist.get_world_size()
     return dist.get_rank(), world, dist.new_group(list(range(world)))

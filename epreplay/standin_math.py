@@ -63,7 +63,8 @@ def per_token_cast_back(x_fp8: torch.Tensor, x_scales: torch.Tensor) -> torch.Te
     assert x_fp8.dim() == 2, f"per_token_cast_back: x_fp8 must be [T, H], got {list(x_fp8.shape)}"
     T, H = x_fp8.shape
     if x_scales.dtype == torch.int32:  # UE8M0: every byte is a float32 exponent
-        x_scales = (x_scales.contiguous().view(torch.uint8).to(torch.int32) << 23).view(torch.float32)
+        # flattened first: a [T, 1] column can be 'contiguous' with a stride != 1, which view() refuses
+        x_scales = (x_scales.contiguous().view(-1).view(torch.uint8).to(torch.int32) << 23).view(torch.float32)
     g = _grouped(x_fp8)
     return (g * x_scales.reshape(T, -1, 1)).view(T, -1)[:, :H].to(torch.bfloat16).contiguous()
 
