@@ -165,3 +165,33 @@ def _misuse_rank(ctx) -> str:
 def test_fixed_shape_combine_names_a_dynamic_handle() -> None:
     msg = run_ranks(_misuse_rank, 1)[0]
     assert "capture the low_latency_dispatch in the graph too" in msg, msg
+
+
+def _meta_rank(ctx) -> str:
+    """The fixed-shape path on meta tensors: any read-back (.item(), .tolist(), bool(), nonzero,
+    bincount's size) fails on meta, as a host sync fails inside a CUDA graph capture."""
+    import torch.distributed as dist
+
+    from epreplay.emulate import Buffer
+
+    buf = Buffer(dist.new_group([0]), low_latency_mode=True)
+    T, E = 12, 2 * LPR
+    x = torch.empty(T, H, dtype=torch.bfloat16, device="meta")
+    idx = torch.empty(T, K, dtype=torch.int64, device="meta")
+    w = torch.empty(T, K, dtype=torch.float32, device="meta")
+    stats = torch.empty(E, dtype=torch.int32, device="meta")
+    with static_path(True):
+        for dkw in LL_CASES:
+            recv, count, handle, _, hook = buf.low_latency_dispatch(
+                x, idx, M, E, cumulative_local_expert_recv_stats=stats,
+                **{"return_recv_hook": True, **dkw})
+            hook()
+            y_in = recv[0].to(torch.bfloat16) if dkw["use_fp8"] else recv
+            y, _, hook = buf.low_latency_combine(y_in, idx, w, handle, return_recv_hook=True)
+            hook()
+            assert y.shape == (T, H) and count.shape == (E,) and y.device.type == "meta"
+    return "ok"
+
+
+def test_fixed_shape_path_reads_nothing_back_to_the_host() -> None:
+    assert run_ranks(_meta_rank, 1) == ["ok"]
