@@ -170,7 +170,14 @@ class Buffer:
     @staticmethod
     def get_dispatch_config(num_ranks: int) -> Config:
         """DeepEP's tuned dispatch Config per rank count. DeepEP only knows 2, 4, 8, 16, ... 160
-        ranks; the emulation runs any count and takes the next listed one (1 and 3 ranks: 2 and 4)."""
+        ranks; the emulation runs any count and takes the next listed one (1 and 3 ranks: 2 and 4).
+
+        Deliberately not DeepEP's refusal: DeepEP asserts here (v1.2.1 deep_ep/buffer.py:244,
+        head deep_ep/buffers/legacy.py:259: `assert num_ranks in config_map, 'Unsupported number
+        of EP ranks'`) and its intranode kernels exist only for 2/4/8 ranks (v1.2.1
+        csrc/kernels/launch.cuh:54-60, SWITCH_RANKS), so real normal mode refuses 1 rank. The
+        emulation keeps 1 (and 3, 5, ...) ranks because replaying a recording on fewer ranks
+        (4 -> 2 -> 1) is what it is for; the results are DeepEP's semantics at that size."""
         return tuned_config(num_ranks, Buffer.num_sms, combine=False)
 
     @staticmethod
