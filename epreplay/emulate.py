@@ -148,7 +148,10 @@ class Buffer:
     def is_sm90_compiled() -> bool:
         """DeepEP: were its kernels built for SM90 (its FP8 paths)? The emulation has no kernels, so
         it answers what the machine allows: True on a GPU of CUDA capability >= 9.0 (H100/H200),
-        False elsewhere (CPU included), so clients take the FP8 paths exactly where DeepEP could."""
+        False elsewhere (CPU included), so clients take the FP8 paths exactly where DeepEP could.
+        The stand-in's CPU test aid (EPREPLAY_STANDIN_CUDA_AS_CPU=1, CPU playing an H200) says True."""
+        if os.environ.get("EPREPLAY_STANDIN_CUDA_AS_CPU", "").strip().lower() in ("1", "true", "yes", "on"):
+            return True
         return bool(torch.cuda.is_available() and torch.cuda.get_device_capability() >= (9, 0))
 
     @staticmethod
