@@ -55,7 +55,16 @@ def test_deepep_v1_test_file_passes_unmodified(name: str, tmp_path) -> None:
     folder = _tests_dir()
     if not torch.cuda.is_available() and not (folder.name == "legacy"):
         pytest.skip("releases' tests/utils.py hard-codes NCCL: their files need a GPU")
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH" and not k.startswith("EPREPLAY_")}
+    import site
+
+    from epreplay import standin
+
+    dirs = [*site.getsitepackages(), site.getusersitepackages()]
+    assert any(os.path.isfile(os.path.join(d, standin.PTH_NAME)) for d in dirs), (
+        f"the spawned ranks need {standin.PTH_NAME} in site-packages ({dirs}): 'pip install -e .' or "
+        f"'python -m epreplay.standin --install-pth'")
+    # PYTHONPATH kept (it may be how epreplay is found); no EPREPLAY_* knob of the caller's leaks in
+    env = {k: v for k, v in os.environ.items() if not k.startswith("EPREPLAY_")}
     env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
     if not torch.cuda.is_available():
         env["EPREPLAY_STANDIN_CUDA_AS_CPU"] = "1"
