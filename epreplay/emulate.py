@@ -27,6 +27,7 @@ EmulatedDeepEPError naming the argument and rank on *every* rank (see epreplay.e
 """
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 from typing import Any, Callable, List, Optional, Tuple, Union
@@ -48,6 +49,35 @@ __all__ = ["Buffer", "Config", "EventOverlap", "EventHandle", "topk_idx_t", "Emu
            "EmulatedTimeout", "is_emulated", "install_standin"]
 
 _buffer_ids = itertools.count()
+# Profiler range names: DeepEP's kernels are deep_ep::<kind>::dispatch<...> / ::combine<...>, and
+# DeepEP's kineto benches look for lines containing "dispatch" / "combine" and, per phase, for
+# "::dispatch" / "::combine" in the trace. The emulation's ranges carry that shape (and say what
+# they are), one name per entry point, the recv hook reusing its call's name (a second phase).
+REGION_PREFIX = "deep_ep_emulated::"
+LL_DISPATCH, LL_COMBINE = "internode_ll::dispatch", "internode_ll::combine"
+
+
+def region(name: str) -> Any:
+    """A profiler range REGION_PREFIX + name (torch.profiler and, on a GPU, NVTX for nsys)."""
+    full = REGION_PREFIX + name
+    if not (torch.cuda.is_available() and torch.cuda.is_initialized()):
+        return torch.profiler.record_function(full)
+    stack = contextlib.ExitStack()
+    stack.enter_context(torch.profiler.record_function(full))
+    stack.enter_context(torch.cuda.nvtx.range(full))
+    return stack
+
+
+def named_hook(hook: Optional[Callable[[], Any]], name: str) -> Optional[Callable[[], Any]]:
+    """The receive hook, run inside a range of its call's name (DeepEP: the same kernel, recv phase)."""
+    if hook is None:
+        return None
+
+    def recv_hook() -> Any:
+        with region(name):
+            return hook()
+
+    return recv_hook
 
 def is_emulated(obj: Any) -> bool:
     """True for epreplay's emulated Buffer class or any instance of it (or of a subclass)."""
@@ -109,13 +139,20 @@ class Buffer:
         self._op_calls: dict[str, int] = {}
         self.low_latency_buffer_idx = 0  # DeepEP alternates two LL buffers; parity of the next call
         self._ll_calls = 0  # low-latency calls so far (a hook is stale once its buffer is reused)
-        self._ll_mask = torch.zeros(self.group_size, dtype=torch.int32)  # enable_shrink's rank mask
+        # enable_shrink's rank mask; host-side (explicit: a client's default device must not move it)
+        self._ll_mask = torch.zeros(self.group_size, dtype=torch.int32, device="cpu")
         self.destroyed = False
 
     # ---- static helpers (DeepEP's) -------------------------------------------------------------
     @staticmethod
     def is_sm90_compiled() -> bool:
-        return False
+        """DeepEP: were its kernels built for SM90 (its FP8 paths)? The emulation has no kernels, so
+        it answers what the machine allows: True on a GPU of CUDA capability >= 9.0 (H100/H200),
+        False elsewhere (CPU included), so clients take the FP8 paths exactly where DeepEP could.
+        The stand-in's CPU test aid (EPREPLAY_STANDIN_CUDA_AS_CPU=1, CPU playing an H200) says True."""
+        if os.environ.get("EPREPLAY_STANDIN_CUDA_AS_CPU", "").strip().lower() in ("1", "true", "yes", "on"):
+            return True
+        return bool(torch.cuda.is_available() and torch.cuda.get_device_capability() >= (9, 0))
 
     @staticmethod
     def set_num_sms(new_num_sms: int) -> None:
@@ -136,7 +173,14 @@ class Buffer:
     @staticmethod
     def get_dispatch_config(num_ranks: int) -> Config:
         """DeepEP's tuned dispatch Config per rank count. DeepEP only knows 2, 4, 8, 16, ... 160
-        ranks; the emulation runs any count and takes the next listed one (1 and 3 ranks: 2 and 4)."""
+        ranks; the emulation runs any count and takes the next listed one (1 and 3 ranks: 2 and 4).
+
+        Deliberately not DeepEP's refusal: DeepEP asserts here (v1.2.1 deep_ep/buffer.py:244,
+        head deep_ep/buffers/legacy.py:259: `assert num_ranks in config_map, 'Unsupported number
+        of EP ranks'`) and its intranode kernels exist only for 2/4/8 ranks (v1.2.1
+        csrc/kernels/launch.cuh:54-60, SWITCH_RANKS), so real normal mode refuses 1 rank. The
+        emulation keeps 1 (and 3, 5, ...) ranks because replaying a recording on fewer ranks
+        (4 -> 2 -> 1) is what it is for; the results are DeepEP's semantics at that size."""
         return tuned_config(num_ranks, Buffer.num_sms, combine=False)
 
     @staticmethod
@@ -204,7 +248,8 @@ class Buffer:
     def get_next_low_latency_combine_buffer(self, handle: object) -> torch.Tensor:
         """A fresh [L, R*M, H] bf16 tensor (zero_copy combines read x as given anyway)."""
         _, _, M, H, E = handle
-        return torch.zeros(E // self.group_size, self.group_size * M, H, dtype=torch.bfloat16)
+        return torch.zeros(E // self.group_size, self.group_size * M, H, dtype=torch.bfloat16,
+                           device=handle[0].device)
 
     # ---- entry points ----------------------------------------------------------------------------
     def get_dispatch_layout(self, topk_idx: torch.Tensor, num_experts: int,
@@ -215,7 +260,8 @@ class Buffer:
         num_tokens_per_rdma_rank [NR] int32 or None at <= 8 ranks, num_tokens_per_expert [E] int32,
         is_token_in_rank [T, R] bool, event). Local: no communication."""
         from epreplay import emulate_normal
-        return emulate_normal.layout(self, topk_idx, num_experts, previous_event, async_finish)
+        with region("layout::get_dispatch_layout"):
+            return emulate_normal.layout(self, topk_idx, num_experts, previous_event, async_finish)
 
     def dispatch(self, x: Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]],
                  handle: Optional[Tuple] = None,
@@ -232,9 +278,10 @@ class Buffer:
         """Normal dispatch; see deepep-semantics.md. Returns (recv_x, recv_topk_idx,
         recv_topk_weights, num_recv_tokens_per_expert_list, handle, event)."""
         from epreplay import emulate_normal
-        return emulate_normal.dispatch(self, x, handle, num_tokens_per_rank, num_tokens_per_rdma_rank,
-                                       is_token_in_rank, num_tokens_per_expert, topk_idx, topk_weights,
-                                       expert_alignment, num_worst_tokens, config, previous_event, async_finish)
+        with region(self._normal_kind() + "::dispatch"):
+            return emulate_normal.dispatch(self, x, handle, num_tokens_per_rank, num_tokens_per_rdma_rank,
+                                           is_token_in_rank, num_tokens_per_expert, topk_idx, topk_weights,
+                                           expert_alignment, num_worst_tokens, config, previous_event, async_finish)
 
     def combine(self, x: torch.Tensor, handle: Tuple, topk_weights: Optional[torch.Tensor] = None,
                 bias: Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]] = None,
@@ -244,7 +291,8 @@ class Buffer:
         """Normal combine (plain sum over ranks, no weights). Returns (combined_x [T, H] bf16,
         combined_topk_weights [T, K] fp32 or None, event)."""
         from epreplay import emulate_combine
-        return emulate_combine.combine(self, x, handle, topk_weights, bias, config, previous_event, async_finish)
+        with region(self._normal_kind() + "::combine"):
+            return emulate_combine.combine(self, x, handle, topk_weights, bias, config, previous_event, async_finish)
 
     def low_latency_dispatch(self, x: torch.Tensor, topk_idx: torch.Tensor,
                              num_max_dispatch_tokens_per_rank: int, num_experts: int,
@@ -257,9 +305,11 @@ class Buffer:
         """Low-latency dispatch. Returns (recv_x [L, R*M, H] bf16 or (fp8, scales), recv_count [L]
         int32, handle (src_info, layout_range, M, H, E), event, hook)."""
         from epreplay import emulate_ll
-        return emulate_ll.dispatch(self, x, topk_idx, num_max_dispatch_tokens_per_rank, num_experts,
-                                   cumulative_local_expert_recv_stats, dispatch_wait_recv_cost_stats,
-                                   use_fp8, round_scale, use_ue8m0, async_finish, return_recv_hook)
+        with region(LL_DISPATCH):
+            out = emulate_ll.dispatch(self, x, topk_idx, num_max_dispatch_tokens_per_rank, num_experts,
+                                      cumulative_local_expert_recv_stats, dispatch_wait_recv_cost_stats,
+                                      use_fp8, round_scale, use_ue8m0, async_finish, return_recv_hook)
+        return (*out[:4], named_hook(out[4], LL_DISPATCH))
 
     def low_latency_combine(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor,
                             handle: tuple, use_logfmt: bool = False, zero_copy: bool = False,
@@ -269,10 +319,16 @@ class Buffer:
             Tuple[torch.Tensor, EventOverlap, Callable]:
         """Low-latency combine with weights. Returns (combined_x [T, H] bf16, event, hook)."""
         from epreplay import emulate_ll
-        return emulate_ll.combine(self, x, topk_idx, topk_weights, handle, use_logfmt, zero_copy,
-                                  async_finish, return_recv_hook, out, combine_wait_recv_cost_stats)
+        with region(LL_COMBINE):
+            res = emulate_ll.combine(self, x, topk_idx, topk_weights, handle, use_logfmt, zero_copy,
+                                     async_finish, return_recv_hook, out, combine_wait_recv_cost_stats)
+        return (*res[:2], named_hook(res[2], LL_COMBINE))
 
     # ---- shared machinery for emulate_normal / emulate_ll ------------------------------------------
+    def _normal_kind(self) -> str:
+        from epreplay.emulate_layout import node_size
+        return "internode" if self.group_size > node_size() else "intranode"
+
     def _begin(self, op: str, collective: bool = True) -> tuple[int, int]:
         """Count the call; run pre-call faults (delay, hang). Returns (collective seq, op call index)."""
         if self.destroyed:

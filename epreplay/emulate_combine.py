@@ -93,13 +93,13 @@ def _check(buf: Any, x: Any, handle: Any, topk_weights: Any, bias: Any, config: 
     if internode:
         in_rank = chk.tensor("handle is_token_in_rank", handle[0], dtype=torch.bool, shape=(None, R))
         prefix = chk.tensor("handle recv_gbl_rank_prefix_sum", handle[6], dtype=torch.int32, shape=(R,))
-        send_R = torch.diff(prefix.cpu().to(torch.int64), prepend=torch.zeros(1, dtype=torch.int64))
+        send_R = torch.diff(prefix.cpu().to(torch.int64), prepend=torch.zeros(1, dtype=torch.int64, device="cpu"))
         rows = handle[7].shape[0]
     else:
         rpm = chk.tensor("handle rank_prefix_matrix", handle[0], dtype=torch.int32, shape=(R, R))
         in_rank = chk.tensor("handle is_token_in_rank", handle[4], dtype=torch.bool, shape=(None, R))
         chk.tensor("handle send_head", handle[5], dtype=torch.int32, shape=(in_rank.shape[0], R))
-        send_R = torch.diff(rpm[:, me].cpu().to(torch.int64), prepend=torch.zeros(1, dtype=torch.int64))
+        send_R = torch.diff(rpm[:, me].cpu().to(torch.int64), prepend=torch.zeros(1, dtype=torch.int64, device="cpu"))
         rows = chk.tensor("handle recv_src_idx", handle[3], dtype=torch.int32, shape=(None,)).shape[0]
     chk.tensor("x", x, dtype=torch.bfloat16, shape=(rows, None))
     need(int(send_R.sum()) <= rows, f"handle: {int(send_R.sum())} received rows but only {rows} in recv_src_idx")

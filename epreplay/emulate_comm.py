@@ -124,6 +124,25 @@ class Comm:
         self._wait(work, what)
         return recv
 
+    def exchange_fixed(self, send_XB: torch.Tensor, what: str) -> torch.Tensor:
+        """all_to_all of equal blocks: send_XB holds R blocks of X / R rows, block r for rank r.
+
+        Returns the same shape, block s from rank s. No split sizes, no host sync: inside a CUDA
+        graph capture the collective is issued synchronously on the capturing stream (NCCL
+        supports that) instead of being waited for with a host-side timeout.
+        """
+        if self.size == 1:
+            return send_XB
+        recv = torch.empty_like(send_XB)
+        if send_XB.numel() == 0:
+            return recv
+        capturing = send_XB.is_cuda and torch.cuda.is_current_stream_capturing()
+        if capturing:
+            dist.all_to_all_single(recv, send_XB.contiguous(), group=self.group)
+        else:
+            self._wait(dist.all_to_all_single(recv, send_XB.contiguous(), group=self.group, async_op=True), what)
+        return recv
+
     def exchange_counts(self, counts_RX: torch.Tensor, what: str) -> torch.Tensor:
         """all_to_all of a fixed number X of int64 per destination: [R, X] -> [R (source), X]."""
         if self.size == 1:
@@ -136,7 +155,7 @@ class Comm:
 
 def new_header(op: int, seq: int, size: int) -> torch.Tensor:
     """A header [HEAD + R] int64 with every optional word at -1 and the counts at 0."""
-    h = torch.full((HEAD + size,), -1, dtype=torch.int64)
+    h = torch.full((HEAD + size,), -1, dtype=torch.int64, device="cpu")  # host-side, whatever the default device
     h[MAGIC], h[OP], h[SEQ], h[ERR] = MAGIC_VALUE, op, seq, 0
     h[HEAD:] = 0
     return h
@@ -159,7 +178,7 @@ def unpack_rows(rows_SB: torch.Tensor, specs: Sequence[tuple[torch.dtype, int]])
     S, B = rows_SB.shape
     rows_SB = rows_SB.contiguous()
     for dtype, n in specs:
-        size = torch.empty((), dtype=dtype).element_size()
+        size = dtype.itemsize
         width = n * size
         if S and B % size == 0 and off % size == 0 and rows_SB.data_ptr() % size == 0:
             out.append(rows_SB.view(dtype)[:, off // size:off // size + n])

@@ -177,11 +177,12 @@ def recv_channel_prefix(src_rank_N: torch.Tensor, src_idx_N: torch.Tensor, src_t
     this rank), computed from the received rows' source token indices and each source's T.
     """
     R = len(src_tokens_R)
-    src = src_rank_N.cpu().to(torch.int64)
-    idx = src_idx_N.cpu().to(torch.int64)
-    per_R = torch.tensor([-(-t // num_channels) if t else 1 for t in src_tokens_R], dtype=torch.int64)
+    host = torch.device("cpu")  # every tensor here explicitly on the host: a client's default device must not leak in
+    src = src_rank_N.to(host, torch.int64)
+    idx = src_idx_N.to(host, torch.int64)
+    per_R = torch.tensor([-(-t // num_channels) if t else 1 for t in src_tokens_R], dtype=torch.int64, device=host)
     ch = idx // per_R[src] if src.numel() else src
-    counts = torch.zeros(R * num_channels, dtype=torch.int64)
+    counts = torch.zeros(R * num_channels, dtype=torch.int64, device=host)
     counts.index_add_(0, src * num_channels + ch, torch.ones_like(src))
     out = counts.view(R, num_channels).cumsum(1) - counts.view(R, num_channels)
     return out.to(torch.int32)

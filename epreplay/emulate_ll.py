@@ -42,6 +42,11 @@ def _common(buf: Any, x: Any, topk_idx: Any, M: Any, E: Any, async_finish: bool,
 
 def dispatch(buf: Any, x: Any, topk_idx: Any, M: Any, E: Any, cum_stats: Any, wait_stats: Any, use_fp8: bool,
              round_scale: bool, use_ue8m0: bool, async_finish: bool, return_recv_hook: bool) -> tuple:
+    from epreplay import emulate_ll_static as static
+
+    if static.wanted(x):  # inside a CUDA graph capture (or EPREPLAY_LL_STATIC=1): no host syncs
+        return static.dispatch(buf, x, topk_idx, M, E, cum_stats, use_fp8, round_scale, use_ue8m0, async_finish,
+                               return_recv_hook)
     seq, index = buf._begin("ll_dispatch")
     R, me = buf.group_size, buf.rank
     what = f"low_latency_dispatch (call {seq} on Buffer #{buf.buffer_id})"
@@ -158,30 +163,37 @@ def _check_fresh(buf: Any, issued: int, what: str) -> None:
 def _place(e_N: torch.Tensor, s_N: torch.Tensor, L: int, R: int, M: int, seed: int, me: int, call: int
            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Rows (local expert, source) -> flat destination e * R*M + row; also count_LR and begin_LR."""
-    blk_N = (e_N * R + s_N).cpu()
+    # On the host with a host generator, whatever the rows' device or the client's default
+    # device/dtype: the shuffle is then the same bytes on CPU and GPU runs (replays compare them).
+    host = torch.device("cpu")
+    blk_N = (e_N * R + s_N).to(host)
     count_LR = torch.bincount(blk_N, minlength=L * R).view(L, R)
     n = blk_N.numel()
     if seed == -1:
-        perm_LR = torch.arange(R).expand(L, R)
+        perm_LR = torch.arange(R, device=host).expand(L, R)
         within = torch.argsort(blk_N, stable=True)  # rows arrive token-ascending per block
     else:
-        gen = torch.Generator().manual_seed((seed * 1_000_003 + me * 7919 + call * 104_729) % (2 ** 63))
-        perm_LR = torch.argsort(torch.rand(L, R, generator=gen), dim=1)
-        shuffled = torch.randperm(n, generator=gen)
+        gen = torch.Generator(device=host).manual_seed((seed * 1_000_003 + me * 7919 + call * 104_729) % (2 ** 63))
+        perm_LR = torch.argsort(torch.rand(L, R, generator=gen, dtype=torch.float32, device=host), dim=1)
+        shuffled = torch.randperm(n, generator=gen, device=host)
         within = shuffled[torch.argsort(blk_N[shuffled], stable=True)]
     c_perm = count_LR.gather(1, perm_LR)
-    begin_LR = torch.zeros(L, R, dtype=torch.int64).scatter_(1, perm_LR, c_perm.cumsum(1) - c_perm)
+    begin_LR = torch.zeros(L, R, dtype=torch.int64, device=host).scatter_(1, perm_LR, c_perm.cumsum(1) - c_perm)
     blk_start = count_LR.flatten().cumsum(0) - count_LR.flatten()
-    pos = torch.empty(n, dtype=torch.int64)
+    pos = torch.empty(n, dtype=torch.int64, device=host)
     sorted_blk = blk_N[within]
-    pos[within] = torch.arange(n) - blk_start[sorted_blk]
-    e_cpu, s_cpu = e_N.cpu(), s_N.cpu()
+    pos[within] = torch.arange(n, device=host) - blk_start[sorted_blk]
+    e_cpu, s_cpu = e_N.to(host), s_N.to(host)
     dest = e_cpu * (R * M) + begin_LR[e_cpu, s_cpu] + pos
     return dest.to(e_N.device), count_LR, begin_LR
 
 
 def combine(buf: Any, x: Any, topk_idx: Any, topk_weights: Any, handle: Any, use_logfmt: bool, zero_copy: bool,
             async_finish: bool, return_recv_hook: bool, out: Optional[torch.Tensor], wait_stats: Any) -> tuple:
+    from epreplay import emulate_ll_static as static
+
+    if static.wanted(x):
+        return static.combine(buf, x, topk_idx, topk_weights, handle, async_finish, return_recv_hook, out)
     seq, index = buf._begin("ll_combine")
     R, me = buf.group_size, buf.rank
     what = f"low_latency_combine (call {seq} on Buffer #{buf.buffer_id})"
@@ -217,10 +229,10 @@ def combine(buf: Any, x: Any, topk_idx: Any, topk_weights: Any, handle: Any, use
     RM, dev = R * M, x.device
     begin_LR, cnt_LR = (lr >> 32), (lr & 0xFFFFFFFF)
     cnt_B, beg_B = cnt_LR.t().flatten(), begin_LR.t().flatten()  # blocks in (source, expert) order
-    e_B = torch.arange(L).repeat(R)
+    e_B = torch.arange(L, device=lr.device).repeat(R)
     total = int(cnt_B.sum())
     starts = torch.repeat_interleave(cnt_B.cumsum(0) - cnt_B, cnt_B)
-    row = torch.repeat_interleave(e_B * RM + beg_B, cnt_B) + (torch.arange(total) - starts)
+    row = torch.repeat_interleave(e_B * RM + beg_B, cnt_B) + (torch.arange(total, device=lr.device) - starts)
     row = row.to(dev)
     tok = src_info.reshape(-1)[row]
     g = torch.repeat_interleave(e_B + me * L, cnt_B).to(dev)

@@ -161,7 +161,7 @@ def dispatch(buf: Any, x: Any, handle: Any, num_tokens_per_rank: Any, num_tokens
             raw_L = buf._comm.exchange_counts(p["per_expert"].view(R, L).to(torch.int64).cpu(), what).sum(0)
         a = max(int(expert_alignment), 1)
         per_expert = [(int(v) + a - 1) // a * a for v in raw_L.tolist()]
-    src_rank_N = torch.repeat_interleave(torch.arange(R), counts_RR[:, me])
+    src_rank_N = torch.repeat_interleave(torch.arange(R, device="cpu"), counts_RR[:, me])
     if src_rank_N.numel() != N:  # rows dropped by an injected fault: keep shapes consistent
         src_rank_N = src_rank_N[:N]
     c = p["cfg"].num_sms // 2
@@ -200,11 +200,11 @@ def _check_dispatch(buf: Any, x: Any, handle: Any, ntpr: Any, itir: Any, ntpe: A
                              dtype=torch.bool, shape=(T, R))
         if internode:
             prefix = chk.tensor("handle recv_gbl_rank_prefix_sum", handle[6], dtype=torch.int32, shape=(R,))
-            expect = torch.diff(prefix.cpu().to(torch.int64), prepend=torch.zeros(1, dtype=torch.int64))
+            expect = torch.diff(prefix.cpu().to(torch.int64), prepend=torch.zeros(1, dtype=torch.int64, device="cpu"))
             out["handle_rows"] = handle[7].shape[0]
         else:
             rpm = chk.tensor("handle rank_prefix_matrix", handle[0], dtype=torch.int32, shape=(R, R))
-            expect = torch.diff(rpm[:, me].cpu().to(torch.int64), prepend=torch.zeros(1, dtype=torch.int64))
+            expect = torch.diff(rpm[:, me].cpu().to(torch.int64), prepend=torch.zeros(1, dtype=torch.int64, device="cpu"))
             out["handle_rows"] = handle[3].shape[0]
         out.update(in_rank=in_rank, K=0, E=-1, expect=expect,
                    lineage=info.dispatch_seq if info is not None else -1)

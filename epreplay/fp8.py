@@ -48,7 +48,8 @@ def cast_fp8(x_TH: torch.Tensor, *, round_scale: bool = False) -> tuple[torch.Te
         raise ValueError(f"hidden={H}: the FP8 cast needs a multiple of {GROUP}")
     xf = x_TH.float().view(T, H // GROUP, GROUP)
     amax_TS = xf.abs().amax(dim=-1).clamp_min(FP8_MARGIN)
-    inv448 = torch.tensor(1.0 / E4M3_MAX, dtype=torch.float32, device=x_TH.device)
+    # a fill, not torch.tensor(): no host-to-device copy, so the cast can run inside a CUDA graph capture
+    inv448 = torch.full((), 1.0 / E4M3_MAX, dtype=torch.float32, device=x_TH.device)
     if round_scale:
         e_TS = _ceil_log2_bits(amax_TS * inv448)
         scale_TS, scale_inv_TS = _pow2(-e_TS), _pow2(e_TS)
