@@ -55,6 +55,8 @@ class CaptureConfig:
         release: free-form release tag for the manifest.
         writer: "process" (default) or "thread": where records are hashed, encoded and written.
         hot_path: "auto" (default), "ring" or "courier": how a hooked call reaches the writer.
+        node: the node this process runs on (capture.job.node_of; -1 unknown): the launcher's
+            node rank, replaced by the rank's own GROUP_RANK when torchrun gives one.
     """
 
     run_dir: str
@@ -75,6 +77,7 @@ class CaptureConfig:
     # in the job), CUDA tensors through side-stream staging and a courier thread; "ring" or
     # "courier" forces one (the courier path is the reference the ring path is tested against).
     hot_path: str = "auto"
+    node: int = -1
 
     def __post_init__(self) -> None:
         if self.hot_path not in ("auto", "ring", "courier"):

@@ -58,14 +58,20 @@ def versions() -> dict[str, str]:
 
 
 def prepare_run(config: CaptureConfig, *, command: list[str] | None = None,
-                world_size: int = 0, fresh: bool = False) -> CaptureConfig:
+                world_size: int = 0, fresh: bool = False, nnodes: int = 1,
+                job: str = "") -> CaptureConfig:
     """Create (or join) the run directory and its manifest; returns the config with the run id.
 
     Args:
         fresh: the caller starts a new run (`epreplay record`): refuse a directory that already
-            holds one. Otherwise ranks join whatever run the directory holds.
+            holds one — unless it holds the run `config.run_id` names (an id every node of a
+            multi-node job agreed on, capture.job) and no launcher of `config.node` yet: the
+            launchers of the other nodes share this directory (a shared filesystem) and join.
+            Otherwise ranks join whatever run the directory holds.
+        nnodes / job: the job's node count and, in words, where its run id came from (manifest).
     """
-    run = RunDir.create(config.run_dir, exist_ok=not fresh)
+    joining = fresh and bool(config.run_id) and _holds_run(config)
+    run = RunDir.create(config.run_dir, exist_ok=not fresh or joining)
     with locked(run):
         manifest = run.read_manifest()
         if manifest is None:
@@ -77,8 +83,39 @@ def prepare_run(config: CaptureConfig, *, command: list[str] | None = None,
                 flight_steps=config.flight_steps, payload_every=config.payload_every,
                 extra={"layers_per_step": config.layers_per_step, "hang_timeout": config.hang_timeout},
             )
+        if fresh:
+            manifest = _launched(run, manifest, config, nnodes=nnodes, job=job)
+            run.write_manifest(manifest)
+        elif not run.manifest_path.exists():
             run.write_manifest(manifest)
     return config.with_run_id(manifest.run_id)
+
+
+def _holds_run(config: CaptureConfig) -> bool:
+    """Whether config.run_dir already holds the run config.run_id names (a shared filesystem)."""
+    try:
+        manifest = RunDir(Path(config.run_dir)).read_manifest()
+    except Exception:  # noqa: BLE001 - not a run we can join: RunDir.create says why
+        return False
+    return manifest is not None and manifest.run_id == config.run_id
+
+
+def _launched(run: RunDir, manifest: Manifest, config: CaptureConfig, *, nnodes: int, job: str) -> Manifest:
+    """`manifest` with this launcher (node, host, pid) in extra["launchers"]; refuses a second
+    launcher of the same node (a re-run into the same directory would mix two jobs)."""
+    from epreplay.errors import UsageError
+
+    launchers = list(manifest.extra.get("launchers") or [])
+    if config.node >= 0 and any(int(l.get("node", -1)) == config.node for l in launchers):
+        raise UsageError(f"{run.path}: already holds node {config.node} of run {manifest.run_id}; "
+                         f"choose another --out (nothing is overwritten)")
+    launchers.append({"node": config.node, "host": socket.gethostname(), "pid": os.getpid(),
+                      "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+    extra = {**manifest.extra, "launchers": launchers, "nnodes": max(nnodes, int(manifest.extra.get("nnodes") or 1))}
+    if job:
+        extra["job"] = job
+    hosts = sorted(set(manifest.hosts) | {socket.gethostname()})
+    return replace(manifest, extra=extra, hosts=hosts)
 
 
 def write_rank_facts(run: RunDir, rank: int, facts: dict[str, Any]) -> None:
@@ -173,10 +210,26 @@ def _folded(manifest: Manifest, facts: dict[str, dict[str, Any]], exit_code: int
     extra["dropped"] = sum(int(f.get("dropped", 0)) for f in ranks.values())
     extra["disabled_ranks"] = sorted(int(r) for r, f in ranks.items() if f.get("disabled"))
     extra["dumps"] = sum(len(f.get("dumps") or []) for f in ranks.values())
+    extra["nodes"] = nodes_of(ranks)
+    for key in ("unclosed_ranks", "missing_ranks"):  # another launcher may have described them
+        if extra.get(key):
+            extra[key] = [r for r in extra[key] if str(r) not in facts]
     if exit_code is not None:
         extra["exit_code"] = exit_code
     return replace(manifest, ranks=ranks, world_size=world, hosts=hosts, x_dtype=x_dtype,
                    extra=extra, **static)
+
+
+def nodes_of(ranks: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """{node: {"ranks": [...], "hosts": [...]}} from a manifest's ranks entries ("-1": unknown)."""
+    out: dict[str, dict[str, Any]] = {}
+    for key in sorted(ranks, key=int):
+        f = ranks[key]
+        node = out.setdefault(str(int(f.get("node", -1))), {"ranks": [], "hosts": []})
+        node["ranks"].append(int(key))
+        if f.get("host") and f["host"] not in node["hosts"]:
+            node["hosts"].append(f["host"])
+    return out
 
 
 def write_marker(run_dir: str | os.PathLike[str], reason: str, detail: str, rank: int) -> Path:
