@@ -80,7 +80,9 @@ def skew_lines(est) -> str:
         return "clock: one node, no skew to align"
     lines = [f"clock skew across nodes: {est.skew_ns / 1e6:,.3f} ms (offsets against node "
              f"{est.nodes[0].node}'s clock; applied by the index to stragglers and the timeline)"]
+    from epreplay.cmd_stats import span
+
     for n in est.nodes:
-        lines.append(f"  node {n.node:>3} ranks {n.ranks[0]}-{n.ranks[-1]}: {n.offset_ns / 1e6:+,.3f} ms"
+        lines.append(f"  node {n.node} (ranks {span(list(n.ranks))}): {n.offset_ns / 1e6:+,.3f} ms"
                      f" (ranks agree within {n.spread_ns / 1e6:,.3f} ms over {n.calls} calls)")
     return "\n".join(lines)
