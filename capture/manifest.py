@@ -70,10 +70,19 @@ def prepare_run(config: CaptureConfig, *, command: list[str] | None = None,
             Otherwise ranks join whatever run the directory holds.
         nnodes / job: the job's node count and, in words, where its run id came from (manifest).
     """
-    joining = fresh and bool(config.run_id) and _holds_run(config)
-    run = RunDir.create(config.run_dir, exist_ok=not fresh or joining)
+    # With an agreed run id, launchers of several nodes may share the directory (a shared
+    # filesystem): whether it holds our run is decided under the lock, or two launchers
+    # starting together would both find it empty, or each refuse the other's.
+    agreed = fresh and bool(config.run_id)
+    run = RunDir.create(config.run_dir, exist_ok=not fresh or agreed)
     with locked(run):
         manifest = run.read_manifest()
+        if agreed and manifest is None and any(run.shards_dir.iterdir()):
+            manifest = Manifest(run_id="", created="", world_size=0)  # shards of an unknown run
+        if agreed and manifest is not None and manifest.run_id != config.run_id:
+            from epreplay.errors import UsageError
+
+            raise UsageError(f"{run.path}: already holds a run; choose another --out (nothing is overwritten)")
         if manifest is None:
             manifest = Manifest(
                 run_id=config.run_id or new_run_id(),
@@ -89,15 +98,6 @@ def prepare_run(config: CaptureConfig, *, command: list[str] | None = None,
         elif not run.manifest_path.exists():
             run.write_manifest(manifest)
     return config.with_run_id(manifest.run_id)
-
-
-def _holds_run(config: CaptureConfig) -> bool:
-    """Whether config.run_dir already holds the run config.run_id names (a shared filesystem)."""
-    try:
-        manifest = RunDir(Path(config.run_dir)).read_manifest()
-    except Exception:  # noqa: BLE001 - not a run we can join: RunDir.create says why
-        return False
-    return manifest is not None and manifest.run_id == config.run_id
 
 
 def _launched(run: RunDir, manifest: Manifest, config: CaptureConfig, *, nnodes: int, job: str) -> Manifest:
