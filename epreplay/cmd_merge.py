@@ -26,6 +26,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, metavar="RUN", help="the merged run directory (new, or empty)")
     parser.add_argument("--allow-missing", action="store_true",
                         help="merge even when ranks have no shard in any part; the manifest lists them")
+    parser.add_argument("--copy", action="store_true",
+                        help="copy the shards instead of hard-linking them (default: link, copy "
+                             "only across filesystems)")
 
 
 class _Progress:
@@ -57,8 +60,8 @@ def run(args: argparse.Namespace) -> int:
     parts = [read_part(p) for p in args.parts]
     check_out(out, parts)
     plan = plan_merge(parts, allow_missing=args.allow_missing)
-    result = write_merge(plan, out, progress=_Progress(len(plan.shards) > 1))
-    how = ("hard-linked" if result.linked == result.shards else
+    result = write_merge(plan, out, copy=args.copy, progress=_Progress(len(plan.shards) > 1))
+    how = ("hard-linked" if result.linked == result.shards else "copied" if args.copy else
            f"{result.linked} hard-linked, {result.shards - result.linked} copied (another filesystem)")
     print(f"epreplay merge: run {plan.run_id}: {result.shards} shard(s) of {len(parts)} part(s) "
           f"into {out} ({how}, {result.bytes / 1e6:,.1f} MB, {result.seconds:.2f} s)")

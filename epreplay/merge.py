@@ -237,11 +237,13 @@ def check_out(out: Path, parts: list[Part]) -> None:
                          f"(nothing is overwritten)")
 
 
-def write_merge(plan: MergePlan, out: str | os.PathLike[str], *,
+def write_merge(plan: MergePlan, out: str | os.PathLike[str], *, copy: bool = False,
                 progress: Callable[[int, int, int, int], None] | None = None) -> MergeResult:
     """Write the merged run to `out` (built aside, renamed into place last).
 
     Args:
+        copy: copy every shard instead of hard-linking it (for parts about to be deleted or
+            moved off a scratch disk; a link is kept only as long as both names exist).
         progress: called as progress(shards done, shards, bytes done, bytes) while shards go in.
     Raises:
         UsageError: `out` exists and is not empty, or cannot be written.
@@ -259,7 +261,7 @@ def write_merge(plan: MergePlan, out: str | os.PathLike[str], *,
         facts_dir.mkdir(mode=DIR_MODE)
         for i, (rank, (src, _)) in enumerate(sorted(plan.shards.items())):
             dst = run.shard_path(rank)
-            if _link(src, dst):
+            if not copy and _link(src, dst):
                 linked += 1
             else:
                 _copy(src, dst, lambda n: progress and progress(i, len(plan.shards), done_bytes + n, total))
