@@ -116,7 +116,8 @@ def run(args: argparse.Namespace) -> int:
             signal.signal(s, h)
     interrupted = bool(stopped_by) or rc in (-signal.SIGINT, -signal.SIGTERM)
     run_dir = RunDir(out)
-    manifest = finish(run_dir, exit_code=rc, interrupted=interrupted)
+    manifest = finish(run_dir, exit_code=rc, interrupted=interrupted,
+                      node=node if job.multi_node and node >= 0 else None)
     if manifest is not None:
         print(summary(manifest, out, shards=len(run_dir.shard_paths()), flight=args.flight),
               file=sys.stderr)

@@ -161,7 +161,7 @@ WRITER_WAIT_S = 10.0
 
 
 def finish(run: RunDir, *, exit_code: int | None = None, interrupted: bool = False,
-           wait_s: float = WRITER_WAIT_S) -> Manifest | None:
+           wait_s: float = WRITER_WAIT_S, node: int | None = None) -> Manifest | None:
     """The launcher's last merge (`epreplay record`, the demo), once the job has ended however
     it ended: every rank's facts as merge() folds them, then what the shard headers say for the
     ranks that left a shard but no facts (interrupted or killed before their close), so that
@@ -170,13 +170,17 @@ def finish(run: RunDir, *, exit_code: int | None = None, interrupted: bool = Fal
     Args:
         interrupted: the job was stopped by a signal (Ctrl-C): extra["interrupted"] says so.
         wait_s: seconds to wait for writers finishing those ranks' shards (see WRITER_WAIT_S).
+        node: this launcher's node when several share the directory (a shared filesystem): the
+            shards of other nodes' ranks, still being written, are theirs to describe.
 
     Returns the new manifest; None when the run has none (nothing was ever started).
     """
     from epreplay.run_census import described, read_shards
 
     facts = read_rank_facts(run)
-    unclosed = [r for r in map(run.rank_of, run.shard_paths()) if str(r) not in facts]
+    unclosed = [p for p in run.shard_paths() if str(run.rank_of(p)) not in facts]
+    if node is not None:
+        unclosed = [p for p in unclosed if _node_of_shard(p) in (node, -1)]
     found = []
     if interrupted or unclosed:  # a clean end reads no shard: their footers can be large
         # outside the lock: an unclosed shard is scanned whole, and ranks closing late need it
@@ -192,6 +196,20 @@ def finish(run: RunDir, *, exit_code: int | None = None, interrupted: bool = Fal
             manifest = replace(manifest, extra={**manifest.extra, "interrupted": True})
         run.write_manifest(manifest)
         return manifest
+
+
+def _node_of_shard(path: Path) -> int:
+    """The node a shard's header names (-1: unknown or unreadable)."""
+    from epreplay.index_scan import read_info
+
+    try:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            return read_info(str(path), fd).node
+        finally:
+            os.close(fd)
+    except Exception:  # noqa: BLE001 - a damaged header is described by read_shards
+        return -1
 
 
 def _folded(manifest: Manifest, facts: dict[str, dict[str, Any]], exit_code: int | None) -> Manifest:
