@@ -198,11 +198,14 @@ def merged_manifest(plan: MergePlan, *, now: str | None = None) -> Manifest:
     firsts = [p.manifest for p in parts if p.manifest is not None]
     base = firsts[0] if firsts else from_header(plan.shards[min(plan.shards)][1])
     facts: dict[str, dict[str, Any]] = {}
-    for part in parts:
+    for i, part in enumerate(parts):
         for rank, (p, info) in part.shards.items():
-            facts[str(rank)] = {"node": info.node, "host": info.host, **part.facts.get(rank, {
+            f = {"node": info.node, "host": info.host, **part.facts.get(rank, {
                 "rank": rank, "world_size": info.world_size, "shard": f"shards/{p.name}",
                 "source": "shard header"})}
+            if int(f.get("node", -1)) < 0:
+                f["node"] = i  # recorded before nodes were: each part is one node's
+            facts[str(rank)] = f
     exit_codes = {str(p.path): (p.manifest.extra.get("exit_code") if p.manifest else None) for p in parts}
     launchers = [l for m in firsts for l in (m.extra.get("launchers") or [])]
     merged = replace(base, ranks={}, world_size=plan.world_size,
@@ -323,8 +326,11 @@ def clock_of(plan_or_run: MergePlan | RunDir):
     from epreplay.records import Kind
     from epreplay.shard_reader import open_shard
 
+    part_of: dict[int, int] = {}
     if isinstance(plan_or_run, MergePlan):
         sources = [(r, p) for r, (p, _) in sorted(plan_or_run.shards.items())]
+        parts = sorted(plan_or_run.parts, key=lambda p: min(p.shards))
+        part_of = {r: i for i, part in enumerate(parts) for r in part.shards}
     else:
         sources = [(plan_or_run.rank_of(p), p) for p in plan_or_run.shard_paths()]
     cols: dict[str, list] = {k: [] for k in ("rank", "buffer", "seq", "op", "start_ns", "duration_ns")}
@@ -332,7 +338,8 @@ def clock_of(plan_or_run: MergePlan | RunDir):
     for rank, path in sources:
         with open_shard(path) as scan:
             h = scan.header_array()
-            node_of[rank] = scan.info.node
+            node = scan.info.node
+            node_of[rank] = node if node >= 0 else part_of.get(rank, -1)
         h = h[h["kind"] == int(Kind.CALL)]
         cols["rank"].append(np.full(len(h), rank, np.int64))
         for k in ("buffer", "seq", "op", "start_ns", "duration_ns"):
