@@ -149,7 +149,7 @@ def merge(run: RunDir, *, exit_code: int | None = None) -> Manifest | None:
         manifest = run.read_manifest()
         if manifest is None:
             return None
-        manifest = _folded(manifest, read_rank_facts(run), exit_code)
+        manifest = folded(manifest, read_rank_facts(run), exit_code)
         run.write_manifest(manifest)
         return manifest
 
@@ -189,7 +189,7 @@ def finish(run: RunDir, *, exit_code: int | None = None, interrupted: bool = Fal
         manifest = run.read_manifest()
         if manifest is None:
             return None
-        manifest = _folded(manifest, read_rank_facts(run), exit_code)
+        manifest = folded(manifest, read_rank_facts(run), exit_code)
         if found:
             manifest = described(manifest, found)
         if interrupted:
@@ -212,7 +212,7 @@ def _node_of_shard(path: Path) -> int:
         return -1
 
 
-def _folded(manifest: Manifest, facts: dict[str, dict[str, Any]], exit_code: int | None) -> Manifest:
+def folded(manifest: Manifest, facts: dict[str, dict[str, Any]], exit_code: int | None) -> Manifest:
     """`manifest` with the ranks' closing facts folded in (world size, shapes, hosts, totals)."""
     ranks = dict(manifest.ranks)
     ranks.update(facts)

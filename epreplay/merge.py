@@ -191,7 +191,7 @@ def merged_manifest(plan: MergePlan, *, now: str | None = None) -> Manifest:
     """One manifest for the merged run (pure): the parts' manifests folded together — ranks'
     facts, hosts, totals — with extra["parts"] (where each part came from and which ranks it
     gave) and, with gaps, extra["missing_ranks"]."""
-    from epreplay.capture.manifest import _folded, nodes_of
+    from epreplay.capture.manifest import folded, nodes_of
     from epreplay.run_census import from_header
 
     parts = sorted(plan.parts, key=lambda p: min(p.shards))
@@ -213,7 +213,7 @@ def merged_manifest(plan: MergePlan, *, now: str | None = None) -> Manifest:
                      extra={k: v for k, v in base.extra.items()
                             if k not in ("launchers", "exit_code", "missing_ranks", "ranks_found",
                                          "unclosed_ranks", "interrupted")})
-    merged = _folded(merged, facts, None)
+    merged = folded(merged, facts, None)
     extra = dict(merged.extra)
     codes = [c for c in exit_codes.values() if c is not None]
     if codes:
