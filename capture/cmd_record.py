@@ -1,6 +1,6 @@
 """`epreplay record`: run any command with capture installed in every Python process it starts.
 
-    epreplay record [--out RUN] [--level L] [--flight N] [--hang-timeout S]
+    epreplay record [--out RUN] [--run-id ID] [--level L] [--flight N] [--hang-timeout S]
                     [--layers-per-step N] [--payload-every K] -- CMD ARGS...
 
 The run directory and its manifest are created first (owner-only), then CMD runs with the
@@ -10,6 +10,10 @@ with no change to the user's code. The exit code is CMD's (128 + signal if it wa
 SIGINT/SIGTERM are passed on to CMD; SIGUSR1 to `epreplay record` makes every flight-mode rank
 dump (through the RUN/DUMP marker). However CMD ended, the manifest is completed last from the
 ranks' facts and, for ranks that never closed, their shard headers (capture.manifest.finish).
+
+Across nodes (capture/job.py): run on every node of a `torchrun --nnodes N --node-rank i` job,
+each launcher derives the same run id from torchrun's rendezvous (or takes --run-id) and writes
+its node's part to RUN on its own disk; `epreplay merge PART... --out RUN` joins the parts.
 """
 from __future__ import annotations
 
@@ -20,6 +24,10 @@ HELP = "run a command with DeepEP capture installed in every Python process it s
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", metavar="RUN", help="run directory to create (default: runs/<run id>)")
+    parser.add_argument("--run-id", default=None, metavar="ID",
+                        help="the run's id; give every node of a multi-node job the same one "
+                             "(default: derived from torchrun's rendezvous, alike on every node, "
+                             "or a new one for a one-node job)")
     parser.add_argument("--level", default="routing",
                         help="counts | routing (default) | fingerprints | payload")
     parser.add_argument("--flight", type=int, default=0, metavar="N",
@@ -46,6 +54,7 @@ def run(args: argparse.Namespace) -> int:
     import sys
     from pathlib import Path
 
+    from epreplay.capture.job import check_run_id, job_of
     from epreplay.capture.manifest import finish, write_marker
     from epreplay.capture.session import env_for
     from epreplay.errors import UsageError
@@ -57,10 +66,27 @@ def run(args: argparse.Namespace) -> int:
     if not cmd:
         raise UsageError("no command to record; put it after '--': "
                          "epreplay record --out RUN -- python train.py")
-    out = Path(args.out or os.path.join("runs", new_run_id()))
+    job = job_of(cmd, os.environ)
+    try:
+        run_id = check_run_id(args.run_id) if args.run_id is not None else job.run_id()
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    out = Path(args.out or os.path.join("runs", run_id or new_run_id()))
+    # a one-node job is node 0; a multi-node one is the node torchrun names (or, elastic, the
+    # one its rendezvous assigns: each rank reads GROUP_RANK)
+    node = job.node_rank if job.multi_node else 0
     env = env_for(out, level=args.level, flight=args.flight, hang_timeout=args.hang_timeout,
                   layers_per_step=args.layers_per_step, payload_every=args.payload_every,
-                  release=args.release, writer=args.writer, command=cmd, fresh=True)
+                  release=args.release, writer=args.writer, command=cmd, fresh=True,
+                  run_id=run_id or "", node=node, nnodes=job.nnodes,
+                  job=("--run-id" if args.run_id is not None else job.source if run_id else ""))
+    if job.multi_node:
+        where = f"node {node}" if node >= 0 else "the node the rendezvous assigns"
+        said = "given by --run-id" if args.run_id is not None else (
+            f"derived from {job.source}, alike on every node" if run_id else
+            "NOT shared: no rendezvous id or endpoint to derive one from; pass --run-id")
+        print(f"epreplay record: run {env['EPREPLAY_CAPTURE_RUN_ID']} ({said}), {where} of "
+              f"{job.nnodes}", file=sys.stderr, flush=True)
     print(f"epreplay record: capturing into {out}", file=sys.stderr, flush=True)
     try:
         proc = subprocess.Popen(cmd, env={**os.environ, **env})
@@ -90,7 +116,8 @@ def run(args: argparse.Namespace) -> int:
             signal.signal(s, h)
     interrupted = bool(stopped_by) or rc in (-signal.SIGINT, -signal.SIGTERM)
     run_dir = RunDir(out)
-    manifest = finish(run_dir, exit_code=rc, interrupted=interrupted)
+    manifest = finish(run_dir, exit_code=rc, interrupted=interrupted,
+                      node=node if job.multi_node and node >= 0 else None)
     if manifest is not None:
         print(summary(manifest, out, shards=len(run_dir.shard_paths()), flight=args.flight),
               file=sys.stderr)

@@ -56,6 +56,8 @@ class CaptureConfig:
         writer: "process" (default) or "thread": where records are hashed, encoded and written.
         hot_path: "auto" (default), "compiled", "ring" or "courier": how a hooked call reaches the
             writer (auto: the compiled hook where it is built and the calls are on the host).
+        node: the node this process runs on (capture.job.node_of; -1 unknown): the launcher's
+            node rank, replaced by the rank's own GROUP_RANK when torchrun gives one.
     """
 
     run_dir: str
@@ -79,6 +81,7 @@ class CaptureConfig:
     # written by the compiled hook for every call site it learned (fast_plan.py); "ring": the
     # Python hook only.
     hot_path: str = "auto"
+    node: int = -1
 
     def __post_init__(self) -> None:
         if self.hot_path not in ("auto", "compiled", "ring", "courier"):

@@ -719,6 +719,7 @@ class Recorder:
         static = {k: sink.get(k, v) for k, v in STATIC_FACTS.items()}
         return {
             "rank": self.rank, "world_size": self.world_size, "host": socket.gethostname(),
+            "node": self.config.node,
             "pid": os.getpid(), "calls": self.calls + fast[1], "records": sink.get("records", 0),
             "dropped": self.dropped + fast[2], "disabled": self.disabled_reason,
             "dumps": sink.get("dumps", []), "graph_skipped": self.graph_skipped

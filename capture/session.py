@@ -14,6 +14,7 @@ import atexit
 import os
 import sys
 import threading
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -88,6 +89,9 @@ def _create(buffer: Any) -> Any:
 
         rank, world = _rank_world(buffer)
         try:
+            from epreplay.capture.job import node_of
+
+            config = replace(config, node=node_of(os.environ, config.node))
             if not config.run_id:
                 config = prepare_run(config, world_size=world)
             else:
@@ -184,17 +188,20 @@ def flush(timeout: float = 30.0) -> bool:
 
 
 def env_for(run_dir: Any, *, command: list[str] | None = None, fresh: bool = False,
-            **options: Any) -> dict[str, str]:
+            nnodes: int = 1, job: str = "", **options: Any) -> dict[str, str]:
     """Environment variables that make every Python process started with them capture into run_dir.
 
     Creates the run directory and its manifest now (so every rank shares one run id) and a
     sitecustomize.py under RUN/.capture/site that the returned PYTHONPATH puts first.
-    Options are start()'s (level, flight, hang_timeout, layers_per_step, payload_every, ...).
+    Options are start()'s (level, flight, hang_timeout, layers_per_step, payload_every, ...,
+    run_id: an id agreed by every node of a job, node: this launcher's node rank).
+    nnodes / job: for the manifest (see manifest.prepare_run).
     """
     from epreplay.capture.autostart import write_site
     from epreplay.capture.manifest import prepare_run
 
-    config = prepare_run(_make_config(run_dir, **options), command=command, fresh=fresh)
+    config = prepare_run(_make_config(run_dir, **options), command=command, fresh=fresh,
+                         nnodes=nnodes, job=job)
     site = write_site(RunDir(Path(config.run_dir)))
     env = config.to_env()
     rest = os.environ.get("PYTHONPATH", "")

@@ -10,7 +10,10 @@ Errors propagate to the caller, which turns capture off with one line: a sink ne
 """
 from __future__ import annotations
 
+import os
+import socket
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -29,6 +32,18 @@ DUMP_DEDUP_S = 2.0
 EARLY_RECORDS = 4
 # What a shard header needs to know, learnt from the first records; reported in a rank's facts.
 STATIC_FACTS = {"num_experts": 0, "topk": 0, "hidden": 0, "x_dtype": ""}
+# Test hook: nanoseconds added to every time this rank's shard records (record start_ns, the
+# shard's created_ns), as if its host clock were that far ahead. Lets one machine play nodes
+# whose clocks disagree (tests/test_multinode.py); 0 (unset) in real use.
+CLOCK_OFFSET_ENV = "EPREPLAY_CLOCK_OFFSET_NS"
+
+
+def clock_offset_ns(environ: "os._Environ[str] | dict[str, str]" = os.environ) -> int:
+    text = environ.get(CLOCK_OFFSET_ENV, "").strip()
+    try:
+        return int(text) if text else 0
+    except ValueError:
+        raise ValueError(f"{CLOCK_OFFSET_ENV}={text!r}: must be an integer number of nanoseconds") from None
 
 
 class Sink:
@@ -51,6 +66,7 @@ class Sink:
         self._early: list[Built] = []
         self._ring = FlightRing(config.flight_steps, config.ring_bytes) if config.flight else None
         self._last_dump: dict[str, float] = {}  # reason -> time.monotonic() of its last dump
+        self.clock_offset_ns = clock_offset_ns()
         if resume and self.run.shard_path(rank).exists():
             # A writer before this one died (ring_consumer.py): go on with its shard, cut back to
             # its last whole record.
@@ -80,7 +96,7 @@ class Sink:
         """An EVENT record; time_ns: when it happened (default now)."""
         header = RecordHeader(kind=Kind.EVENT, op=0, level=self.level, status=Status.OK, buffer=0,
                               seq=self.records, step=-1, layer=-1, tokens=0,
-                              start_ns=time.time_ns() if time_ns is None else time_ns)
+                              start_ns=(time.time_ns() if time_ns is None else time_ns) + self.clock_offset_ns)
         self._append(header, {}, dict(meta, rank=self.rank))
 
     def dump(self, reason: str, detail: str, origin: int, time_ns: int | None = None) -> bool:
@@ -142,6 +158,9 @@ class Sink:
 
     # --- internals ------------------------------------------------------------------------------
     def _keep(self, built: Built) -> None:
+        if self.clock_offset_ns:
+            header, arrays, meta = built
+            built = (replace(header, start_ns=header.start_ns + self.clock_offset_ns), arrays, meta)
         if self._ring is not None:
             self._ring.add(built)
         else:
@@ -164,7 +183,9 @@ class Sink:
 
             info = ShardInfo(run_id=self.config.run_id, rank=self.rank, world_size=self.world_size,
                              num_experts=self.static["num_experts"], topk=self.static["topk"],
-                             hidden=self.static["hidden"], level=self.level, created_ns=time.time_ns())
+                             hidden=self.static["hidden"], level=self.level,
+                             created_ns=time.time_ns() + self.clock_offset_ns,
+                             node=self.config.node, host=socket.gethostname())
             self._writer = ShardWriter(self.run.shard_path(self.rank), info)
         return self._writer
 

@@ -18,6 +18,7 @@ from epreplay.errors import UsageError
 COMMANDS: dict[str, str] = {
     "demo": "epreplay.cmd_demo",
     "record": "epreplay.capture.cmd_record",
+    "merge": "epreplay.cmd_merge",
     "inspect": "epreplay.cmd_inspect",
     "repair": "epreplay.cmd_repair",
     "index": "epreplay.cmd_index",

@@ -277,6 +277,10 @@ def run(args: argparse.Namespace) -> int:  # a broken pipe (`| head`) is handled
         health = Counter(s["health"] for s in summaries)
         print("health: " + ", ".join(f"{n} {h}" for h, n in sorted(health.items()))
               + (f"; {no_shard(missing)}" if missing else ""))
+        if missing and manifest is not None and int(manifest.extra.get("nnodes") or 1) > 1 \
+                and "merged" not in manifest.extra:
+            print(f"  a node's part of a {manifest.extra['nnodes']}-node run: join the parts with "
+                  f"'epreplay merge PART... --out RUN'")
     return 1 if bad or missing else 0
 
 

@@ -74,6 +74,7 @@ def gather(ix, *, top: int, layer: int | None, steps: tuple[int, int] | None) ->
     imb = ix.imbalance(steps=steps)
     strag = ix.stragglers(top, layer=layer, steps=steps)
     health = ix.health()
+    clock = ix.clock()
     pick = imb.layer_L == layer if layer is not None else slice(None)
     return {
         "run": {"run_id": info.run_id, "release": info.release, "world_size": info.world_size,
@@ -104,6 +105,10 @@ def gather(ix, *, top: int, layer: int | None, steps: tuple[int, int] | None) ->
                        for r, la, lt, s, c, m, x, e in zip(
                            strag.rank_N, strag.last_N, strag.late_ns_N, strag.slowest_N, strag.calls_N,
                            strag.mean_ns_N, strag.max_ns_N, strag.excess_ns_N)],
+        "clock": {"skew_ns": (max(n.offset_ns for n in clock) - min(n.offset_ns for n in clock)) if clock else 0,
+                  "nodes": [{"node": n.node, "ranks": list(n.ranks), "hosts": list(n.hosts),
+                             "offset_ns": n.offset_ns, "spread_ns": n.spread_ns, "calls": n.calls}
+                            for n in clock]},
         "health": {"ok": health.ok, "missing_ranks": list(health.missing_ranks), "dropped": health.dropped,
                    "shards": [{"rank": s.rank, "bytes": s.bytes, "records": s.records,
                                "complete": s.complete, "writer_active": s.writer_active,
@@ -168,6 +173,14 @@ def render(d: dict, note: str | None) -> None:
         con.print(t)
     else:
         con.print("stragglers: no call durations recorded")
+    c = d["clock"]
+    if len(c["nodes"]) > 1:  # one node: one clock, nothing to say
+        con.print(f"[bold]clock skew across nodes[/bold]: {c['skew_ns'] / 1e6:,.3f} ms; arrival "
+                  f"times above are aligned to node {c['nodes'][0]['node']}'s clock")
+        for n in c["nodes"]:
+            con.print(f"  node {n['node']} ({', '.join(n['hosts']) or 'host unknown'}, ranks "
+                      f"{span(n['ranks'])}): {n['offset_ns'] / 1e6:+,.3f} ms (ranks agree within "
+                      f"{n['spread_ns'] / 1e6:,.3f} ms over {n['calls']} calls)", markup=False, highlight=False)
     h = d["health"]
     if h["ok"] and not h["shards"]:
         con.print("[green]capture health: every shard complete, nothing dropped or truncated[/green]")
@@ -181,6 +194,17 @@ def render(d: dict, note: str | None) -> None:
         con.print(f"  rank {s['rank']}: {state}; {s['records']} records indexed"
                   + (f"; {s['dropped']} dropped" if s["dropped"] else "")
                   + (f" — {s['problem']}" if s["problem"] else ""), markup=False, highlight=False)
+
+
+def span(ranks: list[int]) -> str:
+    """[0, 1, 2, 3, 8] -> '0-3, 8'."""
+    out: list[str] = []
+    for r in sorted(ranks):
+        if out and r == int(out[-1].split("-")[-1]) + 1:
+            out[-1] = f"{out[-1].split('-')[0]}-{r}"
+        else:
+            out.append(str(r))
+    return ", ".join(out)
 
 
 def run(args: argparse.Namespace) -> int:

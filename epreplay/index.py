@@ -37,6 +37,7 @@ from pathlib import Path
 import numpy as np
 
 from epreplay.errors import UsageError
+from epreplay import index_clock as clock
 from epreplay.index_check import changed
 from epreplay.index_store import INDEX_VERSION, _ingest, _load_report, _loaded_replays
 from epreplay.run import RunDir
@@ -416,6 +417,7 @@ def _build_locked(run: RunDir, force: bool, progress: bool, workers: int | None,
             if full:
                 con.execute(_schema_sql())
             added = _ingest(con, run, facts, results, shard_paths, merge=not full)
+            clock.refresh(con, facts["manifest"])
             for rid in sorted(_report_ids(run) - _loaded_replays(con)):
                 _load_report(con, run, run.replays_dir / f"{rid}.json")
             t3 = time.perf_counter()

@@ -85,3 +85,14 @@ CREATE TABLE divergences (
     token INTEGER, src_rank SMALLINT, expert SMALLINT,  -- -1 unknown
     expected VARCHAR, got VARCHAR, detail VARCHAR
 );
+
+-- Per rank: how far its host clock is from the reference node's (epreplay.clock: estimated from
+-- the end times of collectives, which all ranks leave together). Ranks of one node share a clock:
+-- offset_ns is the node's (what is applied), rank_offset_ns the rank's own estimate. One node:
+-- every offset 0. Cross-rank times are read aligned: start_ns - offset_ns (view aligned_calls).
+CREATE TABLE clock (rank SMALLINT, node SMALLINT, host VARCHAR, offset_ns BIGINT,
+                    rank_offset_ns BIGINT, calls UINTEGER);
+
+-- calls with at_ns, the call's start on the reference node's clock (straggler, lateness views).
+CREATE VIEW aligned_calls AS
+SELECT c.*, c.start_ns - coalesce(k.offset_ns, 0) AS at_ns FROM calls c LEFT JOIN clock k USING (rank);

@@ -15,7 +15,7 @@ import numpy as np
 from epreplay.errors import UsageError
 from epreplay.run import RunDir
 
-INDEX_VERSION = 2  # 2: shards.mtime_ns / stamp_crc (an index of 1 is rebuilt)
+INDEX_VERSION = 3  # 2: shards.mtime_ns / stamp_crc; 3: clock table, aligned_calls (older: rebuilt)
 # dense (step-layer) x rank x expert block assembled at once when merging shard results (64 MiB
 # of int32 counts: 1024 pairs of a 64-rank, 256-expert run)
 DENSE_CELLS = 1 << 24

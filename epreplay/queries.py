@@ -85,21 +85,24 @@ WHERE {_RANGE} GROUP BY src_rank HAVING sum(tokens[$expert + 1]) > 0 ORDER BY to
 
 # A straggler reaches a collective late; the other ranks wait for it inside the call, so *their*
 # durations grow while its own stays short. Ranks are therefore ranked by how often they arrived
-# last (start_ns, comparable across hosts to clock sync, NTP ~ 0.1-1 ms), then by lateness; the
-# duration columns show who waited (and a rank slow inside the call, e.g. a bad link).
+# last (at_ns: start_ns on the reference node's clock, aligned_calls in index_schema.sql — hosts'
+# clocks differ by more than a call lasts), then by lateness; the duration columns show who
+# waited (and a rank slow inside the call, e.g. a bad link).
 STRAGGLERS = f"""
 WITH c AS (
   SELECT rank, duration_ns,
          duration_ns - median(duration_ns) OVER w AS excess_ns,
-         start_ns - min(start_ns) OVER w AS late_ns,
+         at_ns - min(at_ns) OVER w AS late_ns,
          row_number() OVER (PARTITION BY buffer, seq ORDER BY duration_ns DESC, rank) AS pos,
-         row_number() OVER (PARTITION BY buffer, seq ORDER BY start_ns DESC, rank) AS arrival
-  FROM calls WHERE duration_ns >= 0 AND {_RANGE} AND ($op = '' OR op::VARCHAR = $op)
+         row_number() OVER (PARTITION BY buffer, seq ORDER BY at_ns DESC, rank) AS arrival
+  FROM aligned_calls WHERE duration_ns >= 0 AND {_RANGE} AND ($op = '' OR op::VARCHAR = $op)
   WINDOW w AS (PARTITION BY buffer, seq))
 SELECT rank, count(*) FILTER (WHERE arrival = 1) AS last, count(*) FILTER (WHERE pos = 1) AS slowest,
        count(*) AS calls, avg(duration_ns) AS mean_ns, max(duration_ns) AS max_ns,
        avg(excess_ns) AS mean_excess_ns, avg(late_ns) AS mean_late_ns
 FROM c GROUP BY rank ORDER BY last DESC, mean_late_ns DESC, rank LIMIT $top"""
+
+CLOCK = "SELECT rank, node, host, offset_ns, rank_offset_ns, calls FROM clock ORDER BY rank"
 
 SLOWEST_CALLS = f"""
 SELECT buffer, seq, min(step) AS step, min(layer) AS layer, min(op)::VARCHAR AS op,
@@ -305,6 +308,21 @@ class Health:
     @property
     def ok(self) -> bool:
         return not self.damaged and not self.missing_ranks and not self.dropped
+
+
+@dataclass(frozen=True)
+class NodeClock:
+    """One node's clock against the reference node's (the index's clock table, epreplay.clock).
+
+    offset_ns: subtracted from its ranks' times to align them. spread_ns: max - min of its ranks'
+    own estimates (the estimate's noise: they share one clock). calls: collectives used (median)."""
+
+    node: int
+    ranks: tuple[int, ...]
+    hosts: tuple[str, ...]
+    offset_ns: int
+    spread_ns: int
+    calls: int
 
 
 @dataclass(frozen=True)
@@ -540,6 +558,21 @@ class RunIndex:
         return Timeline(step_S, out)
 
     # -- health, replays, free SQL
+    def clock(self) -> tuple[NodeClock, ...]:
+        """Per node (in order of their lowest rank): its clock offset against the first's."""
+        d = self._q(CLOCK)
+        out: dict[int, list[int]] = {}
+        for i, n in enumerate(_ints(d["node"])):
+            out.setdefault(int(n), []).append(i)
+        rows = []
+        for n, idx in sorted(out.items(), key=lambda kv: int(d["rank"][kv[1][0]])):
+            own = _ints(d["rank_offset_ns"])[idx]
+            rows.append(NodeClock(n, tuple(int(r) for r in _ints(d["rank"])[idx]),
+                                  tuple(sorted({str(d["host"][i]) for i in idx if d["host"][i]})),
+                                  int(_ints(d["offset_ns"])[idx[0]]), int(own.max() - own.min()),
+                                  int(np.median(_ints(d["calls"])[idx]))))
+        return tuple(rows)
+
     def health(self) -> Health:
         cols, rows = self._rows(SHARDS)
         shards = []

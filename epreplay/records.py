@@ -215,6 +215,8 @@ class ShardInfo:
         rank: global rank of the process that wrote it. world_size: R.
         num_experts: E (0 when unknown at open time). topk: K (0 unknown). hidden: H (0 unknown).
         level: capture level. created_ns: time.time_ns() at open.
+        node: the node (torchrun's node rank) of the process that wrote it, -1 unknown (shards
+            written before nodes were recorded). host: its host name, "" unknown.
     """
 
     run_id: str
@@ -226,6 +228,8 @@ class ShardInfo:
     level: Level = Level.ROUTING
     created_ns: int = 0
     version: int = FORMAT_VERSION
+    node: int = -1
+    host: str = ""
 
     def to_bytes(self) -> bytes:
         body = asdict(self)
@@ -236,7 +240,8 @@ class ShardInfo:
     def from_bytes(cls, data: bytes) -> "ShardInfo":
         body = json.loads(data.decode())
         body["level"] = Level(body["level"])
-        return cls(**body)
+        known = cls.__dataclass_fields__
+        return cls(**{k: v for k, v in body.items() if k in known})  # a newer writer's keys: ignored
 
 
 @dataclass(frozen=True)

@@ -123,7 +123,8 @@ def described(manifest: Manifest | None, found: list[ShardFacts]) -> Manifest:
             # what a rank stopped before its close can still tell ("closed" False: no footer);
             # an entry made so earlier is renewed, the shard may have grown since
             ranks[str(f.rank)] = {"rank": f.rank, "world_size": f.info.world_size, "records": f.records,
-                                  "shard": f.path, "closed": f.closed, "source": FROM_HEADER}
+                                  "shard": f.path, "closed": f.closed, "source": FROM_HEADER,
+                                  "node": f.info.node, "host": f.info.host}
     static = {k: getattr(manifest, k) or next((getattr(f.info, k) for f in own if getattr(f.info, k)), 0)
               for k in STATIC}
     present = [f.rank for f in own]

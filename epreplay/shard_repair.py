@@ -64,6 +64,13 @@ def repair(path: str | os.PathLike[str]) -> RepairReport:
                          f"move it away, then run 'epreplay repair {path}' again") from None
     os.chmod(backup, 0o600)
     footer = footer_frame(((e.offset, e.header.to_bytes()) for e in keep), end)
+    if os.stat(path).st_nlink > 1:
+        # hard-linked elsewhere (`epreplay merge` links the parts' shards): cut a copy of our own,
+        # never the file another run directory still reads
+        own = path.with_name(f".{path.name}.repair-{os.getpid()}")
+        shutil.copyfile(backup, own)
+        os.chmod(own, 0o600)
+        os.replace(own, path)
     with open(path, "r+b") as fh:
         fh.truncate(end)
         fh.seek(end)

@@ -119,12 +119,13 @@ class DiffData:
 ERRORS_SQL = """SELECT rank, error FROM calls WHERE status <> 'ok' ORDER BY step, layer, rank LIMIT 5"""
 
 # Per (step, rank): mean lateness at the step's calls and how often the rank arrived last — the
-# arrival order that STRAGGLERS (epreplay.queries) ranks by, resolved per step for the timeline.
+# arrival order that STRAGGLERS (epreplay.queries) ranks by, resolved per step for the timeline
+# (at_ns: times on the reference node's clock, so another node's clock does not read as lateness).
 LATENESS_SQL = """
 WITH c AS (
-  SELECT step, rank, start_ns - min(start_ns) OVER w AS late_ns,
-         row_number() OVER (PARTITION BY buffer, seq ORDER BY start_ns DESC, rank) AS arrival
-  FROM calls WHERE duration_ns >= 0 AND ($op = '' OR op::VARCHAR = $op)
+  SELECT step, rank, at_ns - min(at_ns) OVER w AS late_ns,
+         row_number() OVER (PARTITION BY buffer, seq ORDER BY at_ns DESC, rank) AS arrival
+  FROM aligned_calls WHERE duration_ns >= 0 AND ($op = '' OR op::VARCHAR = $op)
   WINDOW w AS (PARTITION BY buffer, seq))
 SELECT step, rank, avg(late_ns) AS late_ns, count(*) FILTER (WHERE arrival = 1) AS last
 FROM c GROUP BY step, rank"""
