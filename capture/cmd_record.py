@@ -92,13 +92,25 @@ def run(args: argparse.Namespace) -> int:
     run_dir = RunDir(out)
     manifest = finish(run_dir, exit_code=rc, interrupted=interrupted)
     if manifest is not None:
-        print(summary(manifest, out, shards=len(run_dir.shard_paths()), flight=args.flight),
-              file=sys.stderr)
+        print(summary(manifest, out, shards=len(run_dir.shard_paths()), flight=args.flight,
+                      steps=_steps_line(run_dir)), file=sys.stderr)
     return rc if rc >= 0 else 128 - rc
 
 
-def summary(manifest, out, *, shards: int, flight: int) -> str:
-    """`epreplay record`'s last line(s): what the run holds, and why it may hold little."""
+def _steps_line(run_dir) -> str:
+    """How the run's steps were found (epreplay.steps), for the summary; '' when unreadable."""
+    from epreplay.errors import UsageError
+    from epreplay.steps import plan_of_run
+
+    try:
+        return plan_of_run(run_dir).describe() if run_dir.shard_paths() else ""
+    except (UsageError, OSError, ValueError):
+        return ""  # the summary's other lines still say what is there
+
+
+def summary(manifest, out, *, shards: int, flight: int, steps: str = "") -> str:
+    """`epreplay record`'s last line(s): what the run holds, how its steps were found, and why
+    it may hold little."""
     from pathlib import Path
 
     from epreplay.capture.manifest import MARKER
@@ -112,6 +124,8 @@ def summary(manifest, out, *, shards: int, flight: int) -> str:
     if extra.get("interrupted"):
         text += (f"; interrupted (world size {manifest.world_size}, shards of ranks "
                  f"{extra.get('ranks_found', [])})")
+    if steps:
+        text += f"\n{steps}"
     if flight:
         # a normal exit writes nothing in flight mode: say so, or 0 records reads as a failure
         text += (f"\nflight mode (--flight {flight}) writes records only on a trigger: an exception, "
