@@ -7,8 +7,11 @@ The run directory and its manifest are created first (owner-only), then CMD runs
 environment of `epreplay.capture.env_for` (a sitecustomize.py first on PYTHONPATH plus
 EPREPLAY_CAPTURE_* variables), so torchrun workers and multiprocessing children capture too,
 with no change to the user's code. The exit code is CMD's (128 + signal if it was killed).
-SIGINT/SIGTERM are passed on to CMD; SIGUSR1 to `epreplay record` makes every flight-mode rank
-dump (through the RUN/DUMP marker). However CMD ended, the manifest is completed last from the
+SIGTERM is passed on to CMD. SIGINT is passed on only when CMD left our process group: a
+terminal's Ctrl-C (or `kill -INT -PGID`) reaches every process of the group, CMD included, and
+a second copy from us would read as a second Ctrl-C (Python's KeyboardInterrupt inside the
+job's own clean-up, torchrun's hard stop). SIGUSR1 to `epreplay record` makes every flight-mode
+rank dump (through the RUN/DUMP marker). However CMD ended, the manifest is completed last from the
 ranks' facts and, for ranks that never closed, their shard headers (capture.manifest.finish).
 """
 from __future__ import annotations
@@ -71,6 +74,8 @@ def run(args: argparse.Namespace) -> int:
 
     def forward(signum: int, _frame: object) -> None:
         stopped_by.append(signum)
+        if signum == signal.SIGINT and _in_our_group(proc.pid):
+            return  # it reached the command too (module docstring): one Ctrl-C is one SIGINT
         proc.send_signal(signum)  # the command decides how to stop; we wait for it
 
     def dump_all(_signum: int, _frame: object) -> None:
@@ -95,6 +100,16 @@ def run(args: argparse.Namespace) -> int:
         print(summary(manifest, out, shards=len(run_dir.shard_paths()), flight=args.flight,
                       steps=_steps_line(run_dir)), file=sys.stderr)
     return rc if rc >= 0 else 128 - rc
+
+
+def _in_our_group(pid: int) -> bool:
+    """Whether process `pid` is in our process group (so a group's signal reached it too)."""
+    import os
+
+    try:
+        return os.getpgid(pid) == os.getpgrp()
+    except ProcessLookupError:
+        return True  # it has gone: nothing to pass on
 
 
 def _steps_line(run_dir) -> str:

@@ -82,7 +82,7 @@ def test_unmarked_client_gets_its_steps_from_the_traffic(tmp_path):
     doc = json.loads(inspect.stdout)["run"]
     assert doc["steps"]["method"] == "detected" and doc["steps"]["layers_per_step"] == layers
     # the run diffed with itself pairs the same layers on both sides (token metrics per layer)
-    diff = _epreplay("diff", str(run), str(run), "--json")
+    diff = _epreplay("diff", str(run), str(run), "--format", "json")
     assert diff.returncode == 0, diff.stderr
     rows = json.loads(diff.stdout)["layers"]
     assert [r["layer"] for r in rows] == list(range(layers))
