@@ -45,7 +45,8 @@ class StepPlan:
     """How steps were found.
 
     Attributes:
-        method: "marked" (the job marked them), "layers-per-step" (record --layers-per-step N),
+        method: "marked" (as recorded: the job's marks, or one step per CUDA-graph replay),
+            "layers-per-step" (record --layers-per-step N),
             "detected" (found in the traffic: period L) or "none" (all calls in step 0).
         layers_per_step: L for "layers-per-step" and "detected"; 0 otherwise.
         detail: why, in words (what the detection saw, or why it found nothing).
@@ -71,7 +72,7 @@ class StepPlan:
     def describe(self) -> str:
         """One line for summaries: 'steps: detected, 4 layers per step (...)'."""
         if self.method == MARKED:
-            return "steps: marked by the job (capture.step / mark_step)"
+            return f"steps: as recorded ({self.detail or 'marked by the job: capture.step / mark_step'})"
         if self.method == COUNTED:
             return f"steps: --layers-per-step {self.layers_per_step}"
         if self.method == DETECTED:
@@ -209,7 +210,12 @@ def plan_for(manifest: Any, headers: Sequence[np.ndarray]) -> StepPlan:
     if any(int(f.get("steps_marked") or 0) for f in ranks.values()):
         return StepPlan(MARKED)
     if any(len(h) and int(h["step"][h["kind"] == int(Kind.CALL)].max(initial=0)) > 0 for h in headers):
-        return StepPlan(COUNTED, lps) if lps else StepPlan(MARKED)
+        if lps:
+            return StepPlan(COUNTED, lps)
+        if ranks and all("steps_marked" in f for f in ranks.values()):
+            # no rank saw a mark: the steps are CUDA-graph replays (capture/graph_ring.py)
+            return StepPlan(MARKED, 0, "one step per CUDA-graph replay")
+        return StepPlan(MARKED)
     if lps:
         return StepPlan(COUNTED, lps)
     found = [layer_calls(h) for h in headers]

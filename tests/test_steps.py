@@ -114,6 +114,10 @@ def test_marks_and_layers_per_step_win():
     plan = steps.plan_for(m, [_headers(calls, step_of=lambda u: u // 2)])
     assert (plan.method, plan.layers_per_step) == ("layers-per-step", 2)
     assert not plan.derived and plan.describe() == "steps: --layers-per-step 2"
+    # steps without marks or --layers-per-step: CUDA-graph replays, kept as recorded
+    m = SimpleNamespace(extra={"layers_per_step": 0}, ranks={"0": {"steps_marked": 0}})
+    plan = steps.plan_for(m, [marked])
+    assert plan.method == "marked" and "CUDA-graph replay" in plan.describe()
     # facts that say no marks: detection runs
     m = SimpleNamespace(extra={"layers_per_step": 0}, ranks={"0": {"steps_marked": 0}})
     assert steps.plan_for(m, [_headers(calls)]).layers_per_step == 2
