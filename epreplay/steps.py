@@ -116,16 +116,20 @@ def layer_calls(h: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         return np.zeros(0, np.uint64), np.zeros(0, np.int64)
     u_N = c["layer"].astype(np.int64)
     U = int(u_N.max()) + 1
-    order = np.lexsort((c["seq"], c["buffer"], u_N))
-    c, u_N = c[order], u_N[order]
-    first = np.r_[0, np.flatnonzero(np.diff(u_N)) + 1]
+    # (buffer, seq) order inside each layer call; a shard written in call order is sorted already
+    # (checked in one pass: the sort is most of the cost)
+    bs_N = (c["buffer"].astype(np.int64) << 40) + c["seq"].astype(np.int64)
+    du, dbs = np.diff(u_N), np.diff(bs_N)
+    if not ((du > 0) | ((du == 0) & (dbs > 0))).all():
+        order = np.lexsort((bs_N, u_N))
+        c, u_N = c[order], u_N[order]
+    first = np.r_[0, np.flatnonzero(np.diff(u_N)) + 1]  # [V] first record of each layer call seen
     pos_N = np.arange(len(c)) - np.repeat(first, np.diff(np.r_[first, len(c)]))
     code_N = (c["buffer"].astype(np.uint64) << np.uint64(8)) | c["op"].astype(np.uint64)
     with np.errstate(over="ignore"):  # a hash: wrapping is intended
         mix_N = _mix(code_N * np.uint64(0x9E3779B97F4A7C15) + pos_N.astype(np.uint64))
     pattern_U = np.zeros(U, np.uint64)
-    np.add.at(pattern_U, u_N, mix_N)
-    pattern_U[np.unique(u_N)] |= np.uint64(1)  # never 0 for a layer call that has records
+    pattern_U[u_N[first]] = np.add.reduceat(mix_N, first) | np.uint64(1)  # never 0 when seen
     T_U = np.full(U, -1, np.int64)
     opens = np.isin(c["op"], _OPENS)
     u_open, at = np.unique(u_N[opens], return_index=True)  # the first opening call of each
