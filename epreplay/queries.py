@@ -542,9 +542,14 @@ class RunIndex:
     # -- health, replays, free SQL
     def step_plan(self):
         """How the run's steps were found (epreplay.steps.StepPlan; the `steps` table)."""
+        import duckdb
+
         from epreplay.steps import NONE, StepPlan
 
-        _, rows = self._rows("SELECT method, layers_per_step, detail FROM steps")
+        try:
+            _, rows = self._rows("SELECT method, layers_per_step, detail FROM steps")
+        except duckdb.CatalogException:  # an index of an older epreplay, kept while being rebuilt
+            rows = []
         if not rows:
             return StepPlan(NONE, 0, "not recorded in this index")
         method, lps, detail = rows[0]
