@@ -7,8 +7,11 @@ The run directory and its manifest are created first (owner-only), then CMD runs
 environment of `epreplay.capture.env_for` (a sitecustomize.py first on PYTHONPATH plus
 EPREPLAY_CAPTURE_* variables), so torchrun workers and multiprocessing children capture too,
 with no change to the user's code. The exit code is CMD's (128 + signal if it was killed).
-SIGINT/SIGTERM are passed on to CMD; SIGUSR1 to `epreplay record` makes every flight-mode rank
-dump (through the RUN/DUMP marker). However CMD ended, the manifest is completed last from the
+SIGTERM is passed on to CMD. SIGINT is passed on only when CMD left our process group: a
+terminal's Ctrl-C (or `kill -INT -PGID`) reaches every process of the group, CMD included, and
+a second copy from us would read as a second Ctrl-C (Python's KeyboardInterrupt inside the
+job's own clean-up, torchrun's hard stop). SIGUSR1 to `epreplay record` makes every flight-mode
+rank dump (through the RUN/DUMP marker). However CMD ended, the manifest is completed last from the
 ranks' facts and, for ranks that never closed, their shard headers (capture.manifest.finish).
 
 Across nodes (capture/job.py): run on every node of a `torchrun --nnodes N --node-rank i` job,
@@ -97,6 +100,8 @@ def run(args: argparse.Namespace) -> int:
 
     def forward(signum: int, _frame: object) -> None:
         stopped_by.append(signum)
+        if signum == signal.SIGINT and _in_our_group(proc.pid):
+            return  # it reached the command too (module docstring): one Ctrl-C is one SIGINT
         proc.send_signal(signum)  # the command decides how to stop; we wait for it
 
     def dump_all(_signum: int, _frame: object) -> None:
@@ -119,13 +124,35 @@ def run(args: argparse.Namespace) -> int:
     manifest = finish(run_dir, exit_code=rc, interrupted=interrupted,
                       node=node if job.multi_node and node >= 0 else None)
     if manifest is not None:
-        print(summary(manifest, out, shards=len(run_dir.shard_paths()), flight=args.flight),
-              file=sys.stderr)
+        print(summary(manifest, out, shards=len(run_dir.shard_paths()), flight=args.flight,
+                      steps=_steps_line(run_dir)), file=sys.stderr)
     return rc if rc >= 0 else 128 - rc
 
 
-def summary(manifest, out, *, shards: int, flight: int) -> str:
-    """`epreplay record`'s last line(s): what the run holds, and why it may hold little."""
+def _in_our_group(pid: int) -> bool:
+    """Whether process `pid` is in our process group (so a group's signal reached it too)."""
+    import os
+
+    try:
+        return os.getpgid(pid) == os.getpgrp()
+    except ProcessLookupError:
+        return True  # it has gone: nothing to pass on
+
+
+def _steps_line(run_dir) -> str:
+    """How the run's steps were found (epreplay.steps), for the summary; '' when unreadable."""
+    from epreplay.errors import UsageError
+    from epreplay.steps import plan_of_run
+
+    try:
+        return plan_of_run(run_dir).describe() if run_dir.shard_paths() else ""
+    except (UsageError, OSError, ValueError):
+        return ""  # the summary's other lines still say what is there
+
+
+def summary(manifest, out, *, shards: int, flight: int, steps: str = "") -> str:
+    """`epreplay record`'s last line(s): what the run holds, how its steps were found, and why
+    it may hold little."""
     from pathlib import Path
 
     from epreplay.capture.manifest import MARKER
@@ -139,6 +166,8 @@ def summary(manifest, out, *, shards: int, flight: int) -> str:
     if extra.get("interrupted"):
         text += (f"; interrupted (world size {manifest.world_size}, shards of ranks "
                  f"{extra.get('ranks_found', [])})")
+    if steps:
+        text += f"\n{steps}"
     if flight:
         # a normal exit writes nothing in flight mode: say so, or 0 records reads as a failure
         text += (f"\nflight mode (--flight {flight}) writes records only on a trigger: an exception, "

@@ -721,6 +721,9 @@ class Recorder:
             "rank": self.rank, "world_size": self.world_size, "host": socket.gethostname(),
             "node": self.config.node,
             "pid": os.getpid(), "calls": self.calls + fast[1], "records": sink.get("records", 0),
+            # whether the job marked a step (the slot keeps the last marked step, Python's and the
+            # compiled hook's): epreplay.steps lets marks win over steps found in the traffic
+            "steps_marked": int(self._attr[0] != fast_plan.NONE),
             "dropped": self.dropped + fast[2], "disabled": self.disabled_reason,
             "dumps": sink.get("dumps", []), "graph_skipped": self.graph_skipped
             + sum(r.skipped for r in self._graph_rings.values()),

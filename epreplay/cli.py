@@ -78,6 +78,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("epreplay: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # before `Exception`, which it is
+        # `epreplay stats RUN | head`: the reader left; say nothing more (stdout is gone).
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except Exception as exc:  # noqa: BLE001 - only a damaged index file is ours to explain
         if args.debug or not _damaged_index(exc):
             raise
@@ -86,12 +92,6 @@ def main(argv: Sequence[str] | None = None) -> int:
               f"it is derived from the shards: rebuild it with 'epreplay index {run} --force'",
               file=sys.stderr)
         return 2
-    except BrokenPipeError:
-        # `epreplay stats RUN | head`: the reader left; say nothing more (stdout is gone).
-        import os
-
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 0
 
 
 def _damaged_index(exc: BaseException) -> bool:

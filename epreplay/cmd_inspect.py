@@ -246,7 +246,8 @@ def run(args: argparse.Namespace) -> int:  # a broken pipe (`| head`) is handled
                     "missing_ranks": rundir.missing_ranks(manifest.world_size if manifest else None),
                     "records": sum(s["records"] for s in summaries),
                     "interrupted": bool(manifest and manifest.extra.get("interrupted")),
-                    "manifest_problem": _manifest_problem(manifest, summaries)}
+                    "manifest_problem": _manifest_problem(manifest, summaries),
+                    "steps": _steps(rundir, shards)}
     else:
         summaries = [shard_summary(path, verify=not args.quick)]
     bad = [s for s in summaries if s["health"] in ("truncated", "corrupt", "unreadable")]
@@ -264,6 +265,8 @@ def run(args: argparse.Namespace) -> int:  # a broken pipe (`| head`) is handled
               f"world {run_info['world_size']}  level {run_info['level']}  "
               f"{run_info['shards']} shards, {run_info['records']} records"
               + ("  (interrupted)" if run_info["interrupted"] else ""))
+        if run_info["steps"]:
+            print(f"  {run_info['steps']['text']}")
         if run_info["manifest_problem"]:
             print(f"  manifest.json says {run_info['manifest_problem']}; "
                   f"'epreplay repair {path}' rebuilds it from the shards")
@@ -282,6 +285,17 @@ def run(args: argparse.Namespace) -> int:  # a broken pipe (`| head`) is handled
             print(f"  a node's part of a {manifest.extra['nnodes']}-node run: join the parts with "
                   f"'epreplay merge PART... --out RUN'")
     return 1 if bad or missing else 0
+
+
+def _steps(rundir, shards: list[Path]) -> dict | None:
+    """How the run's steps were found (epreplay.steps), as JSON; None without any shard."""
+    from epreplay.steps import plan_of_run
+
+    if not shards:
+        return None
+    plan = plan_of_run(rundir, shards)
+    return {"method": plan.method, "layers_per_step": plan.layers_per_step, "detail": plan.detail,
+            "text": plan.describe()}
 
 
 def no_shard(missing: list[int]) -> str:

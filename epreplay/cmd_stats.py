@@ -76,11 +76,14 @@ def gather(ix, *, top: int, layer: int | None, steps: tuple[int, int] | None) ->
     health = ix.health()
     clock = ix.clock()
     pick = imb.layer_L == layer if layer is not None else slice(None)
+    plan = ix.step_plan()
     return {
         "run": {"run_id": info.run_id, "release": info.release, "world_size": info.world_size,
                 "num_experts": info.num_experts, "topk": info.topk, "level": info.level,
                 "steps": info.steps, "first_step": info.first_step, "last_step": info.last_step,
-                "layers": list(info.layers)},
+                "layers": list(info.layers),
+                "steps_found": {"method": plan.method, "layers_per_step": plan.layers_per_step,
+                                "detail": plan.detail, "text": plan.describe()}},
         "selection": {"layer": layer, "steps": list(steps) if steps else None, "top": top},
         "hot_experts": [{"expert": int(e), "tokens": int(t), "share": round(float(s), 5),
                          "rank": int(e) // max(info.num_experts // max(info.world_size, 1), 1)}
@@ -136,6 +139,7 @@ def render(d: dict, note: str | None) -> None:
               f"{r['num_experts']} experts top-{r['topk']}, {r['steps']} steps "
               f"({r['first_step']}..{r['last_step']}), {len(r['layers'])} layers, level {r['level']}"
               + (f" — {', '.join(scope)}" if scope else ""))
+    con.print(r["steps_found"]["text"], markup=False, highlight=False)
     if note:
         con.print(f"[yellow]note:[/yellow] {note}")
     t = Table(title="hottest experts", title_justify="left")

@@ -15,6 +15,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from epreplay import diff_tokens
+from epreplay.steps import plan_of_run
 from epreplay.diff import (DiffResult, LayerDiff, RunLoads, Threshold, compare_layers, judge,
                            summarize, unmeasured_reasons, worst_first)
 from epreplay.errors import UsageError
@@ -148,7 +149,8 @@ def _load_from_shards(run: RunDir, facts: RunFacts, *, steps: tuple[int, int] | 
     """Expert load summed straight from the shards' dispatch records (no index module)."""
     rows: dict[tuple[int, int], np.ndarray] = {}
     num_experts = facts.num_experts
-    with diff_tokens.Catalog(run.shard_paths(), steps=steps, layers=layers) as cat:
+    with diff_tokens.Catalog(run.shard_paths(), steps=steps, layers=layers,
+                             plan=plan_of_run(run)) as cat:
         total = len(cat.refs)
         for n, (step, layer, load_E) in enumerate(diff_tokens.iter_loads(cat, num_experts)):
             num_experts = max(num_experts, load_E.size)
@@ -270,8 +272,11 @@ def _match_tokens(run_a: RunDir, run_b: RunDir, rows: list[LayerDiff], match: st
     """Add token agreement to each layer row; returns (mode used, rows, A's token count)."""
     from dataclasses import replace
 
-    with diff_tokens.Catalog(run_a.shard_paths(), steps=steps, layers=layers) as cat_a, \
-            diff_tokens.Catalog(run_b.shard_paths(), steps=steps, layers=layers) as cat_b:
+    # steps found in a run's traffic (epreplay.steps): its records are read as the index reads them
+    with diff_tokens.Catalog(run_a.shard_paths(), steps=steps, layers=layers,
+                             plan=plan_of_run(run_a)) as cat_a, \
+            diff_tokens.Catalog(run_b.shard_paths(), steps=steps, layers=layers,
+                                plan=plan_of_run(run_b)) as cat_b:
         used = _choose_match(match, cat_a, cat_b, notes)
         if used == "none":
             return used, rows, None

@@ -33,6 +33,8 @@ import numpy as np
 from epreplay.metrics import TokenAgreement, identical_agreement, token_agreement
 from epreplay.records import Kind, Level, Op, RecordHeader, Status
 from epreplay.shard import Entry, ShardScan, open_shard
+from epreplay.steps import StepPlan
+from epreplay.steps import apply as apply_plan
 
 # Records that hold the routing a token got. Layout calls also hold topk_idx_TK, but every layout
 # is followed by the dispatch of the same tokens; counting both would count each token twice.
@@ -74,7 +76,7 @@ class Catalog:
     """
 
     def __init__(self, shard_paths: Iterable[Path], *, steps: tuple[int, int] | None = None,
-                 layers: frozenset[int] | None = None) -> None:
+                 layers: frozenset[int] | None = None, plan: StepPlan | None = None) -> None:
         self.scans: list[ShardScan] = []
         self.fds: list[int] = []
         self.refs: dict[Key, DispatchRef] = {}
@@ -83,19 +85,23 @@ class Catalog:
             scan = open_shard(path)
             self.scans.append(scan)
             self.fds.append(os.open(path, os.O_RDONLY))
-            self._add_shard(scan, self.fds[-1], steps, layers)
+            self._add_shard(scan, self.fds[-1], steps, layers, plan)
 
     def _add_shard(self, scan: ShardScan, fd: int, steps: tuple[int, int] | None,
-                   layers: frozenset[int] | None) -> None:
+                   layers: frozenset[int] | None, plan: StepPlan | None) -> None:
         # Filter the footer's headers with numpy and build Python objects only for the records
         # kept: a production shard lists thousands of records (building all: seconds per run).
         h = scan.header_array()
+        # steps found in the traffic (epreplay.steps): keyed as the index reads them; the
+        # entries keep the recorded header (a record is checked against it when read)
+        step_N, layer_N = apply_plan(plan, h["step"], h["layer"]) if plan is not None \
+            else (h["step"], h["layer"])
         keep = ((h["kind"] == int(Kind.CALL)) & (h["status"] == int(Status.OK))
                 & np.isin(h["op"], (*ROUTING_OPS, int(Op.LL_COMBINE))))
         if steps is not None:
-            keep &= (h["step"] >= steps[0]) & (h["step"] < steps[1])
+            keep &= (step_N >= steps[0]) & (step_N < steps[1])
         if layers is not None:
-            keep &= np.isin(h["layer"], sorted(layers))
+            keep &= np.isin(layer_N, sorted(layers))
         rank = scan.info.rank
         seen: dict[tuple[int, int], int] = {}
         # Low-latency dispatch records carry no weights (DeepEP's low_latency_dispatch takes
@@ -103,15 +109,15 @@ class Catalog:
         ll_seen: dict[tuple[int, int], int] = {}
         combines: dict[tuple[int, int], list[Entry]] = {}
         ll_keys: list[tuple[tuple[int, int], int, Key]] = []
-        for entry in _entries(h[keep]):
+        for entry, step, layer in zip(_entries(h[keep]), step_N[keep].tolist(), layer_N[keep].tolist()):
             hd = entry.header
-            sl = (hd.step, hd.layer)
+            sl = (step, layer)
             if hd.op == int(Op.LL_COMBINE):
                 combines.setdefault(sl, []).append(entry)
                 continue
             n = seen.get(sl, 0)
             seen[sl] = n + 1
-            key = (hd.step, hd.layer, rank, n)
+            key = (step, layer, rank, n)
             self.refs[key] = DispatchRef(key, hd.tokens, scan, entry, fd=fd)
             if hd.op == int(Op.LL_DISPATCH):
                 ll_keys.append((sl, ll_seen.get(sl, 0), key))

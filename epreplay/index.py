@@ -36,6 +36,7 @@ from pathlib import Path
 
 import numpy as np
 
+from epreplay import steps
 from epreplay.errors import UsageError
 from epreplay import index_clock as clock
 from epreplay.index_check import changed
@@ -149,8 +150,9 @@ def _existing(run: RunDir) -> dict | None:
         cols = [d[0] for d in res.description]
         shards = {int(r[0]): dict(zip(cols, r)) for r in res.fetchall()}
         replays = {r[0] for r in con.execute("SELECT replay FROM replays").fetchall()}
+        plan = con.execute("SELECT method, layers_per_step, detail FROM steps").fetchall()
         return {"run_id": ver[0][0], "world_size": ver[0][2], "num_experts": ver[0][3],
-                "shards": shards, "replays": replays}
+                "shards": shards, "replays": replays, "steps": plan[0] if plan else None}
     except duckdb.Error:
         return None
     finally:
@@ -268,11 +270,16 @@ def _plan(run: RunDir, shard_paths: list[Path], state: dict | None
     return tasks, False
 
 
-def _work(task: tuple[str, int, int, int, int, int]):
+def _plan_row(plan: steps.StepPlan) -> tuple[str, int, str]:
+    return plan.method, plan.layers_per_step, plan.detail
+
+
+def _work(task: tuple[str, int, int, int, int, int, int]):
     from epreplay.index_build import index_shard
 
-    path, start, expect_end, E, R, H = task
-    res = index_shard(path, start, num_experts=E, world_size=R, hidden=H, expect_end=expect_end)
+    path, start, expect_end, E, R, H, lps = task
+    res = index_shard(path, start, num_experts=E, world_size=R, hidden=H, expect_end=expect_end,
+                      derived_layers_per_step=lps)
     if res.load_PE is not None:  # halve what crosses the pipe; per-rank counts fit easily
         res.load_PE = res.load_PE.astype(np.int32)
     return res
@@ -284,7 +291,8 @@ def _run_workers(tasks: list[tuple[Path, int, int]], facts: dict, progress: bool
     from concurrent.futures import ProcessPoolExecutor, as_completed
     from multiprocessing import get_context
 
-    args = [(str(p), s, e, facts["num_experts"], facts["world_size"], facts["hidden"]) for p, s, e in tasks]
+    args = [(str(p), s, e, facts["num_experts"], facts["world_size"], facts["hidden"],
+             facts.get("layers_per_step", 0)) for p, s, e in tasks]
     sizes = [max(p.stat().st_size, 1) for p, _, _ in tasks]
     total = sum(sizes)
     n = workers if workers is not None else min(_cpus(), 8)
@@ -398,6 +406,10 @@ def _build_locked(run: RunDir, force: bool, progress: bool, workers: int | None,
             facts["run_id"], facts["world_size"], facts["num_experts"]):
         state = None  # another run's index, or the manifest changed: rebuild (and re-validate)
     tasks, full = _plan(run, shard_paths, state)
+    plan = steps.plan_of_run(run, shard_paths) if tasks else None
+    if plan is not None and not full and tuple(state["steps"] or ()) != _plan_row(plan):
+        tasks, full = [(p, 0, 0) for p in shard_paths], True  # steps found anew: every row moves
+    facts["layers_per_step"] = plan.layers_per_step if plan is not None and plan.derived else 0
     new_reports = _report_ids(run) - (state["replays"] if state else set())
     if not full and not tasks and not new_reports:
         return IndexResult(run.index_path, "fresh", seconds=time.perf_counter() - t0)
@@ -418,6 +430,9 @@ def _build_locked(run: RunDir, force: bool, progress: bool, workers: int | None,
                 con.execute(_schema_sql())
             added = _ingest(con, run, facts, results, shard_paths, merge=not full)
             clock.refresh(con, facts["manifest"])
+            if plan is not None:
+                con.execute("DELETE FROM steps")
+                con.execute("INSERT INTO steps VALUES (?, ?, ?)", list(_plan_row(plan)))
             for rid in sorted(_report_ids(run) - _loaded_replays(con)):
                 _load_report(con, run, run.replays_dir / f"{rid}.json")
             t3 = time.perf_counter()

@@ -203,13 +203,15 @@ class _Reader:
 
 
 def index_shard(path: str, start: int = 0, *, num_experts: int = 0, world_size: int = 0,
-                hidden: int = 0, expect_end: int = 0) -> ShardResult:
+                hidden: int = 0, expect_end: int = 0, derived_layers_per_step: int = 0) -> ShardResult:
     """Index records [start:] of the shard at `path` (a grown shard resumes where it was left).
 
     Args:
         num_experts / world_size / hidden: E, R, H from the manifest (0: from the shard header).
         expect_end: with start > 0, the byte where record start-1 ended when indexed last time:
             reading resumes there (epreplay.index_scan).
+        derived_layers_per_step: L > 0 when the run's steps were found in its traffic
+            (epreplay.steps): recorded layer call u is indexed as (u // L, u % L).
     Never raises for damage: a record whose CRC or body fails ends what is indexed, and the
     result carries its byte offset (truncated_at) and the reason (problem).
     """
@@ -235,6 +237,11 @@ def index_shard(path: str, start: int = 0, *, num_experts: int = 0, world_size: 
             res = ShardResult(info.rank, info, scan.size, scan.complete, scan.writer_active,
                               scan.truncated_at, scan.problem, len(new), end, start, path=str(path))
     res.stamp = before
+    if derived_layers_per_step:
+        from epreplay.steps import DETECTED, StepPlan, apply
+
+        new["step"], new["layer"] = apply(StepPlan(DETECTED, derived_layers_per_step),
+                                          new["step"], new["layer"])
     E = num_experts or info.num_experts
     R = world_size or info.world_size
     fd = os.open(path, os.O_RDONLY)

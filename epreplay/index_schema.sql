@@ -70,6 +70,12 @@ CREATE TABLE traffic (step INTEGER, layer SMALLINT, src_rank SMALLINT, dst_rank 
 CREATE TABLE rank_load (step INTEGER, layer SMALLINT, rank SMALLINT, sent_tokens INTEGER,
                         recv_tokens INTEGER, recv_slots INTEGER, recv_bytes BIGINT);
 
+-- One row: how the calls were grouped into steps (epreplay.steps). method: 'marked' (the job
+-- marked them), 'layers-per-step' (record --layers-per-step N), 'detected' (found in the traffic:
+-- recorded layer call u is indexed as step u // layers_per_step, layer u % layers_per_step) or
+-- 'none' (every call in step 0). detail: why, in words.
+CREATE TABLE steps (method VARCHAR, layers_per_step INTEGER, detail VARCHAR);
+
 -- Replays (loaded from RUN/replays/<id>.json by epreplay.index.load_replay_report).
 CREATE TABLE replays (
     replay VARCHAR, run_id VARCHAR, created VARCHAR, backend VARCHAR, device VARCHAR, payload VARCHAR,

@@ -573,6 +573,22 @@ class RunIndex:
                                   int(np.median(_ints(d["calls"])[idx]))))
         return tuple(rows)
 
+    def step_plan(self):
+        """How the run's steps were found (epreplay.steps.StepPlan; the `steps` table)."""
+        import duckdb
+
+        from epreplay.steps import NONE, StepPlan
+
+        try:
+            _, rows = self._rows("SELECT method, layers_per_step, detail FROM steps")
+        except duckdb.CatalogException:  # an index of an older epreplay, kept while being rebuilt
+            rows = []
+        if not rows:
+            return StepPlan(NONE, 0, "not recorded in this index")
+        method, lps, detail = rows[0]
+        calls = self.info.steps * max(len(self.info.layers), 1) if method == "detected" else 0
+        return StepPlan(method, int(lps or 0), detail or "", calls)
+
     def health(self) -> Health:
         cols, rows = self._rows(SHARDS)
         shards = []

@@ -20,6 +20,7 @@ from epreplay.replay.launcher import joined_from_torchrun, launch_local, run_tor
 from epreplay.replay.report import ReplayReport
 from epreplay.replay.worker import Job
 from epreplay.run import RunDir
+from epreplay.steps import plan_for
 
 
 def _load_shards(run: RunDir) -> tuple[dict[int, Any], int]:
@@ -121,7 +122,8 @@ def replay_run(run_dir: str | os.PathLike[str], ranks: int | None = None, *, bac
         elif payload not in ("recorded", "synthetic"):
             raise UsageError(f"--payload {payload!r}: choose recorded or synthetic")
         sched = S.build(scans, world, steps=S.parse_steps(steps), layers=S.parse_int_set(layers, "--layers"),
-                        ops=S.parse_ops(ops), damaged=damaged_offsets(damage))
+                        ops=S.parse_ops(ops), damaged=damaged_offsets(damage),
+                        step_plan=plan_for(manifest, [s.header_array() for s in scans.values()]))
         if not sched.calls:
             why = (f"{len(sched.skipped)} recorded call(s) skipped (first: {sched.skipped[0].reason})"
                    if sched.skipped else "no calls recorded" if not sched.filtered

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from epreplay.errors import UsageError
 from epreplay.records import Kind, Op, Status
+from epreplay.steps import StepPlan
 
 # Which dispatch op a dependent op's handle comes from.
 PARENT_OP = {Op.COMBINE: Op.DISPATCH, Op.CACHED_DISPATCH: Op.DISPATCH, Op.LL_COMBINE: Op.LL_DISPATCH}
@@ -112,7 +113,7 @@ def parse_ops(text: str | None) -> set[Op] | None:
 
 def build(shards: dict[int, object], world_size: int, *, steps: tuple[int | None, int | None] = (None, None),
           layers: set[int] | None = None, ops: set[Op] | None = None,
-          damaged: dict[int, dict[int, str]] | None = None) -> Schedule:
+          damaged: dict[int, dict[int, str]] | None = None, step_plan: StepPlan | None = None) -> Schedule:
     """Join every rank's calls by (buffer, seq) and decide what is replayed.
 
     Args:
@@ -120,7 +121,10 @@ def build(shards: dict[int, object], world_size: int, *, steps: tuple[int | None
         world_size: N.
         damaged: rank -> {record offset: what is wrong} (replay.damage.damaged_offsets): records
             that are listed but must not be read; their calls are skipped, naming the damage.
+        step_plan: how the run's steps were found (epreplay.steps): a run whose steps were found
+            in its traffic is filtered and reported by the steps the index shows.
     """
+    read = step_plan.read if step_plan is not None else (lambda s, l: (s, l))
     problems = {r: s.problem for r, s in shards.items() if getattr(s, "problem", None)}
     damaged = damaged or {}
     per_rank: dict[int, dict[tuple[int, int], tuple[object, int]]] = {}
@@ -163,6 +167,7 @@ def build(shards: dict[int, object], world_size: int, *, steps: tuple[int | None
     for key in order:
         h0 = first_header(key)
         op = Op(h0.op)
+        step0, layer0 = read(h0.step, h0.layer)
         missing = [r for r in range(world_size) if key not in per_rank[r]]
         reason, ranks = None, tuple(missing)
         if missing:
@@ -195,14 +200,14 @@ def build(shards: dict[int, object], world_size: int, *, steps: tuple[int | None
         if op in (Op.DISPATCH, Op.LL_DISPATCH):
             last_parent[(key[0], op)] = key[1]
         if reason is not None:
-            skipped.append(Skipped(key[0], key[1], op.label, h0.step, h0.layer, reason, ranks))
+            skipped.append(Skipped(key[0], key[1], op.label, step0, layer0, reason, ranks))
             skipped_keys[key] = ranks
             continue
         hs = [per_rank[r][key][0] for r in range(world_size)]
-        sel = ((lo is None or h0.step >= lo) and (hi is None or h0.step < hi)
-               and (layers is None or h0.layer in layers) and (ops is None or op in ops))
+        sel = ((lo is None or step0 >= lo) and (hi is None or step0 < hi)
+               and (layers is None or layer0 in layers) and (ops is None or op in ops))
         wanted.append(sel)
-        calls.append(Call(0, key[0], key[1], op, h0.step, h0.layer,
+        calls.append(Call(0, key[0], key[1], op, step0, layer0,
                           tuple(int(h.tokens) for h in hs),
                           tuple(int(per_rank[r][key][1]) for r in range(world_size)),
                           max(int(h.duration_ns) for h in hs), parent))

@@ -172,3 +172,16 @@ def test_repair_rebuilds_a_world_size_0_manifest_and_keeps_the_old_one(run_dir) 
     run.write_manifest(old)
     assert_one_clean_line(cli("repair", str(run.path)), "manifest.json.bak already exists", "move it away")
     assert bak.read_bytes() == stale and run.manifest_path.read_bytes() == stale
+
+
+def test_a_reader_that_left_is_no_traceback(run_dir) -> None:
+    """`epreplay inspect RUN | head -1`: the pipe's reader is gone before the output is flushed."""
+    run, _ = run_dir
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # every write fails with EPIPE, as after `head` exits
+    try:
+        proc = subprocess.run([sys.executable, "-m", "epreplay", "inspect", str(run.path), "--list"],
+                              stdout=write_end, stderr=subprocess.PIPE, text=True, timeout=120)
+    finally:
+        os.close(write_end)
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr
