@@ -194,6 +194,8 @@ def _expected_rows(eng: Any, call: Any, u: int, rec: Any, fp8: bool, key: int | 
     if per_rank is None and a.get("rank_prefix_matrix_RR") is not None:
         per_rank = np.diff(a["rank_prefix_matrix_RR"][:, u].astype(np.int64), prepend=0)
     src_idx = a.get("recv_src_idx_N")
+    if src_idx is None and per_rank is not None and call.op.label == "dispatch":
+        src_idx = _derived_src_idx(eng, call, u, rec, np.asarray(per_rank, np.int64))
     per_expert = a.get("recv_tokens_per_expert_L")
     if per_rank is None or src_idx is None:
         n = np.zeros(0, np.int64)
@@ -231,6 +233,28 @@ def _expected_rows(eng: Any, call: Any, u: int, rec: Any, fp8: bool, key: int | 
             idx = None
     fp = eng.expected_fp(call, rec, "recv_x_fp_N", src, tok, I.to_fp8 if fp8 else None, key)
     return Rows(src, tok, np.asarray(per_rank, np.int64), per_expert, idx, wts, fp)
+
+
+def _derived_src_idx(eng: Any, call: Any, u: int, rec: Any, per_rank_R: np.ndarray) -> np.ndarray | None:
+    """[N] source token index of each row virtual rank u received, derived from the senders'
+    recorded routing, for recordings whose handle carries none (DeepEP's internode 10-tuple,
+    above 8 ranks). DeepEP orders received rows by source rank, then source token, and sends a
+    token once to every rank holding one of its experts, so the rows from source v are v's
+    tokens with an expert in u's range, ascending. None when a sender's routing was not
+    recorded or disagrees with the recorded counts (then only counts are compared)."""
+    Lv = eng.plan.local_experts_virtual
+    lo, hi = u * Lv, (u + 1) * Lv
+    parts = []
+    for v in np.flatnonzero(per_rank_R):
+        srec = rec if int(v) == u else eng.record(int(v), call)
+        t_idx = srec.arrays.get("topk_idx_TK")
+        if t_idx is None:
+            return None
+        toks = np.flatnonzero(((t_idx >= lo) & (t_idx < hi)).any(axis=1))
+        if len(toks) != per_rank_R[v]:
+            return None
+        parts.append(toks)
+    return np.concatenate(parts).astype(np.int32) if parts else np.zeros(0, np.int32)
 
 
 def cached(eng: Any, call: Any, recs: dict) -> tuple[int, int]:
