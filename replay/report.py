@@ -85,6 +85,8 @@ class ReplayReport:
     shard_problems: dict[str, str] = field(default_factory=dict)
     worker_pids: list[int] = field(default_factory=list)  # the replay processes (all ended)
     allow_partial: bool = False  # the user accepted skipped calls (--allow-partial)
+    hidden: int = 0  # H of the replayed payload rows (the recorded one unless --hidden)
+    peak_rss_mb: list[float] = field(default_factory=list)  # per replay process (-1: no summary)
 
     @property
     def incomplete(self) -> bool:
