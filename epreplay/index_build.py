@@ -433,6 +433,10 @@ def _chunk_numpy(group: list[tuple[int, np.ndarray, int]], dedup: bool, E: int, 
     else:
         dst_of = (np.arange(E) // X).astype(np.uint8 if R <= 255 else np.int32)
         dst_KG = dst_of[idx_GK.T]  # [K, G]: each slot column contiguous for the comparisons below
+    if valid is not None and dedup:
+        # a slot with no expert (-1, read as expert 0 above) must not hide a real slot for rank 0
+        # from the duplicate test: give it a destination no real slot has
+        dst_KG = np.where(valid.T, dst_KG, R).astype(np.int32 if R >= 255 else dst_KG.dtype)
     if dedup:  # a token goes once to each destination rank, however many of its experts live there
         keep_KG = np.ones(dst_KG.shape, bool)
         for k in range(1, K):
