@@ -1,7 +1,9 @@
 """Index one shard: its calls, and its routing aggregated per (step, layer) with vectorised numpy.
 
-Runs in worker processes (one shard per task); pure numpy + the shard reader, no duckdb. The
-parent (epreplay.index) merges the per-shard results into the index tables.
+Runs in worker processes (one shard per task); numpy + the shard reader, no duckdb, with the
+aggregation in C (epreplay/_indexc.c) where it was built. Records are read once: a record the
+index decodes is checked by zstd's content checksum as it decompresses, the others by their
+CRC. The parent (epreplay.index) merges the per-shard results into the index tables.
 
 What a shard contributes (its rank is the sending rank of every aggregate):
   load_PE  [P, E] slots (t, k) per expert, from topk_idx_TK of dispatch / ll_dispatch

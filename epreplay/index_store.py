@@ -155,32 +155,34 @@ def _blocks(put, parts: list, pos: list, sl_all: np.ndarray, keys: np.ndarray, R
         sent_PRR = np.zeros((n, R, R), np.int64)
         bytes_PRR = np.zeros((n, R, R), np.int64)
         recv_PE = np.zeros((n, E), np.int64)
-        for r, p in zip(parts, pos):
-            m = (p >= a) & (p < b)
-            if not m.any():
+        for r, p in zip(parts, pos):  # p ascending: this block's pairs are a slice of it
+            i0, i1 = np.searchsorted(p, (a, b))
+            if i0 == i1:
                 continue
-            q = p[m] - a
-            load_PRE[q, r.rank] += r.load_PE[m]
-            sent_PRR[q, r.rank] += r.sent_PR[m]
-            bytes_PRR[q, r.rank] += r.bytes_PR[m]
+            q = p[i0:i1] - a
+            if q[-1] - q[0] == i1 - i0 - 1:  # consecutive pairs (the usual case): slices, no gather
+                q = slice(int(q[0]), int(q[-1]) + 1)
+            load_PRE[q, r.rank] += r.load_PE[i0:i1]
+            sent_PRR[q, r.rank] += r.sent_PR[i0:i1]
+            bytes_PRR[q, r.rank] += r.bytes_PR[i0:i1]
             if r.recv_PE is not None:
-                recv_PE[q] += r.recv_PE[m]
+                recv_PE[q] += r.recv_PE[i0:i1]
         step_n, layer_n = sl_all[a:b, 0].astype(np.int32), sl_all[a:b, 1].astype(np.int16)
         # expert_load_rank: one list row per (p, src) that routed anything, in (step, layer, src) order
-        pi, ri = np.nonzero(load_PRE.any(axis=2))
+        (pi, ri), rows = _cells(load_PRE.any(axis=2))
         added["expert_load_rank"] += put(target["expert_load_rank"], {
             "step": step_n[pi], "layer": layer_n[pi], "src_rank": ri.astype(np.int16),
-            "tokens": load_PRE[pi, ri]})
+            "tokens": rows(load_PRE.reshape(n, R, E), (n * R, E))})
         load_PE = load_PRE.sum(1, dtype=np.int64) + recv_PE
-        pi, ei = np.nonzero(load_PE)
+        (pi, ei), cells = _cells(load_PE)
         added["expert_load"] += put(target["expert_load"], {
             "step": step_n[pi], "layer": layer_n[pi], "expert": ei.astype(np.int16),
-            "tokens": load_PE[pi, ei].astype(np.int32)})
-        pi, si, di = np.nonzero(sent_PRR)
+            "tokens": cells(load_PE).astype(np.int32)})
+        (pi, si, di), cells = _cells(sent_PRR)
         added["traffic"] += put(target["traffic"], {
             "step": step_n[pi], "layer": layer_n[pi], "src_rank": si.astype(np.int16),
-            "dst_rank": di.astype(np.int16), "tokens": sent_PRR[pi, si, di].astype(np.int32),
-            "bytes": bytes_PRR[pi, si, di]})
+            "dst_rank": di.astype(np.int16), "tokens": cells(sent_PRR).astype(np.int32),
+            "bytes": cells(bytes_PRR)})
         slots_PR = load_PE[:, :R * X].reshape(n, R, X).sum(2)
         pi = np.repeat(np.arange(n), R)
         added["rank_load"] += put(target["rank_load"], {
@@ -188,6 +190,22 @@ def _blocks(put, parts: list, pos: list, sl_all: np.ndarray, keys: np.ndarray, R
             "sent_tokens": sent_PRR.sum(2).ravel().astype(np.int32),
             "recv_tokens": sent_PRR.sum(1).ravel().astype(np.int32),
             "recv_slots": slots_PR.ravel().astype(np.int32), "recv_bytes": bytes_PRR.sum(1).ravel()})
+
+
+def _cells(mask: np.ndarray):
+    """(coordinates of mask's nonzero cells in C order, take) where take(a, flat_shape) gives
+    those cells of an array shaped like mask (a's trailing dims kept; flat_shape: a with mask's
+    dims flattened into one). Every cell nonzero (dense traffic and load at scale, the usual
+    case): coordinates from repeat/tile and `take` a reshape, no scan and no gather."""
+    shape = mask.shape
+    if mask.all():
+        coords, inner = [], int(np.prod(shape))
+        for d in shape:
+            inner //= d
+            coords.append(np.tile(np.repeat(np.arange(d), inner), mask.size // (d * inner)))
+        return tuple(coords), lambda a, flat=None: a.reshape(flat or (mask.size,) + a.shape[mask.ndim:])
+    coords = np.nonzero(mask)
+    return coords, lambda a, flat=None: a[coords]
 
 
 def _merge(con, overlap: np.ndarray) -> None:
