@@ -1,7 +1,9 @@
 """Index one shard: its calls, and its routing aggregated per (step, layer) with vectorised numpy.
 
-Runs in worker processes (one shard per task); pure numpy + the shard reader, no duckdb. The
-parent (epreplay.index) merges the per-shard results into the index tables.
+Runs in worker processes (one shard per task); numpy + the shard reader, no duckdb, with the
+aggregation in C (epreplay/_indexc.c) where it was built. Records are read once: a record the
+index decodes is checked by zstd's content checksum as it decompresses, the others by their
+CRC. The parent (epreplay.index) merges the per-shard results into the index tables.
 
 What a shard contributes (its rank is the sending rank of every aggregate):
   load_PE  [P, E] slots (t, k) per expert, from topk_idx_TK of dispatch / ll_dispatch
@@ -32,6 +34,11 @@ from epreplay import codec
 from epreplay.index_check import ShardStamp, stamp
 from epreplay.records import Kind, Op, ShardInfo
 from epreplay.shard_frames import REC_PREFIX, RECORD_FRAME_HEAD
+
+try:  # the C aggregation (epreplay/_indexc.c), where the package was built with a compiler
+    from epreplay import _indexc
+except ImportError:
+    _indexc = None
 
 ROUTING_OPS = (int(Op.DISPATCH), int(Op.LL_DISPATCH))
 CHUNK_RECORDS = 512  # records per vectorised batch: bounds memory (~2 MB of ids per 512 x 512 x 8)
@@ -169,7 +176,8 @@ def row_bytes(meta: dict, hidden: int, ll: bool) -> int:
 
 
 class _Reader:
-    """Sequential reads of records' data frames, CRC-checked, from a window of the file."""
+    """Sequential reads of records' data frames, checked (CRC, or zstd's checksum when decoded),
+    from a window of the file."""
 
     def __init__(self, fd: int) -> None:
         self.fd, self.lo, self.buf = fd, 0, b""
@@ -191,13 +199,27 @@ class _Reader:
         if int.from_bytes(view[REC_PREFIX - 4:REC_PREFIX], "little") != zlib.crc32(head):
             raise ValueError("record header damaged")
         comp = view[REC_PREFIX:]
-        got = zlib.crc32(comp)
-        if got != crc:
-            raise ValueError(f"record data damaged (crc {got:#010x} != {crc:#010x})")
-        if not decode:
-            return b""
-        raw = self.dec.decompress(comp, max_output_size=raw_len)
-        if len(raw) != raw_len:
+        # byte 4 of a zstd frame is its descriptor; bit 2: a content checksum follows the data
+        if not decode or len(comp) < 5 or not comp[4] & 4:
+            got = zlib.crc32(comp)
+            if got != crc:
+                raise ValueError(f"record data damaged (crc {got:#010x} != {crc:#010x})")
+            if not decode:
+                return b""
+        # A decoded record needs no CRC pass of its own: the frame carries zstd's content
+        # checksum (shard_frames.compressor: write_checksum), which decompress verifies over the
+        # decoded bytes. Only a record that fails to decode is CRC'd, to say what is wrong in
+        # the same words as a reader that checks CRCs first (shard_reader).
+        try:
+            raw = self.dec.decompress(comp, max_output_size=raw_len)
+        except zstandard.ZstdError:
+            raw = None
+        if raw is None or len(raw) != raw_len:
+            got = zlib.crc32(comp)
+            if got != crc:
+                raise ValueError(f"record data damaged (crc {got:#010x} != {crc:#010x})")
+            if raw is None:
+                raise ValueError("record data undecodable (zstd) although its CRC matches")
             raise ValueError(f"{len(raw)} bytes decoded, header says {raw_len}")
         return raw
 
@@ -363,6 +385,32 @@ def _aggregate(res: ShardResult, routing: list, E: int, R: int) -> None:
 
 def _chunk(group: list[tuple[int, np.ndarray, int]], dedup: bool, E: int, R: int, X: int,
            load_PE: np.ndarray, sent_PR: np.ndarray, bytes_PR: np.ndarray) -> None:
+    """Aggregate a batch of routing records into rows of load_PE / sent_PR / bytes_PR: in one C
+    pass (epreplay/_indexc.c) where it was built, else with numpy (`_chunk_numpy`)."""
+    if _indexc is None:
+        _chunk_numpy(group, dedup, E, R, X, load_PE, sent_PR, bytes_PR)
+        return
+    K = max(idx.shape[1] for _, idx, _ in group)
+    parts = [idx if idx.shape[1] == K else np.pad(idx.astype(np.int64), ((0, 0), (0, K - idx.shape[1])),
+                                                  constant_values=-1) for _, idx, _ in group]
+    size = max(x.dtype.itemsize for x in parts)
+    want = {1: np.uint8, 2: np.int16}.get(size, np.int64)
+    if any(x.dtype != want for x in parts):  # mixed widths: widen to the signed widest
+        want = np.int64 if size > 2 else np.int16
+        parts = [x.astype(want) for x in parts]
+    idx_GK = np.ascontiguousarray(np.concatenate(parts) if len(parts) > 1 else parts[0])
+    T_n = np.array([idx.shape[0] for _, idx, _ in group], np.int64)
+    p_n = np.array([p for p, _, _ in group], np.int64)
+    lo, hi = int(p_n.min()), int(p_n.max()) + 1
+    p_G = np.repeat((p_n - lo).astype(np.int32), T_n)
+    rb_G = np.repeat(np.array([rb for _, _, rb in group], np.int64), T_n)
+    # the blocks are C-contiguous row ranges of the shard's tables: written in place
+    _indexc.aggregate(idx_GK, idx_GK.dtype.itemsize, K, p_G, rb_G, load_PE[lo:hi], sent_PR[lo:hi],
+                      bytes_PR[lo:hi], E, R, X, int(dedup))
+
+
+def _chunk_numpy(group: list[tuple[int, np.ndarray, int]], dedup: bool, E: int, R: int, X: int,
+                 load_PE: np.ndarray, sent_PR: np.ndarray, bytes_PR: np.ndarray) -> None:
     """Aggregate a batch of routing records at once (one bincount per table, not per record).
 
     Ids stay narrow (uint8 / int16) through the per-slot passes; only bincount keys are wide."""
@@ -394,6 +442,10 @@ def _chunk(group: list[tuple[int, np.ndarray, int]], dedup: bool, E: int, R: int
     else:
         dst_of = (np.arange(E) // X).astype(np.uint8 if R <= 255 else np.int32)
         dst_KG = dst_of[idx_GK.T]  # [K, G]: each slot column contiguous for the comparisons below
+    if valid is not None and dedup:
+        # a slot with no expert (-1, read as expert 0 above) must not hide a real slot for rank 0
+        # from the duplicate test: give it a destination no real slot has
+        dst_KG = np.where(valid.T, dst_KG, R).astype(np.int32 if R >= 255 else dst_KG.dtype)
     if dedup:  # a token goes once to each destination rank, however many of its experts live there
         keep_KG = np.ones(dst_KG.shape, bool)
         for k in range(1, K):

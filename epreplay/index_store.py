@@ -7,6 +7,7 @@ Legend: P (step, layer) pairs, R ranks, E experts, X = E / R local experts.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
@@ -19,6 +20,7 @@ INDEX_VERSION = 3  # 2: shards.mtime_ns / stamp_crc; 3: clock table, aligned_cal
 # dense (step-layer) x rank x expert block assembled at once when merging shard results (64 MiB
 # of int32 counts: 1024 pairs of a 64-rank, 256-expert run)
 DENSE_CELLS = 1 << 24
+BLOCK_PAIRS = 256  # (step, layer) pairs per block at most (see _blocks)
 
 
 OPS = ("layout", "dispatch", "cached_dispatch", "combine", "ll_dispatch", "ll_combine")  # Op 1..6
@@ -54,6 +56,50 @@ def _insert(con, table: str, cols: dict[str, np.ndarray]) -> int:
     return n
 
 
+class _Inserter:
+    """`_insert` on a background thread, in submission order: DuckDB releases the GIL while it
+    inserts, so the next (step, layer) block's numpy merge runs on the other core meanwhile
+    (the table phase was serial: about half numpy, half DuckDB). While it is open nothing else
+    may use `con`; leaving the block waits for every insert and re-raises the first failure."""
+
+    def __init__(self, con) -> None:
+        import queue
+        import threading
+
+        self.con, self.error = con, None
+        self.q: "queue.Queue" = queue.Queue(maxsize=2)  # bounds the blocks held in memory
+        self.thread = threading.Thread(target=self._run, name="epreplay-index-insert", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while True:
+            job = self.q.get()
+            if job is None:
+                return
+            if self.error is None:
+                try:
+                    _insert(self.con, *job)
+                except BaseException as exc:  # noqa: BLE001 - re-raised by the submitting thread
+                    self.error = exc
+
+    def __call__(self, table: str, cols: dict[str, np.ndarray]) -> int:
+        if self.error is not None:
+            raise self.error
+        n = len(next(iter(cols.values())))
+        if n:
+            self.q.put((table, cols))
+        return n
+
+    def __enter__(self) -> "_Inserter":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.q.put(None)
+        self.thread.join()
+        if self.error is not None and exc[0] is None:
+            raise self.error
+
+
 # per aggregate table: its key columns (after step, layer) and summed value columns
 _AGG_TABLES = {
     "expert_load": (("expert",), ("tokens",)),
@@ -63,10 +109,11 @@ _AGG_TABLES = {
 }
 
 
-def _emit(con, results: list, facts: dict, merge: bool) -> dict[str, int]:
+def _emit(con, results: list, facts: dict, merge: bool, put=None) -> dict[str, int]:
     """Insert the shard results' aggregates, (step, layer) block by block, in key order.
 
-    With `merge`, rows of (step, layer) pairs already in the index are summed with them."""
+    With `merge`, rows of (step, layer) pairs already in the index are summed with them.
+    put: an open _Inserter on `con` (the blocks' inserts overlap the next block's merge)."""
     R, E = facts["world_size"], facts["num_experts"]
     X = max(E // max(R, 1), 1)
     parts = [r for r in results if r.load_PE is not None and len(r.sl_P2)]
@@ -89,7 +136,18 @@ def _emit(con, results: list, facts: dict, merge: bool) -> dict[str, int]:
     if overlap is not None:
         for t in _AGG_TABLES:
             con.execute(f"CREATE TEMP TABLE d_{t} AS SELECT * FROM {t} LIMIT 0")
-    block = max(1, DENSE_CELLS // max(R * E, 1))
+    with (_Inserter(con) if put is None else contextlib.nullcontext(put)) as put:
+        _blocks(put, parts, pos, sl_all, keys, R, E, X, target, added)
+    if overlap is not None:
+        _merge(con, overlap)
+    return added
+
+
+def _blocks(put, parts: list, pos: list, sl_all: np.ndarray, keys: np.ndarray, R: int, E: int, X: int,
+            target: dict, added: dict) -> None:
+    """_emit's dense merge, block by block, each block's rows handed to `put`."""
+    # blocks of BLOCK_PAIRS at most: small enough that inserting one overlaps merging the next
+    block = max(1, min(BLOCK_PAIRS, DENSE_CELLS // max(R * E, 1)))
     for a in range(0, len(keys), block):
         b = min(a + block, len(keys))
         n = b - a
@@ -97,42 +155,57 @@ def _emit(con, results: list, facts: dict, merge: bool) -> dict[str, int]:
         sent_PRR = np.zeros((n, R, R), np.int64)
         bytes_PRR = np.zeros((n, R, R), np.int64)
         recv_PE = np.zeros((n, E), np.int64)
-        for r, p in zip(parts, pos):
-            m = (p >= a) & (p < b)
-            if not m.any():
+        for r, p in zip(parts, pos):  # p ascending: this block's pairs are a slice of it
+            i0, i1 = np.searchsorted(p, (a, b))
+            if i0 == i1:
                 continue
-            q = p[m] - a
-            load_PRE[q, r.rank] += r.load_PE[m]
-            sent_PRR[q, r.rank] += r.sent_PR[m]
-            bytes_PRR[q, r.rank] += r.bytes_PR[m]
+            q = p[i0:i1] - a
+            if q[-1] - q[0] == i1 - i0 - 1:  # consecutive pairs (the usual case): slices, no gather
+                q = slice(int(q[0]), int(q[-1]) + 1)
+            load_PRE[q, r.rank] += r.load_PE[i0:i1]
+            sent_PRR[q, r.rank] += r.sent_PR[i0:i1]
+            bytes_PRR[q, r.rank] += r.bytes_PR[i0:i1]
             if r.recv_PE is not None:
-                recv_PE[q] += r.recv_PE[m]
+                recv_PE[q] += r.recv_PE[i0:i1]
         step_n, layer_n = sl_all[a:b, 0].astype(np.int32), sl_all[a:b, 1].astype(np.int16)
         # expert_load_rank: one list row per (p, src) that routed anything, in (step, layer, src) order
-        pi, ri = np.nonzero(load_PRE.any(axis=2))
-        added["expert_load_rank"] += _insert(con, target["expert_load_rank"], {
+        (pi, ri), rows = _cells(load_PRE.any(axis=2))
+        added["expert_load_rank"] += put(target["expert_load_rank"], {
             "step": step_n[pi], "layer": layer_n[pi], "src_rank": ri.astype(np.int16),
-            "tokens": load_PRE[pi, ri]})
+            "tokens": rows(load_PRE.reshape(n, R, E), (n * R, E))})
         load_PE = load_PRE.sum(1, dtype=np.int64) + recv_PE
-        pi, ei = np.nonzero(load_PE)
-        added["expert_load"] += _insert(con, target["expert_load"], {
+        (pi, ei), cells = _cells(load_PE)
+        added["expert_load"] += put(target["expert_load"], {
             "step": step_n[pi], "layer": layer_n[pi], "expert": ei.astype(np.int16),
-            "tokens": load_PE[pi, ei].astype(np.int32)})
-        pi, si, di = np.nonzero(sent_PRR)
-        added["traffic"] += _insert(con, target["traffic"], {
+            "tokens": cells(load_PE).astype(np.int32)})
+        (pi, si, di), cells = _cells(sent_PRR)
+        added["traffic"] += put(target["traffic"], {
             "step": step_n[pi], "layer": layer_n[pi], "src_rank": si.astype(np.int16),
-            "dst_rank": di.astype(np.int16), "tokens": sent_PRR[pi, si, di].astype(np.int32),
-            "bytes": bytes_PRR[pi, si, di]})
+            "dst_rank": di.astype(np.int16), "tokens": cells(sent_PRR).astype(np.int32),
+            "bytes": cells(bytes_PRR)})
         slots_PR = load_PE[:, :R * X].reshape(n, R, X).sum(2)
         pi = np.repeat(np.arange(n), R)
-        added["rank_load"] += _insert(con, target["rank_load"], {
+        added["rank_load"] += put(target["rank_load"], {
             "step": step_n[pi], "layer": layer_n[pi], "rank": np.tile(np.arange(R, dtype=np.int16), n),
             "sent_tokens": sent_PRR.sum(2).ravel().astype(np.int32),
             "recv_tokens": sent_PRR.sum(1).ravel().astype(np.int32),
             "recv_slots": slots_PR.ravel().astype(np.int32), "recv_bytes": bytes_PRR.sum(1).ravel()})
-    if overlap is not None:
-        _merge(con, overlap)
-    return added
+
+
+def _cells(mask: np.ndarray):
+    """(coordinates of mask's nonzero cells in C order, take) where take(a, flat_shape) gives
+    those cells of an array shaped like mask (a's trailing dims kept; flat_shape: a with mask's
+    dims flattened into one). Every cell nonzero (dense traffic and load at scale, the usual
+    case): coordinates from repeat/tile and `take` a reshape, no scan and no gather."""
+    shape = mask.shape
+    if mask.all():
+        coords, inner = [], int(np.prod(shape))
+        for d in shape:
+            inner //= d
+            coords.append(np.tile(np.repeat(np.arange(d), inner), mask.size // (d * inner)))
+        return tuple(coords), lambda a, flat=None: a.reshape(flat or (mask.size,) + a.shape[mask.ndim:])
+    coords = np.nonzero(mask)
+    return coords, lambda a, flat=None: a[coords]
 
 
 def _merge(con, overlap: np.ndarray) -> None:
@@ -169,17 +242,22 @@ def _ingest(con, run: RunDir, facts: dict, results: list, shard_paths: list[Path
 
     cols = [r.calls for r in results if r.calls and len(r.calls["rank"])]
     added: dict[str, int] = {"calls": 0, "events": 0}
-    if cols:
-        calls = {k: np.concatenate([c[k] for c in cols]) for k in cols[0]}
-        order = np.lexsort((calls["seq"], calls["buffer"], calls["rank"], calls["layer"], calls["step"]))
-        added["calls"] = _insert(con, "calls", {k: v[order] for k, v in calls.items()})
-    ev = [(r.rank, *e) for r in results for e in r.events]
-    if ev:
-        added["events"] = _insert(con, "events", {
-            "rank": np.array([e[0] for e in ev], np.int16), "shard_offset": np.array([e[1] for e in ev], np.uint64),
-            "start_ns": np.array([e[2] for e in ev], np.int64), "reason": np.array([e[3] for e in ev], object),
-            "detail": np.array([e[4] for e in ev], object)})
-    added.update(_emit(con, results, facts, merge))
+    with _Inserter(con) as put:  # calls and events insert while the aggregates are merged
+        if cols:
+            calls = {k: np.concatenate([c[k] for c in cols]) for k in cols[0]}
+            order = np.lexsort((calls["seq"], calls["buffer"], calls["rank"], calls["layer"], calls["step"]))
+            added["calls"] = put("calls", {k: v[order] for k, v in calls.items()})
+        ev = [(r.rank, *e) for r in results for e in r.events]
+        if ev:
+            added["events"] = put("events", {
+                "rank": np.array([e[0] for e in ev], np.int16),
+                "shard_offset": np.array([e[1] for e in ev], np.uint64),
+                "start_ns": np.array([e[2] for e in ev], np.int64), "reason": np.array([e[3] for e in ev], object),
+                "detail": np.array([e[4] for e in ev], object)})
+        if not merge:  # a merge queries and rewrites tables: it runs after these inserts
+            added.update(_emit(con, results, facts, merge, put))
+    if merge:
+        added.update(_emit(con, results, facts, merge))
     manifest = facts["manifest"]
     ranks_facts = manifest.ranks if manifest is not None else {}
     touched = [r.rank for r in results]

@@ -32,6 +32,7 @@ from epreplay.errors import UsageError
 from epreplay.records import Kind, Level, Manifest, Op, RecordHeader, ShardInfo, Status
 from epreplay.run import RunDir, new_run_id
 
+NVL_PEERS = 8  # DeepEP's ranks per node (epreplay.emulate_layout): above, internode handles
 POOL_ROWS = 8192  # distinct top-k rows per (layer, anchor): enough variety, 0.1 s to draw
 STEP_NS = 40_000_000  # a synthetic step every 40 ms
 LAYER_NS = 4_000_000  # layers 4 ms apart
@@ -141,6 +142,8 @@ def call_facts(spec: SynthSpec, idx_RTK: np.ndarray, w_RTK: np.ndarray) -> CallF
     t_RTK = np.broadcast_to(np.arange(T)[None, :, None], idx_RTK.shape)
     in_rank[r_RTK, t_RTK, idx_RTK // X] = True
     sent_RR = in_rank.sum(1, dtype=np.int32)
+    if R > NVL_PEERS:  # internode records hold no receive order (see _normal_arrays)
+        return CallFacts(idx_RTK, w_RTK, load_RE, sent_RR, in_rank)
     # one nonzero over [dst, src, T] gives every destination's rows in (source rank, token) order
     d_N, _s_N, t_N = np.nonzero(in_rank.transpose(2, 0, 1))
     cuts = np.searchsorted(d_N, np.arange(R + 1))
@@ -160,11 +163,15 @@ def _normal_arrays(spec: SynthSpec, f: CallFacts, r: int) -> tuple[dict, dict]:
     if spec.level == "routing":
         arrays["topk_idx_TK"] = f.idx_RTK[r]
         arrays["topk_weights_TK"] = f.w_RTK[r]
-        # rows arrive grouped by source rank, each block in source token order
-        arrays["recv_src_idx_N"] = f.recv_src[r]
-        if spec.ranks <= 8:  # intranode handle only
+        if spec.ranks <= NVL_PEERS:  # what capture keeps of DeepEP's intranode 6-tuple handle
+            # rows arrive grouped by source rank, each block in source token order
+            arrays["recv_src_idx_N"] = f.recv_src[r]
             arrays["rank_prefix_matrix_RR"] = np.cumsum(f.sent_RR, axis=0, dtype=np.int32)
-    return arrays, {"hidden": spec.hidden, "x_dtype": "bfloat16", "num_experts": spec.experts}
+        # above NVL_PEERS ranks DeepEP's internode 10-tuple handle carries no source token index
+        # (only per-source counts, recv_tokens_per_rank_R): a capture records none, nor do we
+    meta = {"hidden": spec.hidden, "x_dtype": "bfloat16", "num_experts": spec.experts,
+            "handle_len": 6 if spec.ranks <= NVL_PEERS else 10}
+    return arrays, meta
 
 
 def _ll_arrays(spec: SynthSpec, f: CallFacts, r: int) -> tuple[dict, dict]:

@@ -35,6 +35,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="ops, e.g. dispatch,combine (a combine pulls in its dispatch)")
     parser.add_argument("--payload", choices=("recorded", "synthetic"), default=None,
                         help="payload source (default: recorded when the run captured payloads)")
+    parser.add_argument("--hidden", type=int, default=None, metavar="H",
+                        help="synthetic payload rows of width H (a multiple of 128) instead of the "
+                             "recorded hidden: replays a large recording's routing on a few CPU processes")
     parser.add_argument("--call-timeout", type=float, default=60.0, metavar="S",
                         help="seconds a call may take before it is reported as a hang (default 60)")
     parser.add_argument("--format", choices=("text", "json"), default="text")
@@ -82,7 +85,8 @@ def run(args: argparse.Namespace) -> int:
         report = replay_run(args.run, args.ranks, backend=args.backend, device=args.device,
                             steps=args.steps, layers=args.layers, ops=args.ops, payload=args.payload,
                             call_timeout=args.call_timeout, on_progress=on_progress, on_plan=on_plan,
-                            index=not args.no_index, allow_partial=args.allow_partial)
+                            index=not args.no_index, allow_partial=args.allow_partial,
+                            hidden=args.hidden)
     finally:
         if "p" in bar:
             bar["p"].stop()

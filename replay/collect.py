@@ -78,7 +78,9 @@ def build_report(job: Job, run: RunDir, sched: S.Schedule, hang: dict | None, di
         divergence_list=divs[:1000], filtered=sched.filtered,
         skipped=[{**s.__dict__, "ranks": list(s.ranks)} for s in sched.skipped],
         ops=ops, stopped=stopped, wall_s=round(wall_s, 3), worker_pids=pids,
-        shard_problems={str(k): v for k, v in sched.shard_problems.items()}, allow_partial=allow_partial)
+        shard_problems={str(k): v for k, v in sched.shard_problems.items()}, allow_partial=allow_partial,
+        hidden=job.hidden, peak_rss_mb=[round(summaries[p].get("max_rss_kb", 0) / 1024, 1) if p in summaries
+                                        else -1.0 for p in range(plan.physical)])
 
 
 def _op_stats(job: Job, summaries: dict[int, dict], sched: S.Schedule) -> dict[str, dict]:

@@ -64,7 +64,8 @@ def replay_run(run_dir: str | os.PathLike[str], ranks: int | None = None, *, bac
                ops: str | None = None, payload: str | None = None, call_timeout: float = 60.0,
                fault: Any = None, on_progress: Callable[[int, int], None] | None = None,
                on_plan: Callable[[Plan, S.Schedule], None] | None = None,
-               write: bool = True, index: bool = True, allow_partial: bool = False) -> ReplayReport:
+               write: bool = True, index: bool = True, allow_partial: bool = False,
+               hidden: int | None = None) -> ReplayReport:
     """Replay a recorded run on `ranks` processes and verify every call against the recording.
 
     Args:
@@ -82,6 +83,11 @@ def replay_run(run_dir: str | os.PathLike[str], ranks: int | None = None, *, bac
         allow_partial: accept shard damage and skipped calls: replay what every rank holds
             intact (for a truncated shard, the prefix before the cut) and exit 0 when that has
             no divergence. Without it, damage is refused up front and skipped calls give exit 3.
+        hidden: width H of the synthetic payload rows instead of the recorded hidden (a multiple
+            of 128, DeepEP's FP8 scale group): routing, counts and row identities are replayed
+            exactly, rows are narrower. What lets a production recording (H=7168, 100+ ranks)
+            replay on a few CPU processes, whose folded low-latency receive buffers are
+            E x (N/M) x Mll x H per process. Synthetic payloads only.
     Returns:
         The ReplayReport (exit_code 0 / 1 / 3; see epreplay.replay.report).
     Raises:
@@ -111,7 +117,7 @@ def replay_run(run_dir: str | os.PathLike[str], ranks: int | None = None, *, bac
         manifest = run.read_manifest()
         run_id = manifest.run_id if manifest else info0.run_id
         experts = (manifest.num_experts if manifest and manifest.num_experts else info0.num_experts)
-        hidden = (manifest.hidden if manifest and manifest.hidden else info0.hidden)
+        hidden_rec = (manifest.hidden if manifest and manifest.hidden else info0.hidden)
         plan = Plan.make(world, ranks, experts)
         level = min(s.info.level for s in scans.values())
         if payload is None:
@@ -121,6 +127,13 @@ def replay_run(run_dir: str | os.PathLike[str], ranks: int | None = None, *, bac
                              f"'{Level(level).label}', which holds no payload; use --payload synthetic")
         elif payload not in ("recorded", "synthetic"):
             raise UsageError(f"--payload {payload!r}: choose recorded or synthetic")
+        if hidden is not None:
+            if hidden < 128 or hidden % 128:
+                raise UsageError(f"--hidden {hidden}: must be a positive multiple of 128 (DeepEP's "
+                                 f"FP8 scale group), e.g. 256")
+            if payload == "recorded":
+                raise UsageError(f"--hidden {hidden}: recorded payloads have the recorded hidden "
+                                 f"({hidden_rec}); use --payload synthetic to replay narrower rows")
         sched = S.build(scans, world, steps=S.parse_steps(steps), layers=S.parse_int_set(layers, "--layers"),
                         ops=S.parse_ops(ops), damaged=damaged_offsets(damage),
                         step_plan=plan_for(manifest, [s.header_array() for s in scans.values()]))
@@ -144,7 +157,7 @@ def replay_run(run_dir: str | os.PathLike[str], ranks: int | None = None, *, bac
     work = tempfile.mkdtemp(prefix="epreplay-replay-")
     try:
         job = Job(run_id, plan, sched.calls, {r: str(run.shard_path(r)) for r in range(world)}, backend,
-                  payload, work, hidden, experts, tuple(sorted({c.buffer for c in sched.calls
+                  payload, work, hidden or hidden_rec, experts, tuple(sorted({c.buffer for c in sched.calls
                                                                 if c.op in (Op.LL_DISPATCH, Op.LL_COMBINE)})),
                   ll_max, fault)
         pids: list[int] = []

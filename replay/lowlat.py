@@ -135,18 +135,13 @@ def _expected(eng: Any, call: Any, u: int, rec: Any, cast: Any) -> dict | None:
     if lr is None or info is None:
         return _counts_only(exp, counts)
     base = np.concatenate([[0], np.cumsum(counts.astype(np.int64))])
-    lr = lr.astype(np.int64)
-    srcs, toks, flat = [], [], []
-    for i in range(len(counts)):
-        for v in range(lr.shape[1]):
-            begin, count = int(lr[i, v]) >> 32, int(lr[i, v]) & 0xFFFFFFFF
-            r = base[i] + np.arange(begin, begin + count)
-            srcs.append(np.full(count, v))
-            toks.append(info[r].astype(np.int64))
-            flat.append(r)
-    src = np.concatenate(srcs) if srcs else np.zeros(0, np.int64)
-    tok = np.concatenate(toks) if toks else np.zeros(0, np.int64)
-    rows = np.concatenate(flat) if flat else np.zeros(0, np.int64)
+    lr = lr[:len(counts)].astype(np.int64)
+    # one block per (local expert, source), expert-major: rows base[i] + begin .. + count
+    n_B = (lr & 0xFFFFFFFF).ravel()
+    start_B = (base[:lr.shape[0], None] + (lr >> 32)).ravel()
+    src = np.repeat(np.tile(np.arange(lr.shape[1], dtype=np.int64), lr.shape[0]), n_B)
+    rows = np.repeat(start_B, n_B) + (np.arange(int(n_B.sum())) - np.repeat(np.cumsum(n_B) - n_B, n_B))
+    tok = info[rows].astype(np.int64)
     if eng.recorded_now:
         fp_all = a.get("recv_x_fp_V")
         fp = fp_all[rows] if fp_all is not None else None
@@ -156,8 +151,8 @@ def _expected(eng: Any, call: Any, u: int, rec: Any, cast: Any) -> dict | None:
     expert_of_row = np.searchsorted(base, rows, side="right") - 1
     for i in range(len(counts)):
         m = expert_of_row == i
-        exp[i] = {(int(s), int(t)): (int(f) if fp is not None else None)
-                  for s, t, f in zip(src[m], tok[m], fp[m] if fp is not None else [None] * int(m.sum()))}
+        keys = zip(src[m].tolist(), tok[m].tolist())
+        exp[i] = dict(zip(keys, fp[m].tolist())) if fp is not None else dict.fromkeys(keys)
     return exp
 
 

@@ -193,7 +193,11 @@ def _expected_rows(eng: Any, call: Any, u: int, rec: Any, fp8: bool, key: int | 
     per_rank = a.get("recv_tokens_per_rank_R")
     if per_rank is None and a.get("rank_prefix_matrix_RR") is not None:
         per_rank = np.diff(a["rank_prefix_matrix_RR"][:, u].astype(np.int64), prepend=0)
+    dispatch = call.op.label == "dispatch"
+    routing = eng.all_routing(call) if dispatch else None
     src_idx = a.get("recv_src_idx_N")
+    if src_idx is None and per_rank is not None and routing is not None:
+        src_idx = _derived_src_idx(plan, u, routing, np.asarray(per_rank, np.int64))
     per_expert = a.get("recv_tokens_per_expert_L")
     if per_rank is None or src_idx is None:
         n = np.zeros(0, np.int64)
@@ -201,36 +205,34 @@ def _expected_rows(eng: Any, call: Any, u: int, rec: Any, fp8: bool, key: int | 
     src = np.repeat(np.arange(plan.virtual), np.asarray(per_rank, np.int64))
     tok = src_idx.astype(np.int64)
     idx = wts = None
-    if call.op.label == "dispatch":
-        Lv = plan.local_experts_virtual
-        idx = np.full((len(src), 0), -1, np.int64)
-        parts_i, parts_w = [], []
-        for v in np.unique(src):
-            srec = rec if v == u else eng.record(int(v), call)
-            t_idx = srec.arrays.get("topk_idx_TK")
-            t_w = srec.arrays.get("topk_weights_TK")
-            if t_idx is None:
-                parts_i = None
-                break
-            m = src == v
-            g = t_idx[tok[m]].astype(np.int64)
-            local = g - u * Lv
-            ok = (g >= 0) & (local >= 0) & (local < Lv)
-            parts_i.append((m, np.where(ok, local, -1)))
-            parts_w.append((m, np.where(ok, t_w[tok[m]], 0.0).astype(np.float32) if t_w is not None else None))
-        if parts_i:
-            K = parts_i[0][1].shape[1]
-            idx = np.full((len(src), K), -1, np.int64)
-            wts = np.zeros((len(src), K), np.float32)
-            for (m, li), (_, lw) in zip(parts_i, parts_w):
-                idx[m] = li
-                wts = None if lw is None or wts is None else wts
-                if wts is not None:
-                    wts[m] = lw
-        else:
-            idx = None
+    if routing is not None and len(tok) == len(src) and (tok < routing.tokens_N[src]).all() and (tok >= 0).all():
+        # every received row's recorded top-k, seen from u: local ids where u holds the expert
+        flat = routing.base_N[src] + tok
+        g = routing.idx_GK[flat]
+        local = g - u * plan.local_experts_virtual
+        ok = (g >= 0) & (local >= 0) & (local < plan.local_experts_virtual)
+        idx = np.where(ok, local, -1)
+        if routing.w_GK is not None:
+            wts = np.where(ok, routing.w_GK[flat], 0.0).astype(np.float32)
     fp = eng.expected_fp(call, rec, "recv_x_fp_N", src, tok, I.to_fp8 if fp8 else None, key)
     return Rows(src, tok, np.asarray(per_rank, np.int64), per_expert, idx, wts, fp)
+
+
+def _derived_src_idx(plan: Any, u: int, routing: Any, per_rank_R: np.ndarray) -> np.ndarray | None:
+    """[N] source token index of each row virtual rank u received, derived from the senders'
+    recorded routing, for recordings whose handle carries none (DeepEP's internode 10-tuple,
+    above 8 ranks). DeepEP orders received rows by source rank, then source token, and sends a
+    token once to every rank holding one of its experts, so the rows from source v are v's
+    tokens with an expert in u's range, ascending: the flat (source, token) order of the
+    concatenated routing. None when it disagrees with the recorded counts (then only counts
+    are compared)."""
+    Lv = plan.local_experts_virtual
+    g = routing.idx_GK
+    flat = np.flatnonzero(((g >= u * Lv) & (g < (u + 1) * Lv)).any(axis=1))
+    src = np.searchsorted(routing.base_N, flat, side="right") - 1
+    if not np.array_equal(np.bincount(src, minlength=plan.virtual), per_rank_R):
+        return None
+    return (flat - routing.base_N[src]).astype(np.int32)
 
 
 def cached(eng: Any, call: Any, recs: dict) -> tuple[int, int]:
@@ -325,10 +327,10 @@ def combine(eng: Any, call: Any, recs: dict) -> tuple[int, int]:
 def _verify_combine(eng: Any, st: Any, v: int, got: torch.Tensor, got_w: torch.Tensor | None) -> list[tuple]:
     Lv = eng.plan.local_experts_virtual
     topk = st.topk_V[v]
-    home = torch.where(topk >= 0, topk // Lv, -1)
-    reached = torch.zeros(topk.shape[0])
-    for u in range(eng.plan.virtual):
-        reached += (home == u).any(dim=1).float()
+    home = torch.where(topk >= 0, topk // Lv, -1).sort(dim=1).values
+    # virtual ranks a token reached: its distinct non-negative homes
+    first = torch.ones(home.shape[0], 1, dtype=torch.bool)
+    reached = ((home >= 0) & torch.cat([first, home[:, 1:] != home[:, :-1]], dim=1)).sum(dim=1).float()
     ref = expert_rows(I.dequant(st.x_V[v])) * reached[:, None]
     g = got.float()
     if g.shape != ref.shape or not torch.equal(g, ref):

@@ -14,6 +14,7 @@ sets, so only the (source, token) labels need translating.
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -28,6 +29,17 @@ from epreplay.replay.state import DispatchState
 from epreplay.replay.verify import Divergence
 
 
+@dataclass(frozen=True)
+class Routing:
+    """All virtual ranks' routing of one call: idx_GK [G, K] int64 and w_GK [G, K] float32 (or
+    None) over G = sum of T, rank-major; tokens_N [N] T per rank; base_N [N] first row of each."""
+
+    idx_GK: np.ndarray
+    w_GK: np.ndarray | None
+    tokens_N: np.ndarray
+    base_N: np.ndarray
+
+
 class Engine:
     """Replays calls on physical rank `p` (see the module docstring)."""
 
@@ -40,6 +52,8 @@ class Engine:
         self.recorded_now = False  # this call replays recorded payloads (see run)
         self._fp_cache: dict[tuple, tuple] = {}  # this call's synthetic fingerprints (flat tokens)
         self._base, self._base_for = np.zeros(0, np.int64), -1
+        self._routing: Routing | None = None
+        self._routing_for = -1
         self._buffers: dict[int, Any] = {}
         self.states: dict[tuple[int, int], DispatchState] = {}
         self._last: dict[tuple[int, int], int] = {}
@@ -65,6 +79,29 @@ class Engine:
                 self._recs.clear()
             rec = self._recs[key] = self.scan(v).read_at(call.offsets_N[v])
         return rec
+
+    def all_routing(self, call: Call) -> "Routing | None":
+        """Every virtual rank's recorded routing of `call`, concatenated in (rank, token) order
+        (cached per call): what a receiver's expected rows are looked up in, in one vectorised
+        gather instead of one per source. None when a rank recorded no topk_idx_TK."""
+        if self._routing_for == call.index:
+            return self._routing
+        idx, w = [], []
+        for v in range(self.plan.virtual):
+            a = self.record(v, call).arrays
+            if a.get("topk_idx_TK") is None:
+                idx = None
+                break
+            idx.append(a["topk_idx_TK"])
+            w.append(a.get("topk_weights_TK"))
+        routing = None
+        if idx is not None:
+            T_N = np.array([len(t) for t in idx], np.int64)
+            routing = Routing(np.concatenate(idx).astype(np.int64), None if any(x is None for x in w)
+                              else np.concatenate(w).astype(np.float32),
+                              T_N, np.concatenate([[0], np.cumsum(T_N)[:-1]]).astype(np.int64))
+        self._routing, self._routing_for = routing, call.index
+        return routing
 
     def buffer(self, call: Call) -> Any:
         b = self._buffers.get(call.buffer)

@@ -85,6 +85,8 @@ class ReplayReport:
     shard_problems: dict[str, str] = field(default_factory=dict)
     worker_pids: list[int] = field(default_factory=list)  # the replay processes (all ended)
     allow_partial: bool = False  # the user accepted skipped calls (--allow-partial)
+    hidden: int = 0  # H of the replayed payload rows (the recorded one unless --hidden)
+    peak_rss_mb: list[float] = field(default_factory=list)  # per replay process (-1: no summary)
 
     @property
     def incomplete(self) -> bool:
@@ -195,6 +197,10 @@ def render(report: ReplayReport, console: Any = None) -> None:
         t.add_row(op, str(s["calls"]), f"{rec:.1f}" if rec >= 0 else "-", f"{s['replay_mean_us']:.1f}",
                   f"{s['driver_mean_us']:.1f}", f"{s['tokens_per_s']:.0f}")
     console.print(t)
+    rss = [m for m in report.peak_rss_mb if m >= 0]
+    if rss:
+        console.print(f"payload rows H={report.hidden}; {report.wall_s:.1f} s wall; peak RSS per process "
+                      f"max {max(rss):.0f} MB, all processes {sum(rss):.0f} MB")
     if report.skipped:
         console.print(f"[yellow]{len(report.skipped)} recorded call(s) skipped[/yellow] "
                       f"(a call is replayed only when every rank recorded it intact and successful):")

@@ -97,8 +97,11 @@ class Sink:
         self.bytes[op] = self.bytes.get(op, 0) + nbytes
 
     def finish(self, done: int, stopped: str | None) -> dict:
+        import resource
+
         self._fh.close()
         summary = {"physical": self.p, "done": done, "stopped": stopped, "divergences": self.count,
+                   "max_rss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
                    "by_kind": self.by_kind, "calls": self.calls, "backend_ns": self.backend_ns,
                    "total_ns": self.total_ns, "tokens": self.tokens, "bytes": self.bytes}
         tmp = self.summary_path.with_suffix(".tmp")
