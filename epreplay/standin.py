@@ -14,7 +14,8 @@ Ways to switch it on:
 installs that dropped it (e.g. a tool that does not honour top-level wheel files).
 The real package always wins: the finder sits at the *end* of sys.meta_path and only answers
 when no other finder can find `deep_ep`. The stand-in module exports Buffer, Config, EventOverlap,
-EventHandle, topk_idx_t (torch.int64) and `EMULATED = True`; `deep_ep.Buffer is
+EventHandle, topk_idx_t (torch.int64), V2's ElasticBuffer and EPHandle (epreplay.emulate_v2) and
+`EMULATED = True`; `deep_ep.Buffer is
 epreplay.emulate.Buffer`, so capture hooks patch one class.
 """
 from __future__ import annotations
@@ -28,8 +29,8 @@ import sys
 from typing import Any
 
 ENV = "EPREPLAY_EMULATE_DEEP_EP"
-NAMES = ("deep_ep", "deep_ep.buffer", "deep_ep.buffers", "deep_ep.buffers.legacy", "deep_ep.utils",
-         "deep_ep.utils.event")
+NAMES = ("deep_ep", "deep_ep.buffer", "deep_ep.buffers", "deep_ep.buffers.legacy", "deep_ep.buffers.elastic",
+         "deep_ep.utils", "deep_ep.utils.event")
 PTH_NAME = "epreplay_standin.pth"  # shipped next to this module; setup.py puts a copy in site-packages
 TRUE = ("1", "true", "yes", "on")  # the .pth line tests the same spellings
 VERSION = "1.2.1+epreplay.emulated"  # a DeepEP V1 version the emulation follows, marked as emulated
@@ -45,6 +46,9 @@ class _Loader(importlib.abc.Loader):
         for name in ("Buffer", "Config", "EventOverlap", "EventHandle", "topk_idx_t", "EmulatedDeepEPError",
                      "EmulatedTimeout", "is_emulated"):
             setattr(module, name, getattr(emulate, name))
+        from epreplay import emulate_v2  # DeepEP V2's names (deep_ep.ElasticBuffer, deep_ep.EPHandle)
+
+        module.ElasticBuffer, module.EPHandle = emulate_v2.ElasticBuffer, emulate_v2.EPHandle
         module.EMULATED = True
         module.__version__ = VERSION
         if module.__name__ in ("deep_ep", "deep_ep.buffers", "deep_ep.utils"):

@@ -38,8 +38,11 @@ def fp8_cast(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def pre_combine(g: int, k: int) -> torch.Tensor:
-    """Expert output of global token g's k-th slot: [H] bf16, distinct per (g, k)."""
-    return torch.sin((g * K + k) * 0.731 + torch.arange(H) * 0.0137).to(torch.bfloat16)
+    """Expert output of global token g's k-th slot: [H] bf16, distinct per (g, k). Slots 0 and 2
+    carry +-2^24, which swallows a small addend in fp32: the sum depends on the order and grouping
+    of the reduction, so only V2's exact order passes (a test that can fail)."""
+    big = (2.0 ** 24, 0.0, -(2.0 ** 24), 0.0)[k % 4]
+    return (torch.sin((g * K + k) * 0.731 + torch.arange(H) * 0.0137) + big).to(torch.bfloat16)
 
 
 def ref_combine(idx: torch.Tensor, me: int, M: int, L: int, bias: list, per_rank: bool) -> torch.Tensor:
@@ -238,3 +241,51 @@ def test_v2_invariants_8_ranks() -> None:
     out = run_ranks(_v2_rank, 8, 48, CASES[:2], timeout=300)
     fails = [f for per_rank in out for f in per_rank]
     assert not fails, "\n".join(fails[:20])
+
+
+def _misuse_rank(ctx) -> list[str]:
+    """Each misuse must raise on every rank (ElasticMisuse, an AssertionError as V2's asserts)."""
+    import torch.distributed as dist
+
+    from epreplay import standin
+
+    assert standin.install()
+    import deep_ep  # the stand-in: V2's names resolve to the emulation
+    from epreplay.emulate_v2 import ElasticMisuse
+
+    R, me = ctx.world_size, ctx.rank
+    buf = deep_ep.ElasticBuffer(dist.group.WORLD, num_max_tokens_per_rank=32, timeout_s=30)
+    other = deep_ep.ElasticBuffer(dist.group.WORLD, num_max_tokens_per_rank=32, timeout_s=30)
+    E = 2 * R
+    idx = ref.routing(3, me, 8, E, 2, L=2)
+    x = ref.payload(3, me, 8, H)
+    _, _, _, h, _ = buf.dispatch(x, topk_idx=idx, num_experts=E)
+    _, _, _, h_other, _ = other.dispatch(x, topk_idx=idx, num_experts=E)
+    misuses = {
+        "handle with topk_idx": lambda: buf.dispatch(x, topk_idx=idx, handle=h),
+        "cpu sync with handle": lambda: buf.dispatch(x, handle=h, do_cpu_sync=True),
+        "zero padding without expand": lambda: buf.dispatch(x, topk_idx=idx, num_experts=E, do_zero_padding=True),
+        "more tokens than M": lambda: buf.dispatch(ref.payload(3, me, 40, H), topk_idx=ref.routing(3, me, 40, E, 2),
+                                                   num_experts=E),
+        "foreign handle": lambda: buf.combine(torch.zeros(h_other.recv_src_metadata.shape[0], H,
+                                                          dtype=torch.bfloat16), h_other),
+        "E differs across ranks": lambda: buf.dispatch(x, topk_idx=idx, num_experts=E if me else 4 * R),
+        "fp32 x": lambda: buf.dispatch(x.float(), topk_idx=idx, num_experts=E),
+        "combine rows": lambda: buf.combine(torch.zeros(1, H, dtype=torch.bfloat16), h),
+    }
+    found = []
+    for name, fn in misuses.items():
+        try:
+            fn()
+            found.append(f"{name}: no error")
+        except ElasticMisuse as exc:
+            if not isinstance(exc, AssertionError):
+                found.append(f"{name}: not an AssertionError")
+    if not isinstance(deep_ep.EPHandle, type) or not isinstance(h, deep_ep.EPHandle):
+        found.append("deep_ep.EPHandle is not the handle's class")
+    return found
+
+
+def test_v2_misuse_raises_on_every_rank_through_standin() -> None:
+    out = run_ranks(_misuse_rank, 2, timeout=120)
+    assert out == [[], []], out
