@@ -49,16 +49,16 @@ def combine(buf: Any, x: Any, handle: Any, topk_weights: Any, bias: Any, num_qps
     last_S = torch.where(local >= 0, torch.arange(K, device=dev), -1).amax(dim=1).to(torch.int32)
     per_slot = handle.do_expand and not buf.allow_multiple_reduction
     if handle.do_expand:
-        slots = torch.where(local >= 0, p["slots_SK"].to(dev), 0)
-        vals_SKH = torch.where((local >= 0).unsqueeze(-1), x[slots].float(), 0.0)
-        if per_slot:
-            part = vals_SKH.to(torch.bfloat16).reshape(-1, K * H)
+        slots, own_SK = torch.where(local >= 0, p["slots_SK"].to(dev), 0), local >= 0
+        if per_slot:  # every slot travels on its own: [S, K * H], zeros where not local
+            part = torch.where(own_SK.unsqueeze(-1), x[slots], 0).reshape(-1, K * H)
         else:  # fp32 sum over k ascending (an ordered loop, as the reference does), one cast
             acc = torch.zeros(local.shape[0], H, dtype=torch.float32, device=dev)
             for k in range(K):
-                acc += vals_SKH[:, k]
+                sel = own_SK[:, k].nonzero().flatten()
+                acc.index_add_(0, sel, x[slots[sel, k]].float())
             part = acc.to(torch.bfloat16)
-        w_SK = None if topk_weights is None else torch.where(local >= 0, topk_weights[slots], 0.0)
+        w_SK = None if topk_weights is None else torch.where(own_SK, topk_weights[slots], 0.0)
     else:
         part = x[p["row_S"]]
         w_SK = None if topk_weights is None else torch.where(local >= 0, topk_weights[p["row_S"]], 0.0)
