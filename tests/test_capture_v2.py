@@ -31,7 +31,7 @@ CLIENT = textwrap.dedent('''
         buf = deep_ep.ElasticBuffer(dist.group.WORLD, num_max_tokens_per_rank=48, hidden=H, num_topk=K,
                                     deterministic=True, explicitly_destroy=True)
         g = torch.Generator().manual_seed(ctx.rank)
-        counts = [0] * E
+        counts, sent = [0] * E, [0] * ctx.world_size
         for step in range(steps):
             T = 32 + ctx.rank
             x = torch.randn(T, H, generator=g).to(torch.bfloat16)
@@ -39,6 +39,9 @@ CLIENT = textwrap.dedent('''
             w = torch.rand(T, K, generator=g)
             for e in idx.flatten().tolist():
                 counts[e] += 1
+            for row in idx.tolist():  # a token goes once to each rank holding one of its experts
+                for r in {e // (E // ctx.world_size) for e in row}:
+                    sent[r] += 1
             expand = step == 1
             recv_x, recv_idx, recv_w, handle, _ = buf.dispatch(
                 x, topk_idx=idx, topk_weights=w, num_experts=E, expert_alignment=4 if expand else 1,
@@ -49,7 +52,7 @@ CLIENT = textwrap.dedent('''
             else:
                 y, _, _ = buf.combine(recv_x, handle, topk_weights=recv_w)
         buf.destroy()
-        return counts
+        return counts, sent
 
     if __name__ == "__main__":
         out = run_ranks(rank_fn, int(sys.argv[1]), int(sys.argv[2]), timeout=120)
@@ -65,6 +68,7 @@ def _epreplay(*args: str, env: dict[str, str] | None = None, timeout: float = 15
 
 @pytest.fixture(scope="module")
 def v2_run(tmp_path_factory) -> tuple[Path, list]:
+    """(the run, each rank's (tokens per expert, tokens sent per destination rank))."""
     tmp = tmp_path_factory.mktemp("v2")
     client, counts, run = tmp / "client.py", tmp / "counts.json", tmp / "run"
     client.write_text(CLIENT)
@@ -94,18 +98,21 @@ def test_v2_calls_recorded_with_variant_and_v1_arrays(v2_run) -> None:
     assert len(RunDir.open(run).shard_paths()) == 4
 
 
-def test_v2_index_expert_load_equals_client_counts(v2_run) -> None:
+def test_v2_index_expert_load_and_traffic_equal_client_counts(v2_run) -> None:
     import duckdb
 
-    run, counts = v2_run
+    run, out = v2_run
     res = _epreplay("index", str(run))
     assert res.returncode == 0, res.stderr
     con = duckdb.connect(str(RunDir.open(run).index_path), read_only=True)
-    rows = con.execute("SELECT expert, sum(tokens)::BIGINT FROM expert_load GROUP BY expert ORDER BY expert").fetchall()
+    load = con.execute("SELECT expert, sum(tokens)::BIGINT FROM expert_load GROUP BY expert ORDER BY expert").fetchall()
+    traffic = con.execute("SELECT src_rank, dst_rank, sum(tokens)::BIGINT FROM traffic GROUP BY ALL "
+                          "ORDER BY src_rank, dst_rank").fetchall()
     con.close()
-    assert [int(t) for _, t in rows] == np.sum(np.asarray(counts), axis=0).tolist()
+    assert [int(t) for _, t in load] == np.sum(np.asarray([c for c, _ in out]), axis=0).tolist()
+    assert [[int(t) for s, _, t in traffic if s == r] for r in range(4)] == [sent for _, sent in out]
     stats = _epreplay("stats", str(run))
-    assert stats.returncode == 0, stats.stderr
+    assert stats.returncode == 0 and "expert" in stats.stdout.lower(), stats.stdout + stats.stderr
 
 
 @pytest.mark.parametrize("ranks", [4, 2, 1])
