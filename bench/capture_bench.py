@@ -66,7 +66,8 @@ def _rank(ctx, args: dict, root: str) -> dict:
         demo_step(s)  # warm-up: expert weights, gloo connections
     modes = MODES + (["counts-hot", "routing-hot"] if args["diagnose"] else []) \
         + (["routing-thread", "fingerprints-thread"] if args["compare_writers"] else []) \
-        + (["routing-courier", "fingerprints-courier"] if args["compare_paths"] else [])
+        + (["routing-ring", "fingerprints-ring", "routing-courier", "fingerprints-courier"]
+           if args["compare_paths"] else [])
     times: dict[str, list[tuple[float, float]]] = {m: [] for m in modes}
     facts_by_mode: dict[str, list[dict]] = {m: [] for m in modes}
     for rnd in range(args["rounds"]):
@@ -74,7 +75,8 @@ def _rank(ctx, args: dict, root: str) -> dict:
             if mode != "off":
                 level = mode.split("-")[0]
                 writer = "thread" if mode.endswith("-thread") else "process"
-                hot_path = "courier" if mode.endswith(("-courier", "-hot")) else "auto"
+                hot_path = "courier" if mode.endswith(("-courier", "-hot")) else \
+                    "ring" if mode.endswith("-ring") else "auto"
                 capture.start(os.path.join(root, f"{mode}-{rnd}"), level=level, writer=writer,
                               hot_path=hot_path)
                 if mode.endswith("-hot"):  # diagnostic: stage every call, hand nothing to the writer
@@ -109,8 +111,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--experts", type=int, default=32)
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--compare-paths", action="store_true",
-                   help="also routing/fingerprints through the courier thread (LEVEL-courier), the "
-                        "hot path the shared ring replaced: before and after in one run")
+                   help="also routing/fingerprints through the Python hook into the ring (LEVEL-ring) "
+                        "and through the courier thread (LEVEL-courier), the hot paths the compiled "
+                        "hook and the ring replaced: before and after in one run")
     p.add_argument("--compare-writers", action="store_true",
                    help="also routing/fingerprints with the in-process writer thread (LEVEL-thread)")
     p.add_argument("--diagnose", action="store_true",
@@ -130,7 +133,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'mode':<20}{'ms/step':>9}{'ratio':>8}{'incl. drain':>13}{'dropped':>9}{'B/token-layer':>15}")
     for mode in MODES + (["counts-hot", "routing-hot"] if a.diagnose else []) \
             + (["routing-thread", "fingerprints-thread"] if a.compare_writers else []) \
-            + (["routing-courier", "fingerprints-courier"] if a.compare_paths else []):
+            + (["routing-ring", "fingerprints-ring", "routing-courier", "fingerprints-courier"]
+               if a.compare_paths else []):
         step = statistics.median(t for t, _ in r0[mode])
         drain = statistics.median(d for _, d in r0[mode])
         facts = [f for r in per_rank for f in r["facts"][mode]]

@@ -96,7 +96,8 @@ def _rank(ctx, args: dict, root: str) -> dict:
         else:
             step = lambda: epbench.normal_step(buffer, inp, shape.experts)  # noqa: E731
         iters = args["iters"] if shape.tokens <= 512 else max(3, args["iters"] // 8)
-        modes = ["off", *args["levels"]]
+        # (level, hot path) pairs, interleaved with "off" in every round
+        modes = ["off", *[(lv, hp) for hp in args["hot_paths"] for lv in args["levels"]]]
         host = {m: float("inf") for m in modes}
         dev = {m: float("inf") for m in modes}
         hook = {m: float("inf") for m in modes}
@@ -106,11 +107,12 @@ def _rank(ctx, args: dict, root: str) -> dict:
         for rnd in range(args["rounds"]):
             for mode in modes:
                 if mode != "off":
-                    capture.start(os.path.join(root, f"{name}-{mode}-{rnd}"), level=mode,
-                                  writer=args["writer"], hot_path=args["hot_path"], layers_per_step=1)
-                    step()  # a session's first call makes its recorder and ring (once a session)
+                    capture.start(os.path.join(root, f"{name}-{mode[0]}-{mode[1]}-{rnd}"), level=mode[0],
+                                  writer=args["writer"], hot_path=mode[1], layers_per_step=1)
+                    for _ in range(2):  # a session's first call makes its recorder and ring, the
+                        step()          # second teaches the compiled hook its plans
                     rec = session.recorder()
-                    hot0, calls0 = rec.hot_ns, rec.calls
+                    hot0, calls0 = rec.hook_totals()
                 if cuda:
                     torch.cuda.synchronize()
                     e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -125,18 +127,20 @@ def _rank(ctx, args: dict, root: str) -> dict:
                     dev[mode] = min(dev[mode], e0.elapsed_time(e1) * 1e3 / iters)
                 host[mode] = min(host[mode], (t1 - t0) * 1e6 / iters)
                 if mode != "off":
-                    hook[mode] = min(hook[mode], (rec.hot_ns - hot0) / 1e3 / max(1, rec.calls - calls0))
+                    hot1, calls1 = rec.hook_totals()
+                    hook[mode] = min(hook[mode], (hot1 - hot0) / 1e3 / max(1, calls1 - calls0))
                     facts = capture.stop() or {}
                     dropped[mode] += int(facts.get("dropped", 0))
         row = {"calls": calls, "iters": iters, "host_us": host, "hook_us": hook, "dropped": dropped}
         if cuda:
             row["device_us"] = dev
             work = {"off": _device_work(step)}
-            for level in args["levels"]:
-                capture.start(os.path.join(root, f"{name}-{level}-prof"), level=level,
-                              writer=args["writer"], hot_path=args["hot_path"], layers_per_step=1)
+            for mode in modes[1:]:
+                capture.start(os.path.join(root, f"{name}-{mode[0]}-{mode[1]}-prof"), level=mode[0],
+                              writer=args["writer"], hot_path=mode[1], layers_per_step=1)
                 step()
-                work[level] = _device_work(step)
+                step()
+                work[mode] = _device_work(step)
                 capture.stop()
             row["work"] = work
         out[name] = row
@@ -156,9 +160,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--shapes", default=",".join(SHAPES), help="comma-separated: " + ", ".join(SHAPES))
     p.add_argument("--levels", default=",".join(LEVELS), help="comma-separated capture levels")
     p.add_argument("--writer", choices=["process", "thread"], default="process")
-    p.add_argument("--hot-path", choices=["auto", "ring", "courier"], default="auto",
-                   help="how calls reach the writer: the shared ring (auto) or the courier thread "
-                        "(the previous design, kept as the reference) for a before/after")
+    p.add_argument("--hot-path", default="auto",
+                   help="comma-separated, measured side by side: auto (the compiled hook where built, "
+                        "host calls), compiled, ring (the Python hook into the ring), courier (the "
+                        "previous design, kept as the reference)")
     a = p.parse_args(argv)
     if a.device == "cuda":
         import torch
@@ -167,7 +172,12 @@ def main(argv: list[str] | None = None) -> int:
             print("capture_hotpath: --device cuda needs CUDA", file=sys.stderr)
             return 2
     args = dict(shapes=[s for s in a.shapes.split(",") if s], levels=[s for s in a.levels.split(",") if s],
-                rounds=a.rounds, iters=a.iters, writer=a.writer, hot_path=a.hot_path)
+                rounds=a.rounds, iters=a.iters, writer=a.writer,
+                hot_paths=[s for s in a.hot_path.split(",") if s])
+    bad = [h for h in args["hot_paths"] if h not in ("auto", "compiled", "ring", "courier")]
+    if bad:
+        print(f"capture_hotpath: --hot-path {bad[0]!r}: must be auto, compiled, ring or courier", file=sys.stderr)
+        return 2
     unknown = [s for s in args["shapes"] if s not in SHAPES]
     if unknown:
         print(f"capture_hotpath: unknown shape(s) {unknown}; known: {', '.join(SHAPES)}", file=sys.stderr)
@@ -175,10 +185,10 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="capture-hotpath-") as root:
         res = run_ranks(_rank, 1, args, root, device=a.device, timeout=1800)[0]
     shapes = GPU_SHAPES if a.device == "cuda" else SHAPES
-    print(f"capture hot path, 1 rank, emulated Buffer on {a.device}, writer {a.writer}, hot path "
+    print(f"capture hot path, 1 rank, emulated Buffer on {a.device}, writer {a.writer}, hot paths "
           f"{a.hot_path}, min of {a.rounds} interleaved rounds")
     print(f"command: python bench/capture_hotpath.py {' '.join(argv if argv is not None else sys.argv[1:])}")
-    head = f"{'shape':<34}{'level':<14}{'step us':>10}{'host us/call':>14}{'hook us/call':>14}"
+    head = f"{'shape':<34}{'level/hot path':<24}{'step us':>10}{'host us/call':>14}{'hook us/call':>14}"
     if a.device == "cuda":
         head += f"{'device us/call':>16}{'kernels/call':>14}{'copies/call':>13}"
     print(head + f"{'dropped':>9}")
@@ -186,20 +196,22 @@ def main(argv: list[str] | None = None) -> int:
         s = shapes[name]
         label = f"{name} T={s['tokens']} H={s['hidden']} E={s['experts']}"
         off = row["host_us"]["off"]
-        line = f"{label:<34}{'off':<14}{off:>10.1f}{'-':>14}{'-':>14}"
+        line = f"{label:<34}{'off':<24}{off:>10.1f}{'-':>14}{'-':>14}"
         if a.device == "cuda":
             k, c, busy = row["work"]["off"]
             line += f"{busy:>16.1f}{k:>14.1f}{c:>13.1f}"
         print(line)
-        for level in args["levels"]:
-            added = (row["host_us"][level] - off) / row["calls"]
-            line = (f"{'':<34}{level:<14}{row['host_us'][level]:>10.1f}{added:>14.2f}"
-                    f"{row['hook_us'][level]:>14.2f}")
-            if a.device == "cuda":
-                (k0, c0, b0), (k1, c1, b1) = row["work"]["off"], row["work"][level]
-                n = row["calls"]
-                line += f"{(b1 - b0) / n:>16.2f}{(k1 - k0) / n:>14.2f}{(c1 - c0) / n:>13.2f}"
-            print(line + f"{row['dropped'][level]:>9d}")
+        for hp in args["hot_paths"]:
+            for level in args["levels"]:
+                mode = (level, hp)
+                added = (row["host_us"][mode] - off) / row["calls"]
+                line = (f"{'':<34}{level + '/' + hp:<24}{row['host_us'][mode]:>10.1f}{added:>14.2f}"
+                        f"{row['hook_us'][mode]:>14.2f}")
+                if a.device == "cuda":
+                    (k0, c0, b0), (k1, c1, b1) = row["work"]["off"], row["work"][mode]
+                    n = row["calls"]
+                    line += f"{(b1 - b0) / n:>16.2f}{(k1 - k0) / n:>14.2f}{(c1 - c0) / n:>13.2f}"
+                print(line + f"{row['dropped'][mode]:>9d}")
     return 0
 
 

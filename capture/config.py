@@ -54,7 +54,8 @@ class CaptureConfig:
         run_id: the run's id (shard headers carry it); empty: read from the manifest.
         release: free-form release tag for the manifest.
         writer: "process" (default) or "thread": where records are hashed, encoded and written.
-        hot_path: "auto" (default), "ring" or "courier": how a hooked call reaches the writer.
+        hot_path: "auto" (default), "compiled", "ring" or "courier": how a hooked call reaches the
+            writer (auto: the compiled hook where it is built and the calls are on the host).
     """
 
     run_dir: str
@@ -73,12 +74,15 @@ class CaptureConfig:
     writer: str = "process"
     # "auto": host tensors go through the shared capture ring (ring_path.py: no per-record Python
     # in the job), CUDA tensors through side-stream staging and a courier thread; "ring" or
-    # "courier" forces one (the courier path is the reference the ring path is tested against).
+    # "courier" forces one (the courier path is the reference the ring path is tested against);
+    # "compiled" (what "auto" picks for host calls where capture/_hookx.cpp is built): the ring,
+    # written by the compiled hook for every call site it learned (fast_plan.py); "ring": the
+    # Python hook only.
     hot_path: str = "auto"
 
     def __post_init__(self) -> None:
-        if self.hot_path not in ("auto", "ring", "courier"):
-            raise UsageError(f"hot_path={self.hot_path!r}: must be 'auto', 'ring' or 'courier'")
+        if self.hot_path not in ("auto", "compiled", "ring", "courier"):
+            raise UsageError(f"hot_path={self.hot_path!r}: must be 'auto', 'compiled', 'ring' or 'courier'")
         if self.writer not in ("process", "thread"):
             raise UsageError(f"writer={self.writer!r}: must be 'process' or 'thread'")
         if not self.run_dir:

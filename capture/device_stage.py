@@ -24,6 +24,7 @@ while a graph is being captured (graph_ring.QUIET).
 """
 from __future__ import annotations
 
+import array
 import ctypes
 import threading
 from typing import Any
@@ -41,7 +42,8 @@ DRAIN_S = 0.002
 class DeviceStage:
     """The device ring D of one capture session and its drain (module docstring)."""
 
-    def __init__(self, ring: ShmRing, device: torch.device, lock: threading.Lock) -> None:
+    def __init__(self, ring: ShmRing, device: torch.device, lock: threading.Lock,
+                 more_streams: Any = None) -> None:
         from epreplay.capture.graph_ring import guard_graph_capture
 
         guard_graph_capture()  # from now on our threads never touch CUDA during a graph capture
@@ -50,19 +52,38 @@ class DeviceStage:
         self.D = torch.empty(self.capacity, dtype=torch.uint8, device=device)
         # Absolute positions go on from the ring's last session (a reused ring: its writer's
         # release word, W_DTAIL, is where the mirror is free from).
-        self.head = ring.word(W_DTAIL)  # bytes of D reserved (absolute)
+        # [bytes of D reserved (absolute), the writer's release as last read]: an array, so the
+        # compiled hook (_hookx.cpp `gather`) reserves in D by the same numbers
+        self.dstate = array.array("q", [ring.word(W_DTAIL), ring.word(W_DTAIL)])
         self.drained = self.head  # bytes of D copied to the mirror
+        # the streams the compiled hook gathered on since the last drain: [(id, index, type)]
+        self.more_streams = more_streams
         self.streams: dict[int, Any] = {}  # streams gathered on since the last drain
         self.side = torch.cuda.Stream(device=device)
         self.ev = torch.cuda.Event()
         self.done = torch.cuda.Event()
         self.mirror = self._mirror()
         self._w_dtail = ctypes.c_uint64.from_buffer(ring.mm, W_DTAIL * 8)
-        self._dtail_seen = self.head
         self.failed: str | None = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="epreplay-device-drain", daemon=True)
         self._thread.start()
+
+    @property
+    def head(self) -> int:
+        return self.dstate[0]
+
+    @head.setter
+    def head(self, value: int) -> None:
+        self.dstate[0] = value
+
+    @property
+    def _dtail_seen(self) -> int:
+        return self.dstate[1]
+
+    @_dtail_seen.setter
+    def _dtail_seen(self, value: int) -> None:
+        self.dstate[1] = value
 
     def _mirror(self) -> torch.Tensor:
         """The ring's device mirror area as a CPU tensor over the shared pages, registered with
@@ -161,6 +182,9 @@ class DeviceStage:
                 dev_head = self.head
                 streams = list(self.streams.values())
                 self.streams.clear()
+                if self.more_streams is not None:  # after dev_head: see _hookx.cpp `gather`
+                    streams += [torch.cuda.Stream(stream_id=i, device_index=d, device_type=t)
+                                for i, d, t in self.more_streams()]
             if dev_head > self.drained:
                 for s in streams:
                     self.ev.record(s)

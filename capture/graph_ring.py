@@ -23,6 +23,8 @@ graph the same number of times) and a replayer orders them dispatch-before-combi
 """
 from __future__ import annotations
 
+import array
+
 import threading
 from dataclasses import dataclass, field
 from typing import Any
@@ -48,6 +50,7 @@ MAX_SITES = 512
 # to hold QUIET for the whole capture: our threads wait (records queue up or are dropped and
 # counted), the job's capture never sees them. Patched once per process, on the first CUDA call.
 QUIET = threading.Lock()
+CAPTURING = array.array("q", [0])  # graphs being captured now (read by the compiled hook, _hookx.cpp)
 _patched_graph = False
 
 
@@ -62,9 +65,11 @@ def guard_graph_capture() -> None:
 
     def capture_begin(self: Any, *args: Any, **kwargs: Any) -> Any:
         QUIET.acquire()  # waits for a recorder CUDA call in flight (short), then holds
+        CAPTURING[0] += 1  # the compiled hook hands calls to the graph path meanwhile
         try:
             return begin(self, *args, **kwargs)
         except BaseException:
+            CAPTURING[0] -= 1
             QUIET.release()
             raise
 
@@ -73,6 +78,7 @@ def guard_graph_capture() -> None:
             return end(self, *args, **kwargs)
         finally:
             if QUIET.locked():
+                CAPTURING[0] = max(0, CAPTURING[0] - 1)
                 QUIET.release()
 
     cls.capture_begin, cls.capture_end = capture_begin, capture_end

@@ -4,6 +4,10 @@
     wrap(buffer)     capture one instance only (instance attributes shadow the class methods)
     uninstall()      restore everything install()/wrap() changed
 
+Where the compiled hook is built (fast_plan.load(), capture/_hookx.cpp), each entry point is a
+`_hookx.Hook` around the Python hook below: a call whose call site has a learned plan is written
+by C++ alone; every other call runs the Python hook, which is the reference.
+
 Arguments are bound by name with the wrapped method's own `inspect.signature`, so any V1 version
 (1.0.0's shorter signatures, later keyword additions) works; handles stay opaque tuples. The
 original method's result is returned as is — the single exception is low_latency_dispatch with
@@ -22,6 +26,7 @@ import weakref
 from time import perf_counter_ns
 from typing import Any, Callable
 
+from epreplay.capture import fast_plan
 from epreplay.records import Op
 
 # Buffer method -> op. `dispatch` with a handle is a cached dispatch (decided per call).
@@ -135,7 +140,16 @@ def _make_hook(name: str, op: Op, orig: Callable[..., Any], cls: type | None = N
             rec.hot_ns += perf_counter_ns() - t0
 
     setattr(hooked, _ORIG, orig)
-    return hooked
+    hookx = fast_plan.load()
+    if hookx is None:
+        return hooked
+    # The compiled hook (_hookx.cpp): calls of a learned plan never run `hooked`; the others
+    # (first calls of a site, CUDA tensors, payload steps, recv hooks, errors) do.
+    fast = hookx.Hook(orig, hooked, int(op))
+    functools.update_wrapper(fast, orig)
+    setattr(fast, _ORIG, orig)
+    fast.binder = binder  # fast_plan maps argument names to slots with it
+    return fast
 
 
 def _make_init(orig: Callable[..., Any]) -> Callable[..., Any]:

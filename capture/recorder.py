@@ -17,6 +17,7 @@ one logged line; the job goes on.
 """
 from __future__ import annotations
 
+import array
 import collections
 import itertools
 import os
@@ -30,6 +31,7 @@ from typing import Any, Callable
 import torch
 
 from epreplay import marks
+from epreplay.capture import fast_plan
 from epreplay.capture.config import CaptureConfig
 from epreplay.capture.extract import Call, stage_inputs, stage_outputs
 from epreplay.capture.extract_v2 import elastic_meta, is_elastic_call
@@ -80,13 +82,29 @@ class Mailbox:
 class BufferState:
     """What the recorder keeps per Buffer object: its id, group, and call counters."""
 
-    __slots__ = ("owner", "id", "ep_rank", "ep_size", "seq", "ll_calls")
+    __slots__ = ("owner", "id", "ep_rank", "ep_size", "cnt")
 
     def __init__(self, owner: "Recorder", buffer_id: int, ep_rank: int, ep_size: int) -> None:
         self.owner = owner  # a Buffer outliving one capture session gets fresh ids in the next
         self.id, self.ep_rank, self.ep_size = buffer_id, ep_rank, ep_size
-        self.seq = 0
-        self.ll_calls = 0
+        # [seq, ll_calls]: an array, so the compiled hook (_hookx.cpp) counts in the same place
+        self.cnt = array.array("q", [0, 0])
+
+    @property
+    def seq(self) -> int:
+        return self.cnt[0]
+
+    @seq.setter
+    def seq(self, value: int) -> None:
+        self.cnt[0] = value
+
+    @property
+    def ll_calls(self) -> int:
+        return self.cnt[1]
+
+    @ll_calls.setter
+    def ll_calls(self, value: int) -> None:
+        self.cnt[1] = value
 
 
 class Recorder:
@@ -116,8 +134,11 @@ class Recorder:
         self._sink_facts: dict[str, Any] | None = None
         self._dropped_written = 0
         self._lineage: dict[int, tuple[Any, int]] = {}  # id(handle[0]) -> (weakref, seq)
-        self._auto_step, self._auto_layer, self._layer_open_by = 0, -1, None
-        self._marked_step: int | None = None
+        # step/layer attribution (_attribute): [marked step (fast_plan.NONE: none), auto step,
+        # auto layer, the op that opened the layer (-1: none)]; an array, so the compiled hook
+        # attributes its calls with the same state
+        self._attr = array.array("q", [fast_plan.NONE, 0, -1, -1])
+        self._fast: Any = None  # fast_plan.FastSession while the compiled hook records
         self._side = None  # CUDA side stream, created on the first CUDA call
         self._pool: PinnedPool | None = None  # pinned host buffers for the side stream's copies
         # CUDA-graph path (graph_ring.py): per-Buffer device rings, made on the first eager CUDA
@@ -158,21 +179,23 @@ class Recorder:
         return state
 
     def _attribute(self, op: Op) -> tuple[int, int]:
+        """(step, layer) of a call starting now (_hookx.cpp's `attribute` is the same rules)."""
         m_step, m_layer = marks.current()
-        if m_step is not None and m_step != self._marked_step:
-            self._marked_step = m_step  # a new marked step restarts layer counting
-            self._auto_layer, self._layer_open_by = -1, None
+        a = self._attr  # [marked step, auto step, auto layer, opened by]
+        if m_step is not None and m_step != a[0]:
+            a[0] = m_step  # a new marked step restarts layer counting
+            a[2], a[3] = -1, -1
         if op in _OPENS_LAYER:
             # A layout opens the next layer and its dispatch joins it; a dispatch with no
             # layout ahead of it opens the next layer itself.
-            if not (op != Op.LAYOUT and self._layer_open_by == Op.LAYOUT):
-                self._auto_layer += 1
+            if not (op != Op.LAYOUT and a[3] == Op.LAYOUT):
+                a[2] += 1
                 lps = self.config.layers_per_step
-                if lps and self._auto_layer >= lps:
-                    self._auto_step, self._auto_layer = self._auto_step + 1, 0
-            self._layer_open_by = op
-        step = m_step if m_step is not None else self._auto_step
-        layer = m_layer if m_layer is not None else max(self._auto_layer, 0)
+                if lps and a[2] >= lps:
+                    a[1], a[2] = a[1] + 1, 0
+            a[3] = op
+        step = m_step if m_step is not None else a[1]
+        layer = m_layer if m_layer is not None else max(a[2], 0)
         return step, layer
 
     # --- hot path ---------------------------------------------------------------------------
@@ -202,7 +225,7 @@ class Recorder:
         if cuda and bs.id not in self._graph_rings and op in (Op.LL_DISPATCH, Op.LL_COMBINE):
             self._make_graph_ring(bs.id, first.device)
         path = self.path or self._choose_path(cuda)
-        if path == "ring":
+        if path in ("ring", "compiled"):
             return self._ring_begin(op, bs, seq, step, layer, level, payload, args)
         if cuda and self._side is None:
             from epreplay.capture.graph_ring import guard_graph_capture
@@ -237,7 +260,8 @@ class Recorder:
 
     def _choose_path_now(self, cuda: bool) -> str:
         choice = self.config.hot_path
-        if choice == "auto":
+        compiled = choice in ("auto", "compiled")
+        if choice in ("auto", "compiled"):
             choice = "ring"
         if choice == "ring":
             from epreplay.capture.ring_path import RingPath
@@ -245,6 +269,11 @@ class Recorder:
             try:
                 self._rp = RingPath(self.config, rank=self.rank, world_size=self.world_size, cuda=cuda)
                 self._rp.on_off = self.disable
+                hookx = fast_plan.load() if compiled and self.level < Level.PAYLOAD else None
+                if hookx is not None:  # the compiled hook writes the frames of learned sites
+                    self._fast = fast_plan.FastSession(self, self._rp, hookx)
+                    self._rp.fast = self._fast
+                    choice = "compiled"
             except OSError as exc:
                 print(f"epreplay capture: rank {self.rank}: no capture ring ({exc}); staging through "
                       f"a courier thread", file=sys.stderr, flush=True)
@@ -329,6 +358,9 @@ class Recorder:
     def _lineage_of(self, handle: Any) -> int:
         obj = self._lineage_obj(handle)
         if obj is not None:
+            if self._fast is not None and obj is not handle:  # V1: one store for both hooks
+                return self._fast.session.lineage_get(obj)
+            # V2 EPHandles: only the Python hook sees them (their sites are never planned)
             got = self._lineage.get(id(obj))
             if got is not None and got[0]() is obj:
                 return got[1]
@@ -339,6 +371,9 @@ class Recorder:
 
         obj = self._lineage_obj(handle)
         if obj is not None:
+            if self._fast is not None and obj is not handle:  # V1: one store for both hooks
+                self._fast.session.lineage_put(obj, seq)
+                return
             key = id(obj)
             lineage = self._lineage
             # The entry goes when the handle's first tensor is freed, so ids are never stale.
@@ -421,6 +456,40 @@ class Recorder:
         except Exception as inner:  # noqa: BLE001
             self.disable(f"recording an exception: {type(inner).__name__}: {inner}")
 
+    # --- the compiled hook's callbacks (rare: _hookx.cpp hands these calls back) -----------------
+    def _fast_call(self, ident: tuple, args: tuple, kwargs: dict[str, Any]) -> tuple[RingCall, dict[str, Any]]:
+        """A compiled-hook call as the RingCall (and bound arguments) the Python path would have
+        made. ident: (call id, op, BufferState, seq, step, layer, start_ns, duration_ns, hook)."""
+        call_id, op, bs, seq, step, layer, start_ns, duration, hook = ident
+        bound = hook.binder.bind(args[1:], kwargs)
+        call = RingCall(call_id, Op(op), bs, seq, step, layer, self.level, False)
+        call.args = bound
+        call.start_ns = start_ns
+        if duration >= 0:  # end()/raised() turn t0 into the duration
+            call.t0 = time.perf_counter_ns() - duration
+        else:  # still running (the watchdog): from its start on the monotonic clock
+            call.t_mono = time.monotonic() - (time.time_ns() - start_ns) / 1e9
+        return call, bound
+
+    def _fast_mismatch(self, ident: tuple, args: tuple, kwargs: dict[str, Any], result: Any) -> None:
+        """The call's outputs were not shaped as its plan learned: the Python path writes it."""
+        call, bound = self._fast_call(ident, args, kwargs)
+        try:
+            self.end(call, bound, result)
+        except Exception as exc:  # noqa: BLE001 - capture never breaks the job
+            self.disable(f"compiled hook outputs: {type(exc).__name__}: {exc}")
+
+    def _fast_raised(self, ident: tuple, args: tuple, kwargs: dict[str, Any], exc: BaseException) -> None:
+        call, _ = self._fast_call(ident, args, kwargs)
+        self.raised(call, exc)
+
+    def fast_hung(self, timeout: float) -> list[RingCall]:
+        """Compiled-hook calls running longer than `timeout` s, not reported yet (the watchdog)."""
+        if self._fast is None:
+            return []
+        hung = self._fast.session.hung(time.monotonic_ns(), int(timeout * 1e9))
+        return [self._fast_call(ident, a, kw)[0] for ident, a, kw in hung]
+
     def _enqueue(self, call: Call, *, force: bool = False) -> None:
         call.nbytes = call.staging.nbytes
         with self._lock:
@@ -461,6 +530,8 @@ class Recorder:
         if not self.enabled:
             return
         self.enabled = False
+        if self._fast is not None:
+            self._fast.close()
         self.disabled_reason = reason
         print(f"epreplay capture: rank {self.rank}: capture off: {reason}", file=sys.stderr, flush=True)
         self._post(("event", {"reason": "capture_off", "detail": reason}, time.time_ns()))
@@ -636,6 +707,8 @@ class Recorder:
         return self.facts()
 
     def _close_ring(self, timeout: float) -> None:
+        if self._fast is not None:
+            self._fast.close()  # calls from now on: not captured (the Python hook sees it closed)
         try:
             if self.enabled:
                 self._sink_facts = self._rp.close(timeout)
@@ -645,13 +718,23 @@ class Recorder:
             self.disable(f"close: {exc}" if isinstance(exc, RuntimeError) else f"close: {type(exc).__name__}: {exc}")
             self._rp.kill()
 
+    def dropped_total(self) -> int:
+        """Calls dropped so far (a full ring or queue), both hooks together."""
+        return self.dropped + (self._fast.stats[2] if self._fast is not None else 0)
+
+    def hook_totals(self) -> tuple[int, int]:
+        """(ns spent in the hooks, hooked calls) so far, both hooks together."""
+        fast = self._fast.stats if self._fast is not None else (0, 0)
+        return self.hot_ns + fast[0], self.calls + fast[1]
+
     def facts(self) -> dict[str, Any]:
         sink = self._sink_facts or (self._sink.facts() if self._sink is not None else {})
+        fast = self._fast.stats if self._fast is not None else (0, 0, 0, 0)
         static = {k: sink.get(k, v) for k, v in STATIC_FACTS.items()}
         return {
             "rank": self.rank, "world_size": self.world_size, "host": socket.gethostname(),
-            "pid": os.getpid(), "calls": self.calls, "records": sink.get("records", 0),
-            "dropped": self.dropped, "disabled": self.disabled_reason,
+            "pid": os.getpid(), "calls": self.calls + fast[1], "records": sink.get("records", 0),
+            "dropped": self.dropped + fast[2], "disabled": self.disabled_reason,
             "dumps": sink.get("dumps", []), "graph_skipped": self.graph_skipped
             + sum(r.skipped for r in self._graph_rings.values()),
             "graph_dropped": sum(r.dropped for r in self._graph_rings.values()),
@@ -660,7 +743,8 @@ class Recorder:
             "bytes": sink.get("bytes", 0), "buffers": self.buffers,
             "writer": "process" if self._proc is not None or (self._rp is not None and self._rp.proc is not None) else "thread",
             "hot_path": self.path, "writer_restarts": self._rp.restarts if self._rp is not None else 0,
-            "hot_us": (self.hot_ns - self.setup_ns - (self._rp.setup_ns if self._rp is not None else 0)) / 1e3,
+            "hot_us": (self.hot_ns + fast[0] - self.setup_ns - (self._rp.setup_ns if self._rp is not None else 0)) / 1e3,
+            "compiled_frames": fast[3],
             "setup_us": (self.setup_ns + (self._rp.setup_ns if self._rp is not None else 0)) / 1e3,
             "courier_cpu_us": self.courier_cpu_ns / 1e3,
             "writer_cpu_s": sink.get("cpu_s", 0.0),

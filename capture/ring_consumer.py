@@ -23,7 +23,7 @@ import pickle
 from typing import Any
 
 from epreplay.capture.packed import Duration, PackedCall, PackedStaging
-from epreplay.capture.ring_frames import BEGIN, CALL, CTL, END, HUNG, read_call
+from epreplay.capture.ring_frames import BEGIN, CALL, CTL, END, FAST, HUNG, read_call, read_fast
 from epreplay.capture.shm_ring import PAD, W_COMMITTED, W_DROPPED, W_DTAIL, W_HEAD, W_TAIL, ShmRing
 from epreplay.records import Level, Op, Status
 
@@ -46,6 +46,8 @@ class RingConsumer:
         self.dev_tail = ring.word(W_DTAIL)
         # (kind, buffer, seq, status) of the record a killed predecessor wrote last, if any
         self.last = sink.last_record() if resume else None
+        self.plans: dict[int, tuple] = {}  # the compiled hook's plans (FAST frames), by id
+        self._plan_pos = 0  # plan-area bytes read so far
 
     def drain(self, upto: int | None = None) -> int:
         """Handle every published frame (before `upto` when given); returns frames handled."""
@@ -78,6 +80,11 @@ class RingConsumer:
                calls: list[tuple[int, PackedCall]]) -> None:
         if kind == PAD:
             return
+        if kind == FAST:
+            fast = self._fast(body)
+            if pos >= self.skip_before:  # else written by the writer before us (resume)
+                calls.append((end, _packed(*fast)))
+            return
         call_id, head, items, dev_end = read_call(body, self.ring.dev_view)
         if dev_end > self.dev_tail:  # copied out: the device mirror may take new bytes there
             self.dev_tail = dev_end
@@ -99,6 +106,20 @@ class RingConsumer:
                 calls.append((end, _packed(begun[1], begun[2], head, items)))
         else:
             raise ValueError(f"capture ring: unknown frame kind {kind} at position {pos}")
+
+    def _fast(self, body: Any) -> tuple:
+        """A FAST frame as (BEGIN head, items, END head, {}); its plan was published to the ring's
+        plan area before the frame (a writer started later reads them all there)."""
+        try:
+            _, head, items, dev_end = read_fast(body, self.plans, self.ring.dev_view)
+        except KeyError:
+            new, self._plan_pos = self.ring.plans_from(self._plan_pos)
+            for plan_id, blob in new:
+                self.plans[plan_id] = marshal.loads(blob)
+            _, head, items, dev_end = read_fast(body, self.plans, self.ring.dev_view)
+        if dev_end > self.dev_tail:  # copied out: the device mirror may take new bytes there
+            self.dev_tail = dev_end
+        return head[:10], items, head[10], {}
 
     def _emit(self, calls: list[tuple[int, PackedCall]]) -> None:
         if not calls:

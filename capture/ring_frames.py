@@ -33,7 +33,14 @@ import numpy as np
 
 from epreplay.capture.shm_ring import FRAME, HEADER
 
-BEGIN, END, CALL, HUNG, CTL = 1, 2, 3, 4, 5  # CTL: a pickled control message
+BEGIN, END, CALL, HUNG, CTL, FAST = 1, 2, 3, 4, 5, 6  # CTL: a pickled control message
+# FAST: a call written by the compiled hook (_hookx.cpp) against a plan (fast_plan.py):
+#   u32 plan id, u32 spare, u64 call id, i64 seq, step, layer, start_ns, tokens, duration_ns,
+#   ll_parity, dispatch_seq, dev_start (-1: the arrays' bytes follow in the frame; else their
+#   absolute position in the device mirror area, packed without padding); the argument tensors' dims (i64: the descriptions of the record's
+#   meta "args"); each array's dims (i64, ndim per the plan); each int-list value as
+#   i64 count + items; then each array's raw bytes (padded to 8). The plan supplies the rest.
+FAST_HEAD = struct.Struct("<IIQ9q")
 CALL_HEAD = struct.Struct("<IHHQ")  # desc_len, desc codec, spare, call id
 BODY = FRAME.size + CALL_HEAD.size  # where desc starts in a frame
 
@@ -82,6 +89,73 @@ def read_call(body: memoryview, dev: Any = None) -> tuple[int, Any, dict[str, An
     return call_id, head, items, dev_end
 
 
+def read_fast(body: memoryview, plans: dict[int, tuple], dev: Any = None) -> tuple[int, tuple, dict[str, Any], int]:
+    """One FAST frame's body -> call id, CALL head and items, as read_call gives for the CALL
+    frame the Python hook would have written, and the end of its bytes in the device mirror area
+    (-1: none there). plans: {plan id: the plan tuple fast_plan.compile_plan made}; a KeyError
+    means the plan is not read yet (the caller reads the ring's plan area)."""
+    (pid, _, call_id, seq, step, layer, start_ns, tokens, duration, parity, dseq,
+     dev_start) = FAST_HEAD.unpack_from(body, 0)
+    op, buffer, level, meta, template, specs, value_names, has_parity, has_dseq = plans[pid]
+    pos = FAST_HEAD.size
+    n_arg = template[1]
+    arg_dims = struct.unpack_from(f"<{n_arg}q", body, pos)
+    pos += 8 * n_arg
+    args = {name: render_arg(t, arg_dims) for name, t in template[0].items()}
+    dims = []
+    for spec in specs:
+        nd = spec[5]
+        dims.append(struct.unpack_from(f"<{nd}q", body, pos))
+        pos += 8 * nd
+    items: dict[str, Any] = {}
+    for name in value_names:
+        (n,) = struct.unpack_from("<q", body, pos)
+        items[name] = list(struct.unpack_from(f"<{n}q", body, pos + 8))
+        pos += 8 + 8 * n
+    pairs: dict[str, list[Any]] = {}
+    dev_end = -1
+    if dev_start >= 0:
+        src_buf, pos = dev, dev_start % len(dev)  # one call's bytes never wrap there
+    else:
+        src_buf = body
+    for (name, tag, dtype, logical, itemsize, _), shape in zip(specs, dims):
+        nbytes = itemsize
+        for d in shape:
+            nbytes *= d
+        arr = np.frombuffer(src_buf[pos:pos + nbytes], dtype=np.dtype(dtype)).reshape(shape).copy()
+        pos += nbytes if dev_start >= 0 else (nbytes + 7) & ~7
+        if dev_start >= 0:
+            dev_end = dev_start + pos - dev_start % len(dev)
+        a = (arr, logical) if logical else arr
+        if tag == "a":
+            items[name] = a
+        elif tag == "fp":
+            items[name] = ("fp", a)
+        else:
+            pairs.setdefault(name, [None, None])[tag == "fp1"] = a
+            items[name] = ("fp", pairs[name])
+    if has_parity or has_dseq:
+        meta = dict(meta)
+        if has_parity:
+            meta["ll_parity"] = parity
+        if has_dseq:
+            meta["dispatch_seq"] = dseq
+    head = (op, buffer, seq, step, layer, start_ns, level, tokens, meta, args,
+            (0, tokens, duration, None, True))
+    return call_id, head, items, dev_end
+
+
+def render_arg(t: Any, dims: tuple) -> Any:
+    """An argument template (fast_plan.args_template) with its tensors' dims filled in: what
+    extract.describe gave for the call."""
+    if type(t) is tuple:  # (TENSOR, dtype name, device suffix, dims at, ndim)
+        _, name, suffix, at, nd = t
+        return f"{name}[{','.join(map(str, dims[at:at + nd]))}]{suffix}"
+    if type(t) is list:
+        return [render_arg(p, dims) for p in t]
+    return t
+
+
 # --- the job's side (torch tensors) ----------------------------------------------------------
 _DTYPES: dict[Any, tuple[str, str | None]] = {}  # torch dtype -> words_of(dtype), as seen
 try:  # the C frame writer (optional: setup.py builds it where a C compiler is found)
@@ -103,14 +177,18 @@ def words_of(dtype: Any) -> tuple[str, str | None]:
 def write_control(ring: Any, msg: tuple) -> bool:
     """A control message (event, dump) as a CTL frame, published; False when it did not fit."""
     raw = pickle.dumps(msg, protocol=5)
-    off = ring.reserve(FRAME.size + len(raw))
-    if off < 0:
-        return False
-    at = HEADER + off
-    FRAME.pack_into(ring.mm, at, (FRAME.size + len(raw) + 7) & ~7, CTL, 0)
-    ring.mm[at + FRAME.size:at + FRAME.size + len(raw)] = raw
-    ring.publish()
-    return True
+    ring.state[3] += 1  # busy: see ShmRing.state
+    try:
+        off = ring.reserve(FRAME.size + len(raw))
+        if off < 0:
+            return False
+        at = HEADER + off
+        FRAME.pack_into(ring.mm, at, (FRAME.size + len(raw) + 7) & ~7, CTL, 0)
+        ring.mm[at + FRAME.size:at + FRAME.size + len(raw)] = raw
+        ring.publish()
+        return True
+    finally:
+        ring.state[3] -= 1
 
 
 def write_call(ring: Any, kind: int, call_id: int, head: tuple, arrays: list[tuple[str, Any, str]],
@@ -135,6 +213,15 @@ def write_call(ring: Any, kind: int, call_id: int, head: tuple, arrays: list[tup
 def write_call_py(ring: Any, kind: int, call_id: int, head: tuple, arrays: list[tuple[str, Any, str]],
                   values: list[tuple[str, Any]], memmove: Any, dev_specs: list | None = None) -> bool:
     """write_call in Python (the reference for _ringc.c, and its fallback)."""
+    ring.state[3] += 1  # busy: see ShmRing.state
+    try:
+        return _write_call_py(ring, kind, call_id, head, arrays, values, memmove, dev_specs)
+    finally:
+        ring.state[3] -= 1
+
+
+def _write_call_py(ring: Any, kind: int, call_id: int, head: tuple, arrays: list[tuple[str, Any, str]],
+                   values: list[tuple[str, Any]], memmove: Any, dev_specs: list | None) -> bool:
     specs = list(dev_specs) if dev_specs else []
     srcs = []
     total = 0

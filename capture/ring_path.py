@@ -24,6 +24,7 @@ import threading
 import time
 from typing import Any
 
+from epreplay.capture import fast_plan
 from epreplay.capture.extract import describe, stage_inputs, stage_outputs
 from epreplay.capture.ring_frames import BEGIN, CALL, END, HUNG, write_call, write_control
 from epreplay.capture.shm_ring import W_COMMITTED, W_DROPPED, W_HEAD, ShmRing
@@ -165,6 +166,7 @@ class RingPath:
         self.restarts = 0
         self.off_reason: str | None = None  # set when the writer failed for good
         self.on_off: Any = None  # Recorder.disable, set by the recorder
+        self.fast: Any = None  # fast_plan.FastSession: calls of a learned plan skip this class
         self._ctl_lock = threading.Lock()
         # Frames are written by the job's thread(s) and, for HUNG, the watchdog: one at a time
         # (an uncontended lock: ~0.1 us).
@@ -223,7 +225,7 @@ class RingPath:
             st.snapshot("token_tag_T", torch.as_tensor(call.tags, dtype=torch.int64))
         stage_inputs(call, args, call.payload)
 
-    def _write(self, rec: Any, kind: int, call: RingCall, head: tuple, st: RingStaging) -> None:
+    def _write(self, rec: Any, kind: int, call: RingCall, head: tuple, st: RingStaging) -> bool:
         with self._write_lock:
             specs = None
             if st.dev:
@@ -231,10 +233,11 @@ class RingPath:
                 if specs is None:  # the device ring is full: drop and count
                     self.ring.count_drop()
                     rec.dropped += 1
-                    return
+                    return False
             ok = write_call(self.ring, kind, call.id, head, st.arrays, st.values, memmove, specs)
         if not ok:
             rec.dropped += 1
+        return ok
 
     def _gather(self, st: RingStaging) -> Any:
         from epreplay.capture.stage import current_stream
@@ -248,11 +251,15 @@ class RingPath:
                 raise RuntimeError("a CUDA tensor reached a host-only capture session "
                                    "(its first hooked call was on the CPU)")
             t0 = time.perf_counter_ns()
-            self.dev = DeviceStage(self.ring, device, self._write_lock)
+            self.dev = DeviceStage(self.ring, device, self._write_lock, self._fast_streams)
             self.setup_ns += time.perf_counter_ns() - t0  # once a session: not the hooks' cost
         if self.dev.failed:
             raise RuntimeError(self.dev.failed)
         return self.dev.gather(st.dev, current_stream(device), st.after_ev)
+
+    def _fast_streams(self) -> list:
+        """The streams the compiled hook gathered on since the drain last asked."""
+        return self.fast.session.take_streams() if self.fast is not None else []
 
     @staticmethod
     def _begin_head(call: RingCall, meta: dict[str, Any]) -> tuple:
@@ -269,7 +276,9 @@ class RingPath:
         if call.error is not None:
             meta["error"] = call.error
         head = self._begin_head(call, meta)
-        self._write(rec, CALL, call, head + ((int(call.status), call.tokens, call.t0, None, True),), st)
+        if self._write(rec, CALL, call, head + ((int(call.status), call.tokens, call.t0, None, True),), st) \
+                and self.fast is not None:
+            fast_plan.learn(self.fast, call, args, result, st, meta)  # the next such call: compiled
 
     def begin_frame(self, rec: Any, call: RingCall, args: dict[str, Any]) -> None:
         """A low-latency dispatch whose outputs come with its recv hook: the inputs now."""
@@ -277,6 +286,7 @@ class RingPath:
         st = call.staging = RingStaging()
         self._inputs(call, args, st)
         call.meta_n = len(meta)
+        fast_plan.never(self.fast)  # its END comes with the recv hook: not a one-frame plan
         self._write(rec, BEGIN, call, self._begin_head(call, dict(meta)), st)
 
     def end_frame(self, rec: Any, call: RingCall, args: dict[str, Any], result: Any) -> None:

@@ -33,6 +33,10 @@ def _after_fork_in_child() -> None:
     global _recorder, _watchdog, _off_pid, _exit_hooks_pid
     _recorder = _watchdog = None
     _off_pid = _exit_hooks_pid = None
+    from epreplay.capture import fast_plan
+
+    if fast_plan._module:  # the parent's compiled-hook session is not this process's
+        fast_plan._module.after_fork()
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)

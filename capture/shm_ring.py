@@ -15,9 +15,13 @@ Layout (little-endian, x86-64 and arm64 alike; every word is 8-byte aligned):
   word 24 committed         frames before it reached the shard (or are held by the writer)
   word 32 dropped           frames the producer could not fit (informational; the job counts too)
   word 2  device capacity D (0: none)   word 40 device tail (bytes of the device area released)
+  word 3  plan capacity P               word 48 plan bytes used (published plans end there)
   data    at HEADER, C bytes; absolute position p lives at HEADER + p % C
   device  at HEADER + C, D bytes: the host mirror of the job's device staging ring
           (device_stage.py), filled in bulk by device->host copies, read by the writer
+  plans   at HEADER + C + D, P bytes: the compiled hook's plans (fast_plan.py), append-only
+          records u32 length (padded to 8), u32 plan id, marshal blob; a writer that starts
+          on this ring (a restart) reads them all, whatever frames it missed
 Frames (8-byte aligned): u32 length (header included, padded to 8), u16 kind, u16 spare, body.
 A frame never wraps: when the rest of the area is too short the producer writes a PAD frame
 there and starts the next frame at the area's beginning.
@@ -40,6 +44,9 @@ MAGIC = 0x3147_4E49_5252_5045  # b"EPRRING1" little-endian
 HEADER = 4096  # one page of control words, so the data area is page-aligned
 W_MAGIC, W_CAP, W_HEAD, W_TAIL, W_COMMITTED, W_DROPPED = 0, 1, 8, 16, 24, 32  # uint64 word index
 W_DCAP, W_DTAIL = 2, 40
+W_PCAP, W_PUSED = 3, 48
+PLAN_BYTES = 1 << 20  # ~400 plans of a few KiB: far more call sites than a model has
+PLAN_HEAD = struct.Struct("<II")  # record length, plan id
 FRAME = struct.Struct("<IHH")  # length, kind, spare
 PAD = 0
 ALIGN = 8
@@ -70,12 +77,16 @@ class ShmRing:
         self._w_head = ctypes.c_uint64.from_buffer(self.mm, W_HEAD * 8)
         self._w_tail = ctypes.c_uint64.from_buffer(self.mm, W_TAIL * 8)
         # The producer's own state (not shared): [head reserved, tail as last read (re-read only
-        # when the ring looks full), deferred]; a buffer, so the C frame writer updates it too.
-        self.state = array.array("Q", [0, 0, 0])
+        # when the ring looks full), deferred, busy (a Python writer is between reserve and
+        # publish: the compiled hook hands its frame to Python then)]; a buffer, so the C frame
+        # writers update it too.
+        self.state = array.array("Q", [0, 0, 0, 0])
         # The data area's address, for ctypes.memmove from a tensor's data pointer (the hot path)
         self.base = ctypes.addressof(ctypes.c_char.from_buffer(self.mm)) + HEADER
         self.view = memoryview(self.mm)
         self.dev_view = self.view[HEADER + self.capacity:HEADER + self.capacity + self.dev_capacity]
+        self.plan_capacity = int(self.words[W_PCAP])
+        self.plan_at = HEADER + self.capacity + self.dev_capacity
         self.state[0] = int(self.words[W_HEAD])
         self.state[1] = int(self.words[W_TAIL])
         self.words_addr = ctypes.addressof(ctypes.c_char.from_buffer(self.mm))
@@ -96,9 +107,9 @@ class ShmRing:
         self.state[2] = int(value)
 
     @classmethod
-    def create(cls, capacity: int, dev_capacity: int = 0) -> "ShmRing":
+    def create(cls, capacity: int, dev_capacity: int = 0, plan_capacity: int = PLAN_BYTES) -> "ShmRing":
         """A new ring of `capacity` data bytes (rounded up to 8) in a fresh memfd, plus a device
-        mirror area of dev_capacity bytes (GPU sessions)."""
+        mirror area of dev_capacity bytes (GPU sessions) and the compiled hook's plan area."""
         capacity = aligned(max(capacity, 4096))
         dev_capacity = aligned(dev_capacity)
         try:
@@ -109,9 +120,10 @@ class ShmRing:
             fh = tempfile.TemporaryFile(prefix="epreplay-ring-")
             fd = os.dup(fh.fileno())
             fh.close()
-        os.ftruncate(fd, HEADER + capacity + dev_capacity)
+        plan_capacity = aligned(plan_capacity)
+        os.ftruncate(fd, HEADER + capacity + dev_capacity + plan_capacity)
         with mmap.mmap(fd, HEADER, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE) as mm:
-            struct.pack_into("<QQQ", mm, 0, MAGIC, capacity, dev_capacity)
+            struct.pack_into("<QQQQ", mm, 0, MAGIC, capacity, dev_capacity, plan_capacity)
         ring = cls(fd)
         ring.populate()
         return ring
@@ -172,6 +184,32 @@ class ShmRing:
     def count_drop(self) -> None:
         """A frame dropped for another reason (the device ring full): the writer reports it."""
         self.words[W_DROPPED] += 1
+
+    def append_plan(self, blob: bytes) -> int:
+        """Publish one plan (before any frame that uses it): its id, unique in this ring; -1 when
+        the plan area is full (the call site then stays on the Python path)."""
+        used = int(self.words[W_PUSED])
+        n = aligned(PLAN_HEAD.size + len(blob))
+        if used + n > self.plan_capacity:
+            return -1
+        plan_id = used // 8 + 1
+        at = self.plan_at + used
+        PLAN_HEAD.pack_into(self.mm, at, n, plan_id)
+        self.mm[at + PLAN_HEAD.size:at + PLAN_HEAD.size + len(blob)] = blob
+        self.words[W_PUSED] = used + n  # after the bytes (x86-64 store order)
+        return plan_id
+
+    def plans_from(self, start: int) -> tuple[list[tuple[int, bytes]], int]:
+        """Plans published after byte `start` of the plan area: ([(plan id, blob)], new start)."""
+        used = int(self.words[W_PUSED])
+        out = []
+        while start < used:
+            n, plan_id = PLAN_HEAD.unpack_from(self.mm, self.plan_at + start)
+            if n < PLAN_HEAD.size or start + n > used:
+                raise ValueError(f"capture ring: bad plan record at plan byte {start} (length {n})")
+            out.append((plan_id, bytes(self.mm[self.plan_at + start + PLAN_HEAD.size:self.plan_at + start + n])))
+            start += n
+        return out, start
 
     # --- consumer (the writer) ------------------------------------------------------------------
     def frames(self, start: int, limit: int = 1 << 62) -> "list[tuple[int, int, int, memoryview]]":

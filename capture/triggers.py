@@ -102,6 +102,8 @@ class Watchdog:
                     for call in calls:
                         if not call.hung_reported and now - call.t_mono > timeout:
                             rec.report_hung(call)
+                    for call in rec.fast_hung(timeout):  # the compiled hook's calls
+                        rec.report_hung(call)
                 if self._signalled:
                     self._signalled = False
                     rec.trigger("sigusr1", "SIGUSR1 received")

@@ -26,4 +26,7 @@ if ! "$VENV/bin/python" -c 'import os, sysconfig, sys; sys.exit(not os.path.isfi
   echo "bootstrap: the install left out epreplay_standin.pth; copying it into site-packages"
   "$VENV/bin/python" -m epreplay.standin --install-pth
 fi
+# The compiled capture hook is built against this environment's torch (pip's isolated build has
+# none); without a C++ compiler capture uses the Python hook (same records, slower).
+"$VENV/bin/python" -m epreplay.capture.hookx_build --quiet
 echo "bootstrap: ready ($("$VENV/bin/python" -c 'import torch; print("torch", torch.__version__)'))"

@@ -1,0 +1,1113 @@
+// The compiled hook: a hooked DeepEP call's whole capture work in C++, without Python bytecode.
+//
+// Why: a hook written in Python costs ~40-50 us per call on a 2-core CPU even when all it does is
+// bind, key, stage and write a frame (bench/capture_hotpath.py); the budget is ~5 us. Here the
+// Buffer method is a `Hook` object (a method descriptor with vectorcall): per call it reads the
+// tensors' facts through libtorch (THPVariable_Unpack: no Python attribute calls), keys the call
+// site by the arguments' types/dtypes/shapes/values, and when a *plan* for that key exists writes
+// one FAST frame straight into the shared ring (shm_ring.py): fixed-layout fields, each array's
+// dims and raw bytes. The writer process joins the frame with the plan (ring_frames.read_fast) and
+// builds exactly the record the Python path would have built.
+//
+// Plans are learned, not written by hand: the first call of a new key goes through the Python
+// hook (hooks.py, the reference path); after it wrote its CALL frame, fast_plan.py finds where
+// every staged tensor came from (which argument slot or result element, by identity) and, when
+// everything was found, hands the plan to `Session.learn`. Anything a plan cannot express (CUDA
+// tensors, payload steps, token tags, a recv hook, an error, outputs not shaped as learned) goes
+// through the Python hook or a Python callback, so the records are the same either way
+// (tests/test_capture_fast.py compares them).
+//
+// Everything here runs under the GIL, on the job's threads (hooks) and the watchdog's (hung()).
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#include <ATen/ops/cat.h>
+#include <c10/core/impl/DeviceGuardImplInterface.h>
+#include <torch/csrc/Dtype.h>
+#include <torch/csrc/autograd/python_variable.h>
+
+#include <cstdint>
+#include <cstring>
+#include <ctime>
+#include <unordered_map>
+#include <vector>
+
+#ifndef EPREPLAY_TORCH_VERSION
+#define EPREPLAY_TORCH_VERSION "unknown"
+#endif
+
+namespace {
+
+// --- ring words (shm_ring.py) ----------------------------------------------------------------
+constexpr int W_HEAD = 8, W_TAIL = 16, W_DROPPED = 32, W_DTAIL = 40;
+constexpr uint16_t PAD_KIND = 0, FAST_KIND = 6;
+constexpr uint64_t FAST_FIXED = 96;  // frame header 8 + plan 8 + call id 8 + 9 fields x 8
+inline uint64_t align8(uint64_t n) { return (n + 7) & ~uint64_t(7); }
+
+// Op codes (epreplay/records.py Op)
+constexpr int OP_LAYOUT = 1, OP_DISPATCH = 2, OP_LL_DISPATCH = 5;
+constexpr int64_t NONE = INT64_MIN;  // None in the shared int64 arrays
+
+inline int64_t now_ns(clockid_t clock) {
+  timespec ts;
+  clock_gettime(clock, &ts);
+  return int64_t(ts.tv_sec) * 1000000000LL + ts.tv_nsec;
+}
+
+// Where a value comes from: root 0 an argument slot (positional, then keywords in call order),
+// root 1 an element of the result tuple; j >= 0: element j of that tuple.
+struct Src {
+  int root = -1, i = -1, j = -1;
+  bool set() const { return root >= 0; }
+};
+
+struct ArraySpec {
+  Src src;
+  c10::ScalarType dtype;
+  int ndim;
+  // 0: the tensor as it is; 1/2: the valid rows of a low-latency buffer [L, X, H] as [V, H],
+  // rows [0, counts[e]) of each local expert e (extract._gather_valid): counts from a [L] tensor
+  // (1: recv_count) or summed from a handle's layout_range [L, R] (2: the low 32 bits)
+  int mode = 0;
+  Src counts;
+};
+
+struct Out {  // one staged array of a call: a tensor, or the valid rows of one
+  at::Tensor t;
+  std::vector<int64_t> rows;  // mode 1/2: valid rows per local expert
+  int64_t valid = 0;
+  int64_t dims() const { return rows.empty() ? t.dim() : 2; }
+  uint64_t nbytes() const { return rows.empty() ? t.nbytes() : uint64_t(valid) * row_bytes(); }
+  uint64_t row_bytes() const { return uint64_t(t.size(-1)) * t.element_size(); }
+};
+
+// The valid-row counts of `base` [L, X, H] from `c` (mode 1: [L]; mode 2: layout_range [L, R]).
+bool valid_rows(int mode, const at::Tensor &base, const at::Tensor &c, Out &out) {
+  if (base.dim() != 3 || !c.defined() || !c.is_cpu() || !c.is_contiguous()) return false;
+  int64_t L = base.size(0), X = base.size(1);
+  if (c.size(0) != L) return false;
+  out.rows.resize(L);
+  for (int64_t e = 0; e < L; e++) {
+    int64_t n = 0;
+    if (mode == 1 && c.dim() == 1 && c.scalar_type() == at::kInt) {
+      n = c.const_data_ptr<int32_t>()[e];
+    } else if (mode == 1 && c.dim() == 1 && c.scalar_type() == at::kLong) {
+      n = c.const_data_ptr<int64_t>()[e];
+    } else if (mode == 2 && c.dim() == 2 && c.scalar_type() == at::kLong) {
+      const int64_t *r = c.const_data_ptr<int64_t>() + e * c.size(1);
+      for (int64_t k = 0; k < c.size(1); k++) n += r[k] & 0xFFFFFFFF;
+    } else {
+      return false;
+    }
+    if (n < 0 || n > X) return false;
+    out.rows[e] = n;
+    out.valid += n;
+  }
+  return true;
+}
+
+struct Plan {
+  uint32_t id = 0;
+  int op = 0;
+  bool parity = false;     // meta ll_parity per call (the Buffer's low-latency call count % 2)
+  Src lookup, remember;    // dispatch_seq from this handle's first tensor / remember this one
+  Src tokens_src;          // the call's tokens: this tensor's rows (else the constant)
+  int64_t tokens = 0;
+  int arg_dims = 0;        // dims of the argument tensors (the frame carries them: descriptions)
+  bool device = false;     // CUDA arrays: one gather launch into the device ring (device_stage.py)
+  std::vector<ArraySpec> arrays;
+  std::vector<Src> values;  // int lists
+  int total_dims = 0;
+};
+
+struct Key {
+  std::vector<int64_t> v;
+  bool operator==(const Key &o) const { return v == o.v; }
+};
+struct KeyHash {
+  size_t operator()(const Key &k) const {
+    uint64_t h = 1469598103934665603ULL;
+    for (int64_t x : k.v) h = (h ^ uint64_t(x)) * 1099511628211ULL;
+    return size_t(h);
+  }
+};
+
+struct BufInfo {
+  PyObject *state;  // the BufferState (strong): its address stays unique while cached
+  int64_t *cnt;     // [seq, ll_calls], shared with BufferState.seq / ll_calls
+  int64_t id;
+  Py_buffer view;
+};
+
+struct Hook;
+struct InFlight {  // a fast call between entry and its frame, for the watchdog
+  InFlight *next, *prev;
+  Hook *hook;
+  uint64_t call_id;
+  int op;
+  int64_t buffer, seq, step, layer, start_ns, mono_ns;
+  PyObject *const *args;
+  size_t nargs;
+  PyObject *kwnames;
+  bool reported;
+};
+
+struct Lineage {
+  c10::weak_intrusive_ptr<c10::TensorImpl> weak;
+  int64_t seq;
+};
+
+struct Session {
+  PyObject_HEAD
+  PyObject *rec;         // callbacks: _fast_raised, _fast_mismatch (recorder.py)
+  PyObject *marks_local; // epreplay.marks._local
+  PyObject *views;       // the arrays whose buffers we hold (kept alive)
+  Py_buffer state_v, attr_v, stats_v;
+  uint64_t *state;       // ring producer state [head, tail seen, deferred, busy]
+  volatile uint64_t *words;
+  char *base;
+  uint64_t cap;
+  int64_t *attr;         // [marked step, auto step, auto layer, layer opened by]
+  int64_t *stats;        // [hot ns, calls, dropped, frames]
+  int64_t layers_per_step;
+  bool enabled;
+  uint64_t next_id;
+  std::unordered_map<Key, Plan *, KeyHash> *plans;
+  std::unordered_map<PyObject *, BufInfo> *bufs;
+  std::unordered_map<c10::TensorImpl *, Lineage> *lineage;
+  InFlight inflight;     // list head
+  // GPU sessions (set_device): the device ring D, its host state [head, writer's release as
+  // last read] shared with device_stage.DeviceStage, graph_ring's capture count, and the streams
+  // gathered on since the drain last looked
+  at::Tensor *D;
+  Py_buffer dstate_v, capt_v;
+  int64_t *dstate, *capturing;
+  std::vector<c10::Stream> *streams;
+};
+
+struct Hook {
+  PyObject_HEAD
+  PyObject *orig, *slow, *dict;
+  int op;  // the method's op (DISPATCH becomes CACHED_DISPATCH with a handle: keyed)
+  vectorcallfunc vectorcall;
+};
+
+Session *g_sess = nullptr;  // the active session of this process (strong ref), or null
+thread_local int t_depth = 0;  // > 0 inside a hooked call: nested hooked calls pass through
+
+// What the Python path needs to learn a plan for the call it is handling (this thread).
+struct Pending {
+  bool active = false;
+  Key key;
+  Hook *hook = nullptr;
+  Py_ssize_t nargs = 0;
+  PyObject *kwnames = nullptr;
+};
+thread_local Pending t_pending;
+
+PyObject *s_state, *s_step, *s_layer, *s_pending_tags, *s_epreplay_capture, *s_owner, *s_cnt, *s_id,
+    *s_fast_raised, *s_fast_mismatch;
+
+// --- keys ------------------------------------------------------------------------------------
+// One argument's part of the call-site key (ring_path._key's rules, but a tensor's leading dims
+// are not part of it: rows received change every call, and the frame carries every argument's
+// dims): scalars by value, tensors by dtype/device/rank/last dim of 2+-D, tuples element-wise, lists by
+// length, a Config by identity, else by type.
+bool key_of(PyObject *v, std::vector<int64_t> &k, int depth = 0) {
+  if (v == Py_None) { k.push_back(1); return true; }
+  if (PyBool_Check(v)) { k.push_back(2); k.push_back(v == Py_True); return true; }
+  if (PyLong_CheckExact(v)) {
+    int overflow = 0;
+    long long x = PyLong_AsLongLongAndOverflow(v, &overflow);
+    if (overflow) { k.push_back(9); k.push_back(PyObject_Hash(v)); return true; }
+    k.push_back(3); k.push_back(x);
+    return true;
+  }
+  if (PyFloat_CheckExact(v)) {
+    double d = PyFloat_AS_DOUBLE(v);
+    int64_t bits;
+    memcpy(&bits, &d, 8);
+    k.push_back(4); k.push_back(bits);
+    return true;
+  }
+  if (PyUnicode_CheckExact(v)) { k.push_back(5); k.push_back(PyObject_Hash(v)); return true; }
+  if (THPVariable_Check(v)) {
+    const at::Tensor &t = THPVariable_Unpack(v);
+    if (!t.defined()) { k.push_back(10); return true; }
+    k.push_back(6);
+    k.push_back(int64_t(t.scalar_type()));
+    k.push_back(int64_t(t.device().type()) * 1024 + t.device().index());
+    k.push_back(t.dim());
+    k.push_back(t.dim() >= 2 ? t.size(-1) : -1);  // hidden, top-k, ranks; not a 1-D tensor's rows
+    return true;
+  }
+  if (PyTuple_CheckExact(v) && depth < 2) {
+    Py_ssize_t n = PyTuple_GET_SIZE(v);
+    k.push_back(7); k.push_back(n);
+    for (Py_ssize_t i = 0; i < n; i++)
+      if (!key_of(PyTuple_GET_ITEM(v, i), k, depth + 1)) return false;
+    return true;
+  }
+  if (PyList_CheckExact(v)) { k.push_back(8); k.push_back(PyList_GET_SIZE(v)); return true; }
+  PyTypeObject *tp = Py_TYPE(v);
+  k.push_back(11);
+  k.push_back(int64_t(intptr_t(tp)));
+  const char *name = strrchr(tp->tp_name, '.');
+  name = name ? name + 1 : tp->tp_name;
+  if (strcmp(name, "Config") == 0) k.push_back(int64_t(intptr_t(v)));
+  return true;
+}
+
+// The dims of every argument tensor, in key_of's order (the writer renders descriptions from them).
+int64_t *put_dims(PyObject *v, int64_t *w, int depth = 0) {
+  if (THPVariable_Check(v)) {
+    const at::Tensor &t = THPVariable_Unpack(v);
+    if (t.defined())
+      for (int64_t d : t.sizes()) *w++ = d;
+  } else if (PyTuple_CheckExact(v) && depth < 2) {
+    for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(v); i++) w = put_dims(PyTuple_GET_ITEM(v, i), w, depth + 1);
+  }
+  return w;
+}
+
+// --- sources -----------------------------------------------------------------------------------
+inline PyObject *slot(PyObject *const *args, Py_ssize_t nslots, int i) {
+  return (i >= 0 && i < nslots) ? args[i] : nullptr;
+}
+
+PyObject *resolve(const Src &s, PyObject *const *slots, Py_ssize_t nslots, PyObject *result) {
+  PyObject *v = nullptr;
+  if (s.root == 0) {
+    v = slot(slots, nslots, s.i);
+  } else if (s.root == 1) {
+    if (!result || !PyTuple_Check(result) || s.i >= PyTuple_GET_SIZE(result)) return nullptr;
+    v = PyTuple_GET_ITEM(result, s.i);
+  }
+  if (!v || s.j < 0) return v;
+  if (!PyTuple_Check(v) || s.j >= PyTuple_GET_SIZE(v)) return nullptr;
+  return PyTuple_GET_ITEM(v, s.j);
+}
+
+// --- lineage: which dispatch made a handle (combine's meta dispatch_seq) ---------------------
+void lineage_put(Session *s, const at::Tensor &t, int64_t seq) {
+  auto *m = s->lineage;
+  if (m->size() > 4096) {  // drop the entries of handles that are gone
+    for (auto it = m->begin(); it != m->end();) it = it->second.weak.expired() ? m->erase(it) : std::next(it);
+  }
+  m->insert_or_assign(t.unsafeGetTensorImpl(),
+                     Lineage{c10::weak_intrusive_ptr<c10::TensorImpl>(t.getIntrusivePtr()), seq});
+}
+
+int64_t lineage_get(Session *s, const at::Tensor &t) {
+  auto it = s->lineage->find(t.unsafeGetTensorImpl());
+  // The weak reference keeps the TensorImpl's memory: a live entry's address is that tensor's.
+  if (it == s->lineage->end() || it->second.weak.expired()) return -1;
+  return it->second.seq;
+}
+
+// --- the ring ------------------------------------------------------------------------------------
+bool reserve(Session *s, uint64_t n, uint64_t *out_off) {
+  uint64_t *state = s->state;
+  uint64_t head = state[0], cap = s->cap;
+  uint64_t off = head % cap;
+  uint64_t pad = (off + n > cap) ? cap - off : 0;
+  if (n > cap) return false;
+  if (head + pad + n - state[1] > cap) {
+    state[1] = s->words[W_TAIL];
+    if (head + pad + n - state[1] > cap) return false;
+  }
+  if (pad) {
+    uint32_t len = uint32_t(pad);
+    uint16_t kind = PAD_KIND, spare = 0;
+    memcpy(s->base + off, &len, 4);
+    memcpy(s->base + off + 4, &kind, 2);
+    memcpy(s->base + off + 6, &spare, 2);
+    off = 0;
+  }
+  state[0] = head + pad + n;
+  *out_off = off;
+  return true;
+}
+
+// --- marks and step/layer attribution (recorder._attribute, same rules) -------------------------
+// Reads epreplay.marks' thread-local state: (step, layer) or NONE, and whether tags are pending.
+bool read_marks(Session *s, int64_t *m_step, int64_t *m_layer, bool *tags) {
+  *m_step = *m_layer = NONE;
+  *tags = false;
+  PyObject *st = PyObject_GetAttr(s->marks_local, s_state);
+  if (!st) {
+    if (!PyErr_ExceptionMatches(PyExc_AttributeError)) return false;
+    PyErr_Clear();
+    return true;
+  }
+  bool ok = true;
+  PyObject *v;
+  if ((v = PyObject_GetAttr(st, s_step))) {
+    if (v != Py_None) *m_step = PyLong_AsLongLong(v);
+    Py_DECREF(v);
+  }
+  if (ok && (v = PyObject_GetAttr(st, s_layer))) {
+    if (v != Py_None) *m_layer = PyLong_AsLongLong(v);
+    Py_DECREF(v);
+  }
+  if (ok && (v = PyObject_GetAttr(st, s_pending_tags))) {
+    *tags = v != Py_None;
+    Py_DECREF(v);
+  }
+  Py_DECREF(st);
+  return !PyErr_Occurred();
+}
+
+void attribute(Session *s, int op, int64_t m_step, int64_t m_layer, int64_t *step, int64_t *layer) {
+  int64_t *a = s->attr;  // [marked, auto step, auto layer, opened by]
+  if (m_step != NONE && m_step != a[0]) {
+    a[0] = m_step;
+    a[2] = -1;
+    a[3] = -1;
+  }
+  if (op == OP_LAYOUT || op == OP_DISPATCH || op == OP_LL_DISPATCH) {
+    if (!(op != OP_LAYOUT && a[3] == OP_LAYOUT)) {
+      a[2] += 1;
+      if (s->layers_per_step && a[2] >= s->layers_per_step) {
+        a[1] += 1;
+        a[2] = 0;
+      }
+    }
+    a[3] = op;
+  }
+  *step = m_step != NONE ? m_step : a[1];
+  *layer = m_layer != NONE ? m_layer : (a[2] > 0 ? a[2] : 0);
+}
+
+// --- the hook ----------------------------------------------------------------------------------
+PyObject *call_through(PyObject *fn, PyObject *const *args, size_t nargsf, PyObject *kwnames) {
+  t_depth++;
+  PyObject *r = PyObject_Vectorcall(fn, args, nargsf, kwnames);
+  t_depth--;
+  return r;
+}
+
+// The Python hook handles this call; with a key, it may learn a plan for it (fast_plan.py).
+PyObject *slow_path(Hook *h, PyObject *const *args, size_t nargsf, PyObject *kwnames, Key *key) {
+  Pending saved = std::move(t_pending);
+  t_pending = Pending();
+  if (key) {
+    t_pending.active = true;
+    t_pending.key = std::move(*key);
+    t_pending.hook = h;
+    t_pending.nargs = PyVectorcall_NARGS(nargsf) - 1;
+    t_pending.kwnames = kwnames;
+  }
+  PyObject *r = PyObject_Vectorcall(h->slow, args, nargsf, kwnames);
+  t_pending = std::move(saved);
+  return r;
+}
+
+BufInfo *buffer_info(Session *s, PyObject *buf) {
+  PyObject *bs = PyObject_GetAttr(buf, s_epreplay_capture);
+  if (!bs) {
+    PyErr_Clear();
+    return nullptr;
+  }
+  auto it = s->bufs->find(bs);
+  if (it != s->bufs->end()) {
+    Py_DECREF(bs);
+    return &it->second;
+  }
+  // First fast call of this Buffer in this session: its BufferState must be this recorder's.
+  PyObject *owner = PyObject_GetAttr(bs, s_owner);
+  PyObject *cnt = owner == s->rec ? PyObject_GetAttr(bs, s_cnt) : nullptr;
+  PyObject *id = cnt ? PyObject_GetAttr(bs, s_id) : nullptr;
+  Py_XDECREF(owner);
+  BufInfo info{};
+  if (!cnt || !id || PyObject_GetBuffer(cnt, &info.view, PyBUF_WRITABLE) < 0 || info.view.len < 16) {
+    PyErr_Clear();
+    Py_XDECREF(cnt);
+    Py_XDECREF(id);
+    Py_DECREF(bs);
+    return nullptr;
+  }
+  info.state = bs;  // the reference we got
+  info.cnt = static_cast<int64_t *>(info.view.buf);
+  info.id = PyLong_AsLongLong(id);
+  Py_DECREF(cnt);
+  Py_DECREF(id);
+  BufInfo &kept = (*s->bufs)[bs];  // node-based map: the reference survives rehashing
+  kept = info;
+  return &kept;
+}
+
+PyObject *args_tuple(PyObject *const *slots, Py_ssize_t nargs) {
+  PyObject *t = PyTuple_New(nargs);
+  for (Py_ssize_t i = 0; t && i < nargs; i++) {
+    Py_INCREF(slots[i]);
+    PyTuple_SET_ITEM(t, i, slots[i]);
+  }
+  return t;
+}
+
+PyObject *kwargs_dict(PyObject *const *slots, Py_ssize_t nargs, PyObject *kwnames) {
+  PyObject *d = PyDict_New();
+  Py_ssize_t nk = kwnames ? PyTuple_GET_SIZE(kwnames) : 0;
+  for (Py_ssize_t k = 0; d && k < nk; k++)
+    if (PyDict_SetItem(d, PyTuple_GET_ITEM(kwnames, k), slots[nargs + k]) < 0) Py_CLEAR(d);
+  return d;
+}
+
+// The fast call's identity, for the Python callbacks (recorder._fast_raised / _fast_mismatch).
+// (call id, op, BufferState, seq, step, layer, start_ns, duration_ns, hook)
+PyObject *identity(const InFlight &f, PyObject *bs, int64_t duration) {
+  return Py_BuildValue("(KiOLLLLLO)", (unsigned long long)f.call_id, f.op, bs, (long long)f.seq,
+                       (long long)f.step, (long long)f.layer, (long long)f.start_ns, (long long)duration,
+                       reinterpret_cast<PyObject *>(f.hook));
+}
+
+// Writes the FAST frame of a call that returned; false when it is dropped (counted).
+bool write_fast(Session *s, const Plan &p, const InFlight &f, int64_t tokens, int64_t duration,
+                int64_t parity, int64_t dseq, const std::vector<Out> &ts,
+                const std::vector<PyObject *> &vals, PyObject *const *slots, Py_ssize_t nslots,
+                int64_t dev_start) {
+  uint64_t head = FAST_FIXED + 8 * uint64_t(p.arg_dims + p.total_dims), data = 0;
+  for (PyObject *v : vals) head += 8 + 8 * uint64_t(PyList_GET_SIZE(v));
+  if (dev_start < 0)  // else the bytes are in the device ring, gathered already
+    for (const auto &o : ts) data += align8(o.nbytes());
+  uint64_t size = head + data, off;
+  if (!reserve(s, size, &off)) {
+    s->words[W_DROPPED] += 1;
+    s->stats[2] += 1;
+    return false;
+  }
+  char *at = s->base + off;
+  uint32_t len32 = uint32_t(size), pid = p.id, zero32 = 0;
+  uint16_t kind = FAST_KIND, zero16 = 0;
+  memcpy(at, &len32, 4);
+  memcpy(at + 4, &kind, 2);
+  memcpy(at + 6, &zero16, 2);
+  memcpy(at + 8, &pid, 4);
+  memcpy(at + 12, &zero32, 4);
+  memcpy(at + 16, &f.call_id, 8);
+  int64_t fields[9] = {f.seq, f.step, f.layer, f.start_ns, tokens, duration, parity, dseq, dev_start};
+  memcpy(at + 24, fields, sizeof fields);
+  int64_t *w = reinterpret_cast<int64_t *>(at + FAST_FIXED);
+  for (Py_ssize_t i = 0; i < nslots; i++) w = put_dims(slots[i], w);
+  for (const auto &o : ts) {
+    if (o.rows.empty()) {
+      for (int64_t d : o.t.sizes()) *w++ = d;
+    } else {
+      *w++ = o.valid;
+      *w++ = o.t.size(-1);
+    }
+  }
+  for (PyObject *v : vals) {
+    Py_ssize_t n = PyList_GET_SIZE(v);
+    *w++ = n;
+    for (Py_ssize_t i = 0; i < n; i++) *w++ = PyLong_AsLongLong(PyList_GET_ITEM(v, i));
+  }
+  char *dst = at + head;
+  for (size_t k = 0; dev_start < 0 && k < ts.size(); k++) {
+    const Out &o = ts[k];
+    size_t nb = o.nbytes();
+    if (o.rows.empty()) {
+      if (nb) memcpy(dst, o.t.data_ptr(), nb);
+    } else {  // expert-major: rows [0, rows[e]) of each local expert
+      const char *src = static_cast<const char *>(o.t.data_ptr());
+      uint64_t rb = o.row_bytes(), per_expert = rb * uint64_t(o.t.size(1));
+      char *d = dst;
+      for (size_t e = 0; e < o.rows.size(); e++) {
+        memcpy(d, src + e * per_expert, rb * uint64_t(o.rows[e]));
+        d += rb * uint64_t(o.rows[e]);
+      }
+    }
+    dst += align8(nb);
+  }
+  if (!s->state[2]) s->words[W_HEAD] = s->state[0];  // publish: one 8-byte store after the bytes
+  s->stats[3] += 1;
+  return true;
+}
+
+// One launch: the call's CUDA arrays' bytes into the next free bytes of D, on the current stream
+// (device_stage.DeviceStage.gather, same reservation rules); their absolute position, or -1 when
+// D is full (dropped and counted).
+int64_t gather(Session *s, const std::vector<Out> &ts) {
+  int64_t total = 0;
+  for (const auto &o : ts) total += int64_t(o.nbytes());
+  int64_t cap = s->D->numel(), head = s->dstate[0];
+  if (!total) return head;
+  int64_t off = head % cap, pad = off + total > cap ? cap - off : 0;
+  if (total > cap || head + pad + total - s->dstate[1] > cap) {
+    s->dstate[1] = int64_t(s->words[W_DTAIL / 8]);  // the writer's release, re-read only when full
+    if (total > cap || head + pad + total - s->dstate[1] > cap) return -1;
+  }
+  int64_t start = head + pad;
+  std::vector<at::Tensor> pieces;
+  pieces.reserve(ts.size());
+  for (const auto &o : ts) pieces.push_back(o.t.reshape({-1}).view(at::kByte));
+  at::Tensor dst = s->D->narrow(0, start % cap, total);
+  at::cat_out(dst, pieces, 0);
+  s->dstate[0] = start + total;
+  c10::Stream st = c10::impl::getDeviceGuardImpl(c10::DeviceType::CUDA)->getStream(s->D->device());
+  bool seen = false;
+  for (const auto &x : *s->streams) seen = seen || x == st;
+  if (!seen) s->streams->push_back(st);
+  return start;
+}
+
+PyObject *hook_call(PyObject *self, PyObject *const *args, size_t nargsf, PyObject *kwnames) {
+  Hook *h = reinterpret_cast<Hook *>(self);
+  Py_ssize_t nargs = PyVectorcall_NARGS(nargsf);
+  Session *s = g_sess;
+  if (t_depth || nargs < 1) return PyObject_Vectorcall(h->orig, args, nargsf, kwnames);
+  if (!s || !s->enabled) return call_through(h->slow, args, nargsf, kwnames);
+  int64_t t_in = now_ns(CLOCK_MONOTONIC);
+  PyObject *buf = args[0];
+  PyObject *const *slots = args + 1;  // the arguments after self: positional, then keyword values
+  Py_ssize_t npos = nargs - 1, nkw = kwnames ? PyTuple_GET_SIZE(kwnames) : 0, nslots = npos + nkw;
+  BufInfo *bi = buffer_info(s, buf);
+  if (!bi) return call_through(h->slow, args, nargsf, kwnames);
+  Key key;
+  key.v.reserve(64);
+  key.v.push_back(h->op);
+  key.v.push_back(bi->id);
+  key.v.push_back(npos);
+  for (Py_ssize_t k = 0; k < nkw; k++) key.v.push_back(PyObject_Hash(PyTuple_GET_ITEM(kwnames, k)));
+  for (Py_ssize_t i = 0; i < nslots; i++) key_of(slots[i], key.v);
+  auto found = s->plans->find(key);
+  int64_t m_step, m_layer;
+  bool tags;
+  if (found == s->plans->end() || !found->second || !read_marks(s, &m_step, &m_layer, &tags) ||
+      (tags && (found->second->op == OP_DISPATCH || found->second->op == OP_LL_DISPATCH))) {
+    PyErr_Clear();
+    bool learn = found == s->plans->end();
+    t_depth++;
+    PyObject *r = slow_path(h, args, nargsf, kwnames, learn ? &key : nullptr);
+    t_depth--;
+    return r;
+  }
+  const Plan &p = *found->second;
+  if (p.device && (!s->D || (s->capturing && *s->capturing))) {  // a CUDA graph is being captured
+    t_depth++;
+    PyObject *r = slow_path(h, args, nargsf, kwnames, nullptr);
+    t_depth--;
+    return r;
+  }
+  InFlight f{};
+  f.call_id = s->next_id++;
+  f.hook = h;
+  f.op = p.op;
+  f.buffer = bi->id;
+  f.seq = bi->cnt[0]++;
+  s->stats[1] += 1;
+  attribute(s, p.op, m_step, m_layer, &f.step, &f.layer);
+  int64_t parity = -1, dseq = -1;
+  if (p.parity) parity = bi->cnt[1]++ % 2;
+  if (p.lookup.set()) {
+    PyObject *ht = resolve(p.lookup, slots, nslots, nullptr);
+    if (ht && THPVariable_Check(ht)) dseq = lineage_get(s, THPVariable_Unpack(ht));
+  }
+  f.start_ns = now_ns(CLOCK_REALTIME);
+  f.args = args;
+  f.nargs = size_t(nargs);
+  f.kwnames = kwnames;
+  // in flight: the watchdog (hung()) sees it until it returns
+  f.next = s->inflight.next;
+  f.prev = &s->inflight;
+  s->inflight.next->prev = &f;
+  s->inflight.next = &f;
+  Py_INCREF(s);  // the session may be closed while the call runs
+  f.mono_ns = now_ns(CLOCK_MONOTONIC);
+  s->stats[0] += f.mono_ns - t_in;
+  PyObject *result = call_through(h->orig, args, nargsf, kwnames);
+  int64_t t_out = now_ns(CLOCK_MONOTONIC);
+  int64_t duration = t_out - f.mono_ns;
+  f.prev->next = f.next;
+  f.next->prev = f.prev;
+  if (!s->enabled) {
+    Py_DECREF(s);
+    return result;
+  }
+  if (!result) {  // raised: an ERROR record, written by Python (rare), then the same exception
+    PyObject *et, *ev, *tb;
+    PyErr_Fetch(&et, &ev, &tb);
+    PyErr_NormalizeException(&et, &ev, &tb);
+    PyObject *ident = identity(f, bi->state, duration);
+    PyObject *a = args_tuple(args, nargs), *kw = kwargs_dict(slots, npos, kwnames);
+    PyObject *r = (ident && a && kw) ? PyObject_CallMethodObjArgs(s->rec, s_fast_raised, ident, a, kw,
+                                                                  ev ? ev : Py_None, nullptr)
+                                     : nullptr;
+    if (!r) PyErr_Clear();
+    Py_XDECREF(r);
+    Py_XDECREF(ident);
+    Py_XDECREF(a);
+    Py_XDECREF(kw);
+    PyErr_Restore(et, ev, tb);
+    Py_DECREF(s);
+    return nullptr;
+  }
+  // Outputs as learned? Then the frame; else the Python path writes it from this identity.
+  std::vector<Out> ts;
+  std::vector<PyObject *> vals;
+  ts.reserve(p.arrays.size());
+  bool ok = true;
+  for (const auto &a : p.arrays) {
+    PyObject *o = resolve(a.src, slots, nslots, result);
+    if (!o || !THPVariable_Check(o)) { ok = false; break; }
+    const at::Tensor &t = THPVariable_Unpack(o);
+    if (!t.defined() || t.scalar_type() != a.dtype || t.dim() != a.ndim ||
+        (p.device ? t.device() != s->D->device() : !t.is_cpu())) { ok = false; break; }
+    Out out;
+    try {
+      out.t = t.is_contiguous() ? t : t.contiguous();
+    } catch (const std::exception &) {
+      ok = false;
+      break;
+    }
+    if (a.mode) {
+      PyObject *c = resolve(a.counts, slots, nslots, result);
+      if (!c || !THPVariable_Check(c) || !valid_rows(a.mode, out.t, THPVariable_Unpack(c), out)) { ok = false; break; }
+    }
+    ts.push_back(std::move(out));
+  }
+  for (size_t i = 0; ok && i < p.values.size(); i++) {
+    PyObject *o = resolve(p.values[i], slots, nslots, result);
+    if (!o || !PyList_CheckExact(o)) { ok = false; break; }
+    for (Py_ssize_t k = 0; ok && k < PyList_GET_SIZE(o); k++) ok = PyLong_CheckExact(PyList_GET_ITEM(o, k));
+    vals.push_back(o);
+  }
+  int64_t tokens = p.tokens;
+  if (ok && p.tokens_src.set()) {
+    PyObject *o = resolve(p.tokens_src, slots, nslots, result);
+    tokens = 0;
+    if (o && THPVariable_Check(o)) {
+      const at::Tensor &t = THPVariable_Unpack(o);
+      tokens = t.defined() && t.dim() ? t.size(0) : 0;
+    }
+  }
+  if (ok && p.remember.set()) {
+    PyObject *o = resolve(p.remember, slots, nslots, result);
+    if (o && THPVariable_Check(o)) lineage_put(s, THPVariable_Unpack(o), f.seq);
+  }
+  ok = ok && !s->state[3];  // a Python writer is mid-frame (the watchdog's): Python writes this one
+  int64_t dev_start = -1;
+  if (ok && p.device) {
+    try {
+      dev_start = gather(s, ts);
+    } catch (const std::exception &) {  // a torch error: Python's path says what it is
+      ok = false;
+    }
+  }
+  if (ok && p.device && dev_start < 0) {
+    s->words[W_DROPPED] += 1;  // D is full: dropped and counted, the job goes on
+    s->stats[2] += 1;
+  } else if (ok) {
+    write_fast(s, p, f, tokens, duration, parity, dseq, ts, vals, slots, nslots, dev_start);
+  } else {
+    ts.clear();
+    PyObject *ident = identity(f, bi->state, duration);
+    PyObject *a = args_tuple(args, nargs), *kw = kwargs_dict(slots, npos, kwnames);
+    PyObject *r = (ident && a && kw) ? PyObject_CallMethodObjArgs(s->rec, s_fast_mismatch, ident, a, kw,
+                                                                  result, nullptr)
+                                     : nullptr;
+    if (!r) PyErr_Clear();
+    Py_XDECREF(r);
+    Py_XDECREF(ident);
+    Py_XDECREF(a);
+    Py_XDECREF(kw);
+  }
+  s->stats[0] += now_ns(CLOCK_MONOTONIC) - t_out;
+  Py_DECREF(s);
+  return result;
+}
+
+// --- Hook type ---------------------------------------------------------------------------------
+PyObject *hook_new(PyTypeObject *type, PyObject *args, PyObject *kw) {
+  PyObject *orig, *slow;
+  int op;
+  if (!PyArg_ParseTuple(args, "OOi", &orig, &slow, &op)) return nullptr;
+  Hook *h = reinterpret_cast<Hook *>(type->tp_alloc(type, 0));
+  if (!h) return nullptr;
+  Py_INCREF(orig);
+  Py_INCREF(slow);
+  h->orig = orig;
+  h->slow = slow;
+  h->op = op;
+  h->dict = nullptr;
+  h->vectorcall = hook_call;
+  return reinterpret_cast<PyObject *>(h);
+}
+
+void hook_dealloc(PyObject *self) {
+  Hook *h = reinterpret_cast<Hook *>(self);
+  Py_XDECREF(h->orig);
+  Py_XDECREF(h->slow);
+  Py_XDECREF(h->dict);
+  Py_TYPE(self)->tp_free(self);
+}
+
+PyObject *hook_get(PyObject *self, PyObject *obj, PyObject *) {
+  if (!obj || obj == Py_None) {
+    Py_INCREF(self);
+    return self;
+  }
+  return PyMethod_New(self, obj);
+}
+
+PyGetSetDef hook_getset[] = {
+    {"__dict__", PyObject_GenericGetDict, PyObject_GenericSetDict, nullptr, nullptr},
+    {nullptr, nullptr, nullptr, nullptr, nullptr},
+};
+
+PyTypeObject HookType = {PyVarObject_HEAD_INIT(nullptr, 0)};
+
+// --- Session type ------------------------------------------------------------------------------
+PyObject *sess_new(PyTypeObject *type, PyObject *args, PyObject *kw) {
+  PyObject *rec, *state, *attr, *stats, *marks_local;
+  unsigned long long base, words, cap;
+  long long lps;
+  if (!PyArg_ParseTuple(args, "OOKKKOOLO", &rec, &state, &base, &words, &cap, &attr, &stats, &lps,
+                        &marks_local))
+    return nullptr;
+  Session *s = reinterpret_cast<Session *>(type->tp_alloc(type, 0));
+  if (!s) return nullptr;
+  if (PyObject_GetBuffer(state, &s->state_v, PyBUF_WRITABLE) < 0) goto fail;
+  if (PyObject_GetBuffer(attr, &s->attr_v, PyBUF_WRITABLE) < 0) goto fail_state;
+  if (PyObject_GetBuffer(stats, &s->stats_v, PyBUF_WRITABLE) < 0) goto fail_attr;
+  if (s->state_v.len < 32 || s->attr_v.len < 32 || s->stats_v.len < 32) {
+    PyErr_SetString(PyExc_ValueError, "state: 4 uint64, attr: 4 int64, stats: 4 int64");
+    PyBuffer_Release(&s->stats_v);
+    goto fail_attr;
+  }
+  Py_INCREF(rec);
+  Py_INCREF(marks_local);
+  s->rec = rec;
+  s->marks_local = marks_local;
+  s->views = nullptr;
+  s->state = static_cast<uint64_t *>(s->state_v.buf);
+  s->attr = static_cast<int64_t *>(s->attr_v.buf);
+  s->stats = static_cast<int64_t *>(s->stats_v.buf);
+  s->words = reinterpret_cast<volatile uint64_t *>(uintptr_t(words));
+  s->base = reinterpret_cast<char *>(uintptr_t(base));
+  s->cap = cap;
+  s->layers_per_step = lps;
+  s->enabled = true;
+  s->next_id = 1ULL << 48;  // apart from the Python path's call ids
+  s->plans = new std::unordered_map<Key, Plan *, KeyHash>();
+  s->bufs = new std::unordered_map<PyObject *, BufInfo>();
+  s->lineage = new std::unordered_map<c10::TensorImpl *, Lineage>();
+  s->inflight.next = s->inflight.prev = &s->inflight;
+  s->D = nullptr;
+  s->dstate = s->capturing = nullptr;
+  s->streams = new std::vector<c10::Stream>();
+  return reinterpret_cast<PyObject *>(s);
+fail_attr:
+  PyBuffer_Release(&s->attr_v);
+fail_state:
+  PyBuffer_Release(&s->state_v);
+fail:
+  s->plans = nullptr;
+  Py_TYPE(s)->tp_free(reinterpret_cast<PyObject *>(s));
+  return nullptr;
+}
+
+void sess_clear_maps(Session *s) {
+  if (s->plans) {
+    for (auto &kv : *s->plans) delete kv.second;
+    s->plans->clear();
+  }
+  if (s->bufs) {
+    for (auto &kv : *s->bufs) {
+      PyBuffer_Release(&kv.second.view);
+      Py_DECREF(kv.second.state);
+    }
+    s->bufs->clear();
+  }
+  if (s->lineage) s->lineage->clear();
+}
+
+void sess_dealloc(PyObject *self) {
+  Session *s = reinterpret_cast<Session *>(self);
+  if (s->plans) {
+    sess_clear_maps(s);
+    delete s->plans;
+    delete s->bufs;
+    delete s->lineage;
+    delete s->streams;
+    if (s->D) {
+      delete s->D;
+      PyBuffer_Release(&s->dstate_v);
+      PyBuffer_Release(&s->capt_v);
+    }
+    PyBuffer_Release(&s->state_v);
+    PyBuffer_Release(&s->attr_v);
+    PyBuffer_Release(&s->stats_v);
+    Py_XDECREF(s->rec);
+    Py_XDECREF(s->marks_local);
+  }
+  Py_TYPE(self)->tp_free(self);
+}
+
+bool parse_src(PyObject *o, Src *out) {
+  if (o == Py_None) return true;
+  int root, i, j;
+  if (!PyArg_ParseTuple(o, "iii", &root, &i, &j)) return false;
+  *out = Src{root, i, j};
+  return true;
+}
+
+// learn(spec): a plan for the key of the call this thread's Python path is handling.
+// spec = (plan id, op, parity, lookup src|None, remember src|None, tokens src|None, tokens,
+//         argument dims, [(src, torch dtype, ndim)], [value src]); None: that key always takes
+//         the Python path.
+PyObject *sess_learn(PyObject *self, PyObject *spec) {
+  Session *s = reinterpret_cast<Session *>(self);
+  if (!t_pending.active) Py_RETURN_FALSE;
+  Plan *p = nullptr;
+  if (spec != Py_None) {
+    p = new Plan();
+    unsigned int id;
+    int op, parity, arg_dims, device;
+    long long tokens;
+    PyObject *lookup, *remember, *tokens_src, *arrays, *values;
+    if (!PyArg_ParseTuple(spec, "IipOOOLiO!O!p", &id, &op, &parity, &lookup, &remember, &tokens_src, &tokens,
+                          &arg_dims, &PyList_Type, &arrays, &PyList_Type, &values, &device) ||
+        !parse_src(lookup, &p->lookup) || !parse_src(remember, &p->remember) ||
+        !parse_src(tokens_src, &p->tokens_src)) {
+      delete p;
+      return nullptr;
+    }
+    p->id = id;
+    p->op = op;
+    p->parity = parity;
+    p->tokens = tokens;
+    p->arg_dims = arg_dims;
+    p->device = device;
+    for (Py_ssize_t i = 0; i < PyList_GET_SIZE(arrays); i++) {
+      PyObject *src, *dt, *counts;
+      int ndim, mode;
+      ArraySpec a;
+      if (!PyArg_ParseTuple(PyList_GET_ITEM(arrays, i), "OOiiO", &src, &dt, &ndim, &mode, &counts) ||
+          !parse_src(src, &a.src) || !parse_src(counts, &a.counts) || !THPDtype_Check(dt)) {
+        if (!PyErr_Occurred())
+          PyErr_SetString(PyExc_TypeError, "learn: arrays are (src, torch.dtype, ndim, mode, counts src)");
+        delete p;
+        return nullptr;
+      }
+      a.dtype = reinterpret_cast<THPDtype *>(dt)->scalar_type;
+      a.ndim = ndim;
+      a.mode = mode;
+      p->total_dims += mode ? 2 : ndim;
+      p->arrays.push_back(a);
+    }
+    for (Py_ssize_t i = 0; i < PyList_GET_SIZE(values); i++) {
+      Src v;
+      if (!parse_src(PyList_GET_ITEM(values, i), &v)) {
+        delete p;
+        return nullptr;
+      }
+      p->values.push_back(v);
+    }
+  }
+  auto it = s->plans->find(t_pending.key);
+  if (it != s->plans->end()) {
+    delete it->second;
+    it->second = p;
+  } else {
+    (*s->plans)[t_pending.key] = p;
+  }
+  t_pending.active = false;
+  Py_RETURN_TRUE;
+}
+
+// pending(): (hook, positional count, keyword names) of the call this thread's Python path is
+// handling when the compiled hook asked it to learn a plan; else None.
+PyObject *sess_pending(PyObject *, PyObject *) {
+  if (!t_pending.active) Py_RETURN_NONE;
+  return Py_BuildValue("(OnO)", reinterpret_cast<PyObject *>(t_pending.hook), t_pending.nargs,
+                       t_pending.kwnames ? t_pending.kwnames : Py_None);
+}
+
+// hung(now_mono_ns, timeout_ns): fast calls running longer, not reported yet (then marked):
+// [(identity, args tuple, kwargs dict)], identity as for _fast_raised (duration -1).
+PyObject *sess_hung(PyObject *self, PyObject *args) {
+  Session *s = reinterpret_cast<Session *>(self);
+  long long now, timeout;
+  if (!PyArg_ParseTuple(args, "LL", &now, &timeout)) return nullptr;
+  PyObject *out = PyList_New(0);
+  for (InFlight *f = s->inflight.next; out && f != &s->inflight; f = f->next) {
+    if (f->reported || now - f->mono_ns <= timeout) continue;
+    PyObject *buf = f->args[0];
+    PyObject *bs = PyObject_GetAttr(buf, s_epreplay_capture);
+    if (!bs) {
+      PyErr_Clear();
+      continue;
+    }
+    Py_ssize_t nargs = Py_ssize_t(PyVectorcall_NARGS(f->nargs));
+    PyObject *ident = identity(*f, bs, -1);
+    PyObject *a = args_tuple(f->args, nargs), *kw = kwargs_dict(f->args + 1, nargs - 1, f->kwnames);
+    Py_DECREF(bs);
+    PyObject *item = (ident && a && kw) ? PyTuple_Pack(3, ident, a, kw) : nullptr;
+    Py_XDECREF(ident);
+    Py_XDECREF(a);
+    Py_XDECREF(kw);
+    if (!item || PyList_Append(out, item) < 0) Py_CLEAR(out);
+    Py_XDECREF(item);
+    f->reported = true;
+  }
+  return out;
+}
+
+PyObject *sess_lineage_put(PyObject *self, PyObject *args) {
+  PyObject *t;
+  long long seq;
+  if (!PyArg_ParseTuple(args, "OL", &t, &seq)) return nullptr;
+  if (THPVariable_Check(t)) lineage_put(reinterpret_cast<Session *>(self), THPVariable_Unpack(t), seq);
+  Py_RETURN_NONE;
+}
+
+PyObject *sess_lineage_get(PyObject *self, PyObject *t) {
+  if (!THPVariable_Check(t)) return PyLong_FromLong(-1);
+  return PyLong_FromLongLong(lineage_get(reinterpret_cast<Session *>(self), THPVariable_Unpack(t)));
+}
+
+// set_device(D, dstate, capturing): a GPU session's device ring (uint8 [cap] on the device),
+// its host state array('q', [head, release seen]) and graph_ring's capture count array('q', [n]).
+PyObject *sess_set_device(PyObject *self, PyObject *args) {
+  Session *s = reinterpret_cast<Session *>(self);
+  PyObject *D, *dstate, *capt;
+  if (!PyArg_ParseTuple(args, "OOO", &D, &dstate, &capt)) return nullptr;
+  if (s->D) Py_RETURN_NONE;  // once a session
+  if (!THPVariable_Check(D)) {
+    PyErr_SetString(PyExc_TypeError, "set_device: D must be a tensor");
+    return nullptr;
+  }
+  if (PyObject_GetBuffer(dstate, &s->dstate_v, PyBUF_WRITABLE) < 0) return nullptr;
+  if (PyObject_GetBuffer(capt, &s->capt_v, PyBUF_WRITABLE) < 0) {
+    PyBuffer_Release(&s->dstate_v);
+    return nullptr;
+  }
+  s->dstate = static_cast<int64_t *>(s->dstate_v.buf);
+  s->capturing = static_cast<int64_t *>(s->capt_v.buf);
+  s->D = new at::Tensor(THPVariable_Unpack(D));
+  Py_RETURN_NONE;
+}
+
+// take_streams(): [(stream id, device index, device type)] gathered on since the last call.
+PyObject *sess_take_streams(PyObject *self, PyObject *) {
+  Session *s = reinterpret_cast<Session *>(self);
+  PyObject *out = PyList_New(0);
+  for (const auto &st : *s->streams) {
+    PyObject *item = Py_BuildValue("(Lii)", (long long)st.id(), int(st.device_index()), int(st.device_type()));
+    if (!item || PyList_Append(out, item) < 0) {
+      Py_XDECREF(item);
+      Py_DECREF(out);
+      return nullptr;
+    }
+    Py_DECREF(item);
+  }
+  s->streams->clear();
+  return out;
+}
+
+PyObject *sess_disable(PyObject *self, PyObject *) {
+  reinterpret_cast<Session *>(self)->enabled = false;
+  Py_RETURN_NONE;
+}
+
+PyObject *sess_plans(PyObject *self, PyObject *) {
+  Session *s = reinterpret_cast<Session *>(self);
+  Py_ssize_t live = 0;
+  for (auto &kv : *s->plans) live += kv.second != nullptr;
+  return Py_BuildValue("(nn)", Py_ssize_t(s->plans->size()), live);
+}
+
+PyMethodDef sess_methods[] = {
+    {"learn", sess_learn, METH_O, "learn(spec): a plan for the pending call's key (see _hookx.cpp)."},
+    {"hung", sess_hung, METH_VARARGS, "hung(now_ns, timeout_ns): fast calls running past the timeout."},
+    {"lineage_put", sess_lineage_put, METH_VARARGS, "lineage_put(tensor, seq): this handle came from dispatch seq."},
+    {"lineage_get", sess_lineage_get, METH_O, "lineage_get(tensor): the dispatch seq of a handle, or -1."},
+    {"disable", sess_disable, METH_NOARGS, "Calls go through the Python hook from now on."},
+    {"set_device", sess_set_device, METH_VARARGS, "set_device(D, dstate, capturing): the device ring."},
+    {"take_streams", sess_take_streams, METH_NOARGS, "Streams gathered on since the last call."},
+    {"plans", sess_plans, METH_NOARGS, "(keys seen, plans learned)."},
+    {nullptr, nullptr, 0, nullptr},
+};
+
+PyTypeObject SessionType = {PyVarObject_HEAD_INIT(nullptr, 0)};
+
+// --- module ------------------------------------------------------------------------------------
+PyObject *mod_activate(PyObject *, PyObject *sess) {
+  if (sess != Py_None && !PyObject_TypeCheck(sess, &SessionType)) {
+    PyErr_SetString(PyExc_TypeError, "activate(Session | None)");
+    return nullptr;
+  }
+  Session *old = g_sess;
+  if (sess == Py_None) {
+    g_sess = nullptr;
+  } else {
+    Py_INCREF(sess);
+    g_sess = reinterpret_cast<Session *>(sess);
+  }
+  Py_XDECREF(old);
+  Py_RETURN_NONE;
+}
+
+PyObject *mod_after_fork(PyObject *, PyObject *) {
+  g_sess = nullptr;  // the parent's session (its ring, its writer) is not this process's
+  t_depth = 0;
+  t_pending = Pending();
+  Py_RETURN_NONE;
+}
+
+PyMethodDef mod_methods[] = {
+    {"activate", mod_activate, METH_O, "activate(session | None): the process's active session."},
+    {"pending", sess_pending, METH_NOARGS, "The call this thread's Python hook may learn a plan for."},
+    {"after_fork", mod_after_fork, METH_NOARGS, "In a forked child: no session."},
+    {nullptr, nullptr, 0, nullptr},
+};
+
+PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_hookx", "The compiled capture hook (see _hookx.cpp).", -1,
+                          mod_methods};
+
+}  // namespace
+
+PyMODINIT_FUNC PyInit__hookx(void) {
+  HookType.tp_name = "epreplay.capture._hookx.Hook";
+  HookType.tp_basicsize = sizeof(Hook);
+  HookType.tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_VECTORCALL | Py_TPFLAGS_METHOD_DESCRIPTOR;
+  HookType.tp_vectorcall_offset = offsetof(Hook, vectorcall);
+  HookType.tp_call = PyVectorcall_Call;
+  HookType.tp_new = hook_new;
+  HookType.tp_dealloc = hook_dealloc;
+  HookType.tp_descr_get = hook_get;
+  HookType.tp_dictoffset = offsetof(Hook, dict);
+  HookType.tp_getattro = PyObject_GenericGetAttr;
+  HookType.tp_setattro = PyObject_GenericSetAttr;
+  HookType.tp_getset = hook_getset;
+  HookType.tp_doc = "Hook(orig, slow, op): a Buffer method that captures through a learned plan.";
+  SessionType.tp_name = "epreplay.capture._hookx.Session";
+  SessionType.tp_basicsize = sizeof(Session);
+  SessionType.tp_flags = Py_TPFLAGS_DEFAULT;
+  SessionType.tp_new = sess_new;
+  SessionType.tp_dealloc = sess_dealloc;
+  SessionType.tp_methods = sess_methods;
+  SessionType.tp_doc = "Session(rec, ring state, base, words, cap, attr, stats, layers_per_step, marks_local)";
+  if (PyType_Ready(&HookType) < 0 || PyType_Ready(&SessionType) < 0) return nullptr;
+  s_state = PyUnicode_InternFromString("state");
+  s_step = PyUnicode_InternFromString("step");
+  s_layer = PyUnicode_InternFromString("layer");
+  s_pending_tags = PyUnicode_InternFromString("pending_tags");
+  s_epreplay_capture = PyUnicode_InternFromString("_epreplay_capture");
+  s_owner = PyUnicode_InternFromString("owner");
+  s_cnt = PyUnicode_InternFromString("cnt");
+  s_id = PyUnicode_InternFromString("id");
+  s_fast_raised = PyUnicode_InternFromString("_fast_raised");
+  s_fast_mismatch = PyUnicode_InternFromString("_fast_mismatch");
+  PyObject *m = PyModule_Create(&module_def);
+  if (!m) return nullptr;
+  Py_INCREF(&HookType);
+  Py_INCREF(&SessionType);
+  PyModule_AddObject(m, "Hook", reinterpret_cast<PyObject *>(&HookType));
+  PyModule_AddObject(m, "Session", reinterpret_cast<PyObject *>(&SessionType));
+  PyModule_AddStringConstant(m, "torch_version", EPREPLAY_TORCH_VERSION);
+  PyModule_AddIntConstant(m, "FAST", FAST_KIND);
+  return m;
+}

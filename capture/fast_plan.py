@@ -1,0 +1,274 @@
+"""The compiled hook's plans: learned from the Python hook, run by _hookx.cpp.
+
+A *plan* says, for one call-site key (method, Buffer, calling convention, the arguments' types,
+dtypes, shapes and plain values), everything a call's frame needs that does not change from call
+to call: the op, level, meta and argument descriptions, and where each staged array and value
+comes from — an argument slot or a result element (`Src` = (root, i, j): root 0 argument slot i,
+root 1 result element i; j >= 0 its tuple element j). With it the compiled hook writes a FAST
+frame (ring_frames.py) per call without running Python; the writer joins the frame with the plan
+(ring_frames.read_fast) into the CALL frame the Python hook would have written.
+
+Learning: the first call of a key goes through the Python hook. When its CALL frame is written,
+`learn` finds every staged tensor among the call's arguments and results by identity; when all
+are found (host tensors only, no derived tensors, no token tags, no error), the plan goes to the
+ring's plan area (the writer reads it there) and to the session (`Session.learn`); when a key can
+never be planned (CUDA tensors, a derived tensor) the session remembers that instead.
+
+    load()                       the compiled module, or None (not built, or built for another torch)
+    FastSession(rec, ring)       the session the hooks use while a recorder captures into `ring`
+    learn(fs, call, args, result, staging, meta)   from ring_path.call_frame
+"""
+from __future__ import annotations
+
+import array
+import marshal
+import os
+from typing import Any
+
+import torch
+
+from epreplay.records import Op
+
+NONE = -(1 << 63)  # None in the shared int64 arrays (recorder._attr)
+_module: Any = False  # not looked up yet
+
+
+def load() -> Any:
+    """epreplay.capture._hookx when it is built for this torch, else None. EPREPLAY_CAPTURE_COMPILED=0
+    turns it off (the Python hook then runs: same records, slower)."""
+    global _module
+    if _module is False:
+        _module = None
+        if os.environ.get("EPREPLAY_CAPTURE_COMPILED", "1").lower() not in ("0", "false", "no", "off"):
+            try:
+                import torch
+
+                from epreplay.capture import _hookx
+
+                if _hookx.torch_version == torch.__version__:
+                    _module = _hookx
+            except ImportError:  # not built (no compiler), or built against another torch
+                pass
+    return _module
+
+
+class FastSession:
+    """One recorder's compiled-hook session over its ring: made and activated at the session's
+    first hooked call (host tensors, ring path, below `payload`), deactivated at close."""
+
+    def __init__(self, rec: Any, rp: Any, hookx: Any) -> None:
+        from epreplay import marks
+
+        self.rp = rp  # ring_path.RingPath: its ring, and on a GPU its device stage
+        ring = self.ring = rp.ring
+        self.hookx = hookx
+        self.stats = array.array("q", [0, 0, 0, 0])  # hot ns, calls, dropped, frames
+        self.session = hookx.Session(rec, ring.state, ring.base, ring.words_addr, ring.capacity, rec._attr,
+                                     self.stats, int(rec.config.layers_per_step), marks._local)
+        hookx.activate(self.session)
+
+    def close(self) -> None:
+        self.hookx.activate(None)
+        self.session.disable()
+
+
+def _slots(binder: Any, nargs: int, kwnames: Any) -> dict[str, int] | None:
+    """{argument name: slot} for this calling convention; None where the binder cannot say."""
+    if not getattr(binder, "simple", False) or nargs > len(binder.names):
+        return None
+    slots = {name: i for i, name in enumerate(binder.names[:nargs])}
+    for k, name in enumerate(kwnames or ()):
+        slots[name] = nargs + k
+    return slots
+
+
+def _finder(args: dict[str, Any], slots: dict[str, int], result: Any) -> Any:
+    def find(obj: Any) -> tuple[int, int, int] | None:
+        for name, v in args.items():
+            i = slots.get(name)
+            if i is None:
+                continue
+            if v is obj:
+                return (0, i, -1)
+            if type(v) is tuple:
+                for j, p in enumerate(v):
+                    if p is obj:
+                        return (0, i, j)
+        if type(result) is tuple:
+            for i, v in enumerate(result):
+                if v is obj:
+                    return (1, i, -1)
+                if type(v) is tuple:
+                    for j, p in enumerate(v):
+                        if p is obj:
+                            return (1, i, j)
+        return None
+    return find
+
+
+TENSOR = "\0T"  # an argument template's tensor leaf: (TENSOR, dtype name, device suffix, dims at, ndim)
+
+
+def args_template(args: dict[str, Any], slots: dict[str, int]) -> tuple[dict[str, Any], int] | None:
+    """extract.describe of the bound arguments with each tensor's dims left open: the frame
+    carries the dims of every argument tensor, in _hookx.cpp's order (slots in order, tuple
+    elements two levels deep), and ring_frames.render_args fills them in. (template, dims) or None."""
+    from epreplay.capture.extract import describe
+
+    order = sorted((i, name) for name, i in slots.items())
+    at = 0
+    leaves: dict[int, Any] = {}  # id(tensor) -> leaf (a tensor passed twice: its first position)
+
+    def walk(v: Any, depth: int) -> Any:
+        nonlocal at
+        if isinstance(v, torch.Tensor):
+            leaf = (TENSOR, str(v.dtype).replace("torch.", ""),
+                    "" if v.device.type == "cpu" else f"@{v.device.type}", at, v.dim())
+            at += v.dim()
+            return leaf
+        if type(v) is tuple and depth < 2:
+            return [walk(p, depth + 1) for p in v]
+        if isinstance(v, tuple) and any(isinstance(p, torch.Tensor) for p in v):
+            raise LookupError  # a tuple subclass, or deeper than the hook looks
+        return describe(v)
+
+    try:
+        by_slot = {name: walk(args[name], 0) for _, name in order}
+    except LookupError:
+        return None
+    return {name: by_slot[name] if name in by_slot else describe(v) for name, v in args.items()}, at
+
+
+def _rows_source(call: Any, args: dict[str, Any], result: Any) -> Any:
+    """The tensor whose rows are the call's tokens (extract.py's rule per op), or None."""
+    if call.op in (Op.LAYOUT, Op.LL_COMBINE):
+        t = args.get("topk_idx")
+    elif call.op == Op.COMBINE:
+        t = result[0] if type(result) is tuple and result else None
+    else:
+        t = args.get("x")
+        t = t[0] if isinstance(t, (tuple, list)) else t
+    return t if isinstance(t, torch.Tensor) and t.dim() else None
+
+
+def _valid_rows_source(call: Any, name: str, tag: str, t: Any, args: dict[str, Any], result: Any,
+                       find: Any) -> tuple | None:
+    """(source of the [L, X, H] buffer, mode, source of its counts) of the valid rows extract.py
+    gathered into `t` on a CPU (recv_x_fp_V of a low-latency dispatch: counts recv_count, mode 1;
+    x_fp_V of a low-latency combine: counts from the handle's layout_range, mode 2), checked by
+    gathering them again; None for anything else."""
+    from epreplay.capture.extract import _gather_valid
+
+    part = {"fp0": 0, "fp1": 1}.get(tag)
+    if call.op == Op.LL_DISPATCH and name == "recv_x_fp_V" and type(result) is tuple and len(result) > 1:
+        base, c, mode = result[0], result[1], 1
+        counts = c.tolist() if isinstance(c, torch.Tensor) else None
+    elif call.op == Op.LL_COMBINE and name == "x_fp_V" and type(args.get("handle")) is tuple:
+        base, c, mode = args.get("x"), args["handle"][1], 2
+        counts = (c & 0xFFFFFFFF).sum(dim=1).tolist() if isinstance(c, torch.Tensor) else None
+    else:
+        return None
+    if isinstance(base, (tuple, list)):
+        base = base[part] if part is not None else None
+    if not isinstance(base, torch.Tensor) or base.dim() != 3 or counts is None:
+        return None
+    src, counts_src = find(base), find(c)
+    if src is None or counts_src is None or not torch.equal(_gather_valid(base, counts), t):
+        return None
+    return src, mode, counts_src
+
+
+def compile_plan(call: Any, args: dict[str, Any], result: Any, st: Any, meta: dict[str, Any],
+                 slots: dict[str, int]) -> tuple[list, tuple] | None:
+    """(the session's spec without its id, the writer's plan) for this call, or None when its
+    frame cannot be expressed as a plan (see the module docstring)."""
+    from epreplay.capture.ring_frames import words_of
+
+    device = bool(st.dev)
+    if device and (st.arrays or st.after_ev is not None or any(tag != "a" for _, _, tag in st.dev)):
+        return None  # hashed rows, async_finish outputs, host and CUDA arrays mixed: Python's
+    staged = st.dev if device else st.arrays  # (on the host an async_finish event orders nothing)
+    template = args_template(args, slots)
+    if template is None:
+        return None
+    find = _finder(args, slots, result)
+    arrays, specs = [], []
+    for name, t, tag in staged:
+        src, mode, counts = find(t), 0, None
+        if src is None and device:
+            return None
+        if src is None:  # a tensor staging made: the valid rows of a low-latency buffer?
+            got = _valid_rows_source(call, name, tag, t, args, result, find)
+            if got is None:
+                return None
+            src, mode, counts = got
+        words, logical = words_of(t.dtype)
+        arrays.append((src, t.dtype, 3 if mode else t.dim(), mode, counts))
+        specs.append((name, tag, words, logical, t.element_size(), t.dim()))
+    values, value_names = [], []
+    for name, v in st.values:
+        src = None
+        if type(v) is list and type(result) is tuple:
+            src = next(((1, i, -1) for i, r in enumerate(result) if type(r) is list and r == v), None)
+        if src is None:
+            return None
+        values.append(src)
+        value_names.append(name)
+    lookup = remember = None
+    if "dispatch_seq" in meta:
+        h = args.get("handle")
+        lookup = find(h[0]) if type(h) is tuple and h else None
+        if lookup is None:
+            return None
+    if call.op == Op.DISPATCH and type(result) is tuple and len(result) > 4 and type(result[4]) is tuple:
+        remember = (1, 4, 0)
+    elif call.op == Op.LL_DISPATCH and type(result) is tuple and len(result) > 2 and type(result[2]) is tuple:
+        remember = (1, 2, 0)
+    parity = "ll_parity" in meta
+    rows = _rows_source(call, args, result)
+    tokens_src = find(rows) if rows is not None else None
+    if (rows is not None and (tokens_src is None or rows.shape[0] != call.tokens)) or \
+            (rows is None and call.tokens):
+        return None  # tokens the plan could not reproduce
+    spec = [int(call.op), parity, lookup, remember, tokens_src, 0, template[1], arrays, values, device]
+    plan = (int(call.op), call.buffer, int(call.level), dict(meta), template, specs, value_names,
+            parity, "dispatch_seq" in meta)
+    return spec, plan
+
+
+def learn(fs: FastSession, call: Any, args: dict[str, Any], result: Any, st: Any, meta: dict[str, Any]) -> None:
+    """After the Python hook wrote `call`'s CALL frame: a plan for its key, if the compiled hook
+    asked for one (the session remembers "never" where none can be made)."""
+    pending = fs.hookx.pending()
+    if pending is None or call.tags is not None or call.error is not None or call.status:
+        return  # not asked, or this one call is unusual (tags, an error): the next may teach
+    hook, nargs, kwnames = pending
+    slots = _slots(getattr(hook, "binder", None), nargs, kwnames)
+    got = compile_plan(call, args, result, st, meta, slots) if slots is not None else None
+    if got is None:
+        fs.session.learn(None)
+        return
+    spec, plan = got
+    if spec[-1]:  # CUDA arrays: the compiled hook gathers into the session's device ring
+        dev = fs.rp.dev
+        if dev is None:
+            fs.session.learn(None)
+            return
+        from epreplay.capture.graph_ring import CAPTURING
+
+        fs.session.set_device(dev.D, dev.dstate, CAPTURING)
+    try:
+        blob = marshal.dumps(plan)
+    except ValueError:  # a meta value marshal cannot carry: the Python path keeps this site
+        fs.session.learn(None)
+        return
+    plan_id = fs.ring.append_plan(blob)
+    if plan_id < 0:
+        return  # the plan area is full: this key stays on the Python path
+    fs.session.learn((plan_id, *spec))
+
+
+def never(fs: FastSession | None) -> None:
+    """The pending call's key cannot be planned (a low-latency dispatch with a recv hook)."""
+    if fs is not None and fs.hookx.pending() is not None:
+        fs.session.learn(None)

@@ -1,0 +1,91 @@
+"""Build the compiled capture hook (capture/_hookx.cpp) against the torch of this environment.
+
+    python -m epreplay.capture.hookx_build [--force] [--quiet]
+
+The hook reads tensors through libtorch, so it is built per torch install, not by pip (pip's
+isolated build environment has no torch, and a CPU machine must never pull one into it):
+scripts/bootstrap.sh runs this after `pip install -e .`; on a GPU image run it once after
+installing. It writes `_hookx<ext suffix>` next to the source and records the torch version it was
+built for; capture loads it only under that same torch (else the Python hook runs, same records).
+Without a C++ compiler it says so and exits 0: capture works without it, only slower.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import sysconfig
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+
+
+def target() -> Path:
+    return HERE / f"_hookx{sysconfig.get_config_var('EXT_SUFFIX')}"
+
+
+def command(out: Path) -> list[str]:
+    import torch
+    from torch.utils.cpp_extension import include_paths, library_paths
+
+    cxx = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++") or "c++"
+    libs = library_paths()
+    cmd = [cxx, "-O2", "-std=c++17", "-shared", "-fPIC", "-w", str(HERE / "_hookx.cpp"), "-o", str(out),
+           f"-I{sysconfig.get_paths()['include']}",
+           f'-DEPREPLAY_TORCH_VERSION="{torch.__version__}"',
+           f"-D_GLIBCXX_USE_CXX11_ABI={int(torch.compiled_with_cxx11_abi())}"]
+    cmd += [f"-I{p}" for p in include_paths()]
+    cmd += [f"-L{p}" for p in libs] + [f"-Wl,-rpath,{p}" for p in libs]
+    cmd += ["-lc10", "-ltorch", "-ltorch_cpu", "-ltorch_python"]
+    return cmd
+
+
+def up_to_date(out: Path) -> bool:
+    if not out.exists() or out.stat().st_mtime < (HERE / "_hookx.cpp").stat().st_mtime:
+        return False
+    try:
+        from epreplay.capture import fast_plan
+
+        return fast_plan.load() is not None
+    except Exception:  # noqa: BLE001 - a stale or broken build: rebuild
+        return False
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m epreplay.capture.hookx_build", description=__doc__.split("\n")[0])
+    ap.add_argument("--force", action="store_true", help="rebuild even when the build is current")
+    ap.add_argument("--quiet", action="store_true")
+    a = ap.parse_args(argv)
+    out = target()
+    if not a.force and up_to_date(out):
+        if not a.quiet:
+            print(f"hookx_build: {out.name} is current")
+        return 0
+    try:
+        cmd = command(out)
+    except ImportError as exc:
+        print(f"hookx_build: no torch here ({exc}); capture will use the Python hook")
+        return 0
+    if not shutil.which(cmd[0]):
+        print(f"hookx_build: no C++ compiler ({cmd[0]}); capture will use the Python hook")
+        return 0
+    t0 = time.monotonic()
+    tmp = out.with_suffix(".tmp")
+    proc = subprocess.run(cmd[:cmd.index("-o") + 1] + [str(tmp)] + cmd[cmd.index("-o") + 2:],
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        tmp.unlink(missing_ok=True)
+        print(f"hookx_build: the compiled hook did not build; capture will use the Python hook:\n"
+              f"{proc.stderr[-2000:]}")
+        return 0
+    os.replace(tmp, out)
+    if not a.quiet:
+        print(f"hookx_build: built {out.name} in {time.monotonic() - t0:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
