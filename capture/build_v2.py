@@ -33,7 +33,7 @@ def arrays_of(call: Any, st: Any, arrays: dict[str, Any], meta: dict[str, Any], 
     psum_R = st.array("_v2_psum_R")
     N = int(psum_R[-1]) if psum_R is not None and len(psum_R) else 0
     if op == Op.COMBINE:
-        for name in ("x_fp_N", "topk_weights_NK"):  # rows past N are unused (no CPU sync)
+        for name in ("x_fp_N", "topk_weights_NK", "x_NH"):  # rows past N are unused (no CPU sync)
             if name in arrays:
                 arrays[name] = arrays[name][:N]
         return

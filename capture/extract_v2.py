@@ -13,7 +13,7 @@ tensors and keeps its receive bookkeeping in the EPHandle, so this stages the ra
              _v2 = [E, M, do_expand, expert_alignment, handle.do_expand] and _v2_list
              (num_recv_tokens_per_expert_list).
   combine    x_fp_N (x_fp_X when the handle is expanded), topk_weights_NK / topk_weights_X,
-             x_NH, combined_fp_T, and the handle's _v2_psum_R and _v2 values.
+             x_NH / x_XH, combined_fp_T, and the handle's _v2_psum_R and _v2 values.
 """
 from __future__ import annotations
 
@@ -60,15 +60,15 @@ def stage_inputs(call: Any, a: dict[str, Any], payload: bool) -> None:
         w = a.get("topk_weights")
         if routing and w is not None:
             st.snapshot("topk_weights_NK" if w.dim() == 2 else "topk_weights_X", w)
+    expanded = op == Op.COMBINE and bool(getattr(handle, "do_expand", False))
     if fps and x is not None:
-        expanded = op == Op.COMBINE and bool(getattr(handle, "do_expand", False))
         st.rows_fp("x_fp_T" if op != Op.COMBINE else "x_fp_X" if expanded else "x_fp_N", x)
     if payload and x is not None:
         if isinstance(x, (tuple, list)):
             st.snapshot("x_TH", x[0])
             st.snapshot("x_scales_TS", x[1])
         else:
-            st.snapshot("x_TH" if op != Op.COMBINE else "x_NH", x)
+            st.snapshot("x_TH" if op != Op.COMBINE else "x_XH" if expanded else "x_NH", x)
 
 
 def stage_outputs(call: Any, a: dict[str, Any], result: tuple) -> None:

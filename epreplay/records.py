@@ -65,7 +65,8 @@ layout tensors), recv_tokens_per_rank_R and recv_src_idx_N come from the EPHandl
 recv_src_metadata, recv_tokens_per_expert_L are the aligned per-expert counts, and received rows
 (recv_src_idx_N, recv_x_fp_N) are in (source rank, token) order whatever V2's receive order was;
 an expanded receive is folded to one row per token. V2-only: meta "do_expand", "do_cpu_sync",
-"M" (num_max_tokens_per_rank), "E"; combine's topk_weights_X [X] float32 for an expanded combine.
+"M" (num_max_tokens_per_rank), "E"; an expanded combine's x_fp_X [X] uint64, x_XH [X, H] bf16 and
+topk_weights_X [X] float32 (one row per expanded slot).
 
 Fingerprints (every *_fp_* array above) are epreplay.fingerprint's 64-bit row hashes; the record
 meta key "fp_version" (int) names the definition that made them: 2 (FINGERPRINT_VERSION) for
