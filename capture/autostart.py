@@ -6,8 +6,9 @@ environment — the command itself, torchrun's workers, multiprocessing's spawn/
 children — and it calls `boot()`, which
   * runs the sitecustomize.py that ours shadows, if any (so a site's own customisation stays);
   * boots the deep_ep stand-in (epreplay.standin) when EPREPLAY_EMULATE_DEEP_EP asks for it;
-  * patches Buffer classes already imported, and adds an import hook that patches `deep_ep` and
-    `epreplay.emulate` (and the deep_ep stand-in) the moment they are imported.
+  * patches Buffer / ElasticBuffer classes already imported, and adds an import hook that patches
+    `deep_ep`, `epreplay.emulate`, `epreplay.emulate_v2` (and the deep_ep stand-in) the moment
+    they are imported.
 boot() imports neither torch nor deep_ep: a process that never touches DeepEP pays a few
 milliseconds at startup and nothing else. The recorder itself starts at the first Buffer.
 """
@@ -26,7 +27,9 @@ from epreplay.run import DIR_MODE, RunDir
 
 STANDIN_ENV = "EPREPLAY_EMULATE_DEEP_EP"  # epreplay.standin: `import deep_ep` -> the emulation
 # Modules whose `Buffer` class is patched as soon as they are imported.
-WATCHED = ("deep_ep", "deep_ep.buffer", "deep_ep.buffers.legacy", "epreplay.emulate")
+WATCHED = ("deep_ep", "deep_ep.buffer", "deep_ep.buffers.legacy", "deep_ep.buffers.elastic", "epreplay.emulate",
+           "epreplay.emulate_v2")
+PATCHED_NAMES = ("Buffer", "ElasticBuffer")  # DeepEP V1 and V2
 
 SITE_SOURCE = '''\
 # Written by epreplay capture: installs DeepEP capture hooks in every Python process that
@@ -67,11 +70,12 @@ def _chain(site_file: str) -> None:
 
 
 def _patch_module(module: Any) -> None:
-    cls = getattr(module, "Buffer", None)
-    if isinstance(cls, type):
-        from epreplay.capture import hooks
+    for name in PATCHED_NAMES:
+        cls = getattr(module, name, None)
+        if isinstance(cls, type):
+            from epreplay.capture import hooks
 
-        hooks.patch_class(cls)
+            hooks.patch_class(cls)
 
 
 class _PatchingLoader(importlib.abc.Loader):

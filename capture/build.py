@@ -14,7 +14,8 @@ from typing import Any
 import numpy as np
 
 from epreplay.capture.packed import tagged
-from epreplay.records import FINGERPRINT_VERSION, Kind, Level, Op, RecordHeader
+from epreplay.capture import build_v2
+from epreplay.records import FINGERPRINT_VERSION, VARIANT_BUFFER, VARIANT_ELASTIC, Kind, Level, Op, RecordHeader
 
 Built = tuple[RecordHeader, dict[str, Any], dict[str, Any]]
 
@@ -58,7 +59,9 @@ def build(call: Any) -> tuple[RecordHeader, dict[str, Any], dict[str, Any]]:
             _fp(st, name, arrays, nonfinite)
         else:
             arrays[name] = st.array(name)
-    if op in (Op.DISPATCH, Op.CACHED_DISPATCH):
+    if meta.get("api") == "elastic":  # DeepEP V2 ElasticBuffer: build_v2.py
+        build_v2.arrays_of(call, st, arrays, meta, nonfinite)
+    elif op in (Op.DISPATCH, Op.CACHED_DISPATCH):
         rpm = st.array("_rank_prefix_matrix_RR")
         if rpm is not None:
             col = rpm[:, me].astype(np.int64)
@@ -96,7 +99,8 @@ def build(call: Any) -> tuple[RecordHeader, dict[str, Any], dict[str, Any]]:
     header = RecordHeader(kind=Kind.CALL, op=int(op), level=lvl, status=call.status,
                           buffer=call.buffer, seq=call.seq, step=call.step, layer=call.layer,
                           tokens=call.tokens, start_ns=call.start_ns,
-                          duration_ns=call.timer.duration_ns() if call.done else -1)
+                          duration_ns=call.timer.duration_ns() if call.done else -1,
+                          variant=VARIANT_ELASTIC if meta.get("api") == "elastic" else VARIANT_BUFFER)
     return header, {k: v for k, v in arrays.items() if v is not None}, meta
 
 

@@ -28,6 +28,7 @@ import torch
 
 from epreplay.fingerprint_gpu import fingerprint_rows_fast
 from epreplay.records import Level, Op, Status
+from epreplay.capture import extract_v2
 from epreplay.capture.stage import Staging, Timer
 
 ArraysMeta = tuple[dict[str, Any], dict[str, Any]]
@@ -109,6 +110,8 @@ def stage_inputs(call: Call, a: dict[str, Any], payload: bool) -> None:
     """Stage what the op records from its inputs (called at entry, before the kernels run)."""
     st, lvl, op = call.staging, call.level, call.op
     routing, fps = lvl >= Level.ROUTING, lvl >= Level.FINGERPRINTS
+    if call.meta.get("api") == "elastic":  # DeepEP V2 ElasticBuffer: extract_v2.py
+        return extract_v2.stage_inputs(call, a, payload)
     x = a.get("x")
     if op == Op.LAYOUT:
         call.tokens = _x_rows(a.get("topk_idx"))
@@ -173,6 +176,8 @@ def stage_outputs(call: Call, a: dict[str, Any], result: Any) -> None:
     routing, fps = lvl >= Level.ROUTING, lvl >= Level.FINGERPRINTS
     if not isinstance(result, tuple):
         return
+    if call.meta.get("api") == "elastic":  # DeepEP V2 ElasticBuffer: extract_v2.py
+        return extract_v2.stage_outputs(call, a, result)
     if a.get("async_finish") and op not in (Op.LL_DISPATCH, Op.LL_COMBINE):
         st.after(result[-1])  # (..., event): the outputs are ready when the event is
     elif a.get("async_finish"):

@@ -1,4 +1,4 @@
-"""Hooks on the DeepEP V1 Buffer entry points, for the real `deep_ep.Buffer` and the emulated one.
+"""Hooks on the DeepEP Buffer entry points: V1 `Buffer` and V2 `ElasticBuffer`, real and emulated.
 
     install()        patch the Buffer class(es) in place: every instance, old or new, is captured
     wrap(buffer)     capture one instance only (instance attributes shadow the class methods)
@@ -192,16 +192,21 @@ def patch_class(cls: type) -> bool:
 
 
 def default_classes() -> list[type]:
-    """deep_ep.Buffer when deep_ep is importable, and epreplay.emulate.Buffer when it exists."""
+    """deep_ep.Buffer and (V2) deep_ep.ElasticBuffer when deep_ep is importable, and the
+    emulated ones (epreplay.emulate.Buffer, epreplay.emulate_v2.ElasticBuffer). An ElasticBuffer
+    has `dispatch` and `combine` only: OPS names them alike, and the recorder tells V2 calls by
+    their arguments (capture/extract.py is_elastic_call)."""
     found: list[type] = []
-    for module_name in ("deep_ep", "epreplay.emulate"):
+    for module_name, names in (("deep_ep", ("Buffer", "ElasticBuffer")), ("epreplay.emulate", ("Buffer",)),
+                               ("epreplay.emulate_v2", ("ElasticBuffer",))):
         try:
-            module = __import__(module_name, fromlist=["Buffer"])
+            module = __import__(module_name, fromlist=list(names))
         except ImportError:
             continue
-        cls = getattr(module, "Buffer", None)
-        if isinstance(cls, type) and cls not in found:
-            found.append(cls)
+        for name in names:
+            cls = getattr(module, name, None)
+            if isinstance(cls, type) and cls not in found:
+                found.append(cls)
     return found
 
 

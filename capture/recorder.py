@@ -34,6 +34,7 @@ from epreplay import marks
 from epreplay.capture import fast_plan
 from epreplay.capture.config import CaptureConfig
 from epreplay.capture.extract import Call, stage_inputs, stage_outputs
+from epreplay.capture.extract_v2 import elastic_meta, is_elastic_call
 from epreplay.capture.ring_path import RingCall
 from epreplay.capture.sink import DUMP_DEDUP_S, STATIC_FACTS
 from epreplay.capture.stage import PinnedPool, Staging, Timer, current_stream
@@ -337,6 +338,8 @@ class Recorder:
                     m[key] = int(a[key])  # numpy/torch scalars are not JSON
             if a.get("config") is not None:
                 m["config"] = repr(a["config"])
+        if is_elastic_call(a):  # DeepEP V2 ElasticBuffer (records.py: variant, meta "api")
+            elastic_meta(m, a)
         if op in (Op.COMBINE, Op.CACHED_DISPATCH, Op.LL_COMBINE):
             m["dispatch_seq"] = self._lineage_of(a.get("handle"))
         x = a.get("x")
@@ -345,26 +348,36 @@ class Recorder:
             m["hidden"] = int(first.shape[-1])
             m["x_dtype"] = str(first.dtype).replace("torch.", "")
 
-    def _lineage_of(self, handle: Any) -> int:
+    @staticmethod
+    def _lineage_obj(handle: Any) -> Any:
+        """What a handle is known by: a V1 handle's first tensor, a V2 EPHandle itself."""
         if isinstance(handle, tuple) and handle and isinstance(handle[0], torch.Tensor):
-            if self._fast is not None:  # one store for both hooks
-                return self._fast.session.lineage_get(handle[0])
-            got = self._lineage.get(id(handle[0]))
-            if got is not None and got[0]() is handle[0]:
+            return handle[0]
+        return handle if hasattr(handle, "recv_src_metadata") else None
+
+    def _lineage_of(self, handle: Any) -> int:
+        obj = self._lineage_obj(handle)
+        if obj is not None:
+            if self._fast is not None and obj is not handle:  # V1: one store for both hooks
+                return self._fast.session.lineage_get(obj)
+            # V2 EPHandles: only the Python hook sees them (their sites are never planned)
+            got = self._lineage.get(id(obj))
+            if got is not None and got[0]() is obj:
                 return got[1]
         return -1
 
     def _remember_handle(self, handle: Any, seq: int) -> None:
         import weakref
 
-        if isinstance(handle, tuple) and handle and isinstance(handle[0], torch.Tensor):
-            if self._fast is not None:
-                self._fast.session.lineage_put(handle[0], seq)
+        obj = self._lineage_obj(handle)
+        if obj is not None:
+            if self._fast is not None and obj is not handle:  # V1: one store for both hooks
+                self._fast.session.lineage_put(obj, seq)
                 return
-            key = id(handle[0])
+            key = id(obj)
             lineage = self._lineage
             # The entry goes when the handle's first tensor is freed, so ids are never stale.
-            lineage[key] = (weakref.ref(handle[0], lambda _, k=key: lineage.pop(k, None)), seq)
+            lineage[key] = (weakref.ref(obj, lambda _, k=key: lineage.pop(k, None)), seq)
 
     def end(self, call: Call, args: dict[str, Any], result: Any) -> Any:
         """The call returned: stage outputs (now, or when the LL recv hook runs) and enqueue."""
@@ -380,7 +393,8 @@ class Recorder:
             call.timer.stop()
             self.inflight.pop(id(call), None)
         if call.op == Op.DISPATCH and isinstance(result, tuple) and len(result) > 4:
-            self._remember_handle(result[4], call.seq)
+            # V1: (..., handle, event); V2: (recv_x, idx, weights, EPHandle, event)
+            self._remember_handle(result[3] if hasattr(result[3], "recv_src_metadata") else result[4], call.seq)
         elif call.op == Op.LL_DISPATCH and isinstance(result, tuple) and len(result) > 2:
             self._remember_handle(result[2], call.seq)
             hook = result[4] if len(result) > 4 else None

@@ -22,6 +22,7 @@ EPILOG = """examples:
                                                   # DeepSeek-V3's gate shape (top-8 of 256, 8 groups)
   epreplay demo --slow-rank 2 --slow-ms 50        # a straggler for the timeline view
   epreplay demo --device cuda --backend deepep --ranks 2 --hidden 2048   # real DeepEP on 2 GPUs
+  epreplay demo --deepep v2                        # the same workload on DeepEP V2's ElasticBuffer
 """
 
 
@@ -61,6 +62,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="cpu (gloo) or cuda (NCCL), default cpu")
     parser.add_argument("--backend", choices=("emulated", "deepep"), default="emulated",
                         help="Buffer: epreplay's emulation (default) or the real deep_ep")
+    parser.add_argument("--deepep", choices=("v1", "v2"), default="v1",
+                        help="DeepEP API of the workload: v1 Buffer (normal + low-latency, default) or "
+                             "v2 ElasticBuffer (one dispatch/combine for prefill and decode)")
     parser.add_argument("--out", metavar="DIR", default=None,
                         help="run directory to create (default: runs/demo-<UTC time>)")
     parser.add_argument("--level", default="routing",
@@ -154,7 +158,9 @@ def run(args: argparse.Namespace) -> int:
         Level.parse(args.level)
     except ValueError as exc:
         raise UsageError(f"--level: {exc}") from None
-    if args.backend == "deepep":
+    if args.backend == "deepep" and args.deepep == "v2" and cfg.device != "cuda":
+        raise UsageError("--backend deepep needs --device cuda (DeepEP runs on GPUs only)")
+    if args.backend == "deepep" and args.deepep == "v1":
         from epreplay.demo_config import DEEPEP_LL_HIDDEN
 
         if cfg.device != "cuda":
@@ -185,7 +191,7 @@ def run(args: argparse.Namespace) -> int:
     console = Console()
     opts = PipelineOptions(out=out if record else None, level=args.level, record=record,
                            replay=not args.no_replay, replay_ranks=args.replay_ranks,
-                           backend=args.backend, timeout=args.timeout)
+                           backend=args.backend, timeout=args.timeout, deepep=args.deepep)
     bar = Progress(TextColumn("{task.description:>7}"), BarColumn(), MofNCompleteColumn(),
                    TimeElapsedColumn(), console=err, transient=True)
     tasks: dict[str, int] = {}

@@ -67,6 +67,7 @@ class PipelineOptions:
         record / index / replay: run those steps when their part exists.
         replay_ranks: processes for the replay (default: half the ranks, at least 1).
         backend: Buffer backend of the workload ("emulated" or "deepep").
+        deepep: the DeepEP API the workload uses, "v1" (Buffer) or "v2" (ElasticBuffer).
         timeout: seconds for the workload's process group.
     """
 
@@ -78,6 +79,7 @@ class PipelineOptions:
     replay_ranks: int | None = None
     backend: str = "emulated"
     timeout: float = 300.0
+    deepep: str = "v1"  # DeepEP API of the workload: "v1" (Buffer) or "v2" (ElasticBuffer)
 
 
 Progress = Callable[[str, int, int], None]  # (phase, done, total)
@@ -93,7 +95,8 @@ def _record_env(cfg: DemoConfig, opts: PipelineOptions) -> tuple[dict[str, str],
     return env, RankHooks(start="epreplay.capture:install", stop="epreplay.capture:stop")
 
 
-def _close_recording(out: Path, cfg: DemoConfig, backend: str, *, interrupted: bool = False) -> str:
+def _close_recording(out: Path, cfg: DemoConfig, backend: str, *, interrupted: bool = False,
+                     deepep: str = "v1") -> str:
     """The run's last merge (capture's `finish`: every rank's closing facts, and what the shard
     headers say of ranks that never closed, e.g. after a Ctrl-C), then the workload's parameters
     in manifest.extra["demo"] (diff and tui show them). Returns capture's health in a few words
@@ -107,7 +110,7 @@ def _close_recording(out: Path, cfg: DemoConfig, backend: str, *, interrupted: b
         return "no manifest was written"
     extra = dict(manifest.extra)
     extra["demo"] = {**asdict(cfg), "release_layers": sorted(release_layers(cfg.release, cfg.layers)),
-                     "backend": backend}
+                     "backend": backend, "deepep": deepep}
     run.write_manifest(replace(manifest, extra=extra))
     records = sum(int(f.get("records", 0)) for f in manifest.ranks.values())
     health = f"{records} records from {len(manifest.ranks)} ranks, {extra.get('dropped', 0)} dropped"
@@ -140,18 +143,18 @@ def run_pipeline(cfg: DemoConfig, opts: PipelineOptions, *, progress: Progress |
     on_progress = (lambda done, total: progress("run", done, total)) if progress else None
     try:
         result.demo = run_demo(cfg, backend=opts.backend, rank_hooks=hooks, env=env,
-                               timeout=opts.timeout, on_progress=on_progress)
+                               timeout=opts.timeout, on_progress=on_progress, deepep=opts.deepep)
     except BaseException as exc:  # Ctrl-C or a failed rank: the manifest still says what is there
         if recording:
             try:
                 _close_recording(opts.out, cfg, opts.backend,
-                                 interrupted=isinstance(exc, KeyboardInterrupt))
+                                 interrupted=isinstance(exc, KeyboardInterrupt), deepep=opts.deepep)
             except Exception:  # noqa: BLE001 - the error to report is exc; repair can rebuild
                 pass
         raise
     seconds = time.perf_counter() - t0
     if recording:
-        health = _close_recording(opts.out, cfg, opts.backend)
+        health = _close_recording(opts.out, cfg, opts.backend, deepep=opts.deepep)
         note = f"recorded at level {opts.level} into {opts.out} ({health})"
     else:
         note = ("not recorded: epreplay.capture is not installed" if opts.record

@@ -173,15 +173,21 @@ class _Card:
 
 
 def rank_main(ctx: Any, cfg: DemoConfig, hooks: RankHooks | None, backend: str,
-              progress: Any = None) -> RankResult:
-    """The per-rank body (module level: run_ranks pickles it)."""
+              progress: Any = None, deepep: str = "v1") -> RankResult:
+    """The per-rank body (module level: run_ranks pickles it). deepep: "v1" (Buffer) or "v2"
+    (ElasticBuffer, demo_elastic.py)."""
     import torch
 
     if hooks:
         _call_hook(hooks.start)
     t0 = time.perf_counter()
     R, rank, S, NL, E = ctx.world_size, ctx.rank, cfg.steps, cfg.layers, cfg.experts
-    card = _Card(cfg, rank, R, ctx.device, _buffer_class(backend))
+    if deepep == "v2":
+        from epreplay.demo_elastic import ElasticCard, elastic_class
+
+        card: Any = ElasticCard(cfg, rank, R, ctx.device, elastic_class(backend))
+    else:
+        card = _Card(cfg, rank, R, ctx.device, _buffer_class(backend))
     tokens_S = np.zeros(S, np.int64)
     load_SLE = np.zeros((S, NL, E), np.int64)
     send_SLR = np.zeros((S, NL, R), np.int64)
@@ -207,7 +213,7 @@ def rank_main(ctx: Any, cfg: DemoConfig, hooks: RankHooks | None, backend: str,
                         # rows sent: the index's definition (normal dispatch once per
                         # destination rank, low-latency once per expert slot)
                         send_SLR[s, layer] = metrics.rows_sent(idx_np, E, R,
-                                                               per_destination=cfg.is_prefill(s))
+                                                               per_destination=cfg.is_prefill(s) or deepep == "v2")
                         if rank == cfg.slow_rank and cfg.slow_ms:
                             time.sleep(cfg.slow_ms / 1e3)  # the straggler's extra "compute"
                         if cfg.is_prefill(s):
@@ -274,7 +280,7 @@ class DemoResult:
 
 def run_demo(cfg: DemoConfig, *, backend: str = "emulated", rank_hooks: RankHooks | None = None,
              env: dict[str, str] | None = None, timeout: float = 300.0,
-             on_progress: Callable[[int, int], None] | None = None) -> DemoResult:
+             on_progress: Callable[[int, int], None] | None = None, deepep: str = "v1") -> DemoResult:
     """Run the workload on cfg.ranks processes (gloo on CPU, NCCL with cfg.device == "cuda").
 
     Args:
@@ -284,6 +290,7 @@ def run_demo(cfg: DemoConfig, *, backend: str = "emulated", rank_hooks: RankHook
         env: extra environment for the ranks (capture's env_for()).
         timeout: seconds for the whole group before every rank is stopped.
         on_progress: called in this process with (layers done, total layers) as rank 0 advances.
+        deepep: "v1" (DeepEP's Buffer, normal + low-latency modes) or "v2" (ElasticBuffer for both).
 
     Raises:
         epreplay.launch.RankFailed: a rank raised or the group timed out.
@@ -309,7 +316,7 @@ def run_demo(cfg: DemoConfig, *, backend: str = "emulated", rank_hooks: RankHook
     if thread:
         thread.start()
     try:
-        results = run_ranks(rank_main, cfg.ranks, cfg, rank_hooks, backend, progress,
+        results = run_ranks(rank_main, cfg.ranks, cfg, rank_hooks, backend, progress, deepep,
                             timeout=timeout, device=cfg.device, env=env)
     finally:
         stop.set()

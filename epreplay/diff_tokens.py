@@ -169,7 +169,7 @@ _KIND = {int(v): v for v in Kind}
 _LEVEL = {int(v): v for v in Level}
 _STATUS = {int(v): v for v in Status}
 _FIELDS = ("offset", "kind", "op", "level", "status", "buffer", "seq", "step", "layer", "tokens",
-           "comp_len", "raw_len", "crc32", "start_ns", "duration_ns")
+           "comp_len", "raw_len", "crc32", "start_ns", "duration_ns", "variant")
 
 
 def _entries(rows: np.ndarray) -> list[Entry]:
@@ -177,8 +177,8 @@ def _entries(rows: np.ndarray) -> list[Entry]:
     calling the enum classes costs more than the rest of a header)."""
     cols = [rows[name].tolist() for name in _FIELDS]
     return [Entry(off, RecordHeader(_KIND[k], op, _LEVEL[lv], _STATUS[st], buf, seq, step, layer,
-                                    tok, cl, rl, crc, t0, dur))
-            for off, k, op, lv, st, buf, seq, step, layer, tok, cl, rl, crc, t0, dur in zip(*cols)]
+                                    tok, cl, rl, crc, t0, dur, var))
+            for off, k, op, lv, st, buf, seq, step, layer, tok, cl, rl, crc, t0, dur, var in zip(*cols)]
 
 
 def _routing(ref: DispatchRef) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:

@@ -57,6 +57,17 @@ shapes/dtypes/flags ("args"), Config, M and E, "hidden", "x_dtype", "use_fp8", t
 dispatch a combine/cached dispatch belongs to ("dispatch_seq"), the LL buffer parity, and for a
 failed call "error" (the exception text). Exact keys are documented in epreplay.capture.
 
+DeepEP V2 (`ElasticBuffer`, format version 2): its dispatch/cached dispatch/combine are recorded
+as the ops dispatch/cached_dispatch/combine with header.variant = VARIANT_ELASTIC and meta "api":
+"elastic", and hold the same arrays with V1's meaning, so index, stats, diff and the TUI read them
+alike: num_tokens_per_rank_R and num_tokens_per_expert_E are counted from topk_idx (V2 takes no
+layout tensors), recv_tokens_per_rank_R and recv_src_idx_N come from the EPHandle's
+recv_src_metadata, recv_tokens_per_expert_L are the aligned per-expert counts, and received rows
+(recv_src_idx_N, recv_x_fp_N) are in (source rank, token) order whatever V2's receive order was;
+an expanded receive is folded to one row per token. V2-only: meta "do_expand", "do_cpu_sync",
+"M" (num_max_tokens_per_rank), "E"; an expanded combine's x_fp_X [X] uint64, x_XH [X, H] bf16 and
+topk_weights_X [X] float32 (one row per expanded slot).
+
 Fingerprints (every *_fp_* array above) are epreplay.fingerprint's 64-bit row hashes; the record
 meta key "fp_version" (int) names the definition that made them: 2 (FINGERPRINT_VERSION) for
 records written now, absent for recordings made before versions existed, which are version 1
@@ -70,7 +81,12 @@ import json
 import struct
 from dataclasses import asdict, dataclass, field, replace
 
-FORMAT_VERSION = 1
+# 1: DeepEP V1 Buffer records only. 2: records may come from a V2 ElasticBuffer: header.variant
+# (the old pad word) is VARIANT_ELASTIC and meta "api" is "elastic" (see the V2 note above).
+# Readers take any version up to this one; a v1 shard reads as before (variant 0).
+FORMAT_VERSION = 2
+VARIANT_BUFFER = 0  # DeepEP V1 `Buffer` (and every record of a v1 shard)
+VARIANT_ELASTIC = 2  # DeepEP V2 `ElasticBuffer`
 # The token fingerprint definition new records use (epreplay.fingerprint.CURRENT; here so that
 # torch-free writers and readers know it). Version 1 records carry no "fp_version" meta key.
 FINGERPRINT_VERSION = 2
@@ -142,7 +158,7 @@ class Status(enum.IntEnum):
 
 # Record header, little-endian, fixed size (64 bytes). It travels inside a zstd skippable frame
 # ahead of the record's data frame, so an index can list calls without decompressing anything.
-#   kind u8, op u8, level u8, status u8, buffer u16, _pad u16, seq u64, step i32, layer i32,
+#   kind u8, op u8, level u8, status u8, buffer u16, variant u16, seq u64, step i32, layer i32,
 #   tokens u32, comp_len u32, raw_len u32, crc32 u32, start_ns i64, duration_ns i64
 _HEADER = struct.Struct("<BBBBHHQiiIIIIqq")
 assert _HEADER.size == 56
@@ -165,6 +181,8 @@ class RecordHeader:
         crc32: CRC32 of the compressed data frame bytes.
         start_ns: wall-clock start (time.time_ns) on the calling host.
         duration_ns: call duration (CUDA events on GPU), -1 when unknown.
+        variant: which DeepEP API made the call: VARIANT_BUFFER (V1) or VARIANT_ELASTIC (V2);
+            0 in every v1 shard (the word was padding there).
     """
 
     kind: Kind
@@ -181,22 +199,23 @@ class RecordHeader:
     crc32: int = 0
     start_ns: int = 0
     duration_ns: int = -1
+    variant: int = VARIANT_BUFFER
 
     SIZE = _HEADER.size
 
     def to_bytes(self) -> bytes:
         return _HEADER.pack(
-            int(self.kind), int(self.op), int(self.level), int(self.status), self.buffer, 0,
+            int(self.kind), int(self.op), int(self.level), int(self.status), self.buffer, self.variant,
             self.seq, self.step, self.layer, self.tokens, self.comp_len, self.raw_len,
             self.crc32, self.start_ns, self.duration_ns,
         )
 
     @classmethod
     def from_bytes(cls, data: bytes) -> "RecordHeader":
-        (kind, op, level, status, buffer, _pad, seq, step, layer, tokens, comp_len, raw_len,
+        (kind, op, level, status, buffer, variant, seq, step, layer, tokens, comp_len, raw_len,
          crc, start_ns, duration_ns) = _HEADER.unpack(data)
         return cls(Kind(kind), op, Level(level), Status(status), buffer, seq, step, layer,
-                   tokens, comp_len, raw_len, crc, start_ns, duration_ns)
+                   tokens, comp_len, raw_len, crc, start_ns, duration_ns, variant)
 
     @property
     def op_enum(self) -> Op:

@@ -26,7 +26,7 @@ from epreplay.shard_frames import (END_MAGIC, ENTRY, FILE_MAGIC, FOOTER_MAGIC, F
 # One footer entry: u64 offset + the 56-byte RecordHeader (records.py's struct "<BBBBHHQiiIIIIqq").
 HEADER_DTYPE = np.dtype([
     ("offset", "<u8"), ("kind", "u1"), ("op", "u1"), ("level", "u1"), ("status", "u1"),
-    ("buffer", "<u2"), ("_pad", "<u2"), ("seq", "<u8"), ("step", "<i4"), ("layer", "<i4"),
+    ("buffer", "<u2"), ("variant", "<u2"), ("seq", "<u8"), ("step", "<i4"), ("layer", "<i4"),
     ("tokens", "<u4"), ("comp_len", "<u4"), ("raw_len", "<u4"), ("crc32", "<u4"),
     ("start_ns", "<i8"), ("duration_ns", "<i8"),
 ])

@@ -59,6 +59,17 @@ def _ll_max_tokens(scans: dict[int, Any], sched: S.Schedule) -> dict[int, int]:
     return out
 
 
+def _elastic_buffers(scans: dict[int, Any], sched: S.Schedule) -> tuple[int, ...]:
+    """Buffers recorded from a DeepEP V2 ElasticBuffer (header variant; one record per buffer)."""
+    from epreplay.records import VARIANT_ELASTIC
+
+    seen: dict[int, bool] = {}
+    for c in sched.calls:
+        if c.buffer not in seen:
+            seen[c.buffer] = scans[0].read_at(c.offsets_N[0]).header.variant == VARIANT_ELASTIC
+    return tuple(sorted(b for b, v2 in seen.items() if v2))
+
+
 def replay_run(run_dir: str | os.PathLike[str], ranks: int | None = None, *, backend: str = "emulated",
                device: str = "cpu", steps: str | None = None, layers: str | None = None,
                ops: str | None = None, payload: str | None = None, call_timeout: float = 60.0,
@@ -146,6 +157,7 @@ def replay_run(run_dir: str | os.PathLike[str], ranks: int | None = None, *, bac
             raise UsageError(f"{run.path}: the recording does not say how many experts it has "
                              f"(manifest num_experts and shard headers are 0); re-record with epreplay >= 0.1")
         ll_max = _ll_max_tokens(scans, sched)
+        elastic = _elastic_buffers(scans, sched)
     finally:
         for s in scans.values():
             s.close()
@@ -159,7 +171,7 @@ def replay_run(run_dir: str | os.PathLike[str], ranks: int | None = None, *, bac
         job = Job(run_id, plan, sched.calls, {r: str(run.shard_path(r)) for r in range(world)}, backend,
                   payload, work, hidden or hidden_rec, experts, tuple(sorted({c.buffer for c in sched.calls
                                                                 if c.op in (Op.LL_DISPATCH, Op.LL_COMBINE)})),
-                  ll_max, fault)
+                  ll_max, fault, elastic_buffers=elastic)
         pids: list[int] = []
         if joined_from_torchrun():
             hang, died, is_writer = run_torchrun(job, device, call_timeout)

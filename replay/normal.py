@@ -124,13 +124,26 @@ def dispatch(eng: Any, call: Any, recs: dict) -> tuple[int, int]:
     eng.sync()  # GPU kernels run asynchronously: time them to completion
     dt = time.perf_counter_ns() - t0
     _sender_counts(eng, call, recs, topk, n_exp)
-    recv_x, recv_idx, recv_w = _cpu(recv_x), recv_idx.cpu(), recv_w.cpu()
-    Np = recv_idx.shape[0]
-    # Physical identity of every received row: source physical rank and its token index.
+    q_N = ptok = None
     if isinstance(handle, tuple) and len(handle) == 6:
         col = handle[0][:, p].cpu().numpy().astype(np.int64)
         q_N = np.repeat(np.arange(plan.physical), np.diff(col, prepend=0))
         ptok = handle[3].cpu().numpy().astype(np.int64)
+    verify_dispatch(eng, call, recs, handle, x, topk, w, recv_x, recv_idx, recv_w, recv_list, q_N, ptok, fp8)
+    return dt, _nbytes(x_p)
+
+
+def verify_dispatch(eng: Any, call: Any, recs: dict, handle: Any, x: dict, topk: dict, w: dict, recv_x: Any,
+                    recv_idx: torch.Tensor, recv_w: torch.Tensor, recv_list: Any, q_N: np.ndarray | None,
+                    ptok: np.ndarray | None, fp8: bool) -> None:
+    """Keep the dispatch's state for its combine / cached dispatches and verify every co-hosted
+    virtual rank's share. q_N, ptok: the physical source rank and token of each received row
+    (None: unknown, trust positions and check fingerprints). Shared by V1 and V2 (elastic.py)."""
+    vs = eng.vs
+    recv_x, recv_idx, recv_w = _cpu(recv_x), recv_idx.cpu(), recv_w.cpu()
+    Np = recv_idx.shape[0]
+    # Physical identity of every received row: source physical rank and its token index.
+    if q_N is not None:
         if len(q_N) != Np or len(ptok) != Np:
             why = (f"handle: rank_prefix_matrix says {len(q_N)} rows, recv_src_idx has "
                                   f"{len(ptok)}, recv_x has {Np}")
@@ -153,7 +166,6 @@ def dispatch(eng: Any, call: Any, recs: dict) -> tuple[int, int]:
         if v in st.extra["exp"]:
             eng.check(call, v, lambda v=v: _verify_dispatch(eng, call, st, v, recv_x, recv_idx, recv_w,
                                                              recv_list, src, tok, known))
-    return dt, _nbytes(x_p)
 
 
 def _verify_dispatch(eng: Any, call: Any, st: Any, v: int, recv_x: Any,

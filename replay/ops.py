@@ -22,6 +22,7 @@ import torch
 
 from epreplay.records import FINGERPRINT_VERSION, Op, fp_version
 from epreplay.replay import inputs as I
+from epreplay.replay import elastic as EL
 from epreplay.replay import normal as N_
 from epreplay.replay import lowlat as LL
 from epreplay.replay.schedule import Call
@@ -105,6 +106,8 @@ class Engine:
 
     def buffer(self, call: Call) -> Any:
         b = self._buffers.get(call.buffer)
+        if b is None and call.buffer in self.job.elastic_buffers:  # a DeepEP V2 recording
+            b = self._buffers[call.buffer] = EL.make_buffer(self.job.backend, self.device)
         if b is None:
             from epreplay.replay.worker import make_buffer
 
@@ -221,6 +224,8 @@ class Engine:
             "x_TH" in r.arrays for r in recs.values())
         handler = {Op.LAYOUT: N_.layout, Op.DISPATCH: N_.dispatch, Op.CACHED_DISPATCH: N_.cached,
                    Op.COMBINE: N_.combine, Op.LL_DISPATCH: LL.dispatch, Op.LL_COMBINE: LL.combine}[call.op]
+        if call.op == Op.DISPATCH and call.buffer in self.job.elastic_buffers:
+            handler = EL.dispatch  # V2: its cached dispatch and combine take V1's arguments
         backend_ns, nbytes = handler(self, call, recs)
         self.sink.timed(call.op.label, backend_ns, time.perf_counter_ns() - t0,
                         sum(call.tokens_N[v] for v in self.vs), nbytes)

@@ -39,6 +39,8 @@ class Job:
         ll_buffers: buffer ids that issue low-latency calls (built in low-latency mode).
         ll_max_tokens: buffer id -> recorded num_max_dispatch_tokens_per_rank (M per rank).
         fault: an epreplay.faults spec to install (tests only), or None.
+        elastic_buffers: buffer ids whose records are DeepEP V2's (header variant ELASTIC): they
+            replay through an ElasticBuffer (replay/elastic.py).
     """
 
     run_id: str
@@ -53,6 +55,7 @@ class Job:
     ll_buffers: tuple[int, ...] = ()
     ll_max_tokens: dict[int, int] = field(default_factory=dict)
     fault: Any = None
+    elastic_buffers: tuple[int, ...] = ()  # buffer ids recorded from a DeepEP V2 ElasticBuffer
 
 
 def progress_path(work_dir: str | Path) -> Path:
