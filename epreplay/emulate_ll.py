@@ -255,16 +255,26 @@ def combine(buf: Any, x: Any, topk_idx: Any, topk_weights: Any, handle: Any, use
         if t_sel.numel():
             src_rows = got_x[key_order[at[t_sel]]].float()
             acc.index_add_(0, t_sel, src_rows * topk_weights[t_sel, k].unsqueeze(1))
-    result = out if out is not None else torch.empty(T, H, dtype=torch.bfloat16, device=dev)
+    return finish_combine(buf, acc, out, return_recv_hook, async_finish, (x, topk_idx, topk_weights), what)
+
+
+def finish_combine(buf: Any, acc_TH: torch.Tensor, out: Any, return_recv_hook: bool, async_finish: bool,
+                   inputs: tuple, what: str) -> tuple:
+    """A low-latency combine's outputs from its fp32 sums acc_TH [T, H]: (combined_x bf16, event,
+    hook). With return_recv_hook the result is valid only after hook() (NaN until then unless the
+    caller gave `out`), and a hook called after the Buffer's next low-latency call raises, as in
+    DeepEP."""
+    T, H = acc_TH.shape
+    result = out if out is not None else torch.empty(T, H, dtype=torch.bfloat16, device=acc_TH.device)
     issued = _next_ll_call(buf)
     if not return_recv_hook:
-        result.copy_(acc.to(torch.bfloat16))
-        return result, make_event(async_finish, None, (x, topk_idx, topk_weights, result)), None
+        result.copy_(acc_TH.to(torch.bfloat16))
+        return result, make_event(async_finish, None, (*inputs, result)), None
     if out is None:
         result.fill_(float("nan"))  # valid only after hook(), as in DeepEP
 
     def hook() -> None:
         _check_fresh(buf, issued, what)
-        result.copy_(acc.to(torch.bfloat16))
+        result.copy_(acc_TH.to(torch.bfloat16))
 
     return result, make_event(False), hook

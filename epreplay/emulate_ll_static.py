@@ -152,7 +152,7 @@ def dispatch(buf: Any, x: Any, topk_idx: Any, M: Any, E: Any, cum_stats: Any, us
 def combine(buf: Any, x: Any, topk_idx: Any, topk_weights: Any, handle: Any, async_finish: bool,
             return_recv_hook: bool, out: Optional[torch.Tensor]) -> tuple:
     """Each receive row goes back to its (source, slot); the source sums slots k ascending in fp32."""
-    from epreplay.emulate_ll import _check_fresh, _common, _next_ll_call
+    from epreplay.emulate_ll import _common, finish_combine
 
     seq, _ = buf._begin("ll_combine")
     R, me = buf.group_size, buf.rank
@@ -184,16 +184,4 @@ def combine(buf: Any, x: Any, topk_idx: Any, topk_weights: Any, handle: Any, asy
     for k in range(K):  # k ascending, fp32, as DeepEP's kernel (and the dynamic path) accumulate
         term = got_NH[row_TK[:, k]].float() * topk_weights[:, k].unsqueeze(1)
         acc += torch.where(ok_TK[:, k].unsqueeze(1), term, 0.0)
-    result = out if out is not None else torch.empty(T, H, dtype=torch.bfloat16, device=dev)
-    issued = _next_ll_call(buf)
-    if not return_recv_hook:
-        result.copy_(acc.to(torch.bfloat16))
-        return result, make_event(async_finish, None, (x, topk_idx, topk_weights, result)), None
-    if out is None:
-        result.fill_(float("nan"))  # valid only after hook(), as in DeepEP
-
-    def hook() -> None:
-        _check_fresh(buf, issued, what)
-        result.copy_(acc.to(torch.bfloat16))
-
-    return result, make_event(False), hook
+    return finish_combine(buf, acc, out, return_recv_hook, async_finish, (x, topk_idx, topk_weights), what)
