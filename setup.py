@@ -1,5 +1,5 @@
 """Builds the optional C accelerators of capture's hot path (capture/_ringc.c) and of the index's
-aggregation (epreplay/_indexc.c), and puts the
+aggregation (epreplay/index/_indexc.c), and puts the
 `deep_ep` stand-in's start-up hook (epreplay/epreplay_standin.pth) at the top of the wheel, i.e. in
 site-packages, where every interpreter's `site` module reads it. Everything else is in
 pyproject.toml. Where no C compiler or Python headers are found the build goes on without the
@@ -38,6 +38,6 @@ class build_py_with_pth(build_py):
 setup(ext_modules=[Extension("epreplay.capture._ringc", ["capture/_ringc.c"], optional=True,
                              extra_compile_args=["-O2"]),
                    # the index's routing aggregation (index_build._chunk; numpy where not built)
-                   Extension("epreplay._indexc", ["epreplay/_indexc.c"], optional=True,
+                   Extension("epreplay.index._indexc", ["epreplay/index/_indexc.c"], optional=True,
                              extra_compile_args=["-O2"])],
       cmdclass={"build_py": build_py_with_pth})

@@ -33,9 +33,9 @@ def _rank(ctx, args: dict, root: str) -> dict:
     import torch.distributed as dist
 
     from epreplay import capture, marks
-    from epreplay.demo_config import DemoConfig
-    from epreplay.demo_model import rank_batch, rms_norm, route_layer, swiglu
-    from epreplay.demo_run import _Card
+    from epreplay.demo.config import DemoConfig
+    from epreplay.demo.model import rank_batch, rms_norm, route_layer, swiglu
+    from epreplay.demo.run import _Card
     from epreplay.emulate import Buffer
 
     if args["switch_interval"]:
@@ -48,7 +48,7 @@ def _rank(ctx, args: dict, root: str) -> dict:
     batches = [rank_batch(cfg, s, ctx.rank) for s in range(cfg.steps)]
     tokens = sum(len(tags) for _, tags in batches)
 
-    def demo_step(s: int) -> None:  # the body of epreplay.demo_run.rank_main, one step
+    def demo_step(s: int) -> None:  # the body of epreplay.demo.run.rank_main, one step
         x0, tags = batches[s]
         h_TH = torch.from_numpy(x0)
         with marks.step(s):

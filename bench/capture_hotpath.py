@@ -7,7 +7,7 @@
 Legend: T tokens, H hidden, E experts, K top-k.
 
 One rank (world size 1, gloo on CPU, NCCL on a GPU) drives the emulated Buffer through DeepEP's
-call sequences (epreplay.epbench): a normal step is layout + dispatch + combine (3 hooked calls),
+call sequences (epreplay.demo.epbench): a normal step is layout + dispatch + combine (3 hooked calls),
 a low-latency step is low_latency_dispatch + low_latency_combine (2). Capture off and each level
 are interleaved in every round (one capture session per level and round) and the minimum over
 rounds counts, so a machine whose load drifts hits every mode alike. Per level and shape it
@@ -77,7 +77,8 @@ def _rank(ctx, args: dict, root: str) -> dict:
     import torch
     import torch.distributed as dist
 
-    from epreplay import capture, emulate, epbench
+    from epreplay import capture, emulate
+    from epreplay.demo import epbench
     from epreplay.capture import session
 
     cuda = ctx.device.startswith("cuda")

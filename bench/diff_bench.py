@@ -3,7 +3,7 @@
     .venv/bin/python bench/diff_bench.py                      # 64 ranks x 200 steps x 8 layers x 512 tok, top-8 of 256
     .venv/bin/python bench/diff_bench.py --ranks 8 --steps 20 # a quick look
 
-Two synthetic runs (epreplay.synth, seeds 0 and 1: every layer's routing differs) are generated
+Two synthetic runs (epreplay.demo.synth, seeds 0 and 1: every layer's routing differs) are generated
 once into --dir (kept for the next invocation; generation is the slow part) and indexed. Then:
   * distribution level: diff_runs(A, B, match="none") with both indexes present — loads per
     (step, layer, expert) and per (step, layer, rank) from DuckDB, JS / hot sets / imbalance;
@@ -28,8 +28,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from epreplay import diff_runs  # noqa: E402
-from epreplay.run import RunDir  # noqa: E402
+from epreplay.diff import runs as diff_runs  # noqa: E402
+from epreplay.format.run import RunDir  # noqa: E402
 
 
 
@@ -39,7 +39,7 @@ def _f(v: float | None) -> str:
 
 def _make(path: Path, seed: int, args: argparse.Namespace) -> float:
     """Generate one run unless a complete one is already there; seconds spent."""
-    from epreplay.synth import make_synthetic_run
+    from epreplay.demo.synth import make_synthetic_run
 
     if (path / "manifest.json").exists() and len(RunDir.open(path).shard_paths()) == args.ranks:
         return 0.0
@@ -54,7 +54,7 @@ def _index(path: Path) -> float:
     """Build the run's index when missing (the diff would do it; timed apart here)."""
     t0 = time.perf_counter()
     try:
-        from epreplay import index as index_mod
+        from epreplay.index import build as index_mod
     except ImportError:
         return float("nan")
     index_mod.ensure_index(path, progress=False)
@@ -63,13 +63,13 @@ def _index(path: Path) -> float:
 
 def _make_tagged(path: Path, *, ranks: int, steps: int, layers: int, tokens: int, experts: int,
                  topk: int, shuffle: bool, perturb: frozenset[int]) -> float:
-    """A run of tagged dispatch records (epreplay.synth writes no tags): token g of step s gets
+    """A run of tagged dispatch records (epreplay.demo.synth writes no tags): token g of step s gets
     tag g and, in layer l, a top-k row of a per-layer pool picked by hash(g, l) (the next row in
     `perturb` layers); `shuffle` permutes each step's tokens across ranks and rows."""
     import numpy as np
 
-    from epreplay.records import Kind, Level, Manifest, Op, RecordHeader, ShardInfo, Status
-    from epreplay.shard import ShardWriter
+    from epreplay.format.records import Kind, Level, Manifest, Op, RecordHeader, ShardInfo, Status
+    from epreplay.format.shard import ShardWriter
 
     if (path / "manifest.json").exists():
         return 0.0

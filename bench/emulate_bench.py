@@ -37,7 +37,7 @@ def _bench_rank(ctx, T: int, H: int, K: int, E: int, mode: str, iters: int) -> d
     times: dict[str, list[float]] = {"dispatch": [], "combine": []}
     recv_bytes = {"dispatch": 0, "combine": 0}
     if mode in ("v2", "v2-expand"):
-        from epreplay.emulate_v2 import ElasticBuffer
+        from epreplay.emulate.v2 import ElasticBuffer
 
         buf = ElasticBuffer(dist.group.WORLD, num_max_tokens_per_rank=T, hidden=H, deterministic=True, timeout_s=600)
     elif mode == "ll":
@@ -59,7 +59,7 @@ def _bench_rank(ctx, T: int, H: int, K: int, E: int, mode: str, iters: int) -> d
             n_rows = int(count.sum())
             rb_d, rb_c = n_rows * (H + H // 128 * 4), n_rows * H * 2
             del q, s, y_in, handle  # free the [L, R*M, H] tensors outside the timed regions
-        elif mode in ("v2", "v2-expand"):  # DeepEP V2 ElasticBuffer (epreplay.emulate_v2)
+        elif mode in ("v2", "v2-expand"):  # DeepEP V2 ElasticBuffer (epreplay.emulate.v2)
             rx, _, rw, handle, _ = buf.dispatch(x, topk_idx=idx, topk_weights=w, num_experts=E,
                                                 do_expand=mode == "v2-expand")
             t1 = time.perf_counter()

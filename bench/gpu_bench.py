@@ -53,7 +53,8 @@ def _rank(ctx, backend: str, iters: int, shape_names: list[str], root: str, mode
     import torch
     import torch.distributed as dist
 
-    from epreplay import capture, epbench
+    from epreplay import capture
+    from epreplay.demo import epbench
 
     module = __import__("deep_ep") if backend == "deepep" else __import__("epreplay.emulate", fromlist=["Buffer"])
     group = dist.new_group(list(range(ctx.world_size)))
@@ -129,9 +130,9 @@ def _fingerprint_figures() -> dict[str, float]:
     only ~3% of the rows are valid (the rest skipped on the device)."""
     import torch
 
-    from epreplay.epbench import time_calls
-    from epreplay.fingerprint import fingerprint_rows
-    from epreplay.fingerprint_gpu import fingerprint_rows_triton
+    from epreplay.demo.epbench import time_calls
+    from epreplay.format.fingerprint import fingerprint_rows
+    from epreplay.format.fingerprint_gpu import fingerprint_rows_triton
 
     x = torch.randn(4096, 7168, device="cuda").to(torch.bfloat16)
     y = torch.empty_like(x)

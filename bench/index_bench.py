@@ -1,4 +1,4 @@
-"""Index benchmark on a production-shaped synthetic run (epreplay.synth, straight into shards).
+"""Index benchmark on a production-shaped synthetic run (epreplay.demo.synth, straight into shards).
 
 Prints: index build rate (token-layer routings per second, wall clock and per CPU-second), index
 size, and the latency of the headline queries (hot experts, per-layer imbalance, one-step
@@ -53,10 +53,10 @@ def main() -> int:
     ap.add_argument("--repeat", type=int, default=7, help="timed repetitions per query")
     args = ap.parse_args()
 
-    from epreplay.index import build_index, ensure_index
-    from epreplay.queries import RunIndex
-    from epreplay.run import RunDir
-    from epreplay.synth import make_synthetic_run
+    from epreplay.index.build import build_index, ensure_index
+    from epreplay.index.queries import RunIndex
+    from epreplay.format.run import RunDir
+    from epreplay.demo.synth import make_synthetic_run
 
     shape = dict(ranks=args.ranks, steps=args.steps, layers=args.layers, tokens=args.tokens,
                  experts=args.experts, topk=args.topk)

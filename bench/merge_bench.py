@@ -1,6 +1,6 @@
 """Merge benchmark: the time `epreplay merge` takes to join the node-local parts of a run.
 
-A production-shaped synthetic run (epreplay.synth) is split into --nodes parts of equal rank
+A production-shaped synthetic run (epreplay.demo.synth) is split into --nodes parts of equal rank
 blocks, each a run directory of its own as a node's `epreplay record` leaves it (its manifest,
 its ranks' shards); then the parts are merged with hard links (the default, parts and output on
 one filesystem) and with --copy (what a merge across filesystems does), and the merge command's
@@ -64,7 +64,7 @@ def main() -> None:
     args = ap.parse_args()
 
     from epreplay.merge import clock_of, plan_merge, read_part, write_merge
-    from epreplay.synth import make_synthetic_run
+    from epreplay.demo.synth import make_synthetic_run
 
     cache = Path(args.cache)
     run = cache / "run"

@@ -29,10 +29,10 @@ import time
 import numpy as np
 import zstandard
 
-from epreplay import codec
-from epreplay.records import Kind, Level, Op, RecordHeader, ShardInfo, Status
-from epreplay.shard import ShardWriter
-from epreplay.shard_frames import REC_PREFIX
+from epreplay.format import codec
+from epreplay.format.records import Kind, Level, Op, RecordHeader, ShardInfo, Status
+from epreplay.format.shard import ShardWriter
+from epreplay.format.frames import REC_PREFIX
 
 E, K, GROUPS, TOPK_GROUPS = 256, 8, 8, 4
 ROUTED_SCALE = 2.5  # DeepSeek-V3's routed_scaling_factor
@@ -134,11 +134,11 @@ def main() -> None:
 
 
 def fingerprint_bench() -> None:
-    """Throughput of epreplay.fingerprint.fingerprint_rows (both definitions) at DeepSeek-V3
+    """Throughput of epreplay.format.fingerprint.fingerprint_rows (both definitions) at DeepSeek-V3
     hidden size."""
     import torch
 
-    from epreplay.fingerprint import VERSIONS, fingerprint_rows
+    from epreplay.format.fingerprint import VERSIONS, fingerprint_rows
 
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     print(f"token fingerprint (reference, torch {torch.__version__}, {torch.get_num_threads()} CPU threads)")

@@ -1,4 +1,4 @@
-"""How long finding the steps of an unmarked run takes (epreplay.steps), on header arrays alone.
+"""How long finding the steps of an unmarked run takes (epreplay.format.steps), on header arrays alone.
 
     .venv/bin/python bench/steps_bench.py                            # 64 ranks x 1000 steps x 61 layers
     .venv/bin/python bench/steps_bench.py --ranks 8 --steps 100      # a quick look
@@ -22,9 +22,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from epreplay import steps  # noqa: E402
-from epreplay.records import Kind, Op  # noqa: E402
-from epreplay.shard_reader import HEADER_DTYPE  # noqa: E402
+from epreplay.format import steps  # noqa: E402
+from epreplay.format.records import Kind, Op  # noqa: E402
+from epreplay.format.reader import HEADER_DTYPE  # noqa: E402
 
 
 def rank_headers(rank: int, n_steps: int, layers: int, rng: np.random.Generator) -> np.ndarray:

@@ -4,7 +4,7 @@
     .venv/bin/python bench/tui_bench.py --run RUN          # any run (its index is built first if missing)
     .venv/bin/python bench/tui_bench.py --ranks 16 --experts 64 --steps 10   # a quick look
 
-A synthetic run (epreplay.synth) is generated once into --dir and indexed (kept for the next
+A synthetic run (epreplay.demo.synth) is generated once into --dir and indexed (kept for the next
 invocation; generation and indexing are not what is measured). Then, headless (Textual's
 run_test, a 160x50 terminal), in this process:
   * import: importing epreplay.tui.app (textual included), a fresh interpreter;
@@ -33,9 +33,9 @@ PANE_KEYS = (("2", "hot"), ("3", "traffic"), ("4", "timeline"), ("5", "divergenc
 
 
 def _make(args: argparse.Namespace) -> Path:
-    from epreplay import index as index_mod
-    from epreplay.run import RunDir
-    from epreplay.synth import make_synthetic_run
+    from epreplay.index import build as index_mod
+    from epreplay.format.run import RunDir
+    from epreplay.demo.synth import make_synthetic_run
 
     if args.run:
         path = Path(args.run)

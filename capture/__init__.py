@@ -20,7 +20,7 @@ Library use (frameworks, the demo, tests):
     capture.install() / capture.wrap(buffer) / capture.uninstall()    # hooks only (see hooks.py)
     with capture.step(7): with capture.layer(3): ...; capture.mark_step(); capture.tag_tokens(ids_T)
 
-What a record holds per op and level: epreplay/records.py (arrays) and capture/extract.py (meta).
+What a record holds per op and level: epreplay/format/records.py (arrays) and capture/extract.py (meta).
 Run directory extras: RUN/.capture/ (lock, rank-NNNNN.json closing facts, site/sitecustomize.py)
 and RUN/DUMP (flight-mode dump request, see triggers.py). manifest.json's ranks[r] holds each
 rank's closing facts (records, dropped, disabled reason, dumps, graph_skipped, buffers) and extra

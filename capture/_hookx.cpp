@@ -44,7 +44,7 @@ constexpr uint16_t PAD_KIND = 0, FAST_KIND = 6;
 constexpr uint64_t FAST_FIXED = 96;  // frame header 8 + plan 8 + call id 8 + 9 fields x 8
 inline uint64_t align8(uint64_t n) { return (n + 7) & ~uint64_t(7); }
 
-// Op codes (epreplay/records.py Op)
+// Op codes (epreplay/format/records.py Op)
 constexpr int OP_LAYOUT = 1, OP_DISPATCH = 2, OP_LL_DISPATCH = 5;
 constexpr int64_t NONE = INT64_MIN;  // None in the shared int64 arrays
 

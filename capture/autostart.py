@@ -7,7 +7,7 @@ children — and it calls `boot()`, which
   * runs the sitecustomize.py that ours shadows, if any (so a site's own customisation stays);
   * boots the deep_ep stand-in (epreplay.standin) when EPREPLAY_EMULATE_DEEP_EP asks for it;
   * patches Buffer / ElasticBuffer classes already imported, and adds an import hook that patches
-    `deep_ep`, `epreplay.emulate`, `epreplay.emulate_v2` (and the deep_ep stand-in) the moment
+    `deep_ep`, `epreplay.emulate`, `epreplay.emulate.v2` (and the deep_ep stand-in) the moment
     they are imported.
 boot() imports neither torch nor deep_ep: a process that never touches DeepEP pays a few
 milliseconds at startup and nothing else. The recorder itself starts at the first Buffer.
@@ -23,12 +23,12 @@ from pathlib import Path
 from typing import Any
 
 from epreplay.capture.config import ENV_DIR
-from epreplay.run import DIR_MODE, RunDir
+from epreplay.format.run import DIR_MODE, RunDir
 
 STANDIN_ENV = "EPREPLAY_EMULATE_DEEP_EP"  # epreplay.standin: `import deep_ep` -> the emulation
 # Modules whose `Buffer` class is patched as soon as they are imported.
 WATCHED = ("deep_ep", "deep_ep.buffer", "deep_ep.buffers.legacy", "deep_ep.buffers.elastic", "epreplay.emulate",
-           "epreplay.emulate_v2")
+           "epreplay.emulate.v2")
 PATCHED_NAMES = ("Buffer", "ElasticBuffer")  # DeepEP V1 and V2
 
 SITE_SOURCE = '''\

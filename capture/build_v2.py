@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from epreplay.records import Level, Op
+from epreplay.format.records import Level, Op
 
 
 def _aligned(n: np.ndarray, a: int) -> np.ndarray:

@@ -61,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
     from epreplay.capture.manifest import finish, write_marker
     from epreplay.capture.session import env_for
     from epreplay.errors import UsageError
-    from epreplay.run import RunDir, new_run_id
+    from epreplay.format.run import RunDir, new_run_id
 
     cmd = list(args.cmd)
     if cmd and cmd[0] == "--":
@@ -140,9 +140,9 @@ def _in_our_group(pid: int) -> bool:
 
 
 def _steps_line(run_dir) -> str:
-    """How the run's steps were found (epreplay.steps), for the summary; '' when unreadable."""
+    """How the run's steps were found (epreplay.format.steps), for the summary; '' when unreadable."""
     from epreplay.errors import UsageError
-    from epreplay.steps import plan_of_run
+    from epreplay.format.steps import plan_of_run
 
     try:
         return plan_of_run(run_dir).describe() if run_dir.shard_paths() else ""

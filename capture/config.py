@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Mapping
 
 from epreplay.errors import UsageError
-from epreplay.records import Level
+from epreplay.format.records import Level
 
 ENV_PREFIX = "EPREPLAY_CAPTURE_"
 ENV_DIR = ENV_PREFIX + "DIR"  # the run directory; its presence turns autostart on

@@ -144,7 +144,7 @@ class DeviceStage:
         """("hash" entries -> their fingerprints and per-row finite flags, computed on the stream
         the gather runs on; for async_finish outputs that is the side stream, made to wait for
         the job's stream and DeepEP's event first."""
-        from epreplay.fingerprint_gpu import fingerprint_rows_fast
+        from epreplay.format.fingerprint_gpu import fingerprint_rows_fast
 
         if after is not None:
             self.side.wait_stream(stream)

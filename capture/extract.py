@@ -7,7 +7,7 @@ N rows received by a normal dispatch, V valid rows of a low-latency receive buff
 `stage_inputs` / `stage_outputs` run on the caller's thread and only take references or copies
 (see stage.py for which); build.build runs where records are written and does all the numpy
 work. The
-arrays and meta keys are exactly the table in epreplay/records.py's docstring, plus (additive):
+arrays and meta keys are exactly the table in epreplay/format/records.py's docstring, plus (additive):
   dispatch  routing  send_head_TR [T, R] int32  intranode handle's send_head as of dispatch
                                                 (combine rewrites it in place)
 Meta keys: "args" {name: description} of every bound argument (tensors as "dtype[d0,d1]"); "ep_rank"/"ep_size" (the
@@ -17,7 +17,7 @@ the dispatch whose handle it used, -1 unknown), "ll_parity" (low-latency receive
 "handle_len", "error" (ERROR records), "nonfinite" (names of staged tensors holding NaN/inf),
 "recv_hook" (LL dispatch with return_recv_hook), "payload_skipped" (payload level, not a
 payload step), "fp_version" (records holding *_fp_* arrays: the fingerprint definition, see
-epreplay/records.py; set by build.py).
+epreplay/format/records.py; set by build.py).
 """
 from __future__ import annotations
 
@@ -26,8 +26,8 @@ from typing import Any
 
 import torch
 
-from epreplay.fingerprint_gpu import fingerprint_rows_fast
-from epreplay.records import Level, Op, Status
+from epreplay.format.fingerprint_gpu import fingerprint_rows_fast
+from epreplay.format.records import Level, Op, Status
 from epreplay.capture import extract_v2
 from epreplay.capture.stage import Staging, Timer
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from epreplay.records import Level, Op
+from epreplay.format.records import Level, Op
 
 
 def is_elastic_call(a: dict[str, Any]) -> bool:

@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from epreplay.records import Op
+from epreplay.format.records import Op
 
 NONE = -(1 << 63)  # None in the shared int64 arrays (recorder._attr)
 _module: Any = False  # not looked up yet

@@ -13,7 +13,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
-from epreplay.records import RecordHeader
+from epreplay.format.records import RecordHeader
 
 Built = tuple[RecordHeader, dict[str, Any], dict[str, Any]]
 

@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from epreplay.records import Kind, Level, Op, RecordHeader, Status
+from epreplay.format.records import Kind, Level, Op, RecordHeader, Status
 
 GRAPH_SEQ_BASE = 1 << 40
 # 256 slots hold 256 decode steps between drains: at ~100 us per step that is ~25 ms of graph
@@ -243,8 +243,8 @@ def stage_end(ring: GraphRing, call: GraphCall, args: dict[str, Any], result: An
     wrapped so the outputs are staged where they become valid, at the hook's place in the graph).
     lineage maps id(handle[0]) -> dispatch site, so a combine's record names its dispatch.
     """
-    from epreplay.fingerprint_gpu import fingerprint_rows_fast
-    from epreplay.records import FINGERPRINT_VERSION
+    from epreplay.format.fingerprint_gpu import fingerprint_rows_fast
+    from epreplay.format.records import FINGERPRINT_VERSION
 
     level, op = call.level, call.op
     if level >= Level.FINGERPRINTS:  # every record of the site says which definition hashed it

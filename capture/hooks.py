@@ -27,7 +27,7 @@ from time import perf_counter_ns
 from typing import Any, Callable
 
 from epreplay.capture import fast_plan
-from epreplay.records import Op
+from epreplay.format.records import Op
 
 # Buffer method -> op. `dispatch` with a handle is a cached dispatch (decided per call).
 OPS: dict[str, Op] = {
@@ -193,12 +193,12 @@ def patch_class(cls: type) -> bool:
 
 def default_classes() -> list[type]:
     """deep_ep.Buffer and (V2) deep_ep.ElasticBuffer when deep_ep is importable, and the
-    emulated ones (epreplay.emulate.Buffer, epreplay.emulate_v2.ElasticBuffer). An ElasticBuffer
+    emulated ones (epreplay.emulate.Buffer, epreplay.emulate.v2.ElasticBuffer). An ElasticBuffer
     has `dispatch` and `combine` only: OPS names them alike, and the recorder tells V2 calls by
     their arguments (capture/extract.py is_elastic_call)."""
     found: list[type] = []
     for module_name, names in (("deep_ep", ("Buffer", "ElasticBuffer")), ("epreplay.emulate", ("Buffer",)),
-                               ("epreplay.emulate_v2", ("ElasticBuffer",))):
+                               ("epreplay.emulate.v2", ("ElasticBuffer",))):
         try:
             module = __import__(module_name, fromlist=list(names))
         except ImportError:

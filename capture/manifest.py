@@ -24,8 +24,8 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from epreplay.capture.config import CaptureConfig
-from epreplay.records import Manifest
-from epreplay.run import DIR_MODE, RunDir, new_run_id
+from epreplay.format.records import Manifest
+from epreplay.format.run import DIR_MODE, RunDir, new_run_id
 
 CAPTURE_DIR = ".capture"  # RUN/.capture: lock, per-rank facts, the sitecustomize for children
 MARKER = "DUMP"  # RUN/DUMP: flight-mode dump request that every rank's watchdog polls
@@ -175,7 +175,7 @@ def finish(run: RunDir, *, exit_code: int | None = None, interrupted: bool = Fal
 
     Returns the new manifest; None when the run has none (nothing was ever started).
     """
-    from epreplay.run_census import described, read_shards
+    from epreplay.format.census import described, read_shards
 
     facts = read_rank_facts(run)
     unclosed = [p for p in run.shard_paths() if str(run.rank_of(p)) not in facts]
@@ -200,7 +200,7 @@ def finish(run: RunDir, *, exit_code: int | None = None, interrupted: bool = Fal
 
 def _node_of_shard(path: Path) -> int:
     """The node a shard's header names (-1: unknown or unreadable)."""
-    from epreplay.index_scan import read_info
+    from epreplay.index.scan import read_info
 
     try:
         fd = os.open(path, os.O_RDONLY)

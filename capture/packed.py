@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from epreplay.records import Level, Op, Status
+from epreplay.format.records import Level, Op, Status
 
 
 def tagged(v: Any, tag: str) -> bool:
@@ -81,7 +81,7 @@ class PackedStaging:
         if tagged(v, "fp"):
             self.rows_to_torch()
             from epreplay.capture.stage import _rows_finite
-            from epreplay.fingerprint import fingerprint_rows
+            from epreplay.format.fingerprint import fingerprint_rows
 
             x = self.items[name][1]
             return fingerprint_rows(x).numpy().view(np.uint64), bool(_rows_finite(x))

@@ -38,8 +38,8 @@ from epreplay.capture.extract_v2 import elastic_meta, is_elastic_call
 from epreplay.capture.ring_path import RingCall
 from epreplay.capture.sink import DUMP_DEDUP_S, STATIC_FACTS
 from epreplay.capture.stage import PinnedPool, Staging, Timer, current_stream
-from epreplay.records import Level, Op, Status
-from epreplay.run import RunDir
+from epreplay.format.records import Level, Op, Status
+from epreplay.format.run import RunDir
 
 _STOP = object()
 # Calls taken off the queue at once: their CPU fingerprints are computed in one pass per row
@@ -736,7 +736,7 @@ class Recorder:
             "node": self.config.node,
             "pid": os.getpid(), "calls": self.calls + fast[1], "records": sink.get("records", 0),
             # whether the job marked a step (the slot keeps the last marked step, Python's and the
-            # compiled hook's): epreplay.steps lets marks win over steps found in the traffic
+            # compiled hook's): epreplay.format.steps lets marks win over steps found in the traffic
             "steps_marked": int(self._attr[0] != fast_plan.NONE),
             "dropped": self.dropped + fast[2], "disabled": self.disabled_reason,
             "dumps": sink.get("dumps", []), "graph_skipped": self.graph_skipped

@@ -25,7 +25,7 @@ from typing import Any
 from epreplay.capture.packed import Duration, PackedCall, PackedStaging
 from epreplay.capture.ring_frames import BEGIN, CALL, CTL, END, FAST, HUNG, read_call, read_fast
 from epreplay.capture.shm_ring import PAD, W_COMMITTED, W_DROPPED, W_DTAIL, W_HEAD, W_TAIL, ShmRing
-from epreplay.records import Level, Op, Status
+from epreplay.format.records import Level, Op, Status
 
 # Bytes of frames read at once before building: bounds the writer's memory, and a batch's CPU
 # fingerprints are hashed in one pass per row format.

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from epreplay.capture.config import CaptureConfig
-from epreplay.run import RunDir
+from epreplay.format.run import RunDir
 
 _lock = threading.RLock()
 _config: CaptureConfig | None = None  # from start(); None: look in the environment

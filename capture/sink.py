@@ -19,8 +19,8 @@ from typing import Any, Callable
 
 from epreplay.capture.config import CaptureConfig
 from epreplay.capture.flight import FlightRing
-from epreplay.records import Kind, RecordHeader, ShardInfo, Status
-from epreplay.run import RunDir
+from epreplay.format.records import Kind, RecordHeader, ShardInfo, Status
+from epreplay.format.run import RunDir
 
 Built = tuple[RecordHeader, dict[str, Any], dict[str, Any]]
 
@@ -70,7 +70,7 @@ class Sink:
         if resume and self.run.shard_path(rank).exists():
             # A writer before this one died (ring_consumer.py): go on with its shard, cut back to
             # its last whole record.
-            from epreplay.shard import ShardWriter
+            from epreplay.format.shard import ShardWriter
 
             self._writer = ShardWriter.resume(self.run.shard_path(rank))
             self.static.update(num_experts=self._writer.info.num_experts, topk=self._writer.info.topk,
@@ -132,7 +132,7 @@ class Sink:
         index = getattr(self._writer, "_index", None)
         if not index:
             return None
-        from epreplay.records import RecordHeader
+        from epreplay.format.records import RecordHeader
 
         h = RecordHeader.from_bytes(index[-1][1])
         return (h.kind, h.buffer, h.seq, h.status)
@@ -179,7 +179,7 @@ class Sink:
 
     def _shard(self) -> Any:
         if self._writer is None:
-            from epreplay.shard import ShardWriter
+            from epreplay.format.shard import ShardWriter
 
             info = ShardInfo(run_id=self.config.run_id, rank=self.rank, world_size=self.world_size,
                              num_experts=self.static["num_experts"], topk=self.static["topk"],

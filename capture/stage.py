@@ -35,8 +35,8 @@ import numpy as np
 import torch
 
 from epreplay.capture.packed import all_finite, tagged
-from epreplay.fingerprint import fingerprint_rows
-from epreplay.fingerprint_gpu import fingerprint_rows_fast
+from epreplay.format.fingerprint import fingerprint_rows
+from epreplay.format.fingerprint_gpu import fingerprint_rows_fast
 
 _FLOAT_KINDS = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
 # Recent CPU snapshots: id -> (weakref to the source, its _version then, the copy). 8 covers the

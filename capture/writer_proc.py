@@ -247,7 +247,7 @@ def _started(proc: WriterProcess, config: Any, rank: int, world_size: int) -> Wr
 # --- the writer process --------------------------------------------------------------------------
 def _config(body_json: str) -> Any:
     from epreplay.capture.config import CaptureConfig
-    from epreplay.records import Level
+    from epreplay.format.records import Level
 
     body = json.loads(body_json)
     body["level"] = Level(body["level"])

@@ -25,8 +25,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 from epreplay.errors import UsageError
-from epreplay.records import Manifest, ShardInfo
-from epreplay.run import DIR_MODE, RunDir, shard_name
+from epreplay.format.records import Manifest, ShardInfo
+from epreplay.format.run import DIR_MODE, RunDir, shard_name
 
 # Copies (across filesystems) go in chunks of 8 MiB, so progress moves on a multi-GB shard.
 COPY_CHUNK = 8 << 20
@@ -88,7 +88,7 @@ def read_part(path: str | os.PathLike[str]) -> Part:
             header names another rank than its file name, or a part with no shard.
     """
     from epreplay.capture.manifest import read_rank_facts
-    from epreplay.index_scan import read_info
+    from epreplay.index.scan import read_info
 
     try:
         run = RunDir.open(path)
@@ -192,7 +192,7 @@ def merged_manifest(plan: MergePlan, *, now: str | None = None) -> Manifest:
     facts, hosts, totals — with extra["parts"] (where each part came from and which ranks it
     gave) and, with gaps, extra["missing_ranks"]."""
     from epreplay.capture.manifest import folded, nodes_of
-    from epreplay.run_census import from_header
+    from epreplay.format.census import from_header
 
     parts = sorted(plan.parts, key=lambda p: min(p.shards))
     firsts = [p.manifest for p in parts if p.manifest is not None]
@@ -318,13 +318,13 @@ def _copy(src: Path, dst: Path, moved: Callable[[int], Any]) -> None:
 
 
 def clock_of(plan_or_run: MergePlan | RunDir):
-    """The clock estimate (epreplay.clock) from the shards' record headers (I/O: reads each
+    """The clock estimate (epreplay.format.clock) from the shards' record headers (I/O: reads each
     shard's footer, or scans a shard that has none)."""
     import numpy as np
 
-    from epreplay.clock import estimate
-    from epreplay.records import Kind
-    from epreplay.shard_reader import open_shard
+    from epreplay.format.clock import estimate
+    from epreplay.format.records import Kind
+    from epreplay.format.reader import open_shard
 
     part_of: dict[int, int] = {}
     if isinstance(plan_or_run, MergePlan):

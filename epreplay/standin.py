@@ -14,10 +14,10 @@ Ways to switch it on:
 installs that dropped it (e.g. a tool that does not honour top-level wheel files).
 The real package always wins: the finder sits at the *end* of sys.meta_path and only answers
 when no other finder can find `deep_ep`. The stand-in module exports Buffer, Config, EventOverlap,
-EventHandle, topk_idx_t (torch.int64), V2's ElasticBuffer and EPHandle (epreplay.emulate_v2) and
+EventHandle, topk_idx_t (torch.int64), V2's ElasticBuffer and EPHandle (epreplay.emulate.v2) and
 `EMULATED = True`; `deep_ep.Buffer is epreplay.emulate.Buffer`, so capture hooks patch one class.
 The helper modules DeepEP's V1 tests import (deep_ep.utils.envs / .math / .testing) are ours:
-epreplay.standin_envs / _math / _testing.
+epreplay.emulate.standin_envs / _math / _testing.
 """
 from __future__ import annotations
 
@@ -32,8 +32,8 @@ from typing import Any
 
 ENV = "EPREPLAY_EMULATE_DEEP_EP"
 # DeepEP's test helpers, written by us to the behaviour its V1 tests rely on (module -> ours)
-HELPERS = {"deep_ep.utils.envs": "epreplay.standin_envs", "deep_ep.utils.math": "epreplay.standin_math",
-           "deep_ep.utils.testing": "epreplay.standin_testing"}
+HELPERS = {"deep_ep.utils.envs": "epreplay.emulate.standin_envs", "deep_ep.utils.math": "epreplay.emulate.standin_math",
+           "deep_ep.utils.testing": "epreplay.emulate.standin_testing"}
 NAMES = ("deep_ep", "deep_ep.buffer", "deep_ep.buffers", "deep_ep.buffers.legacy", "deep_ep.buffers.elastic",
          "deep_ep.utils", "deep_ep.utils.event", *HELPERS)
 PTH_NAME = "epreplay_standin.pth"  # shipped next to this module; setup.py puts a copy in site-packages
@@ -51,7 +51,7 @@ class _Loader(importlib.abc.Loader):
         for name in ("Buffer", "Config", "EventOverlap", "EventHandle", "topk_idx_t", "EmulatedDeepEPError",
                      "EmulatedTimeout", "is_emulated"):
             setattr(module, name, getattr(emulate, name))
-        from epreplay import emulate_v2  # DeepEP V2's names (deep_ep.ElasticBuffer, deep_ep.EPHandle)
+        from epreplay.emulate import v2 as emulate_v2  # DeepEP V2's names (deep_ep.ElasticBuffer, deep_ep.EPHandle)
 
         module.ElasticBuffer, module.EPHandle = emulate_v2.ElasticBuffer, emulate_v2.EPHandle
         module.EMULATED = True

@@ -10,7 +10,7 @@ from epreplay.replay import schedule as S
 from epreplay.replay.report import OpStats, ReplayReport, first_of
 from epreplay.replay.verify import Divergence
 from epreplay.replay.worker import Job
-from epreplay.run import RunDir, new_run_id
+from epreplay.format.run import RunDir, new_run_id
 
 
 def build_report(job: Job, run: RunDir, sched: S.Schedule, hang: dict | None, died: dict[int, str],

@@ -47,7 +47,7 @@ def find_damage(scans: dict[int, object]) -> list[Damage]:
     """Every damaged place in the shards, in rank order.
 
     Args:
-        scans: rank -> ShardScan (epreplay.shard.open_shard), still open.
+        scans: rank -> ShardScan (epreplay.format.shard.open_shard), still open.
     Returns:
         [] for intact shards. A shard without a footer was already CRC-checked record by record
         by open_shard (it stops at the first bad record: that is its truncation); a shard with a

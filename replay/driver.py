@@ -11,7 +11,7 @@ from typing import Any, Callable
 
 from epreplay.errors import UsageError
 from epreplay.launch import check_device
-from epreplay.records import Level, Op
+from epreplay.format.records import Level, Op
 from epreplay.replay import schedule as S
 from epreplay.replay.damage import damage_error, damaged_offsets, find_damage
 from epreplay.replay.plan import Plan
@@ -19,8 +19,8 @@ from epreplay.replay.collect import build_report
 from epreplay.replay.launcher import joined_from_torchrun, launch_local, run_torchrun
 from epreplay.replay.report import ReplayReport
 from epreplay.replay.worker import Job
-from epreplay.run import RunDir
-from epreplay.steps import plan_for
+from epreplay.format.run import RunDir
+from epreplay.format.steps import plan_for
 
 
 def _load_shards(run: RunDir) -> tuple[dict[int, Any], int]:
@@ -61,7 +61,7 @@ def _ll_max_tokens(scans: dict[int, Any], sched: S.Schedule) -> dict[int, int]:
 
 def _elastic_buffers(scans: dict[int, Any], sched: S.Schedule) -> tuple[int, ...]:
     """Buffers recorded from a DeepEP V2 ElasticBuffer (header variant; one record per buffer)."""
-    from epreplay.records import VARIANT_ELASTIC
+    from epreplay.format.records import VARIANT_ELASTIC
 
     seen: dict[int, bool] = {}
     for c in sched.calls:
@@ -87,7 +87,7 @@ def replay_run(run_dir: str | os.PathLike[str], ranks: int | None = None, *, bac
         device: "cpu" or "cuda". steps/layers/ops: the CLI's filters ("A:B", "0,2-3", "dispatch,combine").
         payload: "recorded" or "synthetic"; default recorded when the recording has payloads.
         call_timeout: seconds one call may take before it is reported as a hang.
-        fault: an epreplay.faults fault (tests) installed in every worker.
+        fault: an epreplay.emulate.faults fault (tests) installed in every worker.
         on_progress: called with (calls done by the slowest rank, calls scheduled).
         on_plan: called once with the plan and schedule before the workers start.
         write: write RUN/replays/<id>.json. index: load the report into RUN/index.duckdb.
@@ -220,7 +220,7 @@ def _check_backend(backend: str) -> None:
 def _index(run: RunDir, report: ReplayReport) -> None:
     """Load the report into RUN/index.duckdb through INDEX's API when it exists."""
     try:
-        from epreplay import index as idx
+        from epreplay.index import build as idx
     except ImportError:
         return
     loader = getattr(idx, "load_replay_report", None) or getattr(idx, "load_replay", None)

@@ -61,7 +61,7 @@ def make_buffer(backend: str, device: str) -> Any:
 
     group = dist.group.WORLD
     if backend == "emulated":
-        from epreplay.emulate_v2 import ElasticBuffer
+        from epreplay.emulate.v2 import ElasticBuffer
 
         return ElasticBuffer(group, deterministic=True, explicitly_destroy=True)
     import deep_ep

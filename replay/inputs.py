@@ -20,7 +20,7 @@ from typing import Any, Mapping
 import numpy as np
 import torch
 
-from epreplay.codec import LOGICAL_KEY
+from epreplay.format.codec import LOGICAL_KEY
 
 _MASK64 = (1 << 64) - 1
 
@@ -82,10 +82,10 @@ def expert_scale(experts_E: torch.Tensor) -> torch.Tensor:
 
 
 def to_fp8(x_TH: torch.Tensor, *, round_scale: bool = False, ue8m0: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """DeepEP's per-128-value FP8 cast of a bf16 [T, H] (epreplay.fp8, bit-exact with the LL
+    """DeepEP's per-128-value FP8 cast of a bf16 [T, H] (epreplay.format.fp8, bit-exact with the LL
     kernel's): (e4m3 [T, H], float32 scales [T, H/128]), or with ue8m0 the scales' exponent
     bytes packed into int32 [T, H/512]."""
-    from epreplay import fp8
+    from epreplay.format import fp8
 
     q, s = fp8.cast_fp8(x_TH, round_scale=round_scale or ue8m0)
     return (q, fp8.ue8m0_pack(s)) if ue8m0 else (q, s)
@@ -96,7 +96,7 @@ def dequant(x: Any) -> torch.Tensor:
     if isinstance(x, (tuple, list)):
         q, s = x
         if s.dtype == torch.int32:  # UE8M0: exponent bytes packed four per int32
-            from epreplay import fp8
+            from epreplay.format import fp8
 
             s = fp8.ue8m0_unpack(s)
         T, H = q.shape
@@ -167,7 +167,7 @@ def calc_diff(x: torch.Tensor, y: torch.Tensor) -> float:
 def fingerprints(x: Any, *, version: int) -> np.ndarray:
     """Per-row fingerprints as uint64 numpy (the records' representation), by fingerprint
     definition `version` (Engine.fp_version says which: the recording's, when compared with it)."""
-    from epreplay.fingerprint import fingerprint_rows
+    from epreplay.format.fingerprint import fingerprint_rows
 
     if isinstance(x, (tuple, list)):
         x = tuple(p.contiguous() for p in x)

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from epreplay.records import FINGERPRINT_VERSION, Op, fp_version
+from epreplay.format.records import FINGERPRINT_VERSION, Op, fp_version
 from epreplay.replay import inputs as I
 from epreplay.replay import elastic as EL
 from epreplay.replay import normal as N_
@@ -66,7 +66,7 @@ class Engine:
     def scan(self, v: int) -> Any:
         s = self._scans.get(v)
         if s is None:
-            from epreplay.shard import open_shard
+            from epreplay.format.shard import open_shard
 
             s = self._scans[v] = open_shard(self.job.shard_paths[v])
         return s

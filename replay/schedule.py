@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from epreplay.errors import UsageError
-from epreplay.records import Kind, Op, Status
-from epreplay.steps import StepPlan
+from epreplay.format.records import Kind, Op, Status
+from epreplay.format.steps import StepPlan
 
 # Which dispatch op a dependent op's handle comes from.
 PARENT_OP = {Op.COMBINE: Op.DISPATCH, Op.CACHED_DISPATCH: Op.DISPATCH, Op.LL_COMBINE: Op.LL_DISPATCH}
@@ -121,7 +121,7 @@ def build(shards: dict[int, object], world_size: int, *, steps: tuple[int | None
         world_size: N.
         damaged: rank -> {record offset: what is wrong} (replay.damage.damaged_offsets): records
             that are listed but must not be read; their calls are skipped, naming the damage.
-        step_plan: how the run's steps were found (epreplay.steps): a run whose steps were found
+        step_plan: how the run's steps were found (epreplay.format.steps): a run whose steps were found
             in its traffic is filtered and reported by the steps the index shows.
     """
     read = step_plan.read if step_plan is not None else (lambda s, l: (s, l))
@@ -229,6 +229,6 @@ def build(shards: dict[int, object], world_size: int, *, steps: tuple[int | None
 
 
 def open_run_shards(paths: dict[int, Path]) -> dict[int, object]:
-    from epreplay.shard import open_shard
+    from epreplay.format.shard import open_shard
 
     return {r: open_shard(p) for r, p in paths.items()}

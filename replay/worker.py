@@ -38,7 +38,7 @@ class Job:
         hidden, experts: H and E of the recording.
         ll_buffers: buffer ids that issue low-latency calls (built in low-latency mode).
         ll_max_tokens: buffer id -> recorded num_max_dispatch_tokens_per_rank (M per rank).
-        fault: an epreplay.faults spec to install (tests only), or None.
+        fault: an epreplay.emulate.faults spec to install (tests only), or None.
         elastic_buffers: buffer ids whose records are DeepEP V2's (header variant ELASTIC): they
             replay through an ElasticBuffer (replay/elastic.py).
     """
@@ -149,7 +149,7 @@ def replay_rank(ctx: Any, job: Job) -> dict:
     sink = Sink(job.work_dir, p)
     engine = Engine(job, p, ctx.device, sink)
     if job.fault is not None:
-        from epreplay import faults
+        from epreplay.emulate import faults
 
         job.fault.install() if hasattr(job.fault, "install") else faults.install(job.fault)
     done, stopped = 0, None

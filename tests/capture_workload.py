@@ -7,9 +7,9 @@ import re
 import numpy as np
 import torch
 
-from epreplay.records import Kind
-from epreplay.run import RunDir
-from epreplay.shard import open_shard
+from epreplay.format.records import Kind
+from epreplay.format.run import RunDir
+from epreplay.format.shard import open_shard
 
 E, K, H, T = 8, 3, 128, 24
 
@@ -28,7 +28,7 @@ def workload(buf, ll, rank: int, device: str = "cpu", *, steps: int = 2, tag_ste
     dispatch, combine, low-latency dispatch BF16 / FP8 (with the recv hook at `hook_steps`) and
     combine; token tags at `tag_steps` (None: every step); then a dispatch that raises."""
     from epreplay import capture
-    from epreplay.epbench import per_token_cast_to_fp8
+    from epreplay.demo.epbench import per_token_cast_to_fp8
 
     for step in range(steps):
         odd = step % 2

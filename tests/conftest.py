@@ -44,13 +44,13 @@ def demo_run_factory(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., 
     cache: dict[tuple, Path] = {}
 
     def make(*, level: str = "routing", **overrides: Any) -> Path:
-        lacking = missing_parts("epreplay.emulate", "epreplay.capture", "epreplay.demo_pipeline")
+        lacking = missing_parts("epreplay.emulate", "epreplay.capture", "epreplay.demo.pipeline")
         if lacking:
             pytest.skip(f"recorded demo runs need {lacking}, not built yet")
         key = (level, tuple(sorted(overrides.items())))
         if key not in cache:
-            from epreplay.demo_model import DemoConfig
-            from epreplay.demo_pipeline import PipelineOptions, run_pipeline
+            from epreplay.demo.model import DemoConfig
+            from epreplay.demo.pipeline import PipelineOptions, run_pipeline
 
             out = tmp_path_factory.mktemp("demo-run") / "run"
             cfg = DemoConfig(**{**DEMO_RUN, **overrides})

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from epreplay.launch import run_ranks
-from epreplay.records import Kind, Level, Op, Status
-from epreplay.run import RunDir
-from epreplay.shard import open_shard
+from epreplay.format.records import Kind, Level, Op, Status
+from epreplay.format.run import RunDir
+from epreplay.format.shard import open_shard
 
 E, K, H, T = 8, 3, 128, 24
 
@@ -138,7 +138,7 @@ def _rank_levels(ctx, run_dir: str, level: str):
 
     from epreplay import capture
     from epreplay.emulate import Buffer
-    from epreplay.fingerprint import fingerprint_rows
+    from epreplay.format.fingerprint import fingerprint_rows
 
     planted = RuntimeError("DeepEP error: timeout (dispatch CPU)")
 
@@ -237,8 +237,8 @@ def test_low_latency_buffer_fingerprints_cover_valid_rows_only(fp8: bool):
     from epreplay.capture.build import build
     from epreplay.capture.extract import Call, _valid_rows_fp
     from epreplay.capture.stage import Staging, Timer
-    from epreplay.fingerprint import fingerprint_rows
-    from epreplay.records import FINGERPRINT_VERSION
+    from epreplay.format.fingerprint import fingerprint_rows
+    from epreplay.format.records import FINGERPRINT_VERSION
 
     L, X = 3, 8
     g = torch.Generator().manual_seed(5)
@@ -246,7 +246,7 @@ def test_low_latency_buffer_fingerprints_cover_valid_rows_only(fp8: bool):
     counts = torch.tensor([5, 0, 8], dtype=torch.int32)
     recv[0, 5:] = float("nan")
     if fp8:
-        from epreplay.fp8 import cast_fp8
+        from epreplay.format.fp8 import cast_fp8
 
         q, s = cast_fp8(recv.view(L * X, H).nan_to_num(0.0))
         s = s.clone()
@@ -341,7 +341,7 @@ def test_packed_call_wire_round_trip_keeps_every_item():
     """What a GPU call hands the writer process: int64 fingerprints, 0-d finite flags, bf16 words
     with their logical dtype, an FP8 pair of CPU rows to hash, plain values, and meta."""
     from epreplay.capture.packed import Duration, PackedCall, PackedStaging
-    from epreplay.records import Level, Status
+    from epreplay.format.records import Level, Status
 
     items = {
         "x_fp_T": np.arange(5, dtype=np.int64) * -7,

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from epreplay.launch import run_ranks
-from epreplay.records import Op, Status
+from epreplay.format.records import Op, Status
 
 from capture_workload import E, assert_same_records, inputs, records, workload
 

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 
 from epreplay.launch import run_ranks
-from epreplay.records import Kind, Op, Status
-from epreplay.run import RunDir
-from epreplay.shard import open_shard
+from epreplay.format.records import Kind, Op, Status
+from epreplay.format.run import RunDir
+from epreplay.format.shard import open_shard
 
 HANG_TIMEOUT = 1.0
 SLEEP_S = 5.0
@@ -57,7 +57,7 @@ def _rank_hang(ctx, run_dir: str):
 
     from epreplay import capture
 
-    from epreplay import faults
+    from epreplay.emulate import faults
     from epreplay.emulate import Buffer
 
     capture.start(run_dir, level="routing", flight=2, hang_timeout=HANG_TIMEOUT, layers_per_step=1)

@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 
 from epreplay.launch import RankFailed, run_ranks
-from epreplay.records import Kind, Op
-from epreplay.run import RunDir
-from epreplay.shard import open_shard
-from epreplay.shard_reader import wait_unlocked
+from epreplay.format.records import Kind, Op
+from epreplay.format.run import RunDir
+from epreplay.format.shard import open_shard
+from epreplay.format.reader import wait_unlocked
 
 # A client written for DeepEP: it imports deep_ep and knows nothing of epreplay's capture.
 CLIENT = textwrap.dedent('''
@@ -153,8 +153,8 @@ def test_kill_9_loses_only_the_killed_ranks_tail(tmp_path):
 
 def _unclosed_shard(run: RunDir, run_id: str, rank: int, world: int, records: int) -> None:
     """A shard as a rank stopped mid-run leaves it: intact records, no footer."""
-    from epreplay.records import Level, RecordHeader, ShardInfo, Status
-    from epreplay.shard import ShardWriter
+    from epreplay.format.records import Level, RecordHeader, ShardInfo, Status
+    from epreplay.format.shard import ShardWriter
 
     path = run.shard_path(rank)
     with ShardWriter(path, ShardInfo(run_id, rank, world, 16, 2, 32, Level.ROUTING)) as writer:

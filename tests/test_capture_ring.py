@@ -16,9 +16,9 @@ import pytest
 import torch
 
 from epreplay.launch import run_ranks
-from epreplay.records import Kind, Op, Status
-from epreplay.run import RunDir
-from epreplay.shard import open_shard
+from epreplay.format.records import Kind, Op, Status
+from epreplay.format.run import RunDir
+from epreplay.format.shard import open_shard
 
 from capture_workload import E, assert_same_records, inputs, records, workload
 
@@ -281,7 +281,7 @@ JOB = textwrap.dedent("""
 @pytest.mark.slow
 def test_kill9_of_the_job_keeps_every_published_call(tmp_path):
     from epreplay.launch import free_port
-    from epreplay.shard_reader import wait_unlocked
+    from epreplay.format.reader import wait_unlocked
 
     run_dir = tmp_path / "run"
     proc = subprocess.Popen([sys.executable, "-c", JOB, str(run_dir), str(free_port())],

@@ -12,9 +12,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from epreplay.records import VARIANT_ELASTIC, Kind, Op
-from epreplay.run import RunDir
-from epreplay.shard import open_shard
+from epreplay.format.records import VARIANT_ELASTIC, Kind, Op
+from epreplay.format.run import RunDir
+from epreplay.format.shard import open_shard
 
 # Written for DeepEP V2: imports deep_ep, knows nothing of epreplay. Step 1 uses the expanded
 # layout with alignment, step 2 no CPU sync; every step dispatches, re-dispatches with the
@@ -125,7 +125,7 @@ def test_v2_replay_zero_divergences(v2_run, ranks: int) -> None:
 
 
 def test_v2_replay_finds_planted_fault(v2_run) -> None:
-    from epreplay.faults import Fault
+    from epreplay.emulate.faults import Fault
     from epreplay.replay import replay_run
 
     report = replay_run(v2_run[0], 2, call_timeout=60, index=False, write=False,

@@ -10,9 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from epreplay.records import Kind, Level, Op, RecordHeader, ShardInfo, Status
-from epreplay.run import RunDir
-from epreplay.shard import ShardWriter, open_shard
+from epreplay.format.records import Kind, Level, Op, RecordHeader, ShardInfo, Status
+from epreplay.format.run import RunDir
+from epreplay.format.shard import ShardWriter, open_shard
 
 OPS = [Op.LAYOUT, Op.DISPATCH, Op.COMBINE]
 
@@ -140,7 +140,7 @@ def test_live_shard_reads_as_writing_and_repair_refuses(tmp_path: Path) -> None:
 
 
 def test_repair_rebuilds_a_world_size_0_manifest_and_keeps_the_old_one(run_dir) -> None:
-    from epreplay.records import Manifest
+    from epreplay.format.records import Manifest
 
     run, _ = run_dir  # rank 1's shard cut mid-record, as an interrupted capture leaves it
     # what a capture stopped before any rank closed leaves: the launcher's manifest, world size 0

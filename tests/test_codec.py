@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from epreplay import codec
+from epreplay.format import codec
 
 rng = np.random.default_rng(0)
 

@@ -64,7 +64,7 @@ def test_demo_records_replays_and_points_at_the_tui(tmp_path: Path) -> None:
     if missing_parts("epreplay.replay.driver") is None:
         assert re.search(r"replay: (ok|diverged) .*(no divergence|DIVERGED)", text), text
         assert list((out / "replays").glob("*.json")), "the replay report was not written"
-    if missing_parts("epreplay.cmd_index") is None:
+    if missing_parts("epreplay.cli.cmd_index") is None:
         assert "index: ok" in text and (out / "index.duckdb").exists(), text
     assert proc.returncode == (0 if "diverged" not in text else 1)
 

@@ -31,10 +31,10 @@ def run_copy(tmp_path: Path) -> Path:
 def test_recorded_routing_is_the_models() -> None:
     import torch
 
-    from epreplay.demo_model import DemoConfig, local_routing
-    from epreplay.records import Op
-    from epreplay.run import RunDir
-    from epreplay.shard import open_shard
+    from epreplay.demo.model import DemoConfig, local_routing
+    from epreplay.format.records import Op
+    from epreplay.format.run import RunDir
+    from epreplay.format.shard import open_shard
 
     torch.set_num_threads(1)
     run = RunDir.open(DATA)

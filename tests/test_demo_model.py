@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from epreplay.demo_model import (DemoConfig, home_batch, local_routing, rank_batch, release_layers,
+from epreplay.demo.model import (DemoConfig, home_batch, local_routing, rank_batch, release_layers,
                                  token_tag)
-from epreplay.demo_router import RouterSpec, group_limited_topk
+from epreplay.demo.router import RouterSpec, group_limited_topk
 from epreplay.errors import UsageError
 
 # Matrices here are tiny: torch's intra-op threads only fight the other test processes for the

@@ -21,7 +21,7 @@ def _local_load(cfg) -> tuple[np.ndarray, np.ndarray]:
     """[S, NL, E] expert load and [S, NL, R, R] traffic computed in this process."""
     import torch
 
-    from epreplay.demo_model import local_routing
+    from epreplay.demo.model import local_routing
 
     torch.set_num_threads(1)
     R, L = cfg.ranks, cfg.local_experts
@@ -38,8 +38,8 @@ def _local_load(cfg) -> tuple[np.ndarray, np.ndarray]:
 
 
 def test_ranks_route_what_the_model_says_and_twice_the_same() -> None:
-    from epreplay.demo_model import DemoConfig
-    from epreplay.demo_run import run_demo
+    from epreplay.demo.model import DemoConfig
+    from epreplay.demo.run import run_demo
 
     cfg = DemoConfig(ranks=2, steps=3, layers=2, experts=16, topk=4)  # prefill, decode, decode
     first = run_demo(cfg, timeout=180)
@@ -58,8 +58,8 @@ def test_ranks_route_what_the_model_says_and_twice_the_same() -> None:
         assert int(r.ll_recv_stats_L.sum()) == int(mine.sum())  # cumulative LL stats, in place
         assert np.isfinite(r.output_rms) and r.output_rms > 0
     # What `epreplay demo` prints (text and --format json) says the same as the model.
-    from epreplay.demo_pipeline import PipelineResult
-    from epreplay.demo_render import summary_dict, summary_lines
+    from epreplay.demo.pipeline import PipelineResult
+    from epreplay.demo.render import summary_dict, summary_lines
 
     doc = summary_dict(PipelineResult(out=None, demo=first))
     load_E = load.sum(axis=(0, 1))
@@ -78,9 +78,9 @@ def test_ranks_route_what_the_model_says_and_twice_the_same() -> None:
 def test_demo_summary_traffic_is_the_index_traffic(tmp_path) -> None:
     """The demo's headline traffic and the index's traffic table count the same rows (one
     definition: metrics.rows_sent), prefill and decode steps alike."""
-    from epreplay.demo_model import DemoConfig
-    from epreplay.demo_pipeline import PipelineOptions, run_pipeline
-    from epreplay.queries import open_index
+    from epreplay.demo.model import DemoConfig
+    from epreplay.demo.pipeline import PipelineOptions, run_pipeline
+    from epreplay.index.queries import open_index
 
     cfg = DemoConfig(ranks=2, steps=3, layers=2, experts=16, topk=4)  # prefill, decode, decode
     out = tmp_path / "run"
@@ -92,9 +92,9 @@ def test_demo_summary_traffic_is_the_index_traffic(tmp_path) -> None:
 
 
 def test_recorded_run_holds_every_call_tagged(demo_run_dir) -> None:
-    from epreplay.records import Op
-    from epreplay.run import RunDir
-    from epreplay.shard import open_shard
+    from epreplay.format.records import Op
+    from epreplay.format.run import RunDir
+    from epreplay.format.shard import open_shard
 
     run = RunDir.open(demo_run_dir)
     manifest = run.read_manifest()
@@ -120,9 +120,9 @@ def test_recorded_run_holds_every_call_tagged(demo_run_dir) -> None:
 
 def test_straggler_makes_the_others_wait(demo_run_factory) -> None:
     """--slow-rank: as in DeepEP, the others' dispatches absorb the straggler's delay."""
-    from epreplay.records import Op
-    from epreplay.run import RunDir
-    from epreplay.shard import open_shard
+    from epreplay.format.records import Op
+    from epreplay.format.run import RunDir
+    from epreplay.format.shard import open_shard
 
     # 80 ms: well above the scheduling noise of 4 ranks sharing 2 busy cores
     run = RunDir.open(demo_run_factory(slow_rank=1, slow_ms=80.0, steps=2, layers=2))

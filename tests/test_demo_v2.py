@@ -16,8 +16,8 @@ def _epreplay(*args: str, timeout: float = 180) -> subprocess.CompletedProcess:
 
 
 def test_demo_v2_routes_as_v1(demo_run_dir, demo_run_factory, tmp_path) -> None:
-    from epreplay.demo_model import DemoConfig
-    from epreplay.demo_pipeline import PipelineOptions, run_pipeline
+    from epreplay.demo.model import DemoConfig
+    from epreplay.demo.pipeline import PipelineOptions, run_pipeline
 
     v2 = tmp_path / "v2"
     result = run_pipeline(DemoConfig(**DEMO_RUN), PipelineOptions(out=v2, deepep="v2", index=False), progress=None)

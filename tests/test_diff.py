@@ -15,11 +15,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from epreplay import diff, diff_render, diff_runs
+from epreplay.diff import compare as diff
+from epreplay.diff import render as diff_render
+from epreplay.diff import runs as diff_runs
 from epreplay.errors import UsageError
-from epreplay.records import Kind, Level, Manifest, Op, RecordHeader, ShardInfo, Status
-from epreplay.run import RunDir
-from epreplay.shard import ShardWriter
+from epreplay.format.records import Kind, Level, Manifest, Op, RecordHeader, ShardInfo, Status
+from epreplay.format.run import RunDir
+from epreplay.format.shard import ShardWriter
 
 WORLD, LAYERS, STEPS, T = 2, 4, 3, 16  # ranks, layers, steps, tokens per rank per step
 HIDDEN = 8
@@ -421,7 +423,7 @@ def test_stdout_carries_only_the_report() -> None:
     """Anything written to fd 1 while the diff computes (DuckDB's progress bar during an index
     build) goes to stderr, so `--format json` output always parses."""
     code = ("import os, sys\n"
-            "from epreplay.cmd_diff import _stdout_to_stderr\n"
+            "from epreplay.cli.cmd_diff import _stdout_to_stderr\n"
             "with _stdout_to_stderr():\n"
             "    os.write(1, b'[progress bar]')\n"
             "    print('python noise')\n"
@@ -435,7 +437,7 @@ def test_cli_index_being_written_elsewhere_exits_2(runs, tmp_path) -> None:
     """No index yet and another process holds the writer lock: one clear line, exit 2."""
     import shutil
 
-    from epreplay.index import WriterLock
+    from epreplay.index.build import WriterLock
 
     run = RunDir.open(shutil.copytree(runs["a"], tmp_path / "run",
                                       ignore=shutil.ignore_patterns("index.duckdb*")))

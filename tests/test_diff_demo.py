@@ -2,7 +2,7 @@
 
 Three runs of the demo workload (tests/conftest.py's shape) with one seed: the base release,
 release "b" (the demo perturbs the routers of the odd layers, see
-epreplay.demo_model.release_layers) and the base release with its batches shuffled across ranks
+epreplay.demo.model.release_layers) and the base release with its batches shuffled across ranks
 and rows (same tokens, other positions).
 """
 from __future__ import annotations
@@ -15,8 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from epreplay import diff, diff_runs
-from epreplay.run import RunDir
+from epreplay.diff import compare as diff
+from epreplay.diff import runs as diff_runs
+from epreplay.format.run import RunDir
 
 pytestmark = pytest.mark.slow
 

@@ -16,7 +16,7 @@ def _fault_rank(ctx) -> dict:
 
     import torch.distributed as dist
 
-    from epreplay import faults
+    from epreplay.emulate import faults
     from epreplay.emulate import Buffer
 
     me = ctx.rank

@@ -141,7 +141,7 @@ def test_error_reaches_all_ranks_and_no_process_remains(tmp_path) -> None:
 def _late_rank(ctx, pid_dir: str) -> float:
     import torch.distributed as dist
 
-    from epreplay import faults
+    from epreplay.emulate import faults
     from epreplay.emulate import Buffer
 
     open(os.path.join(pid_dir, str(os.getpid())), "w").close()

@@ -202,7 +202,7 @@ def _case(buf, me: int, R: int, seed: int, case: tuple, fails: list[str]) -> Non
 def _v2_rank(ctx, seed: int, cases: list) -> list[str]:
     import torch.distributed as dist
 
-    from epreplay.emulate_v2 import ElasticBuffer
+    from epreplay.emulate.v2 import ElasticBuffer
 
     buf = ElasticBuffer(dist.group.WORLD, num_max_tokens_per_rank=64, hidden=H, deterministic=True,
                         explicitly_destroy=True, timeout_s=60)
@@ -251,7 +251,7 @@ def _misuse_rank(ctx) -> list[str]:
 
     assert standin.install()
     import deep_ep  # the stand-in: V2's names resolve to the emulation
-    from epreplay.emulate_v2 import ElasticMisuse
+    from epreplay.emulate.v2 import ElasticMisuse
 
     R, me = ctx.world_size, ctx.rank
     buf = deep_ep.ElasticBuffer(dist.group.WORLD, num_max_tokens_per_rank=32, timeout_s=30)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from epreplay import fingerprint as fpmod
-from epreplay.fingerprint import CURRENT, fingerprint_rows, rows_finite
+from epreplay.format import fingerprint as fpmod
+from epreplay.format.fingerprint import CURRENT, fingerprint_rows, rows_finite
 
 MASK = (1 << 64) - 1
 DTYPES = [torch.bfloat16, torch.float16, torch.float32, torch.float8_e4m3fn, torch.float8_e5m2]

@@ -34,7 +34,8 @@ def _record_rank(ctx, steps: int) -> list[np.ndarray]:
     """Each step: one normal BF16, one normal FP8 and one low-latency dispatch/combine."""
     import torch.distributed as dist
 
-    from epreplay import capture, epbench
+    from epreplay import capture
+    from epreplay.demo import epbench
 
     capture.install()
     group = dist.new_group(list(range(ctx.world_size)))
@@ -100,7 +101,8 @@ def _graph_rank(ctx, replays: int) -> list[np.ndarray]:
     """LL dispatch/combine captured in a CUDA graph, replayed with new routing each time."""
     import torch.distributed as dist
 
-    from epreplay import capture, epbench
+    from epreplay import capture
+    from epreplay.demo import epbench
 
     capture.install()
     group = dist.new_group(list(range(ctx.world_size)))
@@ -130,8 +132,8 @@ def _graph_rank(ctx, replays: int) -> list[np.ndarray]:
 def test_cuda_graph_replays_are_each_recorded(tmp_path):
     from epreplay import capture
     from epreplay.capture.graph_ring import GRAPH_SEQ_BASE
-    from epreplay.records import Op
-    from epreplay.shard import open_shard
+    from epreplay.format.records import Op
+    from epreplay.format.shard import open_shard
 
     replays = 12
     run = tmp_path / "graph"

@@ -14,7 +14,7 @@ import textwrap
 import pytest
 import torch
 
-from epreplay.fingerprint import fingerprint_rows, rows_finite
+from epreplay.format.fingerprint import fingerprint_rows, rows_finite
 
 triton = pytest.importorskip("triton", reason="Triton is not installed (GPU images have it)")
 
@@ -34,7 +34,7 @@ def _rows(T: int, H: int, dtype: torch.dtype, device: str) -> torch.Tensor:
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("T,H", [(128, 7168), (4096, 7168), (3, 5000), (0, 7168), (7, 1)])
 def test_kernel_matches_reference_on_gpu(version, dtype, T, H):
-    from epreplay.fingerprint_gpu import fingerprint_rows_triton
+    from epreplay.format.fingerprint_gpu import fingerprint_rows_triton
 
     x = _rows(T, H, dtype, "cuda")
     assert torch.equal(fingerprint_rows_triton(x, version=version).cpu(),
@@ -45,7 +45,7 @@ def test_kernel_matches_reference_on_gpu(version, dtype, T, H):
 @cuda
 @pytest.mark.parametrize("version", [1, 2])
 def test_kernel_matches_reference_fp8_pair_and_strided(version):
-    from epreplay.fingerprint_gpu import fingerprint_rows_triton
+    from epreplay.format.fingerprint_gpu import fingerprint_rows_triton
 
     x = _rows(256, 7168, torch.float8_e4m3fn, "cuda")
     scales = torch.rand(256, 56, device="cuda")
@@ -60,7 +60,7 @@ def test_kernel_matches_reference_fp8_pair_and_strided(version):
 @cuda
 def test_kernel_valid_rows_of_a_low_latency_buffer():
     """DeepEP's LL receive layout: x [L, X, H] e4m3, scales [L, X, S] with X-strided columns."""
-    from epreplay.fingerprint_gpu import fingerprint_rows_triton
+    from epreplay.format.fingerprint_gpu import fingerprint_rows_triton
 
     L, X, H = 8, 2 * 128, 7168
     q = _rows(L * X, H, torch.float8_e4m3fn, "cuda").view(L, X, H)
@@ -81,9 +81,9 @@ def test_kernel_valid_rows_of_a_low_latency_buffer():
 # valid rows, the finite flag) and the v1 kernel, against the reference.
 _INTERPRETED = """
 import torch
-from epreplay import fingerprint_gpu as G
-from epreplay.fingerprint import fingerprint_rows as ref, rows_finite
-from epreplay.fingerprint_gpu import fingerprint_rows_fast, fingerprint_rows_triton as K
+from epreplay.format import fingerprint_gpu as G
+from epreplay.format.fingerprint import fingerprint_rows as ref, rows_finite
+from epreplay.format.fingerprint_gpu import fingerprint_rows_fast, fingerprint_rows_triton as K
 
 g = torch.Generator().manual_seed(0)
 
@@ -165,7 +165,7 @@ def test_kernels_match_reference_in_interpreter():
 def test_kernel_refuses_cpu_tensors_outside_the_interpreter():
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         pytest.skip("running under the interpreter")
-    from epreplay.fingerprint_gpu import fingerprint_rows_fast, fingerprint_rows_triton
+    from epreplay.format.fingerprint_gpu import fingerprint_rows_fast, fingerprint_rows_triton
 
     x = _rows(2, 64, torch.bfloat16, "cpu")
     with pytest.raises(ValueError, match="TRITON_INTERPRET"):

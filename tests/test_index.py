@@ -10,12 +10,12 @@ import duckdb
 import numpy as np
 import pytest
 
-from epreplay.index import build_index, ensure_index, load_replay_report
-from epreplay.queries import open_index
-from epreplay.records import Op
-from epreplay.run import RunDir
-from epreplay.shard import open_shard
-from epreplay.synth import SynthSpec, SynthWriter, create_run, make_synthetic_run
+from epreplay.index.build import build_index, ensure_index, load_replay_report
+from epreplay.index.queries import open_index
+from epreplay.format.records import Op
+from epreplay.format.run import RunDir
+from epreplay.format.shard import open_shard
+from epreplay.demo.synth import SynthSpec, SynthWriter, create_run, make_synthetic_run
 
 SHAPE = dict(ranks=8, steps=4, layers=3, tokens=64, experts=32, topk=4, seed=7)
 

@@ -1,5 +1,5 @@
 """The index's fast paths give the slow paths' answers: the C routing aggregation
-(epreplay/_indexc.c) equals the numpy one count for count on every id width, and a decoded
+(epreplay/index/_indexc.c) equals the numpy one count for count on every id width, and a decoded
 record checked by zstd's content checksum instead of a CRC pass is still refused when any byte
 of its data is damaged, in the same words (real shards)."""
 from __future__ import annotations
@@ -9,11 +9,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from epreplay import index_build as B
-from epreplay.records import Op
-from epreplay.run import RunDir
-from epreplay.shard import open_shard
-from epreplay.synth import make_synthetic_run
+from epreplay.index import shard as B
+from epreplay.format.records import Op
+from epreplay.format.run import RunDir
+from epreplay.format.shard import open_shard
+from epreplay.demo.synth import make_synthetic_run
 
 
 def _group(rng: np.random.Generator, dtype, E: int, K: int, records: int) -> list:
@@ -33,7 +33,7 @@ def _group(rng: np.random.Generator, dtype, E: int, K: int, records: int) -> lis
 @pytest.mark.parametrize("E,R", [(256, 64), (48, 16), (12, 12)])
 def test_c_aggregation_equals_numpy(dtype, dedup: bool, E: int, R: int) -> None:
     if B._indexc is None:
-        pytest.skip("epreplay._indexc not built here (no C compiler when installed): numpy path only")
+        pytest.skip("epreplay.index._indexc not built here (no C compiler when installed): numpy path only")
     if np.dtype(dtype) == np.uint8 and E > 256:
         pytest.skip("uint8 ids hold E <= 256")
     rng = np.random.default_rng([E, R, int(dedup), np.dtype(dtype).itemsize])

@@ -1,4 +1,4 @@
-"""epreplay.metrics against hand-computed values, including empty layers and zero-load experts."""
+"""epreplay.diff.metrics against hand-computed values, including empty layers and zero-load experts."""
 from __future__ import annotations
 
 import math
@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 
-from epreplay import metrics as m
+from epreplay.diff import metrics as m
 
 
 # ----------------------------------------------------------------------------- JS divergence
@@ -183,7 +183,7 @@ def test_token_agreement_rejects_misaligned():
 
 
 def test_metrics_imports_no_torch_or_duckdb():
-    code = ("import sys, epreplay.metrics; "
+    code = ("import sys, epreplay.diff.metrics; "
             "bad = [x for x in ('torch', 'duckdb', 'textual') if x in sys.modules]; "
             "sys.exit(1 if bad else 0)")
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0

@@ -18,9 +18,9 @@ import numpy as np
 import pytest
 
 from epreplay.capture.job import Job, check_run_id, job_of
-from epreplay.clock import estimate
+from epreplay.format.clock import estimate
 from epreplay.launch import free_port
-from epreplay.records import Op
+from epreplay.format.records import Op
 
 # Injected clock offsets of the two "nodes" (ns): node 1's clock reads 350 ms ahead of node 0's.
 OFFSETS = (-40_000_000, 310_000_000)
@@ -134,7 +134,7 @@ def test_two_nodes_merge_into_one_run(recorded, tmp_path):
     assert sorted(manifests[0]["ranks"]) == ["0", "1", "2", "3"]
     assert sorted(manifests[1]["ranks"]) == ["4", "5", "6", "7"]
     assert {f["node"] for f in manifests[1]["ranks"].values()} == {1}
-    from epreplay.shard import open_shard
+    from epreplay.format.shard import open_shard
 
     with open_shard(parts[1] / "shards" / "rank-00006.eprs") as scan:
         assert (scan.info.run_id, scan.info.rank, scan.info.node, scan.info.world_size) == (run_id, 6, 1, 8)

@@ -19,8 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from epreplay.run import RunDir
-from epreplay.synth import make_synthetic_run
+from epreplay.format.run import RunDir
+from epreplay.demo.synth import make_synthetic_run
 
 SHAPE = dict(ranks=2, steps=2, layers=2, tokens=16, experts=8, topk=2, seed=5, workers=1)
 TOTAL = "SELECT sum(tokens) AS t FROM expert_load"
@@ -52,9 +52,9 @@ def pristine(tmp_path_factory) -> tuple[Path, str]:
 
 def _calls(shard: Path) -> int:
     """Call records whose bytes still check out (CRC) in a shard, however damaged."""
-    from epreplay.records import Kind
+    from epreplay.format.records import Kind
     from epreplay.errors import ShardError
-    from epreplay.shard import open_shard
+    from epreplay.format.shard import open_shard
 
     with open_shard(shard) as scan:
         good = 0

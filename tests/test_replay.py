@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from epreplay.records import Op
+from epreplay.format.records import Op
 from epreplay.replay import replay_run
-from epreplay.run import RunDir
+from epreplay.format.run import RunDir
 
 WORLD, TOKENS, HIDDEN, EXPERTS, TOPK = 4, 6, 128, 16, 3
 
@@ -30,12 +30,13 @@ def _workload(ctx, run_dir: str, fp_version: int | None = None) -> bool:
 
     from epreplay import capture
     from epreplay.emulate import Buffer
-    from epreplay.epbench import per_token_cast_to_fp8
+    from epreplay.demo.epbench import per_token_cast_to_fp8
 
     if fp_version is None:
         capture.start(run_dir, level="payload", payload_every=2, install=False)
     else:  # what an older epreplay recorded: every fingerprint call defaults to that version
-        from epreplay import fingerprint, fingerprint_gpu
+        from epreplay.format import fingerprint
+        from epreplay.format import fingerprint_gpu
 
         for fn in (fingerprint.fingerprint_rows, fingerprint_gpu.fingerprint_rows_fast,
                    fingerprint_gpu.fingerprint_rows_triton):
@@ -108,8 +109,8 @@ def test_demo_run_replays_without_divergence(demo8: Path, ranks: int, payload: s
 
 @pytest.mark.slow
 def test_every_op_replays_folded_without_divergence(recorded: Path) -> None:
-    from epreplay.records import FINGERPRINT_VERSION
-    from epreplay.shard import open_shard
+    from epreplay.format.records import FINGERPRINT_VERSION
+    from epreplay.format.shard import open_shard
 
     with open_shard(RunDir(recorded).shard_path(0)) as scan:
         versions = {r.meta.get("fp_version") for r in scan.records() if any("_fp_" in k for k in r.arrays)}
@@ -125,7 +126,7 @@ def test_every_op_replays_folded_without_divergence(recorded: Path) -> None:
 def _edit_expert(src: Path, dst: Path, *, rank: int, seq: int, token: int, slot: int) -> int:
     """Rewrite rank's shard with one token's expert changed in the dispatch record `seq`;
     returns (old expert, new expert)."""
-    from epreplay.shard import ShardWriter, open_shard
+    from epreplay.format.shard import ShardWriter, open_shard
 
     path = RunDir(dst).shard_path(rank)
     path.unlink()
@@ -167,7 +168,7 @@ def test_edited_expert_is_reported_at_that_call(recorded: Path, tmp_path: Path) 
 
 def _rewrite_meta(run: Path, edit) -> None:
     """Rewrite every shard of `run` in place with edit(meta) applied to each record's meta."""
-    from epreplay.shard import ShardWriter, open_shard
+    from epreplay.format.shard import ShardWriter, open_shard
 
     for path in RunDir(run).shard_paths():
         old = path.with_suffix(".old")
@@ -189,7 +190,7 @@ def test_version1_recording_replays_clean(tmp_path: Path) -> None:
     replays with its recorded payload and fingerprints without divergence: replay hashes the
     received rows with version 1. Claiming version 2 for the same bits makes them diverge."""
     from epreplay.launch import run_ranks
-    from epreplay.shard import open_shard
+    from epreplay.format.shard import open_shard
 
     run = tmp_path / "v1"
     run_ranks(_workload, WORLD, str(run), 1, timeout=240)
@@ -212,7 +213,7 @@ def _cut(run: Path, rank: int, *, record: int, into: int) -> int:
     """Truncate rank's shard `into` bytes after the start of its record number `record` (0: at a
     record boundary, as a rank that died between calls leaves it); returns that record's offset
     (where the intact part ends: the offset a reader reports)."""
-    from epreplay.shard import open_shard
+    from epreplay.format.shard import open_shard
 
     path = RunDir(run).shard_path(rank)
     with open_shard(path) as scan:
@@ -225,8 +226,8 @@ def _cut(run: Path, rank: int, *, record: int, into: int) -> int:
 def _flip(run: Path, rank: int, *, record: int) -> int:
     """Flip one byte of the compressed data of rank's record number `record` (its CRC fails; the
     footer still lists it); returns the record's offset."""
-    from epreplay.shard import open_shard
-    from epreplay.shard_frames import REC_PREFIX
+    from epreplay.format.shard import open_shard
+    from epreplay.format.frames import REC_PREFIX
 
     path = RunDir(run).shard_path(rank)
     with open_shard(path) as scan:
@@ -434,7 +435,7 @@ FAULTS = [
 @pytest.mark.slow
 @pytest.mark.parametrize("spec,kind,where", FAULTS, ids=[f[0]["kind"] for f in FAULTS])
 def test_injected_fault_is_the_first_divergence(recorded: Path, spec: dict, kind: str, where: tuple) -> None:
-    from epreplay.faults import Fault
+    from epreplay.emulate.faults import Fault
 
     report = replay_run(recorded, 2, call_timeout=60, index=False, fault=Fault(**spec))
     assert report.exit_code == 1
@@ -452,7 +453,7 @@ def test_injected_fault_is_the_first_divergence(recorded: Path, spec: dict, kind
 def test_hang_is_reported_within_the_timeout_and_leaves_no_process(recorded: Path) -> None:
     import time
 
-    from epreplay.faults import Fault
+    from epreplay.emulate.faults import Fault
 
     t0 = time.monotonic()
     report = replay_run(recorded, 2, call_timeout=3, index=False,

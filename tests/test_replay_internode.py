@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from epreplay.records import Op
+from epreplay.format.records import Op
 from epreplay.replay import replay_run
-from epreplay.run import RunDir
+from epreplay.format.run import RunDir
 
 WORLD = 16
 
@@ -29,7 +29,7 @@ def recorded16(tmp_path_factory) -> Path:
 
 @pytest.mark.slow
 def test_records_above_8_ranks_carry_internode_handles(recorded16: Path) -> None:
-    from epreplay.shard import open_shard
+    from epreplay.format.shard import open_shard
 
     with open_shard(RunDir(recorded16).shard_path(3)) as scan:
         disp = list(scan.records([Op.DISPATCH]))
@@ -55,7 +55,7 @@ def test_16_rank_recording_replays_on_fewer_processes(recorded16: Path, ranks: i
 def test_derived_rows_are_checked_row_by_row(recorded16: Path) -> None:
     """Two received rows swapped on physical rank 1 (virtual ranks 2, 3 on 8 processes): the
     derived row identities catch it as an order divergence at that dispatch."""
-    from epreplay.faults import Fault
+    from epreplay.emulate.faults import Fault
 
     report = replay_run(recorded16, 8, call_timeout=120, index=False, write=False,
                         fault=Fault(kind="swap_rows", rank=1, op="dispatch", call=0, row=0, row2=1))
@@ -67,15 +67,15 @@ def test_derived_rows_are_checked_row_by_row(recorded16: Path) -> None:
 
 @pytest.mark.slow
 def test_synthetic_internode_run_replays_with_narrow_payload(tmp_path: Path) -> None:
-    """A 32-rank synthetic recording (epreplay.synth: internode-shaped dispatch records, H=7168)
+    """A 32-rank synthetic recording (epreplay.demo.synth: internode-shaped dispatch records, H=7168)
     replayed on 4 processes with 128-wide synthetic rows (--hidden): routing, counts and row
     identities exactly, at a fraction of the memory."""
-    from epreplay.synth import make_synthetic_run
+    from epreplay.demo.synth import make_synthetic_run
 
     run = tmp_path / "synth32"
     make_synthetic_run(run, ranks=32, steps=1, layers=1, tokens=24, experts=64, topk=4,
                        decode_steps=1, decode_tokens=24, workers=1)
-    from epreplay.shard import open_shard
+    from epreplay.format.shard import open_shard
 
     with open_shard(RunDir(run).shard_path(9)) as scan:
         rec = next(scan.records([Op.DISPATCH]))

@@ -9,12 +9,12 @@ import pytest
 import torch
 
 from epreplay.errors import UsageError
-from epreplay.records import Kind, Level, Op, RecordHeader, ShardInfo, Status
+from epreplay.format.records import Kind, Level, Op, RecordHeader, ShardInfo, Status
 from epreplay.replay import schedule as S
 from epreplay.replay.inputs import synth_rows, synth_source
 from epreplay.replay.report import first_of
 from epreplay.replay.verify import Rows, check_counts, check_ll, check_rows
-from epreplay.shard import ShardWriter, open_shard
+from epreplay.format.shard import ShardWriter, open_shard
 
 OPS = [Op.LAYOUT, Op.DISPATCH, Op.COMBINE, Op.LL_DISPATCH, Op.LL_COMBINE]
 
@@ -49,7 +49,7 @@ def test_schedule_joins_by_seq_and_says_why_calls_are_skipped(tmp_path: Path) ->
 
 def test_damaged_record_is_found_and_only_its_calls_are_skipped(tmp_path: Path) -> None:
     from epreplay.replay.damage import damaged_offsets, find_damage
-    from epreplay.shard_frames import REC_PREFIX
+    from epreplay.format.frames import REC_PREFIX
 
     full = [(seq, OPS[seq % 5], Status.OK) for seq in range(10)]
     scans = _shards(tmp_path, {0: full, 1: full})

@@ -17,8 +17,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from epreplay.errors import ShardError
-from epreplay.records import Kind, Level, Op, RecordHeader, ShardInfo, Status
-from epreplay.shard import ShardWriter, open_shard, repair
+from epreplay.format.records import Kind, Level, Op, RecordHeader, ShardInfo, Status
+from epreplay.format.shard import ShardWriter, open_shard, repair
 
 R, E, K, H = 4, 16, 4, 8
 L = E // R
@@ -154,7 +154,7 @@ def test_crashed_writer_loses_nothing_written(tmp_path: Path) -> None:
     path = tmp_path / "rank-00000.eprs"
     code = (
         "import os, numpy as np\n"
-        "from epreplay.records import *\nfrom epreplay.shard import ShardWriter\n"
+        "from epreplay.format.records import *\nfrom epreplay.format.shard import ShardWriter\n"
         f"w = ShardWriter({str(path)!r}, ShardInfo('r', 0, 1))\n"
         "for i in range(5):\n"
         "    w.append(RecordHeader(Kind.CALL, 2, Level.ROUTING, Status.OK, 0, i, 0, i, 1), {'a': np.arange(i)})\n"
@@ -378,13 +378,13 @@ def test_reader_on_mutated_shards_only_clean_errors(tmp_path: Path, valid_shard_
 
 
 def test_shard_module_imports_no_torch() -> None:
-    code = "import sys, epreplay.shard, epreplay.codec; assert 'torch' not in sys.modules, 'torch imported'"
+    code = "import sys, epreplay.format.shard, epreplay.format.codec; assert 'torch' not in sys.modules, 'torch imported'"
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60, env={**os.environ})
 
 
 def test_encoded_records_from_a_ring_and_reads_by_offset(tmp_path: Path) -> None:
     """Flight mode encodes early (any thread) and writes later; the index reads by offset."""
-    from epreplay.shard import encode_record
+    from epreplay.format.shard import encode_record
 
     rng = np.random.default_rng(5)
     ring = [encode_record(header(Op.LL_DISPATCH, seq, 4), op_arrays(Op.LL_DISPATCH, 4, rng), {"s": seq})
@@ -447,7 +447,7 @@ def test_newer_format_version_is_refused_with_the_fix(tmp_path: Path) -> None:
 
 
 def test_header_array_matches_entries_with_and_without_footer(tmp_path: Path) -> None:
-    from epreplay.shard_reader import HEADER_DTYPE
+    from epreplay.format.reader import HEADER_DTYPE
 
     path = tmp_path / "s.eprs"
     write_shard(path, ALL_OPS * 2, T=3)

@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from epreplay.index import WriterLock, build_index
-from epreplay.records import Manifest
-from epreplay.run import RunDir
-from epreplay.synth import SynthSpec, SynthWriter, create_run, make_synthetic_run
+from epreplay.index.build import WriterLock, build_index
+from epreplay.format.records import Manifest
+from epreplay.format.run import RunDir
+from epreplay.demo.synth import SynthSpec, SynthWriter, create_run, make_synthetic_run
 
 SHAPE = dict(ranks=4, steps=3, layers=2, tokens=32, experts=16, topk=4)
 

@@ -1,13 +1,13 @@
-"""epreplay.steps: steps found in an unmarked run's traffic (pure functions on header arrays)."""
+"""epreplay.format.steps: steps found in an unmarked run's traffic (pure functions on header arrays)."""
 from __future__ import annotations
 
 from types import SimpleNamespace
 
 import numpy as np
 
-from epreplay import steps
-from epreplay.records import Kind, Op
-from epreplay.shard_reader import HEADER_DTYPE
+from epreplay.format import steps
+from epreplay.format.records import Kind, Op
+from epreplay.format.reader import HEADER_DTYPE
 
 NORMAL = (Op.LAYOUT, Op.DISPATCH, Op.COMBINE)
 LL = (Op.LL_DISPATCH, Op.LL_COMBINE)

@@ -58,7 +58,7 @@ def test_unmarked_client_gets_its_steps_from_the_traffic(tmp_path):
     assert "steps: detected, 4 layer(s) per step" in res.stderr, res.stderr
     assert _epreplay("index", str(run)).returncode == 0
     # the recorded data are untouched: step 0, layer calls 0..11
-    from epreplay.shard import open_shard
+    from epreplay.format.shard import open_shard
 
     with open_shard(run / "shards" / "rank-00000.eprs") as scan:
         h = scan.header_array()

@@ -230,7 +230,7 @@ async def test_heatmap_scroll_zoom_click_jump_and_palette_at_80x24(synth_run: Pa
 async def test_diff_pane_compares_two_runs(synth_run: Path, tmp_path: Path) -> None:
     from textual.widgets import DataTable
 
-    from epreplay import metrics
+    from epreplay.diff import metrics
 
     run_b = make_synth(tmp_path / "b", run_id="tui-synth-b", seed=11, release="b")
     ta, tb = shard_truth(synth_run), shard_truth(run_b)
@@ -259,7 +259,7 @@ async def test_diff_pane_compares_two_runs(synth_run: Path, tmp_path: Path) -> N
 async def test_walk_a_recorded_demo_run(demo_run_dir: Path, tmp_path: Path) -> None:
     from textual.widgets import DataTable
 
-    from epreplay import index as index_mod
+    from epreplay.index import build as index_mod
     from epreplay.tui.matrix import RankMatrix
 
     run = copy_run(demo_run_dir, tmp_path / "demo")
@@ -384,7 +384,7 @@ async def test_walk_a_run_recorded_with_real_deepep(tmp_path: Path) -> None:
     """A run recorded on 2 x H200 with DeepEP itself (CUDA-event durations) opens like any other."""
     from textual.widgets import DataTable
 
-    from epreplay import index as index_mod
+    from epreplay.index import build as index_mod
     from epreplay.tui.matrix import RankMatrix
 
     run = copy_run(REAL_RUN, tmp_path / "real")
@@ -468,8 +468,8 @@ async def test_reload_picks_up_a_new_replay_report(synth_run: Path, tmp_path: Pa
 async def test_overview_reports_a_truncated_shard(synth_run: Path, tmp_path: Path) -> None:
     from textual.widgets import Static
 
-    from epreplay import index as index_mod
-    from epreplay.shard import open_shard
+    from epreplay.index import build as index_mod
+    from epreplay.format.shard import open_shard
 
     run = copy_run(synth_run, tmp_path / "cut")
     shard = run / "shards" / "rank-00003.eprs"

@@ -119,7 +119,7 @@ def test_parse_jump_rejects_with_the_forms(text):
 
 
 def test_core_capture_and_replay_do_not_import_textual():
-    code = ("import sys, epreplay, epreplay.capture, epreplay.replay, epreplay.cli, epreplay.queries; "
+    code = ("import sys, epreplay, epreplay.capture, epreplay.replay, epreplay.cli, epreplay.index.queries; "
             "epreplay.cli.build_parser(); "
             "bad = sorted(m for m in sys.modules if m.split('.')[0] == 'textual'); "
             "print(bad); sys.exit(1 if bad else 0)")

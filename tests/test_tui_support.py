@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from epreplay.records import Op
+from epreplay.format.records import Op
 
 # Small but production-shaped: several nodes' worth of ranks, a planted straggler, a decode phase.
 SYNTH = dict(ranks=16, steps=6, layers=4, tokens=48, experts=64, topk=4, seed=3,
@@ -34,8 +34,8 @@ FIRST = min(DIVERGENCES, key=lambda d: (d[0], d[6]))
 def make_synth(path: Path, *, run_id: str = "tui-synth-run", seed: int = 3, release: str = "synthetic",
                **over: int) -> Path:
     """Write a synthetic run with a fixed run id (snapshots show it) and build its index."""
-    from epreplay import index as index_mod
-    from epreplay.synth import SynthSpec, SynthWriter, create_run
+    from epreplay.index import build as index_mod
+    from epreplay.demo.synth import SynthSpec, SynthWriter, create_run
 
     shape = {**SYNTH, "seed": seed, **over}
     spec = SynthSpec(**shape, release=release, run_id=run_id)
@@ -111,8 +111,8 @@ class ShardTruth:
 
 
 def shard_truth(run: Path) -> ShardTruth:
-    from epreplay.run import RunDir
-    from epreplay.shard import open_shard
+    from epreplay.format.run import RunDir
+    from epreplay.format.shard import open_shard
 
     rd = RunDir.open(run)
     load: dict = {}

@@ -126,7 +126,7 @@ class EpReplayApp(App[int]):
         """Index what is new in the run (ensure_index writes a new file and renames it over the
         old one), then reopen it (Session.reopen)."""
         try:
-            from epreplay import index as index_mod
+            from epreplay.index import build as index_mod
 
             index_mod.ensure_index(self.session.path, progress=False)
             self.session.reopen()

@@ -23,11 +23,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def prepare(path: str, *, build: bool = True) -> None:
     """Make sure RUN has a readable index of the current format (UsageError otherwise)."""
-    from epreplay.run import RunDir
+    from epreplay.format.run import RunDir
 
     run = RunDir.open(path)
     if build:
-        from epreplay import index as index_mod
+        from epreplay.index import build as index_mod
 
         index_mod.ensure_index(run.path, progress=True)
     if not run.index_path.exists():
@@ -40,7 +40,7 @@ def check_index_version(index_path) -> None:
     import duckdb
 
     try:
-        from epreplay.index import INDEX_VERSION  # type: ignore[attr-defined]
+        from epreplay.index.build import INDEX_VERSION  # type: ignore[attr-defined]
     except ImportError:  # the builder names no version: nothing to compare against
         return
     try:
@@ -61,7 +61,7 @@ def check_index_version(index_path) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from epreplay.run import RunDir
+    from epreplay.format.run import RunDir
 
     prepare(args.run, build=not args.no_build)
     if args.run_b is not None:

@@ -1,4 +1,4 @@
-"""What the TUI fetches: small frozen aggregates built from the run's index (epreplay.queries).
+"""What the TUI fetches: small frozen aggregates built from the run's index (epreplay.index.queries).
 
 Every function here runs inside a thread worker (never on the UI thread) and returns a frozen
 dataclass of a few numpy arrays; nothing here imports textual. `Session` holds the read-only
@@ -14,11 +14,11 @@ from pathlib import Path
 
 import numpy as np
 
-from epreplay import queries
-from epreplay.queries import (DivergenceRow, ExpertSeries, Health, HotExperts, Imbalance,
+from epreplay.index import queries
+from epreplay.index.queries import (DivergenceRow, ExpertSeries, Health, HotExperts, Imbalance,
                               ReplayRow, RunIndex, RunInfo, Senders, Stragglers)
 
-Steps = tuple[int, int] | None  # [lo, hi) like epreplay.queries; None: all steps
+Steps = tuple[int, int] | None  # [lo, hi) like epreplay.index.queries; None: all steps
 
 
 @dataclass(frozen=True)
@@ -110,16 +110,16 @@ class DivergenceData:
 
 @dataclass(frozen=True)
 class DiffData:
-    """A diff of run A against run B (epreplay.diff_runs), or why there is none."""
+    """A diff of run A against run B (epreplay.diff.runs), or why there is none."""
 
-    result: object | None  # epreplay.diff.DiffResult
+    result: object | None  # epreplay.diff.compare.DiffResult
     reason: str = ""
 
 
 ERRORS_SQL = """SELECT rank, error FROM calls WHERE status <> 'ok' ORDER BY step, layer, rank LIMIT 5"""
 
 # Per (step, rank): mean lateness at the step's calls and how often the rank arrived last — the
-# arrival order that STRAGGLERS (epreplay.queries) ranks by, resolved per step for the timeline
+# arrival order that STRAGGLERS (epreplay.index.queries) ranks by, resolved per step for the timeline
 # (at_ns: times on the reference node's clock, so another node's clock does not read as lateness).
 LATENESS_SQL = """
 WITH c AS (
@@ -219,14 +219,14 @@ class Session:
         return DivergenceData(replays, divs, replay)
 
     def diff(self, *, match: str = "auto") -> DiffData:
-        """Run A against run B (epreplay.diff_runs). match="none": distribution level only (from
+        """Run A against run B (epreplay.diff.runs). match="none": distribution level only (from
         the loads, fast); "auto": tokens matched too (reads every dispatch record of both runs,
         the slowest fetch of the app; cached)."""
         if self.path_b is None:
             return DiffData(None, "one run open: start 'epreplay tui RUN_A RUN_B' to compare two runs")
         cached = self._diffs.get(match)
         if cached is None:
-            from epreplay.diff_runs import diff_runs
+            from epreplay.diff.runs import diff_runs
 
             cached = self._diffs[match] = DiffData(diff_runs(self.path, self.path_b, match=match))
         return cached

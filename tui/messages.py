@@ -62,4 +62,4 @@ class Reloaded(Message):
 
     def __init__(self, index: object) -> None:
         super().__init__()
-        self.index = index  # epreplay.queries.RunIndex
+        self.index = index  # epreplay.index.queries.RunIndex

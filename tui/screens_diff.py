@@ -1,6 +1,6 @@
 """Diff (two runs open): per-layer Jensen-Shannon bars, hot-expert changes, token agreement.
 
-The numbers come from epreplay.diff_runs (the same as `epreplay diff`), computed in a worker:
+The numbers come from epreplay.diff.runs (the same as `epreplay diff`), computed in a worker:
 the distribution level first, then again with tokens matched (agreement columns filled in).
 """
 from __future__ import annotations
@@ -9,7 +9,7 @@ from textual import on, work
 from textual.app import ComposeResult
 from textual.widgets import DataTable, Static
 
-from epreplay.diff import layer_value
+from epreplay.diff.compare import layer_value
 from epreplay.tui import render
 from epreplay.tui.data import DiffData
 from epreplay.tui.messages import DiffLoaded
