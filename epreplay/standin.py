@@ -9,7 +9,8 @@ Ways to switch it on:
   * a program as is:  `python -m epreplay.standin client.py ARGS...` (also `-m module ARGS...` and
                       `-c CODE ARGS...`, as `python` takes them); it sets the variable for its
                       children too.
-  * in code:          `import epreplay.emulate; epreplay.emulate.install_standin()` (or `standin.install()`)
+  * in code:          `import epreplay.standin; epreplay.standin.install()` (the emulation never imports
+                      this module: epreplay.emulate sits below it)
 `python -m epreplay.standin --install-pth` copies the .pth into site-packages by hand, for
 installs that dropped it (e.g. a tool that does not honour top-level wheel files).
 The real package always wins: the finder sits at the *end* of sys.meta_path and only answers

@@ -13,9 +13,9 @@ May import: torch, epreplay.errors, epreplay.format. Never duckdb, textual, nor 
 from __future__ import annotations
 
 from epreplay.emulate.buffer import (EMULATED, ENV_LL_ORDER_SEED, REGION_PREFIX, Buffer, Config, EmulatedDeepEPError,
-                                     EmulatedTimeout, EventHandle, EventOverlap, install_standin, is_emulated,
+                                     EmulatedTimeout, EventHandle, EventOverlap, is_emulated,
                                      named_hook, region, topk_idx_t)
 
 __all__ = ["Buffer", "Config", "EventOverlap", "EventHandle", "topk_idx_t", "EmulatedDeepEPError",
-           "EmulatedTimeout", "is_emulated", "install_standin", "region", "named_hook", "REGION_PREFIX",
+           "EmulatedTimeout", "is_emulated", "region", "named_hook", "REGION_PREFIX",
            "EMULATED", "ENV_LL_ORDER_SEED"]

@@ -46,7 +46,7 @@ ENV_LL_ORDER_SEED = "EPREPLAY_LL_ORDER_SEED"
 EMULATED = True  # module marker: `deep_ep.EMULATED` is True when the stand-in is in use
 
 __all__ = ["Buffer", "Config", "EventOverlap", "EventHandle", "topk_idx_t", "EmulatedDeepEPError",
-           "EmulatedTimeout", "is_emulated", "install_standin"]
+           "EmulatedTimeout", "is_emulated"]
 
 _buffer_ids = itertools.count()
 # Profiler range names: DeepEP's kernels are deep_ep::<kind>::dispatch<...> / ::combine<...>, and
@@ -360,11 +360,3 @@ class Buffer:
             raise EmulatedDeepEPError(f"DeepEP emulation: {problem} (raised on every rank)")
         return words
 
-
-def install_standin() -> bool:
-    """Make `import deep_ep` resolve to this emulation when the real package is absent.
-
-    Returns True if the stand-in is (now) what `import deep_ep` gives. See epreplay.standin.
-    """
-    from epreplay import standin
-    return standin.install()
