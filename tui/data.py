@@ -15,8 +15,9 @@ from pathlib import Path
 import numpy as np
 
 from epreplay.index import queries
-from epreplay.index.queries import (DivergenceRow, ExpertSeries, Health, HotExperts, Imbalance,
-                              ReplayRow, RunIndex, RunInfo, Senders, Stragglers)
+from epreplay.index.rows import (DivergenceRow, ExpertSeries, Health, HotExperts, Imbalance, ReplayRow,
+                                 RunInfo, Senders, Stragglers)
+from epreplay.index.queries import RunIndex
 
 Steps = tuple[int, int] | None  # [lo, hi) like epreplay.index.queries; None: all steps
 

@@ -11,7 +11,7 @@ from textual import on, work
 from textual.app import ComposeResult
 from textual.widgets import DataTable, Static
 
-from epreplay.index.queries import DivergenceRow
+from epreplay.index.rows import DivergenceRow
 from epreplay.tui.data import DivergenceData
 from epreplay.tui.messages import DivergencesLoaded
 from epreplay.tui.pane import Pane, fill_table, title
