@@ -8,7 +8,7 @@ from pathlib import Path
 
 from epreplay.replay import schedule as S
 from epreplay.replay.report import OpStats, ReplayReport, first_of
-from epreplay.replay.verify import Divergence
+from epreplay.index.rows import Divergence
 from epreplay.replay.worker import Job
 from epreplay.format.run import RunDir, new_run_id
 

@@ -27,7 +27,7 @@ from epreplay.replay import normal as N_
 from epreplay.replay import lowlat as LL
 from epreplay.replay.schedule import Call
 from epreplay.replay.state import DispatchState
-from epreplay.replay.verify import Divergence
+from epreplay.index.rows import Divergence
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from epreplay.replay.plan import processes
-from epreplay.replay.verify import KINDS
+from epreplay.index.rows import KINDS
 
 EXIT_OK, EXIT_DIVERGED, EXIT_USAGE, EXIT_INCOMPLETE = 0, 1, 2, 3
 

@@ -12,50 +12,14 @@ Divergence kinds (what a person should look at first):
   combine  combine output differs from the reference beyond DeepEP's tolerance
   hang     the call did not complete within --call-timeout
   error    the call raised
-Each check returns at most one Divergence per kind: the first offending row or expert.
+Each check returns at most one Divergence (epreplay.index.rows, with KINDS) per kind: the first
+offending row or expert.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import numpy as np
-
-KINDS = ("count", "order", "layout", "routing", "payload", "combine", "hang", "error")
-
-
-@dataclass(frozen=True)
-class Divergence:
-    """One divergence of one virtual rank at one call.
-
-    Attributes:
-        call: index in the replay schedule. buffer, seq, step, layer, op: the call.
-        rank: virtual (recorded) rank; physical: the replay process hosting it.
-        kind: one of KINDS. expected / got: short human-readable values.
-        token: source token index where known (-1 unknown); src_rank: its virtual source
-            rank (-1 unknown); expert: global expert id (-1 unknown). detail: one sentence.
-    """
-
-    call: int
-    buffer: int
-    seq: int
-    step: int
-    layer: int
-    op: str
-    rank: int
-    physical: int
-    kind: str
-    expected: str
-    got: str
-    token: int = -1
-    src_rank: int = -1
-    expert: int = -1
-    detail: str = ""
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    def sort_key(self) -> tuple:
-        return (self.call, self.rank, KINDS.index(self.kind) if self.kind in KINDS else 99)
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,8 @@ from textual.lazy import Lazy
 from textual.widgets import ContentSwitcher, Footer, Static, Tab, Tabs
 
 from epreplay.errors import UsageError
-from epreplay.tui.data import Selection, Session
+from epreplay.index.rows import Selection
+from epreplay.tui.data import Session
 from epreplay.tui.jump import parse_jump
 from epreplay.tui.messages import FetchFailed, Reloaded
 from epreplay.tui.pane import Pane

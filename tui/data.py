@@ -9,39 +9,15 @@ Legend: L layers, E experts, R ranks, S steps.
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 
 from epreplay.index import queries
-from epreplay.index.rows import (DivergenceRow, ExpertSeries, Health, HotExperts, Imbalance, ReplayRow,
-                                 RunInfo, Senders, Stragglers)
 from epreplay.index.queries import RunIndex
-
-Steps = tuple[int, int] | None  # [lo, hi) like epreplay.index.queries; None: all steps
-
-
-@dataclass(frozen=True)
-class Selection:
-    """What the user has selected, shared by every pane.
-
-    Attributes:
-        steps: step range [lo, hi) or None for every step.
-        layer: one MoE layer or None for all layers summed.
-    """
-
-    steps: Steps = None
-    layer: int | None = None
-
-    def label(self) -> str:
-        if self.steps is None:
-            s = "all steps"
-        elif self.steps[1] - self.steps[0] == 1:
-            s = f"step {self.steps[0]}"
-        else:
-            s = f"steps {self.steps[0]}..{self.steps[1] - 1}"
-        return f"{s}, " + ("all layers" if self.layer is None else f"layer {self.layer}")
+from epreplay.index.rows import (Divergence, ExpertSeries, Health, HotExperts, Imbalance, LoadMatrix, ReplayRow,
+                                 RunInfo, Selection, Senders, Stragglers, Traffic)
 
 
 @dataclass(frozen=True)
@@ -58,15 +34,6 @@ class OverviewData:
 
 
 @dataclass(frozen=True)
-class HeatData:
-    """Layers x experts load over a step range: load_LE [L, E] int64, layer_L the row layers."""
-
-    selection: Selection
-    layer_L: np.ndarray
-    load_LE: np.ndarray
-
-
-@dataclass(frozen=True)
 class ExpertDrill:
     """One expert: its load per step (series) and the ranks sending to it (senders)."""
 
@@ -74,15 +41,6 @@ class ExpertDrill:
     layer: int | None
     series: ExpertSeries
     senders: Senders
-
-
-@dataclass(frozen=True)
-class TrafficData:
-    """Rank x rank tokens for one step/layer selection (or aggregated)."""
-
-    selection: Selection
-    tokens_RR: np.ndarray
-    bytes_RR: np.ndarray
 
 
 @dataclass(frozen=True)
@@ -105,7 +63,7 @@ class TimelineData:
 @dataclass(frozen=True)
 class DivergenceData:
     replays: tuple[ReplayRow, ...]
-    divergences: tuple[DivergenceRow, ...]  # of the selected replay, in replay order
+    divergences: tuple[Divergence, ...]  # of the selected replay, in replay order
     replay: str | None  # the selected replay
 
 
@@ -173,10 +131,11 @@ class Session:
         return OverviewData(str(self.path), self.info, health, self.index.hot_experts(top),
                             self.index.imbalance(), errors, len(self.index.replays()))
 
-    def heat(self, sel: Selection) -> HeatData:
+    def heat(self, sel: Selection) -> LoadMatrix:
+        """Layers x experts load over sel.steps (every layer: the heatmap), labelled with `sel`."""
         with self._lock:
             m = self.index.load_matrix(steps=sel.steps)
-        return HeatData(sel, m.layer_L, m.load_LE)
+        return replace(m, selection=sel)
 
     def expert(self, expert: int, sel: Selection) -> ExpertDrill:
         with self._lock:
@@ -184,10 +143,9 @@ class Session:
             senders = self.index.expert_senders(expert, layer=sel.layer, steps=sel.steps)
         return ExpertDrill(expert, sel.layer, series, senders)
 
-    def traffic(self, sel: Selection) -> TrafficData:
+    def traffic(self, sel: Selection) -> Traffic:
         with self._lock:
-            t = self.index.traffic(layer=sel.layer, steps=sel.steps)
-        return TrafficData(sel, t.tokens_RR, t.bytes_RR)
+            return self.index.traffic(layer=sel.layer, steps=sel.steps)
 
     def timeline(self, *, op: str | None = None) -> TimelineData:
         with self._lock:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from textual.message import Message
 
+from epreplay.index.rows import LoadMatrix, Traffic
 from epreplay.tui import data
 
 
@@ -25,7 +26,7 @@ class OverviewLoaded(Loaded):
 
 
 class HeatLoaded(Loaded):
-    payload: data.HeatData
+    payload: LoadMatrix
 
 
 class ExpertLoaded(Loaded):
@@ -33,7 +34,7 @@ class ExpertLoaded(Loaded):
 
 
 class TrafficLoaded(Loaded):
-    payload: data.TrafficData
+    payload: Traffic
 
 
 class TimelineLoaded(Loaded):

@@ -16,7 +16,8 @@ from textual.message import Message
 from textual.worker import get_current_worker
 from textual.widgets import DataTable, Static
 
-from epreplay.tui.data import Selection, Session
+from epreplay.index.rows import Selection
+from epreplay.tui.data import Session
 from epreplay.tui.messages import FetchFailed
 
 if TYPE_CHECKING:

@@ -11,18 +11,18 @@ from textual import on, work
 from textual.app import ComposeResult
 from textual.widgets import DataTable, Static
 
-from epreplay.index.rows import DivergenceRow
+from epreplay.index.rows import Divergence
 from epreplay.tui.data import DivergenceData
 from epreplay.tui.messages import DivergencesLoaded
 from epreplay.tui.pane import Pane, fill_table, title
 
 
-def detail_text(d: DivergenceRow) -> str:
+def detail_text(d: Divergence) -> str:
     """Where a divergence happened and what differed (plain text: values are user data)."""
     where = [f"step {d.step}", f"layer {d.layer}", f"{d.op} (buffer {d.buffer} seq {d.seq})",
              f"rank {d.rank}"]
-    if d.phys_rank >= 0:
-        where.append(f"process {d.phys_rank}")
+    if d.physical >= 0:
+        where.append(f"process {d.physical}")
     if d.token >= 0:
         where.append(f"token {d.token}" + (f" of rank {d.src_rank}" if d.src_rank >= 0 else ""))
     if d.expert >= 0:
@@ -41,7 +41,7 @@ class DivergencesPane(Pane):
     """
 
     data: DivergenceData | None = None
-    current: DivergenceRow | None = None
+    current: Divergence | None = None
 
     def compose(self) -> ComposeResult:
         yield title("Divergences: replays of this run")

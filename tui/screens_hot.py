@@ -14,7 +14,8 @@ from textual.binding import Binding
 from textual.widgets import Static
 
 from epreplay.tui import render
-from epreplay.tui.data import ExpertDrill, HeatData, Selection
+from epreplay.index.rows import LoadMatrix, Selection
+from epreplay.tui.data import ExpertDrill
 from epreplay.tui.heatmap import Heatmap
 from epreplay.tui.messages import ExpertLoaded, HeatLoaded
 from epreplay.tui.pane import Pane, title
@@ -63,7 +64,7 @@ class HotPane(Pane):
     """
 
     order_by = "load"
-    heat: HeatData | None = None
+    heat: LoadMatrix | None = None
     drill: ExpertDrill | None = None
 
     def compose(self) -> ComposeResult:

@@ -10,7 +10,7 @@ from textual.app import ComposeResult
 from textual.widgets import Static
 
 from epreplay.tui import render
-from epreplay.tui.data import Selection, TrafficData
+from epreplay.index.rows import Selection, Traffic
 from epreplay.tui.heatmap import Heatmap
 from epreplay.tui.matrix import RankMatrix, TrafficSummary
 from epreplay.tui.messages import TrafficLoaded
@@ -18,7 +18,7 @@ from epreplay.tui.pane import Pane, title
 from epreplay.tui.screens_hot import legend_text
 
 
-def traffic_status(d: TrafficData, s: TrafficSummary) -> str:
+def traffic_status(d: Traffic, s: TrafficSummary) -> str:
     total = int(d.tokens_RR.sum())
     head = f"{d.selection.label()} · {total} rows, {render.compact(float(d.bytes_RR.sum()), 6).strip()}B"
     if s.busiest_receiver < 0:
@@ -36,7 +36,7 @@ class TrafficPane(Pane):
     TrafficPane #traffic-cell { height: 1; color: $text-muted; }
     """
 
-    traffic: TrafficData | None = None
+    traffic: Traffic | None = None
     summary: TrafficSummary | None = None
 
     def compose(self) -> ComposeResult:

@@ -21,9 +21,9 @@ from pathlib import Path
 import numpy as np
 
 from epreplay.errors import UsageError
-from epreplay.index.rows import (DivergenceRow, ExpertSeries, Health, HotExperts, Imbalance, LoadMatrix,
-                                 NodeClock, RankLoad, ReplayRow, RunInfo, Senders, ShardHealth, SlowCall,
-                                 SqlResult, Stragglers, Timeline, Traffic)
+from epreplay.index.rows import (Divergence, ExpertSeries, Health, HotExperts, Imbalance, LoadMatrix,
+                                 NodeClock, RankLoad, ReplayRow, RunInfo, Selection, Senders, ShardHealth,
+                                 SlowCall, SqlResult, Stragglers, Timeline, Traffic)
 from epreplay.index.sql import (ALL, CALL_COUNTS, CLOCK, DIVERGENCES, EXPERT_OVER_TIME, EXPERT_SENDERS, HI,
                                 HOT_EXPERTS, HOT_EXPERTS_BY_LAYER, IMBALANCE_PER_LAYER, LO, LOAD_MATRIX,
                                 RANK_LOAD, REPLAYS, RUN_INFO, SHARDS, SLOWEST_CALLS, STEP_LAYER_RANGE,
@@ -51,7 +51,7 @@ class RunIndex:
     def __init__(self, path: Path) -> None:
         import duckdb
 
-        from epreplay.index.build import connect as index_connect
+        from epreplay.index.lock import connect as index_connect
 
         self.path = path
         try:
@@ -138,7 +138,7 @@ class RunIndex:
         E = max(self.info.num_experts, int(expert_N.max()) + 1 if expert_N.size else 0)
         load_LE = np.zeros((layer_L.size, E), np.int64)
         load_LE[np.searchsorted(layer_L, layer_N), expert_N] = _ints(d["tokens"])
-        return LoadMatrix(layer_L, load_LE)
+        return LoadMatrix(layer_L, load_LE, Selection(steps))
 
     def expert_senders(self, expert: int, *, layer: int | None = None,
                        steps: tuple[int, int] | None = None) -> Senders:
@@ -186,7 +186,7 @@ class RunIndex:
         src, dst = _ints(d["src_rank"]), _ints(d["dst_rank"])
         tokens_RR[src, dst] = _ints(d["tokens"])
         bytes_RR[src, dst] = _ints(d["bytes"])
-        return Traffic(tokens_RR, bytes_RR)
+        return Traffic(tokens_RR, bytes_RR, Selection((lo, hi) if step is not None else steps, layer))
 
     # -- time
     def stragglers(self, top: int = 5, *, layer: int | None = None, op: str | None = None,
@@ -273,10 +273,11 @@ class RunIndex:
                                  int(r["divergences"]), int(r["exit_code"]), r["verdict"], r["path"]))
         return out
 
-    def divergences(self, replay: str | None = None, *, limit: int = 1000) -> list[DivergenceRow]:
+    def divergences(self, replay: str | None = None, *, limit: int = 1000) -> list[Divergence]:
         """Divergences of one replay (None: all), in replay order."""
-        _, rows = self._rows(DIVERGENCES, replay=replay or "", limit=int(limit))
-        return [DivergenceRow(*row) for row in rows]
+        cols, rows = self._rows(DIVERGENCES, replay=replay or "", limit=int(limit))
+        names = ["physical" if c == "phys_rank" else c for c in cols]  # the column's name for the field
+        return [Divergence(**dict(zip(names, row))) for row in rows]
 
     def sql(self, text: str) -> SqlResult:
         """Run epreplay's own read-only SQL; UsageError with DuckDB's message when it fails.

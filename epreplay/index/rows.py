@@ -5,9 +5,33 @@ Legend: E experts, R ranks, L layers, S steps, N rows of a result.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
+
+Steps = tuple[int, int] | None  # [lo, hi) as epreplay.diff.compare.parse_steps returns; None: all steps
+
+
+@dataclass(frozen=True)
+class Selection:
+    """A step range and layer a result covers, and what the TUI has selected (shared by every pane).
+
+    Attributes:
+        steps: step range [lo, hi) or None for every step.
+        layer: one MoE layer or None for all layers summed.
+    """
+
+    steps: Steps = None
+    layer: int | None = None
+
+    def label(self) -> str:
+        if self.steps is None:
+            s = "all steps"
+        elif self.steps[1] - self.steps[0] == 1:
+            s = f"step {self.steps[0]}"
+        else:
+            s = f"steps {self.steps[0]}..{self.steps[1] - 1}"
+        return f"{s}, " + ("all layers" if self.layer is None else f"layer {self.layer}")
 
 @dataclass(frozen=True)
 class RunInfo:
@@ -59,6 +83,7 @@ class LoadMatrix:
 
     layer_L: np.ndarray
     load_LE: np.ndarray
+    selection: Selection = field(default_factory=Selection)  # the steps asked for (the TUI: its selection)
 
 
 @dataclass(frozen=True)
@@ -105,6 +130,7 @@ class Traffic:
 
     tokens_RR: np.ndarray
     bytes_RR: np.ndarray
+    selection: Selection = field(default_factory=Selection)  # the steps and layer asked for
 
 
 @dataclass(frozen=True)
@@ -219,9 +245,23 @@ class ReplayRow:
     path: str
 
 
+# Divergence kinds: see epreplay.replay.verify (what a person should look at first)
+KINDS = ("count", "order", "layout", "routing", "payload", "combine", "hang", "error")
+
+
 @dataclass(frozen=True)
-class DivergenceRow:
-    replay: str
+class Divergence:
+    """One divergence of one virtual rank at one call: the replay report's entry (replay/verify.py
+    finds them), the index's `divergences` row and the TUI's Divergences pane row.
+
+    Attributes:
+        call: index in the replay schedule. buffer, seq, step, layer, op: the call.
+        rank: virtual (recorded) rank; physical: the replay process hosting it.
+        kind: one of KINDS. expected / got: short human-readable values.
+        token: source token index where known (-1 unknown); src_rank: its virtual source
+            rank (-1 unknown); expert: global expert id (-1 unknown). detail: one sentence.
+    """
+
     call: int
     buffer: int
     seq: int
@@ -229,14 +269,29 @@ class DivergenceRow:
     layer: int
     op: str
     rank: int
-    phys_rank: int
+    physical: int
     kind: str
-    token: int
-    src_rank: int
-    expert: int
     expected: str
     got: str
-    detail: str
+    token: int = -1
+    src_rank: int = -1
+    expert: int = -1
+    detail: str = ""
+    replay: str = ""  # the replay's id once stored in the index ("" in the replay's own report)
+
+    @property
+    def phys_rank(self) -> int:
+        """`physical` under the index's column name (divergences.phys_rank)."""
+        return self.physical
+
+    def to_dict(self) -> dict:
+        """The report's JSON entry (without `replay`: the report itself is the replay)."""
+        out = asdict(self)
+        del out["replay"]
+        return out
+
+    def sort_key(self) -> tuple:
+        return (self.call, self.rank, KINDS.index(self.kind) if self.kind in KINDS else 99)
 
 
 @dataclass(frozen=True)
