@@ -6,7 +6,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from epreplay.diff.compare import DiffResult, LayerDiff, RunLoads, layer_value
+from epreplay.diff.compare import layer_value
+from epreplay.diff.result import DiffResult, LayerDiff, RunLoads
 
 # Bump when a key of to_dict() changes meaning. 2: verdict "unjudged" without thresholds; a
 # failed threshold may have "measured": null with "why"; "unmeasured" gives the reason of every

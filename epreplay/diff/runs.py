@@ -16,8 +16,8 @@ import numpy as np
 
 from epreplay.diff import tokens as diff_tokens
 from epreplay.format.steps import plan_of_run
-from epreplay.diff.compare import (DiffResult, LayerDiff, RunLoads, Threshold, compare_layers, judge,
-                           summarize, unmeasured_reasons, worst_first)
+from epreplay.diff.compare import compare_layers, judge, summarize, unmeasured_reasons, worst_first
+from epreplay.diff.result import DiffResult, LayerDiff, RunLoads, Threshold
 from epreplay.errors import UsageError
 from epreplay.format.run import RunDir
 
