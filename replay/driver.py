@@ -220,7 +220,7 @@ def _check_backend(backend: str) -> None:
 def _index(run: RunDir, report: ReplayReport) -> None:
     """Load the report into RUN/index.duckdb through INDEX's API when it exists."""
     try:
-        from epreplay.index import build as idx
+        from epreplay.index import replays as idx
     except ImportError:
         return
     loader = getattr(idx, "load_replay_report", None) or getattr(idx, "load_replay", None)

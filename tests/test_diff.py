@@ -437,7 +437,7 @@ def test_cli_index_being_written_elsewhere_exits_2(runs, tmp_path) -> None:
     """No index yet and another process holds the writer lock: one clear line, exit 2."""
     import shutil
 
-    from epreplay.index.build import WriterLock
+    from epreplay.index.lock import WriterLock
 
     run = RunDir.open(shutil.copytree(runs["a"], tmp_path / "run",
                                       ignore=shutil.ignore_patterns("index.duckdb*")))

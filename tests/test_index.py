@@ -10,7 +10,8 @@ import duckdb
 import numpy as np
 import pytest
 
-from epreplay.index.build import build_index, ensure_index, load_replay_report
+from epreplay.index.build import build_index, ensure_index
+from epreplay.index.replays import load_replay_report
 from epreplay.index.queries import open_index
 from epreplay.format.records import Op
 from epreplay.format.run import RunDir

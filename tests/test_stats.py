@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from epreplay.index.build import WriterLock, build_index
+from epreplay.index.build import build_index
+from epreplay.index.lock import WriterLock
 from epreplay.format.records import Manifest
 from epreplay.format.run import RunDir
 from epreplay.demo.synth import SynthSpec, SynthWriter, create_run, make_synthetic_run

@@ -1,8 +1,9 @@
-"""Build and update RUN/index.duckdb from a run's shards; load replay reports into it.
+"""Build and update RUN/index.duckdb from a run's shards.
 
     build_index(run, force=False)   index what is new (or everything with force); one writer at a time
     ensure_index(run)               build/update when missing or stale; never fails on a busy writer
     load_replay_report(run, report) put a replay report (dict or RUN/replays/<id>.json) in the index
+                                    (epreplay.index.replays)
 
 Schema: epreplay/index/schema.sql; queries: epreplay.index.queries. Shards are indexed in worker
 processes (epreplay.index.shard, resuming live shards with epreplay.index.scan), results merged
@@ -12,7 +13,7 @@ Writes never touch the live file: the writer builds (or copies and updates) a te
 next to it, CHECKPOINTs, closes and renames it over RUN/index.duckdb. Readers holding the old file
 open (a TUI, `epreplay stats`) keep reading it. A build that fails on its input (a damaged shard,
 a shard of another run) removes the old index instead of leaving it answering as if current.
-One writer at a time: RUN/index.duckdb.lock (flock; the kernel drops it if the writer dies).
+One writer at a time: RUN/index.duckdb.lock (epreplay.index.lock).
 
 Trust: `shards` keeps a stamp of each shard (size, mtime, CRC of its header and footer windows;
 epreplay.index.check); a shard that no longer matches its stamp is re-read, so no command shows
@@ -26,39 +27,20 @@ stays one row per key. A shard that shrank or changed otherwise (repair) trigger
 """
 from __future__ import annotations
 
-import fcntl
 import os
 import shutil
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-
-import numpy as np
 
 from epreplay.format import steps
 from epreplay.errors import UsageError
 from epreplay.index import clock
 from epreplay.index.check import changed
+from epreplay.index.lock import IndexLocked, WriterLock, connect
 from epreplay.index.store import INDEX_VERSION, _ingest, _load_report, _loaded_replays
+from epreplay.index.workers import run_workers
 from epreplay.format.run import RunDir
-
-
-
-def connect(path: Path | str, *, read_only: bool = False) -> "duckdb.DuckDBPyConnection":
-    """duckdb.connect without DuckDB's own progress bar: it draws on stdout for long statements,
-    which would corrupt `--format json` output; our commands show progress on stderr."""
-    import duckdb
-
-    con = duckdb.connect(str(path), read_only=read_only)
-    con.execute("SET enable_progress_bar = false")
-    return con
-
-LOCK_NAME = "index.duckdb.lock"
-
-
-class IndexLocked(UsageError):
-    """Another process is writing this run's index."""
 
 
 @dataclass(frozen=True)
@@ -79,44 +61,6 @@ class IndexResult:
     message: str = ""
     rows_added: dict[str, int] = field(default_factory=dict)
     phases: dict[str, float] = field(default_factory=dict)  # seconds: plan, shards, tables, checkpoint
-
-
-class WriterLock:
-    """flock on RUN/index.duckdb.lock, non-blocking (or waiting up to `wait_s`)."""
-
-    def __init__(self, run: RunDir, *, wait_s: float = 0.0) -> None:
-        self.path = run.inside(LOCK_NAME)
-        self.wait_s = wait_s
-        self.fd: int | None = None
-
-    def __enter__(self) -> "WriterLock":
-        try:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
-        except OSError as exc:
-            raise UsageError(f"{self.path}: cannot create the index lock ({exc.strerror}); "
-                             f"is the run directory writable?") from None
-        deadline = time.monotonic() + self.wait_s
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() >= deadline:
-                    holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
-                    os.close(fd)
-                    raise IndexLocked(f"{self.path.parent / 'index.duckdb'}: index locked by another "
-                                      f"writer (pid {holder}); wait for it to finish, then retry") from None
-                time.sleep(0.1)
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, str(os.getpid()).encode(), 0)
-        self.fd = fd
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self.fd is not None:
-            os.ftruncate(self.fd, 0)
-            os.close(self.fd)  # closing drops the flock
-            self.fd = None
 
 
 def _schema_sql() -> str:
@@ -274,82 +218,6 @@ def _plan_row(plan: steps.StepPlan) -> tuple[str, int, str]:
     return plan.method, plan.layers_per_step, plan.detail
 
 
-def _work(task: tuple[str, int, int, int, int, int, int]):
-    from epreplay.index.shard import index_shard
-
-    path, start, expect_end, E, R, H, lps = task
-    res = index_shard(path, start, num_experts=E, world_size=R, hidden=H, expect_end=expect_end,
-                      derived_layers_per_step=lps)
-    if res.load_PE is not None:  # halve what crosses the pipe; per-rank counts fit easily
-        res.load_PE = res.load_PE.astype(np.int32)
-    return res
-
-
-def _run_workers(tasks: list[tuple[Path, int, int]], facts: dict, progress: bool,
-                 workers: int | None) -> list:
-    """Index the tasks' shards, in parallel processes when there is enough to do."""
-    from concurrent.futures import ProcessPoolExecutor, as_completed
-    from multiprocessing import get_context
-
-    args = [(str(p), s, e, facts["num_experts"], facts["world_size"], facts["hidden"],
-             facts.get("layers_per_step", 0)) for p, s, e in tasks]
-    sizes = [max(p.stat().st_size, 1) for p, _, _ in tasks]
-    total = sum(sizes)
-    n = workers if workers is not None else min(_cpus(), 8)
-    # below ~16 MiB process start-up costs more than it saves
-    n = max(1, min(n, len(tasks))) if total > (16 << 20) else 1
-    bar = _Progress(progress, total, f"indexing {len(tasks)} shard(s)")
-    out = []
-    try:
-        if n == 1:
-            for a, size in zip(args, sizes):
-                out.append(_work(a))
-                bar.advance(size)
-        else:
-            order = sorted(range(len(args)), key=lambda i: -sizes[i])  # big first: even finish
-            with ProcessPoolExecutor(n, mp_context=get_context("fork")) as pool:
-                futs = {pool.submit(_work, args[i]): i for i in order}
-                for fut in as_completed(futs):
-                    out.append(fut.result())
-                    bar.advance(sizes[futs[fut]])
-    finally:
-        bar.close()
-    return sorted(out, key=lambda r: r.rank)
-
-
-def _cpus() -> int:
-    """CPUs this process may run on (taskset / cgroup affinity), not the host's count."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:
-        return os.cpu_count() or 1
-
-
-class _Progress:
-    """A rich progress bar on stderr (bytes of shards indexed); silent when disabled."""
-
-    def __init__(self, enabled: bool, total: int, what: str) -> None:
-        self.bar = None
-        if enabled:
-            from rich.console import Console
-            from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn,
-                                       TimeRemainingColumn)
-
-            self.bar = Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
-                                TimeRemainingColumn(), console=Console(stderr=True), transient=True)
-            self.bar.start()
-            self.task = self.bar.add_task(what, total=total)
-
-    def advance(self, n: int) -> None:
-        if self.bar is not None:
-            self.bar.advance(self.task, n)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.stop()
-            self.bar = None
-
-
 def build_index(path: str | os.PathLike[str], *, force: bool = False, progress: bool = False,
                 workers: int | None = None) -> IndexResult:
     """Build RUN/index.duckdb, or bring it up to date by indexing only new/grown shards.
@@ -414,10 +282,10 @@ def _build_locked(run: RunDir, force: bool, progress: bool, workers: int | None,
     if not full and not tasks and not new_reports:
         return IndexResult(run.index_path, "fresh", seconds=time.perf_counter() - t0)
     t1 = time.perf_counter()
-    results = _run_workers(tasks, facts, progress, workers)
+    results = run_workers(tasks, facts, progress, workers)
     if any(r.records < 0 for r in results):  # a shard changed under its indexed part
         tasks, full = [(p, 0, 0) for p in shard_paths], True
-        results = _run_workers(tasks, facts, progress, workers)
+        results = run_workers(tasks, facts, progress, workers)
     _validate(run, facts, shard_paths, results)
     t2 = time.perf_counter()
     tmp = run.inside(f".index.duckdb.tmp-{os.getpid()}")
@@ -467,58 +335,3 @@ def ensure_index(run: str | os.PathLike[str], *, progress: bool = True) -> Index
     except IndexLocked as exc:
         return IndexResult(rundir.index_path, "locked", message=str(exc))
     return res
-
-
-def load_replay_report(run: str | os.PathLike[str], report: dict | str | os.PathLike[str], *,
-                       wait_s: float = 60.0) -> bool:
-    """Load a replay report into RUN/index.duckdb (building the index first when missing).
-
-    Args:
-        report: ReplayReport.to_dict() (its "id", "plan", "divergence_list", ...), or the path
-            of RUN/replays/<id>.json. Columns it fills: see the replays / divergences tables in
-            epreplay/index/schema.sql (divergence_list entries: call, buffer, seq, step, layer,
-            op, rank, physical -> phys_rank, kind, token, src_rank, expert, expected, got, detail).
-        wait_s: how long to wait for another index writer.
-    Returns:
-        True when loaded, False when it was already there or the index stayed locked for wait_s
-        (the JSON file in RUN/replays is loaded by the next `epreplay index` / ensure_index).
-    """
-    import duckdb
-
-    rundir = RunDir.open(run)
-    if not rundir.index_path.exists():
-        try:
-            build_index(rundir.path)  # loads RUN/replays/*.json on the way
-        except IndexLocked:
-            return False
-        if isinstance(report, dict):
-            state = _existing(rundir)
-            if state and str(report.get("id")) in state["replays"]:
-                return True
-    try:
-        with WriterLock(rundir, wait_s=wait_s):
-            tmp = rundir.inside(f".index.duckdb.tmp-{os.getpid()}")
-            try:
-                shutil.copyfile(rundir.index_path, tmp)
-                con = connect(tmp)
-                try:
-                    rid = _load_report(con, rundir, report if isinstance(report, dict) else Path(report))
-                    con.execute("CHECKPOINT")
-                finally:
-                    con.close()
-                if rid is None:
-                    return False
-                os.chmod(tmp, 0o600)
-                os.replace(tmp, rundir.index_path)
-            finally:
-                for leftover in (tmp, tmp.with_name(tmp.name + ".wal")):
-                    if leftover.exists():
-                        leftover.unlink()
-    except IndexLocked:
-        print(f"epreplay: {rundir.index_path} stayed locked for {wait_s:.0f} s; the replay report "
-              f"will be loaded by the next 'epreplay index {rundir.path}'", file=sys.stderr)
-        return False
-    return True
-
-
-load_replay = load_replay_report  # the name epreplay.replay.driver looks up
