@@ -14,7 +14,7 @@ from epreplay.launch import RankFailed, run_ranks
 from epreplay.format.records import Kind, Op
 from epreplay.format.run import RunDir
 from epreplay.format.shard import open_shard
-from epreplay.format.reader import wait_unlocked
+from epreplay.format.walk import wait_unlocked
 
 # A client written for DeepEP: it imports deep_ep and knows nothing of epreplay's capture.
 CLIENT = textwrap.dedent('''

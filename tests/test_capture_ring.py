@@ -281,7 +281,7 @@ JOB = textwrap.dedent("""
 @pytest.mark.slow
 def test_kill9_of_the_job_keeps_every_published_call(tmp_path):
     from epreplay.launch import free_port
-    from epreplay.format.reader import wait_unlocked
+    from epreplay.format.walk import wait_unlocked
 
     run_dir = tmp_path / "run"
     proc = subprocess.Popen([sys.executable, "-c", JOB, str(run_dir), str(free_port())],

@@ -19,7 +19,8 @@ from typing import Iterable
 from epreplay.errors import ShardError
 from epreplay.format.records import Manifest, ShardInfo
 from epreplay.format.run import SHARDS, RunDir
-from epreplay.format.reader import open_shard, wait_unlocked
+from epreplay.format.reader import open_shard
+from epreplay.format.walk import wait_unlocked
 
 STATIC = ("num_experts", "topk", "hidden")  # shapes a manifest and a shard header both carry
 FROM_HEADER = "shard header"  # ranks[r]["source"] of an entry made here, not a rank's closing facts

@@ -3,7 +3,7 @@
 `open_shard` scans an unclosed shard from its first record on every open (CRC-checking each);
 a capture that is still writing would make every `epreplay stats` re-read everything recorded so
 far. The index remembers where it stopped (shards.indexed_end) and reads record headers from
-there on (shard_reader.walk_records, the walk open_shard uses, without its data CRC pass);
+there on (epreplay.format.walk.walk_records, the walk open_shard uses, without its data CRC pass);
 record data CRCs are checked by the indexer as it reads them. Layout: epreplay.format.shard.
 """
 from __future__ import annotations
@@ -16,7 +16,8 @@ import numpy as np
 
 from epreplay.format.records import ShardInfo
 from epreplay.format.frames import END_MAGIC, ENTRY, TAIL
-from epreplay.format.reader import HEADER_DTYPE, read_header, walk_records, writer_active
+from epreplay.format.reader import HEADER_DTYPE
+from epreplay.format.walk import read_header, walk_records, writer_active
 
 
 @dataclass
@@ -34,7 +35,7 @@ class Resumed:
 
 
 def read_info(path: str, fd: int) -> ShardInfo:
-    """The shard's header (shard_reader.read_header's checks and messages)."""
+    """The shard's header (epreplay.format.walk.read_header's checks and messages)."""
     return read_header(Path(path), fd, os.fstat(fd).st_size)[0]
 
 
