@@ -73,6 +73,16 @@ def _device_work(step, steps: int = 5) -> tuple[float, float, float]:
     return kernels / steps, copies / steps, busy_us / steps
 
 
+def _hot_path(name: str) -> str:
+    """The config's hot path for a bench mode: "compiled-cat" is the compiled hook with its GPU
+    gather through at::cat_out instead of the raw kernel launch (capture/gather_kernel.py)."""
+    if name == "compiled-cat":
+        os.environ["EPREPLAY_CAPTURE_RAW_GATHER"] = "0"
+        return "compiled"
+    os.environ.pop("EPREPLAY_CAPTURE_RAW_GATHER", None)
+    return name
+
+
 def _rank(ctx, args: dict, root: str) -> dict:
     import torch
     import torch.distributed as dist
@@ -112,7 +122,7 @@ def _rank(ctx, args: dict, root: str) -> dict:
             for mode in modes:
                 if mode != "off":
                     capture.start(os.path.join(root, f"{name}-{mode[0]}-{mode[1]}-{rnd}"), level=mode[0],
-                                  writer=args["writer"], hot_path=mode[1], layers_per_step=1)
+                                  writer=args["writer"], hot_path=_hot_path(mode[1]), layers_per_step=1)
                     for _ in range(2):  # a session's first call makes its recorder and ring, the
                         step()          # second teaches the compiled hook its plans
                     rec = session.recorder()
@@ -141,7 +151,7 @@ def _rank(ctx, args: dict, root: str) -> dict:
             work = {"off": _device_work(step)}
             for mode in modes[1:]:
                 capture.start(os.path.join(root, f"{name}-{mode[0]}-{mode[1]}-prof"), level=mode[0],
-                              writer=args["writer"], hot_path=mode[1], layers_per_step=1)
+                              writer=args["writer"], hot_path=_hot_path(mode[1]), layers_per_step=1)
                 step()
                 step()
                 work[mode] = _device_work(step)
@@ -170,7 +180,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--hot-path", default="auto",
                    help="comma-separated, measured side by side: auto (the compiled hook where built, "
                         "host calls), compiled, ring (the Python hook into the ring), courier (the "
-                        "previous design, kept as the reference)")
+                        "previous design, kept as the reference), compiled-cat (GPU: the compiled "
+                        "hook gathering through at::cat_out instead of its raw kernel launch)")
     a = p.parse_args(argv)
     if a.device == "cuda":
         import torch
@@ -181,9 +192,9 @@ def main(argv: list[str] | None = None) -> int:
     args = dict(shapes=[s for s in a.shapes.split(",") if s], levels=[s for s in a.levels.split(",") if s],
                 rounds=a.rounds, iters=a.iters, writer=a.writer, sync=a.sync,
                 hot_paths=[s for s in a.hot_path.split(",") if s])
-    bad = [h for h in args["hot_paths"] if h not in ("auto", "compiled", "ring", "courier")]
+    bad = [h for h in args["hot_paths"] if h not in ("auto", "compiled", "compiled-cat", "ring", "courier")]
     if bad:
-        print(f"capture_hotpath: --hot-path {bad[0]!r}: must be auto, compiled, ring or courier", file=sys.stderr)
+        print(f"capture_hotpath: --hot-path {bad[0]!r}: must be auto, compiled, compiled-cat, ring or courier", file=sys.stderr)
         return 2
     unknown = [s for s in args["shapes"] if s not in SHAPES]
     if unknown:

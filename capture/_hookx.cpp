@@ -26,6 +26,7 @@
 #include <torch/csrc/Dtype.h>
 #include <torch/csrc/autograd/python_variable.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <cstring>
 #include <ctime>
@@ -183,6 +184,13 @@ struct Session {
   Py_buffer dstate_v, capt_v;
   int64_t *dstate, *capturing;
   std::vector<c10::Stream> *streams;
+  // The raw gather launch (gather_kernel.py; set_gather): the kernel's CUfunction, the driver's
+  // cuLaunchKernel, a Python callable giving the current cudaStream_t, that answer cached per
+  // stream id, and [raw launches, at::cat_out launches]
+  void *gfunc, *glaunch;
+  PyObject *stream_of;
+  std::vector<std::pair<int64_t, void *>> *shandles;
+  int64_t glaunches[2];
 };
 
 struct Hook {
@@ -539,6 +547,63 @@ bool write_fast(Session *s, const Plan &p, const InFlight &f, int64_t tokens, in
   return true;
 }
 
+// The raw gather launch's parameter block: gather_kernel.py's `EpGather`, field for field.
+constexpr size_t kMaxSegs = 24;
+struct GatherArgs {
+  uint64_t dst;
+  uint64_t src[kMaxSegs];
+  uint64_t off[kMaxSegs + 1];
+  int32_t n;
+};
+using LaunchFn = int (*)(void *f, unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned by,
+                         unsigned bz, unsigned shmem, void *stream, void **params, void **extra);
+
+// The current cudaStream_t of stream `st`: asked of Python once per stream id (c10's CUDA stream
+// table is not reachable from a CPU build of this file), then cached.
+bool stream_handle(Session *s, const c10::Stream &st, void **out) {
+  for (const auto &kv : *s->shandles)
+    if (kv.first == st.id()) return *out = kv.second, true;
+  PyObject *h = PyObject_CallNoArgs(s->stream_of);
+  if (!h) return PyErr_Clear(), false;
+  void *p = PyLong_AsVoidPtr(h);
+  Py_DECREF(h);
+  if (PyErr_Occurred()) return PyErr_Clear(), false;
+  s->shandles->emplace_back(st.id(), p);
+  *out = p;
+  return true;
+}
+
+// One cuLaunchKernel of the gather kernel: ts's bytes back to back from dst, as at::cat_out of
+// their byte views would put them. False (nothing launched) where the raw path does not apply;
+// a failed launch turns the raw path off for the session (at::cat_out then says what is wrong).
+bool raw_gather(Session *s, const std::vector<Out> &ts, uint64_t dst, int64_t total, const c10::Stream &st) {
+  if (!s->gfunc || ts.size() > kMaxSegs) return false;
+  auto *impl = c10::impl::getDeviceGuardImpl(c10::DeviceType::CUDA);
+  if (impl->getDevice() != s->D->device()) return false;  // the kernel lives in D's context
+  void *stream;
+  if (!stream_handle(s, st, &stream)) return false;
+  GatherArgs a;
+  a.dst = dst;
+  a.n = int32_t(ts.size());
+  uint64_t off = 0;
+  for (size_t k = 0; k < ts.size(); k++) {
+    const Out &o = ts[k];
+    if (!o.rows.empty() || !o.t.is_contiguous()) return false;
+    a.src[k] = uint64_t(reinterpret_cast<uintptr_t>(o.t.const_data_ptr()));
+    a.off[k] = off;
+    off += o.t.nbytes();
+  }
+  a.off[ts.size()] = off;
+  if (int64_t(off) != total) return false;
+  unsigned blocks = unsigned(std::min<int64_t>(264, std::max<int64_t>(1, (total / 16 + 255) / 256)));
+  void *params[] = {&a};
+  if (reinterpret_cast<LaunchFn>(s->glaunch)(s->gfunc, blocks, 1, 1, 256, 1, 1, 0, stream, params, nullptr)) {
+    s->gfunc = nullptr;
+    return false;
+  }
+  return true;
+}
+
 // One launch: the call's CUDA arrays' bytes into the next free bytes of D, on the current stream
 // (device_stage.DeviceStage.gather, same reservation rules); their absolute position, or -1 when
 // D is full (dropped and counted).
@@ -553,13 +618,19 @@ int64_t gather(Session *s, const std::vector<Out> &ts) {
     if (total > cap || head + pad + total - s->dstate[1] > cap) return -1;
   }
   int64_t start = head + pad;
-  std::vector<at::Tensor> pieces;
-  pieces.reserve(ts.size());
-  for (const auto &o : ts) pieces.push_back(o.t.reshape({-1}).view(at::kByte));
-  at::Tensor dst = s->D->narrow(0, start % cap, total);
-  at::cat_out(dst, pieces, 0);
-  s->dstate[0] = start + total;
   c10::Stream st = c10::impl::getDeviceGuardImpl(c10::DeviceType::CUDA)->getStream(s->D->device());
+  uint64_t dst = uint64_t(reinterpret_cast<uintptr_t>(s->D->data_ptr())) + uint64_t(start % cap);
+  if (raw_gather(s, ts, dst, total, st)) {
+    s->glaunches[0]++;
+  } else {
+    std::vector<at::Tensor> pieces;
+    pieces.reserve(ts.size());
+    for (const auto &o : ts) pieces.push_back(o.t.reshape({-1}).view(at::kByte));
+    at::Tensor out = s->D->narrow(0, start % cap, total);
+    at::cat_out(out, pieces, 0);
+    s->glaunches[1]++;
+  }
+  s->dstate[0] = start + total;
   bool seen = false;
   for (const auto &x : *s->streams) seen = seen || x == st;
   if (!seen) s->streams->push_back(st);
@@ -793,6 +864,10 @@ PyObject *sess_new(PyTypeObject *type, PyObject *args, PyObject *kw) {
   s->D = nullptr;
   s->dstate = s->capturing = nullptr;
   s->streams = new std::vector<c10::Stream>();
+  s->gfunc = s->glaunch = nullptr;
+  s->stream_of = nullptr;
+  s->shandles = new std::vector<std::pair<int64_t, void *>>();
+  s->glaunches[0] = s->glaunches[1] = 0;
   return reinterpret_cast<PyObject *>(s);
 fail_attr:
   PyBuffer_Release(&s->attr_v);
@@ -827,6 +902,8 @@ void sess_dealloc(PyObject *self) {
     delete s->bufs;
     delete s->lineage;
     delete s->streams;
+    delete s->shandles;
+    Py_XDECREF(s->stream_of);
     if (s->D) {
       delete s->D;
       PyBuffer_Release(&s->dstate_v);
@@ -986,6 +1063,28 @@ PyObject *sess_set_device(PyObject *self, PyObject *args) {
   Py_RETURN_NONE;
 }
 
+// set_gather(func, launch, stream_of): the raw gather launch (gather_kernel.py): the kernel's
+// CUfunction and cuLaunchKernel as addresses, and a callable giving the current cudaStream_t.
+PyObject *sess_set_gather(PyObject *self, PyObject *args) {
+  Session *s = reinterpret_cast<Session *>(self);
+  unsigned long long func, launch;
+  PyObject *stream_of;
+  if (!PyArg_ParseTuple(args, "KKO", &func, &launch, &stream_of)) return nullptr;
+  Py_INCREF(stream_of);
+  Py_XSETREF(s->stream_of, stream_of);
+  s->gfunc = reinterpret_cast<void *>(uintptr_t(func));
+  s->glaunch = reinterpret_cast<void *>(uintptr_t(launch));
+  s->shandles->clear();
+  Py_RETURN_NONE;
+}
+
+// gather_info(): (raw gather launches, at::cat_out launches, raw path on).
+PyObject *sess_gather_info(PyObject *self, PyObject *) {
+  Session *s = reinterpret_cast<Session *>(self);
+  return Py_BuildValue("(LLO)", (long long)s->glaunches[0], (long long)s->glaunches[1],
+                       s->gfunc ? Py_True : Py_False);
+}
+
 // take_streams(): [(stream id, device index, device type)] gathered on since the last call.
 PyObject *sess_take_streams(PyObject *self, PyObject *) {
   Session *s = reinterpret_cast<Session *>(self);
@@ -1023,6 +1122,8 @@ PyMethodDef sess_methods[] = {
     {"disable", sess_disable, METH_NOARGS, "Calls go through the Python hook from now on."},
     {"set_device", sess_set_device, METH_VARARGS, "set_device(D, dstate, capturing): the device ring."},
     {"take_streams", sess_take_streams, METH_NOARGS, "Streams gathered on since the last call."},
+    {"set_gather", sess_set_gather, METH_VARARGS, "set_gather(func, launch, stream_of): the raw gather launch."},
+    {"gather_info", sess_gather_info, METH_NOARGS, "(raw gather launches, at::cat_out launches, raw path on)."},
     {"plans", sess_plans, METH_NOARGS, "(keys seen, plans learned)."},
     {nullptr, nullptr, 0, nullptr},
 };

@@ -66,6 +66,11 @@ class FastSession:
         self.session = hookx.Session(rec, ring.state, ring.base, ring.words_addr, ring.capacity, rec._attr,
                                      self.stats, int(rec.config.layers_per_step), marks._local)
         hookx.activate(self.session)
+        self.gather_tried = False  # the raw gather launch (gather_kernel.py), tried once
+
+    def gather_info(self) -> tuple[int, int, bool]:
+        """(raw gather launches, at::cat_out launches, raw path on) so far."""
+        return tuple(self.session.gather_info())
 
     def close(self) -> None:
         self.hookx.activate(None)
@@ -256,6 +261,9 @@ def learn(fs: FastSession, call: Any, args: dict[str, Any], result: Any, st: Any
         from epreplay.capture.graph_ring import CAPTURING
 
         fs.session.set_device(dev.D, dev.dstate, CAPTURING)
+        if not fs.gather_tried:
+            fs.gather_tried = True
+            _raw_gather(fs, dev.D.device)
     try:
         blob = marshal.dumps(plan)
     except ValueError:  # a meta value marshal cannot carry: the Python path keeps this site
@@ -265,6 +273,18 @@ def learn(fs: FastSession, call: Any, args: dict[str, Any], result: Any, st: Any
     if plan_id < 0:
         return  # the plan area is full: this key stays on the Python path
     fs.session.learn((plan_id, *spec))
+
+
+def _raw_gather(fs: FastSession, device: Any) -> None:
+    """Give the session the raw gather launch (one cuLaunchKernel a call instead of at::cat_out's
+    ~15 us of host time); EPREPLAY_CAPTURE_RAW_GATHER=0 keeps at::cat_out (for comparisons)."""
+    if os.environ.get("EPREPLAY_CAPTURE_RAW_GATHER", "1").lower() in ("0", "false", "no", "off"):
+        return
+    from epreplay.capture import gather_kernel
+
+    got = gather_kernel.load(device)
+    if got is not None:
+        fs.session.set_gather(*got, gather_kernel.current_stream_handle)
 
 
 def never(fs: FastSession | None) -> None:

@@ -749,6 +749,8 @@ class Recorder:
             "hot_path": self.path, "writer_restarts": self._rp.restarts if self._rp is not None else 0,
             "hot_us": (self.hot_ns + fast[0] - self.setup_ns - (self._rp.setup_ns if self._rp is not None else 0)) / 1e3,
             "compiled_frames": fast[3],
+            # GPU: the compiled hook's gathers as raw launches / through at::cat_out (gather_kernel.py)
+            "gathers": list(self._fast.gather_info()[:2]) if self._fast is not None else [0, 0],
             "setup_us": (self.setup_ns + (self._rp.setup_ns if self._rp is not None else 0)) / 1e3,
             "courier_cpu_us": self.courier_cpu_ns / 1e3,
             "writer_cpu_s": sink.get("cpu_s", 0.0),

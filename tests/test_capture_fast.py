@@ -41,6 +41,13 @@ def _rank_paths(ctx, root: str, level: str) -> dict:
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 
+def gather_kernel_builds() -> bool:
+    """NVRTC and the driver are here: the compiled hook's GPU gather is its raw launch."""
+    from epreplay.capture import gather_kernel
+
+    return gather_kernel.load(torch.device("cuda", 0)) is not None
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, needs_cuda])])
 @pytest.mark.parametrize("level", ["counts", "routing", "fingerprints", "payload"])
@@ -58,6 +65,8 @@ def test_compiled_records_equal_the_python_hook_and_the_courier_path(tmp_path, l
         elif device == "cuda":  # async_finish outputs and hashed rows are Python's on a GPU
             assert c["hot_path"] == "compiled"
             assert c["compiled_frames"] >= (1 if level == "fingerprints" else 10), c
+            if gather_kernel_builds():  # one raw launch a call, not at::cat_out
+                assert c["gathers"][1] == 0 and (level != "routing" or c["gathers"][0] >= 10), c
         else:
             # 6 steps x 6 calls + 1: from its second appearance every plain site is compiled
             # (the LL sites with a recv hook, the tagged dispatch and the error are Python's;

@@ -94,11 +94,14 @@ class suppress_stdout_stderr:  # noqa: N801 - DeepEP's name
 
 
 def _durations(events: Any, name: str) -> list[tuple[float, float]]:
-    """(start us, seconds) of the profiled events whose name contains `name`: device-side ones
-    when there are any (kernels, GPU ranges), else host-side ones; one distinct name allowed."""
+    """(start us, seconds) of the profiled events whose name contains `name`: ranges before
+    kernels, device-side ones when there are any, else host-side ones; one distinct name allowed."""
     from torch.autograd import DeviceType
 
     hits = [e for e in events if name in e.name]
+    # the emulation's ranges over its marker kernels (emulate_mark.py: "...::dispatch(int)"),
+    # whose few us are a marker's, not the call's
+    hits = [e for e in hits if "(" not in e.name] or hits
     device = [e for e in hits if e.device_type != DeviceType.CPU]
     hits = device or hits
     names = sorted({e.name for e in hits})
