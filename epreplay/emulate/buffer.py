@@ -66,7 +66,7 @@ def region(name: str) -> Any:
     stack.enter_context(torch.profiler.record_function(full))
     stack.enter_context(torch.cuda.nvtx.range(full))
     if name.endswith(("::dispatch", "::combine")):  # CUDA-only profiles see kernels, not ranges
-        from epreplay.emulate_mark import mark
+        from epreplay.emulate.mark import mark
 
         mark(full)
     return stack

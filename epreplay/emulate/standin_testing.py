@@ -99,7 +99,7 @@ def _durations(events: Any, name: str) -> list[tuple[float, float]]:
     from torch.autograd import DeviceType
 
     hits = [e for e in events if name in e.name]
-    # the emulation's ranges over its marker kernels (emulate_mark.py: "...::dispatch(int)"),
+    # the emulation's ranges over its marker kernels (emulate/mark.py: "...::dispatch(int)"),
     # whose few us are a marker's, not the call's
     hits = [e for e in hits if "(" not in e.name] or hits
     device = [e for e in hits if e.device_type != DeviceType.CPU]
