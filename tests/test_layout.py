@@ -43,7 +43,10 @@ ALLOWED: dict[str, set[str]] = {
     "__main__": {"cli"},
 }
 # third-party packages a group must not import (not even lazily)
-FORBIDDEN = {**{g: {"textual"} for g in CORE}, "format": {"textual", "duckdb"}}
+FORBIDDEN = {**{g: {"textual"} for g in CORE}, "format": {"textual", "duckdb", "torch", "triton"},
+             "index": {"textual", "torch"}, "diff": {"textual", "torch"}}
+# the format's tensor-side modules (fingerprints of torch tensors, the FP8 cast): torch allowed
+TENSOR_MODULES = {f"epreplay.format.{m}" for m in ("fingerprint", "fingerprint_gpu", "fingerprint_kernels", "fp8")}
 
 
 def _modules() -> dict[str, Path]:
@@ -124,11 +127,12 @@ def test_imports_point_one_way():
     assert not bad, "imports against the layer order:\n" + "\n".join(bad)
 
 
-def test_core_imports_no_ui_and_format_no_duckdb():
+def test_core_imports_no_ui_and_format_no_duckdb_nor_torch():
     bad = []
     for module, path in MODULES.items():
+        forbidden = FORBIDDEN.get(group(module), set()) - ({"torch", "triton"} if module in TENSOR_MODULES else set())
         for name, line in imports_of(path):
-            if name.split(".")[0] in FORBIDDEN.get(group(module), ()):
+            if name.split(".")[0] in forbidden:
                 bad.append(f"{path.relative_to(REPO)}:{line}: {group(module)} imports {name}")
     assert not bad, "\n".join(bad)
 
