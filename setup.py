@@ -37,7 +37,7 @@ class build_py_with_pth(build_py):
 
 setup(ext_modules=[Extension("epreplay.capture._ringc", ["capture/_ringc.c"], optional=True,
                              extra_compile_args=["-O2"]),
-                   # the index's routing aggregation (index_build._chunk; numpy where not built)
+                   # the index's routing aggregation (index/shard.py _chunk; numpy where not built)
                    Extension("epreplay.index._indexc", ["epreplay/index/_indexc.c"], optional=True,
                              extra_compile_args=["-O2"])],
       cmdclass={"build_py": build_py_with_pth})

@@ -34,7 +34,7 @@ def _describe(report) -> str:
 def _rebuild_manifest(rundir) -> str | None:
     """Rebuild manifest.json from the shard headers when it is missing, unreadable, or
     misdescribes the shards (world size 0 after an interrupted capture, another world size or
-    run id, a rank with a shard but no entry: run_census.disagreement). What the old one holds
+    run id, a rank with a shard but no entry: format.census.disagreement). What the old one holds
     and the shards do not (command, versions, closing facts) is kept, and the old file too, as
     manifest.json.bak (never overwritten). Returns a note, or None when nothing was to do."""
     from epreplay.errors import UsageError

@@ -134,7 +134,7 @@ class DemoConfig:
 
     @property
     def router_spec(self) -> Any:
-        """The gate's demo_router.RouterSpec (imported here: that module needs torch)."""
+        """The gate's demo.router.RouterSpec (imported here: that module needs torch)."""
         from epreplay.demo.router import RouterSpec
 
         return RouterSpec(self.experts, self.topk, self.n_groups, self.topk_groups, self.routed_scaling)

@@ -1,7 +1,7 @@
 """The demo's card on DeepEP V2: one ElasticBuffer for prefill and decode (V2 has no separate
 low-latency mode), the same experts and routing as demo_run's V1 card.
 
-Legend as demo_run.py (T tokens, K top-k, L local experts, H hidden, N rows received).
+Legend as demo/run.py (T tokens, K top-k, L local experts, H hidden, N rows received).
 
 Prefill and decode both run dispatch -> local SwiGLU experts (weights applied on the expert side)
 -> combine in V2's non-expanded layout; decode passes cumulative_local_expert_recv_stats as the V1
@@ -46,7 +46,7 @@ def _dequant(recv_x: Any) -> Any:
 
 
 class ElasticCard:
-    """One rank's model state on V2 (demo_run._Card's interface: expert, destroy, moe_normal, moe_ll)."""
+    """One rank's model state on V2 (demo.run._Card's interface: expert, destroy, moe_normal, moe_ll)."""
 
     def __init__(self, cfg: DemoConfig, rank: int, world: int, device: str, Elastic: Any) -> None:
         import torch.distributed as dist

@@ -3,7 +3,7 @@
 Legend: R ranks, S steps, NL layers, E experts, K top-k, H hidden, L = E / R local experts,
 T tokens on a rank, N rows a normal dispatch received, M = num_max_dispatch_tokens_per_rank.
 
-Each rank is a "card": it builds its token batches (demo_model.rank_batch), and per layer
+Each rank is a "card": it builds its token batches (demo.model.rank_batch), and per layer
   prefill step: get_dispatch_layout -> dispatch -> local SwiGLU experts (weights applied on the
                 expert side) -> combine                          (DeepEP's normal mode)
   decode step:  low_latency_dispatch -> local experts -> low_latency_combine (weights applied by
@@ -175,7 +175,7 @@ class _Card:
 def rank_main(ctx: Any, cfg: DemoConfig, hooks: RankHooks | None, backend: str,
               progress: Any = None, deepep: str = "v1") -> RankResult:
     """The per-rank body (module level: run_ranks pickles it). deepep: "v1" (Buffer) or "v2"
-    (ElasticBuffer, demo_elastic.py)."""
+    (ElasticBuffer, demo/elastic.py)."""
     import torch
 
     if hooks:

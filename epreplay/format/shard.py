@@ -39,7 +39,7 @@ API (the contract other modules code against):
       .records(ops=None, kinds=(Kind.CALL,)) -> Iterator[Record]
       .entry_at(offset) -> Entry, .read_at(offset, names=None) -> Record   by byte offset (the
           index stores it); ShardError when no intact record starts there
-      .header_array() -> np.ndarray [n] of shard_reader.HEADER_DTYPE (offset + every header
+      .header_array() -> np.ndarray [n] of format.reader.HEADER_DTYPE (offset + every header
           field, straight from the footer: 300k records in ~0.2 s) — for bulk loads into DuckDB;
           .entries is built lazily (Python objects: ~13 us per record)
       .verify() -> list[(offset, problem)]  CRC-checks every record (reads the whole file)

@@ -207,7 +207,7 @@ class _Reader:
             if not decode:
                 return b""
         # A decoded record needs no CRC pass of its own: the frame carries zstd's content
-        # checksum (shard_frames.compressor: write_checksum), which decompress verifies over the
+        # checksum (format.frames.compressor: write_checksum), which decompress verifies over the
         # decoded bytes. Only a record that fails to decode is CRC'd, to say what is wrong in
         # the same words as a reader that checks CRCs first (shard_reader).
         try:
