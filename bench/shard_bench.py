@@ -30,9 +30,9 @@ import numpy as np
 import zstandard
 
 from epreplay.format import codec
+from epreplay.format.frames import REC_PREFIX
 from epreplay.format.records import Kind, Level, Op, RecordHeader, ShardInfo, Status
 from epreplay.format.shard import ShardWriter
-from epreplay.format.frames import REC_PREFIX
 
 E, K, GROUPS, TOPK_GROUPS = 256, 8, 8, 4
 ROUTED_SCALE = 2.5  # DeepSeek-V3's routed_scaling_factor

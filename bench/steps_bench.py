@@ -23,8 +23,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from epreplay.format import steps  # noqa: E402
-from epreplay.format.records import Kind, Op  # noqa: E402
 from epreplay.format.reader import HEADER_DTYPE  # noqa: E402
+from epreplay.format.records import Kind, Op  # noqa: E402
 
 
 def rank_headers(rank: int, n_steps: int, layers: int, rng: np.random.Generator) -> np.ndarray:

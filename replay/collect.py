@@ -6,11 +6,11 @@ import json
 from datetime import datetime, timezone
 from pathlib import Path
 
+from epreplay.format.run import RunDir, new_run_id
+from epreplay.index.rows import Divergence
 from epreplay.replay import schedule as S
 from epreplay.replay.report import OpStats, ReplayReport, first_of
-from epreplay.index.rows import Divergence
 from epreplay.replay.worker import Job
-from epreplay.format.run import RunDir, new_run_id
 
 
 def build_report(job: Job, run: RunDir, sched: S.Schedule, hang: dict | None, died: dict[int, str],

@@ -10,17 +10,17 @@ import time
 from typing import Any, Callable
 
 from epreplay.errors import UsageError
-from epreplay.launch import check_device
 from epreplay.format.records import Level, Op
-from epreplay.replay import schedule as S
-from epreplay.replay.damage import damage_error, damaged_offsets, find_damage
-from epreplay.replay.plan import Plan
-from epreplay.replay.collect import build_report
-from epreplay.replay.launcher import joined_from_torchrun, launch_local, run_torchrun
-from epreplay.replay.report import ReplayReport
-from epreplay.replay.worker import Job
 from epreplay.format.run import RunDir
 from epreplay.format.steps import plan_for
+from epreplay.launch import check_device
+from epreplay.replay import schedule as S
+from epreplay.replay.collect import build_report
+from epreplay.replay.damage import damage_error, damaged_offsets, find_damage
+from epreplay.replay.launcher import joined_from_torchrun, launch_local, run_torchrun
+from epreplay.replay.plan import Plan
+from epreplay.replay.report import ReplayReport
+from epreplay.replay.worker import Job
 
 
 def _load_shards(run: RunDir) -> tuple[dict[int, Any], int]:

@@ -21,13 +21,13 @@ import numpy as np
 import torch
 
 from epreplay.format.records import FINGERPRINT_VERSION, Op, fp_version
+from epreplay.index.rows import Divergence
 from epreplay.replay import inputs as I
 from epreplay.replay import elastic as EL
 from epreplay.replay import normal as N_
 from epreplay.replay import lowlat as LL
 from epreplay.replay.schedule import Call
 from epreplay.replay.state import DispatchState
-from epreplay.index.rows import Divergence
 
 
 @dataclass(frozen=True)

@@ -18,9 +18,9 @@ from typing import Any
 
 import numpy as np
 
+from epreplay.index.rows import Divergence
 from epreplay.replay.plan import Plan
 from epreplay.replay.schedule import Call
-from epreplay.index.rows import Divergence
 
 PROGRESS_COLS = 4  # started, done, pid, start_ns of the current call (CLOCK_MONOTONIC)
 MAX_DIVERGENCES_PER_RANK = 200  # details kept per process; every divergence is still counted

@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from epreplay.launch import run_ranks
 from epreplay.format.records import Kind, Level, Op, Status
 from epreplay.format.run import RunDir
 from epreplay.format.shard import open_shard
+from epreplay.launch import run_ranks
 
 E, K, H, T = 8, 3, 128, 24
 

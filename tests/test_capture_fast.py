@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from epreplay.launch import run_ranks
 from epreplay.format.records import Op, Status
+from epreplay.launch import run_ranks
 
 from capture_workload import E, assert_same_records, inputs, records, workload
 

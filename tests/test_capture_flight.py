@@ -9,10 +9,10 @@ import time
 import numpy as np
 import pytest
 
-from epreplay.launch import run_ranks
 from epreplay.format.records import Kind, Op, Status
 from epreplay.format.run import RunDir
 from epreplay.format.shard import open_shard
+from epreplay.launch import run_ranks
 
 HANG_TIMEOUT = 1.0
 SLEEP_S = 5.0

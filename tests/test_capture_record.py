@@ -10,11 +10,11 @@ import textwrap
 import numpy as np
 import pytest
 
-from epreplay.launch import RankFailed, run_ranks
 from epreplay.format.records import Kind, Op
 from epreplay.format.run import RunDir
 from epreplay.format.shard import open_shard
 from epreplay.format.walk import wait_unlocked
+from epreplay.launch import RankFailed, run_ranks
 
 # A client written for DeepEP: it imports deep_ep and knows nothing of epreplay's capture.
 CLIENT = textwrap.dedent('''

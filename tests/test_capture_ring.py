@@ -15,10 +15,10 @@ import numpy as np
 import pytest
 import torch
 
-from epreplay.launch import run_ranks
 from epreplay.format.records import Kind, Op, Status
 from epreplay.format.run import RunDir
 from epreplay.format.shard import open_shard
+from epreplay.launch import run_ranks
 
 from capture_workload import E, assert_same_records, inputs, records, workload
 

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from epreplay.index.build import build_index
 from epreplay.demo.synth import make_synthetic_run
+from epreplay.index.build import build_index
 
 SECRET = "s3cr3t-line"
 

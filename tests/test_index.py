@@ -10,13 +10,13 @@ import duckdb
 import numpy as np
 import pytest
 
-from epreplay.index.build import build_index, ensure_index
-from epreplay.index.replays import load_replay_report
-from epreplay.index.queries import open_index
+from epreplay.demo.synth import SynthSpec, SynthWriter, create_run, make_synthetic_run
 from epreplay.format.records import Op
 from epreplay.format.run import RunDir
 from epreplay.format.shard import open_shard
-from epreplay.demo.synth import SynthSpec, SynthWriter, create_run, make_synthetic_run
+from epreplay.index.build import build_index, ensure_index
+from epreplay.index.queries import open_index
+from epreplay.index.replays import load_replay_report
 
 SHAPE = dict(ranks=8, steps=4, layers=3, tokens=64, experts=32, topk=4, seed=7)
 

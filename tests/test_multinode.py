@@ -19,8 +19,8 @@ import pytest
 
 from epreplay.capture.job import Job, check_run_id, job_of
 from epreplay.format.clock import estimate
-from epreplay.launch import free_port
 from epreplay.format.records import Op
+from epreplay.launch import free_port
 
 # Injected clock offsets of the two "nodes" (ns): node 1's clock reads 350 ms ahead of node 0's.
 OFFSETS = (-40_000_000, 310_000_000)

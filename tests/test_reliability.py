@@ -19,8 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from epreplay.format.run import RunDir
 from epreplay.demo.synth import make_synthetic_run
+from epreplay.format.run import RunDir
 
 SHAPE = dict(ranks=2, steps=2, layers=2, tokens=16, experts=8, topk=2, seed=5, workers=1)
 TOTAL = "SELECT sum(tokens) AS t FROM expert_load"

@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 
 from epreplay.format.records import Op
-from epreplay.replay import replay_run
 from epreplay.format.run import RunDir
+from epreplay.replay import replay_run
 
 WORLD, TOKENS, HIDDEN, EXPERTS, TOPK = 4, 6, 128, 16, 3
 

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from epreplay.format.records import Op
-from epreplay.replay import replay_run
 from epreplay.format.run import RunDir
+from epreplay.replay import replay_run
 
 WORLD = 16
 

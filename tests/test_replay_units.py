@@ -10,11 +10,11 @@ import torch
 
 from epreplay.errors import UsageError
 from epreplay.format.records import Kind, Level, Op, RecordHeader, ShardInfo, Status
+from epreplay.format.shard import ShardWriter, open_shard
 from epreplay.replay import schedule as S
 from epreplay.replay.inputs import synth_rows, synth_source
 from epreplay.replay.report import first_of
 from epreplay.replay.verify import Rows, check_counts, check_ll, check_rows
-from epreplay.format.shard import ShardWriter, open_shard
 
 OPS = [Op.LAYOUT, Op.DISPATCH, Op.COMBINE, Op.LL_DISPATCH, Op.LL_COMBINE]
 

@@ -11,11 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from epreplay.index.build import build_index
-from epreplay.index.lock import WriterLock
+from epreplay.demo.synth import SynthSpec, SynthWriter, create_run, make_synthetic_run
 from epreplay.format.records import Manifest
 from epreplay.format.run import RunDir
-from epreplay.demo.synth import SynthSpec, SynthWriter, create_run, make_synthetic_run
+from epreplay.index.build import build_index
+from epreplay.index.lock import WriterLock
 
 SHAPE = dict(ranks=4, steps=3, layers=2, tokens=32, experts=16, topk=4)
 

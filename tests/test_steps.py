@@ -6,8 +6,8 @@ from types import SimpleNamespace
 import numpy as np
 
 from epreplay.format import steps
-from epreplay.format.records import Kind, Op
 from epreplay.format.reader import HEADER_DTYPE
+from epreplay.format.records import Kind, Op
 
 NORMAL = (Op.LAYOUT, Op.DISPATCH, Op.COMBINE)
 LL = (Op.LL_DISPATCH, Op.LL_COMBINE)

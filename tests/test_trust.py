@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
+from epreplay.demo.synth import make_synthetic_run
 from epreplay.errors import UsageError
 from epreplay.format.run import RunDir
-from epreplay.demo.synth import make_synthetic_run
 
 SHAPE = dict(ranks=4, steps=2, layers=2, tokens=16, experts=8, topk=2, seed=3, workers=1)
 TOTAL = "SELECT sum(tokens) AS t FROM expert_load"

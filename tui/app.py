@@ -23,8 +23,8 @@ from epreplay.tui.data import Session
 from epreplay.tui.jump import parse_jump
 from epreplay.tui.messages import FetchFailed, Reloaded
 from epreplay.tui.pane import Pane
-from epreplay.tui.screens_divergences import DivergencesPane
 from epreplay.tui.screens_diff import DiffPane
+from epreplay.tui.screens_divergences import DivergencesPane
 from epreplay.tui.screens_hot import HotPane
 from epreplay.tui.screens_modal import HelpScreen, JumpScreen
 from epreplay.tui.screens_overview import OverviewPane

@@ -13,8 +13,8 @@ from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.widgets import Static
 
-from epreplay.tui import render
 from epreplay.index.rows import LoadMatrix, Selection
+from epreplay.tui import render
 from epreplay.tui.data import ExpertDrill
 from epreplay.tui.heatmap import Heatmap
 from epreplay.tui.messages import ExpertLoaded, HeatLoaded

@@ -9,8 +9,8 @@ from textual import on, work
 from textual.app import ComposeResult
 from textual.widgets import Static
 
-from epreplay.tui import render
 from epreplay.index.rows import Selection, Traffic
+from epreplay.tui import render
 from epreplay.tui.heatmap import Heatmap
 from epreplay.tui.matrix import RankMatrix, TrafficSummary
 from epreplay.tui.messages import TrafficLoaded

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from epreplay.demo.pipeline import PipelineResult, available
 from epreplay.demo.model import release_layers
+from epreplay.demo.pipeline import PipelineResult, available
 
 _STATUS_STYLE = {"ok": "green", "skipped": "yellow", "failed": "bold red", "diverged": "bold red",
                  "incomplete": "yellow"}

@@ -28,9 +28,9 @@ import numpy as np
 from epreplay.diff import metrics
 
 from epreplay import marks
-from epreplay.format.fp8 import cast_fp8
 from epreplay.demo.model import (DemoConfig, rms_norm, route_layer, rank_batch, swiglu,
                                  swiglu_weights)
+from epreplay.format.fp8 import cast_fp8
 
 # DeepEP's intranode test allocates 2 GB of NVLink buffer for its normal-mode Buffer; an emulator
 # only checks sizes against it, so the same figure costs nothing on CPU.

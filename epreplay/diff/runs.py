@@ -15,11 +15,11 @@ from typing import Callable, Sequence
 import numpy as np
 
 from epreplay.diff import tokens as diff_tokens
-from epreplay.format.steps import plan_of_run
 from epreplay.diff.compare import compare_layers, judge, summarize, unmeasured_reasons, worst_first
 from epreplay.diff.result import DiffResult, LayerDiff, RunLoads, Threshold
 from epreplay.errors import UsageError
 from epreplay.format.run import RunDir
+from epreplay.format.steps import plan_of_run
 
 MATCH_MODES = ("auto", "position", "tag", "none")
 

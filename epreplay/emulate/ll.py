@@ -21,11 +21,11 @@ import torch
 from epreplay.emulate import check as chk
 from epreplay.emulate import comm as W
 from epreplay.emulate import faults
-from epreplay.format import fp8
 from epreplay.emulate.check import ArgError, need
 from epreplay.emulate.comm import EmulatedDeepEPError
 from epreplay.emulate.event import make_event
 from epreplay.emulate.layout import low_latency_rdma_size_hint
+from epreplay.format import fp8
 
 OP_LL_DISPATCH, OP_LL_COMBINE = 5, 6
 

@@ -28,11 +28,11 @@ import torch
 
 from epreplay.emulate import check as chk
 from epreplay.emulate import comm as W
-from epreplay.format import fp8
 from epreplay.emulate.check import ArgError, need
 from epreplay.emulate.comm import EmulatedDeepEPError
 from epreplay.emulate.event import make_event
 from epreplay.emulate.layout import low_latency_rdma_size_hint
+from epreplay.format import fp8
 
 ENV_STATIC = "EPREPLAY_LL_STATIC"
 TRUE = ("1", "true", "yes", "on")

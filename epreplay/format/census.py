@@ -17,9 +17,9 @@ from dataclasses import dataclass, replace
 from typing import Iterable
 
 from epreplay.errors import ShardError
+from epreplay.format.reader import open_shard
 from epreplay.format.records import Manifest, ShardInfo
 from epreplay.format.run import SHARDS, RunDir
-from epreplay.format.reader import open_shard
 from epreplay.format.walk import wait_unlocked
 
 STATIC = ("num_experts", "topk", "hidden")  # shapes a manifest and a shard header both carry

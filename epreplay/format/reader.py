@@ -15,11 +15,11 @@ from typing import Iterable, Iterator
 import numpy as np
 import zstandard
 
-from epreplay.format import codec
 from epreplay.errors import ShardError
-from epreplay.format.records import Kind, Level, Op, Record, RecordHeader, ShardInfo, Status
+from epreplay.format import codec
 from epreplay.format.frames import (END_MAGIC, ENTRY, FOOTER_MAGIC, FRAME, MAGIC_FOOTER, REC_PREFIX,
                                     RECORD_FRAME_HEAD, TAIL, U32, Entry, decompressor)
+from epreplay.format.records import Kind, Level, Op, Record, RecordHeader, ShardInfo, Status
 from epreplay.format.walk import read_header, walk_records, writer_active
 
 # One footer entry: u64 offset + the 56-byte RecordHeader (records.py's struct "<BBBBHHQiiIIIIqq").

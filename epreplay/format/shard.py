@@ -57,10 +57,10 @@ from pathlib import Path
 from typing import Mapping
 
 from epreplay.format import codec
-from epreplay.format.records import RecordHeader, ShardInfo
-from epreplay.format.frames import (DEFAULT_LEVEL, LARGE_LEVEL, EncodedRecord, Entry,
-                                   encode_record, footer_frame, header_frame)
+from epreplay.format.frames import (DEFAULT_LEVEL, LARGE_LEVEL, EncodedRecord, Entry, encode_record,
+                                    footer_frame, header_frame)
 from epreplay.format.reader import ShardScan, open_shard
+from epreplay.format.records import RecordHeader, ShardInfo
 from epreplay.format.repair import RepairReport, repair
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from epreplay.errors import ShardError
 from epreplay.format.frames import (FILE_MAGIC, FRAME, MAGIC_FOOTER, MAGIC_HEADER, MAGIC_RECORD, REC_FRAME,
-                                   REC_PREFIX, U32)
+                                    REC_PREFIX, U32)
 from epreplay.format.records import FORMAT_VERSION, RecordHeader, ShardInfo
 
 

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import numpy as np
 
-from epreplay.format.records import ShardInfo
 from epreplay.format.frames import END_MAGIC, ENTRY, TAIL
 from epreplay.format.reader import HEADER_DTYPE
+from epreplay.format.records import ShardInfo
 from epreplay.format.walk import read_header, walk_records, writer_active
 
 
