@@ -116,6 +116,7 @@ def _rank(ctx, args: dict, root: str) -> dict:
         dev = {m: float("inf") for m in modes}
         hook = {m: float("inf") for m in modes}
         dropped = {m: 0 for m in modes}
+        drain = {m: float("inf") for m in modes}
         for _ in range(3):
             step()  # warm-up: allocator, gloo/NCCL connections
         for rnd in range(args["rounds"]):
@@ -145,7 +146,10 @@ def _rank(ctx, args: dict, root: str) -> dict:
                     hook[mode] = min(hook[mode], (hot1 - hot0) / 1e3 / max(1, calls1 - calls0))
                     facts = capture.stop() or {}
                     dropped[mode] += int(facts.get("dropped", 0))
-        row = {"calls": calls, "iters": iters, "host_us": host, "hook_us": hook, "dropped": dropped}
+                    # the device drain's CPU (its share of the GIL), over the session's calls
+                    drain[mode] = min(drain[mode], facts.get("drain", [0, 0.0])[1] / max(1, facts.get("calls", 1)))
+        row = {"calls": calls, "iters": iters, "host_us": host, "hook_us": hook, "dropped": dropped,
+               "drain_us": drain}
         if cuda:
             row["device_us"] = dev
             work = {"off": _device_work(step)}
@@ -208,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"command: python bench/capture_hotpath.py {' '.join(argv if argv is not None else sys.argv[1:])}")
     head = f"{'shape':<34}{'level/hot path':<24}{'step us':>10}{'host us/call':>14}{'hook us/call':>14}"
     if a.device == "cuda":
-        head += f"{'device us/call':>16}{'kernels/call':>14}{'copies/call':>13}"
+        head += f"{'drain us/call':>15}{'device us/call':>16}{'kernels/call':>14}{'copies/call':>13}"
     print(head + f"{'dropped':>9}")
     for name, row in res.items():
         s = shapes[name]
@@ -217,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
         line = f"{label:<34}{'off':<24}{off:>10.1f}{'-':>14}{'-':>14}"
         if a.device == "cuda":
             k, c, busy = row["work"]["off"]
-            line += f"{busy:>16.1f}{k:>14.1f}{c:>13.1f}"
+            line += f"{'-':>15}{busy:>16.1f}{k:>14.1f}{c:>13.1f}"
         print(line)
         for hp in args["hot_paths"]:
             for level in args["levels"]:
@@ -228,7 +232,8 @@ def main(argv: list[str] | None = None) -> int:
                 if a.device == "cuda":
                     (k0, c0, b0), (k1, c1, b1) = row["work"]["off"], row["work"][mode]
                     n = row["calls"]
-                    line += f"{(b1 - b0) / n:>16.2f}{(k1 - k0) / n:>14.2f}{(c1 - c0) / n:>13.2f}"
+                    line += (f"{row['drain_us'][mode]:>15.2f}{(b1 - b0) / n:>16.2f}{(k1 - k0) / n:>14.2f}"
+                             f"{(c1 - c0) / n:>13.2f}")
                 print(line + f"{row['dropped'][mode]:>9d}")
     return 0
 

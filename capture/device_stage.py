@@ -26,7 +26,9 @@ from __future__ import annotations
 
 import array
 import ctypes
+import os
 import threading
+import time
 from typing import Any
 
 import torch
@@ -35,7 +37,9 @@ from epreplay.capture.ring_frames import words_of
 from epreplay.capture.shm_ring import HEADER, W_DTAIL, ShmRing
 
 # Drain period: a batch every 2 ms keeps the frames' delay short while the drain's Python (a
-# handful of torch calls, ~50 us) costs the job's GIL ~2%.
+# handful of torch calls, ~50 us) costs the job's GIL ~2%. Its CPU time is counted
+# (DeviceStage.drain_cpu_ns) so benches can charge it to the calls it drained.
+# EPREPLAY_CAPTURE_DRAIN_MS overrides it (a longer period: fewer batches, later frames).
 DRAIN_S = 0.002
 
 
@@ -65,6 +69,9 @@ class DeviceStage:
         self.mirror = self._mirror()
         self._w_dtail = ctypes.c_uint64.from_buffer(ring.mm, W_DTAIL * 8)
         self.failed: str | None = None
+        self.batches = 0  # drains that copied something
+        self.drain_cpu_ns = 0  # the drain thread's CPU time: its share of the job's GIL
+        self.period = float(os.environ.get("EPREPLAY_CAPTURE_DRAIN_MS", DRAIN_S * 1e3)) / 1e3
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="epreplay-device-drain", daemon=True)
         self._thread.start()
@@ -200,12 +207,15 @@ class DeviceStage:
                 self.done.record(self.side)
                 self.done.synchronize()
                 self.drained = dev_head
+                self.batches += 1
         self.ring.publish_upto(frames_head)
 
     def _run(self) -> None:
-        while not self._stop.wait(DRAIN_S):
+        while not self._stop.wait(self.period):
             try:
+                t0 = time.thread_time_ns()
                 self.drain_once()
+                self.drain_cpu_ns += time.thread_time_ns() - t0
             except Exception as exc:  # noqa: BLE001 - capture off, the job goes on
                 self.failed = f"device drain: {type(exc).__name__}: {exc}"
                 return

@@ -730,6 +730,7 @@ class Recorder:
     def facts(self) -> dict[str, Any]:
         sink = self._sink_facts or (self._sink.facts() if self._sink is not None else {})
         fast = self._fast.stats if self._fast is not None else (0, 0, 0, 0)
+        dev = self._rp.dev if self._rp is not None else None
         static = {k: sink.get(k, v) for k, v in STATIC_FACTS.items()}
         return {
             "rank": self.rank, "world_size": self.world_size, "host": socket.gethostname(),
@@ -751,6 +752,8 @@ class Recorder:
             "compiled_frames": fast[3],
             # GPU: the compiled hook's gathers as raw launches / through at::cat_out (gather_kernel.py)
             "gathers": list(self._fast.gather_info()[:2]) if self._fast is not None else [0, 0],
+            # GPU: the device drain's batches and CPU time (device_stage.py)
+            "drain": [dev.batches, dev.drain_cpu_ns / 1e3] if dev is not None else [0, 0.0],
             "setup_us": (self.setup_ns + (self._rp.setup_ns if self._rp is not None else 0)) / 1e3,
             "courier_cpu_us": self.courier_cpu_ns / 1e3,
             "writer_cpu_s": sink.get("cpu_s", 0.0),
