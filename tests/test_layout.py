@@ -163,6 +163,28 @@ def test_every_module_imports(module):
         raise
 
 
+def test_module_names_in_strings_resolve():
+    """Every string naming an epreplay module (subprocess `-m` targets, command tables, hook and
+    stand-in targets, import_module calls) names one that exists, or an attribute of one."""
+    import importlib.util
+    import re
+
+    bad = []
+    for module, path in MODULES.items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not (isinstance(node, ast.Constant) and isinstance(node.value, str)
+                    and re.fullmatch(r"epreplay(\.\w+)+", node.value)):
+                continue
+            name = node.value
+            if name in MODULES or name.rpartition(".")[2].startswith("_") or name.endswith(".tcss"):
+                continue  # C extensions may be unbuilt; epreplay.tcss is the TUI's style sheet
+            parent, _, attr = name.rpartition(".")
+            if importlib.util.find_spec(name) is None and not (parent in MODULES and hasattr(
+                    importlib.import_module(parent), attr)):
+                bad.append(f"{path.relative_to(REPO)}:{node.lineno}: {name!r}")
+    assert not bad, bad
+
+
 def test_public_entry_points():
     import epreplay.emulate
     from epreplay.cli import main  # the console script's target (pyproject: epreplay.cli:main)
