@@ -426,6 +426,9 @@ def _build_locked(run: RunDir, force: bool, progress: bool, workers: int | None,
             shutil.copyfile(run.index_path, tmp)
         con = connect(tmp)
         try:
+            # one transaction: DuckDB compresses and writes the tables' row groups once at
+            # COMMIT, not once per autocommitted insert (~20% of the table phase's CPU)
+            con.execute("BEGIN TRANSACTION")
             if full:
                 con.execute(_schema_sql())
             added = _ingest(con, run, facts, results, shard_paths, merge=not full)
@@ -435,6 +438,7 @@ def _build_locked(run: RunDir, force: bool, progress: bool, workers: int | None,
                 con.execute("INSERT INTO steps VALUES (?, ?, ?)", list(_plan_row(plan)))
             for rid in sorted(_report_ids(run) - _loaded_replays(con)):
                 _load_report(con, run, run.replays_dir / f"{rid}.json")
+            con.execute("COMMIT")
             t3 = time.perf_counter()
             con.execute("CHECKPOINT")
         finally:

@@ -87,44 +87,65 @@ def decode_some(raw: bytes, names: tuple[str, ...], meta_cache: dict | None = No
     dispatch record's ~8 arrays. Expert ids come back in their narrow stored form where that is
     lossless (see `_ids`), other arrays as codec.decode returns them.
 
-    meta_cache: {meta JSON bytes: dict}, reused across records (metas repeat call after call).
+    meta_cache: reused across records, {meta JSON bytes: dict} and {(names, table bytes): plan}:
+    metas and whole array tables repeat call after call, so a record whose table was seen
+    before is decoded without parsing it again. Metas are shared: callers must not change them.
     """
     buf = memoryview(raw)
     if bytes(buf[:4]) != codec.MAGIC:
         raise codec.CodecError("record body does not start with the codec magic")
     head_len = int.from_bytes(buf[4:8], "little")
     head = bytes(buf[8:8 + head_len])
+    plan = meta_cache.get((names, head)) if meta_cache is not None else None
+    if plan is None:
+        plan = _plan(head, head_len, names, meta_cache)
+        if plan is None:
+            table = json.loads(head)  # an unexpected layout: the slow, general path
+            return _decode_json(buf, head_len, table, names), table["meta"]
+        if meta_cache is not None and len(meta_cache) < 8192:
+            meta_cache[(names, head)] = plan
+    meta, items = plan
+    out = {}
+    for name, pos, shape, stored, offset, shuffle, nbytes, dtype in items:
+        if pos + nbytes > len(buf):
+            raise codec.CodecError(f"array {name} runs past the record body")
+        out[name] = _ids(buf, pos, shape, stored, offset, shuffle, nbytes) if dtype is None else \
+            codec._decode_one({"dtype": dtype, "stored": stored.decode(), "shape": list(shape),
+                               "offset": offset, "shuffle": shuffle, "nbytes": nbytes}, buf, pos)
+    return out, meta
+
+
+def _plan(head: bytes, head_len: int, names: tuple[str, ...], meta_cache: dict | None
+          ) -> tuple[dict, list[tuple]] | None:
+    """(meta, [(name, body position, shape, stored, offset, shuffle, nbytes, dtype)]) of the
+    wanted arrays of a codec table, in body order (dtype None: expert ids, read by `_ids`);
+    None for a table not in the codec's usual layout."""
     cut = head.find(_ARRAYS_KEY)
     specs = _SPEC.findall(head, cut) if cut > 0 else []
     if cut <= 0 or len(specs) != head.count(b'{"name":', cut):
-        table = json.loads(head)  # an unexpected layout: the slow, general path
-        return _decode_json(buf, head_len, table, names), table["meta"]
+        return None
     meta_b = head[8:cut]
     meta = meta_cache.get(meta_b) if meta_cache is not None else None
     if meta is None:
         meta = json.loads(meta_b)
-        if meta_cache is not None and len(meta_cache) < 4096:
+        if meta_cache is not None and len(meta_cache) < 8192:
             meta_cache[meta_b] = meta
     pos = 8 + head_len + (-(8 + head_len)) % 8
-    out = {}
     if "topk_idx_TK" in names and b'{"name":"topk_idx_TK"' in head:
         names = ("topk_idx_TK",)  # routing level: the counts arrays are derived from it anyway
     want = _WANT.get(names)
     if want is None:
         want = _WANT[names] = frozenset(n.encode() for n in names)
+    items = []
     for name_b, shape_b, stored, offset, shuffle, nbytes_b in specs:
         nbytes = int(nbytes_b)
         if name_b in want:
             name = name_b.decode()
             shape = tuple(int(x) for x in shape_b.split(b",")) if shape_b else ()
-            if pos + nbytes > len(buf):
-                raise codec.CodecError(f"array {name} runs past the record body")
-            out[name] = _ids(buf, pos, shape, stored, int(offset), shuffle == b"true", nbytes) \
-                if name == "topk_idx_TK" else codec._decode_one(
-                    {"dtype": _dtype_of(head, name_b), "stored": stored.decode(), "shape": list(shape),
-                     "offset": int(offset), "shuffle": shuffle == b"true", "nbytes": nbytes}, buf, pos)
+            items.append((name, pos, shape, stored, int(offset), shuffle == b"true", nbytes,
+                          None if name == "topk_idx_TK" else _dtype_of(head, name_b)))
         pos += nbytes + (-nbytes) % 8
-    return out, meta
+    return meta, items
 
 
 def _dtype_of(head: bytes, name_b: bytes) -> str:
@@ -180,15 +201,20 @@ class _Reader:
     from a window of the file."""
 
     def __init__(self, fd: int) -> None:
-        self.fd, self.lo, self.buf = fd, 0, b""
+        # one window buffer, refilled in place (os.preadv): a fresh 8 MiB bytes per window cost
+        # its page faults again, ~as much CPU as the read itself
+        self.fd, self.lo, self.n = fd, 0, 0
+        self.buf = bytearray(0)
         self.dec = zstandard.ZstdDecompressor()
 
     def frame(self, offset: int, comp_len: int, crc: int, raw_len: int, decode: bool = True) -> bytes:
         end = offset + REC_PREFIX + comp_len
-        if offset < self.lo or end > self.lo + len(self.buf):
-            self.lo = offset
-            self.buf = os.pread(self.fd, max(READ_BYTES, end - offset), offset)
-        view = memoryview(self.buf)[offset - self.lo:end - self.lo]
+        if offset < self.lo or end > self.lo + self.n:
+            want = max(READ_BYTES, end - offset)
+            if len(self.buf) < want:
+                self.buf = bytearray(want)
+            self.lo, self.n = offset, os.preadv(self.fd, [self.buf], offset)
+        view = memoryview(self.buf)[offset - self.lo:min(end, self.lo + self.n) - self.lo]
         if len(view) < REC_PREFIX + comp_len:
             raise ValueError("record cut short")
         if bytes(view[:8]) != RECORD_FRAME_HEAD:
