@@ -24,6 +24,7 @@ import json
 import math
 import os
 import re
+import struct
 import zlib
 from dataclasses import dataclass, field
 
@@ -43,6 +44,7 @@ except ImportError:
 ROUTING_OPS = (int(Op.DISPATCH), int(Op.LL_DISPATCH))
 CHUNK_RECORDS = 512  # records per vectorised batch: bounds memory (~2 MB of ids per 512 x 512 x 8)
 READ_BYTES = 8 << 20  # read the shard in ~8 MiB slices
+_U32 = struct.Struct("<I")
 
 
 @dataclass
@@ -166,11 +168,13 @@ def _decode_json(buf: memoryview, head_len: int, table: dict, names: tuple[str, 
 
 def _ids(buf: memoryview, pos: int, shape: tuple[int, ...], stored: bytes, offset: int,
          shuffle: bool, nbytes: int) -> np.ndarray:
-    """topk_idx_TK from its stored bytes without widening to int64: uint8 ids as a zero-copy
-    view (offset 0), else int16 (ids -1..32766; -1 = no expert)."""
+    """topk_idx_TK from its stored bytes without widening to int64: uint8 ids as they are
+    stored (offset 0), else int16 (ids -1..32766; -1 = no expert). Always a copy: a view would
+    keep the whole decoded record alive until aggregation (5x the ids' bytes, and fresh pages
+    for every record: page faults cost more CPU than the copy)."""
     count = math.prod(shape)
     if stored == b"|u1" and offset == 0 and nbytes == count:
-        return np.frombuffer(buf, np.uint8, count, pos).reshape(shape)
+        return np.frombuffer(buf, np.uint8, count, pos).reshape(shape).copy()
     if stored in (b"|u1", b"<u2") and -1 <= offset <= 0:
         width = 1 if stored == b"|u1" else 2
         if nbytes != count * width:
@@ -205,6 +209,7 @@ class _Reader:
         # its page faults again, ~as much CPU as the read itself
         self.fd, self.lo, self.n = fd, 0, 0
         self.buf = bytearray(0)
+        self.mv = memoryview(self.buf)
         self.dec = zstandard.ZstdDecompressor()
 
     def frame(self, offset: int, comp_len: int, crc: int, raw_len: int, decode: bool = True) -> bytes:
@@ -212,19 +217,20 @@ class _Reader:
         if offset < self.lo or end > self.lo + self.n:
             want = max(READ_BYTES, end - offset)
             if len(self.buf) < want:
+                self.mv.release()
                 self.buf = bytearray(want)
+                self.mv = memoryview(self.buf)
             self.lo, self.n = offset, os.preadv(self.fd, [self.buf], offset)
-        view = memoryview(self.buf)[offset - self.lo:min(end, self.lo + self.n) - self.lo]
-        if len(view) < REC_PREFIX + comp_len:
+        at = offset - self.lo
+        if end > self.lo + self.n:
             raise ValueError("record cut short")
-        if bytes(view[:8]) != RECORD_FRAME_HEAD:
+        if not self.buf.startswith(RECORD_FRAME_HEAD, at):
             raise ValueError("record header frame damaged")
         # the record's own header copy (the footer's is what we index by) has its CRC too: a
         # damaged one is damage, as shard_reader and `inspect` see it
-        head = view[8:REC_PREFIX - 4]
-        if int.from_bytes(view[REC_PREFIX - 4:REC_PREFIX], "little") != zlib.crc32(head):
+        if _U32.unpack_from(self.buf, at + REC_PREFIX - 4)[0] != zlib.crc32(self.mv[at + 8:at + REC_PREFIX - 4]):
             raise ValueError("record header damaged")
-        comp = view[REC_PREFIX:]
+        comp = self.mv[at + REC_PREFIX:end - self.lo]
         # byte 4 of a zstd frame is its descriptor; bit 2: a content checksum follows the data
         if not decode or len(comp) < 5 or not comp[4] & 4:
             got = zlib.crc32(comp)
@@ -237,7 +243,7 @@ class _Reader:
         # decoded bytes. Only a record that fails to decode is CRC'd, to say what is wrong in
         # the same words as a reader that checks CRCs first (shard_reader).
         try:
-            raw = self.dec.decompress(comp, max_output_size=raw_len)
+            raw = self.dec.decompress(comp, raw_len)
         except zstandard.ZstdError:
             raw = None
         if raw is None or len(raw) != raw_len:
