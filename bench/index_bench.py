@@ -34,6 +34,21 @@ def load() -> str:
     return "load average " + " ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
+def shard_cpu_ms(run: Path, n: int) -> float:
+    """CPU milliseconds per shard of what a worker does (epreplay.index_build.index_shard)."""
+    from epreplay.index_build import index_shard
+    from epreplay.run import RunDir
+
+    paths = RunDir(run).shard_paths()[:n]
+    best = float("inf")
+    for _ in range(3):
+        t = time.process_time()
+        for p in paths:
+            index_shard(str(p))
+        best = min(best, time.process_time() - t)
+    return best / max(len(paths), 1) * 1e3
+
+
 def timed(fn, repeat: int) -> tuple[float, float]:
     """(median, best) wall seconds of `repeat` calls after one warm-up call."""
     fn()
@@ -104,6 +119,9 @@ def main() -> int:
           f"wall-clock with {res.workers} worker process(es) on {cores} CPUs ({before} at its start, {load()} now); "
           f"least CPU {best_cpu:.2f} CPU-s = {res.routings / best_cpu / 1e6:.2f} M routings per CPU-second "
           f"(= {cores * res.routings / best_cpu / 1e6:.2f} M/s on {cores} idle cores at 100% parallel efficiency)")
+    shard_ms = shard_cpu_ms(run, 16)
+    print(f"  one worker's cost: {shard_ms:.1f} ms CPU per shard (index_shard in this process, "
+          f"least of 3 passes over 16 shards; parallelism and load do not enter it)")
     size = res.path.stat().st_size
     print("  phases: " + ", ".join(f"{k} {v:.2f} s" for k, v in res.phases.items())
           + "  (shards = parallel decode + aggregation; tables = merge + Arrow inserts)")
@@ -137,7 +155,7 @@ def main() -> int:
             print(f"{head} {name:45s} {med * 1e3:8.1f} ms / {best * 1e3:8.1f} ms")
         print("  (* = headline queries; target < 200 ms each)")
     print(json.dumps({"routings": res.routings, "build_wall_s": round(wall, 3), "build_cpu_s": round(cpu, 3),
-                      "workers": res.workers, "cores": cores, "load_at_start": before,
+                      "workers": res.workers, "cores": cores, "load_at_start": before, "shard_cpu_ms": round(shard_ms, 1),
                       "rate_per_cpu_s_M": round(res.routings / best_cpu / 1e6, 3),
                       "phases_s": {k: round(v, 3) for k, v in res.phases.items()},
                       "rate_wall_M_per_s": round(res.routings / wall / 1e6, 3),
