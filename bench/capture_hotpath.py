@@ -2,7 +2,7 @@
 
     python bench/capture_hotpath.py [--device cpu|cuda] [--rounds 7] [--iters 40]
                                     [--shapes decode,decode-ll,prefill] [--levels counts,routing,fingerprints]
-                                    [--writer process|thread] [--hot-path auto|ring|courier]
+                                    [--writer process|thread] [--hot-path auto|compiled|compiled-cat|ring|courier]
 
 Legend: T tokens, H hidden, E experts, K top-k.
 
@@ -15,8 +15,14 @@ prints:
   host us/call    (step time with capture - step time off) / hooked calls per step: what the job
                   pays, the GIL waits behind capture's other threads included
   hook us/call    the hooks' own time, as the recorder measures it (facts "hot_us")
-  device us/call  (GPU) device time of every kernel and copy in a step with capture - off, per
-                  hooked call (torch.profiler over 5 steps; the "off" row gives the step's total)
+  launch us       (GPU) host time of one gather launch inside the compiled hook (part of hook us)
+  drain us/call   (GPU) CPU time of the device drain thread per call (a share of the job's GIL;
+                  its wait for the copy sleeps and is not counted)
+  kernel us/call  (GPU) device time of the kernels in a step with capture - off, per hooked call
+                  (torch.profiler over 5 steps; the "off" row gives the step's total): the job's
+                  stream
+  copy us/call    (GPU) the same for copies: the drain's DMA to host, on a side stream and the
+                  copy engine, overlapping the job's kernels
   kernels/call    (GPU) kernels per step with capture - off, per hooked call (the gather, and at
                   fingerprints the hash kernels)
   copies/call     (GPU) copies per step with capture - off, per call (the drain's bulk copies,
@@ -47,10 +53,11 @@ GPU_SHAPES = {  # DeepEP's benchmark shapes
 LEVELS = ["counts", "routing", "fingerprints"]
 
 
-def _device_work(step, steps: int = 5) -> tuple[float, float, float]:
-    """Per step of step(): (kernels, copies and memsets, device us of all of them) that the GPU
-    ran, from torch.profiler over `steps` steps. Capture's kernels are the gather (one per call)
-    and, at `fingerprints`, the hash kernels; its copies are the drain's (one per batch)."""
+def _device_work(step, steps: int = 5) -> tuple[float, float, float, float]:
+    """Per step of step(): (kernels, copies and memsets, device us of the kernels, of the
+    copies) that the GPU ran, from torch.profiler over `steps` steps. Capture's kernels are the
+    gather (one per call) and, at `fingerprints`, the hash kernels, on the job's stream; its
+    copies are the drain's (one per batch) on a side stream and the copy engine."""
     import torch
     from torch.profiler import ProfilerActivity, profile
 
@@ -60,17 +67,19 @@ def _device_work(step, steps: int = 5) -> tuple[float, float, float]:
             step()
         torch.cuda.synchronize()
     kernels = copies = 0
-    busy_us = 0.0
+    kernel_us = copy_us = 0.0
     for e in prof.events():
         if e.device_type.name != "CUDA":
             continue
         name = e.name.lower()
+        us = getattr(e, "device_time", None) or getattr(e, "cuda_time", 0.0) or 0.0
         if "memcpy" in name or "memset" in name:
             copies += 1
+            copy_us += us
         else:
             kernels += 1
-        busy_us += getattr(e, "device_time", None) or getattr(e, "cuda_time", 0.0) or 0.0
-    return kernels / steps, copies / steps, busy_us / steps
+            kernel_us += us
+    return kernels / steps, copies / steps, kernel_us / steps, copy_us / steps
 
 
 def _hot_path(name: str) -> str:
@@ -117,6 +126,7 @@ def _rank(ctx, args: dict, root: str) -> dict:
         hook = {m: float("inf") for m in modes}
         dropped = {m: 0 for m in modes}
         drain = {m: float("inf") for m in modes}
+        launch = {m: float("inf") for m in modes}
         for _ in range(3):
             step()  # warm-up: allocator, gloo/NCCL connections
         for rnd in range(args["rounds"]):
@@ -148,8 +158,10 @@ def _rank(ctx, args: dict, root: str) -> dict:
                     dropped[mode] += int(facts.get("dropped", 0))
                     # the device drain's CPU (its share of the GIL), over the session's calls
                     drain[mode] = min(drain[mode], facts.get("drain", [0, 0.0])[1] / max(1, facts.get("calls", 1)))
+                    g = facts.get("gathers", [0, 0, 0])
+                    launch[mode] = min(launch[mode], g[2] / 1e3 / max(1, g[0] + g[1]))
         row = {"calls": calls, "iters": iters, "host_us": host, "hook_us": hook, "dropped": dropped,
-               "drain_us": drain}
+               "drain_us": drain, "launch_us": launch}
         if cuda:
             row["device_us"] = dev
             work = {"off": _device_work(step)}
@@ -212,7 +224,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"command: python bench/capture_hotpath.py {' '.join(argv if argv is not None else sys.argv[1:])}")
     head = f"{'shape':<34}{'level/hot path':<24}{'step us':>10}{'host us/call':>14}{'hook us/call':>14}"
     if a.device == "cuda":
-        head += f"{'drain us/call':>15}{'device us/call':>16}{'kernels/call':>14}{'copies/call':>13}"
+        head += (f"{'launch us':>11}{'drain us/call':>15}{'kernel us/call':>16}{'copy us/call':>14}"
+                 f"{'kernels/call':>14}{'copies/call':>13}")
     print(head + f"{'dropped':>9}")
     for name, row in res.items():
         s = shapes[name]
@@ -220,8 +233,8 @@ def main(argv: list[str] | None = None) -> int:
         off = row["host_us"]["off"]
         line = f"{label:<34}{'off':<24}{off:>10.1f}{'-':>14}{'-':>14}"
         if a.device == "cuda":
-            k, c, busy = row["work"]["off"]
-            line += f"{'-':>15}{busy:>16.1f}{k:>14.1f}{c:>13.1f}"
+            k, c, kus, cus = row["work"]["off"]
+            line += f"{'-':>11}{'-':>15}{kus:>16.1f}{cus:>14.1f}{k:>14.1f}{c:>13.1f}"
         print(line)
         for hp in args["hot_paths"]:
             for level in args["levels"]:
@@ -230,9 +243,10 @@ def main(argv: list[str] | None = None) -> int:
                 line = (f"{'':<34}{level + '/' + hp:<24}{row['host_us'][mode]:>10.1f}{added:>14.2f}"
                         f"{row['hook_us'][mode]:>14.2f}")
                 if a.device == "cuda":
-                    (k0, c0, b0), (k1, c1, b1) = row["work"]["off"], row["work"][mode]
+                    (k0, c0, ku0, cu0), (k1, c1, ku1, cu1) = row["work"]["off"], row["work"][mode]
                     n = row["calls"]
-                    line += (f"{row['drain_us'][mode]:>15.2f}{(b1 - b0) / n:>16.2f}{(k1 - k0) / n:>14.2f}"
+                    line += (f"{row['launch_us'][mode]:>11.2f}{row['drain_us'][mode]:>15.2f}"
+                             f"{(ku1 - ku0) / n:>16.2f}{(cu1 - cu0) / n:>14.2f}{(k1 - k0) / n:>14.2f}"
                              f"{(c1 - c0) / n:>13.2f}")
                 print(line + f"{row['dropped'][mode]:>9d}")
     return 0

@@ -190,7 +190,7 @@ struct Session {
   void *gfunc, *glaunch;
   PyObject *stream_of;
   std::vector<std::pair<int64_t, void *>> *shandles;
-  int64_t glaunches[2];
+  int64_t glaunches[3];  // [raw launches, at::cat_out launches, ns spent launching]
 };
 
 struct Hook {
@@ -620,6 +620,7 @@ int64_t gather(Session *s, const std::vector<Out> &ts) {
   int64_t start = head + pad;
   c10::Stream st = c10::impl::getDeviceGuardImpl(c10::DeviceType::CUDA)->getStream(s->D->device());
   uint64_t dst = uint64_t(reinterpret_cast<uintptr_t>(s->D->data_ptr())) + uint64_t(start % cap);
+  int64_t t0 = now_ns(CLOCK_MONOTONIC);
   if (raw_gather(s, ts, dst, total, st)) {
     s->glaunches[0]++;
   } else {
@@ -630,6 +631,7 @@ int64_t gather(Session *s, const std::vector<Out> &ts) {
     at::cat_out(out, pieces, 0);
     s->glaunches[1]++;
   }
+  s->glaunches[2] += now_ns(CLOCK_MONOTONIC) - t0;
   s->dstate[0] = start + total;
   bool seen = false;
   for (const auto &x : *s->streams) seen = seen || x == st;
@@ -867,7 +869,7 @@ PyObject *sess_new(PyTypeObject *type, PyObject *args, PyObject *kw) {
   s->gfunc = s->glaunch = nullptr;
   s->stream_of = nullptr;
   s->shandles = new std::vector<std::pair<int64_t, void *>>();
-  s->glaunches[0] = s->glaunches[1] = 0;
+  s->glaunches[0] = s->glaunches[1] = s->glaunches[2] = 0;
   return reinterpret_cast<PyObject *>(s);
 fail_attr:
   PyBuffer_Release(&s->attr_v);
@@ -1078,11 +1080,11 @@ PyObject *sess_set_gather(PyObject *self, PyObject *args) {
   Py_RETURN_NONE;
 }
 
-// gather_info(): (raw gather launches, at::cat_out launches, raw path on).
+// gather_info(): (raw gather launches, at::cat_out launches, raw path on, ns spent launching).
 PyObject *sess_gather_info(PyObject *self, PyObject *) {
   Session *s = reinterpret_cast<Session *>(self);
-  return Py_BuildValue("(LLO)", (long long)s->glaunches[0], (long long)s->glaunches[1],
-                       s->gfunc ? Py_True : Py_False);
+  return Py_BuildValue("(LLOL)", (long long)s->glaunches[0], (long long)s->glaunches[1],
+                       s->gfunc ? Py_True : Py_False, (long long)s->glaunches[2]);
 }
 
 // take_streams(): [(stream id, device index, device type)] gathered on since the last call.
@@ -1123,7 +1125,7 @@ PyMethodDef sess_methods[] = {
     {"set_device", sess_set_device, METH_VARARGS, "set_device(D, dstate, capturing): the device ring."},
     {"take_streams", sess_take_streams, METH_NOARGS, "Streams gathered on since the last call."},
     {"set_gather", sess_set_gather, METH_VARARGS, "set_gather(func, launch, stream_of): the raw gather launch."},
-    {"gather_info", sess_gather_info, METH_NOARGS, "(raw gather launches, at::cat_out launches, raw path on)."},
+    {"gather_info", sess_gather_info, METH_NOARGS, "(raw gather launches, at::cat_out launches, raw path on, ns launching)."},
     {"plans", sess_plans, METH_NOARGS, "(keys seen, plans learned)."},
     {nullptr, nullptr, 0, nullptr},
 };

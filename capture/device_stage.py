@@ -65,7 +65,8 @@ class DeviceStage:
         self.streams: dict[int, Any] = {}  # streams gathered on since the last drain
         self.side = torch.cuda.Stream(device=device)
         self.ev = torch.cuda.Event()
-        self.done = torch.cuda.Event()
+        # blocking: the drain's wait for its copy sleeps instead of spinning a core of the host
+        self.done = torch.cuda.Event(blocking=True)
         self.mirror = self._mirror()
         self._w_dtail = ctypes.c_uint64.from_buffer(ring.mm, W_DTAIL * 8)
         self.failed: str | None = None

@@ -68,8 +68,8 @@ class FastSession:
         hookx.activate(self.session)
         self.gather_tried = False  # the raw gather launch (gather_kernel.py), tried once
 
-    def gather_info(self) -> tuple[int, int, bool]:
-        """(raw gather launches, at::cat_out launches, raw path on) so far."""
+    def gather_info(self) -> tuple[int, int, bool, int]:
+        """(raw gather launches, at::cat_out launches, raw path on, ns spent launching) so far."""
         return tuple(self.session.gather_info())
 
     def close(self) -> None:

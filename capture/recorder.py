@@ -751,7 +751,9 @@ class Recorder:
             "hot_us": (self.hot_ns + fast[0] - self.setup_ns - (self._rp.setup_ns if self._rp is not None else 0)) / 1e3,
             "compiled_frames": fast[3],
             # GPU: the compiled hook's gathers as raw launches / through at::cat_out (gather_kernel.py)
-            "gathers": list(self._fast.gather_info()[:2]) if self._fast is not None else [0, 0],
+            # and the ns the launches took
+            "gathers": [*self._fast.gather_info()[:2], self._fast.gather_info()[3]] if self._fast is not None
+            else [0, 0, 0],
             # GPU: the device drain's batches and CPU time (device_stage.py)
             "drain": [dev.batches, dev.drain_cpu_ns / 1e3] if dev is not None else [0, 0.0],
             "setup_us": (self.setup_ns + (self._rp.setup_ns if self._rp is not None else 0)) / 1e3,

@@ -79,3 +79,35 @@ def test_damaged_decoded_record_is_refused_by_crc(small_run: Path, tmp_path: Pat
     assert f"record at byte {entry.offset}: record data damaged (crc" in res.problem
     n_ok = [e.offset for e in open_shard(path).entries].index(entry.offset)
     assert res.records == n_ok and len(res.calls["rank"]) == n_ok < len(clean.calls["rank"])
+
+
+def test_decode_some_through_one_cache_equals_codec_decode() -> None:
+    """decode_some keeps each array table it parsed (keyed by the table's bytes) and reuses it
+    for later records: records of different layouts (id widths, offsets, shapes, a counts-level
+    record without ids) decoded in turn through one cache each give codec.decode's values."""
+    from epreplay.format import codec
+
+    rng = np.random.default_rng(5)
+    names = ("topk_idx_TK", "num_tokens_per_expert_E", "num_tokens_per_rank_R", "recv_count_L")
+    cache: dict = {}
+    layouts = [(8, 4, 0, 200), (8, 4, -1, 200), (8, 4, 0, 60000), (5, 2, 0, 200), (0, 4, 0, 1),
+               (8, 4, -1, 30000), None]
+    for rnd in range(3):  # the second and third rounds decode through the cached tables
+        for layout in layouts:
+            arrays = {"num_tokens_per_rank_R": rng.integers(0, 9, 4).astype(np.int32),
+                      "num_tokens_per_expert_E": rng.integers(0, 300, 16).astype(np.int32)}
+            if layout is not None:
+                T, K, lo, hi = layout
+                arrays["topk_idx_TK"] = rng.integers(lo, hi, (T, K))
+                arrays["topk_weights_TK"] = rng.random((T, K), np.float32)
+            blob = codec.encode(arrays, {"hidden": 64, "round": rnd % 2})
+            got, meta = B.decode_some(blob, names, cache)
+            want, want_meta = codec.decode(blob)
+            assert meta == want_meta
+            expect = ["topk_idx_TK"] if layout is not None else ["num_tokens_per_expert_E",
+                                                                   "num_tokens_per_rank_R"]
+            assert sorted(got) == expect
+            for name in expect:
+                np.testing.assert_array_equal(got[name].astype(np.int64), want[name].astype(np.int64))
+                assert got[name].shape == want[name].shape
+    assert any(isinstance(k, tuple) for k in cache)  # tables were cached and reused

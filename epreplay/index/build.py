@@ -39,7 +39,7 @@ from epreplay.index import clock
 from epreplay.index.check import changed
 from epreplay.index.lock import IndexLocked, WriterLock, connect
 from epreplay.index.store import INDEX_VERSION, _ingest, _load_report, _loaded_replays
-from epreplay.index.workers import run_workers
+from epreplay.index.workers import run_workers, worker_count
 from epreplay.format.run import RunDir
 
 
@@ -61,6 +61,7 @@ class IndexResult:
     message: str = ""
     rows_added: dict[str, int] = field(default_factory=dict)
     phases: dict[str, float] = field(default_factory=dict)  # seconds: plan, shards, tables, checkpoint
+    workers: int = 0  # processes that indexed the shards (1: in this process)
 
 
 def _schema_sql() -> str:
@@ -294,6 +295,9 @@ def _build_locked(run: RunDir, force: bool, progress: bool, workers: int | None,
             shutil.copyfile(run.index_path, tmp)
         con = connect(tmp)
         try:
+            # one transaction: DuckDB compresses and writes the tables' row groups once at
+            # COMMIT, not once per autocommitted insert (~20% of the table phase's CPU)
+            con.execute("BEGIN TRANSACTION")
             if full:
                 con.execute(_schema_sql())
             added = _ingest(con, run, facts, results, shard_paths, merge=not full)
@@ -303,6 +307,7 @@ def _build_locked(run: RunDir, force: bool, progress: bool, workers: int | None,
                 con.execute("INSERT INTO steps VALUES (?, ?, ?)", list(_plan_row(plan)))
             for rid in sorted(_report_ids(run) - _loaded_replays(con)):
                 _load_report(con, run, run.replays_dir / f"{rid}.json")
+            con.execute("COMMIT")
             t3 = time.perf_counter()
             con.execute("CHECKPOINT")
         finally:
@@ -319,7 +324,8 @@ def _build_locked(run: RunDir, force: bool, progress: bool, workers: int | None,
     return IndexResult(run.index_path, "built" if full else "updated", len(results),
                        sum(r.records - r.start for r in results), routings,
                        time.perf_counter() - t0, problems, rows_added=added,
-                       phases={"plan": t1 - t0, "shards": t2 - t1, "tables": t3 - t2, "checkpoint": t4 - t3})
+                       phases={"plan": t1 - t0, "shards": t2 - t1, "tables": t3 - t2, "checkpoint": t4 - t3},
+                       workers=worker_count(tasks, workers))
 
 
 def ensure_index(run: str | os.PathLike[str], *, progress: bool = True) -> IndexResult:

@@ -24,6 +24,7 @@ import json
 import math
 import os
 import re
+import struct
 import zlib
 from dataclasses import dataclass, field
 
@@ -43,6 +44,7 @@ except ImportError:
 ROUTING_OPS = (int(Op.DISPATCH), int(Op.LL_DISPATCH))
 CHUNK_RECORDS = 512  # records per vectorised batch: bounds memory (~2 MB of ids per 512 x 512 x 8)
 READ_BYTES = 8 << 20  # read the shard in ~8 MiB slices
+_U32 = struct.Struct("<I")
 
 
 @dataclass
@@ -87,44 +89,65 @@ def decode_some(raw: bytes, names: tuple[str, ...], meta_cache: dict | None = No
     dispatch record's ~8 arrays. Expert ids come back in their narrow stored form where that is
     lossless (see `_ids`), other arrays as codec.decode returns them.
 
-    meta_cache: {meta JSON bytes: dict}, reused across records (metas repeat call after call).
+    meta_cache: reused across records, {meta JSON bytes: dict} and {(names, table bytes): plan}:
+    metas and whole array tables repeat call after call, so a record whose table was seen
+    before is decoded without parsing it again. Metas are shared: callers must not change them.
     """
     buf = memoryview(raw)
     if bytes(buf[:4]) != codec.MAGIC:
         raise codec.CodecError("record body does not start with the codec magic")
     head_len = int.from_bytes(buf[4:8], "little")
     head = bytes(buf[8:8 + head_len])
+    plan = meta_cache.get((names, head)) if meta_cache is not None else None
+    if plan is None:
+        plan = _plan(head, head_len, names, meta_cache)
+        if plan is None:
+            table = json.loads(head)  # an unexpected layout: the slow, general path
+            return _decode_json(buf, head_len, table, names), table["meta"]
+        if meta_cache is not None and len(meta_cache) < 8192:
+            meta_cache[(names, head)] = plan
+    meta, items = plan
+    out = {}
+    for name, pos, shape, stored, offset, shuffle, nbytes, dtype in items:
+        if pos + nbytes > len(buf):
+            raise codec.CodecError(f"array {name} runs past the record body")
+        out[name] = _ids(buf, pos, shape, stored, offset, shuffle, nbytes) if dtype is None else \
+            codec._decode_one({"dtype": dtype, "stored": stored.decode(), "shape": list(shape),
+                               "offset": offset, "shuffle": shuffle, "nbytes": nbytes}, buf, pos)
+    return out, meta
+
+
+def _plan(head: bytes, head_len: int, names: tuple[str, ...], meta_cache: dict | None
+          ) -> tuple[dict, list[tuple]] | None:
+    """(meta, [(name, body position, shape, stored, offset, shuffle, nbytes, dtype)]) of the
+    wanted arrays of a codec table, in body order (dtype None: expert ids, read by `_ids`);
+    None for a table not in the codec's usual layout."""
     cut = head.find(_ARRAYS_KEY)
     specs = _SPEC.findall(head, cut) if cut > 0 else []
     if cut <= 0 or len(specs) != head.count(b'{"name":', cut):
-        table = json.loads(head)  # an unexpected layout: the slow, general path
-        return _decode_json(buf, head_len, table, names), table["meta"]
+        return None
     meta_b = head[8:cut]
     meta = meta_cache.get(meta_b) if meta_cache is not None else None
     if meta is None:
         meta = json.loads(meta_b)
-        if meta_cache is not None and len(meta_cache) < 4096:
+        if meta_cache is not None and len(meta_cache) < 8192:
             meta_cache[meta_b] = meta
     pos = 8 + head_len + (-(8 + head_len)) % 8
-    out = {}
     if "topk_idx_TK" in names and b'{"name":"topk_idx_TK"' in head:
         names = ("topk_idx_TK",)  # routing level: the counts arrays are derived from it anyway
     want = _WANT.get(names)
     if want is None:
         want = _WANT[names] = frozenset(n.encode() for n in names)
+    items = []
     for name_b, shape_b, stored, offset, shuffle, nbytes_b in specs:
         nbytes = int(nbytes_b)
         if name_b in want:
             name = name_b.decode()
             shape = tuple(int(x) for x in shape_b.split(b",")) if shape_b else ()
-            if pos + nbytes > len(buf):
-                raise codec.CodecError(f"array {name} runs past the record body")
-            out[name] = _ids(buf, pos, shape, stored, int(offset), shuffle == b"true", nbytes) \
-                if name == "topk_idx_TK" else codec._decode_one(
-                    {"dtype": _dtype_of(head, name_b), "stored": stored.decode(), "shape": list(shape),
-                     "offset": int(offset), "shuffle": shuffle == b"true", "nbytes": nbytes}, buf, pos)
+            items.append((name, pos, shape, stored, int(offset), shuffle == b"true", nbytes,
+                          None if name == "topk_idx_TK" else _dtype_of(head, name_b)))
         pos += nbytes + (-nbytes) % 8
-    return out, meta
+    return meta, items
 
 
 def _dtype_of(head: bytes, name_b: bytes) -> str:
@@ -145,11 +168,13 @@ def _decode_json(buf: memoryview, head_len: int, table: dict, names: tuple[str, 
 
 def _ids(buf: memoryview, pos: int, shape: tuple[int, ...], stored: bytes, offset: int,
          shuffle: bool, nbytes: int) -> np.ndarray:
-    """topk_idx_TK from its stored bytes without widening to int64: uint8 ids as a zero-copy
-    view (offset 0), else int16 (ids -1..32766; -1 = no expert)."""
+    """topk_idx_TK from its stored bytes without widening to int64: uint8 ids as they are
+    stored (offset 0), else int16 (ids -1..32766; -1 = no expert). Always a copy: a view would
+    keep the whole decoded record alive until aggregation (5x the ids' bytes, and fresh pages
+    for every record: page faults cost more CPU than the copy)."""
     count = math.prod(shape)
     if stored == b"|u1" and offset == 0 and nbytes == count:
-        return np.frombuffer(buf, np.uint8, count, pos).reshape(shape)
+        return np.frombuffer(buf, np.uint8, count, pos).reshape(shape).copy()
     if stored in (b"|u1", b"<u2") and -1 <= offset <= 0:
         width = 1 if stored == b"|u1" else 2
         if nbytes != count * width:
@@ -180,25 +205,32 @@ class _Reader:
     from a window of the file."""
 
     def __init__(self, fd: int) -> None:
-        self.fd, self.lo, self.buf = fd, 0, b""
+        # one window buffer, refilled in place (os.preadv): a fresh 8 MiB bytes per window cost
+        # its page faults again, ~as much CPU as the read itself
+        self.fd, self.lo, self.n = fd, 0, 0
+        self.buf = bytearray(0)
+        self.mv = memoryview(self.buf)
         self.dec = zstandard.ZstdDecompressor()
 
     def frame(self, offset: int, comp_len: int, crc: int, raw_len: int, decode: bool = True) -> bytes:
         end = offset + REC_PREFIX + comp_len
-        if offset < self.lo or end > self.lo + len(self.buf):
-            self.lo = offset
-            self.buf = os.pread(self.fd, max(READ_BYTES, end - offset), offset)
-        view = memoryview(self.buf)[offset - self.lo:end - self.lo]
-        if len(view) < REC_PREFIX + comp_len:
+        if offset < self.lo or end > self.lo + self.n:
+            want = max(READ_BYTES, end - offset)
+            if len(self.buf) < want:
+                self.mv.release()
+                self.buf = bytearray(want)
+                self.mv = memoryview(self.buf)
+            self.lo, self.n = offset, os.preadv(self.fd, [self.buf], offset)
+        at = offset - self.lo
+        if end > self.lo + self.n:
             raise ValueError("record cut short")
-        if bytes(view[:8]) != RECORD_FRAME_HEAD:
+        if not self.buf.startswith(RECORD_FRAME_HEAD, at):
             raise ValueError("record header frame damaged")
         # the record's own header copy (the footer's is what we index by) has its CRC too: a
         # damaged one is damage, as shard_reader and `inspect` see it
-        head = view[8:REC_PREFIX - 4]
-        if int.from_bytes(view[REC_PREFIX - 4:REC_PREFIX], "little") != zlib.crc32(head):
+        if _U32.unpack_from(self.buf, at + REC_PREFIX - 4)[0] != zlib.crc32(self.mv[at + 8:at + REC_PREFIX - 4]):
             raise ValueError("record header damaged")
-        comp = view[REC_PREFIX:]
+        comp = self.mv[at + REC_PREFIX:end - self.lo]
         # byte 4 of a zstd frame is its descriptor; bit 2: a content checksum follows the data
         if not decode or len(comp) < 5 or not comp[4] & 4:
             got = zlib.crc32(comp)
@@ -211,7 +243,7 @@ class _Reader:
         # decoded bytes. Only a record that fails to decode is CRC'd, to say what is wrong in
         # the same words as a reader that checks CRCs first (shard_reader).
         try:
-            raw = self.dec.decompress(comp, max_output_size=raw_len)
+            raw = self.dec.decompress(comp, raw_len)
         except zstandard.ZstdError:
             raw = None
         if raw is None or len(raw) != raw_len:

@@ -31,9 +31,7 @@ def run_workers(tasks: list[tuple[Path, int, int]], facts: dict, progress: bool,
              facts.get("layers_per_step", 0)) for p, s, e in tasks]
     sizes = [max(p.stat().st_size, 1) for p, _, _ in tasks]
     total = sum(sizes)
-    n = workers if workers is not None else min(_cpus(), 8)
-    # below ~16 MiB process start-up costs more than it saves
-    n = max(1, min(n, len(tasks))) if total > (16 << 20) else 1
+    n = worker_count(tasks, workers)
     bar = _Progress(progress, total, f"indexing {len(tasks)} shard(s)")
     out = []
     try:
@@ -51,6 +49,14 @@ def run_workers(tasks: list[tuple[Path, int, int]], facts: dict, progress: bool,
     finally:
         bar.close()
     return sorted(out, key=lambda r: r.rank)
+
+
+def worker_count(tasks: list[tuple[Path, int, int]], workers: int | None) -> int:
+    """Processes `run_workers` uses for `tasks`: `workers` (default: the CPUs, at most 8), at
+    most one per task, and 1 (this process) below ~16 MiB, where start-up costs more than it saves."""
+    n = workers if workers is not None else min(_cpus(), 8)
+    total = sum(max(p.stat().st_size, 1) for p, _, _ in tasks)
+    return max(1, min(n, len(tasks))) if total > (16 << 20) else 1
 
 
 def _cpus() -> int:
