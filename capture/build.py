@@ -13,8 +13,8 @@ from typing import Any
 
 import numpy as np
 
-from epreplay.capture.packed import tagged
 from epreplay.capture import build_v2
+from epreplay.capture.packed import tagged
 from epreplay.format.records import FINGERPRINT_VERSION, VARIANT_BUFFER, VARIANT_ELASTIC, Kind, Level, Op, RecordHeader
 
 Built = tuple[RecordHeader, dict[str, Any], dict[str, Any]]

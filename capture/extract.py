@@ -26,10 +26,10 @@ from typing import Any
 
 import torch
 
-from epreplay.format.fingerprint_gpu import fingerprint_rows_fast
-from epreplay.format.records import Level, Op, Status
 from epreplay.capture import extract_v2
 from epreplay.capture.stage import Staging, Timer
+from epreplay.format.fingerprint_gpu import fingerprint_rows_fast
+from epreplay.format.records import Level, Op, Status
 
 ArraysMeta = tuple[dict[str, Any], dict[str, Any]]
 

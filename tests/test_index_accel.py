@@ -9,11 +9,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from epreplay.index import shard as B
+from epreplay.demo.synth import make_synthetic_run
 from epreplay.format.records import Op
 from epreplay.format.run import RunDir
 from epreplay.format.shard import open_shard
-from epreplay.demo.synth import make_synthetic_run
+from epreplay.index import shard as B
 
 
 def _group(rng: np.random.Generator, dtype, E: int, K: int, records: int) -> list:

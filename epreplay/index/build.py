@@ -33,14 +33,14 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from epreplay.format import steps
 from epreplay.errors import UsageError
+from epreplay.format import steps
+from epreplay.format.run import RunDir
 from epreplay.index import clock
 from epreplay.index.check import changed
 from epreplay.index.lock import IndexLocked, WriterLock, connect
 from epreplay.index.store import INDEX_VERSION, _ingest, _load_report, _loaded_replays
 from epreplay.index.workers import run_workers, worker_count
-from epreplay.format.run import RunDir
 
 
 @dataclass(frozen=True)
