@@ -14,6 +14,9 @@ rounds counts, so a machine whose load drifts hits every mode alike. Per level a
 prints:
   host us/call    (step time with capture - step time off) / hooked calls per step: what the job
                   pays, the GIL waits behind capture's other threads included
+  cpu us/call     (thread CPU time of the job's thread with capture - off) / hooked calls: what
+                  the job's own thread computes for capture, blind to GIL and core waits, so it
+                  means something on a loaded machine (where host us/call is noisy)
   hook us/call    the hooks' own time, as the recorder measures it (facts "hot_us")
   device us/call  (GPU) device time of every kernel and copy in a step with capture - off, per
                   hooked call (torch.profiler over 5 steps; the "off" row gives the step's total)
@@ -102,6 +105,7 @@ def _rank(ctx, args: dict, root: str) -> dict:
         # (level, hot path) pairs, interleaved with "off" in every round
         modes = ["off", *[(lv, hp) for hp in args["hot_paths"] for lv in args["levels"]]]
         host = {m: float("inf") for m in modes}
+        cpu = {m: float("inf") for m in modes}
         dev = {m: float("inf") for m in modes}
         hook = {m: float("inf") for m in modes}
         dropped = {m: 0 for m in modes}
@@ -120,10 +124,13 @@ def _rank(ctx, args: dict, root: str) -> dict:
                     torch.cuda.synchronize()
                     e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
                     e0.record()
+                c0 = time.thread_time_ns()
                 t0 = time.perf_counter()
                 for _ in range(iters):
                     step()
                 t1 = time.perf_counter()
+                c1 = time.thread_time_ns()
+                cpu[mode] = min(cpu[mode], (c1 - c0) / 1e3 / iters)
                 if cuda:
                     e1.record()
                     e1.synchronize()
@@ -134,7 +141,7 @@ def _rank(ctx, args: dict, root: str) -> dict:
                     hook[mode] = min(hook[mode], (hot1 - hot0) / 1e3 / max(1, calls1 - calls0))
                     facts = capture.stop() or {}
                     dropped[mode] += int(facts.get("dropped", 0))
-        row = {"calls": calls, "iters": iters, "host_us": host, "hook_us": hook, "dropped": dropped}
+        row = {"calls": calls, "iters": iters, "host_us": host, "cpu_us": cpu, "hook_us": hook, "dropped": dropped}
         if cuda:
             row["device_us"] = dev
             work = {"off": _device_work(step)}
@@ -193,8 +200,9 @@ def main(argv: list[str] | None = None) -> int:
     shapes = GPU_SHAPES if a.device == "cuda" else SHAPES
     print(f"capture hot path, 1 rank, emulated Buffer on {a.device}, writer {a.writer}, hot paths "
           f"{a.hot_path}, min of {a.rounds} interleaved rounds")
+    print("load average (1, 5, 15 min) at the end: " + " ".join(f"{x:.2f}" for x in os.getloadavg()))
     print(f"command: python bench/capture_hotpath.py {' '.join(argv if argv is not None else sys.argv[1:])}")
-    head = f"{'shape':<34}{'level/hot path':<24}{'step us':>10}{'host us/call':>14}{'hook us/call':>14}"
+    head = f"{'shape':<34}{'level/hot path':<24}{'step us':>10}{'host us/call':>14}{'cpu us/call':>13}{'hook us/call':>14}"
     if a.device == "cuda":
         head += f"{'device us/call':>16}{'kernels/call':>14}{'copies/call':>13}"
     print(head + f"{'dropped':>9}")
@@ -202,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
         s = shapes[name]
         label = f"{name} T={s['tokens']} H={s['hidden']} E={s['experts']}"
         off = row["host_us"]["off"]
-        line = f"{label:<34}{'off':<24}{off:>10.1f}{'-':>14}{'-':>14}"
+        line = f"{label:<34}{'off':<24}{off:>10.1f}{'-':>14}{'-':>13}{'-':>14}"
         if a.device == "cuda":
             k, c, busy = row["work"]["off"]
             line += f"{busy:>16.1f}{k:>14.1f}{c:>13.1f}"
@@ -211,7 +219,8 @@ def main(argv: list[str] | None = None) -> int:
             for level in args["levels"]:
                 mode = (level, hp)
                 added = (row["host_us"][mode] - off) / row["calls"]
-                line = (f"{'':<34}{level + '/' + hp:<24}{row['host_us'][mode]:>10.1f}{added:>14.2f}"
+                cpu_added = (row["cpu_us"][mode] - row["cpu_us"]["off"]) / row["calls"]
+                line = (f"{'':<34}{level + '/' + hp:<24}{row['host_us'][mode]:>10.1f}{added:>14.2f}{cpu_added:>13.2f}"
                         f"{row['hook_us'][mode]:>14.2f}")
                 if a.device == "cuda":
                     (k0, c0, b0), (k1, c1, b1) = row["work"]["off"], row["work"][mode]
