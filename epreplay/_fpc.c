@@ -35,51 +35,47 @@ typedef struct {
     Py_ssize_t H, wb, kind;
 } Part;
 
-/* 1 when row (H words of wb bytes) holds no NaN/inf of its float kind. */
-static int row_finite(const unsigned char *row, Py_ssize_t H, int kind) {
-    Py_ssize_t j;
-    if (kind == 1 || kind == 2) {
-        uint16_t m = kind == 1 ? 0x7F80 : 0x7C00, w;
-        for (j = 0; j < H; j++) {
-            memcpy(&w, row + 2 * j, 2);
-            if ((w & m) == m) return 0;
-        }
-    } else if (kind == 3) {
-        uint32_t w;
-        for (j = 0; j < H; j++) {
-            memcpy(&w, row + 4 * j, 4);
-            if ((w & 0x7F800000u) == 0x7F800000u) return 0;
-        }
-    }
-    return 1;
+/* Per float kind, the exponent bits of each word of a lane (a word is NaN/inf when all are set),
+ * and the low bit and top bit of each word field (for the "some field is zero" test below). */
+static const uint64_t EXP[4] = {0, 0x7F807F807F807F80ULL, 0x7C007C007C007C00ULL, 0x7F8000007F800000ULL};
+static const uint64_t LOW[4] = {0, 0x0001000100010001ULL, 0x0001000100010001ULL, 0x0000000100000001ULL};
+static const uint64_t TOP[4] = {0, 0x8000800080008000ULL, 0x8000800080008000ULL, 0x8000000080000000ULL};
+
+/* Nonzero when some word of the lane has every exponent bit set: (lane & EXP) ^ EXP has a zero
+ * field there, found with the classic has-zero test (exact for "some field is zero"). A padded
+ * word is 0, never flagged. */
+static inline uint64_t nonfinite(uint64_t lane, int kind) {
+    uint64_t v = (lane & EXP[kind]) ^ EXP[kind];
+    return (v - LOW[kind]) & ~v & TOP[kind];
 }
 
 static void hash_rows(const Part *parts, int np, Py_ssize_t T, uint64_t *fp, unsigned char *finite) {
     uint64_t n = 0;
     for (int p = 0; p < np; p++) n += (uint64_t)parts[p].H;
     for (Py_ssize_t t = 0; t < T; t++) {
-        uint64_t acc = 0, k = 0;
-        int ok = 1;
+        uint64_t acc = 0, k = 0, bad = 0;
         for (int p = 0; p < np; p++) {
             Py_ssize_t bytes = parts[p].H * parts[p].wb, full = bytes / 8, b;
             const unsigned char *row = parts[p].data + (size_t)t * (size_t)bytes;
+            int kind = (int)parts[p].kind;
             uint64_t pos = k * PMUL;  /* lane k's position constant is (k * PMUL) ^ SEED */
             for (b = 0; b < full; b++, pos += PMUL) {
                 uint64_t lane;
                 memcpy(&lane, row + 8 * b, 8);  /* little-endian words, as a byte view gives */
                 acc += mix(lane ^ pos ^ SEED);
+                bad |= nonfinite(lane, kind);
             }
             k += (uint64_t)full;
             if (bytes % 8) {  /* the last lane, zero-padded */
                 uint64_t lane = 0;
                 memcpy(&lane, row + 8 * full, (size_t)(bytes % 8));
                 acc += mix(lane ^ (k * PMUL) ^ SEED);
+                bad |= nonfinite(lane, kind);
                 k += 1;
             }
-            if (ok && parts[p].kind) ok = row_finite(row, parts[p].H, (int)parts[p].kind);
         }
         fp[t] = mix(acc ^ n ^ SEED2);
-        finite[t] = (unsigned char)ok;
+        finite[t] = (unsigned char)(bad == 0);
     }
 }
 

@@ -52,3 +52,15 @@ def test_refuses_what_it_does_not_take() -> None:
     assert fingerprint_cpu.rows_cpu(torch.zeros(3)) is None
     fp, finite = fingerprint_cpu.rows_cpu(torch.zeros(0, 8, dtype=torch.bfloat16))
     assert fp.shape == (0,) and finite.shape == (0,)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_one_nonfinite_word_flags_its_row(dtype: torch.dtype, bad: float) -> None:
+    x = torch.randn(6, 67, generator=torch.Generator().manual_seed(2)).to(dtype)
+    x[3, 66] = bad  # in the last, zero-padded lane
+    x[5, 0] = bad
+    fp, finite = fingerprint_cpu.rows_cpu(x)
+    assert finite.tolist() == [True, True, True, False, True, False]
+    assert np.array_equal(finite, _row_finite(x).numpy())
+    assert np.array_equal(fp, fingerprint_rows(x).numpy().view(np.uint64))
