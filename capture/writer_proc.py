@@ -52,6 +52,12 @@ READ_BATCH = 64
 # call (that would be a syscall on the job's thread), and the ring holds seconds of traffic.
 POLL_S = 0.005
 ENV_RING_FD = "EPREPLAY_RING_FD"
+# The writer's scheduling niceness: background work, so where the job's threads and the writer
+# want the same cores the job's win (CFS weight 1024 against 110 per thread), while idle cores
+# (a GPU job's host threads mostly wait) still drain the ring at full speed; a writer that falls
+# behind for long fills the ring, and calls are then dropped and counted, never waited for.
+# EPREPLAY_WRITER_NICE overrides it (0: same priority as the job).
+WRITER_NICE = 10
 
 
 # --- framing (both sides) ------------------------------------------------------------------------
@@ -386,6 +392,10 @@ def _ring_session(inp: BinaryIO, out_fd: int, config: Any, rank: int, world: int
 
 def main() -> int:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the job decides (module docstring: Signals)
+    try:
+        os.nice(int(os.environ.get("EPREPLAY_WRITER_NICE", WRITER_NICE)))
+    except (OSError, ValueError):  # not allowed, or a bad value: the default priority
+        pass
     inp = open(0, "rb", buffering=0)
     out_fd = os.dup(1)
     os.dup2(2, 1)  # stray prints (a library's warning) must not corrupt the reply channel
