@@ -52,12 +52,12 @@ READ_BATCH = 64
 # call (that would be a syscall on the job's thread), and the ring holds seconds of traffic.
 POLL_S = 0.005
 ENV_RING_FD = "EPREPLAY_RING_FD"
-# The writer's scheduling niceness: background work, so where the job's threads and the writer
-# want the same cores the job's win (CFS weight 1024 against 110 per thread), while idle cores
-# (a GPU job's host threads mostly wait) still drain the ring at full speed; a writer that falls
-# behind for long fills the ring, and calls are then dropped and counted, never waited for.
-# EPREPLAY_WRITER_NICE overrides it (0: same priority as the job).
-WRITER_NICE = 10
+# The writer's scheduling niceness, EPREPLAY_WRITER_NICE (default 0: the job's priority). A
+# positive value makes the writer yield to the job's threads where both want the same cores (a
+# host whose cores the job fills): the job's steps then keep their speed, but a writer that falls
+# behind fills the ring and calls are dropped and counted (at nice 10 on a loaded 2-core host,
+# most `fingerprints` calls were), so it is the operator's choice, not the default.
+WRITER_NICE = 0
 
 
 # --- framing (both sides) ------------------------------------------------------------------------
@@ -393,8 +393,10 @@ def _ring_session(inp: BinaryIO, out_fd: int, config: Any, rank: int, world: int
 def main() -> int:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the job decides (module docstring: Signals)
     try:
-        os.nice(int(os.environ.get("EPREPLAY_WRITER_NICE", WRITER_NICE)))
-    except (OSError, ValueError):  # not allowed, or a bad value: the default priority
+        nice = int(os.environ.get("EPREPLAY_WRITER_NICE", WRITER_NICE))
+        if nice:
+            os.nice(nice)
+    except (OSError, ValueError):  # not allowed, or a bad value: the job's priority
         pass
     inp = open(0, "rb", buffering=0)
     out_fd = os.dup(1)
