@@ -3,6 +3,7 @@
     python bench/capture_hotpath.py [--device cpu|cuda] [--rounds 7] [--iters 40]
                                     [--shapes decode,decode-ll,prefill] [--levels counts,routing,fingerprints]
                                     [--writer process|thread] [--hot-path auto|ring|courier]
+                                    [--torch-threads N]
 
 Legend: T tokens, H hidden, E experts, K top-k.
 
@@ -24,6 +25,9 @@ prints:
                   fingerprints the hash kernels)
   copies/call     (GPU) copies per step with capture - off, per call (the drain's bulk copies,
                   one per batch, so a fraction)
+On a loaded host, --torch-threads 1 keeps the job's step on one core: torch's OpenMP workers
+otherwise spin in their barriers whenever the writer (or anyone) takes the other core, and that
+spinning lands in cpu us/call as if capture computed it.
 Targets (issue 13): host <= 5 us/call at routing, <= 10 at fingerprints; device <= 2 us; 1 launch.
 """
 from __future__ import annotations
@@ -84,6 +88,8 @@ def _rank(ctx, args: dict, root: str) -> dict:
     from epreplay.capture import session
 
     cuda = ctx.device.startswith("cuda")
+    if args["torch_threads"]:
+        torch.set_num_threads(args["torch_threads"])
     group = dist.new_group([0])
     out: dict = {}
     shapes = GPU_SHAPES if cuda else SHAPES
@@ -170,6 +176,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--shapes", default=",".join(SHAPES), help="comma-separated: " + ", ".join(SHAPES))
     p.add_argument("--levels", default=",".join(LEVELS), help="comma-separated capture levels")
     p.add_argument("--writer", choices=["process", "thread"], default="process")
+    p.add_argument("--torch-threads", type=int, default=0,
+                   help="torch intra-op threads of the job (default: torch's own choice)")
     p.add_argument("--sync", action="store_true",
                    help="(GPU) synchronize after every step, so a hook's launch never waits behind "
                         "a full launch queue: the hooks' own host cost, without backpressure")
@@ -185,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
             print("capture_hotpath: --device cuda needs CUDA", file=sys.stderr)
             return 2
     args = dict(shapes=[s for s in a.shapes.split(",") if s], levels=[s for s in a.levels.split(",") if s],
-                rounds=a.rounds, iters=a.iters, writer=a.writer, sync=a.sync,
+                rounds=a.rounds, iters=a.iters, writer=a.writer, sync=a.sync, torch_threads=a.torch_threads,
                 hot_paths=[s for s in a.hot_path.split(",") if s])
     bad = [h for h in args["hot_paths"] if h not in ("auto", "compiled", "ring", "courier")]
     if bad:
