@@ -39,5 +39,8 @@ setup(ext_modules=[Extension("epreplay.capture._ringc", ["capture/_ringc.c"], op
                              extra_compile_args=["-O2"]),
                    # the index's routing aggregation (index_build._chunk; numpy where not built)
                    Extension("epreplay._indexc", ["epreplay/_indexc.c"], optional=True,
+                             extra_compile_args=["-O2"]),
+                   # the capture writer's CPU row fingerprints (fingerprint_cpu.py; torch where not built)
+                   Extension("epreplay._fpc", ["epreplay/_fpc.c"], optional=True,
                              extra_compile_args=["-O2"])],
       cmdclass={"build_py": build_py_with_pth})
