@@ -39,5 +39,8 @@ setup(ext_modules=[Extension("epreplay.capture._ringc", ["capture/_ringc.c"], op
                              extra_compile_args=["-O2"]),
                    # the index's routing aggregation (index/shard.py _chunk; numpy where not built)
                    Extension("epreplay.index._indexc", ["epreplay/index/_indexc.c"], optional=True,
+                             extra_compile_args=["-O2"]),
+                   # the capture writer's CPU row fingerprints (format/fingerprint_cpu.py; torch where not built)
+                   Extension("epreplay.format._fpc", ["epreplay/format/_fpc.c"], optional=True,
                              extra_compile_args=["-O2"])],
       cmdclass={"build_py": build_py_with_pth})

@@ -3,6 +3,7 @@
     python bench/capture_hotpath.py [--device cpu|cuda] [--rounds 7] [--iters 40]
                                     [--shapes decode,decode-ll,prefill] [--levels counts,routing,fingerprints]
                                     [--writer process|thread] [--hot-path auto|compiled|compiled-cat|ring|courier]
+                                    [--torch-threads N]
 
 Legend: T tokens, H hidden, E experts, K top-k.
 
@@ -14,6 +15,9 @@ rounds counts, so a machine whose load drifts hits every mode alike. Per level a
 prints:
   host us/call    (step time with capture - step time off) / hooked calls per step: what the job
                   pays, the GIL waits behind capture's other threads included
+  cpu us/call     (thread CPU time of the job's thread with capture - off) / hooked calls: what
+                  the job's own thread computes for capture, blind to GIL and core waits, so it
+                  means something on a loaded machine (where host us/call is noisy)
   hook us/call    the hooks' own time, as the recorder measures it (facts "hot_us")
   launch us       (GPU) host time of one gather launch inside the compiled hook (part of hook us)
   drain us/call   (GPU) CPU time of the device drain thread per call (a share of the job's GIL;
@@ -27,6 +31,9 @@ prints:
                   fingerprints the hash kernels)
   copies/call     (GPU) copies per step with capture - off, per call (the drain's bulk copies,
                   one per batch, so a fraction)
+On a loaded host, --torch-threads 1 keeps the job's step on one core: torch's OpenMP workers
+otherwise spin in their barriers whenever the writer (or anyone) takes the other core, and that
+spinning lands in cpu us/call as if capture computed it.
 Targets (issue 13): host <= 5 us/call at routing, <= 10 at fingerprints; device <= 2 us; 1 launch.
 """
 from __future__ import annotations
@@ -101,6 +108,8 @@ def _rank(ctx, args: dict, root: str) -> dict:
     from epreplay.capture import session
 
     cuda = ctx.device.startswith("cuda")
+    if args["torch_threads"]:
+        torch.set_num_threads(args["torch_threads"])
     group = dist.new_group([0])
     out: dict = {}
     shapes = GPU_SHAPES if cuda else SHAPES
@@ -122,6 +131,7 @@ def _rank(ctx, args: dict, root: str) -> dict:
         # (level, hot path) pairs, interleaved with "off" in every round
         modes = ["off", *[(lv, hp) for hp in args["hot_paths"] for lv in args["levels"]]]
         host = {m: float("inf") for m in modes}
+        cpu = {m: float("inf") for m in modes}
         dev = {m: float("inf") for m in modes}
         hook = {m: float("inf") for m in modes}
         dropped = {m: 0 for m in modes}
@@ -142,10 +152,13 @@ def _rank(ctx, args: dict, root: str) -> dict:
                     torch.cuda.synchronize()
                     e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
                     e0.record()
+                c0 = time.thread_time_ns()
                 t0 = time.perf_counter()
                 for _ in range(iters):
                     step()
                 t1 = time.perf_counter()
+                c1 = time.thread_time_ns()
+                cpu[mode] = min(cpu[mode], (c1 - c0) / 1e3 / iters)
                 if cuda:
                     e1.record()
                     e1.synchronize()
@@ -160,7 +173,7 @@ def _rank(ctx, args: dict, root: str) -> dict:
                     drain[mode] = min(drain[mode], facts.get("drain", [0, 0.0])[1] / max(1, facts.get("calls", 1)))
                     g = facts.get("gathers", [0, 0, 0])
                     launch[mode] = min(launch[mode], g[2] / 1e3 / max(1, g[0] + g[1]))
-        row = {"calls": calls, "iters": iters, "host_us": host, "hook_us": hook, "dropped": dropped,
+        row = {"calls": calls, "iters": iters, "host_us": host, "cpu_us": cpu, "hook_us": hook, "dropped": dropped,
                "drain_us": drain, "launch_us": launch}
         if cuda:
             row["device_us"] = dev
@@ -190,6 +203,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--shapes", default=",".join(SHAPES), help="comma-separated: " + ", ".join(SHAPES))
     p.add_argument("--levels", default=",".join(LEVELS), help="comma-separated capture levels")
     p.add_argument("--writer", choices=["process", "thread"], default="process")
+    p.add_argument("--torch-threads", type=int, default=0,
+                   help="torch intra-op threads of the job (default: torch's own choice)")
     p.add_argument("--sync", action="store_true",
                    help="(GPU) synchronize after every step, so a hook's launch never waits behind "
                         "a full launch queue: the hooks' own host cost, without backpressure")
@@ -206,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
             print("capture_hotpath: --device cuda needs CUDA", file=sys.stderr)
             return 2
     args = dict(shapes=[s for s in a.shapes.split(",") if s], levels=[s for s in a.levels.split(",") if s],
-                rounds=a.rounds, iters=a.iters, writer=a.writer, sync=a.sync,
+                rounds=a.rounds, iters=a.iters, writer=a.writer, sync=a.sync, torch_threads=a.torch_threads,
                 hot_paths=[s for s in a.hot_path.split(",") if s])
     bad = [h for h in args["hot_paths"] if h not in ("auto", "compiled", "compiled-cat", "ring", "courier")]
     if bad:
@@ -221,8 +236,9 @@ def main(argv: list[str] | None = None) -> int:
     shapes = GPU_SHAPES if a.device == "cuda" else SHAPES
     print(f"capture hot path, 1 rank, emulated Buffer on {a.device}, writer {a.writer}, hot paths "
           f"{a.hot_path}, min of {a.rounds} interleaved rounds")
+    print("load average (1, 5, 15 min) at the end: " + " ".join(f"{x:.2f}" for x in os.getloadavg()))
     print(f"command: python bench/capture_hotpath.py {' '.join(argv if argv is not None else sys.argv[1:])}")
-    head = f"{'shape':<34}{'level/hot path':<24}{'step us':>10}{'host us/call':>14}{'hook us/call':>14}"
+    head = f"{'shape':<34}{'level/hot path':<24}{'step us':>10}{'host us/call':>14}{'cpu us/call':>13}{'hook us/call':>14}"
     if a.device == "cuda":
         head += (f"{'launch us':>11}{'drain us/call':>15}{'kernel us/call':>16}{'copy us/call':>14}"
                  f"{'kernels/call':>14}{'copies/call':>13}")
@@ -231,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
         s = shapes[name]
         label = f"{name} T={s['tokens']} H={s['hidden']} E={s['experts']}"
         off = row["host_us"]["off"]
-        line = f"{label:<34}{'off':<24}{off:>10.1f}{'-':>14}{'-':>14}"
+        line = f"{label:<34}{'off':<24}{off:>10.1f}{'-':>14}{'-':>13}{'-':>14}"
         if a.device == "cuda":
             k, c, kus, cus = row["work"]["off"]
             line += f"{'-':>11}{'-':>15}{kus:>16.1f}{cus:>14.1f}{k:>14.1f}{c:>13.1f}"
@@ -240,7 +256,8 @@ def main(argv: list[str] | None = None) -> int:
             for level in args["levels"]:
                 mode = (level, hp)
                 added = (row["host_us"][mode] - off) / row["calls"]
-                line = (f"{'':<34}{level + '/' + hp:<24}{row['host_us'][mode]:>10.1f}{added:>14.2f}"
+                cpu_added = (row["cpu_us"][mode] - row["cpu_us"]["off"]) / row["calls"]
+                line = (f"{'':<34}{level + '/' + hp:<24}{row['host_us'][mode]:>10.1f}{added:>14.2f}{cpu_added:>13.2f}"
                         f"{row['hook_us'][mode]:>14.2f}")
                 if a.device == "cuda":
                     (k0, c0, ku0, cu0), (k1, c1, ku1, cu1) = row["work"]["off"], row["work"][mode]

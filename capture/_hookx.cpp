@@ -32,6 +32,9 @@
 #include <ctime>
 #include <unordered_map>
 #include <vector>
+#if defined(__x86_64__) || defined(_M_X64)
+#include <emmintrin.h>
+#endif
 
 #ifndef EPREPLAY_TORCH_VERSION
 #define EPREPLAY_TORCH_VERSION "unknown"
@@ -212,6 +215,7 @@ struct Pending {
   PyObject *kwnames = nullptr;
 };
 thread_local Pending t_pending;
+thread_local Key t_key;  // the key of the call this thread's hook is looking up
 
 PyObject *s_state, *s_step, *s_layer, *s_pending_tags, *s_epreplay_capture, *s_owner, *s_cnt, *s_id,
     *s_fast_raised, *s_fast_mismatch;
@@ -401,7 +405,7 @@ PyObject *slow_path(Hook *h, PyObject *const *args, size_t nargsf, PyObject *kwn
   t_pending = Pending();
   if (key) {
     t_pending.active = true;
-    t_pending.key = std::move(*key);
+    t_pending.key = *key;  // a copy: *key is the thread's reused buffer
     t_pending.hook = h;
     t_pending.nargs = PyVectorcall_NARGS(nargsf) - 1;
     t_pending.kwnames = kwnames;
@@ -484,6 +488,42 @@ void hand_back(Session *s, PyObject *method, const InFlight &f, PyObject *bs, in
   Py_XDECREF(kw);
 }
 
+// Copies n bytes into the ring. Large copies use non-temporal stores (x86-64): the frame's bytes
+// are for the writer process, not for this core, so they neither read the ring's lines first
+// (no read-for-ownership) nor evict the job's own working set from the cache; the caller orders
+// them before the publishing store with an sfence (ring_fence). Small ones stay plain memcpy.
+constexpr size_t NT_MIN = 4096;
+void ring_copy(char *dst, const char *src, size_t n) {
+#if defined(__x86_64__) || defined(_M_X64)
+  if (n >= NT_MIN) {
+    size_t head = (16 - (uintptr_t(dst) & 15)) & 15;
+    memcpy(dst, src, head);
+    dst += head, src += head, n -= head;
+    size_t i = 0;
+    for (; i + 64 <= n; i += 64) {
+      __m128i a = _mm_loadu_si128(reinterpret_cast<const __m128i *>(src + i));
+      __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i *>(src + i + 16));
+      __m128i c = _mm_loadu_si128(reinterpret_cast<const __m128i *>(src + i + 32));
+      __m128i d = _mm_loadu_si128(reinterpret_cast<const __m128i *>(src + i + 48));
+      _mm_stream_si128(reinterpret_cast<__m128i *>(dst + i), a);
+      _mm_stream_si128(reinterpret_cast<__m128i *>(dst + i + 16), b);
+      _mm_stream_si128(reinterpret_cast<__m128i *>(dst + i + 32), c);
+      _mm_stream_si128(reinterpret_cast<__m128i *>(dst + i + 48), d);
+    }
+    memcpy(dst + i, src + i, n - i);
+    return;
+  }
+#endif
+  memcpy(dst, src, n);
+}
+
+// Non-temporal stores are weakly ordered: fence them before the store that publishes the frame.
+inline void ring_fence() {
+#if defined(__x86_64__) || defined(_M_X64)
+  _mm_sfence();
+#endif
+}
+
 // Writes the FAST frame of a call that returned; false when it is dropped (counted).
 bool write_fast(Session *s, const Plan &p, const InFlight &f, int64_t tokens, int64_t duration,
                 int64_t parity, int64_t dseq, const std::vector<Out> &ts,
@@ -530,18 +570,19 @@ bool write_fast(Session *s, const Plan &p, const InFlight &f, int64_t tokens, in
     const Out &o = ts[k];
     size_t nb = o.nbytes();
     if (o.rows.empty()) {
-      if (nb) memcpy(dst, o.t.data_ptr(), nb);
+      if (nb) ring_copy(dst, static_cast<const char *>(o.t.data_ptr()), nb);
     } else {  // expert-major: rows [0, rows[e]) of each local expert
       const char *src = static_cast<const char *>(o.t.data_ptr());
       uint64_t rb = o.row_bytes(), per_expert = rb * uint64_t(o.t.size(1));
       char *d = dst;
       for (size_t e = 0; e < o.rows.size(); e++) {
-        memcpy(d, src + e * per_expert, rb * uint64_t(o.rows[e]));
+        ring_copy(d, src + e * per_expert, rb * uint64_t(o.rows[e]));
         d += rb * uint64_t(o.rows[e]);
       }
     }
     dst += align8(nb);
   }
+  ring_fence();
   if (!s->state[2]) s->words[W_HEAD] = s->state[0];  // publish: one 8-byte store after the bytes
   s->stats[3] += 1;
   return true;
@@ -651,8 +692,8 @@ PyObject *hook_call(PyObject *self, PyObject *const *args, size_t nargsf, PyObje
   Py_ssize_t npos = nargs - 1, nkw = kwnames ? PyTuple_GET_SIZE(kwnames) : 0, nslots = npos + nkw;
   BufInfo *bi = buffer_info(s, buf);
   if (!bi) return call_through(h->slow, args, nargsf, kwnames);
-  Key key;
-  key.v.reserve(64);
+  Key &key = t_key;  // reused: no allocation per call (nested hooked calls pass through above)
+  key.v.clear();
   key.v.push_back(h->op);
   key.v.push_back(bi->id);
   key.v.push_back(npos);

@@ -36,6 +36,7 @@ import torch
 
 from epreplay.capture.packed import all_finite, tagged
 from epreplay.format.fingerprint import fingerprint_rows
+from epreplay.format.fingerprint_cpu import rows_cpu
 from epreplay.format.fingerprint_gpu import fingerprint_rows_fast
 
 _FLOAT_KINDS = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
@@ -256,6 +257,9 @@ class Staging:
             return v[1], v[2]
         if tagged(v, "fp"):
             x = v[1]
+            fast = rows_cpu(x)
+            if fast is not None:
+                return fast[0], bool(fast[1].all())
             fp = fingerprint_rows(x).numpy().view(np.uint64)
             return fp, bool(_rows_finite(x))
         marks = {k: t.numpy() for k in (name + ":finite", name + ":nonfinite")
@@ -279,14 +283,20 @@ def _row_finite(x: Any) -> torch.Tensor:
 
 
 def batch_fingerprints(stagings: list[Staging]) -> None:
-    """Fingerprint the pending CPU rows of many calls with one fingerprint_rows call per row
-    format (dtype and width): a fingerprint depends on its row alone, so hashing the rows of
-    several calls together and splitting the result gives the same bits, while the per-call
-    overhead of the torch reference (dominant for decode-sized calls) is paid once per batch."""
+    """Fingerprint the pending CPU rows of many calls: one C pass per call where epreplay.format._fpc is
+    built (fingerprint_cpu.rows_cpu), else one fingerprint_rows call per row format (dtype and
+    width): a fingerprint depends on its row alone, so hashing the rows of several calls together
+    and splitting the result gives the same bits, while the per-call overhead of the torch
+    reference (dominant for decode-sized calls) is paid once per batch."""
     groups: dict[tuple, list[tuple[Staging, str, Any]]] = {}
     for st in stagings:
         for name, v in st.items.items():
-            if tagged(v, "fp"):
+            if not tagged(v, "fp"):
+                continue
+            fast = rows_cpu(v[1])
+            if fast is not None:
+                st.items[name] = ("fpdone", fast[0], bool(fast[1].all()))
+            else:
                 groups.setdefault(_fp_key(v[1]), []).append((st, name, v[1]))
     for entries in groups.values():
         xs = [x for _, _, x in entries]

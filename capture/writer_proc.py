@@ -52,6 +52,12 @@ READ_BATCH = 64
 # call (that would be a syscall on the job's thread), and the ring holds seconds of traffic.
 POLL_S = 0.005
 ENV_RING_FD = "EPREPLAY_RING_FD"
+# The writer's scheduling niceness, EPREPLAY_WRITER_NICE (default 0: the job's priority). A
+# positive value makes the writer yield to the job's threads where both want the same cores (a
+# host whose cores the job fills): the job's steps then keep their speed, but a writer that falls
+# behind fills the ring and calls are dropped and counted (at nice 10 on a loaded 2-core host,
+# most `fingerprints` calls were), so it is the operator's choice, not the default.
+WRITER_NICE = 0
 
 
 # --- framing (both sides) ------------------------------------------------------------------------
@@ -386,6 +392,12 @@ def _ring_session(inp: BinaryIO, out_fd: int, config: Any, rank: int, world: int
 
 def main() -> int:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the job decides (module docstring: Signals)
+    try:
+        nice = int(os.environ.get("EPREPLAY_WRITER_NICE", WRITER_NICE))
+        if nice:
+            os.nice(nice)
+    except (OSError, ValueError):  # not allowed, or a bad value: the job's priority
+        pass
     inp = open(0, "rb", buffering=0)
     out_fd = os.dup(1)
     os.dup2(2, 1)  # stray prints (a library's warning) must not corrupt the reply channel

@@ -46,7 +46,8 @@ ALLOWED: dict[str, set[str]] = {
 FORBIDDEN = {**{g: {"textual"} for g in CORE}, "format": {"textual", "duckdb", "torch", "triton"},
              "index": {"textual", "torch"}, "diff": {"textual", "torch"}}
 # the format's tensor-side modules (fingerprints of torch tensors, the FP8 cast): torch allowed
-TENSOR_MODULES = {f"epreplay.format.{m}" for m in ("fingerprint", "fingerprint_gpu", "fingerprint_kernels", "fp8")}
+TENSOR_MODULES = {f"epreplay.format.{m}" for m in (
+    "fingerprint", "fingerprint_cpu", "fingerprint_gpu", "fingerprint_kernels", "fp8")}
 
 
 def _modules() -> dict[str, Path]:
