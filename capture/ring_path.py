@@ -5,9 +5,9 @@ bind the arguments, count (buffer, seq, step, layer), let extract.stage_inputs/s
 name what the op records (into a `RingStaging`, which only collects references), and write one
 frame per phase into the shared ring (ring_frames.write_call: one memmove per array, one 8-byte
 store to publish). No queue, no courier thread, no per-record Python anywhere else in the job:
-the writer (a process by default, writer_proc.py) reads the frames, joins and builds the records,
-hashes rows on its own CPU, compresses and writes. A frame that does not fit is dropped and
-counted; the hook never waits.
+the writer (a process by default, writer_proc.py; else a thread, ring_thread.py) reads the
+frames, joins and builds the records, hashes rows on its own CPU, compresses and writes. A frame
+that does not fit is dropped and counted; the hook never waits.
 
 `RingPath` owns the ring and the writer for one capture session: control messages (events,
 dumps, hang reports) go to the writer over its pipe tagged with the ring position, `flush`
@@ -27,6 +27,7 @@ from typing import Any
 from epreplay.capture import fast_plan
 from epreplay.capture.extract import describe, stage_inputs, stage_outputs
 from epreplay.capture.ring_frames import BEGIN, CALL, END, HUNG, write_call, write_control
+from epreplay.capture.ring_thread import IDLE_RINGS, ThreadWriter, idle_ring, ring_sizes
 from epreplay.capture.shm_ring import W_COMMITTED, W_DROPPED, W_HEAD, ShmRing
 
 # How often the monitor looks at the writer process: a dead writer costs at most this much
@@ -182,7 +183,7 @@ class RingPath:
             from epreplay.capture.ring_consumer import RingConsumer
             from epreplay.capture.sink import Sink
 
-            self.ring = _idle_ring(*ring_sizes(config, cuda))
+            self.ring = idle_ring(*ring_sizes(config, cuda))
             self.sink = Sink(config, rank=rank, world_size=world_size)
             self.thread = ThreadWriter(RingConsumer(self.ring, self.sink), self)
         self.ring.deferred = cuda  # GPU frames are published by the device drain
@@ -352,7 +353,7 @@ class RingPath:
             raise RuntimeError(self.off_reason)
         if self.thread is not None:
             facts = self.thread.close(timeout)
-            _IDLE_RINGS.append(self.ring)  # the next session of this process reuses it
+            IDLE_RINGS.append(self.ring)  # the next session of this process reuses it
             return facts
         return self.proc.close(timeout)
 
@@ -391,75 +392,3 @@ class RingPath:
         if self.on_off is not None:
             self.on_off(reason)
 
-
-class ThreadWriter(threading.Thread):
-    """writer="thread": the ring consumer in a thread of the job (one fewer process; its
-    building holds the job's GIL)."""
-
-    def __init__(self, consumer: Any, path: RingPath) -> None:
-        super().__init__(name=f"epreplay-ring-writer-{path.rank}", daemon=True)
-        import collections
-
-        self.consumer, self.path = consumer, path
-        self._msgs: Any = collections.deque()
-        self._wake = threading.Event()
-        self._done = threading.Event()
-        self.cpu_s = 0.0
-        self.start()
-
-    def put(self, at: int, msg: tuple) -> None:
-        self._msgs.append((at, msg))
-        self._wake.set()
-
-    def run(self) -> None:
-        from epreplay.capture.writer_proc import POLL_S
-
-        try:
-            while True:
-                self._wake.wait(POLL_S)
-                self._wake.clear()
-                while self._msgs:
-                    at, msg = self._msgs.popleft()
-                    if msg[0] == "close":
-                        self.consumer.drain()
-                        self.consumer.sink.close()
-                        return
-                    self.consumer.control(at, msg)
-                self.consumer.drain()
-                self.cpu_s = time.thread_time()
-        except Exception as exc:  # noqa: BLE001 - capture off, the job goes on
-            self.path._off(f"writer: {type(exc).__name__}: {exc}")
-        finally:
-            self.cpu_s = time.thread_time()
-            self._done.set()
-
-    def close(self, timeout: float) -> dict[str, Any]:
-        self.put(self.path.ring.word(W_HEAD), ("close",))
-        if not self._done.wait(timeout):
-            raise RuntimeError(f"writer thread did not finish within {timeout:g}s at close")
-        if self.path.off_reason is not None:
-            raise RuntimeError(self.path.off_reason)
-        return dict(self.consumer.sink.facts(), cpu_s=self.cpu_s)
-
-
-# Rings of closed writer-thread sessions: populating a ring costs ~20 ms per 64 MiB, once.
-_IDLE_RINGS: list[ShmRing] = []
-
-
-def _idle_ring(frames: int, dev: int) -> ShmRing:
-    from epreplay.capture.shm_ring import aligned
-
-    for ring in _IDLE_RINGS:
-        if (ring.capacity, ring.dev_capacity) == (aligned(max(frames, 4096)), aligned(dev)):
-            _IDLE_RINGS.remove(ring)
-            return ring
-    return ShmRing.create(frames, dev)
-
-
-def ring_sizes(config: Any, cuda: bool) -> tuple[int, int]:
-    """(frame area, device area) bytes. A GPU session's frames hold descriptors and host items
-    only (the arrays are in the device area), so 32 MiB of frames go with queue_bytes of device
-    bytes; a host session's frames hold everything: queue_bytes."""
-    if cuda:
-        return min(config.queue_bytes, 32 << 20), config.queue_bytes
-    return config.queue_bytes, 0

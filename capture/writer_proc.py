@@ -217,7 +217,7 @@ _idle: list[WriterProcess] = []  # writer processes between sessions, most recen
 def acquire_ring(config: Any, *, rank: int, world_size: int, cuda: bool = False) -> WriterProcess:
     """A ring writer process for a new session: an idle one of this process whose ring has the
     configured sizes (its positions go on from where the last session ended), or a new one."""
-    from epreplay.capture.ring_path import ring_sizes
+    from epreplay.capture.ring_thread import ring_sizes
     from epreplay.capture.shm_ring import ShmRing, aligned
 
     frames, dev = ring_sizes(config, cuda)
