@@ -18,10 +18,7 @@ one logged line; the job goes on.
 from __future__ import annotations
 
 import array
-import collections
 import itertools
-import os
-import socket
 import sys
 import threading
 import time
@@ -33,82 +30,24 @@ import torch
 from epreplay import marks
 from epreplay.capture import fast_plan
 from epreplay.capture.config import CaptureConfig
+from epreplay.capture.courier import Courier, Mailbox
 from epreplay.capture.extract import Call, stage_inputs, stage_outputs
-from epreplay.capture.extract_v2 import elastic_meta, is_elastic_call
+from epreplay.capture.recorder_control import Control
+from epreplay.capture.recorder_meta import BufferState, CallMeta
 from epreplay.capture.ring_path import RingCall
-from epreplay.capture.sink import DUMP_DEDUP_S, STATIC_FACTS
 from epreplay.capture.stage import PinnedPool, Staging, Timer, current_stream
 from epreplay.format.records import Level, Op, Status
 from epreplay.format.run import RunDir
 
-_STOP = object()
-# Calls taken off the queue at once: their CPU fingerprints are computed in one pass per row
-# format (by the writer process or the in-process sink). 64 bounds the extra latency of a record.
-WRITER_BATCH = 64
 _OPENS_LAYER = (Op.LAYOUT, Op.DISPATCH, Op.LL_DISPATCH)
 
 
-# The courier looks for new calls this often: a hooked call only appends to a deque (no futex
-# wake-up of the courier per call, ~20 us on the job's thread), and calls go out in batches.
-# Control items (flush, close, triggers) wake it at once.
-POLL_S = 0.005
+class Recorder(CallMeta, Control, Courier):
+    """Capture for one process (one rank). Create through epreplay.capture.session.
 
-
-class Mailbox:
-    """The courier's queue: `post` (hot path) appends without waking it, `put` wakes it."""
-
-    def __init__(self) -> None:
-        self._items: collections.deque = collections.deque()
-        self._wake = threading.Event()
-
-    def post(self, item: Any) -> None:
-        self._items.append(item)
-
-    def put(self, item: Any) -> None:
-        self._items.append(item)
-        self._wake.set()
-
-    def take(self, limit: int, poll_s: float) -> list[Any]:
-        """Up to `limit` items, oldest first; waits up to poll_s (or a put) when there are none."""
-        if not self._items:
-            self._wake.wait(poll_s)
-        self._wake.clear()  # items put after this are in the deque when we read it below
-        out = []
-        while self._items and len(out) < limit:
-            out.append(self._items.popleft())
-        return out
-
-
-class BufferState:
-    """What the recorder keeps per Buffer object: its id, group, and call counters."""
-
-    __slots__ = ("owner", "id", "ep_rank", "ep_size", "cnt")
-
-    def __init__(self, owner: "Recorder", buffer_id: int, ep_rank: int, ep_size: int) -> None:
-        self.owner = owner  # a Buffer outliving one capture session gets fresh ids in the next
-        self.id, self.ep_rank, self.ep_size = buffer_id, ep_rank, ep_size
-        # [seq, ll_calls]: an array, so the compiled hook (_hookx.cpp) counts in the same place
-        self.cnt = array.array("q", [0, 0])
-
-    @property
-    def seq(self) -> int:
-        return self.cnt[0]
-
-    @seq.setter
-    def seq(self, value: int) -> None:
-        self.cnt[0] = value
-
-    @property
-    def ll_calls(self) -> int:
-        return self.cnt[1]
-
-    @ll_calls.setter
-    def ll_calls(self, value: int) -> None:
-        self.cnt[1] = value
-
-
-class Recorder:
-    """Capture for one process (one rank). Create through epreplay.capture.session."""
+    The hot path is here; the courier thread (courier.py), call metadata and handle lineage
+    (recorder_meta.py), and triggers, flush, close and facts (recorder_control.py) are its parts.
+    """
 
     def __init__(self, config: CaptureConfig, *, rank: int, world_size: int) -> None:
         self.config = config
@@ -316,68 +255,6 @@ class Recorder:
             self._drainer.start()
         return call
 
-    def _op_meta(self, call: Call, bs: BufferState, a: dict[str, Any]) -> None:
-        m, op = call.meta, call.op
-        if op == Op.LAYOUT:
-            m["E"] = int(a.get("num_experts") or 0)
-        elif op in (Op.LL_DISPATCH, Op.LL_COMBINE):
-            h = a.get("handle")
-            if op == Op.LL_DISPATCH:
-                m["M"] = int(a.get("num_max_dispatch_tokens_per_rank") or 0)
-                m["E"] = int(a.get("num_experts") or 0)
-                m["use_fp8"] = bool(a.get("use_fp8", True))
-                m["ll_parity"] = bs.ll_calls % 2
-                m["recv_hook"] = bool(a.get("return_recv_hook", False))
-                bs.ll_calls += 1
-            elif isinstance(h, tuple) and len(h) >= 4:
-                m["M"] = h[2] if isinstance(h[2], int) else None
-                m["E"] = h[-1] if isinstance(h[-1], int) else None
-        else:
-            for key in ("expert_alignment", "num_worst_tokens"):
-                if isinstance(a.get(key), (int, float)) or hasattr(a.get(key), "__index__"):
-                    m[key] = int(a[key])  # numpy/torch scalars are not JSON
-            if a.get("config") is not None:
-                m["config"] = repr(a["config"])
-        if is_elastic_call(a):  # DeepEP V2 ElasticBuffer (records.py: variant, meta "api")
-            elastic_meta(m, a)
-        if op in (Op.COMBINE, Op.CACHED_DISPATCH, Op.LL_COMBINE):
-            m["dispatch_seq"] = self._lineage_of(a.get("handle"))
-        x = a.get("x")
-        first = x[0] if isinstance(x, (tuple, list)) else x
-        if isinstance(first, torch.Tensor) and first.dim() >= 1:
-            m["hidden"] = int(first.shape[-1])
-            m["x_dtype"] = str(first.dtype).replace("torch.", "")
-
-    @staticmethod
-    def _lineage_obj(handle: Any) -> Any:
-        """What a handle is known by: a V1 handle's first tensor, a V2 EPHandle itself."""
-        if isinstance(handle, tuple) and handle and isinstance(handle[0], torch.Tensor):
-            return handle[0]
-        return handle if hasattr(handle, "recv_src_metadata") else None
-
-    def _lineage_of(self, handle: Any) -> int:
-        obj = self._lineage_obj(handle)
-        if obj is not None:
-            if self._fast is not None and obj is not handle:  # V1: one store for both hooks
-                return self._fast.session.lineage_get(obj)
-            # V2 EPHandles: only the Python hook sees them (their sites are never planned)
-            got = self._lineage.get(id(obj))
-            if got is not None and got[0]() is obj:
-                return got[1]
-        return -1
-
-    def _remember_handle(self, handle: Any, seq: int) -> None:
-        import weakref
-
-        obj = self._lineage_obj(handle)
-        if obj is not None:
-            if self._fast is not None and obj is not handle:  # V1: one store for both hooks
-                self._fast.session.lineage_put(obj, seq)
-                return
-            key = id(obj)
-            lineage = self._lineage
-            # The entry goes when the handle's first tensor is freed, so ids are never stale.
-            lineage[key] = (weakref.ref(obj, lambda _, k=key: lineage.pop(k, None)), seq)
 
     def end(self, call: Call, args: dict[str, Any], result: Any) -> Any:
         """The call returned: stage outputs (now, or when the LL recv hook runs) and enqueue."""
@@ -501,263 +378,3 @@ class Recorder:
             self._qbytes += call.nbytes
         self._q.post(call)  # no wake-up: the courier looks every POLL_S
 
-    # --- triggers and control -------------------------------------------------------------
-    def trigger(self, reason: str, detail: str = "", *, origin: int | None = None,
-                propagate: bool = True) -> None:
-        """A flight-mode trigger: dump the ring (and let the watchdog tell the other ranks)."""
-        if not self.config.flight or not self.enabled:
-            return
-        now = time.monotonic()
-        if now - self._last_dump.get(reason, -DUMP_DEDUP_S) < DUMP_DEDUP_S:
-            return  # one NaN taints many records, every rank sees the same hang: dump once
-        self._last_dump[reason] = now
-        self._post(("dump", reason, detail, self.rank if origin is None else origin, time.time_ns()))
-        if propagate and self.on_trigger is not None:
-            self.on_trigger(reason, detail)
-
-    def report_hung(self, call: Call) -> None:
-        """The watchdog saw `call` run past the hang timeout: write it (HUNG) with its inputs."""
-        call.hung_reported = True
-        if self._rp is not None:  # the inputs as they are now (the call has not returned)
-            self._rp.hung_frame(self, call)
-        else:
-            self._q.put(("hung", call))
-        self.trigger("hang", f"{call.op.label} seq {call.seq} on buffer {call.buffer} running "
-                             f"> {self.config.hang_timeout:g}s")
-
-    def disable(self, reason: str) -> None:
-        """Capture off for this process, with one logged line; the host job continues."""
-        if not self.enabled:
-            return
-        self.enabled = False
-        if self._fast is not None:
-            self._fast.close()
-        self.disabled_reason = reason
-        print(f"epreplay capture: rank {self.rank}: capture off: {reason}", file=sys.stderr, flush=True)
-        self._post(("event", {"reason": "capture_off", "detail": reason}, time.time_ns()))
-
-    def _post(self, msg: tuple) -> None:
-        """A control message to the writer, after every call recorded so far."""
-        if self._rp is not None:
-            self._rp.control(msg)
-        else:
-            self._q.put(msg)
-
-    def flush(self, timeout: float) -> bool:
-        """Wait until the courier has handed over everything queued before this call (to the
-        writer process: out of this process; to an in-process sink: written or ringed)."""
-        if self._rp is not None:
-            return self._rp.flush(timeout)
-        if self._thread is None:
-            return True  # nothing recorded yet
-        done = threading.Event()
-        self._q.put(("flush", done))
-        return done.wait(timeout) or not self._thread.is_alive()
-
-    # --- courier thread -------------------------------------------------------------------
-    def _open_sink(self) -> None:
-        """The writer process (default) or, where it cannot start or the config says "thread",
-        an in-process Sink. Runs on the courier thread: a slow process start never delays the job."""
-        if self.config.writer == "process":
-            from epreplay.capture.writer_proc import acquire
-
-            try:
-                self._proc = acquire(self.config, rank=self.rank, world_size=self.world_size)
-                return
-            except OSError as exc:
-                print(f"epreplay capture: rank {self.rank}: no writer process ({exc}); writing from "
-                      f"a thread", file=sys.stderr, flush=True)
-        from epreplay.capture.sink import Sink
-
-        self._sink = Sink(self.config, rank=self.rank, world_size=self.world_size,
-                          on_trigger=lambda reason, detail: self.on_trigger and self.on_trigger(reason, detail))
-
-    def _send(self, msgs: list[Any]) -> None:
-        """Hand messages to the sink: in order, calls batched (one fingerprint pass per batch)."""
-        if self._proc is not None:
-            from epreplay.capture.packed import pack
-
-            wire = []
-            for msg in msgs:
-                if msg[0] in ("call", "hung"):
-                    with self._quiet(msg[1]):
-                        wire.append((msg[0], pack(msg[1])))
-                    # Hand the GIL over between calls: a job thread waiting for it (back from a
-                    # torch op, each of which releases it) then waits one call's packing at most.
-                    time.sleep(0)
-                else:
-                    wire.append(msg)
-            self._proc.send_many(wire)
-            if self._pool is not None:
-                for msg in msgs:
-                    if msg[0] == "call":
-                        # the bytes are in the pipe: the pinned buffers may take the next copies
-                        # (not after "hung": the call may still finish and be packed again)
-                        self._pool.give(msg[1].staging.bufs)
-            return
-        from epreplay.capture.build import build_calls
-
-        calls = [m[1] for m in msgs if m[0] == "call"]
-        with self._quiet(*calls):
-            built = iter(build_calls(calls))
-        for msg in msgs:
-            kind = msg[0]
-            if kind == "call":
-                self._sink.call(next(built))
-            elif kind == "hung":
-                with self._quiet(msg[1]):
-                    self._sink.call(build_calls([msg[1]])[0])
-            elif kind == "event":
-                self._sink.event(*msg[1:])
-            elif kind == "dump":
-                self._sink.dump(*msg[1:])
-            elif kind == "graph":
-                self._sink.graph(msg[1])
-
-    @staticmethod
-    def _quiet(*calls: Any) -> Any:
-        """graph_ring.QUIET around CUDA event waits (they would break a CUDA graph the job is
-        capturing at the same moment); a no-op for CPU calls."""
-        import contextlib
-
-        if not any(getattr(c.staging, "cuda", False) for c in calls):
-            return contextlib.nullcontext()
-        from epreplay.capture.graph_ring import QUIET
-
-        return QUIET
-
-    def _message(self, item: Any) -> Any:
-        """A queue item as a sink message, or None when it is to be skipped."""
-        if isinstance(item, Call):
-            with self._lock:
-                self._qn -= 1
-                self._qbytes -= item.nbytes
-            return ("call", item) if self.enabled else None
-        kind = item[0]
-        if not self.enabled and kind != "event":
-            return None
-        if kind == "hung":
-            item[1].status = Status.HUNG
-        return item
-
-    def _loop(self) -> None:
-        try:
-            self._open_sink()
-        except Exception as exc:  # noqa: BLE001
-            self.disable(f"writer: {type(exc).__name__}: {exc}")
-        while True:
-            batch = self._q.take(WRITER_BATCH, POLL_S)  # whatever is waiting goes out together
-            if not batch:
-                continue
-            stop = any(item is _STOP for item in batch)
-            flushes = [i[1] for i in batch if isinstance(i, tuple) and i[0] == "flush"]
-            msgs = [m for m in (self._message(i) for i in batch if i is not _STOP and
-                                not (isinstance(i, tuple) and i[0] == "flush")) if m is not None]
-            if self.enabled and self.dropped > self._dropped_written:
-                self._dropped_written = self.dropped
-                msgs.append(("event", {"reason": "dropped", "dropped": self.dropped}, time.time_ns()))
-            if msgs and (self._proc is not None or self._sink is not None):
-                try:
-                    self._send(msgs)
-                except Exception as exc:  # noqa: BLE001 - any recorder failure: capture off, job on
-                    self._fail(exc)
-            self.courier_cpu_ns = time.thread_time_ns()
-            for done in flushes:
-                done.set()
-            if stop:
-                return
-
-    def _fail(self, exc: BaseException) -> None:
-        if self._proc is not None and isinstance(exc, OSError):
-            self.disable(self._proc.why_off())  # the process said why it stopped reading
-            self._proc.kill()
-        else:
-            self.disable(f"writer: {type(exc).__name__}: {exc}")
-
-    # --- close --------------------------------------------------------------------------------
-    def close(self, timeout: float = 30.0) -> dict[str, Any]:
-        """Drain the queue, write the footer; returns this rank's closing facts. Idempotent."""
-        if not self._closed:
-            self._closed = True
-            if self._drainer is not None:
-                try:
-                    self._drainer.stop()
-                except Exception as exc:  # noqa: BLE001
-                    self.disable(f"close: graph drain: {type(exc).__name__}: {exc}")
-            if self.path is None:  # no call was hooked: an empty shard all the same
-                self._choose_path(False)
-            if self._rp is not None:
-                self._close_ring(timeout)
-                return self.facts()
-            self._q.put(_STOP)
-            self._thread.join(timeout)
-            if self._thread.is_alive():
-                self.disable(f"writer did not drain within {timeout:g}s at close")
-            try:
-                if self._proc is not None:
-                    if self.enabled:
-                        self._sink_facts = self._proc.close(timeout)
-                    else:
-                        self._proc.kill()
-                elif self._sink is not None and self.enabled:
-                    self._sink.close()
-                    self._sink_facts = self._sink.facts()
-            except Exception as exc:  # noqa: BLE001
-                self.disable(f"close: {exc}" if isinstance(exc, RuntimeError) else f"close: {type(exc).__name__}: {exc}")
-        return self.facts()
-
-    def _close_ring(self, timeout: float) -> None:
-        if self._fast is not None:
-            self._fast.close()  # calls from now on: not captured (the Python hook sees it closed)
-        try:
-            if self.enabled:
-                self._sink_facts = self._rp.close(timeout)
-            else:
-                self._rp.kill()
-        except Exception as exc:  # noqa: BLE001
-            self.disable(f"close: {exc}" if isinstance(exc, RuntimeError) else f"close: {type(exc).__name__}: {exc}")
-            self._rp.kill()
-
-    def dropped_total(self) -> int:
-        """Calls dropped so far (a full ring or queue), both hooks together."""
-        return self.dropped + (self._fast.stats[2] if self._fast is not None else 0)
-
-    def hook_totals(self) -> tuple[int, int]:
-        """(ns spent in the hooks, hooked calls) so far, both hooks together."""
-        fast = self._fast.stats if self._fast is not None else (0, 0)
-        return self.hot_ns + fast[0], self.calls + fast[1]
-
-    def facts(self) -> dict[str, Any]:
-        sink = self._sink_facts or (self._sink.facts() if self._sink is not None else {})
-        fast = self._fast.stats if self._fast is not None else (0, 0, 0, 0)
-        dev = self._rp.dev if self._rp is not None else None
-        static = {k: sink.get(k, v) for k, v in STATIC_FACTS.items()}
-        return {
-            "rank": self.rank, "world_size": self.world_size, "host": socket.gethostname(),
-            "node": self.config.node,
-            "pid": os.getpid(), "calls": self.calls + fast[1], "records": sink.get("records", 0),
-            # whether the job marked a step (the slot keeps the last marked step, Python's and the
-            # compiled hook's): epreplay.format.steps lets marks win over steps found in the traffic
-            "steps_marked": int(self._attr[0] != fast_plan.NONE),
-            "dropped": self.dropped + fast[2], "disabled": self.disabled_reason,
-            "dumps": sink.get("dumps", []), "graph_skipped": self.graph_skipped
-            + sum(r.skipped for r in self._graph_rings.values()),
-            "graph_dropped": sum(r.dropped for r in self._graph_rings.values()),
-            "flight_evicted": sink.get("flight_evicted", 0),
-            "shard": f"shards/{self.run.shard_path(self.rank).name}",
-            "bytes": sink.get("bytes", 0), "buffers": self.buffers,
-            "writer": "process" if self._proc is not None or (self._rp is not None and self._rp.proc is not None) else "thread",
-            "hot_path": self.path, "writer_restarts": self._rp.restarts if self._rp is not None else 0,
-            "hot_us": (self.hot_ns + fast[0] - self.setup_ns - (self._rp.setup_ns if self._rp is not None else 0)) / 1e3,
-            "compiled_frames": fast[3],
-            # GPU: the compiled hook's gathers as raw launches / through at::cat_out (gather_kernel.py)
-            # and the ns the launches took
-            "gathers": [*self._fast.gather_info()[:2], self._fast.gather_info()[3]] if self._fast is not None
-            else [0, 0, 0],
-            # GPU: the device drain's batches and CPU time (device_stage.py)
-            "drain": [dev.batches, dev.drain_cpu_ns / 1e3] if dev is not None else [0, 0.0],
-            "setup_us": (self.setup_ns + (self._rp.setup_ns if self._rp is not None else 0)) / 1e3,
-            "courier_cpu_us": self.courier_cpu_ns / 1e3,
-            "writer_cpu_s": sink.get("cpu_s", 0.0),
-            "level": self.level.label, **static,
-        }

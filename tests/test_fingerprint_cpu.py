@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from epreplay.format import fingerprint_cpu
 from epreplay.capture.stage import _row_finite
+from epreplay.format import fingerprint_cpu
 from epreplay.format.fingerprint import fingerprint_rows
 
 pytestmark = pytest.mark.skipif(fingerprint_cpu._fpc is None, reason="epreplay.format._fpc not built")
