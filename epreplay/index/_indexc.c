@@ -1,4 +1,4 @@
-/* The index's routing aggregation in C: index_build._chunk_numpy without the temporaries.
+/* The index's routing aggregation in C: epreplay.index.shard._chunk_numpy without the temporaries.
  *
  * Why: aggregating a shard's routing (per (step, layer) pair: slots per expert, rows and bytes
  * per destination rank, a normal dispatch counting a token once per destination) is most of
