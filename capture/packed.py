@@ -4,7 +4,7 @@
 call's event (the GIL is released while waiting), views every staged host tensor as numpy (no
 copy: pinned or CPU memory), describes the bound arguments and reads the duration. The result,
 a `PackedCall`, has a Call's attribute names, so build.build takes it in place of a Call, and it
-pickles with its arrays as out-of-band buffers (writer_proc.send): the job's process pays the
+pickles with its arrays as out-of-band buffers (wire.send): the job's process pays the
 waits and views, the writer process pays the hashing, encoding, compression and writes.
 
 Item values of a PackedStaging (by staged name):
