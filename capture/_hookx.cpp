@@ -189,7 +189,7 @@ struct Session {
   std::vector<c10::Stream> *streams;
   // The raw gather launch (gather_kernel.py; set_gather): the kernel's CUfunction, the driver's
   // cuLaunchKernel, a Python callable giving the current cudaStream_t, that answer cached per
-  // stream id, and [raw launches, at::cat_out launches]
+  // stream id
   void *gfunc, *glaunch;
   PyObject *stream_of;
   std::vector<std::pair<int64_t, void *>> *shandles;
@@ -627,15 +627,14 @@ bool raw_gather(Session *s, const std::vector<Out> &ts, uint64_t dst, int64_t to
   a.dst = dst;
   a.n = int32_t(ts.size());
   uint64_t off = 0;
-  for (size_t k = 0; k < ts.size(); k++) {
+  for (size_t k = 0; k < ts.size(); k++) {  // hook_call made every array contiguous
     const Out &o = ts[k];
-    if (!o.rows.empty() || !o.t.is_contiguous()) return false;
+    if (!o.rows.empty()) return false;  // valid-row gathers are host-only (valid_rows)
     a.src[k] = uint64_t(reinterpret_cast<uintptr_t>(o.t.const_data_ptr()));
     a.off[k] = off;
     off += o.t.nbytes();
   }
-  a.off[ts.size()] = off;
-  if (int64_t(off) != total) return false;
+  a.off[ts.size()] = off;  // = total: o.nbytes() is t.nbytes() without valid rows
   unsigned blocks = unsigned(std::min<int64_t>(264, std::max<int64_t>(1, (total / 16 + 255) / 256)));
   void *params[] = {&a};
   if (reinterpret_cast<LaunchFn>(s->glaunch)(s->gfunc, blocks, 1, 1, 256, 1, 1, 0, stream, params, nullptr)) {

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import array
 import ctypes
+import logging
 import os
 import threading
 import time
@@ -41,6 +42,23 @@ from epreplay.capture.shm_ring import HEADER, W_DTAIL, ShmRing
 # (DeviceStage.drain_cpu_ns) so benches can charge it to the calls it drained.
 # EPREPLAY_CAPTURE_DRAIN_MS overrides it (a longer period: fewer batches, later frames).
 DRAIN_S = 0.002
+
+
+def _drain_period() -> float:
+    """DRAIN_S, or EPREPLAY_CAPTURE_DRAIN_MS where it is a positive number (else one log line)."""
+    text = os.environ.get("EPREPLAY_CAPTURE_DRAIN_MS")
+    if text is None:
+        return DRAIN_S
+    try:
+        ms = float(text)
+        if ms > 0:
+            return ms / 1e3
+    except ValueError:
+        pass
+    logging.getLogger("epreplay.capture").warning(
+        "EPREPLAY_CAPTURE_DRAIN_MS=%r is not a positive number of milliseconds; draining every %g ms",
+        text, DRAIN_S * 1e3)
+    return DRAIN_S
 
 
 class DeviceStage:
@@ -72,7 +90,7 @@ class DeviceStage:
         self.failed: str | None = None
         self.batches = 0  # drains that copied something
         self.drain_cpu_ns = 0  # the drain thread's CPU time: its share of the job's GIL
-        self.period = float(os.environ.get("EPREPLAY_CAPTURE_DRAIN_MS", DRAIN_S * 1e3)) / 1e3
+        self.period = _drain_period()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="epreplay-device-drain", daemon=True)
         self._thread.start()

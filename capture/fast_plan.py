@@ -33,13 +33,18 @@ NONE = -(1 << 63)  # None in the shared int64 arrays (recorder._attr)
 _module: Any = False  # not looked up yet
 
 
+def _env_off(name: str) -> bool:
+    """An on-by-default switch set to 0/false/no/off."""
+    return os.environ.get(name, "1").strip().lower() in ("0", "false", "no", "off")
+
+
 def load() -> Any:
     """epreplay.capture._hookx when it is built for this torch, else None. EPREPLAY_CAPTURE_COMPILED=0
     turns it off (the Python hook then runs: same records, slower)."""
     global _module
     if _module is False:
         _module = None
-        if os.environ.get("EPREPLAY_CAPTURE_COMPILED", "1").lower() not in ("0", "false", "no", "off"):
+        if not _env_off("EPREPLAY_CAPTURE_COMPILED"):
             try:
                 import torch
 
@@ -278,7 +283,7 @@ def learn(fs: FastSession, call: Any, args: dict[str, Any], result: Any, st: Any
 def _raw_gather(fs: FastSession, device: Any) -> None:
     """Give the session the raw gather launch (one cuLaunchKernel a call instead of at::cat_out's
     ~15 us of host time); EPREPLAY_CAPTURE_RAW_GATHER=0 keeps at::cat_out (for comparisons)."""
-    if os.environ.get("EPREPLAY_CAPTURE_RAW_GATHER", "1").lower() in ("0", "false", "no", "off"):
+    if _env_off("EPREPLAY_CAPTURE_RAW_GATHER"):
         return
     from epreplay.capture import gather_kernel
 

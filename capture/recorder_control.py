@@ -131,6 +131,7 @@ class Control:
         sink = self._sink_facts or (self._sink.facts() if self._sink is not None else {})
         fast = self._fast.stats if self._fast is not None else (0, 0, 0, 0)
         dev = self._rp.dev if self._rp is not None else None
+        gi = self._fast.gather_info() if self._fast is not None else (0, 0, False, 0)
         static = {k: sink.get(k, v) for k, v in STATIC_FACTS.items()}
         return {
             "rank": self.rank, "world_size": self.world_size, "host": socket.gethostname(),
@@ -152,8 +153,7 @@ class Control:
             "compiled_frames": fast[3],
             # GPU: the compiled hook's gathers as raw launches / through at::cat_out (gather_kernel.py)
             # and the ns the launches took
-            "gathers": [*self._fast.gather_info()[:2], self._fast.gather_info()[3]] if self._fast is not None
-            else [0, 0, 0],
+            "gathers": [gi[0], gi[1], gi[3]],
             # GPU: the device drain's batches and CPU time (device_stage.py)
             "drain": [dev.batches, dev.drain_cpu_ns / 1e3] if dev is not None else [0, 0.0],
             "setup_us": (self.setup_ns + (self._rp.setup_ns if self._rp is not None else 0)) / 1e3,

@@ -30,6 +30,23 @@ from epreplay.format import fp8
 OP_LL_DISPATCH, OP_LL_COMBINE = 5, 6
 
 
+def _check_options(buf: Any, M: int, H: int, E: int, cum_stats: Optional[torch.Tensor],
+                   wait_stats: Optional[torch.Tensor], use_fp8: bool, round_scale: bool, use_ue8m0: bool) -> None:
+    """A low-latency dispatch's stats tensors, FP8 scale options and RDMA size, as DeepEP checks
+    them (the dynamic path here and the fixed-shape one in ll_static.py)."""
+    R = buf.group_size
+    if cum_stats is not None:
+        chk.tensor("cumulative_local_expert_recv_stats", cum_stats, dtype=torch.int32, shape=(E // R,))
+    if wait_stats is not None:
+        chk.tensor("dispatch_wait_recv_cost_stats", wait_stats, dtype=torch.int64, shape=(R,))
+    need(not use_ue8m0 or (use_fp8 and round_scale), "argument use_ue8m0=True needs use_fp8=True and round_scale=True")
+    need(not use_ue8m0 or H % 512 == 0, f"argument use_ue8m0: hidden {H} must be a multiple of 512")
+    hint = low_latency_rdma_size_hint(M, H, R, E)
+    need(buf.num_rdma_bytes <= 0 or hint <= buf.num_rdma_bytes,
+         f"num_rdma_bytes={buf.num_rdma_bytes} is too small for M={M}, hidden={H}, {R} ranks, {E} experts: "
+         f"DeepEP needs {hint} (Buffer.get_low_latency_rdma_size_hint)")
+
+
 def _common(buf: Any, x: Any, topk_idx: Any, M: Any, E: Any, async_finish: bool, return_recv_hook: bool,
             x_shape: tuple) -> None:
     need(buf.low_latency_mode, "this Buffer was created with low_latency_mode=False; DeepEP's low-latency "
@@ -60,16 +77,7 @@ def dispatch(buf: Any, x: Any, topk_idx: Any, M: Any, E: Any, cum_stats: Any, wa
         need(H % 128 == 0, f"argument x: hidden {H} must be a multiple of 128")
         chk.topk_ids("topk_idx", topk_idx, T, E)
         L = E // R
-        if cum_stats is not None:
-            chk.tensor("cumulative_local_expert_recv_stats", cum_stats, dtype=torch.int32, shape=(L,))
-        if wait_stats is not None:
-            chk.tensor("dispatch_wait_recv_cost_stats", wait_stats, dtype=torch.int64, shape=(R,))
-        need(not use_ue8m0 or (use_fp8 and round_scale), "argument use_ue8m0=True needs use_fp8=True and round_scale=True")
-        need(not use_ue8m0 or H % 512 == 0, f"argument use_ue8m0: hidden {H} must be a multiple of 512")
-        hint = low_latency_rdma_size_hint(M, H, R, E)
-        need(buf.num_rdma_bytes <= 0 or hint <= buf.num_rdma_bytes,
-             f"num_rdma_bytes={buf.num_rdma_bytes} is too small for M={M}, hidden={H}, {R} ranks, {E} experts: "
-             f"DeepEP needs {hint} (Buffer.get_low_latency_rdma_size_hint)")
+        _check_options(buf, M, H, E, cum_stats, wait_stats, use_fp8, round_scale, use_ue8m0)
         valid = _sendable(buf, topk_idx, L)
         hdr[W.HID], hdr[W.FP8], hdr[W.TOPK], hdr[W.NEXP] = H, int(use_fp8) + 2 * int(use_ue8m0), topk_idx.shape[1], E
         hdr[W.MAXTOK], hdr[W.NTOK] = M, T

@@ -31,7 +31,6 @@ from epreplay.emulate import comm as W
 from epreplay.emulate.check import ArgError, need
 from epreplay.emulate.comm import EmulatedDeepEPError
 from epreplay.emulate.event import make_event
-from epreplay.emulate.layout import low_latency_rdma_size_hint
 from epreplay.format import fp8
 
 ENV_STATIC = "EPREPLAY_LL_STATIC"
@@ -53,7 +52,7 @@ def _fail(what: str, me: int, exc: Exception) -> EmulatedDeepEPError:
 
 def dispatch(buf: Any, x: Any, topk_idx: Any, M: Any, E: Any, cum_stats: Any, use_fp8: bool, round_scale: bool,
              use_ue8m0: bool, async_finish: bool, return_recv_hook: bool) -> tuple:
-    from epreplay.emulate.ll import _check_fresh, _common, _next_ll_call
+    from epreplay.emulate.ll import _check_fresh, _check_options, _common, _next_ll_call
 
     seq, _ = buf._begin("ll_dispatch")
     R, me = buf.group_size, buf.rank
@@ -66,14 +65,7 @@ def dispatch(buf: Any, x: Any, topk_idx: Any, M: Any, E: Any, cum_stats: Any, us
         chk.tensor("topk_idx", topk_idx, dtype=torch.int64, shape=(T, None))
         need(topk_idx.device == x.device, f"argument topk_idx: on {topk_idx.device}, x on {x.device}")
         L = E // R
-        if cum_stats is not None:
-            chk.tensor("cumulative_local_expert_recv_stats", cum_stats, dtype=torch.int32, shape=(L,))
-        need(not use_ue8m0 or (use_fp8 and round_scale), "argument use_ue8m0=True needs use_fp8=True and round_scale=True")
-        need(not use_ue8m0 or H % 512 == 0, f"argument use_ue8m0: hidden {H} must be a multiple of 512")
-        hint = low_latency_rdma_size_hint(M, H, R, E)
-        need(buf.num_rdma_bytes <= 0 or hint <= buf.num_rdma_bytes,
-             f"num_rdma_bytes={buf.num_rdma_bytes} is too small for M={M}, hidden={H}, {R} ranks, {E} experts: "
-             f"DeepEP needs {hint} (Buffer.get_low_latency_rdma_size_hint)")
+        _check_options(buf, M, H, E, cum_stats, None, use_fp8, round_scale, use_ue8m0)
         need(not bool(buf._ll_mask.any()), "enable_shrink masked ranks are not supported by the fixed-shape "
                                            "(CUDA graph) path; unmask them or run outside a graph")
     except ArgError as exc:
