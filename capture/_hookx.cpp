@@ -12,9 +12,11 @@
 // Plans are learned, not written by hand: the first call of a new key goes through the Python
 // hook (hooks.py, the reference path); after it wrote its CALL frame, fast_plan.py finds where
 // every staged tensor came from (which argument slot or result element, by identity) and, when
-// everything was found, hands the plan to `Session.learn`. Anything a plan cannot express (CUDA
-// tensors, payload steps, token tags, a recv hook, an error, outputs not shaped as learned) goes
-// through the Python hook or a Python callback, so the records are the same either way
+// everything was found, hands the plan to `Session.learn`. On a GPU the call's CUDA arrays are
+// gathered into the device ring by one launch, which also fingerprints the rows the level asks
+// for (gather_kernel.py). Anything a plan cannot express (async_finish outputs on a GPU, payload
+// steps, token tags, a recv hook, an error, outputs not shaped as learned) goes through the
+// Python hook or a Python callback, so the records are the same either way
 // (tests/test_capture_fast.py compares them).
 //
 // Everything here runs under the GIL, on the job's threads (hooks) and the watchdog's (hung()).
@@ -74,14 +76,25 @@ struct ArraySpec {
   // (1: recv_count) or summed from a handle's layout_range [L, R] (2: the low 32 bits)
   int mode = 0;
   Src counts;
+  // Fingerprinted rows (GPU, level fingerprints): the tensor at src (x, or an FP8 pair's x with
+  // its scales at src2) is not staged but hashed by the gather launch into fp [L * X] int64 and
+  // non-finite marks [L * X] int8, two arrays of the frame; mode 1/2: only the first counts[g]
+  // rows of each group g (counts as above, read on the device)
+  bool hash = false;
+  Src src2;
 };
 
-struct Out {  // one staged array of a call: a tensor, or the valid rows of one
+struct Out {  // one staged array of a call: a tensor, the valid rows of one, or a hash output
   at::Tensor t;
   std::vector<int64_t> rows;  // mode 1/2: valid rows per local expert
   int64_t valid = 0;
-  int64_t dims() const { return rows.empty() ? t.dim() : 2; }
-  uint64_t nbytes() const { return rows.empty() ? t.nbytes() : uint64_t(valid) * row_bytes(); }
+  int hash_part = -1;  // 0: the fingerprints [n] int64, 1: the marks [n] int8 of hash job `job`
+  int job = 0;
+  int64_t n = 0;
+  uint64_t nbytes() const {
+    if (hash_part >= 0) return uint64_t(n) * (hash_part ? 1 : 8);
+    return rows.empty() ? t.nbytes() : uint64_t(valid) * row_bytes();
+  }
   uint64_t row_bytes() const { return uint64_t(t.size(-1)) * t.element_size(); }
 };
 
@@ -190,7 +203,7 @@ struct Session {
   // The raw gather launch (gather_kernel.py; set_gather): the kernel's CUfunction, the driver's
   // cuLaunchKernel, a Python callable giving the current cudaStream_t, that answer cached per
   // stream id
-  void *gfunc, *glaunch;
+  void *gfunc, *glaunch, *gfunc_hash;  // gfunc_hash: the gather with fingerprinted rows
   PyObject *stream_of;
   std::vector<std::pair<int64_t, void *>> *shandles;
   int64_t glaunches[3];  // [raw launches, at::cat_out launches, ns spent launching]
@@ -553,7 +566,9 @@ bool write_fast(Session *s, const Plan &p, const InFlight &f, int64_t tokens, in
   int64_t *w = reinterpret_cast<int64_t *>(at + FAST_FIXED);
   for (Py_ssize_t i = 0; i < nslots; i++) w = put_dims(slots[i], w);
   for (const auto &o : ts) {
-    if (o.rows.empty()) {
+    if (o.hash_part >= 0) {
+      *w++ = o.n;
+    } else if (o.rows.empty()) {
       for (int64_t d : o.t.sizes()) *w++ = d;
     } else {
       *w++ = o.valid;
@@ -588,14 +603,26 @@ bool write_fast(Session *s, const Plan &p, const InFlight &f, int64_t tokens, in
   return true;
 }
 
-// The raw gather launch's parameter block: gather_kernel.py's `EpGather`, field for field.
-constexpr size_t kMaxSegs = 24;
+// The raw gather launch's parameter blocks: gather_kernel.py's `EpGather`, `EpHash` and
+// `EpGatherHash`, field for field (the static_asserts hold them to the kernel's sizes).
+constexpr size_t kMaxSegs = 24, kMaxHash = 4;
 struct GatherArgs {
   uint64_t dst;
-  uint64_t src[kMaxSegs];
+  uint64_t src[kMaxSegs];      // 0: a hash output's place (the copy skips it)
   uint64_t off[kMaxSegs + 1];
   int32_t n;
 };
+struct HashJob {
+  uint64_t a, b, counts, fp, nf, a_exp, a_lo, a_hi, b_exp, b_lo, b_hi, n_words;
+  int32_t a_K, b_W, b_bits, L, X, cmode, R, per_group, block0;
+};
+struct GatherHashArgs {
+  GatherArgs g;
+  HashJob h[kMaxHash];
+  int32_t nh, copy_blocks;
+};
+static_assert(sizeof(GatherArgs) == 408 && sizeof(HashJob) == 136 && sizeof(GatherHashArgs) == 960,
+              "the launch parameters must match gather_kernel.py's structs");
 using LaunchFn = int (*)(void *f, unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned by,
                          unsigned bz, unsigned shmem, void *stream, void **params, void **extra);
 
@@ -614,40 +641,120 @@ bool stream_handle(Session *s, const c10::Stream &st, void **out) {
   return true;
 }
 
+// A word's exponent mask, 1 and top bit replicated over a 64-bit lane (the finite check of
+// format/fingerprint_gpu.py); exp 0 for dtypes it does not check.
+void finite_masks(c10::ScalarType dt, uint64_t *exp, uint64_t *lo, uint64_t *hi) {
+  uint64_t word = dt == at::kBFloat16 ? 0x7F80 : dt == at::kHalf ? 0x7C00 : dt == at::kFloat ? 0x7F800000 : 0;
+  int bits = int(c10::elementSize(dt)) * 8;
+  *exp = *lo = *hi = 0;
+  for (int i = 0; word && i < 64 / bits; i++) {
+    *exp |= word << (bits * i);
+    *lo |= uint64_t(1) << (bits * i);
+    *hi |= uint64_t(1) << (bits * i + bits - 1);
+  }
+}
+
+// The hash job of a fingerprinted rows spec: x [L, X, H] or [T, H] as whole 64-bit lanes
+// (contiguous, 8-byte aligned: DeepEP's shapes), its scales, its counts. False where this call's
+// tensors do not fit the kernel (the Python hook then records it: same bits, slower).
+bool hash_job(const ArraySpec &a, const at::Tensor &x, PyObject *const *slots, Py_ssize_t nslots,
+              PyObject *result, const at::Device &dev, HashJob *h) {
+  *h = HashJob{};
+  int64_t H = x.size(-1), es = int64_t(x.element_size());
+  if (!x.is_contiguous() || (H * es) % 8 || reinterpret_cast<uintptr_t>(x.const_data_ptr()) % 8) return false;
+  h->L = x.dim() == 3 ? int32_t(x.size(0)) : 1;
+  h->X = int32_t(x.dim() == 3 ? x.size(1) : x.size(0));
+  h->a = uint64_t(reinterpret_cast<uintptr_t>(x.const_data_ptr()));
+  h->a_K = int32_t(H * es / 8);
+  h->n_words = uint64_t(H);
+  finite_masks(x.scalar_type(), &h->a_exp, &h->a_lo, &h->a_hi);
+  if (a.src2.set()) {  // an FP8 pair's scales [L, X, S] / [T, S]
+    PyObject *o = resolve(a.src2, slots, nslots, result);
+    if (!o || !THPVariable_Check(o)) return false;
+    const at::Tensor &b = THPVariable_Unpack(o);
+    int64_t bs = b.defined() ? int64_t(b.element_size()) : 0;
+    if (!bs || b.device() != dev || !b.is_contiguous() || b.dim() != x.dim() || (bs != 1 && bs != 2 && bs != 4) ||
+        b.numel() != int64_t(h->L) * h->X * b.size(-1))
+      return false;
+    h->b = uint64_t(reinterpret_cast<uintptr_t>(b.const_data_ptr()));
+    h->b_W = int32_t(b.size(-1));
+    h->b_bits = int32_t(8 * bs);
+    h->n_words += uint64_t(b.size(-1));
+    finite_masks(b.scalar_type(), &h->b_exp, &h->b_lo, &h->b_hi);
+  }
+  if (a.mode) {  // valid rows: counts read on the device, no host sync
+    PyObject *o = resolve(a.counts, slots, nslots, result);
+    if (!o || !THPVariable_Check(o)) return false;
+    const at::Tensor &c = THPVariable_Unpack(o);
+    if (!c.defined() || c.device() != dev || !c.is_contiguous() || x.dim() != 3 || c.size(0) != h->L) return false;
+    if (a.mode == 1 && c.dim() == 1 && c.scalar_type() == at::kInt) h->cmode = 1;
+    else if (a.mode == 1 && c.dim() == 1 && c.scalar_type() == at::kLong) h->cmode = 3;
+    else if (a.mode == 2 && c.dim() == 2 && c.scalar_type() == at::kLong) h->cmode = 2, h->R = int32_t(c.size(1));
+    else return false;
+    h->counts = uint64_t(reinterpret_cast<uintptr_t>(c.const_data_ptr()));
+  }
+  // ~2048 blocks in all: every SM busy at decode shapes, one row per block there
+  int64_t per = (2048 + h->L - 1) / std::max<int32_t>(h->L, 1);
+  h->per_group = int32_t(std::max<int64_t>(1, std::min<int64_t>(per, h->X)));
+  return true;
+}
+
 // One cuLaunchKernel of the gather kernel: ts's bytes back to back from dst, as at::cat_out of
-// their byte views would put them. False (nothing launched) where the raw path does not apply;
-// a failed launch turns the raw path off for the session (at::cat_out then says what is wrong).
-bool raw_gather(Session *s, const std::vector<Out> &ts, uint64_t dst, int64_t total, const c10::Stream &st) {
-  if (!s->gfunc || ts.size() > kMaxSegs) return false;
+// their byte views would put them, and with hash jobs (`jobs`, nh of them) the fingerprinted rows
+// in the same launch (epreplay_gather_hash). False (nothing launched) where the raw path does
+// not apply; a failed launch turns the raw path off for the session (at::cat_out then says what
+// is wrong; hashed calls go back to the Python hook).
+bool raw_gather(Session *s, const std::vector<Out> &ts, HashJob *jobs, int nh, uint64_t dst, int64_t total,
+                const c10::Stream &st) {
+  void *func = nh ? s->gfunc_hash : s->gfunc;
+  if (!func || ts.size() > kMaxSegs) return false;
   auto *impl = c10::impl::getDeviceGuardImpl(c10::DeviceType::CUDA);
   if (impl->getDevice() != s->D->device()) return false;  // the kernel lives in D's context
   void *stream;
   if (!stream_handle(s, st, &stream)) return false;
-  GatherArgs a;
-  a.dst = dst;
-  a.n = int32_t(ts.size());
-  uint64_t off = 0;
-  for (size_t k = 0; k < ts.size(); k++) {  // hook_call made every array contiguous
+  GatherHashArgs a;
+  a.g.dst = dst;
+  a.g.n = int32_t(ts.size());
+  uint64_t off = 0, copied = 0;
+  for (size_t k = 0; k < ts.size(); k++) {  // hook_call made every staged array contiguous
     const Out &o = ts[k];
     if (!o.rows.empty()) return false;  // valid-row gathers are host-only (valid_rows)
-    a.src[k] = uint64_t(reinterpret_cast<uintptr_t>(o.t.const_data_ptr()));
-    a.off[k] = off;
-    off += o.t.nbytes();
+    a.g.off[k] = off;
+    if (o.hash_part >= 0) {
+      a.g.src[k] = 0;
+      (o.hash_part ? jobs[o.job].nf : jobs[o.job].fp) = off;
+    } else {
+      a.g.src[k] = uint64_t(reinterpret_cast<uintptr_t>(o.t.const_data_ptr()));
+      copied += o.t.nbytes();
+    }
+    off += o.nbytes();
   }
-  a.off[ts.size()] = off;  // = total: o.nbytes() is t.nbytes() without valid rows
-  unsigned blocks = unsigned(std::min<int64_t>(264, std::max<int64_t>(1, (total / 16 + 255) / 256)));
-  void *params[] = {&a};
-  if (reinterpret_cast<LaunchFn>(s->glaunch)(s->gfunc, blocks, 1, 1, 256, 1, 1, 0, stream, params, nullptr)) {
-    s->gfunc = nullptr;
+  a.g.off[ts.size()] = off;  // = total
+  unsigned copy_blocks = copied ? unsigned(std::min<uint64_t>(264, std::max<uint64_t>(1, (copied / 16 + 255) / 256))) : 0;
+  unsigned blocks = copy_blocks;
+  a.nh = 0;
+  for (int j = 0; j < nh; j++) {
+    if (!jobs[j].L || !jobs[j].X) continue;  // no rows: nothing to hash or write
+    a.h[a.nh] = jobs[j];
+    a.h[a.nh].block0 = int32_t(blocks);
+    blocks += unsigned(jobs[j].L) * unsigned(jobs[j].per_group);
+    a.nh++;
+  }
+  a.copy_blocks = int32_t(copy_blocks);
+  if (!blocks) return true;
+  void *params[] = {&a};  // the copy-only kernel reads the leading GatherArgs
+  if (reinterpret_cast<LaunchFn>(s->glaunch)(func, blocks, 1, 1, 256, 1, 1, 0, stream, params, nullptr)) {
+    s->gfunc = s->gfunc_hash = nullptr;
     return false;
   }
   return true;
 }
 
-// One launch: the call's CUDA arrays' bytes into the next free bytes of D, on the current stream
-// (device_stage.DeviceStage.gather, same reservation rules); their absolute position, or -1 when
-// D is full (dropped and counted).
-int64_t gather(Session *s, const std::vector<Out> &ts) {
+// One launch: the call's CUDA arrays' bytes (and fingerprinted rows) into the next free bytes
+// of D, on the current stream (device_stage.DeviceStage.gather, same reservation rules); their
+// absolute position, -1 when D is full (dropped and counted), -2 when hashed rows could not be
+// launched (the Python hook records the call).
+int64_t gather(Session *s, const std::vector<Out> &ts, HashJob *jobs, int nh) {
   int64_t total = 0;
   for (const auto &o : ts) total += int64_t(o.nbytes());
   int64_t cap = s->D->numel(), head = s->dstate[0];
@@ -661,8 +768,10 @@ int64_t gather(Session *s, const std::vector<Out> &ts) {
   c10::Stream st = c10::impl::getDeviceGuardImpl(c10::DeviceType::CUDA)->getStream(s->D->device());
   uint64_t dst = uint64_t(reinterpret_cast<uintptr_t>(s->D->data_ptr())) + uint64_t(start % cap);
   int64_t t0 = now_ns(CLOCK_MONOTONIC);
-  if (raw_gather(s, ts, dst, total, st)) {
+  if (raw_gather(s, ts, jobs, nh, dst, total, st)) {
     s->glaunches[0]++;
+  } else if (nh) {
+    return -2;
   } else {
     std::vector<at::Tensor> pieces;
     pieces.reserve(ts.size());
@@ -764,7 +873,9 @@ PyObject *hook_call(PyObject *self, PyObject *const *args, size_t nargsf, PyObje
   // Outputs as learned? Then the frame; else the Python path writes it from this identity.
   std::vector<Out> ts;
   std::vector<PyObject *> vals;
-  ts.reserve(p.arrays.size());
+  ts.reserve(p.arrays.size() + kMaxHash);
+  HashJob jobs[kMaxHash];
+  int nh = 0;
   bool ok = true;
   for (const auto &a : p.arrays) {
     PyObject *o = resolve(a.src, slots, nslots, result);
@@ -772,6 +883,20 @@ PyObject *hook_call(PyObject *self, PyObject *const *args, size_t nargsf, PyObje
     const at::Tensor &t = THPVariable_Unpack(o);
     if (!t.defined() || t.scalar_type() != a.dtype || t.dim() != a.ndim ||
         (p.device ? t.device() != s->D->device() : !t.is_cpu())) { ok = false; break; }
+    if (a.hash) {  // fingerprinted rows: two outputs of the gather launch, nothing staged
+      if (!p.device || nh == int(kMaxHash) || !hash_job(a, t, slots, nslots, result, s->D->device(), &jobs[nh])) {
+        ok = false;
+        break;
+      }
+      Out fp, marks;
+      fp.t = t;  // held until the launch
+      fp.hash_part = 0, marks.hash_part = 1;
+      fp.job = marks.job = nh++;
+      fp.n = marks.n = int64_t(jobs[fp.job].L) * jobs[fp.job].X;
+      ts.push_back(std::move(fp));
+      ts.push_back(std::move(marks));
+      continue;
+    }
     Out out;
     try {
       out.t = t.is_contiguous() ? t : t.contiguous();
@@ -808,10 +933,11 @@ PyObject *hook_call(PyObject *self, PyObject *const *args, size_t nargsf, PyObje
   int64_t dev_start = -1;
   if (ok && p.device) {
     try {
-      dev_start = gather(s, ts);
+      dev_start = gather(s, ts, jobs, nh);
     } catch (const std::exception &) {  // a torch error: Python's path says what it is
       ok = false;
     }
+    ok = ok && dev_start != -2;  // hashed rows the raw launch could not take: Python's
   }
   if (ok && p.device && dev_start < 0) {
     s->words[W_DROPPED] += 1;  // D is full: dropped and counted, the job goes on
@@ -906,7 +1032,7 @@ PyObject *sess_new(PyTypeObject *type, PyObject *args, PyObject *kw) {
   s->D = nullptr;
   s->dstate = s->capturing = nullptr;
   s->streams = new std::vector<c10::Stream>();
-  s->gfunc = s->glaunch = nullptr;
+  s->gfunc = s->glaunch = s->gfunc_hash = nullptr;
   s->stream_of = nullptr;
   s->shandles = new std::vector<std::pair<int64_t, void *>>();
   s->glaunches[0] = s->glaunches[1] = s->glaunches[2] = 0;
@@ -996,20 +1122,23 @@ PyObject *sess_learn(PyObject *self, PyObject *spec) {
     p->arg_dims = arg_dims;
     p->device = device;
     for (Py_ssize_t i = 0; i < PyList_GET_SIZE(arrays); i++) {
-      PyObject *src, *dt, *counts;
-      int ndim, mode;
+      PyObject *src, *dt, *counts, *src2 = Py_None;
+      int ndim, mode, hash = 0;
       ArraySpec a;
-      if (!PyArg_ParseTuple(PyList_GET_ITEM(arrays, i), "OOiiO", &src, &dt, &ndim, &mode, &counts) ||
-          !parse_src(src, &a.src) || !parse_src(counts, &a.counts) || !THPDtype_Check(dt)) {
+      if (!PyArg_ParseTuple(PyList_GET_ITEM(arrays, i), "OOiiO|pO", &src, &dt, &ndim, &mode, &counts, &hash, &src2) ||
+          !parse_src(src, &a.src) || !parse_src(counts, &a.counts) || !parse_src(src2, &a.src2) ||
+          !THPDtype_Check(dt)) {
         if (!PyErr_Occurred())
-          PyErr_SetString(PyExc_TypeError, "learn: arrays are (src, torch.dtype, ndim, mode, counts src)");
+          PyErr_SetString(PyExc_TypeError,
+                          "learn: arrays are (src, torch.dtype, ndim, mode, counts src[, hash, scales src])");
         delete p;
         return nullptr;
       }
       a.dtype = reinterpret_cast<THPDtype *>(dt)->scalar_type;
       a.ndim = ndim;
       a.mode = mode;
-      p->total_dims += mode ? 2 : ndim;
+      a.hash = hash;
+      p->total_dims += hash ? 2 : mode ? 2 : ndim;  // hashed: fp [n] and marks [n]
       p->arrays.push_back(a);
     }
     for (Py_ssize_t i = 0; i < PyList_GET_SIZE(values); i++) {
@@ -1105,13 +1234,15 @@ PyObject *sess_set_device(PyObject *self, PyObject *args) {
   Py_RETURN_NONE;
 }
 
-// set_gather(func, launch, stream_of): the raw gather launch (gather_kernel.py): the kernel's
-// CUfunction and cuLaunchKernel as addresses, and a callable giving the current cudaStream_t.
+// set_gather(func, launch, stream_of[, func_hash]): the raw gather launch (gather_kernel.py): the
+// kernels' CUfunctions (the copies; the copies with fingerprinted rows, 0: none) and
+// cuLaunchKernel as addresses, and a callable giving the current cudaStream_t.
 PyObject *sess_set_gather(PyObject *self, PyObject *args) {
   Session *s = reinterpret_cast<Session *>(self);
-  unsigned long long func, launch;
+  unsigned long long func, launch, func_hash = 0;
   PyObject *stream_of;
-  if (!PyArg_ParseTuple(args, "KKO", &func, &launch, &stream_of)) return nullptr;
+  if (!PyArg_ParseTuple(args, "KKO|K", &func, &launch, &stream_of, &func_hash)) return nullptr;
+  s->gfunc_hash = reinterpret_cast<void *>(uintptr_t(func_hash));
   Py_INCREF(stream_of);
   Py_XSETREF(s->stream_of, stream_of);
   s->gfunc = reinterpret_cast<void *>(uintptr_t(func));
@@ -1164,7 +1295,8 @@ PyMethodDef sess_methods[] = {
     {"disable", sess_disable, METH_NOARGS, "Calls go through the Python hook from now on."},
     {"set_device", sess_set_device, METH_VARARGS, "set_device(D, dstate, capturing): the device ring."},
     {"take_streams", sess_take_streams, METH_NOARGS, "Streams gathered on since the last call."},
-    {"set_gather", sess_set_gather, METH_VARARGS, "set_gather(func, launch, stream_of): the raw gather launch."},
+    {"set_gather", sess_set_gather, METH_VARARGS,
+     "set_gather(func, launch, stream_of[, func_hash]): the raw gather launches."},
     {"gather_info", sess_gather_info, METH_NOARGS, "(raw gather launches, at::cat_out launches, raw path on, ns launching)."},
     {"plans", sess_plans, METH_NOARGS, "(keys seen, plans learned)."},
     {nullptr, nullptr, 0, nullptr},

@@ -170,6 +170,7 @@ class DeviceStage:
         """("hash" entries -> their fingerprints and per-row finite flags, computed on the stream
         the gather runs on; for async_finish outputs that is the side stream, made to wait for
         the job's stream and DeepEP's event first."""
+        from epreplay.capture.extract import ValidRows
         from epreplay.format.fingerprint_gpu import fingerprint_rows_fast
 
         if after is not None:
@@ -189,8 +190,12 @@ class DeviceStage:
                 if tag != "hash":
                     out.append((name, x, tag))
                     continue
-                # the kernel's own non-finite marks, reduced by the writer: no extra launches
-                fp_T, marks = fingerprint_rows_fast(x, with_finite="raw")
+                # the kernel's own non-finite marks, reduced by the writer: no extra launches;
+                # a low-latency buffer's valid rows (extract.ValidRows): counts read on the device
+                if isinstance(x, ValidRows):
+                    fp_T, marks = fingerprint_rows_fast(x.x, valid_counts_L=x.counts_L(), with_finite="raw")
+                else:
+                    fp_T, marks = fingerprint_rows_fast(x, with_finite="raw")
                 out.append((name, fp_T, "a"))
                 out.append((name + ":nonfinite", marks, "a"))
         finally:

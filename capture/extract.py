@@ -22,7 +22,7 @@ epreplay/format/records.py; set by build.py).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -86,22 +86,43 @@ def _gather_valid(x: Any, counts: list[int]) -> Any:
     return torch.cat([x[e, :c] for e, c in enumerate(counts)]) if counts else x.reshape(-1, x.shape[-1])[:0]
 
 
-def _valid_rows_fp(st: Staging, name: str, x: Any, counts_L: Any, *, ready: bool = True) -> None:
+class ValidRows(NamedTuple):
+    """Rows of a low-latency buffer x [L, X, H] (or an FP8 pair) to fingerprint where only the
+    first counts of each group hold data: counts is recv_count [L] (mode 1) or a handle's
+    layout_range [L, R] (mode 2: the low 32 bits, summed over R). The ring path hashes them where
+    its gather runs (device_stage.py, or the compiled hook's one launch reading counts on the
+    device); see _valid_rows_fp."""
+
+    x: Any
+    counts: torch.Tensor
+    mode: int
+
+    def counts_L(self) -> torch.Tensor:
+        """[L] valid rows per group, on the device (torch ops on the current stream: no sync)."""
+        return self.counts if self.mode == 1 else (self.counts & 0xFFFFFFFF).sum(dim=1)
+
+
+def _valid_rows_fp(st: Staging, name: str, x: Any, counts: Any, mode: int, *, ready: bool = True) -> None:
     """Fingerprints of a GPU low-latency buffer x [L, X, H] (or an FP8 pair) hashing only the
     valid rows, [0, counts_L[e]) of each local expert e: [L * X] with 0 past the counts (build
-    slices them off), plus the kernel's non-finite marks under `name:nonfinite` (nonzero: not finite).
+    slices them off), plus the kernel's non-finite marks under `name:nonfinite` (nonzero: not
+    finite). counts, mode: as ValidRows.
 
-    counts_L ([L], on x's device) is read by the kernel on the device: no host sync. The hash
-    runs on the job's stream here, so only where x is `ready` on it (not for async_finish
-    outputs, which DeepEP's comm stream is still writing); otherwise, or without counts, every
-    row is hashed on staging's side stream after them (Staging.rows_fp), as before.
-    TODO(stage.py): once Staging.rows_fp passes fingerprint keywords to the side stream, this
-    is `st.rows_fp(name, x, valid_counts_L=counts_L)` in every case.
+    The counts are read by the kernel on the device: no host sync. The ring path's staging
+    takes the rows as they are (RingStaging.rows_fp_valid: hashed where its gather runs, after
+    the call, on the call's stream); elsewhere the hash runs on the job's stream here, so only
+    where x is `ready` on it (not for async_finish outputs, which DeepEP's comm stream is still
+    writing); otherwise, or without counts, every row is hashed on staging's side stream after
+    them (Staging.rows_fp), as before.
     """
-    if counts_L is None or not ready:
+    if counts is None or not isinstance(counts, torch.Tensor) or not ready:
         st.rows_fp(name, _flat_rows(x))
         return
-    fp_LX, marks = fingerprint_rows_fast(x, valid_counts_L=counts_L, with_finite="raw")
+    rows = ValidRows(x, counts, mode)
+    if hasattr(st, "rows_fp_valid"):
+        st.rows_fp_valid(name, rows)
+        return
+    fp_LX, marks = fingerprint_rows_fast(x, valid_counts_L=rows.counts_L(), with_finite="raw")
     st.keep(name, fp_LX)
     st.keep(name + ":nonfinite", marks)  # the kernel's marks, reduced by the writer: one launch
 
@@ -163,9 +184,7 @@ def stage_inputs(call: Call, a: dict[str, Any], payload: bool) -> None:
             return
         if fps and x is not None:
             # valid rows per local expert: the count half of layout_range, summed over sources
-            # (device ops on the job's stream: no host sync)
-            counts_L = (layout_range & 0xFFFFFFFF).sum(dim=1) if layout_range is not None else None
-            _valid_rows_fp(st, "_x_fp_LX", x, counts_L, ready=True)  # an input: ready at entry
+            _valid_rows_fp(st, "_x_fp_LX", x, layout_range, 2, ready=True)  # an input: ready at entry
         if payload and x is not None:
             st.snapshot("_x_LXH", x)
 
@@ -217,9 +236,7 @@ def stage_outputs(call: Call, a: dict[str, Any], result: Any) -> None:
             if _on_cpu(recv_x) and isinstance(recv_count, torch.Tensor) and not recv_count.is_cuda:
                 st.rows_fp("recv_x_fp_V", _gather_valid(recv_x, recv_count.tolist()))
             else:
-                _valid_rows_fp(st, "_recv_x_fp_LX", recv_x,
-                               recv_count if isinstance(recv_count, torch.Tensor) else None,
-                               ready=not a.get("async_finish"))
+                _valid_rows_fp(st, "_recv_x_fp_LX", recv_x, recv_count, 1, ready=not a.get("async_finish"))
         return
     if op == Op.LL_COMBINE:
         if fps:

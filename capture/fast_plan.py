@@ -72,6 +72,7 @@ class FastSession:
                                      self.stats, int(rec.config.layers_per_step), marks._local)
         hookx.activate(self.session)
         self.gather_tried = False  # the raw gather launch (gather_kernel.py), tried once
+        self.hash_launch = False  # it fingerprints rows too (level fingerprints on a GPU)
 
     def gather_info(self) -> tuple[int, int, bool, int]:
         """(raw gather launches, at::cat_out launches, raw path on, ns spent launching) so far."""
@@ -187,6 +188,27 @@ def _valid_rows_source(call: Any, name: str, tag: str, t: Any, args: dict[str, A
     return src, mode, counts_src
 
 
+def _hashed_source(rows: Any, find: Any) -> tuple | None:
+    """The session's array spec of a "hash" entry (x [T, H], an FP8 pair, or extract.ValidRows
+    of a low-latency buffer [L, X, H]): (x's src, dtype, ndim, counts mode, counts src, 1, the
+    scales' src); None where the gather kernel cannot hash it (rows not whole 64-bit lanes, a
+    tensor not among the call's arguments and results)."""
+    from epreplay.capture.extract import ValidRows
+
+    x, counts, mode = (rows.x, rows.counts, rows.mode) if isinstance(rows, ValidRows) else (rows, None, 0)
+    parts = list(x) if isinstance(x, (tuple, list)) else [x]
+    if len(parts) not in (1, 2) or not all(isinstance(p, torch.Tensor) for p in parts):
+        return None
+    a = parts[0]
+    if a.dim() != (3 if counts is not None else 2) or (a.shape[-1] * a.element_size()) % 8:
+        return None
+    srcs = [find(p) for p in parts]
+    counts_src = find(counts) if counts is not None else None
+    if None in srcs or (counts is not None and counts_src is None):
+        return None
+    return (srcs[0], a.dtype, a.dim(), mode, counts_src, 1, srcs[1] if len(srcs) > 1 else None)
+
+
 def compile_plan(call: Any, args: dict[str, Any], result: Any, st: Any, meta: dict[str, Any],
                  slots: dict[str, int]) -> tuple[list, tuple] | None:
     """(the session's spec without its id, the writer's plan) for this call, or None when its
@@ -194,8 +216,8 @@ def compile_plan(call: Any, args: dict[str, Any], result: Any, st: Any, meta: di
     from epreplay.capture.ring_frames import words_of
 
     device = bool(st.dev)
-    if device and (st.arrays or st.after_ev is not None or any(tag != "a" for _, _, tag in st.dev)):
-        return None  # hashed rows, async_finish outputs, host and CUDA arrays mixed: Python's
+    if device and (st.arrays or st.after_ev is not None or any(tag not in ("a", "hash") for _, _, tag in st.dev)):
+        return None  # async_finish outputs, host and CUDA arrays mixed: Python's
     staged = st.dev if device else st.arrays  # (on the host an async_finish event orders nothing)
     template = args_template(args, slots)
     if template is None:
@@ -203,6 +225,15 @@ def compile_plan(call: Any, args: dict[str, Any], result: Any, st: Any, meta: di
     find = _finder(args, slots, result)
     arrays, specs = [], []
     for name, t, tag in staged:
+        if tag == "hash":  # GPU rows the gather launch fingerprints (gather_kernel.py ep_hash)
+            got = _hashed_source(t, find)
+            if got is None:
+                return None
+            arrays.append(got)
+            for out, dtype in ((name, torch.int64), (name + ":nonfinite", torch.int8)):
+                words, logical = words_of(dtype)
+                specs.append((out, "a", words, logical, dtype.itemsize, 1))
+            continue
         src, mode, counts = find(t), 0, None
         if src is None and device:
             return None
@@ -268,7 +299,10 @@ def learn(fs: FastSession, call: Any, args: dict[str, Any], result: Any, st: Any
         fs.session.set_device(dev.D, dev.dstate, CAPTURING)
         if not fs.gather_tried:
             fs.gather_tried = True
-            _raw_gather(fs, dev.D.device)
+            fs.hash_launch = _raw_gather(fs, dev.D.device)
+        if any(len(a) > 5 and a[5] for a in spec[7]) and not fs.hash_launch:
+            fs.session.learn(None)  # fingerprinted rows need the raw launch: Python's
+            return
     try:
         blob = marshal.dumps(plan)
     except ValueError:  # a meta value marshal cannot carry: the Python path keeps this site
@@ -280,16 +314,21 @@ def learn(fs: FastSession, call: Any, args: dict[str, Any], result: Any, st: Any
     fs.session.learn((plan_id, *spec))
 
 
-def _raw_gather(fs: FastSession, device: Any) -> None:
-    """Give the session the raw gather launch (one cuLaunchKernel a call instead of at::cat_out's
-    ~15 us of host time); EPREPLAY_CAPTURE_RAW_GATHER=0 keeps at::cat_out (for comparisons)."""
+def _raw_gather(fs: FastSession, device: Any) -> bool:
+    """Give the session the raw gather launches (one cuLaunchKernel a call instead of at::cat_out's
+    ~15 us of host time; with fingerprinted rows, the same launch hashes them); whether the one
+    with hashing is there. EPREPLAY_CAPTURE_RAW_GATHER=0 keeps at::cat_out (for comparisons:
+    fingerprinted rows then stay with the Python hook)."""
     if _env_off("EPREPLAY_CAPTURE_RAW_GATHER"):
-        return
+        return False
     from epreplay.capture import gather_kernel
 
     got = gather_kernel.load(device)
-    if got is not None:
-        fs.session.set_gather(*got, gather_kernel.current_stream_handle)
+    if got is None:
+        return False
+    hashing = gather_kernel.load(device, gather_kernel.GATHER_HASH)
+    fs.session.set_gather(*got, gather_kernel.current_stream_handle, hashing[0] if hashing else 0)
+    return hashing is not None
 
 
 def never(fs: FastSession | None) -> None:

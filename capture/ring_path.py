@@ -25,7 +25,7 @@ import time
 from typing import Any
 
 from epreplay.capture import fast_plan
-from epreplay.capture.extract import describe, stage_inputs, stage_outputs
+from epreplay.capture.extract import ValidRows, describe, stage_inputs, stage_outputs
 from epreplay.capture.ring_frames import BEGIN, CALL, END, HUNG, write_call, write_control
 from epreplay.capture.ring_thread import IDLE_RINGS, ThreadWriter, idle_ring, ring_sizes
 from epreplay.capture.shm_ring import W_COMMITTED, W_DROPPED, W_HEAD, ShmRing
@@ -72,6 +72,20 @@ class RingStaging:
             self.arrays.append((name, x[1], "fp1"))
         else:
             self.arrays.append((name, x, "fp"))
+
+    def rows_fp_valid(self, name: str, rows: Any) -> None:
+        """A low-latency buffer's valid rows (extract.ValidRows) to fingerprint: on a GPU hashed
+        where the gather runs (device_stage.py; the compiled hook's launch); elsewhere now."""
+        first = rows.x[0] if isinstance(rows.x, (tuple, list)) else rows.x
+        if first.is_cuda and rows.counts.is_cuda:
+            x = tuple(rows.x) if isinstance(rows.x, list) else rows.x
+            self.dev.append((name, rows._replace(x=x), "hash"))
+            return
+        from epreplay.format.fingerprint_gpu import fingerprint_rows_fast
+
+        fp_LX, marks = fingerprint_rows_fast(rows.x, valid_counts_L=rows.counts_L(), with_finite="raw")
+        self.keep(name, fp_LX)
+        self.keep(name + ":nonfinite", marks)
 
     def value(self, name: str, v: Any) -> None:
         self.values.append((name, v))
@@ -244,6 +258,7 @@ class RingPath:
         from epreplay.capture.stage import current_stream
 
         first = st.dev[0][1]
+        first = first.x if isinstance(first, ValidRows) else first
         device = (first[0] if isinstance(first, tuple) else first).device
         if self.dev is None:
             from epreplay.capture.device_stage import DeviceStage
