@@ -2,7 +2,7 @@
 
     python bench/capture_hotpath.py [--device cpu|cuda] [--rounds 7] [--iters 40]
                                     [--shapes decode,decode-ll,prefill] [--levels counts,routing,fingerprints]
-                                    [--writer process|thread] [--hot-path auto|compiled|compiled-cat|ring|courier]
+                                    [--writer process|thread] [--hot-path auto|compiled|compiled-cat|compiled-torchdrain|ring|courier]
                                     [--torch-threads N]
 
 Legend: T tokens, H hidden, E experts, K top-k.
@@ -89,13 +89,18 @@ def _device_work(step, steps: int = 5) -> tuple[float, float, float, float]:
     return kernels / steps, copies / steps, kernel_us / steps, copy_us / steps
 
 
+# Bench-only variants of the compiled hook on a GPU: the environment switch each one sets.
+VARIANTS = {"compiled-cat": "EPREPLAY_CAPTURE_RAW_GATHER",  # at::cat_out instead of the raw launch
+            "compiled-torchdrain": "EPREPLAY_CAPTURE_NATIVE_DRAIN"}  # the drain through torch (GIL held)
+
+
 def _hot_path(name: str) -> str:
-    """The config's hot path for a bench mode: "compiled-cat" is the compiled hook with its GPU
-    gather through at::cat_out instead of the raw kernel launch (capture/gather_kernel.py)."""
-    if name == "compiled-cat":
-        os.environ["EPREPLAY_CAPTURE_RAW_GATHER"] = "0"
+    """The config's hot path for a bench mode (VARIANTS: "compiled" with one switch off)."""
+    for var in VARIANTS.values():
+        os.environ.pop(var, None)
+    if name in VARIANTS:
+        os.environ[VARIANTS[name]] = "0"
         return "compiled"
-    os.environ.pop("EPREPLAY_CAPTURE_RAW_GATHER", None)
     return name
 
 
@@ -212,7 +217,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="comma-separated, measured side by side: auto (the compiled hook where built, "
                         "host calls), compiled, ring (the Python hook into the ring), courier (the "
                         "previous design, kept as the reference), compiled-cat (GPU: the compiled "
-                        "hook gathering through at::cat_out instead of its raw kernel launch)")
+                        "hook gathering through at::cat_out instead of its raw kernel launch), "
+                        "compiled-torchdrain (GPU: the device ring drained through torch, holding the GIL)")
     a = p.parse_args(argv)
     if a.device == "cuda":
         import torch
@@ -223,9 +229,9 @@ def main(argv: list[str] | None = None) -> int:
     args = dict(shapes=[s for s in a.shapes.split(",") if s], levels=[s for s in a.levels.split(",") if s],
                 rounds=a.rounds, iters=a.iters, writer=a.writer, sync=a.sync, torch_threads=a.torch_threads,
                 hot_paths=[s for s in a.hot_path.split(",") if s])
-    bad = [h for h in args["hot_paths"] if h not in ("auto", "compiled", "compiled-cat", "ring", "courier")]
+    bad = [h for h in args["hot_paths"] if h not in ("auto", "compiled", "ring", "courier", *VARIANTS)]
     if bad:
-        print(f"capture_hotpath: --hot-path {bad[0]!r}: must be auto, compiled, compiled-cat, ring or courier", file=sys.stderr)
+        print(f"capture_hotpath: --hot-path {bad[0]!r}: must be auto, compiled, ring, courier, " + ", ".join(VARIANTS), file=sys.stderr)
         return 2
     unknown = [s for s in args["shapes"] if s not in SHAPES]
     if unknown:

@@ -1258,12 +1258,17 @@ PyObject *sess_gather_info(PyObject *self, PyObject *) {
                        s->gfunc ? Py_True : Py_False, (long long)s->glaunches[2]);
 }
 
-// take_streams(): [(stream id, device index, device type)] gathered on since the last call.
+// take_streams(): [(stream id, device index, device type, cudaStream_t or 0)] gathered on since
+// the last call.
 PyObject *sess_take_streams(PyObject *self, PyObject *) {
   Session *s = reinterpret_cast<Session *>(self);
   PyObject *out = PyList_New(0);
   for (const auto &st : *s->streams) {
-    PyObject *item = Py_BuildValue("(Lii)", (long long)st.id(), int(st.device_index()), int(st.device_type()));
+    void *h = nullptr;  // the raw cudaStream_t where the raw launch asked for it (else 0)
+    for (const auto &kv : *s->shandles)
+      if (kv.first == st.id()) h = kv.second;
+    PyObject *item = Py_BuildValue("(LiiK)", (long long)st.id(), int(st.device_index()), int(st.device_type()),
+                                   (unsigned long long)reinterpret_cast<uintptr_t>(h));
     if (!item || PyList_Append(out, item) < 0) {
       Py_XDECREF(item);
       Py_DECREF(out);

@@ -276,8 +276,56 @@ static PyObject *ring_key(PyObject *self, PyObject *args) {
     return out;
 }
 
+/* drain(fns, side, done, ev, streams, copies): device_stage's batch drain without the GIL.
+ *   fns      (cuEventRecord, cuStreamWaitEvent, cuMemcpyDtoHAsync_v2, cuEventSynchronize) addresses
+ *   side     the drain's CUstream; done, ev: CUevents (ev is recorded on each of `streams`, the
+ *            streams the calls gathered on, and waited for by side; done after the copies)
+ *   copies   ((host dst, device src, bytes), ...) into the ring's registered mirror area
+ *   returns  0, or the first failing CUresult
+ * Why in C: in Python the same dozen torch calls held the job's GIL ~100+ us a batch and the
+ * job's launches waited on it; here the GIL is released for all of it, including the wait. */
+typedef int (*ev_record_fn)(uintptr_t, uintptr_t);
+typedef int (*wait_event_fn)(uintptr_t, uintptr_t, unsigned);
+typedef int (*dtoh_fn)(void *, uint64_t, size_t, uintptr_t);
+typedef int (*ev_sync_fn)(uintptr_t);
+#define DRAIN_MAX 16
+
+static PyObject *ring_drain(PyObject *self, PyObject *args) {
+    unsigned long long f[4], side, done, ev;
+    PyObject *streams, *copies;
+    if (!PyArg_ParseTuple(args, "(KKKK)KKKO!O!", &f[0], &f[1], &f[2], &f[3], &side, &done, &ev,
+                          &PyTuple_Type, &streams, &PyTuple_Type, &copies))
+        return NULL;
+    Py_ssize_t ns = PyTuple_GET_SIZE(streams), nc = PyTuple_GET_SIZE(copies);
+    if (ns > DRAIN_MAX || nc > 2) {
+        PyErr_SetString(PyExc_ValueError, "drain: at most 16 streams and 2 copies");
+        return NULL;
+    }
+    uintptr_t st[DRAIN_MAX];
+    unsigned long long cp[2][3];
+    for (Py_ssize_t i = 0; i < ns; i++) {
+        st[i] = (uintptr_t)PyLong_AsUnsignedLongLong(PyTuple_GET_ITEM(streams, i));
+        if (PyErr_Occurred()) return NULL;
+    }
+    for (Py_ssize_t i = 0; i < nc; i++)
+        if (!PyArg_ParseTuple(PyTuple_GET_ITEM(copies, i), "KKK", &cp[i][0], &cp[i][1], &cp[i][2])) return NULL;
+    int rc = 0;
+    Py_BEGIN_ALLOW_THREADS
+    for (Py_ssize_t i = 0; !rc && i < ns; i++) {
+        rc = ((ev_record_fn)(uintptr_t)f[0])((uintptr_t)ev, st[i]);
+        if (!rc) rc = ((wait_event_fn)(uintptr_t)f[1])((uintptr_t)side, (uintptr_t)ev, 0);
+    }
+    for (Py_ssize_t i = 0; !rc && i < nc; i++)
+        rc = ((dtoh_fn)(uintptr_t)f[2])((void *)(uintptr_t)cp[i][0], cp[i][1], (size_t)cp[i][2], (uintptr_t)side);
+    if (!rc) rc = ((ev_record_fn)(uintptr_t)f[0])((uintptr_t)done, (uintptr_t)side);
+    if (!rc) rc = ((ev_sync_fn)(uintptr_t)f[3])((uintptr_t)done);
+    Py_END_ALLOW_THREADS
+    return PyLong_FromLong(rc);
+}
+
 static PyMethodDef methods[] = {
     {"write", ring_write, METH_VARARGS, "Write one call frame into the capture ring (see _ringc.c)."},
+    {"drain", ring_drain, METH_VARARGS, "drain(fns, side, done, ev, streams, copies): a device batch, GIL released."},
     {"key", ring_key, METH_VARARGS, "key(values, Tensor): ring_path._key of each value, as a tuple."},
     {NULL, NULL, 0, NULL},
 };

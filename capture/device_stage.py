@@ -13,8 +13,9 @@ The drain thread, every DRAIN_S: under the ring's write lock it takes the frames
 written so far, records one event per stream the calls used (the same event object each time),
 makes its side stream wait on them, copies D's new bytes into the ring's device mirror area
 (host memory registered with CUDA, so the copy is one async DMA, two where it wraps), waits for
-that copy (the GIL is released while it waits), then publishes the frames. One copy and one event
-per batch. The writer process reads the bytes from the mirror; D and the mirror share offsets, so
+that copy, then publishes the frames. One copy and one event per batch. The events, copies and
+the wait are one C call holding no GIL (_ringc.drain, driver calls): through torch they held the
+job's GIL ~100+ us a batch. The writer process reads the bytes from the mirror; D and the mirror share offsets, so
 the writer's release of mirror bytes (word W_DTAIL) frees D's bytes too.
 
 A call whose outputs come from DeepEP's comm stream (async_finish=True) is gathered on the side
@@ -61,6 +62,24 @@ def _drain_period() -> float:
     return DRAIN_S
 
 
+def _native_drain() -> tuple | None:
+    """(_ringc.drain, the driver functions it calls) or None (not built, no driver, or
+    EPREPLAY_CAPTURE_NATIVE_DRAIN=0): then the drain runs through torch, holding the GIL."""
+    from epreplay.capture.fast_plan import env_off
+
+    if env_off("EPREPLAY_CAPTURE_NATIVE_DRAIN"):
+        return None
+    try:
+        from epreplay.capture._ringc import drain
+
+        lib = ctypes.CDLL("libcuda.so.1")
+        fns = tuple(ctypes.cast(getattr(lib, n), ctypes.c_void_p).value for n in
+                    ("cuEventRecord", "cuStreamWaitEvent", "cuMemcpyDtoHAsync_v2", "cuEventSynchronize"))
+    except (ImportError, OSError, AttributeError):
+        return None
+    return (drain, fns) if all(fns) else None
+
+
 class DeviceStage:
     """The device ring D of one capture session and its drain (module docstring)."""
 
@@ -91,6 +110,13 @@ class DeviceStage:
         self.batches = 0  # drains that copied something
         self.drain_cpu_ns = 0  # the drain thread's CPU time: its share of the job's GIL
         self.period = _drain_period()
+        self._native = _native_drain()
+        if self._native is not None:  # raw handles for _ringc.drain (torch makes events lazily)
+            self.ev.record(self.side)
+            self.done.record(self.side)
+            self._side_h, self._ev_h = self.side.cuda_stream, self.ev.cuda_event
+            self._done_h = self.done.cuda_event
+            self._mirror_ptr, self._d_ptr = self.mirror.data_ptr(), self.D.data_ptr()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="epreplay-device-drain", daemon=True)
         self._thread.start()
@@ -214,27 +240,48 @@ class DeviceStage:
                 streams = list(self.streams.values())
                 self.streams.clear()
                 if self.more_streams is not None:  # after dev_head: see _hookx.cpp `gather`
-                    streams += [torch.cuda.Stream(stream_id=i, device_index=d, device_type=t)
-                                for i, d, t in self.more_streams()]
+                    streams += [h or torch.cuda.Stream(stream_id=i, device_index=d, device_type=t)
+                                for i, d, t, h in self.more_streams()]
             if dev_head > self.drained:
-                for s in streams:
-                    self.ev.record(s)
-                    self.side.wait_event(self.ev)
                 cap = self.capacity
-                a, b = self.drained, dev_head
-                with torch.cuda.stream(self.side):
-                    while a < b:  # one copy, two where the new bytes wrap around D's end
-                        off = a % cap
-                        n = min(b - a, cap - off)
-                        self.mirror[off:off + n].copy_(self.D[off:off + n], non_blocking=True)
-                        a += n
-                self.done.record(self.side)
-                self.done.synchronize()
+                spans, a, b = [], self.drained, dev_head
+                while a < b:  # one copy, two where the new bytes wrap around D's end
+                    off = a % cap
+                    n = min(b - a, cap - off)
+                    spans.append((off, n))
+                    a += n
+                if self._native is not None:
+                    self._drain_native(streams, spans)
+                else:
+                    self._drain_torch(streams, spans)
                 self.drained = dev_head
                 self.batches += 1
         self.ring.publish_upto(frames_head)
 
+    def _drain_native(self, streams: list, spans: list[tuple[int, int]]) -> None:
+        """The batch's event waits, copies and the wait for them in one C call (_ringc.drain)
+        that holds no GIL: the job's thread keeps running Python meanwhile."""
+        handles = tuple(s if isinstance(s, int) else s.cuda_stream for s in streams)
+        copies = tuple((self._mirror_ptr + off, self._d_ptr + off, n) for off, n in spans)
+        rc = self._native[0](self._native[1], self._side_h, self._done_h, self._ev_h, handles, copies)
+        if rc:
+            raise RuntimeError(f"CUDA driver error {rc} in the device ring's drain")
+
+    def _drain_torch(self, streams: list, spans: list[tuple[int, int]]) -> None:
+        """_drain_native's work through torch (no _ringc, or EPREPLAY_CAPTURE_NATIVE_DRAIN=0)."""
+        for s in streams:
+            if isinstance(s, int):
+                s = torch.cuda.ExternalStream(s)
+            self.ev.record(s)
+            self.side.wait_event(self.ev)
+        with torch.cuda.stream(self.side):
+            for off, n in spans:
+                self.mirror[off:off + n].copy_(self.D[off:off + n], non_blocking=True)
+        self.done.record(self.side)
+        self.done.synchronize()
+
     def _run(self) -> None:
+        torch.cuda.set_device(self.D.device)  # the driver calls of _drain_native need its context
         while not self._stop.wait(self.period):
             try:
                 t0 = time.thread_time_ns()

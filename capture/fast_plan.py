@@ -33,7 +33,7 @@ NONE = -(1 << 63)  # None in the shared int64 arrays (recorder._attr)
 _module: Any = False  # not looked up yet
 
 
-def _env_off(name: str) -> bool:
+def env_off(name: str) -> bool:
     """An on-by-default switch set to 0/false/no/off."""
     return os.environ.get(name, "1").strip().lower() in ("0", "false", "no", "off")
 
@@ -44,7 +44,7 @@ def load() -> Any:
     global _module
     if _module is False:
         _module = None
-        if not _env_off("EPREPLAY_CAPTURE_COMPILED"):
+        if not env_off("EPREPLAY_CAPTURE_COMPILED"):
             try:
                 import torch
 
@@ -319,7 +319,7 @@ def _raw_gather(fs: FastSession, device: Any) -> bool:
     ~15 us of host time; with fingerprinted rows, the same launch hashes them); whether the one
     with hashing is there. EPREPLAY_CAPTURE_RAW_GATHER=0 keeps at::cat_out (for comparisons:
     fingerprinted rows then stay with the Python hook)."""
-    if _env_off("EPREPLAY_CAPTURE_RAW_GATHER"):
+    if env_off("EPREPLAY_CAPTURE_RAW_GATHER"):
         return False
     from epreplay.capture import gather_kernel
 

@@ -26,6 +26,7 @@ from typing import Any
 
 from epreplay.capture import fast_plan
 from epreplay.capture.extract import ValidRows, describe, stage_inputs, stage_outputs
+from epreplay.capture.ring_staging import RingStaging
 from epreplay.capture.ring_frames import BEGIN, CALL, END, HUNG, write_call, write_control
 from epreplay.capture.ring_thread import IDLE_RINGS, ThreadWriter, idle_ring, ring_sizes
 from epreplay.capture.shm_ring import W_COMMITTED, W_DROPPED, W_HEAD, ShmRing
@@ -36,67 +37,6 @@ MONITOR_S = 0.05
 # Writer restarts per session before capture turns off: a writer that keeps dying is broken.
 MAX_RESTARTS = 3
 memmove = ctypes.memmove
-
-
-class RingStaging:
-    """extract.stage_inputs/stage_outputs' staging interface: collects (name, tensor, tag)
-    references; ring_frames.write_call copies host tensors into the frame, device_stage gathers
-    CUDA tensors (one launch) into the device ring."""
-
-    __slots__ = ("arrays", "values", "dev", "after_ev")
-    cuda = False
-
-    def __init__(self) -> None:
-        self.arrays: list[tuple[str, Any, str]] = []
-        self.values: list[tuple[str, Any]] = []
-        self.dev: list[tuple[str, Any, str]] = []  # CUDA tensors, and ("hash") rows to fingerprint
-        self.after_ev: Any = None
-
-    def keep(self, name: str, t: Any) -> None:
-        if t is not None:
-            (self.dev if t.is_cuda else self.arrays).append((name, t, "a"))
-
-    snapshot = keep  # the frame (or the gather, in stream order) copies now: a snapshot
-
-    def rows_fp(self, name: str, x: Any) -> None:
-        """Rows to fingerprint: host rows' bytes go in the frame (the writer hashes them); CUDA
-        rows are hashed on the device where the gather runs (device_stage.py)."""
-        if x is None:
-            return
-        first = x[0] if isinstance(x, (tuple, list)) else x
-        if first.is_cuda:
-            self.dev.append((name, tuple(x) if isinstance(x, list) else x, "hash"))
-            return
-        if isinstance(x, (tuple, list)):
-            self.arrays.append((name, x[0], "fp0"))
-            self.arrays.append((name, x[1], "fp1"))
-        else:
-            self.arrays.append((name, x, "fp"))
-
-    def rows_fp_valid(self, name: str, rows: Any) -> None:
-        """A low-latency buffer's valid rows (extract.ValidRows) to fingerprint: on a GPU hashed
-        where the gather runs (device_stage.py; the compiled hook's launch); elsewhere now."""
-        first = rows.x[0] if isinstance(rows.x, (tuple, list)) else rows.x
-        if first.is_cuda and rows.counts.is_cuda:
-            x = tuple(rows.x) if isinstance(rows.x, list) else rows.x
-            self.dev.append((name, rows._replace(x=x), "hash"))
-            return
-        from epreplay.format.fingerprint_gpu import fingerprint_rows_fast
-
-        fp_LX, marks = fingerprint_rows_fast(rows.x, valid_counts_L=rows.counts_L(), with_finite="raw")
-        self.keep(name, fp_LX)
-        self.keep(name + ":nonfinite", marks)
-
-    def value(self, name: str, v: Any) -> None:
-        self.values.append((name, v))
-
-    def after(self, event: Any) -> None:
-        """Outputs from DeepEP's comm stream (async_finish): the gather waits for this event."""
-        if event is not None and hasattr(event, "current_stream_wait"):
-            self.after_ev = event
-
-    def seal(self) -> None:
-        pass
 
 
 class RingCall:

@@ -262,7 +262,7 @@ def test_low_latency_buffer_fingerprints_cover_valid_rows_only(fp8: bool):
             recv_x = (recv_x[0], recv_x[1].clone()) if fp8 else recv_x.clone()
             (recv_x[1] if fp8 else recv_x)[2, 7, 0] = float("nan")
         st.keep("recv_count_L", counts)
-        _valid_rows_fp(st, "_recv_x_fp_LX", recv_x, counts)
+        _valid_rows_fp(st, "_recv_x_fp_LX", recv_x, counts, 1)
         call = Call(op=Op.LL_DISPATCH, buffer=0, seq=0, step=0, layer=0, start_ns=0,
                     level=Level.FINGERPRINTS, args={}, staging=st, timer=Timer(None), t_mono=0.0)
         _, arrays, meta = build(call)
