@@ -20,8 +20,10 @@ prints:
                   means something on a loaded machine (where host us/call is noisy)
   hook us/call    the hooks' own time, as the recorder measures it (facts "hot_us")
   launch us       (GPU) host time of one gather launch inside the compiled hook (part of hook us)
-  drain us/call   (GPU) CPU time of the device drain thread per call (a share of the job's GIL;
-                  its wait for the copy sleeps and is not counted)
+  drain us/call   (GPU) CPU time of the device drain thread per call (its wait for the copy
+                  sleeps and is not counted)
+  drain GIL us    (GPU) the part of it that holds the GIL (the rest is _ringc.drain's driver
+                  calls, which release it): what the drain can take from the job's thread
   kernel us/call  (GPU) device time of the kernels in a step with capture - off, per hooked call
                   (torch.profiler over 5 steps; the "off" row gives the step's total): the job's
                   stream
@@ -141,6 +143,7 @@ def _rank(ctx, args: dict, root: str) -> dict:
         hook = {m: float("inf") for m in modes}
         dropped = {m: 0 for m in modes}
         drain = {m: float("inf") for m in modes}
+        drain_gil = {m: float("inf") for m in modes}
         launch = {m: float("inf") for m in modes}
         for _ in range(3):
             step()  # warm-up: allocator, gloo/NCCL connections
@@ -175,11 +178,13 @@ def _rank(ctx, args: dict, root: str) -> dict:
                     facts = capture.stop() or {}
                     dropped[mode] += int(facts.get("dropped", 0))
                     # the device drain's CPU (its share of the GIL), over the session's calls
-                    drain[mode] = min(drain[mode], facts.get("drain", [0, 0.0])[1] / max(1, facts.get("calls", 1)))
+                    d = facts.get("drain", [0, 0.0, 0.0])
+                    drain[mode] = min(drain[mode], d[1] / max(1, facts.get("calls", 1)))
+                    drain_gil[mode] = min(drain_gil[mode], d[2] / max(1, facts.get("calls", 1)))
                     g = facts.get("gathers", [0, 0, 0])
                     launch[mode] = min(launch[mode], g[2] / 1e3 / max(1, g[0] + g[1]))
         row = {"calls": calls, "iters": iters, "host_us": host, "cpu_us": cpu, "hook_us": hook, "dropped": dropped,
-               "drain_us": drain, "launch_us": launch}
+               "drain_us": drain, "drain_gil_us": drain_gil, "launch_us": launch}
         if cuda:
             row["device_us"] = dev
             work = {"off": _device_work(step)}
@@ -246,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"command: python bench/capture_hotpath.py {' '.join(argv if argv is not None else sys.argv[1:])}")
     head = f"{'shape':<34}{'level/hot path':<24}{'step us':>10}{'host us/call':>14}{'cpu us/call':>13}{'hook us/call':>14}"
     if a.device == "cuda":
-        head += (f"{'launch us':>11}{'drain us/call':>15}{'kernel us/call':>16}{'copy us/call':>14}"
+        head += (f"{'launch us':>11}{'drain us/call':>15}{'drain GIL us':>14}{'kernel us/call':>16}{'copy us/call':>14}"
                  f"{'kernels/call':>14}{'copies/call':>13}")
     print(head + f"{'dropped':>9}")
     for name, row in res.items():
@@ -256,7 +261,7 @@ def main(argv: list[str] | None = None) -> int:
         line = f"{label:<34}{'off':<24}{off:>10.1f}{'-':>14}{'-':>13}{'-':>14}"
         if a.device == "cuda":
             k, c, kus, cus = row["work"]["off"]
-            line += f"{'-':>11}{'-':>15}{kus:>16.1f}{cus:>14.1f}{k:>14.1f}{c:>13.1f}"
+            line += f"{'-':>11}{'-':>15}{'-':>14}{kus:>16.1f}{cus:>14.1f}{k:>14.1f}{c:>13.1f}"
         print(line)
         for hp in args["hot_paths"]:
             for level in args["levels"]:
@@ -269,6 +274,7 @@ def main(argv: list[str] | None = None) -> int:
                     (k0, c0, ku0, cu0), (k1, c1, ku1, cu1) = row["work"]["off"], row["work"][mode]
                     n = row["calls"]
                     line += (f"{row['launch_us'][mode]:>11.2f}{row['drain_us'][mode]:>15.2f}"
+                             f"{row['drain_gil_us'][mode]:>14.2f}"
                              f"{(ku1 - ku0) / n:>16.2f}{(cu1 - cu0) / n:>14.2f}{(k1 - k0) / n:>14.2f}"
                              f"{(c1 - c0) / n:>13.2f}")
                 print(line + f"{row['dropped'][mode]:>9d}")

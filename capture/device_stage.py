@@ -40,7 +40,8 @@ from epreplay.capture.shm_ring import HEADER, W_DTAIL, ShmRing
 
 # Drain period: a batch every 2 ms keeps the frames' delay short while the drain's Python (a
 # handful of torch calls, ~50 us) costs the job's GIL ~2%. Its CPU time is counted
-# (DeviceStage.drain_cpu_ns) so benches can charge it to the calls it drained.
+# (DeviceStage.drain_cpu_ns, and drain_free_ns of it outside the GIL) so benches can charge it to
+# the calls it drained.
 # EPREPLAY_CAPTURE_DRAIN_MS overrides it (a longer period: fewer batches, later frames).
 DRAIN_S = 0.002
 
@@ -108,7 +109,8 @@ class DeviceStage:
         self._w_dtail = ctypes.c_uint64.from_buffer(ring.mm, W_DTAIL * 8)
         self.failed: str | None = None
         self.batches = 0  # drains that copied something
-        self.drain_cpu_ns = 0  # the drain thread's CPU time: its share of the job's GIL
+        self.drain_cpu_ns = 0  # the drain thread's CPU time
+        self.drain_free_ns = 0  # ... of which in _ringc.drain, holding no GIL
         self.period = _drain_period()
         self._native = _native_drain()
         if self._native is not None:  # raw handles for _ringc.drain (torch makes events lazily)
@@ -263,7 +265,9 @@ class DeviceStage:
         that holds no GIL: the job's thread keeps running Python meanwhile."""
         handles = tuple(s if isinstance(s, int) else s.cuda_stream for s in streams)
         copies = tuple((self._mirror_ptr + off, self._d_ptr + off, n) for off, n in spans)
+        t0 = time.thread_time_ns()
         rc = self._native[0](self._native[1], self._side_h, self._done_h, self._ev_h, handles, copies)
+        self.drain_free_ns += time.thread_time_ns() - t0
         if rc:
             raise RuntimeError(f"CUDA driver error {rc} in the device ring's drain")
 
