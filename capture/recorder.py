@@ -258,7 +258,7 @@ class Recorder(CallMeta, Control, Courier):
 
     def end(self, call: Call, args: dict[str, Any], result: Any) -> Any:
         """The call returned: stage outputs (now, or when the LL recv hook runs) and enqueue."""
-        ring = self._rp is not None and not isinstance(call, Call)
+        ring = isinstance(call, RingCall)  # (a GraphCall is neither: staged into its graph)
         if ring:
             call.t0 = time.perf_counter_ns() - call.t0  # from here on: the call's duration
             self.inflight.pop(call.id, None)
@@ -292,7 +292,7 @@ class Recorder(CallMeta, Control, Courier):
             out = hook(*a, **kw)
             if not call.done and self.enabled:
                 try:
-                    if not isinstance(call, Call):  # ring path
+                    if isinstance(call, RingCall):  # ring path
                         self._rp.end_frame(self, call, args, result)
                     else:
                         self._ready(call, args, result)
@@ -309,7 +309,7 @@ class Recorder(CallMeta, Control, Courier):
 
     def raised(self, call: Call, exc: BaseException) -> None:
         """The call raised: record it as ERROR with the text (the caller re-raises)."""
-        if not isinstance(call, Call) and self._rp is not None:  # ring path
+        if isinstance(call, RingCall) and self._rp is not None:  # ring path
             try:
                 self.inflight.pop(call.id, None)
                 call.t0 = time.perf_counter_ns() - call.t0

@@ -118,3 +118,55 @@ def _kineto_rank(ctx) -> list[str]:
 def test_cuda_only_profile_names_dispatch_and_combine_once() -> None:
     fails = [f for r in run_ranks(_kineto_rank, 1, device="cuda", timeout=300) for f in r]
     assert not fails, "\n".join(fails)
+
+
+def _recorded_graph_rank(ctx, run_dir: str, level: str, replays: int) -> dict:
+    import torch.distributed as dist
+
+    from epreplay import capture
+    from epreplay.emulate import Buffer
+
+    torch.set_default_device("cuda")
+    group = dist.new_group(list(range(ctx.world_size)))
+    capture.start(run_dir, level=level)  # the default hot path: the ring, compiled where built
+    buf = Buffer(group, low_latency_mode=True)
+    xs, idxs, ws = _inputs(2000 + ctx.rank, T, "cuda")
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        _step(buf, xs, idxs, ws, False)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        _step(buf, xs, idxs, ws, False)
+    fed = []
+    for i in range(replays):
+        x, idx, w = _inputs(3000 + 10 * i + ctx.rank, T, "cuda")
+        xs.copy_(x), idxs.copy_(idx), ws.copy_(w)
+        graph.replay()
+        fed.append(idx.cpu().numpy())
+    torch.cuda.synchronize()
+    facts = capture.stop()
+    return {"facts": facts, "fed": fed}
+
+
+@pytest.mark.parametrize("level", ["routing", "fingerprints"])
+def test_calls_captured_in_a_cuda_graph_are_recorded_at_each_replay(tmp_path, level) -> None:
+    """On the ring path (the default): the graph's calls are staged into the graph (graph_ring.py),
+    not taken for ring calls, and each replay is one record per call with the replay's routing."""
+    import numpy as np
+
+    from epreplay.capture.graph_ring import GRAPH_SEQ_BASE
+    from epreplay.format.records import Op
+    from epreplay.format.shard import open_shard
+
+    replays = 5
+    run = tmp_path / "run"
+    out = run_ranks(_recorded_graph_rank, 1, str(run), level, replays, device="cuda", timeout=600)[0]
+    assert out["facts"]["disabled"] is None, out["facts"]
+    with open_shard(run / "shards" / "rank-00000.eprs") as scan:
+        recs = [r for r in scan.records(ops=[Op.LL_DISPATCH, Op.LL_COMBINE]) if r.header.seq >= GRAPH_SEQ_BASE]
+    dispatches = sorted((r for r in recs if r.header.op == Op.LL_DISPATCH), key=lambda r: r.header.seq)
+    assert len(dispatches) == replays and len(recs) == 2 * replays
+    for rec, idx in zip(dispatches, out["fed"]):
+        assert np.array_equal(rec.arrays["topk_idx_TK"], idx)
