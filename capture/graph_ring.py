@@ -174,8 +174,9 @@ class GraphRing:
             self.dropped += first - s.drained  # the ring wrapped before we got there
         if before <= first:
             return []
-        idx = torch.arange(first, before, device=s.counter.device) % S
-        host = {name: ring.index_select(0, idx).to("cpu", non_blocking=True) for name, ring in s.rings.items()}
+        with torch.cuda.stream(side):  # the copies on the stream synchronized below, not this
+            idx = torch.arange(first, before, device=s.counter.device) % S  # thread's default one
+            host = {name: ring.index_select(0, idx).to("cpu", non_blocking=True) for name, ring in s.rings.items()}
         side.synchronize()
         after = _read(s.counter, side)
         # Slots the graph may have rewritten while we copied them are not trusted.
