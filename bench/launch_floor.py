@@ -1,0 +1,68 @@
+"""The floor under the compiled hook's GPU host time: what one raw launch of its gather kernels costs
+on this host, with nothing else in the call.
+
+    python bench/launch_floor.py [--launches N] [--rounds R]
+
+prints, for each kernel (capture/gather_kernel.py: the copies; the copies with fingerprinted rows)
+and grid (1 and 264 blocks), the host time of one `cuLaunchKernel` from a ctypes loop (minimum
+over rounds), and the cost of a trivial driver call through the same ctypes path, to subtract.
+The kernels are launched with no segments and no rows (they return at once): the figure is the
+driver's and the launch queue's, the part of a hooked call no code of ours can remove.
+"""
+from __future__ import annotations
+
+import argparse
+import ctypes
+import sys
+import time
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--launches", type=int, default=2000, help="launches per round")
+    p.add_argument("--rounds", type=int, default=5)
+    a = p.parse_args(argv)
+    import torch
+
+    if not torch.cuda.is_available():
+        print("launch_floor: needs CUDA", file=sys.stderr)
+        return 2
+    from epreplay.capture import gather_kernel as gk
+
+    dev = torch.device("cuda", torch.cuda.current_device())
+    print(f"{torch.cuda.get_device_name(dev)}, torch {torch.__version__}")
+    proto = ctypes.CFUNCTYPE(ctypes.c_int, *([ctypes.c_void_p] + [ctypes.c_uint] * 7 + [ctypes.c_void_p] * 3))
+    stream = torch.cuda.current_stream().cuda_stream
+    for name, size in ((gk.GATHER, 408), (gk.GATHER_HASH, 960)):  # the parameter blocks' sizes
+        got = gk.load(dev, name)
+        if got is None:
+            print(f"launch_floor: {name} does not compile here (NVRTC missing?)", file=sys.stderr)
+            return 1
+        func, launch = got
+        block = (ctypes.c_char * size)()  # zeros: no segments, no rows
+        params = (ctypes.c_void_p * 1)(ctypes.cast(block, ctypes.c_void_p))
+        fn = proto(launch)
+        for blocks in (1, 264):
+            best = float("inf")
+            for _ in range(a.rounds):
+                torch.cuda.synchronize()
+                t0 = time.perf_counter_ns()
+                for _ in range(a.launches):
+                    fn(func, blocks, 1, 1, 256, 1, 1, 0, stream, params, None)
+                best = min(best, (time.perf_counter_ns() - t0) / a.launches / 1e3)
+            print(f"{name:<22} {blocks:>4} blocks: {best:6.2f} us per cuLaunchKernel through ctypes")
+    lib = ctypes.CDLL("libcuda.so.1")
+    dev_out = ctypes.c_int()
+    best = float("inf")
+    for _ in range(a.rounds):
+        t0 = time.perf_counter_ns()
+        for _ in range(a.launches):
+            lib.cuCtxGetDevice(ctypes.byref(dev_out))
+        best = min(best, (time.perf_counter_ns() - t0) / a.launches / 1e3)
+    print(f"{'ctypes + cuCtxGetDevice':<28}: {best:6.2f} us (the loop's own cost, to subtract)")
+    torch.cuda.synchronize()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
