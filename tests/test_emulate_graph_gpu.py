@@ -151,9 +151,12 @@ def _recorded_graph_rank(ctx, run_dir: str, level: str, replays: int) -> dict:
 
 
 @pytest.mark.parametrize("level", ["routing", "fingerprints"])
-@pytest.mark.xfail(strict=True, reason="known bug (2026-12-05, one H100): the graph-ring records of the "
-                   "emulated LL dispatch hold the right count but topk_idx_TK bytes that are not the "
-                   "replay's (bf16-like bits); the capture no longer turns off, the content is still wrong")
+@pytest.mark.xfail(strict=True, reason="known bug (2026-12-05, one H100): the graph-ring records hold the "
+                   "right count but topk_idx_TK bytes that are not the replay's (bf16-like bits, the same in "
+                   "two runs). Likely cause: Site.stage allocates its rings inside the capture, from the "
+                   "graph's private pool, where they can take blocks the graph's own temporaries (freed "
+                   "earlier in the capture) write at every replay, so a slot is overwritten before the "
+                   "drain reads it")
 def test_calls_captured_in_a_cuda_graph_are_recorded_at_each_replay(tmp_path, level) -> None:
     """On the ring path (the default): the graph's calls are staged into the graph (graph_ring.py),
     not taken for ring calls, and each replay is one record per call with the replay's routing."""
