@@ -202,6 +202,8 @@ def _hashed_source(rows: Any, find: Any) -> tuple | None:
     a = parts[0]
     if a.dim() != (3 if counts is not None else 2) or (a.shape[-1] * a.element_size()) % 8:
         return None
+    if not all(p.is_contiguous() for p in parts):  # e.g. DeepEP's low-latency FP8 scales, stored
+        return None  # [L, S, X] and viewed [L, X, S]: the kernel reads packed rows only
     srcs = [find(p) for p in parts]
     counts_src = find(counts) if counts is not None else None
     if None in srcs or (counts is not None and counts_src is None):

@@ -40,3 +40,6 @@ def test_rows_the_kernel_cannot_read_stay_with_the_python_hook():
     y = torch.zeros(4, 8, 64, dtype=torch.bfloat16)
     count = torch.zeros(4, dtype=torch.int32)
     assert _hashed_source(ValidRows(y, count.clone(), 1), _find({"x": y, "c": count})) is None
+    x8 = torch.zeros(4, 8, 128, dtype=torch.float8_e4m3fn)
+    s_t = torch.zeros(4, 2, 8).transpose(1, 2)  # DeepEP's low-latency FP8 scales: [L, S, X] viewed [L, X, S]
+    assert _hashed_source(ValidRows((x8, s_t), count, 1), _find({"x": None}, ((x8, s_t), count))) is None
