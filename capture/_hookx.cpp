@@ -860,7 +860,30 @@ int64_t gather(Session *s, const std::vector<Out> &ts, HashJob *jobs, int nh) {
 struct Scratch {
   std::vector<Out> ts;
   std::vector<PyObject *> vals;
+  uint64_t borrowed = 0;  // bit k: ts[k].t borrows its tensor (below)
   bool busy = false;
+
+  // ts gets `t` without a reference of its own: the argument or the result it came from holds
+  // t for the whole call. A reference would cost more than the rest of the array's handling:
+  // taking a second one on a tensor that only its Python object holds increfs that object
+  // through a virtual call (c10 intrusive_ptr's PyObject preservation), and letting it go
+  // decrefs it again (~0.25 us a tensor on a cold cache).
+  void borrow(Out &out, const at::Tensor &t) {
+    size_t k = size_t(&out - ts.data());
+    if (k >= 64) {
+      out.t = t;
+      return;
+    }
+    out.t = c10::MaybeOwnedTraits<at::Tensor>::createBorrow(t);
+    borrowed |= uint64_t(1) << k;
+  }
+  void clear() {  // the borrowed tensors are given back unreleased, then everything goes
+    for (size_t k = 0; borrowed && k < ts.size() && k < 64; k++)
+      if (borrowed >> k & 1) c10::MaybeOwnedTraits<at::Tensor>::destroyBorrow(ts[k].t);
+    borrowed = 0;
+    ts.clear();
+    vals.clear();
+  }
 };
 thread_local Scratch t_scratch;
 
@@ -868,8 +891,7 @@ struct ScratchUse {  // marks a Scratch busy; at the end drops the tensors it ho
   Scratch &sc;
   explicit ScratchUse(Scratch &s) : sc(s) { sc.busy = true; }
   ~ScratchUse() {
-    sc.ts.clear();
-    sc.vals.clear();
+    sc.clear();
     sc.busy = false;
   }
 };
@@ -985,9 +1007,10 @@ PyObject *hook_call(PyObject *self, PyObject *const *args, size_t nargsf, PyObje
       ts.push_back(std::move(marks));
       continue;
     }
-    Out out;
+    Out &out = ts.emplace_back();  // in ts from the start: sc.clear() gives a borrow back
     try {
-      out.t = t.is_contiguous() ? t : t.contiguous();
+      if (t.is_contiguous()) sc.borrow(out, t);
+      else out.t = t.contiguous();
     } catch (const std::exception &) {
       ok = false;
       break;
@@ -996,7 +1019,6 @@ PyObject *hook_call(PyObject *self, PyObject *const *args, size_t nargsf, PyObje
       PyObject *c = resolve(a.counts, slots, nslots, result);
       if (!c || !THPVariable_Check(c) || !valid_rows(a.mode, out.t, THPVariable_Unpack(c), out)) { ok = false; break; }
     }
-    ts.push_back(std::move(out));
   }
   for (size_t i = 0; ok && i < p.values.size(); i++) {
     PyObject *o = resolve(p.values[i], slots, nslots, result);
@@ -1033,7 +1055,7 @@ PyObject *hook_call(PyObject *self, PyObject *const *args, size_t nargsf, PyObje
   } else if (ok) {
     write_fast(s, p, f, tokens, duration, parity, dseq, ts, vals, slots, nslots, dev_start);
   } else {
-    ts.clear();
+    sc.clear();
     hand_back(s, s_fast_mismatch, f, bi->state, duration, args, nargs, kwnames, result);
   }
   s->stats[0] += now_ns(CLOCK_MONOTONIC) - t_out;
