@@ -29,6 +29,7 @@
 #include <torch/csrc/autograd/python_variable.h>
 
 #include <algorithm>
+#include <optional>
 #include <cstdint>
 #include <cstring>
 #include <ctime>
@@ -169,10 +170,7 @@ struct InFlight {  // a fast call between entry and its frame, for the watchdog
   bool reported;
 };
 
-struct Lineage {
-  c10::weak_intrusive_ptr<c10::TensorImpl> weak;
-  int64_t seq;
-};
+class LineageTable;  // handles' dispatch seq (below)
 
 struct Session {
   PyObject_HEAD
@@ -191,7 +189,7 @@ struct Session {
   uint64_t next_id;
   std::unordered_map<Key, Plan *, KeyHash> *plans;
   std::unordered_map<PyObject *, BufInfo> *bufs;
-  std::unordered_map<c10::TensorImpl *, Lineage> *lineage;
+  LineageTable *lineage;
   InFlight inflight;     // list head
   // GPU sessions (set_device): the device ring D, its host state [head, writer's release as
   // last read] shared with device_stage.DeviceStage, graph_ring's capture count, and the streams
@@ -321,21 +319,68 @@ PyObject *resolve(const Src &s, PyObject *const *slots, Py_ssize_t nslots, PyObj
 }
 
 // --- lineage: which dispatch made a handle (combine's meta dispatch_seq) ---------------------
-void lineage_put(Session *s, const at::Tensor &t, int64_t seq) {
-  auto *m = s->lineage;
-  if (m->size() > 4096) {  // drop the entries of handles that are gone
-    for (auto it = m->begin(); it != m->end();) it = it->second.weak.expired() ? m->erase(it) : std::next(it);
+// An open-addressed table (linear probing, no deletions: it is rebuilt with the live entries when
+// half full), so that remembering a dispatch's handle allocates nothing: a std::unordered_map
+// node per dispatch cost ~1 us of a low-latency dispatch's hook time. Each entry holds a weak
+// reference: it keeps the TensorImpl's memory, so a live entry's address is that tensor's.
+class LineageTable {
+ public:
+  void put(const at::Tensor &t, int64_t seq) {
+    c10::TensorImpl *impl = t.unsafeGetTensorImpl();
+    if (slots_.empty() || 2 * (used_ + 1) > slots_.size()) rebuild();
+    Slot &e = find(impl);
+    if (!e.key) {
+      e.key = impl;
+      e.weak.emplace(t.getIntrusivePtr());
+      used_++;
+    }
+    e.seq = seq;
   }
-  m->insert_or_assign(t.unsafeGetTensorImpl(),
-                     Lineage{c10::weak_intrusive_ptr<c10::TensorImpl>(t.getIntrusivePtr()), seq});
-}
+  int64_t get(const at::Tensor &t) {
+    if (slots_.empty()) return -1;
+    const Slot &e = find(t.unsafeGetTensorImpl());
+    return e.key && !e.weak->expired() ? e.seq : -1;
+  }
+  void clear() {
+    slots_.clear();
+    used_ = 0;
+  }
 
-int64_t lineage_get(Session *s, const at::Tensor &t) {
-  auto it = s->lineage->find(t.unsafeGetTensorImpl());
-  // The weak reference keeps the TensorImpl's memory: a live entry's address is that tensor's.
-  if (it == s->lineage->end() || it->second.weak.expired()) return -1;
-  return it->second.seq;
-}
+ private:
+  struct Slot {
+    c10::TensorImpl *key = nullptr;
+    int64_t seq = 0;
+    std::optional<c10::weak_intrusive_ptr<c10::TensorImpl>> weak;
+  };
+  std::vector<Slot> slots_;  // a power of 2 long
+  size_t used_ = 0;
+
+  Slot &find(c10::TensorImpl *impl) {  // its entry, or the empty slot where it would go
+    size_t mask = slots_.size() - 1, i = size_t((uintptr_t(impl) >> 4) * 0x9E3779B97F4A7C15ULL >> 20) & mask;
+    while (slots_[i].key && slots_[i].key != impl) i = (i + 1) & mask;
+    return slots_[i];
+  }
+  void rebuild() {  // drop the entries of handles that are gone; room for twice the live ones
+    std::vector<Slot> old;
+    old.swap(slots_);
+    size_t live = 0;
+    for (const Slot &e : old) live += e.key && !e.weak->expired();
+    size_t n = 1024;
+    while (n < 4 * (live + 1)) n *= 2;
+    slots_.resize(n);
+    used_ = 0;
+    for (Slot &e : old) {
+      if (!e.key || e.weak->expired()) continue;
+      Slot &d = find(e.key);
+      d = std::move(e);
+      used_++;
+    }
+  }
+};
+
+void lineage_put(Session *s, const at::Tensor &t, int64_t seq) { s->lineage->put(t, seq); }
+
+int64_t lineage_get(Session *s, const at::Tensor &t) { return s->lineage->get(t); }
 
 // --- the ring ------------------------------------------------------------------------------------
 bool reserve(Session *s, uint64_t n, uint64_t *out_off) {
@@ -1137,7 +1182,7 @@ PyObject *sess_new(PyTypeObject *type, PyObject *args, PyObject *kw) {
   s->next_id = 1ULL << 48;  // apart from the Python path's call ids
   s->plans = new std::unordered_map<Key, Plan *, KeyHash>();
   s->bufs = new std::unordered_map<PyObject *, BufInfo>();
-  s->lineage = new std::unordered_map<c10::TensorImpl *, Lineage>();
+  s->lineage = new LineageTable();
   s->inflight.next = s->inflight.prev = &s->inflight;
   s->D = nullptr;
   s->dstate = s->capturing = nullptr;
