@@ -29,13 +29,14 @@
 #include <torch/csrc/autograd/python_variable.h>
 
 #include <algorithm>
+#include <optional>
 #include <cstdint>
 #include <cstring>
 #include <ctime>
 #include <unordered_map>
 #include <vector>
 #if defined(__x86_64__) || defined(_M_X64)
-#include <emmintrin.h>
+#include <immintrin.h>
 #endif
 
 #ifndef EPREPLAY_TORCH_VERSION
@@ -169,10 +170,7 @@ struct InFlight {  // a fast call between entry and its frame, for the watchdog
   bool reported;
 };
 
-struct Lineage {
-  c10::weak_intrusive_ptr<c10::TensorImpl> weak;
-  int64_t seq;
-};
+class LineageTable;  // handles' dispatch seq (below)
 
 struct Session {
   PyObject_HEAD
@@ -191,7 +189,7 @@ struct Session {
   uint64_t next_id;
   std::unordered_map<Key, Plan *, KeyHash> *plans;
   std::unordered_map<PyObject *, BufInfo> *bufs;
-  std::unordered_map<c10::TensorImpl *, Lineage> *lineage;
+  LineageTable *lineage;
   InFlight inflight;     // list head
   // GPU sessions (set_device): the device ring D, its host state [head, writer's release as
   // last read] shared with device_stage.DeviceStage, graph_ring's capture count, and the streams
@@ -230,8 +228,15 @@ struct Pending {
 thread_local Pending t_pending;
 thread_local Key t_key;  // the key of the call this thread's hook is looking up
 
-PyObject *s_state, *s_step, *s_layer, *s_pending_tags, *s_epreplay_capture, *s_owner, *s_cnt, *s_id,
+PyObject *s_dict, *s_state, *s_step, *s_layer, *s_pending_tags, *s_epreplay_capture, *s_owner, *s_cnt, *s_id,
     *s_fast_raised, *s_fast_mismatch;
+
+// A tensor, by type alone: THPVariable_Check's fallback for anything but an exact Tensor is
+// PyObject_IsInstance (a metaclass __instancecheck__ call, ~0.1 us), paid by every None, int and
+// handle tuple key_of and put_dims look at; a subtype test needs no call.
+inline bool is_tensor(PyObject *v) {
+  return THPVariable_CheckExact(v) || (THPVariableClass && PyObject_TypeCheck(v, reinterpret_cast<PyTypeObject *>(THPVariableClass)));
+}
 
 // --- keys ------------------------------------------------------------------------------------
 // One argument's part of the call-site key (ring_path._key's rules, but a tensor's leading dims
@@ -256,7 +261,7 @@ bool key_of(PyObject *v, std::vector<int64_t> &k, int depth = 0) {
     return true;
   }
   if (PyUnicode_CheckExact(v)) { k.push_back(5); k.push_back(PyObject_Hash(v)); return true; }
-  if (THPVariable_Check(v)) {
+  if (is_tensor(v)) {
     const at::Tensor &t = THPVariable_Unpack(v);
     if (!t.defined()) { k.push_back(10); return true; }
     k.push_back(6);
@@ -285,7 +290,7 @@ bool key_of(PyObject *v, std::vector<int64_t> &k, int depth = 0) {
 
 // The dims of every argument tensor, in key_of's order (the writer renders descriptions from them).
 int64_t *put_dims(PyObject *v, int64_t *w, int depth = 0) {
-  if (THPVariable_Check(v)) {
+  if (is_tensor(v)) {
     const at::Tensor &t = THPVariable_Unpack(v);
     if (t.defined())
       for (int64_t d : t.sizes()) *w++ = d;
@@ -314,21 +319,68 @@ PyObject *resolve(const Src &s, PyObject *const *slots, Py_ssize_t nslots, PyObj
 }
 
 // --- lineage: which dispatch made a handle (combine's meta dispatch_seq) ---------------------
-void lineage_put(Session *s, const at::Tensor &t, int64_t seq) {
-  auto *m = s->lineage;
-  if (m->size() > 4096) {  // drop the entries of handles that are gone
-    for (auto it = m->begin(); it != m->end();) it = it->second.weak.expired() ? m->erase(it) : std::next(it);
+// An open-addressed table (linear probing, no deletions: it is rebuilt with the live entries when
+// half full), so that remembering a dispatch's handle allocates nothing: a std::unordered_map
+// node per dispatch cost ~1 us of a low-latency dispatch's hook time. Each entry holds a weak
+// reference: it keeps the TensorImpl's memory, so a live entry's address is that tensor's.
+class LineageTable {
+ public:
+  void put(const at::Tensor &t, int64_t seq) {
+    c10::TensorImpl *impl = t.unsafeGetTensorImpl();
+    if (slots_.empty() || 2 * (used_ + 1) > slots_.size()) rebuild();
+    Slot &e = find(impl);
+    if (!e.key) {
+      e.key = impl;
+      e.weak.emplace(t.getIntrusivePtr());
+      used_++;
+    }
+    e.seq = seq;
   }
-  m->insert_or_assign(t.unsafeGetTensorImpl(),
-                     Lineage{c10::weak_intrusive_ptr<c10::TensorImpl>(t.getIntrusivePtr()), seq});
-}
+  int64_t get(const at::Tensor &t) {
+    if (slots_.empty()) return -1;
+    const Slot &e = find(t.unsafeGetTensorImpl());
+    return e.key && !e.weak->expired() ? e.seq : -1;
+  }
+  void clear() {
+    slots_.clear();
+    used_ = 0;
+  }
 
-int64_t lineage_get(Session *s, const at::Tensor &t) {
-  auto it = s->lineage->find(t.unsafeGetTensorImpl());
-  // The weak reference keeps the TensorImpl's memory: a live entry's address is that tensor's.
-  if (it == s->lineage->end() || it->second.weak.expired()) return -1;
-  return it->second.seq;
-}
+ private:
+  struct Slot {
+    c10::TensorImpl *key = nullptr;
+    int64_t seq = 0;
+    std::optional<c10::weak_intrusive_ptr<c10::TensorImpl>> weak;
+  };
+  std::vector<Slot> slots_;  // a power of 2 long
+  size_t used_ = 0;
+
+  Slot &find(c10::TensorImpl *impl) {  // its entry, or the empty slot where it would go
+    size_t mask = slots_.size() - 1, i = size_t((uintptr_t(impl) >> 4) * 0x9E3779B97F4A7C15ULL >> 20) & mask;
+    while (slots_[i].key && slots_[i].key != impl) i = (i + 1) & mask;
+    return slots_[i];
+  }
+  void rebuild() {  // drop the entries of handles that are gone; room for twice the live ones
+    std::vector<Slot> old;
+    old.swap(slots_);
+    size_t live = 0;
+    for (const Slot &e : old) live += e.key && !e.weak->expired();
+    size_t n = 1024;
+    while (n < 4 * (live + 1)) n *= 2;
+    slots_.resize(n);
+    used_ = 0;
+    for (Slot &e : old) {
+      if (!e.key || e.weak->expired()) continue;
+      Slot &d = find(e.key);
+      d = std::move(e);
+      used_++;
+    }
+  }
+};
+
+void lineage_put(Session *s, const at::Tensor &t, int64_t seq) { s->lineage->put(t, seq); }
+
+int64_t lineage_get(Session *s, const at::Tensor &t) { return s->lineage->get(t); }
 
 // --- the ring ------------------------------------------------------------------------------------
 bool reserve(Session *s, uint64_t n, uint64_t *out_off) {
@@ -355,31 +407,71 @@ bool reserve(Session *s, uint64_t n, uint64_t *out_off) {
 }
 
 // --- marks and step/layer attribution (recorder._attribute, same rules) -------------------------
-// Reads epreplay.marks' thread-local state: (step, layer) or NONE, and whether tags are pending.
-bool read_marks(Session *s, int64_t *m_step, int64_t *m_layer, bool *tags) {
-  *m_step = *m_layer = NONE;
-  *tags = false;
-  PyObject *st = PyObject_GetAttr(s->marks_local, s_state);
-  if (!st) {
-    if (!PyErr_ExceptionMatches(PyExc_AttributeError)) return false;
-    PyErr_Clear();
-    return true;
+// This thread's attribute dict of epreplay.marks._local (a threading.local), looked up once per
+// thread: getattr(_local, "state") on a thread that never marked anything raises and clears an
+// AttributeError, ~2.5 us of the hook's ~5 us budget per call. A threading.local keeps one dict
+// per thread for the thread's life; the strong references (the local too, so its address cannot
+// be reused) are a few hundred bytes per thread that ever made a hooked call.
+thread_local PyObject *t_marks_local = nullptr, *t_marks_dict = nullptr;
+
+PyObject *marks_dict(Session *s) {
+  if (t_marks_local != s->marks_local || !t_marks_dict) {
+    PyObject *d = PyObject_GetAttr(s->marks_local, s_dict);
+    if (!d || !PyDict_Check(d)) {
+      Py_XDECREF(d);
+      return nullptr;
+    }
+    Py_INCREF(s->marks_local);
+    Py_XSETREF(t_marks_local, s->marks_local);
+    Py_XSETREF(t_marks_dict, d);
   }
-  bool ok = true;
+  return t_marks_dict;
+}
+
+bool read_state_attrs(PyObject *st, int64_t *m_step, int64_t *m_layer, bool *tags) {
+  Py_INCREF(st);
   PyObject *v;
   if ((v = PyObject_GetAttr(st, s_step))) {
     if (v != Py_None) *m_step = PyLong_AsLongLong(v);
     Py_DECREF(v);
   }
-  if (ok && (v = PyObject_GetAttr(st, s_layer))) {
+  if ((v = PyObject_GetAttr(st, s_layer))) {
     if (v != Py_None) *m_layer = PyLong_AsLongLong(v);
     Py_DECREF(v);
   }
-  if (ok && (v = PyObject_GetAttr(st, s_pending_tags))) {
+  if ((v = PyObject_GetAttr(st, s_pending_tags))) {
     *tags = v != Py_None;
     Py_DECREF(v);
   }
   Py_DECREF(st);
+  return !PyErr_Occurred();
+}
+
+// Reads epreplay.marks' thread-local state: (step, layer) or NONE, and whether tags are pending.
+bool read_marks(Session *s, int64_t *m_step, int64_t *m_layer, bool *tags) {
+  *m_step = *m_layer = NONE;
+  *tags = false;
+  PyObject *d = marks_dict(s);
+  if (!d) return false;
+  PyObject *st = PyDict_GetItemWithError(d, s_state);  // borrowed
+  if (!st) return !PyErr_Occurred();
+  // marks' _State is a plain object: its instance dict answers without the type's attribute
+  // lookup (~3 cold cache lines less per field); anything else goes through getattr
+  PyObject *sd = PyObject_GenericGetDict(st, nullptr);
+  if (!sd || !PyDict_Check(sd)) {
+    Py_XDECREF(sd);
+    PyErr_Clear();
+    return read_state_attrs(st, m_step, m_layer, tags);
+  }
+  PyObject *step = PyDict_GetItemWithError(sd, s_step), *layer = step ? PyDict_GetItemWithError(sd, s_layer) : nullptr,
+           *pend = layer ? PyDict_GetItemWithError(sd, s_pending_tags) : nullptr;
+  if (pend) {
+    if (step != Py_None) *m_step = PyLong_AsLongLong(step);
+    if (layer != Py_None) *m_layer = PyLong_AsLongLong(layer);
+    *tags = pend != Py_None;
+  }
+  Py_DECREF(sd);
+  if (!pend) return !PyErr_Occurred() && read_state_attrs(st, m_step, m_layer, tags);
   return !PyErr_Occurred();
 }
 
@@ -506,8 +598,27 @@ void hand_back(Session *s, PyObject *method, const InFlight &f, PyObject *bs, in
 // (no read-for-ownership) nor evict the job's own working set from the cache; the caller orders
 // them before the publishing store with an sfence (ring_fence). Small ones stay plain memcpy.
 constexpr size_t NT_MIN = 4096;
+#if defined(__x86_64__) || defined(_M_X64)
+// 64-byte streaming stores where the CPU has AVX-512: each store is a whole cache line, so a
+// write-combining buffer leaves complete at once instead of after four 16-byte stores (measured
+// in the hook, a decode dispatch's 256 KiB at fingerprints: 22 -> 17 us).
+__attribute__((target("avx512f"))) void nt_copy64(char *dst, const char *src, size_t n) {
+  size_t head = (64 - (uintptr_t(dst) & 63)) & 63;
+  memcpy(dst, src, head);
+  dst += head, src += head, n -= head;
+  size_t i = 0;
+  for (; i + 128 <= n; i += 128) {
+    __m512i a = _mm512_loadu_si512(src + i), b = _mm512_loadu_si512(src + i + 64);
+    _mm512_stream_si512(reinterpret_cast<__m512i *>(dst + i), a);
+    _mm512_stream_si512(reinterpret_cast<__m512i *>(dst + i + 64), b);
+  }
+  memcpy(dst + i, src + i, n - i);
+}
+const bool g_avx512 = (__builtin_cpu_init(), __builtin_cpu_supports("avx512f"));
+#endif
 void ring_copy(char *dst, const char *src, size_t n) {
 #if defined(__x86_64__) || defined(_M_X64)
+  if (n >= NT_MIN && g_avx512) return nt_copy64(dst, src, n);
   if (n >= NT_MIN) {
     size_t head = (16 - (uintptr_t(dst) & 15)) & 15;
     memcpy(dst, src, head);
@@ -788,6 +899,48 @@ int64_t gather(Session *s, const std::vector<Out> &ts, HashJob *jobs, int nh) {
   return start;
 }
 
+// A thread's arrays and values of the call its hook is writing, reused: no heap allocation per
+// call once they have grown. Busy while in use: whatever runs Python in the call's tail (a
+// tensor subclass's contiguous(), a hand back) and reaches a hooked call gets fresh vectors.
+struct Scratch {
+  std::vector<Out> ts;
+  std::vector<PyObject *> vals;
+  uint64_t borrowed = 0;  // bit k: ts[k].t borrows its tensor (below)
+  bool busy = false;
+
+  // ts gets `t` without a reference of its own: the argument or the result it came from holds
+  // t for the whole call. A reference would cost more than the rest of the array's handling:
+  // taking a second one on a tensor that only its Python object holds increfs that object
+  // through a virtual call (c10 intrusive_ptr's PyObject preservation), and letting it go
+  // decrefs it again (~0.25 us a tensor on a cold cache).
+  void borrow(Out &out, const at::Tensor &t) {
+    size_t k = size_t(&out - ts.data());
+    if (k >= 64) {
+      out.t = t;
+      return;
+    }
+    out.t = c10::MaybeOwnedTraits<at::Tensor>::createBorrow(t);
+    borrowed |= uint64_t(1) << k;
+  }
+  void clear() {  // the borrowed tensors are given back unreleased, then everything goes
+    for (size_t k = 0; borrowed && k < ts.size() && k < 64; k++)
+      if (borrowed >> k & 1) c10::MaybeOwnedTraits<at::Tensor>::destroyBorrow(ts[k].t);
+    borrowed = 0;
+    ts.clear();
+    vals.clear();
+  }
+};
+thread_local Scratch t_scratch;
+
+struct ScratchUse {  // marks a Scratch busy; at the end drops the tensors it holds
+  Scratch &sc;
+  explicit ScratchUse(Scratch &s) : sc(s) { sc.busy = true; }
+  ~ScratchUse() {
+    sc.clear();
+    sc.busy = false;
+  }
+};
+
 PyObject *hook_call(PyObject *self, PyObject *const *args, size_t nargsf, PyObject *kwnames) {
   Hook *h = reinterpret_cast<Hook *>(self);
   Py_ssize_t nargs = PyVectorcall_NARGS(nargsf);
@@ -871,8 +1024,10 @@ PyObject *hook_call(PyObject *self, PyObject *const *args, size_t nargsf, PyObje
     return nullptr;
   }
   // Outputs as learned? Then the frame; else the Python path writes it from this identity.
-  std::vector<Out> ts;
-  std::vector<PyObject *> vals;
+  Scratch own, &sc = t_scratch.busy ? own : t_scratch;  // own: a call nested in this one's tail
+  ScratchUse use(sc);
+  std::vector<Out> &ts = sc.ts;
+  std::vector<PyObject *> &vals = sc.vals;
   ts.reserve(p.arrays.size() + kMaxHash);
   HashJob jobs[kMaxHash];
   int nh = 0;
@@ -897,9 +1052,10 @@ PyObject *hook_call(PyObject *self, PyObject *const *args, size_t nargsf, PyObje
       ts.push_back(std::move(marks));
       continue;
     }
-    Out out;
+    Out &out = ts.emplace_back();  // in ts from the start: sc.clear() gives a borrow back
     try {
-      out.t = t.is_contiguous() ? t : t.contiguous();
+      if (t.is_contiguous()) sc.borrow(out, t);
+      else out.t = t.contiguous();
     } catch (const std::exception &) {
       ok = false;
       break;
@@ -908,7 +1064,6 @@ PyObject *hook_call(PyObject *self, PyObject *const *args, size_t nargsf, PyObje
       PyObject *c = resolve(a.counts, slots, nslots, result);
       if (!c || !THPVariable_Check(c) || !valid_rows(a.mode, out.t, THPVariable_Unpack(c), out)) { ok = false; break; }
     }
-    ts.push_back(std::move(out));
   }
   for (size_t i = 0; ok && i < p.values.size(); i++) {
     PyObject *o = resolve(p.values[i], slots, nslots, result);
@@ -945,7 +1100,7 @@ PyObject *hook_call(PyObject *self, PyObject *const *args, size_t nargsf, PyObje
   } else if (ok) {
     write_fast(s, p, f, tokens, duration, parity, dseq, ts, vals, slots, nslots, dev_start);
   } else {
-    ts.clear();
+    sc.clear();
     hand_back(s, s_fast_mismatch, f, bi->state, duration, args, nargs, kwnames, result);
   }
   s->stats[0] += now_ns(CLOCK_MONOTONIC) - t_out;
@@ -1027,7 +1182,7 @@ PyObject *sess_new(PyTypeObject *type, PyObject *args, PyObject *kw) {
   s->next_id = 1ULL << 48;  // apart from the Python path's call ids
   s->plans = new std::unordered_map<Key, Plan *, KeyHash>();
   s->bufs = new std::unordered_map<PyObject *, BufInfo>();
-  s->lineage = new std::unordered_map<c10::TensorImpl *, Lineage>();
+  s->lineage = new LineageTable();
   s->inflight.next = s->inflight.prev = &s->inflight;
   s->D = nullptr;
   s->dstate = s->capturing = nullptr;
@@ -1367,6 +1522,7 @@ PyMODINIT_FUNC PyInit__hookx(void) {
   SessionType.tp_methods = sess_methods;
   SessionType.tp_doc = "Session(rec, ring state, base, words, cap, attr, stats, layers_per_step, marks_local)";
   if (PyType_Ready(&HookType) < 0 || PyType_Ready(&SessionType) < 0) return nullptr;
+  s_dict = PyUnicode_InternFromString("__dict__");
   s_state = PyUnicode_InternFromString("state");
   s_step = PyUnicode_InternFromString("step");
   s_layer = PyUnicode_InternFromString("layer");
