@@ -4,7 +4,15 @@
 on an H200 host (the dispatcher, a TensorList, meta checks, the caching allocator's bookkeeping),
 three times the whole per-call budget. The same copy as one `cuLaunchKernel` of our own kernel,
 the arrays' addresses and lengths passed by value in the kernel's parameters, costs a driver
-call (~2-3 us) and no allocation.
+call (~2-3 us on an H200 host, ~8 us on the H100 host measured by bench/launch_floor.py) and no
+allocation.
+
+At level `fingerprints` the launch is `epreplay_gather_hash`: the same copies, and the rows to
+fingerprint (format/fingerprint.py, version 2) hashed by one block each into fp [rows] int64 and
+non-finite marks [rows] int8 at their places in D, so the hash costs no launch of its own (the
+Python hook's path makes 2-5 a call: Triton kernels, then the gather). Low-latency buffers are
+hashed by their valid rows, the counts read on the device. tests/test_gather_kernel_gpu.py checks
+every fingerprint and mark against the torch reference.
 
 The kernel is compiled at capture start with NVRTC (`torch.cuda._compile_kernel`, ~0.3 s once)
 so nothing CUDA is needed where the package is built; the compiled hook receives the kernel's
