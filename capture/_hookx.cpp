@@ -35,6 +35,8 @@
 #include <ctime>
 #include <unordered_map>
 #include <vector>
+
+#include "_hosthash.h"
 #if defined(__x86_64__) || defined(_M_X64)
 #include <immintrin.h>
 #endif
@@ -92,6 +94,7 @@ struct Out {  // one staged array of a call: a tensor, the valid rows of one, or
   int hash_part = -1;  // 0: the fingerprints [n] int64, 1: the marks [n] int8 of hash job `job`
   int job = 0;
   int64_t n = 0;
+  const void *host = nullptr;  // a host hash output's bytes (hashed by the hook: host_hash)
   uint64_t nbytes() const {
     if (hash_part >= 0) return uint64_t(n) * (hash_part ? 1 : 8);
     return rows.empty() ? t.nbytes() : uint64_t(valid) * row_bytes();
@@ -695,7 +698,9 @@ bool write_fast(Session *s, const Plan &p, const InFlight &f, int64_t tokens, in
   for (size_t k = 0; dev_start < 0 && k < ts.size(); k++) {
     const Out &o = ts[k];
     size_t nb = o.nbytes();
-    if (o.rows.empty()) {
+    if (o.hash_part >= 0) {
+      if (nb) memcpy(dst, o.host, nb);
+    } else if (o.rows.empty()) {
       if (nb) ring_copy(dst, static_cast<const char *>(o.t.data_ptr()), nb);
     } else {  // expert-major: rows [0, rows[e]) of each local expert
       const char *src = static_cast<const char *>(o.t.data_ptr());
@@ -899,12 +904,74 @@ int64_t gather(Session *s, const std::vector<Out> &ts, HashJob *jobs, int nh) {
   return start;
 }
 
+// A hash spec's host rows fingerprinted here (_hosthash.h), into fp [n] and marks [n] (1: a NaN/inf
+// word): x [T, H] every row, or a low-latency buffer [L, X, H] its valid rows, expert-major (counts
+// from the host tensor the spec names, as valid_rows); an FP8 pair's scales at src2, any strides.
+// The same two arrays the GPU launch writes, so the writer builds the same record. False where
+// this call's rows do not fit (not whole aligned lanes): the Python hook records the call.
+bool host_hash(const ArraySpec &a, const at::Tensor &x, PyObject *const *slots, Py_ssize_t nslots,
+               PyObject *result, std::vector<int64_t> &fp, std::vector<int8_t> &marks) {
+  int64_t H = x.size(-1), es = int64_t(x.element_size()), nd = x.dim();
+  if (!hosthash::fast() || (H > 1 && x.stride(-1) != 1) || (H * es) % 8 ||
+      reinterpret_cast<uintptr_t>(x.const_data_ptr()) % 8 || nd != (a.mode ? 3 : 2))
+    return false;
+  for (int64_t d = 0; d + 1 < nd; d++)
+    if ((x.stride(d) * es) % 8) return false;
+  hosthash::Masks am, bm;
+  finite_masks(x.scalar_type(), &am.exp, &am.lo, &am.hi);
+  const char *b = nullptr;
+  int64_t bW = 0, bs[3] = {0, 0, 0};
+  int bBytes = 0;
+  if (a.src2.set()) {  // an FP8 pair's scales [T, S] / [L, X, S]
+    PyObject *o = resolve(a.src2, slots, nslots, result);
+    if (!o || !THPVariable_Check(o)) return false;
+    const at::Tensor &bt = THPVariable_Unpack(o);
+    if (!bt.defined() || !bt.is_cpu() || bt.dim() != nd) return false;
+    bBytes = int(bt.element_size());
+    if (bBytes != 1 && bBytes != 2 && bBytes != 4) return false;
+    for (int64_t d = 0; d + 1 < nd; d++)
+      if (bt.size(d) != x.size(d)) return false;
+    b = static_cast<const char *>(bt.const_data_ptr());
+    bW = bt.size(-1);
+    for (int64_t d = 0; d < nd; d++) bs[d] = bt.stride(d) * bBytes;
+    finite_masks(bt.scalar_type(), &bm.exp, &bm.lo, &bm.hi);
+  }
+  const char *base = static_cast<const char *>(x.const_data_ptr());
+  uint64_t n_words = uint64_t(H + bW);
+  int64_t aK = H * es / 8;
+  auto one = [&](int64_t i, const char *arow, const char *brow) {
+    uint64_t bad = 0;
+    fp[i] = int64_t(hosthash::row(arow, aK, am, brow, bW, bBytes, bs[nd - 1], bm, n_words, &bad));
+    marks[i] = bad != 0;
+  };
+  if (!a.mode) {
+    int64_t T = x.size(0);
+    fp.resize(size_t(T));
+    marks.resize(size_t(T));
+    for (int64_t t = 0; t < T; t++) one(t, base + t * x.stride(0) * es, b ? b + t * bs[0] : nullptr);
+    return true;
+  }
+  PyObject *c = resolve(a.counts, slots, nslots, result);
+  Out counted;
+  if (!c || !THPVariable_Check(c) || !valid_rows(a.mode, x, THPVariable_Unpack(c), counted)) return false;
+  fp.resize(size_t(counted.valid));
+  marks.resize(size_t(counted.valid));
+  int64_t i = 0;
+  for (size_t e = 0; e < counted.rows.size(); e++)
+    for (int64_t r = 0; r < counted.rows[e]; r++, i++)
+      one(i, base + (int64_t(e) * x.stride(0) + r * x.stride(1)) * es,
+          b ? b + int64_t(e) * bs[0] + r * bs[1] : nullptr);
+  return true;
+}
+
 // A thread's arrays and values of the call its hook is writing, reused: no heap allocation per
 // call once they have grown. Busy while in use: whatever runs Python in the call's tail (a
 // tensor subclass's contiguous(), a hand back) and reaches a hooked call gets fresh vectors.
 struct Scratch {
   std::vector<Out> ts;
   std::vector<PyObject *> vals;
+  std::vector<int64_t> fp[kMaxHash];  // host_hash's outputs, per hash spec of the call
+  std::vector<int8_t> marks[kMaxHash];
   uint64_t borrowed = 0;  // bit k: ts[k].t borrows its tensor (below)
   bool busy = false;
 
@@ -1038,8 +1105,23 @@ PyObject *hook_call(PyObject *self, PyObject *const *args, size_t nargsf, PyObje
     const at::Tensor &t = THPVariable_Unpack(o);
     if (!t.defined() || t.scalar_type() != a.dtype || t.dim() != a.ndim ||
         (p.device ? t.device() != s->D->device() : !t.is_cpu())) { ok = false; break; }
+    if (a.hash && !p.device) {  // host rows: fingerprinted here, the frame carries fp and marks
+      if (nh == int(kMaxHash) || !host_hash(a, t, slots, nslots, result, sc.fp[nh], sc.marks[nh])) {
+        ok = false;
+        break;
+      }
+      Out fp, marks;
+      fp.hash_part = 0, marks.hash_part = 1;
+      fp.job = marks.job = nh;
+      fp.n = marks.n = int64_t(sc.fp[nh].size());
+      fp.host = sc.fp[nh].data(), marks.host = sc.marks[nh].data();
+      nh++;
+      ts.push_back(std::move(fp));
+      ts.push_back(std::move(marks));
+      continue;
+    }
     if (a.hash) {  // fingerprinted rows: two outputs of the gather launch, nothing staged
-      if (!p.device || nh == int(kMaxHash) || !hash_job(a, t, slots, nslots, result, s->D->device(), &jobs[nh])) {
+      if (nh == int(kMaxHash) || !hash_job(a, t, slots, nslots, result, s->D->device(), &jobs[nh])) {
         ok = false;
         break;
       }
@@ -1488,7 +1570,11 @@ PyObject *mod_after_fork(PyObject *, PyObject *) {
   Py_RETURN_NONE;
 }
 
+// host_hash_fast(): whether the hook fingerprints host rows itself (AVX-512DQ here: _hosthash.h).
+PyObject *mod_host_hash_fast(PyObject *, PyObject *) { return PyBool_FromLong(hosthash::fast()); }
+
 PyMethodDef mod_methods[] = {
+    {"host_hash_fast", mod_host_hash_fast, METH_NOARGS, "Whether host rows are fingerprinted in the hook."},
     {"activate", mod_activate, METH_O, "activate(session | None): the process's active session."},
     {"pending", sess_pending, METH_NOARGS, "The call this thread's Python hook may learn a plan for."},
     {"after_fork", mod_after_fork, METH_NOARGS, "In a forked child: no session."},

@@ -73,6 +73,9 @@ class FastSession:
         hookx.activate(self.session)
         self.gather_tried = False  # the raw gather launch (gather_kernel.py), tried once
         self.hash_launch = False  # it fingerprints rows too (level fingerprints on a GPU)
+        # host rows fingerprinted by the hook (AVX-512 here); EPREPLAY_CAPTURE_HOST_HASH=0: copied
+        # into the frame for the writer to hash, as before
+        self.host_hash = bool(hookx.host_hash_fast()) and not env_off("EPREPLAY_CAPTURE_HOST_HASH")
 
     def gather_info(self) -> tuple[int, int, bool, int]:
         """(raw gather launches, at::cat_out launches, raw path on, ns spent launching) so far."""
@@ -211,10 +214,29 @@ def _hashed_source(rows: Any, find: Any) -> tuple | None:
     return (srcs[0], a.dtype, a.dim(), mode, counts_src, 1, srcs[1] if len(srcs) > 1 else None)
 
 
+# Host row dtypes the hook fingerprints itself: DeepEP's activations and FP8 codes (their non-finite
+# check is the GPU launch's, which float64 rows would not match).
+_HOST_HASHED = (torch.bfloat16, torch.float16, torch.float32, torch.float8_e4m3fn, torch.float8_e5m2)
+
+
+def _host_source(call: Any, name: str, tag: str, t: Any, args: dict[str, Any], result: Any, find: Any,
+                 device: bool) -> tuple:
+    """(src, counts mode, counts src) of a staged tensor: an argument or result, or on the host the
+    valid rows of a low-latency buffer gathered by staging; (None, 0, None) when not found."""
+    src = find(t)
+    if src is not None:
+        return src, 0, None
+    if device:
+        return None, 0, None
+    got = _valid_rows_source(call, name, tag, t, args, result, find)
+    return got if got is not None else (None, 0, None)
+
+
 def compile_plan(call: Any, args: dict[str, Any], result: Any, st: Any, meta: dict[str, Any],
-                 slots: dict[str, int]) -> tuple[list, tuple] | None:
+                 slots: dict[str, int], host_hash: bool = False) -> tuple[list, tuple] | None:
     """(the session's spec without its id, the writer's plan) for this call, or None when its
-    frame cannot be expressed as a plan (see the module docstring)."""
+    frame cannot be expressed as a plan (see the module docstring). host_hash: host rows to
+    fingerprint are hashed by the hook (_hosthash.h) instead of copied for the writer."""
     from epreplay.capture.ring_frames import words_of
 
     device = bool(st.dev)
@@ -226,24 +248,36 @@ def compile_plan(call: Any, args: dict[str, Any], result: Any, st: Any, meta: di
         return None
     find = _finder(args, slots, result)
     arrays, specs = [], []
-    for name, t, tag in staged:
+    hash_outputs = []
+    for name, dtype in (("", torch.int64), (":nonfinite", torch.int8)):  # fp [n], marks [n]
+        words, logical = words_of(dtype)
+        hash_outputs.append((name, words, logical, dtype.itemsize))
+    rest = list(staged)
+    while rest:
+        name, t, tag = rest.pop(0)
         if tag == "hash":  # GPU rows the gather launch fingerprints (gather_kernel.py ep_hash)
             got = _hashed_source(t, find)
             if got is None:
                 return None
             arrays.append(got)
-            for out, dtype in ((name, torch.int64), (name + ":nonfinite", torch.int8)):
-                words, logical = words_of(dtype)
-                specs.append((out, "a", words, logical, dtype.itemsize, 1))
+            specs += [(name + suffix, "a", words, logical, size, 1) for suffix, words, logical, size in hash_outputs]
             continue
-        src, mode, counts = find(t), 0, None
-        if src is None and device:
+        src, mode, counts = _host_source(call, name, tag, t, args, result, find, device)
+        if src is None:
             return None
-        if src is None:  # a tensor staging made: the valid rows of a low-latency buffer?
-            got = _valid_rows_source(call, name, tag, t, args, result, find)
-            if got is None:
-                return None
-            src, mode, counts = got
+        if host_hash and tag in ("fp", "fp0") and t.dtype in _HOST_HASHED and \
+                t.dim() == 2 and (t.shape[-1] * t.element_size()) % 8 == 0:
+            src2 = None  # host rows hashed by the hook: the frame carries fp and marks
+            if tag == "fp0":  # an FP8 pair: its scales are the next entry
+                if not rest or rest[0][0] != name or rest[0][2] != "fp1":
+                    return None
+                _, t1, tag1 = rest.pop(0)
+                src2 = _host_source(call, name, tag1, t1, args, result, find, device)[0]
+                if src2 is None:
+                    return None
+            arrays.append((src, t.dtype, 3 if mode else t.dim(), mode, counts, 1, src2))
+            specs += [(name + suffix, "a", words, logical, size, 1) for suffix, words, logical, size in hash_outputs]
+            continue
         words, logical = words_of(t.dtype)
         arrays.append((src, t.dtype, 3 if mode else t.dim(), mode, counts))
         specs.append((name, tag, words, logical, t.element_size(), t.dim()))
@@ -286,7 +320,7 @@ def learn(fs: FastSession, call: Any, args: dict[str, Any], result: Any, st: Any
         return  # not asked, or this one call is unusual (tags, an error): the next may teach
     hook, nargs, kwnames = pending
     slots = _slots(getattr(hook, "binder", None), nargs, kwnames)
-    got = compile_plan(call, args, result, st, meta, slots) if slots is not None else None
+    got = compile_plan(call, args, result, st, meta, slots, fs.host_hash) if slots is not None else None
     if got is None:
         fs.session.learn(None)
         return

@@ -44,7 +44,8 @@ def command(out: Path) -> list[str]:
 
 
 def up_to_date(out: Path) -> bool:
-    if not out.exists() or out.stat().st_mtime < (HERE / "_hookx.cpp").stat().st_mtime:
+    sources = (HERE / "_hookx.cpp", HERE / "_hosthash.h")
+    if not out.exists() or any(out.stat().st_mtime < src.stat().st_mtime for src in sources):
         return False
     try:
         from epreplay.capture import fast_plan

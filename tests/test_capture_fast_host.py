@@ -86,3 +86,54 @@ def test_compiled_marks_strides_and_references_match_the_python_hook(tmp_path):
     marked = [(r.header.step, r.header.layer) for r in runs["compiled"][6:13]]
     assert marked[:4] == [(5, 2)] * 3 + [(5, 3)], marked
     assert [st for st, _ in marked[5:]] == [11, 11], marked  # layers: auto, per layout
+
+
+# --- rows fingerprinted by the hook (capture/_hosthash.h) ---------------------------------------------
+def _rank_hashed(ctx, root: str) -> dict:
+    """Dispatches at `fingerprints` whose rows are hashed in the hook (AVX-512) or copied for the
+    writer (EPREPLAY_CAPTURE_HOST_HASH=0): widths with 8-lane tails, bf16 rows with NaN and
+    inf, an FP8 pair (fp32 scales); the low-latency buffers' valid rows come with them."""
+    import torch.distributed as dist
+
+    from epreplay import capture
+    from epreplay.demo.epbench import per_token_cast_to_fp8
+    from epreplay.emulate import Buffer
+
+    facts = {}
+    for path in ("copied", "hashed"):
+        os.environ["EPREPLAY_CAPTURE_HOST_HASH"] = "0" if path == "copied" else "1"
+        capture.start(os.path.join(root, path), level="fingerprints", hot_path="compiled")
+        buf = Buffer(dist.group.WORLD)
+        ll = Buffer(dist.group.WORLD, low_latency_mode=True)
+        g = torch.Generator().manual_seed(3)
+        for H, dtype in ((40, torch.bfloat16), (264, torch.bfloat16), (136, torch.bfloat16), (384, torch.bfloat16)):
+            for rep in range(3):  # the second call of a site is the compiled hook's
+                x, idx, w = inputs(ctx.rank, rep)
+                x = torch.randn(x.shape[0], H, generator=g).to(dtype)
+                x[1, H // 2], x[2, 0] = float("nan"), float("inf")
+                n_rank, n_rdma, n_exp, in_rank, _ = buf.get_dispatch_layout(idx, E)
+                xs = per_token_cast_to_fp8(x.float().nan_to_num(0.0)) if H == 384 else x
+                buf.dispatch(xs, num_tokens_per_rank=n_rank, num_tokens_per_rdma_rank=n_rdma,
+                             is_token_in_rank=in_rank, num_tokens_per_expert=n_exp, topk_idx=idx, topk_weights=w)
+                if H % 128 == 0:  # low-latency: FP8 received rows at H=384
+                    fp8 = H == 384
+                    recv, _, h, _, _ = ll.low_latency_dispatch(x, idx, x.shape[0], E, use_fp8=fp8)
+                    z = torch.zeros(recv[0].shape, dtype=torch.bfloat16) if fp8 else recv
+                    ll.low_latency_combine(z, idx, w, h)
+        facts[path] = capture.stop()
+    os.environ.pop("EPREPLAY_CAPTURE_HOST_HASH", None)
+    return facts
+
+
+def test_rows_hashed_in_the_hook_equal_rows_hashed_by_the_writer(tmp_path):
+    from epreplay.capture import _hookx
+
+    if not _hookx.host_hash_fast():
+        pytest.skip("this CPU has no AVX-512DQ: the hook copies rows for the writer (the other path)")
+    (facts,) = run_ranks(_rank_hashed, 1, str(tmp_path), timeout=180)
+    assert facts["hashed"]["compiled_frames"] >= 10 and facts["hashed"]["dropped"] == 0, facts["hashed"]
+    runs = {p: records(tmp_path / p)[0] for p in ("copied", "hashed")}
+    assert len(runs["hashed"]) == len(runs["copied"]) == 4 * 3 * 2 + 3 * 2  # layouts, dispatches; LL at H=384
+    assert_same_records(runs["hashed"], runs["copied"])
+    flagged = [r for r in runs["hashed"] if r.meta.get("nonfinite")]
+    assert flagged, "the NaN/inf rows are reported"
