@@ -1105,31 +1105,25 @@ PyObject *hook_call(PyObject *self, PyObject *const *args, size_t nargsf, PyObje
     const at::Tensor &t = THPVariable_Unpack(o);
     if (!t.defined() || t.scalar_type() != a.dtype || t.dim() != a.ndim ||
         (p.device ? t.device() != s->D->device() : !t.is_cpu())) { ok = false; break; }
-    if (a.hash && !p.device) {  // host rows: fingerprinted here, the frame carries fp and marks
-      if (nh == int(kMaxHash) || !host_hash(a, t, slots, nslots, result, sc.fp[nh], sc.marks[nh])) {
+    if (a.hash) {  // fingerprinted rows: fp [n] and marks [n] in the frame, the rows not staged
+      // host rows are hashed here (host_hash); CUDA rows by the gather launch (hash_job)
+      bool got = nh < int(kMaxHash) && (p.device ? hash_job(a, t, slots, nslots, result, s->D->device(), &jobs[nh])
+                                                 : host_hash(a, t, slots, nslots, result, sc.fp[nh], sc.marks[nh]));
+      if (!got) {
         ok = false;
         break;
       }
       Out fp, marks;
       fp.hash_part = 0, marks.hash_part = 1;
       fp.job = marks.job = nh;
-      fp.n = marks.n = int64_t(sc.fp[nh].size());
-      fp.host = sc.fp[nh].data(), marks.host = sc.marks[nh].data();
-      nh++;
-      ts.push_back(std::move(fp));
-      ts.push_back(std::move(marks));
-      continue;
-    }
-    if (a.hash) {  // fingerprinted rows: two outputs of the gather launch, nothing staged
-      if (nh == int(kMaxHash) || !hash_job(a, t, slots, nslots, result, s->D->device(), &jobs[nh])) {
-        ok = false;
-        break;
+      if (p.device) {
+        fp.t = t;  // held until the launch
+        fp.n = marks.n = int64_t(jobs[nh].L) * jobs[nh].X;
+      } else {
+        fp.n = marks.n = int64_t(sc.fp[nh].size());
+        fp.host = sc.fp[nh].data(), marks.host = sc.marks[nh].data();
       }
-      Out fp, marks;
-      fp.t = t;  // held until the launch
-      fp.hash_part = 0, marks.hash_part = 1;
-      fp.job = marks.job = nh++;
-      fp.n = marks.n = int64_t(jobs[fp.job].L) * jobs[fp.job].X;
+      nh++;
       ts.push_back(std::move(fp));
       ts.push_back(std::move(marks));
       continue;
