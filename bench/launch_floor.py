@@ -7,7 +7,9 @@ prints, for each kernel (capture/gather_kernel.py: the copies; the copies with f
 and grid (1 and 264 blocks), the host time of one `cuLaunchKernel` from a ctypes loop (minimum
 over rounds), and the cost of a trivial driver call through the same ctypes path, to subtract.
 The kernels are launched with no segments and no rows (they return at once): the figure is the
-driver's and the launch queue's, the part of a hooked call no code of ours can remove.
+driver's and the launch queue's, the part of a hooked call no code of ours can remove. Beside it,
+one torch op that launches one kernel (`x.add_(1)`) and `torch.cuda.current_stream()`: this host's
+own yardsticks for a launch.
 """
 from __future__ import annotations
 
@@ -19,7 +21,9 @@ import time
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--launches", type=int, default=2000, help="launches per round")
+    # 500: well inside the launch queue (~1024 entries), so the host's cost is timed, not the
+    # GPU's: an empty kernel runs in ~2 us, a full queue would make the loop wait for it
+    p.add_argument("--launches", type=int, default=500, help="launches per round")
     p.add_argument("--rounds", type=int, default=5)
     a = p.parse_args(argv)
     import torch
@@ -51,6 +55,18 @@ def main(argv: list[str] | None = None) -> int:
                     fn(func, blocks, 1, 1, 256, 1, 1, 0, stream, params, None)
                 best = min(best, (time.perf_counter_ns() - t0) / a.launches / 1e3)
             print(f"{name:<22} {blocks:>4} blocks: {best:6.2f} us per cuLaunchKernel through ctypes")
+    # The host's own yardstick: one torch op that launches one kernel, through the dispatcher.
+    x = torch.zeros(1, device=dev)
+    for label, op in (("torch x.add_(1) (1 kernel)", lambda: x.add_(1)),
+                      ("torch.cuda.current_stream()", torch.cuda.current_stream)):
+        best = float("inf")
+        for _ in range(a.rounds):
+            torch.cuda.synchronize()
+            t0 = time.perf_counter_ns()
+            for _ in range(a.launches):
+                op()
+            best = min(best, (time.perf_counter_ns() - t0) / a.launches / 1e3)
+        print(f"{label:<28}: {best:6.2f} us per call")
     lib = ctypes.CDLL("libcuda.so.1")
     dev_out = ctypes.c_int()
     best = float("inf")

@@ -29,6 +29,9 @@ DEFAULT_QUEUE_RECORDS = 4096
 DEFAULT_QUEUE_BYTES = 64 << 20
 # Flight ring: 512 MiB holds 10 steps of routing for a large prefill batch on every layer.
 DEFAULT_RING_BYTES = 512 << 20
+# CUDA-graph rings (graph_arena.py), device memory reserved as graphs are captured and kept for
+# the process: 512 MiB holds the sites of ~8 DeepSeek-V3 decode graphs (61 layers) at 144 ranks.
+DEFAULT_GRAPH_RING_BYTES = 512 << 20
 # DeepEP's own CPU spin gives up after 100 s; a watchdog at 120 s still sees the calls that hang
 # on the GPU without ever raising. Tests and users set it lower.
 DEFAULT_HANG_TIMEOUT = 120.0
@@ -51,6 +54,8 @@ class CaptureConfig:
         queue_records / queue_bytes: bounds of the writer queue; beyond them calls are dropped
             and counted, never waited for.
         ring_bytes: bound of the flight ring.
+        graph_ring_bytes: bound of the device memory for calls captured in CUDA graphs (their
+            rings); sites beyond it are skipped and counted (facts "graph_skipped").
         run_id: the run's id (shard headers carry it); empty: read from the manifest.
         release: free-form release tag for the manifest.
         writer: "process" (default) or "thread": where records are hashed, encoded and written.
@@ -69,6 +74,7 @@ class CaptureConfig:
     queue_records: int = DEFAULT_QUEUE_RECORDS
     queue_bytes: int = DEFAULT_QUEUE_BYTES
     ring_bytes: int = DEFAULT_RING_BYTES
+    graph_ring_bytes: int = DEFAULT_GRAPH_RING_BYTES
     run_id: str = ""
     release: str = ""
     # "process": hashing, encoding and writes run in a helper process (writer_proc.py), so they
@@ -98,9 +104,10 @@ class CaptureConfig:
             raise UsageError(f"--layers-per-step {self.layers_per_step}: must be >= 0")
         if self.payload_every < 1:
             raise UsageError(f"--payload-every {self.payload_every}: must be >= 1 (1 keeps every step)")
-        if self.queue_records < 1 or self.queue_bytes < 1 or self.ring_bytes < 1:
+        if min(self.queue_records, self.queue_bytes, self.ring_bytes, self.graph_ring_bytes) < 1:
             raise UsageError(f"capture bounds must be positive (queue_records={self.queue_records}, "
-                             f"queue_bytes={self.queue_bytes}, ring_bytes={self.ring_bytes})")
+                             f"queue_bytes={self.queue_bytes}, ring_bytes={self.ring_bytes}, "
+                             f"graph_ring_bytes={self.graph_ring_bytes})")
 
     @classmethod
     def make(cls, run_dir: str | os.PathLike[str], *, level: str | Level = Level.ROUTING,

@@ -24,20 +24,21 @@ graph the same number of times) and a replayer orders them dispatch-before-combi
 from __future__ import annotations
 
 import array
-
 import threading
+import weakref
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
 
+from epreplay.capture.config import DEFAULT_GRAPH_RING_BYTES
+from epreplay.capture.graph_arena import Arena, keep
 from epreplay.format.records import Kind, Level, Op, RecordHeader, Status
 
 GRAPH_SEQ_BASE = 1 << 40
-# 256 slots hold 256 decode steps between drains: at ~100 us per step that is ~25 ms of graph
-# replays, far longer than the drain thread's 5 ms period, while costing only S x (T*K*8 bytes).
-DEFAULT_SLOTS = 256
+# The rings' memory (graph_arena.py): a site gets 8-256 slots (256 decode steps of a small graph
+# between drains: at ~100 us per replay ~25 ms, far longer than the drain's 5 ms period).
 # Hooked calls one Buffer may make inside captured graphs: 61 layers x (dispatch + combine) x 4
 # batch-size graphs fits; calls beyond it are counted in graph_skipped, never harm the job.
 MAX_SITES = 512
@@ -52,6 +53,16 @@ MAX_SITES = 512
 QUIET = threading.Lock()
 CAPTURING = array.array("q", [0])  # graphs being captured now (read by the compiled hook, _hookx.cpp)
 _patched_graph = False
+_ARENAS: "weakref.WeakSet[Arena]" = weakref.WeakSet()  # reserved before each capture begins
+
+
+def _reserve_arenas() -> None:
+    """Outside the capture about to begin: room for its sites' rings (graph_arena.py)."""
+    for arena in list(_ARENAS):
+        try:
+            arena.reserve()
+        except Exception:  # noqa: BLE001 - out of memory: the capture's sites are skipped, counted
+            pass
 
 
 def guard_graph_capture() -> None:
@@ -65,6 +76,7 @@ def guard_graph_capture() -> None:
 
     def capture_begin(self: Any, *args: Any, **kwargs: Any) -> Any:
         QUIET.acquire()  # waits for a recorder CUDA call in flight (short), then holds
+        _reserve_arenas()
         CAPTURING[0] += 1  # the compiled hook hands calls to the graph path meanwhile
         try:
             return begin(self, *args, **kwargs)
@@ -93,37 +105,40 @@ class Site:
     layer: int
     tokens: int
     meta: dict[str, Any]
-    slots: int = DEFAULT_SLOTS  # S
+    arena: Arena
     rings: dict[str, torch.Tensor] = field(default_factory=dict)  # name -> [S, *shape]
     counter: torch.Tensor | None = None  # [1] int64 on the device: replays so far
     drained: int = 0  # host-side: slots already turned into records
 
-    def stage(self, tensors: dict[str, torch.Tensor]) -> None:
-        """Record (into the graph being captured) copies of `tensors` into this site's ring.
+    def stage(self, tensors: dict[str, torch.Tensor]) -> bool:
+        """Record (into the graph being captured) copies of `tensors` into this site's ring;
+        False when the arena has no room for the rings (the site is skipped).
 
-        The rings are `torch.empty` (allocated from the graph's private pool, no fill kernel in
-        the graph): a slot is only read after the counter says it was written.
+        The rings are views into memory reserved before the capture (graph_arena.py, never the
+        graph's private pool), not filled: a slot is only read after the counter says it was
+        written.
         """
-        slot = None
+        if not self.rings:
+            self.rings = self.arena.rings({n: (tuple(t.shape), t.dtype) for n, t in tensors.items()})
+            if not self.rings:
+                return False
+        S = next(iter(self.rings.values())).shape[0]
+        slot = torch.remainder(self.counter, S)
         for name, t in tensors.items():
-            ring = self.rings.get(name)
-            if ring is None:
-                ring = self.rings[name] = torch.empty((self.slots,) + tuple(t.shape), dtype=t.dtype,
-                                                      device=t.device)
-            if slot is None:
-                slot = torch.remainder(self.counter, ring.shape[0])
-            ring.index_copy_(0, slot, t.detach().reshape((1,) + tuple(t.shape)))
+            self.rings[name].index_copy_(0, slot, t.detach().reshape((1,) + tuple(t.shape)))
         self.counter.add_(1)
+        return True
 
 
 class GraphRing:
     """The graph capture path of one Buffer: its sites and the host-side drain."""
 
     def __init__(self, *, buffer_id: int, level: Level, device: torch.device,
-                 slots: int = DEFAULT_SLOTS, max_sites: int = MAX_SITES):
+                 ring_bytes: int = DEFAULT_GRAPH_RING_BYTES, max_sites: int = MAX_SITES):
         self.buffer_id = buffer_id
         self.level = level
-        self.slots = slots
+        self.arena = Arena(torch.device(device), ring_bytes)
+        _ARENAS.add(self.arena)
         self.sites: list[Site] = []
         self.dropped = 0
         self.skipped = 0  # graph calls beyond max_sites (not recorded, counted)
@@ -132,7 +147,8 @@ class GraphRing:
         # Counters must start at zero, and zeroing is a kernel: one made inside the capture would
         # run again at every replay. So they are made here, outside any capture (the ring is
         # created when the Buffer is first seen eagerly, as every framework warms up eagerly).
-        self._counters = torch.zeros(max_sites, dtype=torch.int64, device=device)
+        # Kept for the process, as the rings are: a graph adds to them at every replay.
+        self._counters = keep(torch.zeros(max_sites, dtype=torch.int64, device=device))
 
     def site(self, op: Op, *, layer: int, tokens: int, meta: dict[str, Any]) -> Site | None:
         """A new call site (called by a hook while capturing); None when the pool is used up."""
@@ -140,7 +156,7 @@ class GraphRing:
             if len(self.sites) >= self._counters.shape[0]:
                 self.skipped += 1
                 return None
-            s = Site(len(self.sites), op, layer, tokens, dict(meta), slots=self.slots,
+            s = Site(len(self.sites), op, layer, tokens, dict(meta), self.arena,
                      counter=self._counters[len(self.sites):len(self.sites) + 1])
             self.sites.append(s)
             return s
@@ -269,7 +285,8 @@ def stage_end(ring: GraphRing, call: GraphCall, args: dict[str, Any], result: An
             if level >= Level.ROUTING:
                 out["layout_range_LR"] = handle[1]
                 out["src_info_LX"] = handle[0]
-            site.stage(out)
+            if not site.stage(out):
+                ring.skipped += 1  # no room left for its rings (graph_arena.py)
 
         hook = result[4] if len(result) > 4 else None
         if call.meta.get("recv_hook") and callable(hook):
@@ -297,7 +314,8 @@ def stage_end(ring: GraphRing, call: GraphCall, args: dict[str, Any], result: An
             out["combined_fp_T"] = fingerprint_rows_fast(result[0], version=FINGERPRINT_VERSION)
         if not out:
             out["tokens_T"] = torch.ones(1, dtype=torch.int32, device=topk.device)  # a replay count
-        site.stage(out)
+        if not site.stage(out):
+            ring.skipped += 1  # no room left for its rings (graph_arena.py)
         return result
     ring.skipped += 1  # normal-mode calls sync with the host: they are never graph-captured
     return result

@@ -238,7 +238,8 @@ class Recorder(CallMeta, Control, Courier):
     def _make_graph_ring(self, buffer_id: int, device: Any) -> None:
         from epreplay.capture.graph_ring import GraphRing
 
-        self._graph_rings[buffer_id] = GraphRing(buffer_id=buffer_id, level=self.level, device=device)
+        self._graph_rings[buffer_id] = GraphRing(buffer_id=buffer_id, level=self.level, device=device,
+                                                 ring_bytes=self.config.graph_ring_bytes)
 
     def _graph_begin(self, op: Op, bs: BufferState, layer: int, level: Level, args: dict[str, Any]) -> Any:
         from epreplay.capture.graph_ring import Drainer, GraphCall

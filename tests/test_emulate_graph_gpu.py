@@ -144,19 +144,13 @@ def _recorded_graph_rank(ctx, run_dir: str, level: str, replays: int) -> dict:
         x, idx, w = _inputs(3000 + 10 * i + ctx.rank, T, "cuda")
         xs.copy_(x), idxs.copy_(idx), ws.copy_(w)
         graph.replay()
-        fed.append(idx.cpu().numpy())
+        fed.append((idx.cpu().numpy(), w.cpu().numpy()))
     torch.cuda.synchronize()
     facts = capture.stop()
     return {"facts": facts, "fed": fed}
 
 
 @pytest.mark.parametrize("level", ["routing", "fingerprints"])
-@pytest.mark.xfail(strict=True, reason="known bug (2026-12-05, one H100): the graph-ring records hold the "
-                   "right count but topk_idx_TK bytes that are not the replay's (bf16-like bits, the same in "
-                   "two runs). Likely cause: Site.stage allocates its rings inside the capture, from the "
-                   "graph's private pool, where they can take blocks the graph's own temporaries (freed "
-                   "earlier in the capture) write at every replay, so a slot is overwritten before the "
-                   "drain reads it")
 def test_calls_captured_in_a_cuda_graph_are_recorded_at_each_replay(tmp_path, level) -> None:
     """On the ring path (the default): the graph's calls are staged into the graph (graph_ring.py),
     not taken for ring calls, and each replay is one record per call with the replay's routing."""
@@ -174,5 +168,7 @@ def test_calls_captured_in_a_cuda_graph_are_recorded_at_each_replay(tmp_path, le
         recs = [r for r in scan.records(ops=[Op.LL_DISPATCH, Op.LL_COMBINE]) if r.header.seq >= GRAPH_SEQ_BASE]
     dispatches = sorted((r for r in recs if r.header.op == Op.LL_DISPATCH), key=lambda r: r.header.seq)
     assert len(dispatches) == replays and len(recs) == 2 * replays
-    for rec, idx in zip(dispatches, out["fed"]):
-        assert np.array_equal(rec.arrays["topk_idx_TK"], idx)
+    combines = sorted((r for r in recs if r.header.op == Op.LL_COMBINE), key=lambda r: r.header.seq)
+    for d, c, (idx, w) in zip(dispatches, combines, out["fed"]):
+        assert np.array_equal(d.arrays["topk_idx_TK"], idx), (d.header.seq, d.arrays["topk_idx_TK"][:2], idx[:2])
+        assert np.array_equal(c.arrays["topk_idx_TK"], idx) and np.array_equal(c.arrays["topk_weights_TK"], w)
