@@ -147,6 +147,7 @@ def _rank(ctx, args: dict, root: str) -> dict:
         launch = {m: float("inf") for m in modes}
         for _ in range(3):
             step()  # warm-up: allocator, gloo/NCCL connections
+        prof0 = _hook_profile()
         for rnd in range(args["rounds"]):
             for mode in modes:
                 if mode != "off":
@@ -183,8 +184,12 @@ def _rank(ctx, args: dict, root: str) -> dict:
                     drain_gil[mode] = min(drain_gil[mode], d[2] / max(1, facts.get("calls", 1)))
                     g = facts.get("gathers", [0, 0, 0])
                     launch[mode] = min(launch[mode], g[2] / 1e3 / max(1, g[0] + g[1]))
+        prof1 = _hook_profile()
         row = {"calls": calls, "iters": iters, "host_us": host, "cpu_us": cpu, "hook_us": hook, "dropped": dropped,
                "drain_us": drain, "drain_gil_us": drain_gil, "launch_us": launch}
+        if prof1:  # a -DHOOKX_PROFILE build: every compiled call of the shape's sessions
+            n = max(1, prof1.pop("calls") - prof0.pop("calls"))
+            row["profile"] = {k: (v - prof0.get(k, 0)) / 1e3 / n for k, v in prof1.items()}
         if cuda:
             row["device_us"] = dev
             work = {"off": _device_work(step)}
@@ -202,6 +207,14 @@ def _rank(ctx, args: dict, root: str) -> dict:
         except Exception:  # noqa: BLE001
             pass
     return out
+
+
+def _hook_profile() -> dict | None:
+    """The compiled hook's time by segment so far (this thread), where built with -DHOOKX_PROFILE."""
+    from epreplay.capture import fast_plan
+
+    hookx = fast_plan.load()
+    return hookx.profile() if hookx is not None and hasattr(hookx, "profile") else None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -278,6 +291,9 @@ def main(argv: list[str] | None = None) -> int:
                              f"{(ku1 - ku0) / n:>16.2f}{(cu1 - cu0) / n:>14.2f}{(k1 - k0) / n:>14.2f}"
                              f"{(c1 - c0) / n:>13.2f}")
                 print(line + f"{row['dropped'][mode]:>9d}")
+        if row.get("profile"):
+            print(f"{'':<34}compiled hook by segment, us per call (-DHOOKX_PROFILE build, every mode): "
+                  + ", ".join(f"{k} {v:.2f}" for k, v in row["profile"].items()))
     return 0
 
 

@@ -63,6 +63,22 @@ inline int64_t now_ns(clockid_t clock) {
   return int64_t(ts.tv_sec) * 1000000000LL + ts.tv_nsec;
 }
 
+// Built with -DHOOKX_PROFILE (EPREPLAY_HOOKX_CFLAGS, hookx_build.py): the hook's own time split
+// by the segments PROF(i) ends, summed per thread, read by _hookx.profile() (bench/capture_hotpath
+// prints them). Compiled out otherwise: not one instruction in the hook.
+#ifdef HOOKX_PROFILE
+constexpr int kProf = 10;
+const char *const kProfNames[kProf] = {"enter+plan", "attribute+lineage", "(the call)", "arrays+hash jobs",
+                                       "launch: device+stream", "launch: cuLaunchKernel", "gather: rest",
+                                       "frame (write_fast)", "", ""};
+thread_local int64_t t_prof[kProf + 1], t_prof_last;
+#define PROF_START() (t_prof_last = now_ns(CLOCK_MONOTONIC), t_prof[kProf]++)
+#define PROF(i) do { int64_t t_ = now_ns(CLOCK_MONOTONIC); t_prof[i] += t_ - t_prof_last; t_prof_last = t_; } while (0)
+#else
+#define PROF_START() ((void)0)
+#define PROF(i) ((void)0)
+#endif
+
 // Where a value comes from: root 0 an argument slot (positional, then keywords in call order),
 // root 1 an element of the result tuple; j >= 0: element j of that tuple.
 struct Src {
@@ -828,6 +844,7 @@ bool raw_gather(Session *s, const std::vector<Out> &ts, HashJob *jobs, int nh, u
   if (impl->getDevice() != s->D->device()) return false;  // the kernel lives in D's context
   void *stream;
   if (!stream_handle(s, st, &stream)) return false;
+  PROF(4);
   GatherHashArgs a;
   a.g.dst = dst;
   a.g.n = int32_t(ts.size());
@@ -859,7 +876,9 @@ bool raw_gather(Session *s, const std::vector<Out> &ts, HashJob *jobs, int nh, u
   a.copy_blocks = int32_t(copy_blocks);
   if (!blocks) return true;
   void *params[] = {&a};  // the copy-only kernel reads the leading GatherArgs
-  if (reinterpret_cast<LaunchFn>(s->glaunch)(func, blocks, 1, 1, 256, 1, 1, 0, stream, params, nullptr)) {
+  int rc = reinterpret_cast<LaunchFn>(s->glaunch)(func, blocks, 1, 1, 256, 1, 1, 0, stream, params, nullptr);
+  PROF(5);
+  if (rc) {
     s->gfunc = s->gfunc_hash = nullptr;
     return false;
   }
@@ -1015,6 +1034,7 @@ PyObject *hook_call(PyObject *self, PyObject *const *args, size_t nargsf, PyObje
   if (t_depth || nargs < 1) return PyObject_Vectorcall(h->orig, args, nargsf, kwnames);
   if (!s || !s->enabled) return call_through(h->slow, args, nargsf, kwnames);
   int64_t t_in = now_ns(CLOCK_MONOTONIC);
+  PROF_START();
   PyObject *buf = args[0];
   PyObject *const *slots = args + 1;  // the arguments after self: positional, then keyword values
   Py_ssize_t npos = nargs - 1, nkw = kwnames ? PyTuple_GET_SIZE(kwnames) : 0, nslots = npos + nkw;
@@ -1040,6 +1060,7 @@ PyObject *hook_call(PyObject *self, PyObject *const *args, size_t nargsf, PyObje
     return r;
   }
   const Plan &p = *found->second;
+  PROF(0);
   if (p.device && (!s->D || (s->capturing && *s->capturing))) {  // a CUDA graph is being captured
     t_depth++;
     PyObject *r = slow_path(h, args, nargsf, kwnames, nullptr);
@@ -1072,8 +1093,10 @@ PyObject *hook_call(PyObject *self, PyObject *const *args, size_t nargsf, PyObje
   Py_INCREF(s);  // the session may be closed while the call runs
   f.mono_ns = now_ns(CLOCK_MONOTONIC);
   s->stats[0] += f.mono_ns - t_in;
+  PROF(1);
   PyObject *result = call_through(h->orig, args, nargsf, kwnames);
   int64_t t_out = now_ns(CLOCK_MONOTONIC);
+  PROF(2);
   int64_t duration = t_out - f.mono_ns;
   f.prev->next = f.next;
   f.next->prev = f.prev;
@@ -1162,6 +1185,7 @@ PyObject *hook_call(PyObject *self, PyObject *const *args, size_t nargsf, PyObje
   }
   ok = ok && !s->state[3];  // a Python writer is mid-frame (the watchdog's): Python writes this one
   int64_t dev_start = -1;
+  PROF(3);
   if (ok && p.device) {
     try {
       dev_start = gather(s, ts, jobs, nh);
@@ -1169,6 +1193,7 @@ PyObject *hook_call(PyObject *self, PyObject *const *args, size_t nargsf, PyObje
       ok = false;
     }
     ok = ok && dev_start != -2;  // hashed rows the raw launch could not take: Python's
+    PROF(6);
   }
   if (ok && p.device && dev_start < 0) {
     s->words[W_DROPPED] += 1;  // D is full: dropped and counted, the job goes on
@@ -1180,6 +1205,7 @@ PyObject *hook_call(PyObject *self, PyObject *const *args, size_t nargsf, PyObje
     hand_back(s, s_fast_mismatch, f, bi->state, duration, args, nargs, kwnames, result);
   }
   s->stats[0] += now_ns(CLOCK_MONOTONIC) - t_out;
+  PROF(7);
   Py_DECREF(s);
   return result;
 }
@@ -1567,8 +1593,29 @@ PyObject *mod_after_fork(PyObject *, PyObject *) {
 // host_hash_fast(): whether the hook fingerprints host rows itself (AVX-512DQ here: _hosthash.h).
 PyObject *mod_host_hash_fast(PyObject *, PyObject *) { return PyBool_FromLong(hosthash::fast()); }
 
+// profile(): {segment: ns summed, "calls": n} of this thread's hooked calls; None unless built
+// with -DHOOKX_PROFILE.
+PyObject *mod_profile(PyObject *, PyObject *) {
+#ifdef HOOKX_PROFILE
+  PyObject *d = PyDict_New();
+  for (int i = 0; d && i < kProf; i++) {
+    if (!*kProfNames[i]) continue;
+    PyObject *v = PyLong_FromLongLong(t_prof[i]);
+    PyDict_SetItemString(d, kProfNames[i], v);
+    Py_XDECREF(v);
+  }
+  PyObject *n = PyLong_FromLongLong(t_prof[kProf]);
+  if (d) PyDict_SetItemString(d, "calls", n);
+  Py_XDECREF(n);
+  return d;
+#else
+  Py_RETURN_NONE;
+#endif
+}
+
 PyMethodDef mod_methods[] = {
     {"host_hash_fast", mod_host_hash_fast, METH_NOARGS, "Whether host rows are fingerprinted in the hook."},
+    {"profile", mod_profile, METH_NOARGS, "The hook's time by segment (a -DHOOKX_PROFILE build), else None."},
     {"activate", mod_activate, METH_O, "activate(session | None): the process's active session."},
     {"pending", sess_pending, METH_NOARGS, "The call this thread's Python hook may learn a plan for."},
     {"after_fork", mod_after_fork, METH_NOARGS, "In a forked child: no session."},

@@ -40,6 +40,7 @@ def command(out: Path) -> list[str]:
     cmd += [f"-I{p}" for p in include_paths()]
     cmd += [f"-L{p}" for p in libs] + [f"-Wl,-rpath,{p}" for p in libs]
     cmd += ["-lc10", "-ltorch", "-ltorch_cpu", "-ltorch_python"]
+    cmd += os.environ.get("EPREPLAY_HOOKX_CFLAGS", "").split()  # e.g. -DHOOKX_PROFILE (_hookx.cpp)
     return cmd
 
 
