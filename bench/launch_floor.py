@@ -55,6 +55,21 @@ def main(argv: list[str] | None = None) -> int:
                     fn(func, blocks, 1, 1, 256, 1, 1, 0, stream, params, None)
                 best = min(best, (time.perf_counter_ns() - t0) / a.launches / 1e3)
             print(f"{name:<22} {blocks:>4} blocks: {best:6.2f} us per cuLaunchKernel through ctypes")
+    # The same launch with an 8-byte parameter (a pointer) instead of the 408/960-byte blocks:
+    # whether the parameter block's size is part of the launch's cost on this host.
+    small = torch.cuda._compile_kernel(
+        'extern "C" __global__ void ep_empty8(unsigned long long p) { if (p == 1) __trap(); }', "ep_empty8")
+    sfunc = small.func.value if isinstance(small.func, ctypes.c_void_p) else int(small.func)
+    word = ctypes.c_uint64(0)
+    sparams = (ctypes.c_void_p * 1)(ctypes.cast(ctypes.byref(word), ctypes.c_void_p))
+    best = float("inf")
+    for _ in range(a.rounds):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter_ns()
+        for _ in range(a.launches):
+            fn(sfunc, 1, 1, 1, 256, 1, 1, 0, stream, sparams, None)
+        best = min(best, (time.perf_counter_ns() - t0) / a.launches / 1e3)
+    print(f"{'8-byte parameter':<22} {1:>4} blocks: {best:6.2f} us per cuLaunchKernel through ctypes")
     # The host's own yardstick: one torch op that launches one kernel, through the dispatcher.
     x = torch.zeros(1, device=dev)
     for label, op in (("torch x.add_(1) (1 kernel)", lambda: x.add_(1)),
