@@ -79,11 +79,14 @@ class PackedStaging:
         if tagged(v, "fpdone"):
             return v[1], v[2]
         if tagged(v, "fp"):
+            from epreplay.format.fingerprint_cpu import rows_cpu, rows_numpy
+
+            fast = None if _is_torch(v[1]) or isinstance(v[1], tuple) and _is_torch(v[1][0]) else rows_numpy(v[1])
+            if fast is not None:  # no torch needed
+                return fast[0], bool(fast[1].all())
             self.rows_to_torch()
             from epreplay.capture.stage import _rows_finite
             from epreplay.format.fingerprint import fingerprint_rows
-
-            from epreplay.format.fingerprint_cpu import rows_cpu
 
             x = self.items[name][1]
             fast = rows_cpu(x)

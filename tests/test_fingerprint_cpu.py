@@ -64,3 +64,35 @@ def test_one_nonfinite_word_flags_its_row(dtype: torch.dtype, bad: float) -> Non
     assert finite.tolist() == [True, True, True, False, True, False]
     assert np.array_equal(finite, _row_finite(x).numpy())
     assert np.array_equal(fp, fingerprint_rows(x).numpy().view(np.uint64))
+
+
+def test_a_writer_fingerprints_packed_rows_without_importing_torch() -> None:
+    """The capture writer's rows (the codec's numpy forms) are hashed by the C pass in a process
+    that never imports torch, with the reference's bits and finite flags."""
+    import pickle
+    import subprocess
+    import sys
+
+    from epreplay.capture.stage import to_numpy
+
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(7, 96, generator=g).to(torch.bfloat16)
+    x[4, 3] = float("nan")
+    q, s = _rand(torch.float8_e4m3fn, 5, 128, g), torch.rand(5, 2, generator=g)
+    f = torch.randn(3, 33, generator=g)
+    items = {"x_fp_T": ("fp", to_numpy(x)), "q_fp_T": ("fp", [to_numpy(q), to_numpy(s)]), "f_fp_T": ("fp", to_numpy(f))}
+    code = (
+        "import pickle, sys\n"
+        "from epreplay.capture.build import _fingerprint_numpy\n"
+        "from epreplay.capture.packed import PackedStaging\n"
+        "st = PackedStaging(pickle.loads(sys.stdin.buffer.read()))\n"
+        "assert _fingerprint_numpy(st)\n"
+        "assert 'torch' not in sys.modules, 'the writer imported torch'\n"
+        "sys.stdout.buffer.write(pickle.dumps({k: (v[1].tolist(), v[2]) for k, v in st.items.items()}))\n")
+    done = subprocess.run([sys.executable, "-c", code], input=pickle.dumps(items), capture_output=True, check=True)
+    got = pickle.loads(done.stdout)
+    for name, rows in (("x_fp_T", x), ("q_fp_T", (q, s)), ("f_fp_T", f)):
+        fp = fingerprint_rows(rows).numpy().view(np.uint64).tolist()
+        finite = bool(_row_finite(rows).all()) if not isinstance(rows, tuple) else True
+        assert got[name] == (fp, finite), name
+    assert got["x_fp_T"][1] is False  # the NaN row
