@@ -10,9 +10,13 @@ router, FP8 prefill dispatch through the normal kernels every 3rd step, low-late
 SwiGLU experts and a shared expert) through the emulated Buffer. One process group serves every
 mode: capture.start()/stop() switch between off, counts, routing, fingerprints and payload, and the
 modes are interleaved over several rounds (the median round counts), so the load of a shared
-machine drifting during the run hits every mode alike. Prints one table: ms per step (rank 0,
-between barriers), ratio to off, the ratio including the writer's drain at stop(), calls dropped,
-and bytes written per token-layer (all shards / (tokens routed x layers)).
+machine drifting during the run hits every mode alike. Every session's first step (step 0) runs
+before the timed steps: what it costs above the same step with capture off is the session's
+start-up ("start ms": the ring, the writer process, the compiled hook learning its plans), paid
+once per session; the timed steps are the steady state a long recording runs in. Prints one
+table: ms per step (rank 0, between barriers), ratio to off, the ratio including the writer's drain
+at stop(), the start-up, calls dropped, and bytes written per token-layer (all shards / (tokens
+routed x layers)).
 """
 from __future__ import annotations
 
@@ -69,6 +73,7 @@ def _rank(ctx, args: dict, root: str) -> dict:
         + (["routing-ring", "fingerprints-ring", "routing-courier", "fingerprints-courier"]
            if args["compare_paths"] else [])
     times: dict[str, list[tuple[float, float]]] = {m: [] for m in modes}
+    firsts: dict[str, list[float]] = {m: [] for m in modes}
     facts_by_mode: dict[str, list[dict]] = {m: [] for m in modes}
     for rnd in range(args["rounds"]):
         for mode in modes:
@@ -86,6 +91,10 @@ def _rank(ctx, args: dict, root: str) -> dict:
                     rec._enqueue = lambda call, force=False: None
             dist.barrier()
             t0 = time.perf_counter()
+            demo_step(0)  # the session's start-up: not timed with the steady steps
+            dist.barrier()
+            firsts[mode].append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
             for s in range(cfg.steps):
                 demo_step(s)
             dist.barrier()
@@ -97,7 +106,8 @@ def _rank(ctx, args: dict, root: str) -> dict:
             if facts:
                 facts_by_mode[mode].append(facts)
     card.destroy()
-    return {"times": times, "facts": facts_by_mode, "tokens": tokens}
+    return {"times": times, "firsts": firsts, "facts": facts_by_mode,
+            "tokens": tokens + len(batches[0][1])}  # the start-up step's tokens are recorded too
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -130,7 +140,8 @@ def main(argv: list[str] | None = None) -> int:
           f"M={a.decode_tokens} decode tokens per rank, H={a.hidden}, E={a.experts}, {a.layers} MoE layers, "
           f"{a.steps} steps x {a.rounds} interleaved rounds (median)")
     print(f"command: python bench/capture_bench.py {' '.join(argv if argv is not None else sys.argv[1:])}")
-    print(f"{'mode':<20}{'ms/step':>9}{'ratio':>8}{'incl. drain':>13}{'dropped':>9}{'B/token-layer':>15}")
+    first_off = statistics.median(per_rank[0]["firsts"]["off"])
+    print(f"{'mode':<20}{'ms/step':>9}{'ratio':>8}{'incl. drain':>13}{'start ms':>10}{'dropped':>9}{'B/token-layer':>15}")
     for mode in MODES + (["counts-hot", "routing-hot"] if a.diagnose else []) \
             + (["routing-thread", "fingerprints-thread"] if a.compare_writers else []) \
             + (["routing-ring", "fingerprints-ring", "routing-courier", "fingerprints-courier"]
@@ -141,7 +152,8 @@ def main(argv: list[str] | None = None) -> int:
         nbytes = sum(f.get("bytes", 0) for f in facts) / max(1, a.rounds)
         dropped = sum(f.get("dropped", 0) for f in facts)
         per_tl = f"{nbytes / token_layers:.1f}" if mode != "off" else "-"
-        print(f"{mode:<20}{step * 1e3:>9.2f}{step / off:>8.3f}{drain / off:>13.3f}{dropped:>9}{per_tl:>15}")
+        start = f"{(statistics.median(per_rank[0]['firsts'][mode]) - first_off) * 1e3:.1f}" if mode != "off" else "-"
+        print(f"{mode:<20}{step * 1e3:>9.2f}{step / off:>8.3f}{drain / off:>13.3f}{start:>10}{dropped:>9}{per_tl:>15}")
     return 0
 
 
