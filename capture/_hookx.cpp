@@ -56,6 +56,7 @@ inline uint64_t align8(uint64_t n) { return (n + 7) & ~uint64_t(7); }
 // Op codes (epreplay/format/records.py Op)
 constexpr int OP_LAYOUT = 1, OP_DISPATCH = 2, OP_LL_DISPATCH = 5;
 constexpr int64_t NONE = INT64_MIN;  // None in the shared int64 arrays
+constexpr int64_t kTaggedKey = INT64_MIN + 7;  // in a call-site key: the call takes token tags
 
 inline int64_t now_ns(clockid_t clock) {
   timespec ts;
@@ -186,6 +187,7 @@ struct InFlight {  // a fast call between entry and its frame, for the watchdog
   PyObject *const *args;
   size_t nargs;
   PyObject *kwnames;
+  PyObject *tags;  // the token tags this dispatch took (capture.tag_tokens), [T] int64; or nullptr
   bool reported;
 };
 
@@ -324,6 +326,9 @@ inline PyObject *slot(PyObject *const *args, Py_ssize_t nslots, int i) {
   return (i >= 0 && i < nslots) ? args[i] : nullptr;
 }
 
+// The token tags the running dispatch took (root 2 of a Src; take_tags), borrowed from hook_call.
+thread_local PyObject *t_tags = nullptr;
+
 PyObject *resolve(const Src &s, PyObject *const *slots, Py_ssize_t nslots, PyObject *result) {
   PyObject *v = nullptr;
   if (s.root == 0) {
@@ -331,6 +336,8 @@ PyObject *resolve(const Src &s, PyObject *const *slots, Py_ssize_t nslots, PyObj
   } else if (s.root == 1) {
     if (!result || !PyTuple_Check(result) || s.i >= PyTuple_GET_SIZE(result)) return nullptr;
     v = PyTuple_GET_ITEM(result, s.i);
+  } else if (s.root == 2) {
+    v = t_tags;
   }
   if (!v || s.j < 0) return v;
   if (!PyTuple_Check(v) || s.j >= PyTuple_GET_SIZE(v)) return nullptr;
@@ -494,6 +501,57 @@ bool read_marks(Session *s, int64_t *m_step, int64_t *m_layer, bool *tags) {
   return !PyErr_Occurred();
 }
 
+// The pending token tags (epreplay.marks.tag_tokens) as a [T] int64 host tensor, taken (they
+// apply to one dispatch only: marks.take_tags' rule). A new reference; nullptr (nothing taken,
+// no error set) where there are none or they are not a 1-D int64 tensor or buffer: the Python
+// hook then takes them, converting what torch.as_tensor converts.
+PyObject *take_tags(Session *s) {
+  PyObject *d = marks_dict(s);
+  PyObject *st = d ? PyDict_GetItemWithError(d, s_state) : nullptr;  // borrowed
+  PyObject *pend = st ? PyObject_GetAttr(st, s_pending_tags) : nullptr;
+  if (!pend) return PyErr_Clear(), nullptr;
+  PyObject *t = nullptr;
+  if (THPVariable_Check(pend)) {
+    const at::Tensor &x = THPVariable_Unpack(pend);
+    if (x.defined() && x.is_cpu() && x.dim() == 1 && x.scalar_type() == at::kLong && x.is_contiguous())
+      t = (Py_INCREF(pend), pend);  // the Python hook snapshots it: the frame copies it below
+  } else if (pend != Py_None && PyObject_CheckBuffer(pend)) {
+    Py_buffer b;
+    if (PyObject_GetBuffer(pend, &b, PyBUF_C_CONTIGUOUS | PyBUF_FORMAT) == 0) {
+      const char *fmt = b.format ? b.format : "B";
+      if (*fmt == '<' || *fmt == '=' || *fmt == '@') fmt++;
+      if (b.ndim == 1 && b.itemsize == 8 && (!strcmp(fmt, "l") || !strcmp(fmt, "q"))) {
+        try {
+          at::Tensor x = at::empty({b.shape[0]}, at::kLong);
+          memcpy(x.data_ptr(), b.buf, size_t(b.len));
+          t = THPVariable_Wrap(std::move(x));
+        } catch (const std::exception &) {
+          t = nullptr;
+        }
+      }
+      PyBuffer_Release(&b);
+    }
+    PyErr_Clear();
+  }
+  if (t && PyObject_SetAttr(st, s_pending_tags, Py_None) < 0) {
+    PyErr_Clear();
+    Py_CLEAR(t);
+  }
+  Py_DECREF(pend);
+  return t;
+}
+
+// While a dispatch's hook holds the tags it took: resolve() finds them (root 2), and they go
+// (with the previous call's, for a call nested in this one's tail) when the hook returns.
+struct TagsHold {
+  PyObject *own, *prev;
+  explicit TagsHold(PyObject *t) : own(t), prev(t_tags) { t_tags = t; }
+  ~TagsHold() {
+    t_tags = prev;
+    Py_XDECREF(own);
+  }
+};
+
 void attribute(Session *s, int op, int64_t m_step, int64_t m_layer, int64_t *step, int64_t *layer) {
   int64_t *a = s->attr;  // [marked, auto step, auto layer, opened by]
   if (m_step != NONE && m_step != a[0]) {
@@ -593,9 +651,9 @@ PyObject *kwargs_dict(PyObject *const *slots, Py_ssize_t nargs, PyObject *kwname
 // The fast call's identity, for the Python callbacks (recorder._fast_raised / _fast_mismatch).
 // (call id, op, BufferState, seq, step, layer, start_ns, duration_ns, hook)
 PyObject *identity(const InFlight &f, PyObject *bs, int64_t duration) {
-  return Py_BuildValue("(KiOLLLLLO)", (unsigned long long)f.call_id, f.op, bs, (long long)f.seq,
+  return Py_BuildValue("(KiOLLLLLOO)", (unsigned long long)f.call_id, f.op, bs, (long long)f.seq,
                        (long long)f.step, (long long)f.layer, (long long)f.start_ns, (long long)duration,
-                       reinterpret_cast<PyObject *>(f.hook));
+                       reinterpret_cast<PyObject *>(f.hook), f.tags ? f.tags : Py_None);
 }
 
 // Hands a fast call back to the recorder: rec.<method>(identity, args, kwargs, last), where last
@@ -1040,18 +1098,21 @@ PyObject *hook_call(PyObject *self, PyObject *const *args, size_t nargsf, PyObje
   Py_ssize_t npos = nargs - 1, nkw = kwnames ? PyTuple_GET_SIZE(kwnames) : 0, nslots = npos + nkw;
   BufInfo *bi = buffer_info(s, buf);
   if (!bi) return call_through(h->slow, args, nargsf, kwnames);
+  int64_t m_step, m_layer;
+  bool tags;
+  bool marked = read_marks(s, &m_step, &m_layer, &tags);
+  // a dispatch with token tags has its own plan (one more array, the tags: root 2)
+  bool tagged = marked && tags && (h->op == OP_DISPATCH || h->op == OP_LL_DISPATCH);
   Key &key = t_key;  // reused: no allocation per call (nested hooked calls pass through above)
   key.v.clear();
   key.v.push_back(h->op);
   key.v.push_back(bi->id);
   key.v.push_back(npos);
+  if (tagged) key.v.push_back(kTaggedKey);
   for (Py_ssize_t k = 0; k < nkw; k++) key.v.push_back(PyObject_Hash(PyTuple_GET_ITEM(kwnames, k)));
   for (Py_ssize_t i = 0; i < nslots; i++) key_of(slots[i], key.v);
   auto found = s->plans->find(key);
-  int64_t m_step, m_layer;
-  bool tags;
-  if (found == s->plans->end() || !found->second || !read_marks(s, &m_step, &m_layer, &tags) ||
-      (tags && (found->second->op == OP_DISPATCH || found->second->op == OP_LL_DISPATCH))) {
+  if (found == s->plans->end() || !found->second || !marked) {
     PyErr_Clear();
     bool learn = found == s->plans->end();
     t_depth++;
@@ -1061,12 +1122,15 @@ PyObject *hook_call(PyObject *self, PyObject *const *args, size_t nargsf, PyObje
   }
   const Plan &p = *found->second;
   PROF(0);
-  if (p.device && (!s->D || (s->capturing && *s->capturing))) {  // a CUDA graph is being captured
+  PyObject *took = nullptr;
+  if ((p.device && (!s->D || (s->capturing && *s->capturing))) ||  // a CUDA graph is being captured
+      (tagged && !(took = take_tags(s)))) {                           // tags only Python converts
     t_depth++;
     PyObject *r = slow_path(h, args, nargsf, kwnames, nullptr);
     t_depth--;
     return r;
   }
+  TagsHold hold(took);
   InFlight f{};
   f.call_id = s->next_id++;
   f.hook = h;
@@ -1085,6 +1149,7 @@ PyObject *hook_call(PyObject *self, PyObject *const *args, size_t nargsf, PyObje
   f.args = args;
   f.nargs = size_t(nargs);
   f.kwnames = kwnames;
+  f.tags = took;
   // in flight: the watchdog (hung()) sees it until it returns
   f.next = s->inflight.next;
   f.prev = &s->inflight;

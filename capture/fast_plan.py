@@ -4,13 +4,14 @@ A *plan* says, for one call-site key (method, Buffer, calling convention, the ar
 dtypes, shapes and plain values), everything a call's frame needs that does not change from call
 to call: the op, level, meta and argument descriptions, and where each staged array and value
 comes from — an argument slot or a result element (`Src` = (root, i, j): root 0 argument slot i,
-root 1 result element i; j >= 0 its tuple element j). With it the compiled hook writes a FAST
-frame (ring_frames.py) per call without running Python; the writer joins the frame with the plan
-(ring_frames.read_fast) into the CALL frame the Python hook would have written.
+root 1 result element i, root 2 the token tags the call took; j >= 0 its tuple element j). With
+it the compiled hook writes a FAST frame (ring_frames.py) per call without running Python; the
+writer joins the frame with the plan (ring_frames.read_fast) into the CALL frame the Python hook
+would have written.
 
 Learning: the first call of a key goes through the Python hook. When its CALL frame is written,
 `learn` finds every staged tensor among the call's arguments and results by identity; when all
-are found (host tensors only, no derived tensors, no token tags, no error), the plan goes to the
+are found (host tensors only, no derived tensors but the token tags, no error), the plan goes to the
 ring's plan area (the writer reads it there) and to the session (`Session.learn`); when a key can
 never be planned (CUDA tensors, a derived tensor) the session remembers that instead.
 
@@ -30,6 +31,9 @@ import torch
 from epreplay.format.records import Op
 
 NONE = -(1 << 63)  # None in the shared int64 arrays (recorder._attr)
+# A Src naming the token tags a dispatch took (capture.tag_tokens): its key says it takes them
+# (_hookx.cpp kTaggedKey), so tagged and untagged calls of a site have a plan each.
+TAGS = (2, -1, -1)
 _module: Any = False  # not looked up yet
 
 
@@ -262,7 +266,10 @@ def compile_plan(call: Any, args: dict[str, Any], result: Any, st: Any, meta: di
             arrays.append(got)
             specs += [(name + suffix, "a", words, logical, size, 1) for suffix, words, logical, size in hash_outputs]
             continue
-        src, mode, counts = _host_source(call, name, tag, t, args, result, find, device)
+        if name == "token_tag_T" and call.tags is not None:
+            src, mode, counts = TAGS, 0, None  # the tags the hook takes (_hookx.cpp take_tags)
+        else:
+            src, mode, counts = _host_source(call, name, tag, t, args, result, find, device)
         if src is None:
             return None
         if host_hash and tag in ("fp", "fp0") and t.dtype in _HOST_HASHED and \
@@ -316,8 +323,8 @@ def learn(fs: FastSession, call: Any, args: dict[str, Any], result: Any, st: Any
     """After the Python hook wrote `call`'s CALL frame: a plan for its key, if the compiled hook
     asked for one (the session remembers "never" where none can be made)."""
     pending = fs.hookx.pending()
-    if pending is None or call.tags is not None or call.error is not None or call.status:
-        return  # not asked, or this one call is unusual (tags, an error): the next may teach
+    if pending is None or call.error is not None or call.status:
+        return  # not asked, or this one call is unusual (an error): the next may teach
     hook, nargs, kwnames = pending
     slots = _slots(getattr(hook, "binder", None), nargs, kwnames)
     got = compile_plan(call, args, result, st, meta, slots, fs.host_hash) if slots is not None else None

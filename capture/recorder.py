@@ -337,11 +337,13 @@ class Recorder(CallMeta, Control, Courier):
     # --- the compiled hook's callbacks (rare: _hookx.cpp hands these calls back) -----------------
     def _fast_call(self, ident: tuple, args: tuple, kwargs: dict[str, Any]) -> tuple[RingCall, dict[str, Any]]:
         """A compiled-hook call as the RingCall (and bound arguments) the Python path would have
-        made. ident: (call id, op, BufferState, seq, step, layer, start_ns, duration_ns, hook)."""
-        call_id, op, bs, seq, step, layer, start_ns, duration, hook = ident
+        made. ident: (call id, op, BufferState, seq, step, layer, start_ns, duration_ns, hook,
+        the token tags it took or None)."""
+        call_id, op, bs, seq, step, layer, start_ns, duration, hook, tags = ident
         bound = hook.binder.bind(args[1:], kwargs)
         call = RingCall(call_id, Op(op), bs, seq, step, layer, self.level, False)
         call.args = bound
+        call.tags = tags
         call.start_ns = start_ns
         if duration >= 0:  # end()/raised() turn t0 into the duration
             call.t0 = time.perf_counter_ns() - duration

@@ -137,3 +137,71 @@ def test_rows_hashed_in_the_hook_equal_rows_hashed_by_the_writer(tmp_path):
     assert_same_records(runs["hashed"], runs["copied"])
     flagged = [r for r in runs["hashed"] if r.meta.get("nonfinite")]
     assert flagged, "the NaN/inf rows are reported"
+
+
+# --- token tags taken by the compiled hook (take_tags) --------------------------------------------------
+TAG_FORMS = ("torch int64", "numpy int64", "list", "numpy int32")  # the last two: Python converts them
+
+
+def _tagged_calls(buf, x, idx, w) -> None:
+    """Dispatches tagged in every form marks.tag_tokens accepts, untagged ones between them, and a
+    layout with tags pending (tags apply to the next dispatch only: the layout leaves them)."""
+    import numpy as np
+
+    from epreplay import marks
+
+    T = idx.shape[0]
+    n_rank, _, n_exp, in_rank, _ = buf.get_dispatch_layout(idx, E)
+    for rep in range(3):
+        for k, form in enumerate(TAG_FORMS):
+            ids = [1000 * k + 10 * rep + t for t in range(T)]
+            tags = {"torch int64": torch.tensor(ids), "numpy int64": np.array(ids, dtype=np.int64),
+                    "list": ids, "numpy int32": np.array(ids, dtype=np.int32)}[form]
+            marks.tag_tokens(tags)
+            buf.get_dispatch_layout(idx, E)  # not a dispatch: the tags wait
+            buf.dispatch(x, num_tokens_per_rank=n_rank, is_token_in_rank=in_rank,
+                         num_tokens_per_expert=n_exp, topk_idx=idx, topk_weights=w)
+            buf.dispatch(x, num_tokens_per_rank=n_rank, is_token_in_rank=in_rank,  # untagged
+                         num_tokens_per_expert=n_exp, topk_idx=idx, topk_weights=w)
+    assert marks.take_tags() is None  # every tag set was taken by its dispatch
+
+
+def _rank_tags(ctx, root: str) -> dict:
+    import torch.distributed as dist
+
+    from epreplay import capture
+    from epreplay.emulate import Buffer
+
+    out = {}
+    x, idx, w = inputs(ctx.rank, 0)
+    for path in ("ring", "compiled"):
+        capture.start(os.path.join(root, path), level="routing", hot_path=path)
+        _tagged_calls(Buffer(dist.group.WORLD), x, idx, w)
+        out[path] = capture.stop()
+    return out
+
+
+def test_token_tags_taken_by_the_compiled_hook_equal_the_python_hooks(tmp_path):
+    """A tagged dispatch has its own plan: the hook takes 1-D int64 tags (a tensor or a buffer)
+    itself and hands other forms to the Python hook, which converts them; records equal."""
+    import numpy as np
+
+    from epreplay.format.records import Op
+
+    (out,) = run_ranks(_rank_tags, 1, str(tmp_path), timeout=180)
+    c = out["compiled"]
+    runs = {p: records(tmp_path / p)[0] for p in ("ring", "compiled")}
+    assert len(runs["compiled"]) == 1 + 3 * len(TAG_FORMS) * 3
+    assert_same_records(runs["compiled"], runs["ring"])
+    dispatches = [r for r in runs["compiled"] if r.header.op == Op.DISPATCH]
+    tagged = dispatches[0::2]
+    assert all("token_tag_T" not in r.arrays for r in dispatches[1::2])
+    T = inputs(0, 0)[1].shape[0]
+    for i, r in enumerate(tagged):
+        rep, k = divmod(i, len(TAG_FORMS))
+        assert np.array_equal(r.arrays["token_tag_T"], 1000 * k + 10 * rep + np.arange(T)), (rep, k)
+    # compiled: the 12 layouts, 11 of the 12 untagged dispatches (the first teaches) and at
+    # least 3 of the 6 int64-tagged ones (their key's first teaches; list and int32 tags are
+    # Python's): 23 without tags in the compiled hook
+    assert c["hot_path"] == "compiled" and c["dropped"] == 0, c
+    assert c["compiled_frames"] >= 12 + 11 + 3, c
