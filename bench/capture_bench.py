@@ -15,7 +15,9 @@ before the timed steps: what it costs above the same step with capture off is th
 start-up ("start ms": the ring, the writer process, the compiled hook learning its plans), paid
 once per session; the timed steps are the steady state a long recording runs in. Prints one
 table: ms per step (rank 0, between barriers), ratio to off, the ratio including the writer's drain
-at stop(), the start-up, calls dropped, and bytes written per token-layer (all shards / (tokens
+at stop(), the start-up, the hooks' own time per call in the timed steps (every rank; wall time,
+so a rank preempted inside a hook on a loaded machine counts the wait: bench/capture_hotpath.py is
+the per-call figure), calls dropped, and bytes written per token-layer (all shards / (tokens
 routed x layers)).
 """
 from __future__ import annotations
@@ -74,6 +76,7 @@ def _rank(ctx, args: dict, root: str) -> dict:
            if args["compare_paths"] else [])
     times: dict[str, list[tuple[float, float]]] = {m: [] for m in modes}
     firsts: dict[str, list[float]] = {m: [] for m in modes}
+    hooks: dict[str, list[tuple[int, int]]] = {m: [] for m in modes}  # (hook ns, calls) of the timed steps
     facts_by_mode: dict[str, list[dict]] = {m: [] for m in modes}
     for rnd in range(args["rounds"]):
         for mode in modes:
@@ -94,11 +97,18 @@ def _rank(ctx, args: dict, root: str) -> dict:
             demo_step(0)  # the session's start-up: not timed with the steady steps
             dist.barrier()
             firsts[mode].append(time.perf_counter() - t0)
+            if mode != "off":
+                from epreplay.capture import session
+
+                hot0 = session.recorder(card.normal).hook_totals()
             t0 = time.perf_counter()
             for s in range(cfg.steps):
                 demo_step(s)
             dist.barrier()
             t1 = time.perf_counter()
+            if mode != "off":
+                hot1 = session.recorder(card.normal).hook_totals()
+                hooks[mode].append((hot1[0] - hot0[0], hot1[1] - hot0[1]))
             facts = capture.stop() if mode != "off" else None
             dist.barrier()
             t2 = time.perf_counter()
@@ -106,7 +116,7 @@ def _rank(ctx, args: dict, root: str) -> dict:
             if facts:
                 facts_by_mode[mode].append(facts)
     card.destroy()
-    return {"times": times, "firsts": firsts, "facts": facts_by_mode,
+    return {"times": times, "firsts": firsts, "hooks": hooks, "facts": facts_by_mode,
             "tokens": tokens + len(batches[0][1])}  # the start-up step's tokens are recorded too
 
 
@@ -141,7 +151,8 @@ def main(argv: list[str] | None = None) -> int:
           f"{a.steps} steps x {a.rounds} interleaved rounds (median)")
     print(f"command: python bench/capture_bench.py {' '.join(argv if argv is not None else sys.argv[1:])}")
     first_off = statistics.median(per_rank[0]["firsts"]["off"])
-    print(f"{'mode':<20}{'ms/step':>9}{'ratio':>8}{'incl. drain':>13}{'start ms':>10}{'dropped':>9}{'B/token-layer':>15}")
+    print(f"{'mode':<20}{'ms/step':>9}{'ratio':>8}{'incl. drain':>13}{'start ms':>10}{'hook us/call':>14}"
+          f"{'dropped':>9}{'B/token-layer':>15}")
     for mode in MODES + (["counts-hot", "routing-hot"] if a.diagnose else []) \
             + (["routing-thread", "fingerprints-thread"] if a.compare_writers else []) \
             + (["routing-ring", "fingerprints-ring", "routing-courier", "fingerprints-courier"]
@@ -153,7 +164,12 @@ def main(argv: list[str] | None = None) -> int:
         dropped = sum(f.get("dropped", 0) for f in facts)
         per_tl = f"{nbytes / token_layers:.1f}" if mode != "off" else "-"
         start = f"{(statistics.median(per_rank[0]['firsts'][mode]) - first_off) * 1e3:.1f}" if mode != "off" else "-"
-        print(f"{mode:<20}{step * 1e3:>9.2f}{step / off:>8.3f}{drain / off:>13.3f}{start:>10}{dropped:>9}{per_tl:>15}")
+        # the hooks' own time per call in the timed steps, every rank and round (the session's
+        # first step, where the compiled hook learns its plans through the Python hook, apart)
+        spent = [h for r in per_rank for h in r["hooks"][mode]]
+        hook = f"{sum(ns for ns, _ in spent) / 1e3 / max(1, sum(n for _, n in spent)):.1f}" if mode != "off" else "-"
+        print(f"{mode:<20}{step * 1e3:>9.2f}{step / off:>8.3f}{drain / off:>13.3f}{start:>10}{hook:>14}"
+              f"{dropped:>9}{per_tl:>15}")
     return 0
 
 
