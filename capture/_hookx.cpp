@@ -24,6 +24,7 @@
 #include <Python.h>
 
 #include <ATen/ops/cat.h>
+#include <ATen/ops/empty.h>
 #include <c10/core/impl/DeviceGuardImplInterface.h>
 #include <torch/csrc/Dtype.h>
 #include <torch/csrc/autograd/python_variable.h>
