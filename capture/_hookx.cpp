@@ -25,6 +25,7 @@
 
 #include <ATen/ops/cat.h>
 #include <c10/core/impl/DeviceGuardImplInterface.h>
+#include <c10/util/SmallVector.h>
 #include <torch/csrc/Dtype.h>
 #include <torch/csrc/autograd/python_variable.h>
 
@@ -105,7 +106,7 @@ struct ArraySpec {
 
 struct Out {  // one staged array of a call: a tensor, the valid rows of one, or a hash output
   at::Tensor t;
-  std::vector<int64_t> rows;  // mode 1/2: valid rows per local expert
+  c10::SmallVector<int64_t, 64> rows;  // mode 1/2: valid rows per local expert (inline: no allocation per call)
   int64_t valid = 0;
   int hash_part = -1;  // 0: the fingerprints [n] int64, 1: the marks [n] int8 of hash job `job`
   int job = 0;
@@ -123,19 +124,21 @@ bool valid_rows(int mode, const at::Tensor &base, const at::Tensor &c, Out &out)
   if (base.dim() != 3 || !c.defined() || !c.is_cpu() || !c.is_contiguous()) return false;
   int64_t L = base.size(0), X = base.size(1);
   if (c.size(0) != L) return false;
+  // the counts' pointer once, not per expert: TensorBase::const_data_ptr<T> is an out-of-line
+  // call into libtorch with its own checks (measured: ~1.3 us for L = 32 on a cold cache)
+  const int32_t *c32 = nullptr;
+  const int64_t *c64 = nullptr;
+  int64_t R = 1;
+  if (mode == 1 && c.dim() == 1 && c.scalar_type() == at::kInt) c32 = static_cast<const int32_t *>(c.const_data_ptr());
+  else if (mode == 1 && c.dim() == 1 && c.scalar_type() == at::kLong) c64 = static_cast<const int64_t *>(c.const_data_ptr());
+  else if (mode == 2 && c.dim() == 2 && c.scalar_type() == at::kLong) c64 = static_cast<const int64_t *>(c.const_data_ptr()), R = c.size(1);
+  else return false;
   out.rows.resize(L);
   for (int64_t e = 0; e < L; e++) {
     int64_t n = 0;
-    if (mode == 1 && c.dim() == 1 && c.scalar_type() == at::kInt) {
-      n = c.const_data_ptr<int32_t>()[e];
-    } else if (mode == 1 && c.dim() == 1 && c.scalar_type() == at::kLong) {
-      n = c.const_data_ptr<int64_t>()[e];
-    } else if (mode == 2 && c.dim() == 2 && c.scalar_type() == at::kLong) {
-      const int64_t *r = c.const_data_ptr<int64_t>() + e * c.size(1);
-      for (int64_t k = 0; k < c.size(1); k++) n += r[k] & 0xFFFFFFFF;
-    } else {
-      return false;
-    }
+    if (c32) n = c32[e];
+    else if (mode == 1) n = c64[e];
+    else for (int64_t k = 0; k < R; k++) n += c64[e * R + k] & 0xFFFFFFFF;
     if (n < 0 || n > X) return false;
     out.rows[e] = n;
     out.valid += n;
@@ -369,7 +372,10 @@ class LineageTable {
   struct Slot {
     c10::TensorImpl *key = nullptr;
     int64_t seq = 0;
-    std::optional<c10::weak_intrusive_ptr<c10::TensorImpl>> weak;
+    // the tensor's own NullType: a weak_intrusive_ptr<TensorImpl> (the default one) would be
+    // made through a temporary strong pointer, whose refcount 1 -> 2 -> 1 trips intrusive_ptr's
+    // PyObject preservation (an incref and a decref of the tensor's PyObject, two virtual calls)
+    std::optional<c10::weak_intrusive_ptr<c10::TensorImpl, c10::UndefinedTensorImpl>> weak;
   };
   std::vector<Slot> slots_;  // a power of 2 long
   size_t used_ = 0;

@@ -33,7 +33,12 @@ def command(out: Path) -> list[str]:
 
     cxx = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++") or "c++"
     libs = library_paths()
-    cmd = [cxx, "-O2", "-std=c++17", "-shared", "-fPIC", "-w", str(HERE / "_hookx.cpp"), "-o", str(out),
+    # hidden visibility: the header-inline functions of torch the compiler keeps out of line
+    # (TensorImpl::size, dim, is_contiguous, ...) are then this module's own copies, called
+    # directly, not through the PLT into libtorch_cpu's copies, whose code is far and cold when
+    # the hook runs (an iTLB and i-cache miss each)
+    cmd = [cxx, "-O2", "-std=c++17", "-shared", "-fPIC", "-w", "-fvisibility=hidden", "-fvisibility-inlines-hidden",
+           "-fno-semantic-interposition", str(HERE / "_hookx.cpp"), "-o", str(out),
            f"-I{sysconfig.get_paths()['include']}",
            f'-DEPREPLAY_TORCH_VERSION="{torch.__version__}"',
            f"-D_GLIBCXX_USE_CXX11_ABI={int(torch.compiled_with_cxx11_abi())}"]
