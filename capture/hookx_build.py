@@ -50,7 +50,7 @@ def command(out: Path) -> list[str]:
 
 
 def up_to_date(out: Path) -> bool:
-    sources = (HERE / "_hookx.cpp", HERE / "_hosthash.h")
+    sources = (HERE / "_hookx.cpp", HERE / "_hosthash.h", Path(__file__))  # this file: the flags
     if not out.exists() or any(out.stat().st_mtime < src.stat().st_mtime for src in sources):
         return False
     try:
