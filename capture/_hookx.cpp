@@ -26,6 +26,7 @@
 #include <ATen/ops/cat.h>
 #include <ATen/ops/empty.h>
 #include <c10/core/impl/DeviceGuardImplInterface.h>
+#include <c10/util/SmallVector.h>
 #include <torch/csrc/Dtype.h>
 #include <torch/csrc/autograd/python_variable.h>
 
@@ -107,7 +108,7 @@ struct ArraySpec {
 
 struct Out {  // one staged array of a call: a tensor, the valid rows of one, or a hash output
   at::Tensor t;
-  std::vector<int64_t> rows;  // mode 1/2: valid rows per local expert
+  c10::SmallVector<int64_t, 64> rows;  // mode 1/2: valid rows per local expert (inline: no allocation per call)
   int64_t valid = 0;
   int hash_part = -1;  // 0: the fingerprints [n] int64, 1: the marks [n] int8 of hash job `job`
   int job = 0;
@@ -125,19 +126,21 @@ bool valid_rows(int mode, const at::Tensor &base, const at::Tensor &c, Out &out)
   if (base.dim() != 3 || !c.defined() || !c.is_cpu() || !c.is_contiguous()) return false;
   int64_t L = base.size(0), X = base.size(1);
   if (c.size(0) != L) return false;
+  // the counts' pointer once, not per expert: TensorBase::const_data_ptr<T> is an out-of-line
+  // call into libtorch with its own checks (measured: ~1.3 us for L = 32 on a cold cache)
+  const int32_t *c32 = nullptr;
+  const int64_t *c64 = nullptr;
+  int64_t R = 1;
+  if (mode == 1 && c.dim() == 1 && c.scalar_type() == at::kInt) c32 = static_cast<const int32_t *>(c.const_data_ptr());
+  else if (mode == 1 && c.dim() == 1 && c.scalar_type() == at::kLong) c64 = static_cast<const int64_t *>(c.const_data_ptr());
+  else if (mode == 2 && c.dim() == 2 && c.scalar_type() == at::kLong) c64 = static_cast<const int64_t *>(c.const_data_ptr()), R = c.size(1);
+  else return false;
   out.rows.resize(L);
   for (int64_t e = 0; e < L; e++) {
     int64_t n = 0;
-    if (mode == 1 && c.dim() == 1 && c.scalar_type() == at::kInt) {
-      n = c.const_data_ptr<int32_t>()[e];
-    } else if (mode == 1 && c.dim() == 1 && c.scalar_type() == at::kLong) {
-      n = c.const_data_ptr<int64_t>()[e];
-    } else if (mode == 2 && c.dim() == 2 && c.scalar_type() == at::kLong) {
-      const int64_t *r = c.const_data_ptr<int64_t>() + e * c.size(1);
-      for (int64_t k = 0; k < c.size(1); k++) n += r[k] & 0xFFFFFFFF;
-    } else {
-      return false;
-    }
+    if (c32) n = c32[e];
+    else if (mode == 1) n = c64[e];
+    else for (int64_t k = 0; k < R; k++) n += c64[e * R + k] & 0xFFFFFFFF;
     if (n < 0 || n > X) return false;
     out.rows[e] = n;
     out.valid += n;
@@ -229,12 +232,31 @@ struct Session {
   int64_t glaunches[3];  // [raw launches, at::cat_out launches, ns spent launching]
 };
 
+constexpr int kKeyCached = 40;  // int64 words of a key a Hook remembers (DeepEP's sites: ~25)
+
 struct Hook {
   PyObject_HEAD
   PyObject *orig, *slow, *dict;
   int op;  // the method's op (DISPATCH becomes CACHED_DISPATCH with a handle: keyed)
   vectorcallfunc vectorcall;
+  // The plan of the last key this hook looked up, valid while g_plans_changed is what it was: a
+  // call site calls the same way every time, and the session's map (its buckets, node and key,
+  // cold after a DeepEP call: ~0.3 us) is then not read at all.
+  uint64_t seen_gen;
+  const Plan *seen_plan;
+  int seen_len;
+  int64_t seen_key[kKeyCached];
+  // The Buffer it was last called on (a weak reference: the same object while it answers) and
+  // that Buffer's BufInfo, valid while g_plans_changed is seen_bgen: no attribute lookup and map
+  // find per call (~0.3 us cold)
+  uint64_t seen_bgen;
+  PyObject *seen_buf, *seen_wr;
+  BufInfo *seen_bi;
 };
+
+// Moves whenever a plan may have gone or a session changed (learn, clear, activate, fork): the
+// Hooks' remembered plans are then looked up again.
+uint64_t g_plans_changed = 1;
 
 Session *g_sess = nullptr;  // the active session of this process (strong ref), or null
 thread_local int t_depth = 0;  // > 0 inside a hooked call: nested hooked calls pass through
@@ -377,7 +399,10 @@ class LineageTable {
   struct Slot {
     c10::TensorImpl *key = nullptr;
     int64_t seq = 0;
-    std::optional<c10::weak_intrusive_ptr<c10::TensorImpl>> weak;
+    // the tensor's own NullType: a weak_intrusive_ptr<TensorImpl> (the default one) would be
+    // made through a temporary strong pointer, whose refcount 1 -> 2 -> 1 trips intrusive_ptr's
+    // PyObject preservation (an incref and a decref of the tensor's PyObject, two virtual calls)
+    std::optional<c10::weak_intrusive_ptr<c10::TensorImpl, c10::UndefinedTensorImpl>> weak;
   };
   std::vector<Slot> slots_;  // a power of 2 long
   size_t used_ = 0;
@@ -474,12 +499,35 @@ bool read_state_attrs(PyObject *st, int64_t *m_step, int64_t *m_layer, bool *tag
   return !PyErr_Occurred();
 }
 
+// read_marks' last answer on this thread, good while neither dict it came from changed: PEP 509's
+// version tag moves on every change of a dict and is never reused, so two header reads stand in
+// for the lookups (~8 dependent cache lines, all cold after a DeepEP call: ~0.4 us a call).
+// Python 3.14 no longer moves it; there read_marks looks every time.
+#if PY_VERSION_HEX < 0x030E0000
+#define MARKS_SEEN 1
+struct MarksSeen {
+  PyObject *d = nullptr, *sd = nullptr;  // the thread's marks dict; its state's dict (strong)
+  uint64_t d_ver = 0, sd_ver = 0;
+  int64_t step = 0, layer = 0;
+  bool tags = false;
+};
+thread_local MarksSeen t_marks_seen;
+inline uint64_t dict_version(PyObject *d) { return reinterpret_cast<PyDictObject *>(d)->ma_version_tag; }
+#endif
+
 // Reads epreplay.marks' thread-local state: (step, layer) or NONE, and whether tags are pending.
 bool read_marks(Session *s, int64_t *m_step, int64_t *m_layer, bool *tags) {
   *m_step = *m_layer = NONE;
   *tags = false;
   PyObject *d = marks_dict(s);
   if (!d) return false;
+#ifdef MARKS_SEEN
+  MarksSeen &seen = t_marks_seen;
+  if (seen.sd && seen.d == d && dict_version(d) == seen.d_ver && dict_version(seen.sd) == seen.sd_ver) {
+    *m_step = seen.step, *m_layer = seen.layer, *tags = seen.tags;
+    return true;
+  }
+#endif
   PyObject *st = PyDict_GetItemWithError(d, s_state);  // borrowed
   if (!st) return !PyErr_Occurred();
   // marks' _State is a plain object: its instance dict answers without the type's attribute
@@ -496,6 +544,14 @@ bool read_marks(Session *s, int64_t *m_step, int64_t *m_layer, bool *tags) {
     if (step != Py_None) *m_step = PyLong_AsLongLong(step);
     if (layer != Py_None) *m_layer = PyLong_AsLongLong(layer);
     *tags = pend != Py_None;
+#ifdef MARKS_SEEN
+    if (!PyErr_Occurred()) {  // d holds st, st holds sd: while both are unchanged, so is the answer
+      Py_INCREF(sd);
+      Py_XSETREF(seen.sd, sd);
+      seen.d = d, seen.d_ver = dict_version(d), seen.sd_ver = dict_version(sd);
+      seen.step = *m_step, seen.layer = *m_layer, seen.tags = *tags;
+    }
+#endif
   }
   Py_DECREF(sd);
   if (!pend) return !PyErr_Occurred() && read_state_attrs(st, m_step, m_layer, tags);
@@ -1097,11 +1153,23 @@ PyObject *hook_call(PyObject *self, PyObject *const *args, size_t nargsf, PyObje
   PyObject *buf = args[0];
   PyObject *const *slots = args + 1;  // the arguments after self: positional, then keyword values
   Py_ssize_t npos = nargs - 1, nkw = kwnames ? PyTuple_GET_SIZE(kwnames) : 0, nslots = npos + nkw;
-  BufInfo *bi = buffer_info(s, buf);
-  if (!bi) return call_through(h->slow, args, nargsf, kwnames);
+  for (int i = 0; i < 4; i++) __builtin_prefetch(reinterpret_cast<const char *>(h->seen_key) + 64 * i);
+  BufInfo *bi = h->seen_bi;
+  if (h->seen_bgen != g_plans_changed || h->seen_buf != buf || PyWeakref_GET_OBJECT(h->seen_wr) != buf) {
+    bi = buffer_info(s, buf);
+    if (!bi) return call_through(h->slow, args, nargsf, kwnames);
+    PyObject *wr = PyWeakref_NewRef(buf, nullptr);  // a Buffer type without weak references: looked up each call
+    if (wr) {
+      Py_XSETREF(h->seen_wr, wr);
+      h->seen_buf = buf, h->seen_bi = bi, h->seen_bgen = g_plans_changed;
+    } else {
+      PyErr_Clear();
+    }
+  }
   int64_t m_step, m_layer;
   bool tags;
   bool marked = read_marks(s, &m_step, &m_layer, &tags);
+  if (!marked) PyErr_Clear();  // the Python path below reads the marks itself
   // a dispatch with token tags has its own plan (one more array, the tags: root 2)
   bool tagged = marked && tags && (h->op == OP_DISPATCH || h->op == OP_LL_DISPATCH);
   Key &key = t_key;  // reused: no allocation per call (nested hooked calls pass through above)
@@ -1112,16 +1180,29 @@ PyObject *hook_call(PyObject *self, PyObject *const *args, size_t nargsf, PyObje
   if (tagged) key.v.push_back(kTaggedKey);
   for (Py_ssize_t k = 0; k < nkw; k++) key.v.push_back(PyObject_Hash(PyTuple_GET_ITEM(kwnames, k)));
   for (Py_ssize_t i = 0; i < nslots; i++) key_of(slots[i], key.v);
-  auto found = s->plans->find(key);
-  if (found == s->plans->end() || !found->second || !marked) {
+  const Plan *plan;
+  bool known;  // the key was seen: its plan, or null (always the Python path)
+  size_t kn = key.v.size();
+  if (h->seen_gen == g_plans_changed && size_t(h->seen_len) == kn &&
+      memcmp(h->seen_key, key.v.data(), kn * sizeof(int64_t)) == 0) {
+    plan = h->seen_plan, known = true;
+  } else {
+    auto found = s->plans->find(key);
+    known = found != s->plans->end();
+    plan = known ? found->second : nullptr;
+    if (plan && kn <= size_t(kKeyCached)) {
+      h->seen_gen = g_plans_changed, h->seen_plan = plan, h->seen_len = int(kn);
+      memcpy(h->seen_key, key.v.data(), kn * sizeof(int64_t));
+    }
+  }
+  if (!plan || !marked) {
     PyErr_Clear();
-    bool learn = found == s->plans->end();
     t_depth++;
-    PyObject *r = slow_path(h, args, nargsf, kwnames, learn ? &key : nullptr);
+    PyObject *r = slow_path(h, args, nargsf, kwnames, known ? nullptr : &key);
     t_depth--;
     return r;
   }
-  const Plan &p = *found->second;
+  const Plan &p = *plan;
   PROF(0);
   PyObject *took = nullptr;
   if ((p.device && (!s->D || (s->capturing && *s->capturing))) ||  // a CUDA graph is being captured
@@ -1289,6 +1370,10 @@ PyObject *hook_new(PyTypeObject *type, PyObject *args, PyObject *kw) {
   h->slow = slow;
   h->op = op;
   h->dict = nullptr;
+  h->seen_gen = h->seen_bgen = 0;  // nothing remembered
+  h->seen_plan = nullptr;
+  h->seen_buf = h->seen_wr = nullptr;
+  h->seen_bi = nullptr;
   h->vectorcall = hook_call;
   return reinterpret_cast<PyObject *>(h);
 }
@@ -1298,6 +1383,7 @@ void hook_dealloc(PyObject *self) {
   Py_XDECREF(h->orig);
   Py_XDECREF(h->slow);
   Py_XDECREF(h->dict);
+  Py_XDECREF(h->seen_wr);
   Py_TYPE(self)->tp_free(self);
 }
 
@@ -1371,6 +1457,7 @@ fail:
 }
 
 void sess_clear_maps(Session *s) {
+  g_plans_changed++;
   if (s->plans) {
     for (auto &kv : *s->plans) delete kv.second;
     s->plans->clear();
@@ -1473,6 +1560,7 @@ PyObject *sess_learn(PyObject *self, PyObject *spec) {
       p->values.push_back(v);
     }
   }
+  g_plans_changed++;
   auto it = s->plans->find(t_pending.key);
   if (it != s->plans->end()) {
     delete it->second;
@@ -1639,6 +1727,7 @@ PyObject *mod_activate(PyObject *, PyObject *sess) {
     return nullptr;
   }
   Session *old = g_sess;
+  g_plans_changed++;
   if (sess == Py_None) {
     g_sess = nullptr;
   } else {
@@ -1651,6 +1740,7 @@ PyObject *mod_activate(PyObject *, PyObject *sess) {
 
 PyObject *mod_after_fork(PyObject *, PyObject *) {
   g_sess = nullptr;  // the parent's session (its ring, its writer) is not this process's
+  g_plans_changed++;
   t_depth = 0;
   t_pending = Pending();
   Py_RETURN_NONE;
