@@ -72,8 +72,8 @@ inline int64_t now_ns(clockid_t clock) {
 #ifdef HOOKX_PROFILE
 constexpr int kProf = 10;
 const char *const kProfNames[kProf] = {"enter+plan", "attribute+lineage", "(the call)", "arrays+hash jobs",
-                                       "launch: device+stream", "launch: cuLaunchKernel", "gather: rest",
-                                       "frame (write_fast)", "", ""};
+                                       "launch: stream handle", "launch: cuLaunchKernel", "gather: rest",
+                                       "frame (write_fast)", "launch: ring+getStream", "launch: getDevice"};
 thread_local int64_t t_prof[kProf + 1], t_prof_last;
 #define PROF_START() (t_prof_last = now_ns(CLOCK_MONOTONIC), t_prof[kProf]++)
 #define PROF(i) do { int64_t t_ = now_ns(CLOCK_MONOTONIC); t_prof[i] += t_ - t_prof_last; t_prof_last = t_; } while (0)
@@ -957,6 +957,7 @@ bool raw_gather(Session *s, const std::vector<Out> &ts, HashJob *jobs, int nh, u
   if (!func || ts.size() > kMaxSegs) return false;
   auto *impl = c10::impl::getDeviceGuardImpl(c10::DeviceType::CUDA);
   if (impl->getDevice() != s->D->device()) return false;  // the kernel lives in D's context
+  PROF(9);
   void *stream;
   if (!stream_handle(s, st, &stream)) return false;
   PROF(4);
@@ -1016,6 +1017,7 @@ int64_t gather(Session *s, const std::vector<Out> &ts, HashJob *jobs, int nh) {
   }
   int64_t start = head + pad;
   c10::Stream st = c10::impl::getDeviceGuardImpl(c10::DeviceType::CUDA)->getStream(s->D->device());
+  PROF(8);
   uint64_t dst = uint64_t(reinterpret_cast<uintptr_t>(s->D->data_ptr())) + uint64_t(start % cap);
   int64_t t0 = now_ns(CLOCK_MONOTONIC);
   if (raw_gather(s, ts, jobs, nh, dst, total, st)) {
