@@ -62,3 +62,24 @@ def test_a_new_chunk_only_when_the_last_is_mostly_used_and_never_past_the_budget
     arena.reserve()
     assert arena.chunk is full  # budget spent: sites are skipped from now on
     assert arena.rings({"x": site}) == {}
+
+
+def test_sites_stage_into_the_arena_until_it_is_spent() -> None:
+    """graph_ring's sites (run eagerly on CPU here: the same ops a capture records) write slot
+    counter % S of their rings, and a site the arena has no room for reports it (stage_end counts it)."""
+    from epreplay.capture.graph_ring import GraphRing
+    from epreplay.format.records import Level, Op
+
+    ring = GraphRing(buffer_id=0, level=Level.ROUTING, device=torch.device("cpu"), ring_bytes=CHUNK_BYTES)
+    ring.arena.reserve()
+    topk = torch.arange(48 * 8).reshape(48, 8)
+    site = ring.site(Op.LL_COMBINE, layer=0, tokens=48, meta={})
+    for r in range(MAX_SLOTS + 3):  # wraps: slot r % S
+        assert site.stage({"topk_idx_TK": topk + r})
+    S = site.rings["topk_idx_TK"].shape[0]
+    assert S == MAX_SLOTS and int(site.counter) == MAX_SLOTS + 3
+    assert torch.equal(site.rings["topk_idx_TK"][2], topk + MAX_SLOTS + 2)
+    assert torch.equal(site.rings["topk_idx_TK"][3], topk + 3)
+    big = {"src_info_LX": torch.zeros(64, 8192, dtype=torch.int32)}  # 2 MiB a slot: MIN_SLOTS fit ~3 times
+    staged = [ring.site(Op.LL_DISPATCH, layer=i, tokens=48, meta={}).stage(big) for i in range(6)]
+    assert staged[:3] == [True] * 3 and staged[-1] is False, staged
