@@ -17,7 +17,7 @@ once per session; the timed steps are the steady state a long recording runs in.
 table: ms per step (rank 0, between barriers), ratio to off, the ratio including the writer's drain
 at stop(), the start-up, the hooks' own time per call in the timed steps (every rank; wall time,
 so a rank preempted inside a hook on a loaded machine counts the wait: bench/capture_hotpath.py is
-the per-call figure), calls dropped, and bytes written per token-layer (all shards / (tokens
+the per-call figure), the writer processes' CPU per record (their start-up included), calls dropped, and bytes written per token-layer (all shards / (tokens
 routed x layers)).
 """
 from __future__ import annotations
@@ -152,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"command: python bench/capture_bench.py {' '.join(argv if argv is not None else sys.argv[1:])}")
     first_off = statistics.median(per_rank[0]["firsts"]["off"])
     print(f"{'mode':<20}{'ms/step':>9}{'ratio':>8}{'incl. drain':>13}{'start ms':>10}{'hook us/call':>14}"
-          f"{'dropped':>9}{'B/token-layer':>15}")
+          f"{'writer us/rec':>15}{'dropped':>9}{'B/token-layer':>15}")
     for mode in MODES + (["counts-hot", "routing-hot"] if a.diagnose else []) \
             + (["routing-thread", "fingerprints-thread"] if a.compare_writers else []) \
             + (["routing-ring", "fingerprints-ring", "routing-courier", "fingerprints-courier"]
@@ -168,8 +168,11 @@ def main(argv: list[str] | None = None) -> int:
         # first step, where the compiled hook learns its plans through the Python hook, apart)
         spent = [h for r in per_rank for h in r["hooks"][mode]]
         hook = f"{sum(ns for ns, _ in spent) / 1e3 / max(1, sum(n for _, n in spent)):.1f}" if mode != "off" else "-"
+        # the writer processes' CPU per record, start-up (imports, shard set-up) included
+        writer = f"{sum(f.get('writer_cpu_s', 0) for f in facts) * 1e6 / max(1, sum(f.get('records', 0) for f in facts)):.0f}" \
+            if mode != "off" else "-"
         print(f"{mode:<20}{step * 1e3:>9.2f}{step / off:>8.3f}{drain / off:>13.3f}{start:>10}{hook:>14}"
-              f"{dropped:>9}{per_tl:>15}")
+              f"{writer:>15}{dropped:>9}{per_tl:>15}")
     return 0
 
 
