@@ -742,6 +742,8 @@ __attribute__((target("avx512f"))) void nt_copy64(char *dst, const char *src, si
   dst += head, src += head, n -= head;
   size_t i = 0;
   for (; i + 128 <= n; i += 128) {
+    _mm_prefetch(src + i + 2048, _MM_HINT_T0);  // cold after the call (as in _hosthash.h):
+    _mm_prefetch(src + i + 2048 + 64, _MM_HINT_T0);  // prefill routing 25.5-25.9 -> 23.9-24.5 us
     __m512i a = _mm512_loadu_si512(src + i), b = _mm512_loadu_si512(src + i + 64);
     _mm512_stream_si512(reinterpret_cast<__m512i *>(dst + i), a);
     _mm512_stream_si512(reinterpret_cast<__m512i *>(dst + i + 64), b);
