@@ -58,7 +58,7 @@ inline uint64_t align8(uint64_t n) { return (n + 7) & ~uint64_t(7); }
 // Op codes (epreplay/format/records.py Op)
 constexpr int OP_LAYOUT = 1, OP_DISPATCH = 2, OP_LL_DISPATCH = 5;
 constexpr int64_t NONE = INT64_MIN;  // None in the shared int64 arrays
-constexpr int64_t kTaggedKey = INT64_MIN + 7;  // in a call-site key: the call takes token tags
+constexpr int64_t kTaggedKey = INT64_MIN + 7;  // in a call-site key: tags are pending at a dispatch hook
 
 inline int64_t now_ns(clockid_t clock) {
   timespec ts;
@@ -1580,8 +1580,10 @@ PyObject *sess_learn(PyObject *self, PyObject *spec) {
 // handling when the compiled hook asked it to learn a plan; else None.
 PyObject *sess_pending(PyObject *, PyObject *) {
   if (!t_pending.active) Py_RETURN_NONE;
-  return Py_BuildValue("(OnO)", reinterpret_cast<PyObject *>(t_pending.hook), t_pending.nargs,
-                       t_pending.kwnames ? t_pending.kwnames : Py_None);
+  const auto &k = t_pending.key.v;  // [op, buffer, npos, kTaggedKey if the call takes tags, ...]
+  return Py_BuildValue("(OnOO)", reinterpret_cast<PyObject *>(t_pending.hook), t_pending.nargs,
+                       t_pending.kwnames ? t_pending.kwnames : Py_None,
+                       k.size() > 3 && k[3] == kTaggedKey ? Py_True : Py_False);
 }
 
 // hung(now_mono_ns, timeout_ns): fast calls running longer, not reported yet (then marked):
@@ -1777,7 +1779,7 @@ PyMethodDef mod_methods[] = {
     {"host_hash_fast", mod_host_hash_fast, METH_NOARGS, "Whether host rows are fingerprinted in the hook."},
     {"profile", mod_profile, METH_NOARGS, "The hook's time by segment (a -DHOOKX_PROFILE build), else None."},
     {"activate", mod_activate, METH_O, "activate(session | None): the process's active session."},
-    {"pending", sess_pending, METH_NOARGS, "The call this thread's Python hook may learn a plan for."},
+    {"pending", sess_pending, METH_NOARGS, "(hook, nargs, kwnames, tagged key) of the call this thread's Python hook may learn a plan for."},
     {"after_fork", mod_after_fork, METH_NOARGS, "In a forked child: no session."},
     {nullptr, nullptr, 0, nullptr},
 };

@@ -325,7 +325,10 @@ def learn(fs: FastSession, call: Any, args: dict[str, Any], result: Any, st: Any
     pending = fs.hookx.pending()
     if pending is None or call.error is not None or call.status:
         return  # not asked, or this one call is unusual (an error): the next may teach
-    hook, nargs, kwnames = pending
+    hook, nargs, kwnames, tagged = pending
+    if tagged != (call.tags is not None):  # tags pending at a call that leaves them (a cached
+        fs.session.learn(None)              # dispatch): that key stays Python's, which leaves them
+        return
     slots = _slots(getattr(hook, "binder", None), nargs, kwnames)
     got = compile_plan(call, args, result, st, meta, slots, fs.host_hash) if slots is not None else None
     if got is None:

@@ -145,13 +145,17 @@ TAG_FORMS = ("torch int64", "numpy int64", "list", "numpy int32")  # the last tw
 
 def _tagged_calls(buf, x, idx, w) -> None:
     """Dispatches tagged in every form marks.tag_tokens accepts, untagged ones between them, and a
-    layout with tags pending (tags apply to the next dispatch only: the layout leaves them)."""
+    layout and a cached dispatch with tags pending (tags apply to the next dispatch that is not
+    cached: those two leave them)."""
     import numpy as np
 
     from epreplay import marks
 
     T = idx.shape[0]
     n_rank, _, n_exp, in_rank, _ = buf.get_dispatch_layout(idx, E)
+    kw = dict(num_tokens_per_rank=n_rank, is_token_in_rank=in_rank, num_tokens_per_expert=n_exp,
+              topk_idx=idx, topk_weights=w)
+    handle = buf.dispatch(x, **kw)[4]
     for rep in range(3):
         for k, form in enumerate(TAG_FORMS):
             ids = [1000 * k + 10 * rep + t for t in range(T)]
@@ -159,10 +163,9 @@ def _tagged_calls(buf, x, idx, w) -> None:
                     "list": ids, "numpy int32": np.array(ids, dtype=np.int32)}[form]
             marks.tag_tokens(tags)
             buf.get_dispatch_layout(idx, E)  # not a dispatch: the tags wait
-            buf.dispatch(x, num_tokens_per_rank=n_rank, is_token_in_rank=in_rank,
-                         num_tokens_per_expert=n_exp, topk_idx=idx, topk_weights=w)
-            buf.dispatch(x, num_tokens_per_rank=n_rank, is_token_in_rank=in_rank,  # untagged
-                         num_tokens_per_expert=n_exp, topk_idx=idx, topk_weights=w)
+            buf.dispatch(x, handle=handle)  # a cached dispatch: the tags wait
+            buf.dispatch(x, **kw)  # takes them
+            handle = buf.dispatch(x, **kw)[4]  # untagged
     assert marks.take_tags() is None  # every tag set was taken by its dispatch
 
 
@@ -191,17 +194,18 @@ def test_token_tags_taken_by_the_compiled_hook_equal_the_python_hooks(tmp_path):
     (out,) = run_ranks(_rank_tags, 1, str(tmp_path), timeout=180)
     c = out["compiled"]
     runs = {p: records(tmp_path / p)[0] for p in ("ring", "compiled")}
-    assert len(runs["compiled"]) == 1 + 3 * len(TAG_FORMS) * 3
+    assert len(runs["compiled"]) == 2 + 3 * len(TAG_FORMS) * 4
     assert_same_records(runs["compiled"], runs["ring"])
-    dispatches = [r for r in runs["compiled"] if r.header.op == Op.DISPATCH]
+    dispatches = [r for r in runs["compiled"] if r.header.op == Op.DISPATCH][1:]
     tagged = dispatches[0::2]
     assert all("token_tag_T" not in r.arrays for r in dispatches[1::2])
+    assert all("token_tag_T" not in r.arrays for r in runs["compiled"] if r.header.op != Op.DISPATCH)
     T = inputs(0, 0)[1].shape[0]
     for i, r in enumerate(tagged):
         rep, k = divmod(i, len(TAG_FORMS))
         assert np.array_equal(r.arrays["token_tag_T"], 1000 * k + 10 * rep + np.arange(T)), (rep, k)
-    # compiled: the 12 layouts, 11 of the 12 untagged dispatches (the first teaches) and at
-    # least 3 of the 6 int64-tagged ones (their key's first teaches; list and int32 tags are
-    # Python's): 23 without tags in the compiled hook
+    # compiled: the 12 layouts and 12 untagged dispatches (the first of each taught) and at least
+    # 3 of the 6 int64-tagged ones (their key's first teaches; list and int32 tags, and cached
+    # dispatches with tags pending, are Python's): 24 without tags in the compiled hook
     assert c["hot_path"] == "compiled" and c["dropped"] == 0, c
-    assert c["compiled_frames"] >= 12 + 11 + 3, c
+    assert c["compiled_frames"] >= 12 + 12 + 3, c
