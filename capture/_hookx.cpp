@@ -706,7 +706,7 @@ PyObject *kwargs_dict(PyObject *const *slots, Py_ssize_t nargs, PyObject *kwname
 }
 
 // The fast call's identity, for the Python callbacks (recorder._fast_raised / _fast_mismatch).
-// (call id, op, BufferState, seq, step, layer, start_ns, duration_ns, hook)
+// (call id, op, BufferState, seq, step, layer, start_ns, duration_ns, hook, the tags it took or None)
 PyObject *identity(const InFlight &f, PyObject *bs, int64_t duration) {
   return Py_BuildValue("(KiOLLLLLOO)", (unsigned long long)f.call_id, f.op, bs, (long long)f.seq,
                        (long long)f.step, (long long)f.layer, (long long)f.start_ns, (long long)duration,

@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from epreplay.format.fingerprint_cpu import rows_numpy
 from epreplay.format.records import Level, Op, Status
 
 
@@ -79,14 +80,13 @@ class PackedStaging:
         if tagged(v, "fpdone"):
             return v[1], v[2]
         if tagged(v, "fp"):
-            from epreplay.format.fingerprint_cpu import rows_cpu, rows_numpy
-
-            fast = None if _is_torch(v[1]) or isinstance(v[1], tuple) and _is_torch(v[1][0]) else rows_numpy(v[1])
-            if fast is not None:  # no torch needed
+            fast = rows_numpy(v[1])  # None for torch rows (thread mode) and rows the C pass refuses
+            if fast is not None:
                 return fast[0], bool(fast[1].all())
             self.rows_to_torch()
             from epreplay.capture.stage import _rows_finite
             from epreplay.format.fingerprint import fingerprint_rows
+            from epreplay.format.fingerprint_cpu import rows_cpu
 
             x = self.items[name][1]
             fast = rows_cpu(x)
@@ -94,6 +94,20 @@ class PackedStaging:
                 return fast[0], bool(fast[1].all())
             return fingerprint_rows(x).numpy().view(np.uint64), bool(_rows_finite(x))
         return np.asarray(v).view(np.uint64), all_finite(self.items, name)
+
+    def fingerprint_numpy(self) -> bool:
+        """Every pending ("fp", rows) entry hashed by the C pass from numpy, without importing
+        torch (a writer process then never loads it); whether none is left for
+        stage.batch_fingerprints (rows the C pass does not take, or it is not built)."""
+        left = False
+        for name, v in self.items.items():
+            if tagged(v, "fp"):
+                got = rows_numpy(v[1])
+                if got is None:
+                    left = True
+                else:
+                    self.items[name] = ("fpdone", got[0], bool(got[1].all()))
+        return not left
 
     def rows_to_torch(self) -> None:
         """("fp", numpy rows) -> ("fp", torch rows), for stage.batch_fingerprints (imports torch:
