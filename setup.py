@@ -37,6 +37,9 @@ class build_py_with_pth(build_py):
 
 setup(ext_modules=[Extension("epreplay.capture._ringc", ["capture/_ringc.c"], optional=True,
                              extra_compile_args=["-O2"]),
+                   # the device ring's drain thread and the quiet lock (capture/device_stage.py)
+                   Extension("epreplay.capture._drainc", ["capture/_drainc.c"], optional=True,
+                             extra_compile_args=["-O2"], libraries=["pthread"]),
                    # the index's routing aggregation (index/shard.py _chunk; numpy where not built)
                    Extension("epreplay.index._indexc", ["epreplay/index/_indexc.c"], optional=True,
                              extra_compile_args=["-O2"]),

@@ -38,6 +38,7 @@
 #include <unordered_map>
 #include <vector>
 
+#include "_drain.h"
 #include "_hosthash.h"
 #if defined(__x86_64__) || defined(_M_X64)
 #include <immintrin.h>
@@ -223,6 +224,11 @@ struct Session {
   Py_buffer dstate_v, capt_v;
   int64_t *dstate, *capturing;
   std::vector<c10::Stream> *streams;
+  // the native drain (_drainc.Drainer, held) and its streams table: a call notes its stream and
+  // advances D's head there (_drain.h) instead of in `streams` and dstate[0]
+  PyObject *drainer;
+  epr_streams *tbl;
+  bool state5;  // the state buffer has its 5th word (frames written, for the native drain)
   // The raw gather launch (gather_kernel.py; set_gather): the kernel's CUfunction, the driver's
   // cuLaunchKernel, a Python callable giving the current cudaStream_t, that answer cached per
   // stream id
@@ -848,6 +854,7 @@ bool write_fast(Session *s, const Plan &p, const InFlight &f, int64_t tokens, in
   }
   ring_fence();
   if (!s->state[2]) s->words[W_HEAD] = s->state[0];  // publish: one 8-byte store after the bytes
+  else if (s->state5) __atomic_store_n(&s->state[4], s->state[0], __ATOMIC_RELEASE);  // written
   s->stats[3] += 1;
   return true;
 }
@@ -880,6 +887,7 @@ using LaunchFn = int (*)(void *f, unsigned gx, unsigned gy, unsigned gz, unsigne
 bool stream_handle(Session *s, const c10::Stream &st, void **out) {
   for (const auto &kv : *s->shandles)
     if (kv.first == st.id()) return *out = kv.second, true;
+  if (!s->stream_of) return false;
   PyObject *h = PyObject_CallNoArgs(s->stream_of);
   if (!h) return PyErr_Clear(), false;
   void *p = PyLong_AsVoidPtr(h);
@@ -1019,6 +1027,10 @@ int64_t gather(Session *s, const std::vector<Out> &ts, HashJob *jobs, int nh) {
   }
   int64_t start = head + pad;
   c10::Stream st = c10::impl::getDeviceGuardImpl(c10::DeviceType::CUDA)->getStream(s->D->device());
+  void *handle = nullptr;  // with the native drain: the stream it must wait on, noted before
+  if (s->tbl && (c10::impl::getDeviceGuardImpl(c10::DeviceType::CUDA)->getDevice() != s->D->device() ||
+                 !stream_handle(s, st, &handle) || !epr_room(s->tbl, uintptr_t(handle))))
+    return -2;  // the Python hook records it (and drops it where the table is full)
   PROF(8);
   uint64_t dst = uint64_t(reinterpret_cast<uintptr_t>(s->D->data_ptr())) + uint64_t(start % cap);
   int64_t t0 = now_ns(CLOCK_MONOTONIC);
@@ -1035,6 +1047,10 @@ int64_t gather(Session *s, const std::vector<Out> &ts, HashJob *jobs, int nh) {
     s->glaunches[1]++;
   }
   s->glaunches[2] += now_ns(CLOCK_MONOTONIC) - t0;
+  if (s->tbl) {  // after the launch: the drain may copy up to here from now on
+    epr_advance(s->tbl, uintptr_t(handle), start + total);
+    return start;
+  }
   s->dstate[0] = start + total;
   bool seen = false;
   for (const auto &x : *s->streams) seen = seen || x == st;
@@ -1343,7 +1359,7 @@ PyObject *hook_call(PyObject *self, PyObject *const *args, size_t nargsf, PyObje
     } catch (const std::exception &) {  // a torch error: Python's path says what it is
       ok = false;
     }
-    ok = ok && dev_start != -2;  // hashed rows the raw launch could not take: Python's
+    ok = ok && dev_start != -2;  // hashed rows the raw launch could not take, no stream handle: Python's
     PROF(6);
   }
   if (ok && p.device && dev_start < 0) {
@@ -1447,6 +1463,9 @@ PyObject *sess_new(PyTypeObject *type, PyObject *args, PyObject *kw) {
   s->streams = new std::vector<c10::Stream>();
   s->gfunc = s->glaunch = s->gfunc_hash = nullptr;
   s->stream_of = nullptr;
+  s->drainer = nullptr;
+  s->tbl = nullptr;
+  s->state5 = s->state_v.len >= 40;
   s->shandles = new std::vector<std::pair<int64_t, void *>>();
   s->glaunches[0] = s->glaunches[1] = s->glaunches[2] = 0;
   return reinterpret_cast<PyObject *>(s);
@@ -1486,6 +1505,7 @@ void sess_dealloc(PyObject *self) {
     delete s->streams;
     delete s->shandles;
     Py_XDECREF(s->stream_of);
+    Py_XDECREF(s->drainer);
     if (s->D) {
       delete s->D;
       PyBuffer_Release(&s->dstate_v);
@@ -1629,16 +1649,39 @@ PyObject *sess_lineage_get(PyObject *self, PyObject *t) {
   return PyLong_FromLongLong(lineage_get(reinterpret_cast<Session *>(self), THPVariable_Unpack(t)));
 }
 
-// set_device(D, dstate, capturing): a GPU session's device ring (uint8 [cap] on the device),
-// its host state array('q', [head, release seen]) and graph_ring's capture count array('q', [n]).
+// set_device(D, dstate, capturing[, drainer, stream_of]): a GPU session's device ring (uint8
+// [cap] on the device), its host state array('q', [head, release seen]) and graph_ring's capture
+// count array('q', [n]); with the native drain (_drainc.Drainer, None: the Python drain) a
+// callable giving the current cudaStream_t (the streams it notes are raw handles).
 PyObject *sess_set_device(PyObject *self, PyObject *args) {
   Session *s = reinterpret_cast<Session *>(self);
-  PyObject *D, *dstate, *capt;
-  if (!PyArg_ParseTuple(args, "OOO", &D, &dstate, &capt)) return nullptr;
+  PyObject *D, *dstate, *capt, *drainer = Py_None, *stream_of = Py_None;
+  if (!PyArg_ParseTuple(args, "OOO|OO", &D, &dstate, &capt, &drainer, &stream_of)) return nullptr;
   if (s->D) Py_RETURN_NONE;  // once a session
   if (!THPVariable_Check(D)) {
     PyErr_SetString(PyExc_TypeError, "set_device: D must be a tensor");
     return nullptr;
+  }
+  if (drainer != Py_None) {
+    if (!PyCallable_Check(stream_of)) {
+      PyErr_SetString(PyExc_TypeError, "set_device: a drainer needs stream_of, a callable");
+      return nullptr;
+    }
+    PyObject *addr = PyObject_CallMethod(drainer, "table", nullptr);
+    if (!addr) return nullptr;
+    void *tbl = PyLong_AsVoidPtr(addr);
+    Py_DECREF(addr);
+    if (!tbl) {
+      if (!PyErr_Occurred()) PyErr_SetString(PyExc_ValueError, "set_device: the drainer has no table");
+      return nullptr;
+    }
+    s->tbl = static_cast<epr_streams *>(tbl);
+    Py_INCREF(drainer);
+    Py_XSETREF(s->drainer, drainer);
+    if (!s->stream_of) {
+      Py_INCREF(stream_of);
+      s->stream_of = stream_of;
+    }
   }
   if (PyObject_GetBuffer(dstate, &s->dstate_v, PyBUF_WRITABLE) < 0) return nullptr;
   if (PyObject_GetBuffer(capt, &s->capt_v, PyBUF_WRITABLE) < 0) {

@@ -9,7 +9,8 @@
  * everything this does not handle returns None and the Python path writes the frame.
  *
  * write(state, base, words, cap, kind, call_id, head, arrays, values, dev_specs, dtypes)
- *   state     writable buffer of 3 uint64: producer head, tail as last seen, deferred (0/1)
+ *   state     writable buffer of 3-5 uint64: producer head, tail as last seen, deferred (0/1),
+ *             busy, frames written (deferred rings: shm_ring.ShmRing.state)
  *   base      address of the ring's data area; words: address of its header words
  *   arrays    [(name, host tensor, tag)]; values [(name, value)]; dev_specs list or None
  *   dtypes    {torch dtype: (numpy dtype str, logical name or None)}
@@ -191,6 +192,8 @@ static PyObject *ring_write(PyObject *self, PyObject *args) {
         }
         if (!state[2]) /* not deferred: publish (x86-64 keeps this store behind the data) */
             words[W_HEAD] = state[0];
+        else if (sb.len >= 40) /* deferred: written, for the native drain (_drainc.c) to publish */
+            __atomic_store_n(&state[4], state[0], __ATOMIC_RELEASE);
         result = Py_True;
         Py_INCREF(result);
         goto done;

@@ -15,7 +15,9 @@ makes its side stream wait on them, copies D's new bytes into the ring's device 
 (host memory registered with CUDA, so the copy is one async DMA, two where it wraps), waits for
 that copy, then publishes the frames. One copy and one event per batch. The events, copies and
 the wait are one C call holding no GIL (_ringc.drain, driver calls): through torch they held the
-job's GIL ~100+ us a batch. The writer process reads the bytes from the mirror; D and the mirror share offsets, so
+job's GIL ~100+ us a batch. The drain itself is a native thread where _drainc is built
+(_drainc.c): its bookkeeping in Python took the job's GIL 46-80 us a batch on an H200 host; in C
+it takes none. The writer process reads the bytes from the mirror; D and the mirror share offsets, so
 the writer's release of mirror bytes (word W_DTAIL) frees D's bytes too.
 
 A call whose outputs come from DeepEP's comm stream (async_finish=True) is gathered on the side
@@ -63,22 +65,42 @@ def _drain_period() -> float:
     return DRAIN_S
 
 
-def _native_drain() -> tuple | None:
-    """(_ringc.drain, the driver functions it calls) or None (not built, no driver, or
-    EPREPLAY_CAPTURE_NATIVE_DRAIN=0): then the drain runs through torch, holding the GIL."""
+DRIVER_FNS = ("cuEventRecord", "cuStreamWaitEvent", "cuMemcpyDtoHAsync_v2", "cuEventSynchronize",
+              "cuCtxSetCurrent", "cuCtxGetCurrent")
+
+
+def _native_drain() -> tuple[str, tuple] | tuple[None, None]:
+    """How the drain runs, and the driver functions it calls:
+    ("thread", fns) a native thread (_drainc.Drainer; no GIL at all), ("call", fns) a Python thread
+    whose driver calls are one C call without the GIL (_ringc.drain), (None, None) through torch,
+    holding the GIL. EPREPLAY_CAPTURE_NATIVE_DRAIN=call / =0 choose the last two (comparisons);
+    each falls back to the next where its module or the driver is missing."""
     from epreplay.capture.fast_plan import env_off
 
+    choice = os.environ.get("EPREPLAY_CAPTURE_NATIVE_DRAIN", "1").strip().lower()
     if env_off("EPREPLAY_CAPTURE_NATIVE_DRAIN"):
-        return None
+        return None, None
     try:
-        from epreplay.capture._ringc import drain
-
         lib = ctypes.CDLL("libcuda.so.1")
-        fns = tuple(ctypes.cast(getattr(lib, n), ctypes.c_void_p).value for n in
-                    ("cuEventRecord", "cuStreamWaitEvent", "cuMemcpyDtoHAsync_v2", "cuEventSynchronize"))
-    except (ImportError, OSError, AttributeError):
-        return None
-    return (drain, fns) if all(fns) else None
+        fns = tuple(ctypes.cast(getattr(lib, n), ctypes.c_void_p).value for n in DRIVER_FNS)
+    except (OSError, AttributeError):
+        return None, None
+    if not all(fns):
+        return None, None
+    try:
+        if choice != "call":
+            from epreplay.capture import _drainc  # noqa: F401
+            from epreplay.capture.graph_ring import QUIET
+
+            if isinstance(QUIET, _drainc.Lock):  # the thread and the graph wrapper share it
+                return "thread", fns
+    except ImportError:
+        pass
+    try:
+        from epreplay.capture._ringc import drain  # noqa: F401
+    except ImportError:
+        return None, None
+    return "call", fns
 
 
 class DeviceStage:
@@ -107,21 +129,65 @@ class DeviceStage:
         self.done = torch.cuda.Event(blocking=True)
         self.mirror = self._mirror()
         self._w_dtail = ctypes.c_uint64.from_buffer(ring.mm, W_DTAIL * 8)
-        self.failed: str | None = None
+        self._failed: str | None = None
         self.batches = 0  # drains that copied something
         self.drain_cpu_ns = 0  # the drain thread's CPU time
         self.drain_free_ns = 0  # ... of which in _ringc.drain, holding no GIL
         self.period = _drain_period()
-        self._native = _native_drain()
-        if self._native is not None:  # raw handles for _ringc.drain (torch makes events lazily)
+        self.mode, fns = _native_drain()
+        self._native = None
+        self.drainer: Any = None  # _drainc.Drainer (mode "thread")
+        if self.mode is not None:  # raw handles for the driver calls (torch makes events lazily)
             self.ev.record(self.side)
             self.done.record(self.side)
             self._side_h, self._ev_h = self.side.cuda_stream, self.ev.cuda_event
             self._done_h = self.done.cuda_event
             self._mirror_ptr, self._d_ptr = self.mirror.data_ptr(), self.D.data_ptr()
+        if self.mode == "thread":
+            self.drainer = self._start_drainer(fns, device)
+            return
+        if self.mode == "call":
+            from epreplay.capture._ringc import drain
+
+            self._native = (drain, fns[:4])
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="epreplay-device-drain", daemon=True)
         self._thread.start()
+
+    def _start_drainer(self, fns: tuple, device: torch.device) -> Any:
+        """The native drain thread (_drainc.c) over this ring, in D's context."""
+        from epreplay.capture._drainc import Drainer
+        from epreplay.capture.graph_ring import QUIET
+
+        ctx = ctypes.c_void_p()
+        with torch.cuda.device(device):
+            torch.cuda.current_stream(device).query()  # the context exists and is current here
+            rc = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p)(fns[5])(ctypes.byref(ctx))
+        if rc or not ctx.value:
+            raise RuntimeError(f"cuCtxGetCurrent failed ({rc}): the device drain has no context")
+        return Drainer(fns[:5], ctx.value, self._side_h, self._done_h, self._ev_h, self.ring.mm,
+                       HEADER + self.ring.capacity, self._d_ptr, self.capacity, self.ring.state,
+                       self.dstate, QUIET, self.period)
+
+    @property
+    def failed(self) -> str | None:
+        """Why the drain stopped (capture is then turned off), or None."""
+        if self._failed is None and self.drainer is not None:
+            rc = self.drainer.info()[2]
+            if rc:
+                self._failed = f"device drain: CUDA driver error {rc}"
+        return self._failed
+
+    @failed.setter
+    def failed(self, value: str | None) -> None:
+        self._failed = value
+
+    def facts(self) -> list:
+        """[batches, drain CPU us, of it holding the GIL us] (recorder_control's "drain")."""
+        if self.drainer is not None:
+            batches, cpu_ns, _, _ = self.drainer.info()
+            return [batches, cpu_ns / 1e3, 0.0]  # a native thread never holds the GIL
+        return [self.batches, self.drain_cpu_ns / 1e3, (self.drain_cpu_ns - self.drain_free_ns) / 1e3]
 
     @property
     def head(self) -> int:
@@ -174,8 +240,10 @@ class DeviceStage:
             self._dtail_seen = self._w_dtail.value  # re-read the writer's release only when full
             if total > cap or head + pad + total - self._dtail_seen > cap:
                 return None
+        handle = (self._side_h if after is not None else stream.cuda_stream) if self.drainer else 0
+        if self.drainer is not None and not self.drainer.room(handle):
+            return None  # 32 streams since the last batch: dropped, counted
         start = head + pad
-        self.head = start + total
         o = start % cap
         dst = self.D[o:o + total]
         if after is None:
@@ -189,7 +257,11 @@ class DeviceStage:
             for p in pieces:
                 p.record_stream(self.side)
             stream = self.side
-        self.streams[id(stream)] = stream
+        if self.drainer is not None:  # after the launch: the native drain may copy up to it now
+            self.drainer.advance(handle, start + total)
+        else:
+            self.head = start + total
+            self.streams[id(stream)] = stream
         for s in specs:
             s[6] += start
         return [tuple(s) for s in specs]
@@ -297,10 +369,15 @@ class DeviceStage:
 
     def stop(self) -> None:
         """Final drain (everything gathered so far reaches the ring), then unregister."""
-        self._stop.set()
-        self._thread.join(5.0)
-        if self.failed is None:
-            self.drain_once()
+        if self.drainer is not None:
+            rc = self.drainer.stop()  # its last batch, then it ends
+            if rc and self._failed is None:
+                self._failed = f"device drain: CUDA driver error {rc}"
+        else:
+            self._stop.set()
+            self._thread.join(5.0)
+            if self.failed is None:
+                self.drain_once()
         try:
             torch.cuda.cudart().cudaHostUnregister(ctypes.c_void_p(self._registered).value)
         except Exception:  # noqa: BLE001

@@ -342,7 +342,9 @@ def learn(fs: FastSession, call: Any, args: dict[str, Any], result: Any, st: Any
             return
         from epreplay.capture.graph_ring import CAPTURING
 
-        fs.session.set_device(dev.D, dev.dstate, CAPTURING)
+        from epreplay.capture.gather_kernel import current_stream_handle
+
+        fs.session.set_device(dev.D, dev.dstate, CAPTURING, dev.drainer, current_stream_handle)
         if not fs.gather_tried:
             fs.gather_tried = True
             fs.hash_launch = _raw_gather(fs, dev.D.device)

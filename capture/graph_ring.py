@@ -50,7 +50,17 @@ MAX_SITES = 512
 # threads make their CUDA calls under QUIET, and CUDAGraph.capture_begin/capture_end are wrapped
 # to hold QUIET for the whole capture: our threads wait (records queue up or are dropped and
 # counted), the job's capture never sees them. Patched once per process, on the first CUDA call.
-QUIET = threading.Lock()
+# A _drainc.Lock where built (the same interface): the native device drain thread takes it too.
+def _quiet_lock() -> Any:
+    try:
+        from epreplay.capture._drainc import Lock
+
+        return Lock()
+    except ImportError:
+        return threading.Lock()
+
+
+QUIET = _quiet_lock()
 CAPTURING = array.array("q", [0])  # graphs being captured now (read by the compiled hook, _hookx.cpp)
 _patched_graph = False
 _ARENAS: "weakref.WeakSet[Arena]" = weakref.WeakSet()  # reserved before each capture begins

@@ -184,7 +184,13 @@ class RingPath:
         with self._write_lock:
             specs = None
             if st.dev:
-                specs = self._gather(st)
+                # busy from the reservation in D to the frame: a compiled hook on another thread
+                # hands its call to this path (and waits for the lock) instead of reserving too
+                self.ring.state[3] += 1
+                try:
+                    specs = self._gather(st)
+                finally:
+                    self.ring.state[3] -= 1
                 if specs is None:  # the device ring is full: drop and count
                     self.ring.count_drop()
                     rec.dropped += 1

@@ -78,16 +78,17 @@ class ShmRing:
         self._w_tail = ctypes.c_uint64.from_buffer(self.mm, W_TAIL * 8)
         # The producer's own state (not shared): [head reserved, tail as last read (re-read only
         # when the ring looks full), deferred, busy (a Python writer is between reserve and
-        # publish: the compiled hook hands its frame to Python then)]; a buffer, so the C frame
-        # writers update it too.
-        self.state = array.array("Q", [0, 0, 0, 0])
+        # publish: the compiled hook hands its frame to Python then), frames written (a deferred
+        # ring's head of whole frames: what the native device drain publishes)]; a buffer, so
+        # the C frame writers and the drain thread use it too.
+        self.state = array.array("Q", [0, 0, 0, 0, 0])
         # The data area's address, for ctypes.memmove from a tensor's data pointer (the hot path)
         self.base = ctypes.addressof(ctypes.c_char.from_buffer(self.mm)) + HEADER
         self.view = memoryview(self.mm)
         self.dev_view = self.view[HEADER + self.capacity:HEADER + self.capacity + self.dev_capacity]
         self.plan_capacity = int(self.words[W_PCAP])
         self.plan_at = HEADER + self.capacity + self.dev_capacity
-        self.state[0] = int(self.words[W_HEAD])
+        self.state[0] = self.state[4] = int(self.words[W_HEAD])
         self.state[1] = int(self.words[W_TAIL])
         self.words_addr = ctypes.addressof(ctypes.c_char.from_buffer(self.mm))
 
@@ -174,9 +175,12 @@ class ShmRing:
 
     def publish(self) -> None:
         """Make every frame reserved so far visible to the consumer (one 8-byte store); in a
-        deferred ring (GPU session) the device drain does it (publish_upto)."""
+        deferred ring (GPU session) the device drain does it (publish_upto) once their device
+        bytes are here: the frames are only marked written (state[4])."""
         if not self.state[2]:
             self._w_head.value = self.state[0]
+        else:
+            self.state[4] = self.state[0]
 
     def publish_upto(self, head: int) -> None:
         self._w_head.value = head
