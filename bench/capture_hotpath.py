@@ -22,8 +22,9 @@ prints:
   launch us       (GPU) host time of one gather launch inside the compiled hook (part of hook us)
   drain us/call   (GPU) CPU time of the device drain thread per call (its wait for the copy
                   sleeps and is not counted)
-  drain GIL us    (GPU) the part of it that holds the GIL (the rest is _ringc.drain's driver
-                  calls, which release it): what the drain can take from the job's thread
+  drain GIL us    (GPU) the part of it that holds the GIL: what the drain can take from the
+                  job's thread (0 with the native drain thread, _drainc.c; compiled-pydrain: the
+                  Python thread whose driver calls, one C call, release it)
   kernel us/call  (GPU) device time of the kernels in a step with capture - off, per hooked call
                   (torch.profiler over 5 steps; the "off" row gives the step's total): the job's
                   stream
@@ -92,16 +93,19 @@ def _device_work(step, steps: int = 5) -> tuple[float, float, float, float]:
 
 
 # Bench-only variants of the compiled hook on a GPU: the environment switch each one sets.
-VARIANTS = {"compiled-cat": "EPREPLAY_CAPTURE_RAW_GATHER",  # at::cat_out instead of the raw launch
-            "compiled-torchdrain": "EPREPLAY_CAPTURE_NATIVE_DRAIN"}  # the drain through torch (GIL held)
+VARIANTS = {"compiled-cat": ("EPREPLAY_CAPTURE_RAW_GATHER", "0"),  # at::cat_out, not the raw launch
+            # the drain a Python thread whose driver calls are one C call (the design before _drainc)
+            "compiled-pydrain": ("EPREPLAY_CAPTURE_NATIVE_DRAIN", "call"),
+            "compiled-torchdrain": ("EPREPLAY_CAPTURE_NATIVE_DRAIN", "0")}  # through torch (GIL held)
 
 
 def _hot_path(name: str) -> str:
-    """The config's hot path for a bench mode (VARIANTS: "compiled" with one switch off)."""
-    for var in VARIANTS.values():
+    """The config's hot path for a bench mode (VARIANTS: "compiled" with one switch set)."""
+    for var, _ in VARIANTS.values():
         os.environ.pop(var, None)
     if name in VARIANTS:
-        os.environ[VARIANTS[name]] = "0"
+        var, value = VARIANTS[name]
+        os.environ[var] = value
         return "compiled"
     return name
 
@@ -236,7 +240,8 @@ def main(argv: list[str] | None = None) -> int:
                         "host calls), compiled, ring (the Python hook into the ring), courier (the "
                         "previous design, kept as the reference), compiled-cat (GPU: the compiled "
                         "hook gathering through at::cat_out instead of its raw kernel launch), "
-                        "compiled-torchdrain (GPU: the device ring drained through torch, holding the GIL)")
+                        "compiled-pydrain (GPU: the device ring drained by a Python thread, its driver "
+                        "calls one C call), compiled-torchdrain (GPU: drained through torch, holding the GIL)")
     a = p.parse_args(argv)
     if a.device == "cuda":
         import torch

@@ -228,6 +228,10 @@ struct Session {
   // advances D's head there (_drain.h) instead of in `streams` and dstate[0]
   PyObject *drainer;
   epr_streams *tbl;
+  // D's CUcontext and the driver's cuCtxGetCurrent (0: compare devices through c10 instead): is
+  // the calling thread in D's context, where the gather kernel lives? A driver TLS read, where
+  // c10's getDevice() (cudaGetDevice) costs 0.6-1.1 us a call on an H100 host
+  void *dctx, *ctx_get;
   bool state5;  // the state buffer has its 5th word (frames written, for the native drain)
   // The raw gather launch (gather_kernel.py; set_gather): the kernel's CUfunction, the driver's
   // cuLaunchKernel, a Python callable giving the current cudaStream_t, that answer cached per
@@ -962,11 +966,9 @@ bool hash_job(const ArraySpec &a, const at::Tensor &x, PyObject *const *slots, P
 // not apply; a failed launch turns the raw path off for the session (at::cat_out then says what
 // is wrong; hashed calls go back to the Python hook).
 bool raw_gather(Session *s, const std::vector<Out> &ts, HashJob *jobs, int nh, uint64_t dst, int64_t total,
-                const c10::Stream &st) {
+                const c10::Stream &st, bool in_d) {
   void *func = nh ? s->gfunc_hash : s->gfunc;
-  if (!func || ts.size() > kMaxSegs) return false;
-  auto *impl = c10::impl::getDeviceGuardImpl(c10::DeviceType::CUDA);
-  if (impl->getDevice() != s->D->device()) return false;  // the kernel lives in D's context
+  if (!func || ts.size() > kMaxSegs || !in_d) return false;  // the kernel lives in D's context
   PROF(9);
   void *stream;
   if (!stream_handle(s, st, &stream)) return false;
@@ -1011,6 +1013,15 @@ bool raw_gather(Session *s, const std::vector<Out> &ts, HashJob *jobs, int nh, u
   return true;
 }
 
+// Whether the calling thread is in D's context (its device current): see Session::dctx.
+bool in_d_context(Session *s) {
+  if (s->ctx_get) {
+    void *ctx = nullptr;
+    return reinterpret_cast<int (*)(void **)>(s->ctx_get)(&ctx) == 0 && ctx == s->dctx;
+  }
+  return c10::impl::getDeviceGuardImpl(c10::DeviceType::CUDA)->getDevice() == s->D->device();
+}
+
 // One launch: the call's CUDA arrays' bytes (and fingerprinted rows) into the next free bytes
 // of D, on the current stream (device_stage.DeviceStage.gather, same reservation rules); their
 // absolute position, -1 when D is full (dropped and counted), -2 when hashed rows could not be
@@ -1027,14 +1038,14 @@ int64_t gather(Session *s, const std::vector<Out> &ts, HashJob *jobs, int nh) {
   }
   int64_t start = head + pad;
   c10::Stream st = c10::impl::getDeviceGuardImpl(c10::DeviceType::CUDA)->getStream(s->D->device());
+  bool in_d = in_d_context(s);
   void *handle = nullptr;  // with the native drain: the stream it must wait on, noted before
-  if (s->tbl && (c10::impl::getDeviceGuardImpl(c10::DeviceType::CUDA)->getDevice() != s->D->device() ||
-                 !stream_handle(s, st, &handle) || !epr_room(s->tbl, uintptr_t(handle))))
+  if (s->tbl && (!in_d || !stream_handle(s, st, &handle) || !epr_room(s->tbl, uintptr_t(handle))))
     return -2;  // the Python hook records it (and drops it where the table is full)
   PROF(8);
   uint64_t dst = uint64_t(reinterpret_cast<uintptr_t>(s->D->data_ptr())) + uint64_t(start % cap);
   int64_t t0 = now_ns(CLOCK_MONOTONIC);
-  if (raw_gather(s, ts, jobs, nh, dst, total, st)) {
+  if (raw_gather(s, ts, jobs, nh, dst, total, st, in_d)) {
     s->glaunches[0]++;
   } else if (nh) {
     return -2;
@@ -1465,6 +1476,7 @@ PyObject *sess_new(PyTypeObject *type, PyObject *args, PyObject *kw) {
   s->stream_of = nullptr;
   s->drainer = nullptr;
   s->tbl = nullptr;
+  s->dctx = s->ctx_get = nullptr;
   s->state5 = s->state_v.len >= 40;
   s->shandles = new std::vector<std::pair<int64_t, void *>>();
   s->glaunches[0] = s->glaunches[1] = s->glaunches[2] = 0;
@@ -1649,15 +1661,22 @@ PyObject *sess_lineage_get(PyObject *self, PyObject *t) {
   return PyLong_FromLongLong(lineage_get(reinterpret_cast<Session *>(self), THPVariable_Unpack(t)));
 }
 
-// set_device(D, dstate, capturing[, drainer, stream_of]): a GPU session's device ring (uint8
-// [cap] on the device), its host state array('q', [head, release seen]) and graph_ring's capture
-// count array('q', [n]); with the native drain (_drainc.Drainer, None: the Python drain) a
-// callable giving the current cudaStream_t (the streams it notes are raw handles).
+// set_device(D, dstate, capturing[, drainer, stream_of, ctx, ctx_get]): a GPU session's device
+// ring (uint8 [cap] on the device), its host state array('q', [head, release seen]) and
+// graph_ring's capture count array('q', [n]); with the native drain (_drainc.Drainer, None: the
+// Python drain) a callable giving the current cudaStream_t (the streams it notes are raw
+// handles); D's CUcontext and cuCtxGetCurrent's address (0: the device check goes through c10).
 PyObject *sess_set_device(PyObject *self, PyObject *args) {
   Session *s = reinterpret_cast<Session *>(self);
   PyObject *D, *dstate, *capt, *drainer = Py_None, *stream_of = Py_None;
-  if (!PyArg_ParseTuple(args, "OOO|OO", &D, &dstate, &capt, &drainer, &stream_of)) return nullptr;
+  unsigned long long ctx = 0, ctx_get = 0;
+  if (!PyArg_ParseTuple(args, "OOO|OOKK", &D, &dstate, &capt, &drainer, &stream_of, &ctx, &ctx_get))
+    return nullptr;
   if (s->D) Py_RETURN_NONE;  // once a session
+  if (ctx && ctx_get) {
+    s->dctx = reinterpret_cast<void *>(uintptr_t(ctx));
+    s->ctx_get = reinterpret_cast<void *>(uintptr_t(ctx_get));
+  }
   if (!THPVariable_Check(D)) {
     PyErr_SetString(PyExc_TypeError, "set_device: D must be a tensor");
     return nullptr;

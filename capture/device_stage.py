@@ -103,6 +103,17 @@ def _native_drain() -> tuple[str, tuple] | tuple[None, None]:
     return "call", fns
 
 
+def _context_of(device: torch.device, ctx_get: int) -> int:
+    """device's CUcontext (torch's primary context there), through cuCtxGetCurrent."""
+    ctx = ctypes.c_void_p()
+    with torch.cuda.device(device):
+        torch.cuda.current_stream(device).query()  # the context exists and is current here
+        rc = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p)(ctx_get)(ctypes.byref(ctx))
+    if rc or not ctx.value:
+        raise RuntimeError(f"cuCtxGetCurrent failed ({rc}): no CUDA context on {device}")
+    return ctx.value
+
+
 class DeviceStage:
     """The device ring D of one capture session and its drain (module docstring)."""
 
@@ -137,14 +148,17 @@ class DeviceStage:
         self.mode, fns = _native_drain()
         self._native = None
         self.drainer: Any = None  # _drainc.Drainer (mode "thread")
+        # (D's CUcontext, cuCtxGetCurrent's address): the compiled hook's device check; (0, 0): none
+        self.context = (0, 0)
         if self.mode is not None:  # raw handles for the driver calls (torch makes events lazily)
             self.ev.record(self.side)
             self.done.record(self.side)
             self._side_h, self._ev_h = self.side.cuda_stream, self.ev.cuda_event
             self._done_h = self.done.cuda_event
             self._mirror_ptr, self._d_ptr = self.mirror.data_ptr(), self.D.data_ptr()
+            self.context = (_context_of(device, fns[5]), fns[5])
         if self.mode == "thread":
-            self.drainer = self._start_drainer(fns, device)
+            self.drainer = self._start_drainer(fns)
             return
         if self.mode == "call":
             from epreplay.capture._ringc import drain
@@ -154,18 +168,12 @@ class DeviceStage:
         self._thread = threading.Thread(target=self._run, name="epreplay-device-drain", daemon=True)
         self._thread.start()
 
-    def _start_drainer(self, fns: tuple, device: torch.device) -> Any:
+    def _start_drainer(self, fns: tuple) -> Any:
         """The native drain thread (_drainc.c) over this ring, in D's context."""
         from epreplay.capture._drainc import Drainer
         from epreplay.capture.graph_ring import QUIET
 
-        ctx = ctypes.c_void_p()
-        with torch.cuda.device(device):
-            torch.cuda.current_stream(device).query()  # the context exists and is current here
-            rc = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p)(fns[5])(ctypes.byref(ctx))
-        if rc or not ctx.value:
-            raise RuntimeError(f"cuCtxGetCurrent failed ({rc}): the device drain has no context")
-        return Drainer(fns[:5], ctx.value, self._side_h, self._done_h, self._ev_h, self.ring.mm,
+        return Drainer(fns[:5], self.context[0], self._side_h, self._done_h, self._ev_h, self.ring.mm,
                        HEADER + self.ring.capacity, self._d_ptr, self.capacity, self.ring.state,
                        self.dstate, QUIET, self.period)
 

@@ -344,7 +344,7 @@ def learn(fs: FastSession, call: Any, args: dict[str, Any], result: Any, st: Any
 
         from epreplay.capture.gather_kernel import current_stream_handle
 
-        fs.session.set_device(dev.D, dev.dstate, CAPTURING, dev.drainer, current_stream_handle)
+        fs.session.set_device(dev.D, dev.dstate, CAPTURING, dev.drainer, current_stream_handle, *dev.context)
         if not fs.gather_tried:
             fs.gather_tried = True
             fs.hash_launch = _raw_gather(fs, dev.D.device)

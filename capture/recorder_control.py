@@ -156,8 +156,7 @@ class Control:
             "gathers": [gi[0], gi[1], gi[3]],
             # GPU: the device drain's batches and CPU time (device_stage.py)
             # [batches, the drain's CPU us, of which holding the GIL]
-            "drain": [dev.batches, dev.drain_cpu_ns / 1e3, (dev.drain_cpu_ns - dev.drain_free_ns) / 1e3]
-            if dev is not None else [0, 0.0, 0.0],
+            "drain": dev.facts() if dev is not None else [0, 0.0, 0.0],
             "setup_us": (self.setup_ns + (self._rp.setup_ns if self._rp is not None else 0)) / 1e3,
             "courier_cpu_us": self.courier_cpu_ns / 1e3,
             "writer_cpu_s": sink.get("cpu_s", 0.0),
