@@ -29,6 +29,7 @@
 #include <semaphore.h>
 #include <stdint.h>
 #include <time.h>
+#include <unistd.h>
 
 #include "_drain.h"
 
@@ -157,6 +158,7 @@ typedef struct {
     pthread_mutex_t wmu;
     pthread_cond_t wcv;
     int started, stopping, finished;
+    pid_t pid;                   /* the process whose thread it is: a forked child has none */
     /* results (written by the thread; read under wmu or after the join) */
     int64_t drained, published, batches, cpu_ns;
     int rc;
@@ -303,13 +305,17 @@ static int drainer_init(Drainer *d, PyObject *args, PyObject *kw) {
         return -1;
     }
     d->started = 1;
+    d->pid = getpid();
     return 0;
 }
+
+/* In a forked child the thread is not there (nor its driver state): nothing to stop or join. */
+static int ours(Drainer *d) { return d->started && d->pid == getpid(); }
 
 /* stop(): the final batch (everything gathered so far reaches the ring), then the thread ends;
  * waits without the GIL. Returns rc (0, or the CUresult that ended it). Idempotent. */
 static PyObject *drainer_stop(Drainer *d, PyObject *unused) {
-    if (d->started) {
+    if (ours(d)) {
         Py_BEGIN_ALLOW_THREADS
         pthread_mutex_lock(&d->wmu);
         d->stopping = 1;
@@ -323,7 +329,7 @@ static PyObject *drainer_stop(Drainer *d, PyObject *unused) {
 }
 
 static void drainer_dealloc(Drainer *d) {
-    if (d->started) {
+    if (ours(d)) {
         pthread_mutex_lock(&d->wmu);
         d->stopping = 1;
         pthread_cond_signal(&d->wcv);

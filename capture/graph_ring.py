@@ -24,6 +24,7 @@ graph the same number of times) and a replayer orders them dispatch-before-combi
 from __future__ import annotations
 
 import array
+import os
 import threading
 import weakref
 from dataclasses import dataclass, field
@@ -61,6 +62,16 @@ def _quiet_lock() -> Any:
 
 
 QUIET = _quiet_lock()
+
+
+def _quiet_after_fork() -> None:
+    """A forked child starts with QUIET free: a parent's drain thread may have held it at the
+    fork, and that thread is not in the child to let it go."""
+    global QUIET
+    QUIET = _quiet_lock()
+
+
+os.register_at_fork(after_in_child=_quiet_after_fork)
 CAPTURING = array.array("q", [0])  # graphs being captured now (read by the compiled hook, _hookx.cpp)
 _patched_graph = False
 _ARENAS: "weakref.WeakSet[Arena]" = weakref.WeakSet()  # reserved before each capture begins

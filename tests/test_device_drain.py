@@ -215,3 +215,37 @@ def test_the_quiet_lock_is_a_lock() -> None:
     assert not lock.locked()
     with pytest.raises(TypeError):
         _drainc.Drainer((0, 0, 0, 0, 0), 0, 0, 0, 0, b"", 0, 0, 1, b"", b"", threading.Lock(), 1.0)
+
+
+def test_a_forked_child_neither_waits_for_the_parents_drain_nor_inherits_a_held_quiet_lock(stage: Stage) -> None:
+    import os
+
+    from epreplay.capture import graph_ring
+
+    stage.gather(0xA, b"f" * 32)
+    assert graph_ring.QUIET.acquire(timeout=2)  # as a drain batch or a graph capture would hold it
+    try:
+        pid = os.fork()
+        if pid == 0:  # the child: no drain thread here; stopping or freeing must not wait for one
+            code = 0
+            try:
+                code |= 1 if stage.drainer.stop() != 0 else 0
+                stage.drainer = None  # dealloc: no join of a thread this process does not have
+                code |= 2 if graph_ring.QUIET.locked() else 0
+            except BaseException:  # noqa: BLE001
+                code |= 4
+            os._exit(code)
+        deadline = time.monotonic() + 10
+        while True:
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                break
+            if time.monotonic() > deadline:
+                os.kill(pid, 9)
+                pytest.fail("the forked child hung stopping its parent's drain")
+            time.sleep(0.01)
+        assert os.waitstatus_to_exitcode(status) == 0
+    finally:
+        graph_ring.QUIET.release()
+    stage.wait_batches(1)  # the parent's thread goes on
+    assert stage.published() == stage.ring.state[0]
