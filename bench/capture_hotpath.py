@@ -54,11 +54,15 @@ SHAPES = {
     "decode": dict(tokens=128, hidden=512, experts=32, topk=8, ll=False),
     "decode-ll": dict(tokens=128, hidden=512, experts=32, topk=8, ll=True),
     "prefill": dict(tokens=4096, hidden=512, experts=32, topk=8, ll=False),
+    # (not in the default list) decode's calls with async_finish=True, waiting on the events
+    "decode-async": dict(tokens=128, hidden=512, experts=32, topk=8, ll=False, async_finish=True),
 }
+DEFAULT_SHAPES = "decode,decode-ll,prefill"
 GPU_SHAPES = {  # DeepEP's benchmark shapes
     "decode": dict(tokens=128, hidden=7168, experts=256, topk=8, ll=False),
     "decode-ll": dict(tokens=128, hidden=7168, experts=256, topk=8, ll=True),
     "prefill": dict(tokens=4096, hidden=7168, experts=256, topk=8, ll=False),
+    "decode-async": dict(tokens=128, hidden=7168, experts=256, topk=8, ll=False, async_finish=True),
 }
 LEVELS = ["counts", "routing", "fingerprints"]
 
@@ -127,6 +131,7 @@ def _rank(ctx, args: dict, root: str) -> dict:
     for name in args["shapes"]:
         spec = dict(shapes[name])
         ll = spec.pop("ll")
+        async_finish = spec.pop("async_finish", False)
         shape = epbench.Shape(**spec)
         buffer = epbench.make_buffer(emulate, group, shape, low_latency=ll)
         inp = epbench.make_inputs(shape, rank=ctx.rank, step=0, device=ctx.device)
@@ -134,7 +139,7 @@ def _rank(ctx, args: dict, root: str) -> dict:
         if ll:
             step = lambda: epbench.ll_step(buffer, inp, shape.experts, shape.tokens)  # noqa: E731
         else:
-            step = lambda: epbench.normal_step(buffer, inp, shape.experts)  # noqa: E731
+            step = lambda: epbench.normal_step(buffer, inp, shape.experts, async_finish=async_finish)  # noqa: E731
         if cuda and args["sync"]:  # an idle GPU at every step: no launch queue to wait behind
             inner = step
             step = lambda: (inner(), torch.cuda.synchronize())  # noqa: E731
@@ -227,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=7, help="interleaved rounds (the minimum counts)")
     p.add_argument("--iters", type=int, default=40, help="steps per round and mode (decode shapes; "
                                                          "prefill runs 1/8 of them)")
-    p.add_argument("--shapes", default=",".join(SHAPES), help="comma-separated: " + ", ".join(SHAPES))
+    p.add_argument("--shapes", default=DEFAULT_SHAPES, help="comma-separated: " + ", ".join(SHAPES))
     p.add_argument("--levels", default=",".join(LEVELS), help="comma-separated capture levels")
     p.add_argument("--writer", choices=["process", "thread"], default="process")
     p.add_argument("--torch-threads", type=int, default=0,

@@ -158,6 +158,7 @@ struct Plan {
   int64_t tokens = 0;
   int arg_dims = 0;        // dims of the argument tensors (the frame carries them: descriptions)
   bool device = false;     // CUDA arrays: one gather launch into the device ring (device_stage.py)
+  Src after;               // async_finish: the EventOverlap the outputs are ready after (a GPU plan)
   std::vector<ArraySpec> arrays;
   std::vector<Src> values;  // int lists
   int total_dims = 0;
@@ -232,6 +233,12 @@ struct Session {
   // the calling thread in D's context, where the gather kernel lives? A driver TLS read, where
   // c10's getDevice() (cudaGetDevice) costs 0.6-1.1 us a call on an H100 host
   void *dctx, *ctx_get;
+  // async_finish outputs (a plan with `after`): gathered on device_stage's side stream once it
+  // waited for the job's stream (an event of our own) and for DeepEP's event, as the Python
+  // hook's gather does; the side stream as c10 and raw handle, and the driver's cuEventRecord
+  // and cuStreamWaitEvent
+  c10::Stream *side;
+  void *side_h, *after_ev, *ev_record, *wait_event;
   bool state5;  // the state buffer has its 5th word (frames written, for the native drain)
   // The raw gather launch (gather_kernel.py; set_gather): the kernel's CUfunction, the driver's
   // cuLaunchKernel, a Python callable giving the current cudaStream_t, that answer cached per
@@ -283,7 +290,7 @@ thread_local Pending t_pending;
 thread_local Key t_key;  // the key of the call this thread's hook is looking up
 
 PyObject *s_dict, *s_state, *s_step, *s_layer, *s_pending_tags, *s_epreplay_capture, *s_owner, *s_cnt, *s_id,
-    *s_fast_raised, *s_fast_mismatch;
+    *s_fast_raised, *s_fast_mismatch, *s_current_stream_wait;
 
 // A tensor, by type alone: THPVariable_Check's fallback for anything but an exact Tensor is
 // PyObject_IsInstance (a metaclass __instancecheck__ call, ~0.1 us), paid by every None, int and
@@ -1026,7 +1033,24 @@ bool in_d_context(Session *s) {
 // of D, on the current stream (device_stage.DeviceStage.gather, same reservation rules); their
 // absolute position, -1 when D is full (dropped and counted), -2 when hashed rows could not be
 // launched (the Python hook records the call).
-int64_t gather(Session *s, const std::vector<Out> &ts, HashJob *jobs, int nh) {
+// The side stream made to wait for the job's stream (job_h) and for DeepEP's event `after`
+// (its current_stream_wait(), called with the side stream current): device_stage's `_hashed`.
+bool wait_after(Session *s, void *job_h, PyObject *after) {
+  using RecordFn = int (*)(void *, void *);
+  using WaitFn = int (*)(void *, void *, unsigned);
+  if (reinterpret_cast<RecordFn>(s->ev_record)(s->after_ev, job_h) ||
+      reinterpret_cast<WaitFn>(s->wait_event)(s->side_h, s->after_ev, 0))
+    return false;
+  auto *impl = c10::impl::getDeviceGuardImpl(c10::DeviceType::CUDA);
+  c10::Stream prev = impl->exchangeStream(*s->side);
+  PyObject *r = PyObject_CallMethodNoArgs(after, s_current_stream_wait);
+  impl->exchangeStream(prev);
+  if (!r) return PyErr_Clear(), false;
+  Py_DECREF(r);
+  return true;
+}
+
+int64_t gather(Session *s, const std::vector<Out> &ts, HashJob *jobs, int nh, PyObject *after) {
   int64_t total = 0;
   for (const auto &o : ts) total += int64_t(o.nbytes());
   int64_t cap = s->D->numel(), head = s->dstate[0];
@@ -1040,14 +1064,26 @@ int64_t gather(Session *s, const std::vector<Out> &ts, HashJob *jobs, int nh) {
   c10::Stream st = c10::impl::getDeviceGuardImpl(c10::DeviceType::CUDA)->getStream(s->D->device());
   bool in_d = in_d_context(s);
   void *handle = nullptr;  // with the native drain: the stream it must wait on, noted before
-  if (s->tbl && (!in_d || !stream_handle(s, st, &handle) || !epr_room(s->tbl, uintptr_t(handle))))
+  if (after && (!s->tbl || !s->side || !s->gfunc)) return -2;  // async_finish: the raw launch on the side stream
+  if (s->tbl && (!in_d || !stream_handle(s, st, &handle))) return -2;
+  if (after) {
+    if (!epr_room(s->tbl, uintptr_t(s->side_h)) || !wait_after(s, handle, after)) return -2;
+    handle = s->side_h;
+    st = *s->side;
+  } else if (s->tbl && !epr_room(s->tbl, uintptr_t(handle))) {
     return -2;  // the Python hook records it (and drops it where the table is full)
+  }
   PROF(8);
   uint64_t dst = uint64_t(reinterpret_cast<uintptr_t>(s->D->data_ptr())) + uint64_t(start % cap);
   int64_t t0 = now_ns(CLOCK_MONOTONIC);
   if (raw_gather(s, ts, jobs, nh, dst, total, st, in_d)) {
     s->glaunches[0]++;
-  } else if (nh) {
+    if (after) {  // the caching allocator must not hand the sources out again before the side reads them
+      auto *impl = c10::impl::getDeviceGuardImpl(c10::DeviceType::CUDA);
+      for (const auto &o : ts)
+        if (o.hash_part < 0) impl->recordDataPtrOnStream(o.t.storage().data_ptr(), st);
+    }
+  } else if (nh || after) {
     return -2;
   } else {
     std::vector<at::Tensor> pieces;
@@ -1366,7 +1402,8 @@ PyObject *hook_call(PyObject *self, PyObject *const *args, size_t nargsf, PyObje
   PROF(3);
   if (ok && p.device) {
     try {
-      dev_start = gather(s, ts, jobs, nh);
+      PyObject *after = p.after.set() ? resolve(p.after, slots, nslots, result) : nullptr;
+      dev_start = p.after.set() && !after ? -2 : gather(s, ts, jobs, nh, after);
     } catch (const std::exception &) {  // a torch error: Python's path says what it is
       ok = false;
     }
@@ -1477,6 +1514,8 @@ PyObject *sess_new(PyTypeObject *type, PyObject *args, PyObject *kw) {
   s->drainer = nullptr;
   s->tbl = nullptr;
   s->dctx = s->ctx_get = nullptr;
+  s->side = nullptr;
+  s->side_h = s->after_ev = s->ev_record = s->wait_event = nullptr;
   s->state5 = s->state_v.len >= 40;
   s->shandles = new std::vector<std::pair<int64_t, void *>>();
   s->glaunches[0] = s->glaunches[1] = s->glaunches[2] = 0;
@@ -1518,6 +1557,7 @@ void sess_dealloc(PyObject *self) {
     delete s->shandles;
     Py_XDECREF(s->stream_of);
     Py_XDECREF(s->drainer);
+    delete s->side;
     if (s->D) {
       delete s->D;
       PyBuffer_Release(&s->dstate_v);
@@ -1553,11 +1593,11 @@ PyObject *sess_learn(PyObject *self, PyObject *spec) {
     unsigned int id;
     int op, parity, arg_dims, device;
     long long tokens;
-    PyObject *lookup, *remember, *tokens_src, *arrays, *values;
-    if (!PyArg_ParseTuple(spec, "IipOOOLiO!O!p", &id, &op, &parity, &lookup, &remember, &tokens_src, &tokens,
-                          &arg_dims, &PyList_Type, &arrays, &PyList_Type, &values, &device) ||
+    PyObject *lookup, *remember, *tokens_src, *arrays, *values, *after = Py_None;
+    if (!PyArg_ParseTuple(spec, "IipOOOLiO!O!p|O", &id, &op, &parity, &lookup, &remember, &tokens_src, &tokens,
+                          &arg_dims, &PyList_Type, &arrays, &PyList_Type, &values, &device, &after) ||
         !parse_src(lookup, &p->lookup) || !parse_src(remember, &p->remember) ||
-        !parse_src(tokens_src, &p->tokens_src)) {
+        !parse_src(tokens_src, &p->tokens_src) || !parse_src(after, &p->after)) {
       delete p;
       return nullptr;
     }
@@ -1668,11 +1708,24 @@ PyObject *sess_lineage_get(PyObject *self, PyObject *t) {
 // handles); D's CUcontext and cuCtxGetCurrent's address (0: the device check goes through c10).
 PyObject *sess_set_device(PyObject *self, PyObject *args) {
   Session *s = reinterpret_cast<Session *>(self);
-  PyObject *D, *dstate, *capt, *drainer = Py_None, *stream_of = Py_None;
+  PyObject *D, *dstate, *capt, *drainer = Py_None, *stream_of = Py_None, *side = Py_None;
   unsigned long long ctx = 0, ctx_get = 0;
-  if (!PyArg_ParseTuple(args, "OOO|OOKK", &D, &dstate, &capt, &drainer, &stream_of, &ctx, &ctx_get))
+  if (!PyArg_ParseTuple(args, "OOO|OOKKO", &D, &dstate, &capt, &drainer, &stream_of, &ctx, &ctx_get, &side))
     return nullptr;
   if (s->D) Py_RETURN_NONE;  // once a session
+  if (side != Py_None) {  // (stream id, device index, device type, cudaStream_t, CUevent, cuEventRecord, cuStreamWaitEvent)
+    long long sid;
+    int didx, dtype;
+    unsigned long long sh, ev, rec, wait;
+    if (!PyArg_ParseTuple(side, "LiiKKKK", &sid, &didx, &dtype, &sh, &ev, &rec, &wait)) return nullptr;
+    if (sh && ev && rec && wait) {
+      s->side = new c10::Stream(c10::Stream::unpack3(sid, c10::DeviceIndex(didx), c10::DeviceType(dtype)));
+      s->side_h = reinterpret_cast<void *>(uintptr_t(sh));
+      s->after_ev = reinterpret_cast<void *>(uintptr_t(ev));
+      s->ev_record = reinterpret_cast<void *>(uintptr_t(rec));
+      s->wait_event = reinterpret_cast<void *>(uintptr_t(wait));
+    }
+  }
   if (ctx && ctx_get) {
     s->dctx = reinterpret_cast<void *>(uintptr_t(ctx));
     s->ctx_get = reinterpret_cast<void *>(uintptr_t(ctx_get));
@@ -1710,6 +1763,7 @@ PyObject *sess_set_device(PyObject *self, PyObject *args) {
   s->dstate = static_cast<int64_t *>(s->dstate_v.buf);
   s->capturing = static_cast<int64_t *>(s->capt_v.buf);
   s->D = new at::Tensor(THPVariable_Unpack(D));
+  if (s->side) s->shandles->emplace_back(s->side->id(), s->side_h);  // raw_gather's lookup of it
   Py_RETURN_NONE;
 }
 
@@ -1727,6 +1781,7 @@ PyObject *sess_set_gather(PyObject *self, PyObject *args) {
   s->gfunc = reinterpret_cast<void *>(uintptr_t(func));
   s->glaunch = reinterpret_cast<void *>(uintptr_t(launch));
   s->shandles->clear();
+  if (s->side) s->shandles->emplace_back(s->side->id(), s->side_h);  // not the current stream's answer
   Py_RETURN_NONE;
 }
 
@@ -1884,6 +1939,7 @@ PyMODINIT_FUNC PyInit__hookx(void) {
   s_id = PyUnicode_InternFromString("id");
   s_fast_raised = PyUnicode_InternFromString("_fast_raised");
   s_fast_mismatch = PyUnicode_InternFromString("_fast_mismatch");
+  s_current_stream_wait = PyUnicode_InternFromString("current_stream_wait");
   PyObject *m = PyModule_Create(&module_def);
   if (!m) return nullptr;
   Py_INCREF(&HookType);

@@ -146,6 +146,8 @@ class DeviceStage:
         self.drain_free_ns = 0  # ... of which in _ringc.drain, holding no GIL
         self.period = _drain_period()
         self.mode, fns = _native_drain()
+        self._fns = fns
+        self._after_ev: Any = None  # the compiled hook's event for async_finish gathers (side_spec)
         self._native = None
         self.drainer: Any = None  # _drainc.Drainer (mode "thread")
         # (D's CUcontext, cuCtxGetCurrent's address): the compiled hook's device check; (0, 0): none
@@ -176,6 +178,19 @@ class DeviceStage:
         return Drainer(fns[:5], self.context[0], self._side_h, self._done_h, self._ev_h, self.ring.mm,
                        HEADER + self.ring.capacity, self._d_ptr, self.capacity, self.ring.state,
                        self.dstate, QUIET, self.period)
+
+    def side_spec(self) -> tuple | None:
+        """The side stream as the compiled hook gathers async_finish outputs on it (_hookx.cpp
+        wait_after): (stream id, device index, device type, cudaStream_t, an event of the hook's
+        own, cuEventRecord, cuStreamWaitEvent); None without the native drain."""
+        if self.drainer is None:
+            return None
+        if self._after_ev is None:
+            self._after_ev = torch.cuda.Event()
+            self._after_ev.record(self.side)  # torch makes the CUevent lazily
+        side = self.side
+        return (side.stream_id, side.device_index, side.device_type, self._side_h,
+                self._after_ev.cuda_event, self._fns[0], self._fns[1])
 
     @property
     def failed(self) -> str | None:

@@ -76,6 +76,7 @@ class FastSession:
                                      self.stats, int(rec.config.layers_per_step), marks._local)
         hookx.activate(self.session)
         self.gather_tried = False  # the raw gather launch (gather_kernel.py), tried once
+        self.raw_launch = False  # it is there (async_finish outputs need it: on the side stream)
         self.hash_launch = False  # it fingerprints rows too (level fingerprints on a GPU)
         # host rows fingerprinted by the hook (AVX-512 here); EPREPLAY_CAPTURE_HOST_HASH=0: copied
         # into the frame for the writer to hash, as before
@@ -244,13 +245,18 @@ def compile_plan(call: Any, args: dict[str, Any], result: Any, st: Any, meta: di
     from epreplay.capture.ring_frames import words_of
 
     device = bool(st.dev)
-    if device and (st.arrays or st.after_ev is not None or any(tag not in ("a", "hash") for _, _, tag in st.dev)):
-        return None  # async_finish outputs, host and CUDA arrays mixed: Python's
+    if device and (st.arrays or any(tag not in ("a", "hash") for _, _, tag in st.dev)):
+        return None  # host and CUDA arrays mixed: Python's
     staged = st.dev if device else st.arrays  # (on the host an async_finish event orders nothing)
     template = args_template(args, slots)
     if template is None:
         return None
     find = _finder(args, slots, result)
+    after = None  # async_finish on a GPU: the gather waits for this event (on the hook's side stream)
+    if device and st.after_ev is not None:
+        after = find(st.after_ev)
+        if after is None or after[0] != 1:
+            return None
     arrays, specs = [], []
     hash_outputs = []
     for name, dtype in (("", torch.int64), (":nonfinite", torch.int8)):  # fp [n], marks [n]
@@ -313,7 +319,7 @@ def compile_plan(call: Any, args: dict[str, Any], result: Any, st: Any, meta: di
     if (rows is not None and (tokens_src is None or rows.shape[0] != call.tokens)) or \
             (rows is None and call.tokens):
         return None  # tokens the plan could not reproduce
-    spec = [int(call.op), parity, lookup, remember, tokens_src, 0, template[1], arrays, values, device]
+    spec = [int(call.op), parity, lookup, remember, tokens_src, 0, template[1], arrays, values, device, after]
     plan = (int(call.op), call.buffer, int(call.level), dict(meta), template, specs, value_names,
             parity, "dispatch_seq" in meta)
     return spec, plan
@@ -335,21 +341,24 @@ def learn(fs: FastSession, call: Any, args: dict[str, Any], result: Any, st: Any
         fs.session.learn(None)
         return
     spec, plan = got
-    if spec[-1]:  # CUDA arrays: the compiled hook gathers into the session's device ring
+    if spec[9]:  # CUDA arrays: the compiled hook gathers into the session's device ring
         dev = fs.rp.dev
         if dev is None:
             fs.session.learn(None)
             return
+        from epreplay.capture.gather_kernel import current_stream_handle
         from epreplay.capture.graph_ring import CAPTURING
 
-        from epreplay.capture.gather_kernel import current_stream_handle
-
-        fs.session.set_device(dev.D, dev.dstate, CAPTURING, dev.drainer, current_stream_handle, *dev.context)
+        fs.session.set_device(dev.D, dev.dstate, CAPTURING, dev.drainer, current_stream_handle, *dev.context,
+                              dev.side_spec())
         if not fs.gather_tried:
             fs.gather_tried = True
-            fs.hash_launch = _raw_gather(fs, dev.D.device)
+            fs.raw_launch, fs.hash_launch = _raw_gather(fs, dev.D.device)
         if any(len(a) > 5 and a[5] for a in spec[7]) and not fs.hash_launch:
             fs.session.learn(None)  # fingerprinted rows need the raw launch: Python's
+            return
+        if spec[10] is not None and not (fs.raw_launch and dev.drainer is not None):
+            fs.session.learn(None)  # async_finish: the raw launch on the side stream, the native drain
             return
     try:
         blob = marshal.dumps(plan)
@@ -362,21 +371,21 @@ def learn(fs: FastSession, call: Any, args: dict[str, Any], result: Any, st: Any
     fs.session.learn((plan_id, *spec))
 
 
-def _raw_gather(fs: FastSession, device: Any) -> bool:
+def _raw_gather(fs: FastSession, device: Any) -> tuple[bool, bool]:
     """Give the session the raw gather launches (one cuLaunchKernel a call instead of at::cat_out's
-    ~15 us of host time; with fingerprinted rows, the same launch hashes them); whether the one
-    with hashing is there. EPREPLAY_CAPTURE_RAW_GATHER=0 keeps at::cat_out (for comparisons:
-    fingerprinted rows then stay with the Python hook)."""
+    ~15 us of host time; with fingerprinted rows, the same launch hashes them); whether they are
+    there (the copies, the one with hashing). EPREPLAY_CAPTURE_RAW_GATHER=0 keeps at::cat_out
+    (for comparisons: fingerprinted rows and async_finish outputs then stay with the Python hook)."""
     if env_off("EPREPLAY_CAPTURE_RAW_GATHER"):
-        return False
+        return False, False
     from epreplay.capture import gather_kernel
 
     got = gather_kernel.load(device)
     if got is None:
-        return False
+        return False, False
     hashing = gather_kernel.load(device, gather_kernel.GATHER_HASH)
     fs.session.set_gather(*got, gather_kernel.current_stream_handle, hashing[0] if hashing else 0)
-    return hashing is not None
+    return True, hashing is not None
 
 
 def never(fs: FastSession | None) -> None:

@@ -62,10 +62,11 @@ def test_compiled_records_equal_the_python_hook_and_the_courier_path(tmp_path, l
         assert c["dropped"] == 0 and c["disabled"] is None, c
         if level == "payload":  # payload steps are Python's: no compiled session
             assert c["hot_path"] == "ring" and c["compiled_frames"] == 0
-        elif device == "cuda":  # async_finish outputs are Python's on a GPU
+        elif device == "cuda":
             assert c["hot_path"] == "compiled"
-            if gather_kernel_builds():  # one raw launch a call, not at::cat_out; rows hashed by it
-                assert c["compiled_frames"] >= 10, c
+            if gather_kernel_builds():  # one raw launch a call, not at::cat_out; rows hashed by it;
+                # async_finish outputs too (on the side stream, after DeepEP's event): as on the host
+                assert c["compiled_frames"] >= 20, c
                 assert c["gathers"][1] == 0 and (level == "counts" or c["gathers"][0] >= 10), c
             else:  # at::cat_out: fingerprinted rows stay with the Python hook
                 assert c["compiled_frames"] >= (1 if level == "fingerprints" else 10), c

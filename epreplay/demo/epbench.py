@@ -66,19 +66,24 @@ def make_inputs(shape: Shape, *, rank: int, step: int, device: str | torch.devic
     return inp
 
 
-def normal_step(buffer: Any, inp: Inputs, num_experts: int) -> torch.Tensor:
-    """layout -> dispatch -> (identity experts) -> combine, DeepEP's normal (prefill) path.
+def normal_step(buffer: Any, inp: Inputs, num_experts: int, *, async_finish: bool = False) -> torch.Tensor:
+    """layout -> dispatch -> (identity experts) -> combine, DeepEP's normal (prefill) path;
+    async_finish: the dispatch and combine return at once and the step waits on their events.
     Returns combined_x [T, H] bf16."""
     n_rank, n_rdma, n_expert, in_rank, _ = buffer.get_dispatch_layout(inp.topk_idx_TK, num_experts)
     x = inp.x_fp8 if inp.x_fp8 is not None else inp.x_TH
-    recv_x, _, recv_w, _, handle, _ = buffer.dispatch(
+    recv_x, _, recv_w, _, handle, event = buffer.dispatch(
         x, num_tokens_per_rank=n_rank, num_tokens_per_rdma_rank=n_rdma,
         is_token_in_rank=in_rank, num_tokens_per_expert=n_expert,
-        topk_idx=inp.topk_idx_TK, topk_weights=inp.topk_weights_TK)
+        topk_idx=inp.topk_idx_TK, topk_weights=inp.topk_weights_TK, async_finish=async_finish)
+    if async_finish:
+        event.current_stream_wait()
     if isinstance(recv_x, tuple):  # FP8 in, BF16 back: dequantise as an expert would
         q, s = recv_x
         recv_x = (q.float().view(q.shape[0], -1, 128) * s.unsqueeze(2)).view(q.shape).to(torch.bfloat16)
-    combined, _, _ = buffer.combine(recv_x, handle, topk_weights=recv_w)
+    combined, _, event = buffer.combine(recv_x, handle, topk_weights=recv_w, async_finish=async_finish)
+    if async_finish:
+        event.current_stream_wait()
     return combined
 
 
