@@ -29,90 +29,15 @@ from __future__ import annotations
 
 import array
 import ctypes
-import logging
-import os
 import threading
 import time
 from typing import Any
 
 import torch
 
+from epreplay.capture.device_driver import context_of, drain_mode, drain_period
 from epreplay.capture.ring_frames import words_of
 from epreplay.capture.shm_ring import HEADER, W_DTAIL, ShmRing
-
-# Drain period: a batch every 2 ms keeps the frames' delay short while the drain's Python (a
-# handful of torch calls, ~50 us) costs the job's GIL ~2%. Its CPU time is counted
-# (DeviceStage.drain_cpu_ns, and drain_free_ns of it outside the GIL) so benches can charge it to
-# the calls it drained.
-# EPREPLAY_CAPTURE_DRAIN_MS overrides it (a longer period: fewer batches, later frames).
-DRAIN_S = 0.002
-
-
-def _drain_period() -> float:
-    """DRAIN_S, or EPREPLAY_CAPTURE_DRAIN_MS where it is a positive number (else one log line)."""
-    text = os.environ.get("EPREPLAY_CAPTURE_DRAIN_MS")
-    if text is None:
-        return DRAIN_S
-    try:
-        ms = float(text)
-        if ms > 0:
-            return ms / 1e3
-    except ValueError:
-        pass
-    logging.getLogger("epreplay.capture").warning(
-        "EPREPLAY_CAPTURE_DRAIN_MS=%r is not a positive number of milliseconds; draining every %g ms",
-        text, DRAIN_S * 1e3)
-    return DRAIN_S
-
-
-DRIVER_FNS = ("cuEventRecord", "cuStreamWaitEvent", "cuMemcpyDtoHAsync_v2", "cuEventSynchronize",
-              "cuCtxSetCurrent", "cuCtxGetCurrent")
-
-
-def _native_drain() -> tuple[str, tuple] | tuple[None, None]:
-    """How the drain runs, and the driver functions it calls:
-    ("thread", fns) a native thread (_drainc.Drainer; no GIL at all), ("call", fns) a Python thread
-    whose driver calls are one C call without the GIL (_ringc.drain), (None, None) through torch,
-    holding the GIL. EPREPLAY_CAPTURE_NATIVE_DRAIN=call / =0 choose the last two (comparisons);
-    each falls back to the next where its module or the driver is missing."""
-    from epreplay.capture.fast_plan import env_off
-
-    choice = os.environ.get("EPREPLAY_CAPTURE_NATIVE_DRAIN", "1").strip().lower()
-    if env_off("EPREPLAY_CAPTURE_NATIVE_DRAIN"):
-        return None, None
-    try:
-        lib = ctypes.CDLL("libcuda.so.1")
-        fns = tuple(ctypes.cast(getattr(lib, n), ctypes.c_void_p).value for n in DRIVER_FNS)
-    except (OSError, AttributeError):
-        return None, None
-    if not all(fns):
-        return None, None
-    try:
-        if choice != "call":
-            from epreplay.capture import _drainc  # noqa: F401
-            from epreplay.capture.graph_ring import QUIET
-
-            if isinstance(QUIET, _drainc.Lock):  # the thread and the graph wrapper share it
-                return "thread", fns
-    except ImportError:
-        pass
-    try:
-        from epreplay.capture._ringc import drain  # noqa: F401
-    except ImportError:
-        return None, None
-    return "call", fns
-
-
-def _context_of(device: torch.device, ctx_get: int) -> int:
-    """device's CUcontext (torch's primary context there), through cuCtxGetCurrent."""
-    ctx = ctypes.c_void_p()
-    with torch.cuda.device(device):
-        torch.cuda.current_stream(device).query()  # the context exists and is current here
-        rc = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p)(ctx_get)(ctypes.byref(ctx))
-    if rc or not ctx.value:
-        raise RuntimeError(f"cuCtxGetCurrent failed ({rc}): no CUDA context on {device}")
-    return ctx.value
-
 
 class DeviceStage:
     """The device ring D of one capture session and its drain (module docstring)."""
@@ -144,8 +69,8 @@ class DeviceStage:
         self.batches = 0  # drains that copied something
         self.drain_cpu_ns = 0  # the drain thread's CPU time
         self.drain_free_ns = 0  # ... of which in _ringc.drain, holding no GIL
-        self.period = _drain_period()
-        self.mode, fns = _native_drain()
+        self.period = drain_period()
+        self.mode, fns = drain_mode()
         self._fns = fns
         self._after_ev: Any = None  # the compiled hook's event for async_finish gathers (side_spec)
         self._native = None
@@ -158,7 +83,7 @@ class DeviceStage:
             self._side_h, self._ev_h = self.side.cuda_stream, self.ev.cuda_event
             self._done_h = self.done.cuda_event
             self._mirror_ptr, self._d_ptr = self.mirror.data_ptr(), self.D.data_ptr()
-            self.context = (_context_of(device, fns[5]), fns[5])
+            self.context = (context_of(device, fns[5]), fns[5])
         if self.mode == "thread":
             self.drainer = self._start_drainer(fns)
             return
