@@ -1,8 +1,9 @@
 """Capture's cost per hooked call: host time (and on a GPU, device time and launches) it adds.
 
     python bench/capture_hotpath.py [--device cpu|cuda] [--rounds 7] [--iters 40]
-                                    [--shapes decode,decode-ll,prefill] [--levels counts,routing,fingerprints]
-                                    [--writer process|thread] [--hot-path auto|compiled|compiled-cat|compiled-torchdrain|ring|courier]
+                                    [--shapes decode,decode-ll,prefill[,decode-async,decode-ll-hook]]
+                                    [--levels counts,routing,fingerprints] [--writer process|thread]
+                                    [--hot-path auto|compiled|compiled-cat|compiled-pydrain|compiled-torchdrain|ring|courier]
                                     [--torch-threads N]
 
 Legend: T tokens, H hidden, E experts, K top-k.
@@ -56,6 +57,8 @@ SHAPES = {
     "prefill": dict(tokens=4096, hidden=512, experts=32, topk=8, ll=False),
     # (not in the default list) decode's calls with async_finish=True, waiting on the events
     "decode-async": dict(tokens=128, hidden=512, experts=32, topk=8, ll=False, async_finish=True),
+    # (not in the default list) low-latency with the recv hook: the Python hook's, BEGIN and END
+    "decode-ll-hook": dict(tokens=128, hidden=512, experts=32, topk=8, ll=True, recv_hook=True),
 }
 DEFAULT_SHAPES = "decode,decode-ll,prefill"
 GPU_SHAPES = {  # DeepEP's benchmark shapes
@@ -63,6 +66,7 @@ GPU_SHAPES = {  # DeepEP's benchmark shapes
     "decode-ll": dict(tokens=128, hidden=7168, experts=256, topk=8, ll=True),
     "prefill": dict(tokens=4096, hidden=7168, experts=256, topk=8, ll=False),
     "decode-async": dict(tokens=128, hidden=7168, experts=256, topk=8, ll=False, async_finish=True),
+    "decode-ll-hook": dict(tokens=128, hidden=7168, experts=256, topk=8, ll=True, recv_hook=True),
 }
 LEVELS = ["counts", "routing", "fingerprints"]
 
@@ -132,12 +136,13 @@ def _rank(ctx, args: dict, root: str) -> dict:
         spec = dict(shapes[name])
         ll = spec.pop("ll")
         async_finish = spec.pop("async_finish", False)
+        recv_hook = spec.pop("recv_hook", False)
         shape = epbench.Shape(**spec)
         buffer = epbench.make_buffer(emulate, group, shape, low_latency=ll)
         inp = epbench.make_inputs(shape, rank=ctx.rank, step=0, device=ctx.device)
         calls = 2 if ll else 3
         if ll:
-            step = lambda: epbench.ll_step(buffer, inp, shape.experts, shape.tokens)  # noqa: E731
+            step = lambda: epbench.ll_step(buffer, inp, shape.experts, shape.tokens, recv_hook=recv_hook)  # noqa: E731
         else:
             step = lambda: epbench.normal_step(buffer, inp, shape.experts, async_finish=async_finish)  # noqa: E731
         if cuda and args["sync"]:  # an idle GPU at every step: no launch queue to wait behind

@@ -66,6 +66,11 @@ def make_inputs(shape: Shape, *, rank: int, step: int, device: str | torch.devic
     return inp
 
 
+def _when(**flags: bool) -> dict[str, bool]:
+    """The flags that are set: a call without them is the call DeepEP's own benchmarks make."""
+    return {k: True for k, v in flags.items() if v}
+
+
 def normal_step(buffer: Any, inp: Inputs, num_experts: int, *, async_finish: bool = False) -> torch.Tensor:
     """layout -> dispatch -> (identity experts) -> combine, DeepEP's normal (prefill) path;
     async_finish: the dispatch and combine return at once and the step waits on their events.
@@ -75,24 +80,27 @@ def normal_step(buffer: Any, inp: Inputs, num_experts: int, *, async_finish: boo
     recv_x, _, recv_w, _, handle, event = buffer.dispatch(
         x, num_tokens_per_rank=n_rank, num_tokens_per_rdma_rank=n_rdma,
         is_token_in_rank=in_rank, num_tokens_per_expert=n_expert,
-        topk_idx=inp.topk_idx_TK, topk_weights=inp.topk_weights_TK, async_finish=async_finish)
+        topk_idx=inp.topk_idx_TK, topk_weights=inp.topk_weights_TK, **_when(async_finish=async_finish))
     if async_finish:
         event.current_stream_wait()
     if isinstance(recv_x, tuple):  # FP8 in, BF16 back: dequantise as an expert would
         q, s = recv_x
         recv_x = (q.float().view(q.shape[0], -1, 128) * s.unsqueeze(2)).view(q.shape).to(torch.bfloat16)
-    combined, _, event = buffer.combine(recv_x, handle, topk_weights=recv_w, async_finish=async_finish)
+    combined, _, event = buffer.combine(recv_x, handle, topk_weights=recv_w, **_when(async_finish=async_finish))
     if async_finish:
         event.current_stream_wait()
     return combined
 
 
 def ll_step(buffer: Any, inp: Inputs, num_experts: int, max_tokens: int, *,
-            use_fp8: bool = False) -> torch.Tensor:
-    """low_latency_dispatch -> (identity experts) -> low_latency_combine, the decode path.
+            use_fp8: bool = False, recv_hook: bool = False) -> torch.Tensor:
+    """low_latency_dispatch -> (identity experts) -> low_latency_combine, the decode path;
+    recv_hook: the dispatch returns at once and its recv hook is called before the experts.
     Returns combined_x [T, H] bf16."""
-    recv_x, recv_count, handle, _, _ = buffer.low_latency_dispatch(
-        inp.x_TH, inp.topk_idx_TK, max_tokens, num_experts, use_fp8=use_fp8)
+    recv_x, recv_count, handle, _, hook = buffer.low_latency_dispatch(
+        inp.x_TH, inp.topk_idx_TK, max_tokens, num_experts, use_fp8=use_fp8, **_when(return_recv_hook=recv_hook))
+    if recv_hook:
+        hook()
     if isinstance(recv_x, tuple):
         q, s = recv_x
         L, rows, H = q.shape
