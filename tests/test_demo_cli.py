@@ -80,6 +80,13 @@ def _recording(out: Path, ranks: int, timeout: float = 120) -> None:
     raise AssertionError(f"{out}: the demo did not start recording within {timeout:g}s")
 
 
+def _sigint_default() -> None:
+    """In the demo's process: SIGINT as at a terminal. A shell that starts pytest in the
+    background without job control (`cmd &` in a script) ignores SIGINT in it, every child
+    inherits that, and Python then installs no KeyboardInterrupt handler at all."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 # When SIGINT comes, in seconds after every rank's shard holds records (seeded, so a failure
 # names a moment that can be replayed; 0 while ranks and writers are young), and to whom: "group"
 # is a terminal's Ctrl-C (every process of the demo's group: ranks, forkserver), "demo" a
@@ -104,7 +111,7 @@ def test_ctrl_c_while_recording_leaves_a_run_that_inspects_and_replays(
                              "--tokens", "16", "--decode-tokens", "8", "--no-replay",
                              "--slow-rank", "0", "--slow-ms", "5"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+                            start_new_session=True, preexec_fn=_sigint_default)
     try:
         _recording(out, 4)
         time.sleep(delay)
