@@ -973,12 +973,11 @@ bool hash_job(const ArraySpec &a, const at::Tensor &x, PyObject *const *slots, P
 // not apply; a failed launch turns the raw path off for the session (at::cat_out then says what
 // is wrong; hashed calls go back to the Python hook).
 bool raw_gather(Session *s, const std::vector<Out> &ts, HashJob *jobs, int nh, uint64_t dst, int64_t total,
-                const c10::Stream &st, bool in_d) {
+                const c10::Stream &st, bool in_d, void *stream) {
   void *func = nh ? s->gfunc_hash : s->gfunc;
   if (!func || ts.size() > kMaxSegs || !in_d) return false;  // the kernel lives in D's context
   PROF(9);
-  void *stream;
-  if (!stream_handle(s, st, &stream)) return false;
+  if (!stream && !stream_handle(s, st, &stream)) return false;  // (gather looked it up with a drain table)
   PROF(4);
   GatherHashArgs a;
   a.g.dst = dst;
@@ -1029,10 +1028,6 @@ bool in_d_context(Session *s) {
   return c10::impl::getDeviceGuardImpl(c10::DeviceType::CUDA)->getDevice() == s->D->device();
 }
 
-// One launch: the call's CUDA arrays' bytes (and fingerprinted rows) into the next free bytes
-// of D, on the current stream (device_stage.DeviceStage.gather, same reservation rules); their
-// absolute position, -1 when D is full (dropped and counted), -2 when hashed rows could not be
-// launched (the Python hook records the call).
 // The side stream made to wait for the job's stream (job_h) and for DeepEP's event `after`
 // (its current_stream_wait(), called with the side stream current): device_stage's `_hashed`.
 bool wait_after(Session *s, void *job_h, PyObject *after) {
@@ -1050,6 +1045,11 @@ bool wait_after(Session *s, void *job_h, PyObject *after) {
   return true;
 }
 
+// One launch: the call's CUDA arrays' bytes (and fingerprinted rows) into the next free bytes
+// of D, on the current stream (device_stage.DeviceStage.gather, same reservation rules), or for
+// async_finish outputs (`after`) on the side stream; their absolute position, -1 when D is full
+// (dropped and counted), -2 when the raw launch could not take the call (the Python hook records
+// it).
 int64_t gather(Session *s, const std::vector<Out> &ts, HashJob *jobs, int nh, PyObject *after) {
   int64_t total = 0;
   for (const auto &o : ts) total += int64_t(o.nbytes());
@@ -1076,7 +1076,7 @@ int64_t gather(Session *s, const std::vector<Out> &ts, HashJob *jobs, int nh, Py
   PROF(8);
   uint64_t dst = uint64_t(reinterpret_cast<uintptr_t>(s->D->data_ptr())) + uint64_t(start % cap);
   int64_t t0 = now_ns(CLOCK_MONOTONIC);
-  if (raw_gather(s, ts, jobs, nh, dst, total, st, in_d)) {
+  if (raw_gather(s, ts, jobs, nh, dst, total, st, in_d, handle)) {
     s->glaunches[0]++;
     if (after) {  // the caching allocator must not hand the sources out again before the side reads them
       auto *impl = c10::impl::getDeviceGuardImpl(c10::DeviceType::CUDA);
@@ -1701,11 +1701,12 @@ PyObject *sess_lineage_get(PyObject *self, PyObject *t) {
   return PyLong_FromLongLong(lineage_get(reinterpret_cast<Session *>(self), THPVariable_Unpack(t)));
 }
 
-// set_device(D, dstate, capturing[, drainer, stream_of, ctx, ctx_get]): a GPU session's device
-// ring (uint8 [cap] on the device), its host state array('q', [head, release seen]) and
+// set_device(D, dstate, capturing[, drainer, stream_of, ctx, ctx_get, side]): a GPU session's
+// device ring (uint8 [cap] on the device), its host state array('q', [head, release seen]) and
 // graph_ring's capture count array('q', [n]); with the native drain (_drainc.Drainer, None: the
 // Python drain) a callable giving the current cudaStream_t (the streams it notes are raw
-// handles); D's CUcontext and cuCtxGetCurrent's address (0: the device check goes through c10).
+// handles); D's CUcontext and cuCtxGetCurrent's address (0: the device check goes through c10);
+// side: device_stage.DeviceStage.side_spec() (None: async_finish outputs stay Python's).
 PyObject *sess_set_device(PyObject *self, PyObject *args) {
   Session *s = reinterpret_cast<Session *>(self);
   PyObject *D, *dstate, *capt, *drainer = Py_None, *stream_of = Py_None, *side = Py_None;
