@@ -14,9 +14,11 @@
 // every staged tensor came from (which argument slot or result element, by identity) and, when
 // everything was found, hands the plan to `Session.learn`. On a GPU the call's CUDA arrays are
 // gathered into the device ring by one launch, which also fingerprints the rows the level asks
-// for (gather_kernel.py). Anything a plan cannot express (async_finish outputs on a GPU, payload
-// steps, token tags, a recv hook, an error, outputs not shaped as learned) goes through the
-// Python hook or a Python callback, so the records are the same either way
+// for (gather_kernel.py). A low-latency call with a recv hook writes its inputs at return
+// (FAST_BEGIN) and its outputs from the hook's wrapper (RecvHook, FAST_END); its plan is learned
+// in two steps, at return and when the hook ran. Anything a plan cannot express (payload steps,
+// token tags not given as an int64 array, an error, outputs not shaped as learned) goes through
+// the Python hook or a Python callback, so the records are the same either way
 // (tests/test_capture_fast.py compares them).
 //
 // Everything here runs under the GIL, on the job's threads (hooks) and the watchdog's (hung()).
@@ -54,6 +56,8 @@ namespace {
 constexpr int W_HEAD = 8, W_TAIL = 16, W_DROPPED = 32, W_DTAIL = 40;
 constexpr uint16_t PAD_KIND = 0, FAST_KIND = 6;
 constexpr uint64_t FAST_FIXED = 96;  // frame header 8 + plan 8 + call id 8 + 9 fields x 8
+// A FAST frame's part (ring_frames.py): a whole call, or a recv hook's call's inputs / outputs
+constexpr uint32_t PART_CALL = 0, PART_BEGIN = 1, PART_END = 2;
 inline uint64_t align8(uint64_t n) { return (n + 7) & ~uint64_t(7); }
 
 // Op codes (epreplay/format/records.py Op)
@@ -162,6 +166,15 @@ struct Plan {
   std::vector<ArraySpec> arrays;
   std::vector<Src> values;  // int lists
   int total_dims = 0;
+  // A low-latency call whose outputs come with its recv hook (result element hook_at): the plan
+  // above is its inputs' part (a FAST_BEGIN frame at return) and `end` its outputs' part (a
+  // FAST_END frame written by the hook's wrapper, RecvHook; every source in the result)
+  int hook_at = -1;
+  Plan *end = nullptr;
+  Plan() = default;
+  Plan(const Plan &) = delete;
+  Plan &operator=(const Plan &) = delete;
+  ~Plan() { delete end; }
 };
 
 struct Key {
@@ -194,6 +207,7 @@ struct InFlight {  // a fast call between entry and its frame, for the watchdog
   size_t nargs;
   PyObject *kwnames;
   PyObject *tags;  // the token tags this dispatch took (capture.tag_tokens), [T] int64; or nullptr
+  int64_t parity;  // its ll_parity (the Buffer's low-latency call count % 2, counted), or -1
   bool reported;
 };
 
@@ -247,6 +261,8 @@ struct Session {
   PyObject *stream_of;
   std::vector<std::pair<int64_t, void *>> *shandles;
   int64_t glaunches[3];  // [raw launches, at::cat_out launches, ns spent launching]
+  // plans a learn replaced: a recv hook's wrapper may still hold one (freed with the session)
+  std::vector<Plan *> *retired;
 };
 
 constexpr int kKeyCached = 40;  // int64 words of a key a Hook remembers (DeepEP's sites: ~25)
@@ -723,25 +739,27 @@ PyObject *kwargs_dict(PyObject *const *slots, Py_ssize_t nargs, PyObject *kwname
 }
 
 // The fast call's identity, for the Python callbacks (recorder._fast_raised / _fast_mismatch).
-// (call id, op, BufferState, seq, step, layer, start_ns, duration_ns, hook, the tags it took or None)
+// (call id, op, BufferState, seq, step, layer, start_ns, duration_ns, hook, the tags it took or None,
+// its ll_parity or -1: the Python path must not count the Buffer's low-latency calls again)
 PyObject *identity(const InFlight &f, PyObject *bs, int64_t duration) {
-  return Py_BuildValue("(KiOLLLLLOO)", (unsigned long long)f.call_id, f.op, bs, (long long)f.seq,
+  return Py_BuildValue("(KiOLLLLLOOL)", (unsigned long long)f.call_id, f.op, bs, (long long)f.seq,
                        (long long)f.step, (long long)f.layer, (long long)f.start_ns, (long long)duration,
-                       reinterpret_cast<PyObject *>(f.hook), f.tags ? f.tags : Py_None);
+                       reinterpret_cast<PyObject *>(f.hook), f.tags ? f.tags : Py_None, (long long)f.parity);
 }
 
 // Hands a fast call back to the recorder: rec.<method>(identity, args, kwargs, last), where last
-// is the exception it raised or its result. Whatever that raises is dropped: the job goes on.
-void hand_back(Session *s, PyObject *method, const InFlight &f, PyObject *bs, int64_t duration,
-               PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames, PyObject *last) {
+// is the exception it raised or its result; what it returned (a new reference) or nullptr.
+// Whatever that raises is dropped: the job goes on.
+PyObject *hand_back(Session *s, PyObject *method, const InFlight &f, PyObject *bs, int64_t duration,
+                    PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames, PyObject *last) {
   PyObject *ident = identity(f, bs, duration);
   PyObject *a = args_tuple(args, nargs), *kw = kwargs_dict(args + 1, nargs - 1, kwnames);
   PyObject *r = (ident && a && kw) ? PyObject_CallMethodObjArgs(s->rec, method, ident, a, kw, last, nullptr) : nullptr;
   if (!r) PyErr_Clear();
-  Py_XDECREF(r);
   Py_XDECREF(ident);
   Py_XDECREF(a);
   Py_XDECREF(kw);
+  return r;
 }
 
 // Copies n bytes into the ring. Large copies use non-temporal stores (x86-64): the frame's bytes
@@ -805,7 +823,7 @@ inline void ring_fence() {
 bool write_fast(Session *s, const Plan &p, const InFlight &f, int64_t tokens, int64_t duration,
                 int64_t parity, int64_t dseq, const std::vector<Out> &ts,
                 const std::vector<PyObject *> &vals, PyObject *const *slots, Py_ssize_t nslots,
-                int64_t dev_start) {
+                int64_t dev_start, uint32_t part) {
   uint64_t head = FAST_FIXED + 8 * uint64_t(p.arg_dims + p.total_dims), data = 0;
   for (PyObject *v : vals) head += 8 + 8 * uint64_t(PyList_GET_SIZE(v));
   if (dev_start < 0)  // else the bytes are in the device ring, gathered already
@@ -817,13 +835,13 @@ bool write_fast(Session *s, const Plan &p, const InFlight &f, int64_t tokens, in
     return false;
   }
   char *at = s->base + off;
-  uint32_t len32 = uint32_t(size), pid = p.id, zero32 = 0;
+  uint32_t len32 = uint32_t(size), pid = p.id;
   uint16_t kind = FAST_KIND, zero16 = 0;
   memcpy(at, &len32, 4);
   memcpy(at + 4, &kind, 2);
   memcpy(at + 6, &zero16, 2);
   memcpy(at + 8, &pid, 4);
-  memcpy(at + 12, &zero32, 4);
+  memcpy(at + 12, &part, 4);
   memcpy(at + 16, &f.call_id, 8);
   int64_t fields[9] = {f.seq, f.step, f.layer, f.start_ns, tokens, duration, parity, dseq, dev_start};
   memcpy(at + 24, fields, sizeof fields);
@@ -1209,6 +1227,108 @@ struct ScratchUse {  // marks a Scratch busy; at the end drops the tensors it ho
   }
 };
 
+// A call's staged arrays and values by its plan (or a recv hook's outputs by the plan's `end`:
+// no argument slots), gathered on a GPU, then its FAST frame of `part`: 1 written, 0 dropped
+// (counted), -1 not shaped as learned (the caller hands the call to the Python path). tokens_io:
+// the tokens when the plan has no source for them; the call's tokens on return.
+int stage_write(Session *s, const Plan &p, const InFlight &f, PyObject *const *slots, Py_ssize_t nslots,
+                PyObject *result, int64_t *tokens_io, int64_t duration, int64_t parity, int64_t dseq,
+                uint32_t part) {
+  Scratch own, &sc = t_scratch.busy ? own : t_scratch;  // own: a call nested in this one's tail
+  ScratchUse use(sc);
+  std::vector<Out> &ts = sc.ts;
+  std::vector<PyObject *> &vals = sc.vals;
+  ts.reserve(p.arrays.size() + kMaxHash);
+  HashJob jobs[kMaxHash];
+  int nh = 0;
+  bool ok = true;
+  for (const auto &a : p.arrays) {
+    PyObject *o = resolve(a.src, slots, nslots, result);
+    if (!o || !THPVariable_Check(o)) { ok = false; break; }
+    const at::Tensor &t = THPVariable_Unpack(o);
+    if (!t.defined() || t.scalar_type() != a.dtype || t.dim() != a.ndim ||
+        (p.device ? t.device() != s->D->device() : !t.is_cpu())) { ok = false; break; }
+    if (a.hash) {  // fingerprinted rows: fp [n] and marks [n] in the frame, the rows not staged
+      // host rows are hashed here (host_hash); CUDA rows by the gather launch (hash_job)
+      bool got = nh < int(kMaxHash) && (p.device ? hash_job(a, t, slots, nslots, result, s->D->device(), &jobs[nh])
+                                                 : host_hash(a, t, slots, nslots, result, sc.fp[nh], sc.marks[nh]));
+      if (!got) {
+        ok = false;
+        break;
+      }
+      Out fp, marks;
+      fp.hash_part = 0, marks.hash_part = 1;
+      fp.job = marks.job = nh;
+      if (p.device) {
+        fp.t = t;  // held until the launch
+        fp.n = marks.n = int64_t(jobs[nh].L) * jobs[nh].X;
+      } else {
+        fp.n = marks.n = int64_t(sc.fp[nh].size());
+        fp.host = sc.fp[nh].data(), marks.host = sc.marks[nh].data();
+      }
+      nh++;
+      ts.push_back(std::move(fp));
+      ts.push_back(std::move(marks));
+      continue;
+    }
+    Out &out = ts.emplace_back();  // in ts from the start: sc.clear() gives a borrow back
+    try {
+      if (t.is_contiguous()) sc.borrow(out, t);
+      else out.t = t.contiguous();
+    } catch (const std::exception &) {
+      ok = false;
+      break;
+    }
+    if (a.mode) {
+      PyObject *c = resolve(a.counts, slots, nslots, result);
+      if (!c || !THPVariable_Check(c) || !valid_rows(a.mode, out.t, THPVariable_Unpack(c), out)) { ok = false; break; }
+    }
+  }
+  for (size_t i = 0; ok && i < p.values.size(); i++) {
+    PyObject *o = resolve(p.values[i], slots, nslots, result);
+    if (!o || !PyList_CheckExact(o)) { ok = false; break; }
+    for (Py_ssize_t k = 0; ok && k < PyList_GET_SIZE(o); k++) ok = PyLong_CheckExact(PyList_GET_ITEM(o, k));
+    vals.push_back(o);
+  }
+  int64_t tokens = *tokens_io;
+  if (ok && p.tokens_src.set()) {
+    PyObject *o = resolve(p.tokens_src, slots, nslots, result);
+    tokens = 0;
+    if (o && THPVariable_Check(o)) {
+      const at::Tensor &t = THPVariable_Unpack(o);
+      tokens = t.defined() && t.dim() ? t.size(0) : 0;
+    }
+  }
+  if (ok && p.remember.set()) {
+    PyObject *o = resolve(p.remember, slots, nslots, result);
+    if (o && THPVariable_Check(o)) lineage_put(s, THPVariable_Unpack(o), f.seq);
+  }
+  ok = ok && !s->state[3];  // a Python writer is mid-frame (the watchdog's): Python writes this one
+  int64_t dev_start = -1;
+  PROF(3);
+  if (ok && p.device) {
+    try {
+      PyObject *after = p.after.set() ? resolve(p.after, slots, nslots, result) : nullptr;
+      dev_start = p.after.set() && !after ? -2 : gather(s, ts, jobs, nh, after);
+    } catch (const std::exception &) {  // a torch error: Python's path says what it is
+      ok = false;
+    }
+    ok = ok && dev_start != -2;  // hashed rows the raw launch could not take, no stream handle: Python's
+    PROF(6);
+  }
+  *tokens_io = tokens;
+  if (ok && p.device && dev_start < 0) {
+    s->words[W_DROPPED] += 1;  // D is full: dropped and counted, the job goes on
+    s->stats[2] += 1;
+    return 0;
+  }
+  if (!ok) return -1;
+  return write_fast(s, p, f, tokens, duration, parity, dseq, ts, vals, slots, nslots, dev_start, part) ? 1 : 0;
+}
+
+PyObject *wrap_recv(Session *s, const Plan &p, const InFlight &f, PyObject *bs, PyObject *result,
+                    int64_t tokens, int64_t duration);  // below
+
 PyObject *hook_call(PyObject *self, PyObject *const *args, size_t nargsf, PyObject *kwnames) {
   Hook *h = reinterpret_cast<Hook *>(self);
   Py_ssize_t nargs = PyVectorcall_NARGS(nargsf);
@@ -1295,6 +1415,7 @@ PyObject *hook_call(PyObject *self, PyObject *const *args, size_t nargsf, PyObje
     if (ht && THPVariable_Check(ht)) dseq = lineage_get(s, THPVariable_Unpack(ht));
   }
   f.start_ns = now_ns(CLOCK_REALTIME);
+  f.parity = parity;
   f.args = args;
   f.nargs = size_t(nargs);
   f.kwnames = kwnames;
@@ -1322,107 +1443,124 @@ PyObject *hook_call(PyObject *self, PyObject *const *args, size_t nargsf, PyObje
     PyObject *et, *ev, *tb;
     PyErr_Fetch(&et, &ev, &tb);
     PyErr_NormalizeException(&et, &ev, &tb);
-    hand_back(s, s_fast_raised, f, bi->state, duration, args, nargs, kwnames, ev ? ev : Py_None);
+    Py_XDECREF(hand_back(s, s_fast_raised, f, bi->state, duration, args, nargs, kwnames, ev ? ev : Py_None));
     PyErr_Restore(et, ev, tb);
     Py_DECREF(s);
     return nullptr;
   }
   // Outputs as learned? Then the frame; else the Python path writes it from this identity.
-  Scratch own, &sc = t_scratch.busy ? own : t_scratch;  // own: a call nested in this one's tail
-  ScratchUse use(sc);
-  std::vector<Out> &ts = sc.ts;
-  std::vector<PyObject *> &vals = sc.vals;
-  ts.reserve(p.arrays.size() + kMaxHash);
-  HashJob jobs[kMaxHash];
-  int nh = 0;
-  bool ok = true;
-  for (const auto &a : p.arrays) {
-    PyObject *o = resolve(a.src, slots, nslots, result);
-    if (!o || !THPVariable_Check(o)) { ok = false; break; }
-    const at::Tensor &t = THPVariable_Unpack(o);
-    if (!t.defined() || t.scalar_type() != a.dtype || t.dim() != a.ndim ||
-        (p.device ? t.device() != s->D->device() : !t.is_cpu())) { ok = false; break; }
-    if (a.hash) {  // fingerprinted rows: fp [n] and marks [n] in the frame, the rows not staged
-      // host rows are hashed here (host_hash); CUDA rows by the gather launch (hash_job)
-      bool got = nh < int(kMaxHash) && (p.device ? hash_job(a, t, slots, nslots, result, s->D->device(), &jobs[nh])
-                                                 : host_hash(a, t, slots, nslots, result, sc.fp[nh], sc.marks[nh]));
-      if (!got) {
-        ok = false;
-        break;
-      }
-      Out fp, marks;
-      fp.hash_part = 0, marks.hash_part = 1;
-      fp.job = marks.job = nh;
-      if (p.device) {
-        fp.t = t;  // held until the launch
-        fp.n = marks.n = int64_t(jobs[nh].L) * jobs[nh].X;
-      } else {
-        fp.n = marks.n = int64_t(sc.fp[nh].size());
-        fp.host = sc.fp[nh].data(), marks.host = sc.marks[nh].data();
-      }
-      nh++;
-      ts.push_back(std::move(fp));
-      ts.push_back(std::move(marks));
-      continue;
-    }
-    Out &out = ts.emplace_back();  // in ts from the start: sc.clear() gives a borrow back
-    try {
-      if (t.is_contiguous()) sc.borrow(out, t);
-      else out.t = t.contiguous();
-    } catch (const std::exception &) {
-      ok = false;
-      break;
-    }
-    if (a.mode) {
-      PyObject *c = resolve(a.counts, slots, nslots, result);
-      if (!c || !THPVariable_Check(c) || !valid_rows(a.mode, out.t, THPVariable_Unpack(c), out)) { ok = false; break; }
-    }
-  }
-  for (size_t i = 0; ok && i < p.values.size(); i++) {
-    PyObject *o = resolve(p.values[i], slots, nslots, result);
-    if (!o || !PyList_CheckExact(o)) { ok = false; break; }
-    for (Py_ssize_t k = 0; ok && k < PyList_GET_SIZE(o); k++) ok = PyLong_CheckExact(PyList_GET_ITEM(o, k));
-    vals.push_back(o);
-  }
+  // A call with a recv hook: its inputs now (FAST_BEGIN), its outputs when the job calls the
+  // hook, which the result then holds wrapped (RecvHook)
+  const bool recv = p.end && PyTuple_Check(result) && PyTuple_GET_SIZE(result) > p.hook_at &&
+                    PyCallable_Check(PyTuple_GET_ITEM(result, p.hook_at));
   int64_t tokens = p.tokens;
-  if (ok && p.tokens_src.set()) {
-    PyObject *o = resolve(p.tokens_src, slots, nslots, result);
-    tokens = 0;
-    if (o && THPVariable_Check(o)) {
-      const at::Tensor &t = THPVariable_Unpack(o);
-      tokens = t.defined() && t.dim() ? t.size(0) : 0;
-    }
-  }
-  if (ok && p.remember.set()) {
-    PyObject *o = resolve(p.remember, slots, nslots, result);
-    if (o && THPVariable_Check(o)) lineage_put(s, THPVariable_Unpack(o), f.seq);
-  }
-  ok = ok && !s->state[3];  // a Python writer is mid-frame (the watchdog's): Python writes this one
-  int64_t dev_start = -1;
-  PROF(3);
-  if (ok && p.device) {
-    try {
-      PyObject *after = p.after.set() ? resolve(p.after, slots, nslots, result) : nullptr;
-      dev_start = p.after.set() && !after ? -2 : gather(s, ts, jobs, nh, after);
-    } catch (const std::exception &) {  // a torch error: Python's path says what it is
-      ok = false;
-    }
-    ok = ok && dev_start != -2;  // hashed rows the raw launch could not take, no stream handle: Python's
-    PROF(6);
-  }
-  if (ok && p.device && dev_start < 0) {
-    s->words[W_DROPPED] += 1;  // D is full: dropped and counted, the job goes on
-    s->stats[2] += 1;
-  } else if (ok) {
-    write_fast(s, p, f, tokens, duration, parity, dseq, ts, vals, slots, nslots, dev_start);
-  } else {
-    sc.clear();
-    hand_back(s, s_fast_mismatch, f, bi->state, duration, args, nargs, kwnames, result);
+  int wrote = p.end && !recv ? -1
+                             : stage_write(s, p, f, slots, nslots, result, &tokens, duration, parity, dseq,
+                                           recv ? PART_BEGIN : PART_CALL);
+  if (wrote < 0) {
+    PyObject *got = hand_back(s, s_fast_mismatch, f, bi->state, duration, args, nargs, kwnames, result);
+    if (got && p.end && PyTuple_Check(got)) std::swap(got, result);  // the hook wrapped by Python
+    Py_XDECREF(got);
+  } else if (wrote > 0 && recv) {
+    PyObject *wrapped = wrap_recv(s, p, f, bi->state, result, tokens, duration);
+    if (wrapped) Py_SETREF(result, wrapped);
+    else PyErr_Clear();  // no memory for the wrapper: the job gets its hook, the outputs are lost
   }
   s->stats[0] += now_ns(CLOCK_MONOTONIC) - t_out;
   PROF(7);
   Py_DECREF(s);
   return result;
+}
+
+// --- RecvHook: a compiled call's recv hook -----------------------------------------------------
+// Stands in for the hook a low-latency call returned (DeepEP's, held): calling it calls that,
+// then writes the call's outputs (FAST_END, joined to its FAST_BEGIN by call id) from the result
+// it holds, once. recorder._wrap_recv_hook is the Python path's.
+struct RecvHook {
+  PyObject_HEAD
+  vectorcallfunc vectorcall;
+  PyObject *hook, *result, *bs, *owner;  // DeepEP's hook, the call's result, its BufferState, its Hook
+  Session *s;
+  const Plan *end;  // the session's (plans replaced by a learn are retired, not freed, while it lives)
+  InFlight f;       // the call's identity (no arguments: the outputs come from the result)
+  int64_t tokens, duration;
+  bool done;
+};
+
+PyObject *s_fast_end;
+
+PyObject *recv_call(PyObject *self, PyObject *const *args, size_t nargsf, PyObject *kwnames) {
+  RecvHook *w = reinterpret_cast<RecvHook *>(self);
+  PyObject *out = PyObject_Vectorcall(w->hook, args, nargsf, kwnames);
+  Session *s = w->s;
+  if (!out || w->done || !s->enabled || s != g_sess) return out;  // (raised: no outputs, as in Python)
+  w->done = true;
+  int64_t t0 = now_ns(CLOCK_MONOTONIC);
+  const Plan &e = *w->end;
+  int64_t tokens = w->tokens;
+  int wrote = e.device && (!s->D || (s->capturing && *s->capturing))
+                  ? -1
+                  : stage_write(s, e, w->f, nullptr, 0, w->result, &tokens, w->duration, -1, -1, PART_END);
+  if (wrote < 0) {  // not shaped as learned: the Python path writes the END
+    PyObject *ident = identity(w->f, w->bs, w->duration);
+    PyObject *r = ident ? PyObject_CallMethodObjArgs(s->rec, s_fast_end, ident, w->result, nullptr) : nullptr;
+    if (!r) PyErr_Clear();
+    Py_XDECREF(r);
+    Py_XDECREF(ident);
+  }
+  s->stats[0] += now_ns(CLOCK_MONOTONIC) - t0;
+  return out;
+}
+
+void recv_dealloc(PyObject *self) {
+  RecvHook *w = reinterpret_cast<RecvHook *>(self);
+  Py_XDECREF(w->hook);
+  Py_XDECREF(w->result);
+  Py_XDECREF(w->bs);
+  Py_XDECREF(w->owner);
+  Py_XDECREF(reinterpret_cast<PyObject *>(w->s));
+  Py_TYPE(self)->tp_free(self);
+}
+
+PyTypeObject RecvHookType = {PyVarObject_HEAD_INIT(nullptr, 0)};
+
+// The result with its recv hook (element p.hook_at) wrapped in a RecvHook; nullptr on no memory.
+PyObject *wrap_recv(Session *s, const Plan &p, const InFlight &f, PyObject *bs, PyObject *result,
+                    int64_t tokens, int64_t duration) {
+  Py_ssize_t n = PyTuple_GET_SIZE(result);
+  PyObject *out = PyTuple_New(n);
+  RecvHook *w = out ? PyObject_New(RecvHook, &RecvHookType) : nullptr;
+  if (!w) {
+    Py_XDECREF(out);
+    return nullptr;
+  }
+  w->vectorcall = recv_call;
+  w->hook = PyTuple_GET_ITEM(result, p.hook_at);
+  w->result = result;
+  w->bs = bs;
+  w->owner = reinterpret_cast<PyObject *>(f.hook);
+  w->s = s;
+  Py_INCREF(w->hook);
+  Py_INCREF(result);
+  Py_INCREF(bs);
+  Py_INCREF(w->owner);
+  Py_INCREF(reinterpret_cast<PyObject *>(s));
+  w->end = p.end;
+  w->f = f;
+  w->f.next = w->f.prev = nullptr;
+  w->f.args = nullptr;
+  w->f.nargs = 0;
+  w->f.kwnames = nullptr;
+  w->f.tags = nullptr;  // (released when the dispatch's hook returned)
+  w->tokens = tokens;
+  w->duration = duration;
+  w->done = false;
+  for (Py_ssize_t i = 0; i < n; i++) {
+    PyObject *v = i == p.hook_at ? reinterpret_cast<PyObject *>(w) : PyTuple_GET_ITEM(result, i);
+    if (i != p.hook_at) Py_INCREF(v);
+    PyTuple_SET_ITEM(out, i, v);
+  }
+  return out;
 }
 
 // --- Hook type ---------------------------------------------------------------------------------
@@ -1518,6 +1656,7 @@ PyObject *sess_new(PyTypeObject *type, PyObject *args, PyObject *kw) {
   s->side_h = s->after_ev = s->ev_record = s->wait_event = nullptr;
   s->state5 = s->state_v.len >= 40;
   s->shandles = new std::vector<std::pair<int64_t, void *>>();
+  s->retired = new std::vector<Plan *>();
   s->glaunches[0] = s->glaunches[1] = s->glaunches[2] = 0;
   return reinterpret_cast<PyObject *>(s);
 fail_attr:
@@ -1555,6 +1694,8 @@ void sess_dealloc(PyObject *self) {
     delete s->lineage;
     delete s->streams;
     delete s->shandles;
+    for (Plan *p : *s->retired) delete p;
+    delete s->retired;
     Py_XDECREF(s->stream_of);
     Py_XDECREF(s->drainer);
     delete s->side;
@@ -1580,24 +1721,67 @@ bool parse_src(PyObject *o, Src *out) {
   return true;
 }
 
-// learn(spec): a plan for the key of the call this thread's Python path is handling.
+// A plan's arrays [(src, torch dtype, ndim, mode, counts src[, hash, scales src])] and values
+// [src] into p; false with a Python error set.
+bool parse_part(PyObject *arrays, PyObject *values, Plan *p) {
+  for (Py_ssize_t i = 0; i < PyList_GET_SIZE(arrays); i++) {
+    PyObject *src, *dt, *counts, *src2 = Py_None;
+    int ndim, mode, hash = 0;
+    ArraySpec a;
+    if (!PyArg_ParseTuple(PyList_GET_ITEM(arrays, i), "OOiiO|pO", &src, &dt, &ndim, &mode, &counts, &hash, &src2) ||
+        !parse_src(src, &a.src) || !parse_src(counts, &a.counts) || !parse_src(src2, &a.src2) ||
+        !THPDtype_Check(dt)) {
+      if (!PyErr_Occurred())
+        PyErr_SetString(PyExc_TypeError,
+                        "learn: arrays are (src, torch.dtype, ndim, mode, counts src[, hash, scales src])");
+      return false;
+    }
+    a.dtype = reinterpret_cast<THPDtype *>(dt)->scalar_type;
+    a.ndim = ndim;
+    a.mode = mode;
+    a.hash = hash;
+    p->total_dims += hash ? 2 : mode ? 2 : ndim;  // hashed: fp [n] and marks [n]
+    p->arrays.push_back(a);
+  }
+  for (Py_ssize_t i = 0; i < PyList_GET_SIZE(values); i++) {
+    Src v;
+    if (!parse_src(PyList_GET_ITEM(values, i), &v)) return false;
+    p->values.push_back(v);
+  }
+  return true;
+}
+
+// learn(spec[, key]): a plan for the key of the call this thread's Python path is handling, or
+// for `key` (pending()'s bytes: a recv hook's call, learned when its hook ran; a key learned
+// since keeps its plan).
 // spec = (plan id, op, parity, lookup src|None, remember src|None, tokens src|None, tokens,
-//         argument dims, [(src, torch dtype, ndim)], [value src]); None: that key always takes
-//         the Python path.
-PyObject *sess_learn(PyObject *self, PyObject *spec) {
+//         argument dims, [(src, torch dtype, ndim, ...)], [value src], device, after src|None[,
+//         (hook index, [arrays], [value srcs], device): the outputs' part]); None: that key
+//         always takes the Python path.
+PyObject *sess_learn(PyObject *self, PyObject *args) {
   Session *s = reinterpret_cast<Session *>(self);
-  if (!t_pending.active) Py_RETURN_FALSE;
+  PyObject *spec, *key_bytes = nullptr;
+  if (!PyArg_ParseTuple(args, "O|S", &spec, &key_bytes)) return nullptr;
+  Key key;
+  if (key_bytes) {
+    Py_ssize_t n = PyBytes_GET_SIZE(key_bytes) / Py_ssize_t(sizeof(int64_t));
+    key.v.resize(size_t(n));
+    memcpy(key.v.data(), PyBytes_AS_STRING(key_bytes), size_t(n) * sizeof(int64_t));
+    if (s->plans->count(key)) Py_RETURN_FALSE;
+  } else if (!t_pending.active) {
+    Py_RETURN_FALSE;
+  }
   Plan *p = nullptr;
   if (spec != Py_None) {
     p = new Plan();
     unsigned int id;
     int op, parity, arg_dims, device;
     long long tokens;
-    PyObject *lookup, *remember, *tokens_src, *arrays, *values, *after = Py_None;
-    if (!PyArg_ParseTuple(spec, "IipOOOLiO!O!p|O", &id, &op, &parity, &lookup, &remember, &tokens_src, &tokens,
-                          &arg_dims, &PyList_Type, &arrays, &PyList_Type, &values, &device, &after) ||
+    PyObject *lookup, *remember, *tokens_src, *arrays, *values, *after = Py_None, *end = Py_None;
+    if (!PyArg_ParseTuple(spec, "IipOOOLiO!O!p|OO", &id, &op, &parity, &lookup, &remember, &tokens_src, &tokens,
+                          &arg_dims, &PyList_Type, &arrays, &PyList_Type, &values, &device, &after, &end) ||
         !parse_src(lookup, &p->lookup) || !parse_src(remember, &p->remember) ||
-        !parse_src(tokens_src, &p->tokens_src) || !parse_src(after, &p->after)) {
+        !parse_src(tokens_src, &p->tokens_src) || !parse_src(after, &p->after) || !parse_part(arrays, values, p)) {
       delete p;
       return nullptr;
     }
@@ -1607,55 +1791,43 @@ PyObject *sess_learn(PyObject *self, PyObject *spec) {
     p->tokens = tokens;
     p->arg_dims = arg_dims;
     p->device = device;
-    for (Py_ssize_t i = 0; i < PyList_GET_SIZE(arrays); i++) {
-      PyObject *src, *dt, *counts, *src2 = Py_None;
-      int ndim, mode, hash = 0;
-      ArraySpec a;
-      if (!PyArg_ParseTuple(PyList_GET_ITEM(arrays, i), "OOiiO|pO", &src, &dt, &ndim, &mode, &counts, &hash, &src2) ||
-          !parse_src(src, &a.src) || !parse_src(counts, &a.counts) || !parse_src(src2, &a.src2) ||
-          !THPDtype_Check(dt)) {
-        if (!PyErr_Occurred())
-          PyErr_SetString(PyExc_TypeError,
-                          "learn: arrays are (src, torch.dtype, ndim, mode, counts src[, hash, scales src])");
+    if (end != Py_None) {
+      Plan *e = p->end = new Plan();
+      PyObject *e_arrays, *e_values;
+      int e_device;
+      if (!PyArg_ParseTuple(end, "iO!O!p", &p->hook_at, &PyList_Type, &e_arrays, &PyList_Type, &e_values, &e_device) ||
+          !parse_part(e_arrays, e_values, e) || p->hook_at < 0) {
+        if (!PyErr_Occurred()) PyErr_SetString(PyExc_ValueError, "learn: a negative hook index");
         delete p;
         return nullptr;
       }
-      a.dtype = reinterpret_cast<THPDtype *>(dt)->scalar_type;
-      a.ndim = ndim;
-      a.mode = mode;
-      a.hash = hash;
-      p->total_dims += hash ? 2 : mode ? 2 : ndim;  // hashed: fp [n] and marks [n]
-      p->arrays.push_back(a);
-    }
-    for (Py_ssize_t i = 0; i < PyList_GET_SIZE(values); i++) {
-      Src v;
-      if (!parse_src(PyList_GET_ITEM(values, i), &v)) {
-        delete p;
-        return nullptr;
-      }
-      p->values.push_back(v);
+      e->id = id;
+      e->op = op;
+      e->device = e_device;
     }
   }
   g_plans_changed++;
-  auto it = s->plans->find(t_pending.key);
+  const Key &k = key_bytes ? key : t_pending.key;
+  auto it = s->plans->find(k);
   if (it != s->plans->end()) {
-    delete it->second;
+    if (it->second) s->retired->push_back(it->second);
     it->second = p;
   } else {
-    (*s->plans)[t_pending.key] = p;
+    (*s->plans)[k] = p;
   }
-  t_pending.active = false;
+  if (!key_bytes) t_pending.active = false;
   Py_RETURN_TRUE;
 }
 
-// pending(): (hook, positional count, keyword names) of the call this thread's Python path is
-// handling when the compiled hook asked it to learn a plan; else None.
+// pending(): (hook, positional count, keyword names, tags taken, key bytes) of the call this
+// thread's Python path is handling when the compiled hook asked it to learn a plan; else None.
 PyObject *sess_pending(PyObject *, PyObject *) {
   if (!t_pending.active) Py_RETURN_NONE;
   const auto &k = t_pending.key.v;  // [op, buffer, npos, kTaggedKey if the call takes tags, ...]
-  return Py_BuildValue("(OnOO)", reinterpret_cast<PyObject *>(t_pending.hook), t_pending.nargs,
+  return Py_BuildValue("(OnOOy#)", reinterpret_cast<PyObject *>(t_pending.hook), t_pending.nargs,
                        t_pending.kwnames ? t_pending.kwnames : Py_None,
-                       k.size() > 3 && k[3] == kTaggedKey ? Py_True : Py_False);
+                       k.size() > 3 && k[3] == kTaggedKey ? Py_True : Py_False,
+                       reinterpret_cast<const char *>(k.data()), Py_ssize_t(k.size() * sizeof(int64_t)));
 }
 
 // hung(now_mono_ns, timeout_ns): fast calls running longer, not reported yet (then marked):
@@ -1828,7 +2000,7 @@ PyObject *sess_plans(PyObject *self, PyObject *) {
 }
 
 PyMethodDef sess_methods[] = {
-    {"learn", sess_learn, METH_O, "learn(spec): a plan for the pending call's key (see _hookx.cpp)."},
+    {"learn", sess_learn, METH_VARARGS, "learn(spec[, key]): a plan for the pending call's key (see _hookx.cpp)."},
     {"hung", sess_hung, METH_VARARGS, "hung(now_ns, timeout_ns): fast calls running past the timeout."},
     {"lineage_put", sess_lineage_put, METH_VARARGS, "lineage_put(tensor, seq): this handle came from dispatch seq."},
     {"lineage_get", sess_lineage_get, METH_O, "lineage_get(tensor): the dispatch seq of a handle, or -1."},
@@ -1928,7 +2100,15 @@ PyMODINIT_FUNC PyInit__hookx(void) {
   SessionType.tp_dealloc = sess_dealloc;
   SessionType.tp_methods = sess_methods;
   SessionType.tp_doc = "Session(rec, ring state, base, words, cap, attr, stats, layers_per_step, marks_local)";
-  if (PyType_Ready(&HookType) < 0 || PyType_Ready(&SessionType) < 0) return nullptr;
+  RecvHookType.tp_name = "epreplay.capture._hookx.RecvHook";
+  RecvHookType.tp_basicsize = sizeof(RecvHook);
+  RecvHookType.tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_VECTORCALL;
+  RecvHookType.tp_vectorcall_offset = offsetof(RecvHook, vectorcall);
+  RecvHookType.tp_call = PyVectorcall_Call;
+  RecvHookType.tp_dealloc = recv_dealloc;
+  RecvHookType.tp_doc = "A compiled low-latency call's recv hook: calls DeepEP's, then writes the call's outputs.";
+  if (PyType_Ready(&HookType) < 0 || PyType_Ready(&SessionType) < 0 || PyType_Ready(&RecvHookType) < 0)
+    return nullptr;
   s_dict = PyUnicode_InternFromString("__dict__");
   s_state = PyUnicode_InternFromString("state");
   s_step = PyUnicode_InternFromString("step");
@@ -1940,6 +2120,7 @@ PyMODINIT_FUNC PyInit__hookx(void) {
   s_id = PyUnicode_InternFromString("id");
   s_fast_raised = PyUnicode_InternFromString("_fast_raised");
   s_fast_mismatch = PyUnicode_InternFromString("_fast_mismatch");
+  s_fast_end = PyUnicode_InternFromString("_fast_end");
   s_current_stream_wait = PyUnicode_InternFromString("current_stream_wait");
   PyObject *m = PyModule_Create(&module_def);
   if (!m) return nullptr;

@@ -15,7 +15,9 @@ Buffer's group); "E", "M", "hidden", "x_dtype", "use_fp8", "expert_alignment",
 "num_worst_tokens", "config" (repr), "dispatch_seq" (combine/cached dispatch/ll_combine: seq of
 the dispatch whose handle it used, -1 unknown), "ll_parity" (low-latency receive buffer, 0/1),
 "handle_len", "error" (ERROR records), "nonfinite" (names of staged tensors holding NaN/inf),
-"recv_hook" (LL dispatch with return_recv_hook), "payload_skipped" (payload level, not a
+"recv_hook" (LL dispatch: return_recv_hook; LL combine: true where it had one, its outputs
+staged when the hook ran), "outputs_lost" (a call whose recv hook never ran, or whose outputs'
+frame was dropped: its inputs only, duration -1), "payload_skipped" (payload level, not a
 payload step), "fp_version" (records holding *_fp_* arrays: the fingerprint definition, see
 epreplay/format/records.py; set by build.py).
 """

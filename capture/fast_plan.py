@@ -9,6 +9,11 @@ it the compiled hook writes a FAST frame (ring_frames.py) per call without runni
 writer joins the frame with the plan (ring_frames.read_fast) into the CALL frame the Python hook
 would have written.
 
+A low-latency call with a recv hook (RECV_HOOK_AT) has a plan in two parts: its inputs, written
+at return as a BEGIN frame, and its outputs (every source in the result), written by the hook's
+wrapper as an END frame; the first part is learned at return (learn_begin), the whole plan once
+the hook ran (learn_end).
+
 Learning: the first call of a key goes through the Python hook. When its CALL frame is written,
 `learn` finds every staged tensor among the call's arguments and results by identity; when all
 are found (host tensors only, no derived tensors but the token tags, no error), the plan goes to the
@@ -237,26 +242,14 @@ def _host_source(call: Any, name: str, tag: str, t: Any, args: dict[str, Any], r
     return got if got is not None else (None, 0, None)
 
 
-def compile_plan(call: Any, args: dict[str, Any], result: Any, st: Any, meta: dict[str, Any],
-                 slots: dict[str, int], host_hash: bool = False) -> tuple[list, tuple] | None:
-    """(the session's spec without its id, the writer's plan) for this call, or None when its
-    frame cannot be expressed as a plan (see the module docstring). host_hash: host rows to
-    fingerprint are hashed by the hook (_hosthash.h) instead of copied for the writer."""
+def _arrays_plan(call: Any, args: dict[str, Any], result: Any, st: Any, find: Any,
+                 host_hash: bool) -> tuple[list, list, list, list] | None:
+    """The staged arrays and values of `st` as plan sources: (arrays, their frame specs, value
+    sources, value names), or None where one cannot be found among the arguments and results."""
     from epreplay.capture.ring_frames import words_of
 
     device = bool(st.dev)
-    if device and (st.arrays or any(tag not in ("a", "hash") for _, _, tag in st.dev)):
-        return None  # host and CUDA arrays mixed: Python's
     staged = st.dev if device else st.arrays  # (on the host an async_finish event orders nothing)
-    template = args_template(args, slots)
-    if template is None:
-        return None
-    find = _finder(args, slots, result)
-    after = None  # async_finish on a GPU: the gather waits for this event (on the hook's side stream)
-    if device and st.after_ev is not None:
-        after = find(st.after_ev)
-        if after is None or after[0] != 1:
-            return None
     arrays, specs = [], []
     hash_outputs = []
     for name, dtype in (("", torch.int64), (":nonfinite", torch.int8)):  # fp [n], marks [n]
@@ -303,6 +296,30 @@ def compile_plan(call: Any, args: dict[str, Any], result: Any, st: Any, meta: di
             return None
         values.append(src)
         value_names.append(name)
+    return arrays, specs, values, value_names
+
+
+def compile_plan(call: Any, args: dict[str, Any], result: Any, st: Any, meta: dict[str, Any],
+                 slots: dict[str, int], host_hash: bool = False) -> tuple[list, tuple] | None:
+    """(the session's spec without its id, the writer's plan) for this call, or None when its
+    frame cannot be expressed as a plan (see the module docstring). host_hash: host rows to
+    fingerprint are hashed by the hook (_hosthash.h) instead of copied for the writer."""
+    device = bool(st.dev)
+    if device and (st.arrays or any(tag not in ("a", "hash") for _, _, tag in st.dev)):
+        return None  # host and CUDA arrays mixed: Python's
+    template = args_template(args, slots)
+    if template is None:
+        return None
+    find = _finder(args, slots, result)
+    after = None  # async_finish on a GPU: the gather waits for this event (on the hook's side stream)
+    if device and st.after_ev is not None:
+        after = find(st.after_ev)
+        if after is None or after[0] != 1:
+            return None
+    got = _arrays_plan(call, args, result, st, find, host_hash)
+    if got is None:
+        return None
+    arrays, specs, values, value_names = got
     lookup = remember = None
     if "dispatch_seq" in meta:
         h = args.get("handle")
@@ -325,13 +342,79 @@ def compile_plan(call: Any, args: dict[str, Any], result: Any, st: Any, meta: di
     return spec, plan
 
 
+# Where a low-latency call's recv hook is in its result: the outputs are valid once it ran.
+RECV_HOOK_AT = {Op.LL_DISPATCH: 4, Op.LL_COMBINE: 2}
+
+
+def _roots(src: Any) -> set[int]:
+    """The roots (0 argument, 1 result, 2 tags) an array or value source reads."""
+    if src is None:
+        return set()
+    if type(src) is tuple and len(src) == 3 and all(type(v) is int for v in src):
+        return {src[0]}
+    return set().union(*map(_roots, src)) if type(src) in (tuple, list) else set()
+
+
+class RecvLearn:
+    """The first step of learning a call whose outputs come with its recv hook: the BEGIN part
+    (the inputs' plan, made when the call returned) and the pending key it is for."""
+
+    __slots__ = ("spec", "plan", "key", "slots")
+
+    def __init__(self, spec: list, plan: tuple, key: bytes, slots: dict[str, int]) -> None:
+        self.spec, self.plan, self.key, self.slots = spec, plan, key, slots
+
+
+def learn_begin(fs: FastSession | None, call: Any, args: dict[str, Any], result: Any, st: Any,
+                meta: dict[str, Any]) -> RecvLearn | None:
+    """A call with a recv hook returned and its BEGIN frame is written: the inputs' plan, kept
+    until the hook ran (learn_end). None where the key cannot be planned (the session then
+    remembers that) or nothing was asked."""
+    if fs is None:
+        return None
+    pending = fs.hookx.pending()
+    if pending is None:
+        return None
+    hook, nargs, kwnames, tagged, key = pending
+    slots = _slots(getattr(hook, "binder", None), nargs, kwnames)
+    got = None
+    if call.error is None and not call.status and tagged == (call.tags is not None) and slots is not None:
+        got = compile_plan(call, args, result, st, meta, slots, fs.host_hash)
+    if got is None or got[0][10] is not None:  # (async_finish excludes a recv hook)
+        fs.session.learn(None)
+        return None
+    return RecvLearn(got[0], got[1], key, slots)
+
+
+def learn_end(fs: FastSession | None, pend: RecvLearn | None, call: Any, args: dict[str, Any],
+              result: Any, st: Any, added: Any) -> None:
+    """The recv hook ran and the END frame is written: with the outputs' part, the call's plan
+    (its compiled calls write a BEGIN frame at return and an END frame from the hook's wrapper,
+    which holds the result only: every output must come from it)."""
+    if fs is None or pend is None:
+        return
+    find = _finder({}, {}, result)
+    got = _arrays_plan(call, args, result, st, find, fs.host_hash)
+    hook_at = RECV_HOOK_AT.get(call.op)
+    device = bool(st.dev)
+    if got is None or added or hook_at is None or st.after_ev is not None or \
+            (device and st.arrays) or not (_roots(got[0]) | _roots(got[2])) <= {1}:
+        fs.session.learn(None, pend.key)
+        return
+    arrays, specs, values, value_names = got
+    spec = list(pend.spec)
+    spec.append((hook_at, arrays, values, device))
+    plan = pend.plan + ((specs, value_names),)
+    _learn(fs, spec, plan, pend.key)
+
+
 def learn(fs: FastSession, call: Any, args: dict[str, Any], result: Any, st: Any, meta: dict[str, Any]) -> None:
     """After the Python hook wrote `call`'s CALL frame: a plan for its key, if the compiled hook
     asked for one (the session remembers "never" where none can be made)."""
     pending = fs.hookx.pending()
     if pending is None or call.error is not None or call.status:
         return  # not asked, or this one call is unusual (an error): the next may teach
-    hook, nargs, kwnames, tagged = pending
+    hook, nargs, kwnames, tagged, _ = pending
     if tagged != (call.tags is not None):  # tags pending at a call that leaves them (a cached
         fs.session.learn(None)              # dispatch): that key stays Python's, which leaves them
         return
@@ -340,11 +423,18 @@ def learn(fs: FastSession, call: Any, args: dict[str, Any], result: Any, st: Any
     if got is None:
         fs.session.learn(None)
         return
-    spec, plan = got
-    if spec[9]:  # CUDA arrays: the compiled hook gathers into the session's device ring
+    _learn(fs, *got)
+
+
+def _learn(fs: FastSession, spec: list, plan: tuple, key: bytes | None = None) -> None:
+    """Hand a compiled plan to the session (and to the writer, through the ring's plan area) for
+    the pending key, or for `key` (a recv hook's call, learned after its key stopped pending)."""
+    rest = (key,) if key is not None else ()
+    end = spec[11] if len(spec) > 11 else None
+    if spec[9] or (end is not None and end[3]):  # CUDA arrays: gathered into the session's device ring
         dev = fs.rp.dev
         if dev is None:
-            fs.session.learn(None)
+            fs.session.learn(None, *rest)
             return
         from epreplay.capture.gather_kernel import current_stream_handle
         from epreplay.capture.graph_ring import CAPTURING
@@ -354,21 +444,22 @@ def learn(fs: FastSession, call: Any, args: dict[str, Any], result: Any, st: Any
         if not fs.gather_tried:
             fs.gather_tried = True
             fs.raw_launch, fs.hash_launch = _raw_gather(fs, dev.D.device)
-        if any(len(a) > 5 and a[5] for a in spec[7]) and not fs.hash_launch:
-            fs.session.learn(None)  # fingerprinted rows need the raw launch: Python's
+        hashed = list(spec[7]) + (list(end[1]) if end is not None else [])
+        if any(len(a) > 5 and a[5] for a in hashed) and not fs.hash_launch:
+            fs.session.learn(None, *rest)  # fingerprinted rows need the raw launch: Python's
             return
         if spec[10] is not None and not (fs.raw_launch and dev.drainer is not None):
-            fs.session.learn(None)  # async_finish: the raw launch on the side stream, the native drain
+            fs.session.learn(None, *rest)  # async_finish: the raw launch on the side stream, the native drain
             return
     try:
         blob = marshal.dumps(plan)
     except ValueError:  # a meta value marshal cannot carry: the Python path keeps this site
-        fs.session.learn(None)
+        fs.session.learn(None, *rest)
         return
     plan_id = fs.ring.append_plan(blob)
     if plan_id < 0:
         return  # the plan area is full: this key stays on the Python path
-    fs.session.learn((plan_id, *spec))
+    fs.session.learn((plan_id, *spec), *rest)
 
 
 def _raw_gather(fs: FastSession, device: Any) -> tuple[bool, bool]:
@@ -386,9 +477,3 @@ def _raw_gather(fs: FastSession, device: Any) -> tuple[bool, bool]:
     hashing = gather_kernel.load(device, gather_kernel.GATHER_HASH)
     fs.session.set_gather(*got, gather_kernel.current_stream_handle, hashing[0] if hashing else 0)
     return True, hashing is not None
-
-
-def never(fs: FastSession | None) -> None:
-    """The pending call's key cannot be planned (a low-latency dispatch with a recv hook)."""
-    if fs is not None and fs.hookx.pending() is not None:
-        fs.session.learn(None)

@@ -331,12 +331,23 @@ def stage_end(ring: GraphRing, call: GraphCall, args: dict[str, Any], result: An
         if level >= Level.ROUTING:
             out["topk_idx_TK"] = topk
             out["topk_weights_TK"] = args["topk_weights"]
-        if level >= Level.FINGERPRINTS:
-            out["combined_fp_T"] = fingerprint_rows_fast(result[0], version=FINGERPRINT_VERSION)
-        if not out:
-            out["tokens_T"] = torch.ones(1, dtype=torch.int32, device=topk.device)  # a replay count
-        if not site.stage(out):
-            ring.skipped += 1  # no room left for its rings (graph_arena.py)
+
+        def stage_combined() -> None:
+            if level >= Level.FINGERPRINTS:
+                out["combined_fp_T"] = fingerprint_rows_fast(result[0], version=FINGERPRINT_VERSION)
+            if not out:
+                out["tokens_T"] = torch.ones(1, dtype=torch.int32, device=topk.device)  # a replay count
+            if not site.stage(out):
+                ring.skipped += 1  # no room left for its rings (graph_arena.py)
+
+        hook = result[2] if len(result) > 2 else None
+        if call.meta.get("recv_hook") and callable(hook):  # combined rows are valid after the hook
+            def recv_hook(*a: Any, **kw: Any) -> Any:
+                got = hook(*a, **kw)
+                stage_combined()
+                return got
+            return result[:2] + (recv_hook,) + tuple(result[3:])
+        stage_combined()
         return result
     ring.skipped += 1  # normal-mode calls sync with the host: they are never graph-captured
     return result

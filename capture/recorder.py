@@ -275,13 +275,14 @@ class Recorder(CallMeta, Control, Courier):
             self._remember_handle(result[3] if hasattr(result[3], "recv_src_metadata") else result[4], call.seq)
         elif call.op == Op.LL_DISPATCH and isinstance(result, tuple) and len(result) > 2:
             self._remember_handle(result[2], call.seq)
-            hook = result[4] if len(result) > 4 else None
-            if ring and args.get("return_recv_hook") and callable(hook):
-                # the outputs are valid once the hook ran: the inputs go out now (BEGIN)
-                self._rp.begin_frame(self, call, args)
-                return result[:4] + (self._wrap_recv_hook(call, args, result, hook),) + result[5:]
-            if not ring and call.meta.get("recv_hook") and callable(hook):
-                return result[:4] + (self._wrap_recv_hook(call, args, result, hook),) + result[5:]
+        at = fast_plan.RECV_HOOK_AT.get(call.op)
+        hook = result[at] if at is not None and isinstance(result, tuple) and len(result) > at else None
+        if callable(hook) and args.get("return_recv_hook"):
+            # the outputs are valid once the hook ran: the inputs go out now (BEGIN), the
+            # outputs when the job calls the hook (END)
+            if ring:
+                self._rp.begin_frame(self, call, args, result)
+            return result[:at] + (self._wrap_recv_hook(call, args, result, hook),) + result[at + 1:]
         if ring:
             self._rp.call_frame(self, call, args, result)
         else:
@@ -338,12 +339,13 @@ class Recorder(CallMeta, Control, Courier):
     def _fast_call(self, ident: tuple, args: tuple, kwargs: dict[str, Any]) -> tuple[RingCall, dict[str, Any]]:
         """A compiled-hook call as the RingCall (and bound arguments) the Python path would have
         made. ident: (call id, op, BufferState, seq, step, layer, start_ns, duration_ns, hook,
-        the token tags it took or None)."""
-        call_id, op, bs, seq, step, layer, start_ns, duration, hook, tags = ident
+        the token tags it took or None, its ll_parity or -1)."""
+        call_id, op, bs, seq, step, layer, start_ns, duration, hook, tags, parity = ident
         bound = hook.binder.bind(args[1:], kwargs)
         call = RingCall(call_id, Op(op), bs, seq, step, layer, self.level, False)
         call.args = bound
         call.tags = tags
+        call.parity = parity  # (the hook counted the Buffer's low-latency calls)
         call.start_ns = start_ns
         if duration >= 0:  # end()/raised() turn t0 into the duration
             call.t0 = time.perf_counter_ns() - duration
@@ -351,13 +353,27 @@ class Recorder(CallMeta, Control, Courier):
             call.t_mono = time.monotonic() - (time.time_ns() - start_ns) / 1e9
         return call, bound
 
-    def _fast_mismatch(self, ident: tuple, args: tuple, kwargs: dict[str, Any], result: Any) -> None:
-        """The call's outputs were not shaped as its plan learned: the Python path writes it."""
+    def _fast_mismatch(self, ident: tuple, args: tuple, kwargs: dict[str, Any], result: Any) -> Any:
+        """The call's outputs were not shaped as its plan learned: the Python path writes it.
+        Returns the result to hand back (a recv hook's call: with the hook wrapped)."""
         call, bound = self._fast_call(ident, args, kwargs)
         try:
-            self.end(call, bound, result)
+            return self.end(call, bound, result)
         except Exception as exc:  # noqa: BLE001 - capture never breaks the job
             self.disable(f"compiled hook outputs: {type(exc).__name__}: {exc}")
+            return result
+
+    def _fast_end(self, ident: tuple, result: Any) -> None:
+        """A compiled call's recv hook ran, and its outputs were not shaped as its plan learned:
+        the Python path writes its END frame (the BEGIN went at return)."""
+        call_id, op, bs, seq, step, layer, _, duration, _, _, _ = ident
+        call = RingCall(call_id, Op(op), bs, seq, step, layer, self.level, False)
+        call.meta, call.t0 = {}, duration
+        call.tokens = -1  # the BEGIN's
+        try:
+            self._rp.end_frame(self, call, {}, result)
+        except Exception as exc:  # noqa: BLE001 - capture never breaks the job
+            self.disable(f"compiled hook recv outputs: {type(exc).__name__}: {exc}")
 
     def _fast_raised(self, ident: tuple, args: tuple, kwargs: dict[str, Any], exc: BaseException) -> None:
         call, _ = self._fast_call(ident, args, kwargs)

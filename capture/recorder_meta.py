@@ -17,6 +17,18 @@ if TYPE_CHECKING:
     from epreplay.capture.recorder import Recorder
 
 
+def ll_parity(call: Any, bs: "BufferState") -> int:
+    """Which of the Buffer's two low-latency receive buffers this dispatch used (its low-latency
+    call count % 2), counting the call; a compiled-hook call handed back to Python was counted by
+    the hook already (RingCall.parity)."""
+    parity = getattr(call, "parity", -1)
+    if parity >= 0:
+        return parity
+    parity = bs.ll_calls % 2
+    bs.ll_calls += 1
+    return parity
+
+
 class BufferState:
     """What the recorder keeps per Buffer object: its id, group, and call counters."""
 
@@ -60,12 +72,14 @@ class CallMeta:
                 m["M"] = int(a.get("num_max_dispatch_tokens_per_rank") or 0)
                 m["E"] = int(a.get("num_experts") or 0)
                 m["use_fp8"] = bool(a.get("use_fp8", True))
-                m["ll_parity"] = bs.ll_calls % 2
+                m["ll_parity"] = ll_parity(call, bs)
                 m["recv_hook"] = bool(a.get("return_recv_hook", False))
-                bs.ll_calls += 1
-            elif isinstance(h, tuple) and len(h) >= 4:
-                m["M"] = h[2] if isinstance(h[2], int) else None
-                m["E"] = h[-1] if isinstance(h[-1], int) else None
+            else:
+                if isinstance(h, tuple) and len(h) >= 4:
+                    m["M"] = h[2] if isinstance(h[2], int) else None
+                    m["E"] = h[-1] if isinstance(h[-1], int) else None
+                if a.get("return_recv_hook"):  # its output is taken when the hook ran
+                    m["recv_hook"] = True
         else:
             for key in ("expert_alignment", "num_worst_tokens"):
                 if isinstance(a.get(key), (int, float)) or hasattr(a.get(key), "__index__"):

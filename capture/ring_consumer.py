@@ -11,7 +11,8 @@ pipe instead, tagged with the ring position the job had published, and is applie
 frame before that position is done. "close" always comes over the pipe.
 
 Ring words the consumer keeps (shm_ring.py): tail (the oldest byte still needed: a call whose
-END has not come holds its BEGIN frame) and committed (every frame before it is in the sink,
+END has not come holds its BEGIN frame, until it is half a ring behind: then it goes out with
+its inputs only, meta "outputs_lost") and committed (every frame before it is in the sink,
 which `capture.flush()` waits for). A writer started on a ring another writer left (killed)
 resumes from tail: it skips END frames and events before `committed`, which its predecessor
 wrote, and re-reads the BEGIN frames of calls still open.
@@ -23,13 +24,17 @@ import pickle
 from typing import Any
 
 from epreplay.capture.packed import Duration, PackedCall, PackedStaging
-from epreplay.capture.ring_frames import BEGIN, CALL, CTL, END, FAST, HUNG, read_call, read_fast
+from epreplay.capture.ring_frames import (BEGIN, CALL, CTL, END, FAST, FAST_BEGIN, FAST_CALL, HUNG, read_call,
+                                          read_fast)
 from epreplay.capture.shm_ring import PAD, W_COMMITTED, W_DROPPED, W_DTAIL, W_HEAD, W_TAIL, ShmRing
 from epreplay.format.records import Level, Op, Status
 
 # Bytes of frames read at once before building: bounds the writer's memory, and a batch's CPU
 # fingerprints are hashed in one pass per row format.
 READ_BYTES = 16 << 20
+# An open call (BEGIN read, END not yet) more than capacity / STALE_PART behind the read position
+# goes out without its outputs: a recv hook is called within a few calls of its dispatch.
+STALE_PART = 2
 
 
 class RingConsumer:
@@ -71,6 +76,7 @@ class RingConsumer:
                 self._frame(pos, end, kind, body, calls)
                 self.pos = end
                 done += 1
+            self._evict_stale(calls)
             self._emit(calls)
             self._advance(self.pos)
         self._report_drops()
@@ -81,13 +87,16 @@ class RingConsumer:
         if kind == PAD:
             return
         if kind == FAST:
-            fast = self._fast(body)
-            if pos >= self.skip_before:  # else written by the writer before us (resume)
-                calls.append((end, _packed(*fast)))
-            return
-        call_id, head, items, dev_end = read_call(body, self.ring.dev_view)
-        if dev_end > self.dev_tail:  # copied out: the device mirror may take new bytes there
-            self.dev_tail = dev_end
+            call_id, part, head, items = self._fast(body)
+            if part == FAST_CALL:
+                if pos >= self.skip_before:  # else written by the writer before us (resume)
+                    calls.append((end, _packed(head[:10], items, head[10], {})))
+                return
+            kind = BEGIN if part == FAST_BEGIN else END  # a recv hook's call: joined as Python's
+        else:
+            call_id, head, items, dev_end = read_call(body, self.ring.dev_view)
+            if dev_end > self.dev_tail:  # copied out: the device mirror may take new bytes there
+                self.dev_tail = dev_end
         if kind == BEGIN:
             self.open[call_id] = (pos, head, items)
             return
@@ -107,19 +116,29 @@ class RingConsumer:
         else:
             raise ValueError(f"capture ring: unknown frame kind {kind} at position {pos}")
 
+    def _evict_stale(self, calls: list[tuple[int, PackedCall]]) -> None:
+        """Calls whose END is far behind (its hook never ran, or its END was dropped: the ring was
+        full) go out with their inputs only (duration -1, meta "outputs_lost"): an open BEGIN holds
+        the ring's tail, and one that never closes would leave the job no room at all."""
+        stale = self.pos - self.ring.capacity // STALE_PART
+        for call_id in [c for c, (p, _, _) in self.open.items() if p < stale]:
+            _, head, items = self.open.pop(call_id)
+            head = head[:8] + (dict(head[8], outputs_lost=True),) + head[9:]
+            calls.append((self.pos, _packed(head, items, None, {})))
+
     def _fast(self, body: Any) -> tuple:
-        """A FAST frame as (BEGIN head, items, END head, {}); its plan was published to the ring's
-        plan area before the frame (a writer started later reads them all there)."""
+        """A FAST frame as (call id, part, head, items); its plan was published to the ring's plan
+        area before the frame (a writer started later reads them all there)."""
         try:
-            _, head, items, dev_end = read_fast(body, self.plans, self.ring.dev_view)
+            call_id, part, head, items, dev_end = read_fast(body, self.plans, self.ring.dev_view)
         except KeyError:
             new, self._plan_pos = self.ring.plans_from(self._plan_pos)
             for plan_id, blob in new:
                 self.plans[plan_id] = marshal.loads(blob)
-            _, head, items, dev_end = read_fast(body, self.plans, self.ring.dev_view)
+            call_id, part, head, items, dev_end = read_fast(body, self.plans, self.ring.dev_view)
         if dev_end > self.dev_tail:  # copied out: the device mirror may take new bytes there
             self.dev_tail = dev_end
-        return head[:10], items, head[10], {}
+        return call_id, part, head, items
 
     def _emit(self, calls: list[tuple[int, PackedCall]]) -> None:
         if not calls:

@@ -40,7 +40,11 @@ BEGIN, END, CALL, HUNG, CTL, FAST = 1, 2, 3, 4, 5, 6  # CTL: a pickled control m
 #   absolute position in the device mirror area, packed without padding); the argument tensors' dims (i64: the descriptions of the record's
 #   meta "args"); each array's dims (i64, ndim per the plan); each int-list value as
 #   i64 count + items; then each array's raw bytes (padded to 8). The plan supplies the rest.
+#   The u32 after the plan id is the frame's part: FAST_CALL a whole call; a call with a recv hook
+#   (its plan has an outputs' part) is FAST_BEGIN at return (the inputs) and FAST_END when the hook
+#   ran (the outputs: no argument dims; the plan's outputs' specs and values), joined by call id.
 FAST_HEAD = struct.Struct("<IIQ9q")
+FAST_CALL, FAST_BEGIN, FAST_END = 0, 1, 2
 CALL_HEAD = struct.Struct("<IHHQ")  # desc_len, desc codec, spare, call id
 BODY = FRAME.size + CALL_HEAD.size  # where desc starts in a frame
 
@@ -89,19 +93,25 @@ def read_call(body: memoryview, dev: Any = None) -> tuple[int, Any, dict[str, An
     return call_id, head, items, dev_end
 
 
-def read_fast(body: memoryview, plans: dict[int, tuple], dev: Any = None) -> tuple[int, tuple, dict[str, Any], int]:
-    """One FAST frame's body -> call id, CALL head and items, as read_call gives for the CALL
-    frame the Python hook would have written, and the end of its bytes in the device mirror area
-    (-1: none there). plans: {plan id: the plan tuple fast_plan.compile_plan made}; a KeyError
-    means the plan is not read yet (the caller reads the ring's plan area)."""
-    (pid, _, call_id, seq, step, layer, start_ns, tokens, duration, parity, dseq,
+def read_fast(body: memoryview, plans: dict[int, tuple], dev: Any = None) -> tuple[int, int, tuple, dict[str, Any], int]:
+    """One FAST frame's body -> call id, part, head and items, as read_call gives for the frame
+    the Python hook would have written (part FAST_CALL: a CALL head; FAST_BEGIN: a BEGIN head;
+    FAST_END: an END head), and the end of its bytes in the device mirror area (-1: none there).
+    plans: {plan id: the plan tuple fast_plan.compile_plan made}; a KeyError means the plan is
+    not read yet (the caller reads the ring's plan area)."""
+    (pid, part, call_id, seq, step, layer, start_ns, tokens, duration, parity, dseq,
      dev_start) = FAST_HEAD.unpack_from(body, 0)
-    op, buffer, level, meta, template, specs, value_names, has_parity, has_dseq = plans[pid]
+    plan = plans[pid]
+    op, buffer, level, meta, template, specs, value_names, has_parity, has_dseq = plan[:9]
     pos = FAST_HEAD.size
-    n_arg = template[1]
-    arg_dims = struct.unpack_from(f"<{n_arg}q", body, pos)
-    pos += 8 * n_arg
-    args = {name: render_arg(t, arg_dims) for name, t in template[0].items()}
+    args: dict[str, Any] = {}
+    if part == FAST_END:  # the outputs' part of a recv hook's plan; the BEGIN frame had the arguments
+        specs, value_names = plan[9]
+    else:
+        n_arg = template[1]
+        arg_dims = struct.unpack_from(f"<{n_arg}q", body, pos)
+        pos += 8 * n_arg
+        args = {name: render_arg(t, arg_dims) for name, t in template[0].items()}
     dims = []
     for spec in specs:
         nd = spec[5]
@@ -134,15 +144,17 @@ def read_fast(body: memoryview, plans: dict[int, tuple], dev: Any = None) -> tup
         else:
             pairs.setdefault(name, [None, None])[tag == "fp1"] = a
             items[name] = ("fp", pairs[name])
+    end = (0, tokens, duration, None, True)
+    if part == FAST_END:
+        return call_id, part, end, items, dev_end
     if has_parity or has_dseq:
         meta = dict(meta)
         if has_parity:
             meta["ll_parity"] = parity
         if has_dseq:
             meta["dispatch_seq"] = dseq
-    head = (op, buffer, seq, step, layer, start_ns, level, tokens, meta, args,
-            (0, tokens, duration, None, True))
-    return call_id, head, items, dev_end
+    head = (op, buffer, seq, step, layer, start_ns, level, tokens, meta, args)
+    return call_id, part, head if part == FAST_BEGIN else head + (end,), items, dev_end
 
 
 def render_arg(t: Any, dims: tuple) -> Any:

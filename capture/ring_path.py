@@ -26,6 +26,7 @@ from typing import Any
 
 from epreplay.capture import fast_plan
 from epreplay.capture.extract import ValidRows, describe, stage_inputs, stage_outputs
+from epreplay.capture.recorder_meta import ll_parity
 from epreplay.capture.ring_staging import RingStaging
 from epreplay.capture.ring_frames import BEGIN, CALL, END, HUNG, write_call, write_control
 from epreplay.capture.ring_thread import IDLE_RINGS, ThreadWriter, idle_ring, ring_sizes
@@ -44,7 +45,7 @@ class RingCall:
 
     __slots__ = ("id", "op", "bs", "buffer", "seq", "step", "layer", "level", "payload", "args",
                  "meta", "meta_n", "tokens", "staging", "status", "done", "error", "start_ns", "t0",
-                 "t_mono", "hung_reported", "tags", "args_blob")
+                 "t_mono", "hung_reported", "tags", "args_blob", "learn", "parity")
 
     def __init__(self, call_id: int, op: Any, bs: Any, seq: int, step: int, layer: int, level: Any,
                  payload: bool) -> None:
@@ -55,6 +56,8 @@ class RingCall:
         self.meta_n = 0
         self.meta: Any = None  # made once, by the first frame (RingPath._meta)
         self.args_blob = b""  # marshal of the argument descriptions (RingPath._meta)
+        self.learn: Any = None  # a recv hook's call: the first step of its plan (fast_plan.RecvLearn)
+        self.parity = -1  # a compiled-hook call's ll_parity, counted by the hook (-1: count it here)
         self.tokens = 0
         self.status = 0
         self.done = False
@@ -164,8 +167,7 @@ class RingPath:
         else:
             meta = call.meta = dict(site[0])
             if "ll_parity" in meta:  # a low-latency dispatch: which of the two receive buffers
-                meta["ll_parity"] = bs.ll_calls % 2
-                bs.ll_calls += 1
+                meta["ll_parity"] = ll_parity(call, bs)
             if "dispatch_seq" in meta:  # the dispatch whose handle this call used
                 meta["dispatch_seq"] = rec._lineage_of(args.get("handle"))
         call.args_blob = site[1]
@@ -242,14 +244,15 @@ class RingPath:
                 and self.fast is not None:
             fast_plan.learn(self.fast, call, args, result, st, meta)  # the next such call: compiled
 
-    def begin_frame(self, rec: Any, call: RingCall, args: dict[str, Any]) -> None:
-        """A low-latency dispatch whose outputs come with its recv hook: the inputs now."""
+    def begin_frame(self, rec: Any, call: RingCall, args: dict[str, Any], result: Any) -> None:
+        """A low-latency call whose outputs come with its recv hook: the inputs now."""
         meta = self._meta(rec, call, args)
         st = call.staging = RingStaging()
         self._inputs(call, args, st)
         call.meta_n = len(meta)
-        fast_plan.never(self.fast)  # its END comes with the recv hook: not a one-frame plan
-        self._write(rec, BEGIN, call, self._begin_head(call, dict(meta)), st)
+        if self._write(rec, BEGIN, call, self._begin_head(call, dict(meta)), st):
+            # the inputs' part of the call's plan; the outputs' part comes with the hook
+            call.learn = fast_plan.learn_begin(self.fast, call, args, result, st, meta)
 
     def end_frame(self, rec: Any, call: RingCall, args: dict[str, Any], result: Any) -> None:
         """The recv hook ran: the outputs (END, joined to the BEGIN by call id)."""
@@ -258,7 +261,9 @@ class RingPath:
         call.done = True
         meta = call.meta
         added = dict(list(meta.items())[call.meta_n:]) if len(meta) > call.meta_n else None
-        self._write(rec, END, call, (int(call.status), call.tokens, call.t0, added, True), st)
+        if self._write(rec, END, call, (int(call.status), call.tokens, call.t0, added, True), st):
+            fast_plan.learn_end(self.fast, call.learn, call, args, result, st, added)
+        call.learn = None
 
     def hung_frame(self, rec: Any, call: RingCall) -> None:
         """The watchdog's report of a call running past the hang timeout: its inputs as of now,

@@ -25,8 +25,8 @@ def inputs(rank: int, step: int, device: str = "cpu"):
 def workload(buf, ll, rank: int, device: str = "cpu", *, steps: int = 2, tag_steps=None,
              hook_steps=(1,)) -> None:
     """Steps alternating two call shapes: normal BF16 dispatch / FP8 with async_finish, cached
-    dispatch, combine, low-latency dispatch BF16 / FP8 (with the recv hook at `hook_steps`) and
-    combine; token tags at `tag_steps` (None: every step); then a dispatch that raises."""
+    dispatch, combine, low-latency dispatch BF16 / FP8 and combine (with their recv hooks at
+    `hook_steps`); token tags at `tag_steps` (None: every step); then a dispatch that raises."""
     from epreplay import capture
     from epreplay.demo.epbench import per_token_cast_to_fp8
 
@@ -53,7 +53,9 @@ def workload(buf, ll, rank: int, device: str = "cpu", *, steps: int = 2, tag_ste
                 got_hook()
             z = recv if not isinstance(recv, tuple) else torch.zeros(recv[0].shape, dtype=torch.bfloat16,
                                                                      device=device)
-            ll.low_latency_combine(z, idx, w, h)
+            _, _, got_hook = ll.low_latency_combine(z, idx, w, h, return_recv_hook=hook)
+            if hook:
+                got_hook()
     try:
         buf.dispatch(x, topk_idx=idx[:, :1].contiguous(), topk_weights=w)  # wrong shapes: raises
     except Exception:  # noqa: BLE001

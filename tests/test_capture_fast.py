@@ -33,7 +33,7 @@ def _rank_paths(ctx, root: str, level: str) -> dict:
         capture.start(os.path.join(root, path), level=level, hot_path=path)
         buf = Buffer(dist.group.WORLD)
         ll = Buffer(dist.group.WORLD, low_latency_mode=True)
-        workload(buf, ll, ctx.rank, ctx.device, steps=STEPS, tag_steps=(2, 4), hook_steps=(5,))
+        workload(buf, ll, ctx.rank, ctx.device, steps=STEPS, tag_steps=(2, 4), hook_steps=(1, 3, 5))
         facts[path] = capture.stop()
     return facts
 
@@ -72,7 +72,8 @@ def test_compiled_records_equal_the_python_hook_and_the_courier_path(tmp_path, l
                 assert c["compiled_frames"] >= (1 if level == "fingerprints" else 10), c
         else:
             # 6 steps x 6 calls + 1: from its second appearance every plain site is compiled
-            # (the LL sites with a recv hook, the first tagged dispatch and the error are Python's;
+            # (the first tagged dispatch and the error are Python's; the LL sites with recv hooks
+            # are compiled from step 3: their inputs at return, their outputs from the hook;
             # at fingerprints the LL buffers' valid rows are gathered by the compiled hook too)
             assert c["hot_path"] == "compiled" and c["compiled_frames"] >= 20, c
             assert c["calls"] == f["ring"]["calls"] == STEPS * 6 + 1
