@@ -1,4 +1,4 @@
-"""fast_plan._hashed_source: which fingerprinted rows a GPU plan hands to the gather launch
+"""plan_compile._hashed_source: which fingerprinted rows a GPU plan hands to the gather launch
 (capture/gather_kernel.py ep_hash) and which stay with the Python hook. Pure: the tensors are on
 the CPU here, only their shapes, dtypes and identities matter."""
 from __future__ import annotations
@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from epreplay.capture.extract import ValidRows
-from epreplay.capture.fast_plan import _finder, _hashed_source
+from epreplay.capture.plan_compile import _hashed_source, finder as _finder
 
 
 def _find(args: dict, result=None):

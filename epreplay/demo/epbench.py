@@ -95,8 +95,9 @@ def normal_step(buffer: Any, inp: Inputs, num_experts: int, *, async_finish: boo
 def ll_step(buffer: Any, inp: Inputs, num_experts: int, max_tokens: int, *,
             use_fp8: bool = False, recv_hook: bool = False) -> torch.Tensor:
     """low_latency_dispatch -> (identity experts) -> low_latency_combine, the decode path;
-    recv_hook: the dispatch returns at once and its recv hook is called before the experts.
-    Returns combined_x [T, H] bf16."""
+    recv_hook: the dispatch and the combine return at once and their recv hooks are called
+    before the experts and after the combine (DeepEP's overlapped decode). Returns combined_x
+    [T, H] bf16."""
     recv_x, recv_count, handle, _, hook = buffer.low_latency_dispatch(
         inp.x_TH, inp.topk_idx_TK, max_tokens, num_experts, use_fp8=use_fp8, **_when(return_recv_hook=recv_hook))
     if recv_hook:
@@ -105,7 +106,10 @@ def ll_step(buffer: Any, inp: Inputs, num_experts: int, max_tokens: int, *,
         q, s = recv_x
         L, rows, H = q.shape
         recv_x = (q.float().view(L, rows, H // 128, 128) * s.unsqueeze(3)).view(L, rows, H).to(torch.bfloat16)
-    combined, _, _ = buffer.low_latency_combine(recv_x, inp.topk_idx_TK, inp.topk_weights_TK, handle)
+    combined, _, hook = buffer.low_latency_combine(recv_x, inp.topk_idx_TK, inp.topk_weights_TK, handle,
+                                                   **_when(return_recv_hook=recv_hook))
+    if recv_hook:
+        hook()
     return combined
 
 

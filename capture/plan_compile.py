@@ -1,0 +1,273 @@
+"""A call's plan, compiled from what the Python hook staged for it (the pure part of fast_plan.py).
+
+Each staged tensor is found among the call's arguments and results by identity and named by its
+source `Src` = (root, i, j): root 0 argument slot i, root 1 result element i, root 2 the token
+tags the call took; j >= 0 its tuple element j. Where one cannot be found (a derived tensor other
+than the valid rows of a low-latency buffer, CUDA and host arrays mixed, tokens the plan cannot
+reproduce) there is no plan and the call site stays with the Python hook.
+
+    finder(args, slots, result)                      Src of an object, by identity
+    args_template(args, slots)                       the argument descriptions with dims left open
+    arrays_plan(call, args, result, staging, find, host_hash)   the staged arrays and values
+    compile_plan(call, args, result, staging, meta, slots, host_hash)   (session spec, writer plan)
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from epreplay.format.records import Op
+
+# A Src naming the token tags a dispatch took (capture.tag_tokens): its key says it takes them
+# (_hookx.cpp kTaggedKey), so tagged and untagged calls of a site have a plan each.
+TAGS = (2, -1, -1)
+
+
+def finder(args: dict[str, Any], slots: dict[str, int], result: Any) -> Any:
+    def find(obj: Any) -> tuple[int, int, int] | None:
+        for name, v in args.items():
+            i = slots.get(name)
+            if i is None:
+                continue
+            if v is obj:
+                return (0, i, -1)
+            if type(v) is tuple:
+                for j, p in enumerate(v):
+                    if p is obj:
+                        return (0, i, j)
+        if type(result) is tuple:
+            for i, v in enumerate(result):
+                if v is obj:
+                    return (1, i, -1)
+                if type(v) is tuple:
+                    for j, p in enumerate(v):
+                        if p is obj:
+                            return (1, i, j)
+        return None
+    return find
+
+
+TENSOR = "\0T"  # an argument template's tensor leaf: (TENSOR, dtype name, device suffix, dims at, ndim)
+
+
+def args_template(args: dict[str, Any], slots: dict[str, int]) -> tuple[dict[str, Any], int] | None:
+    """extract.describe of the bound arguments with each tensor's dims left open: the frame
+    carries the dims of every argument tensor, in _hookx.cpp's order (slots in order, tuple
+    elements two levels deep), and ring_frames.render_args fills them in. (template, dims) or None."""
+    from epreplay.capture.extract import describe
+
+    order = sorted((i, name) for name, i in slots.items())
+    at = 0
+
+    def walk(v: Any, depth: int) -> Any:
+        nonlocal at
+        if isinstance(v, torch.Tensor):
+            leaf = (TENSOR, str(v.dtype).replace("torch.", ""),
+                    "" if v.device.type == "cpu" else f"@{v.device.type}", at, v.dim())
+            at += v.dim()
+            return leaf
+        if type(v) is tuple and depth < 2:
+            return [walk(p, depth + 1) for p in v]
+        if isinstance(v, tuple) and any(isinstance(p, torch.Tensor) for p in v):
+            raise LookupError  # a tuple subclass, or deeper than the hook looks
+        return describe(v)
+
+    try:
+        by_slot = {name: walk(args[name], 0) for _, name in order}
+    except LookupError:
+        return None
+    return {name: by_slot[name] if name in by_slot else describe(v) for name, v in args.items()}, at
+
+
+def _rows_source(call: Any, args: dict[str, Any], result: Any) -> Any:
+    """The tensor whose rows are the call's tokens (extract.py's rule per op), or None."""
+    if call.op in (Op.LAYOUT, Op.LL_COMBINE):
+        t = args.get("topk_idx")
+    elif call.op == Op.COMBINE:
+        t = result[0] if type(result) is tuple and result else None
+    else:
+        t = args.get("x")
+        t = t[0] if isinstance(t, (tuple, list)) else t
+    return t if isinstance(t, torch.Tensor) and t.dim() else None
+
+
+def _valid_rows_source(call: Any, name: str, tag: str, t: Any, args: dict[str, Any], result: Any,
+                       find: Any) -> tuple | None:
+    """(source of the [L, X, H] buffer, mode, source of its counts) of the valid rows extract.py
+    gathered into `t` on a CPU (recv_x_fp_V of a low-latency dispatch: counts recv_count, mode 1;
+    x_fp_V of a low-latency combine: counts from the handle's layout_range, mode 2), checked by
+    gathering them again; None for anything else."""
+    from epreplay.capture.extract import _gather_valid
+
+    part = {"fp0": 0, "fp1": 1}.get(tag)
+    if call.op == Op.LL_DISPATCH and name == "recv_x_fp_V" and type(result) is tuple and len(result) > 1:
+        base, c, mode = result[0], result[1], 1
+        counts = c.tolist() if isinstance(c, torch.Tensor) else None
+    elif call.op == Op.LL_COMBINE and name == "x_fp_V" and type(args.get("handle")) is tuple:
+        base, c, mode = args.get("x"), args["handle"][1], 2
+        counts = (c & 0xFFFFFFFF).sum(dim=1).tolist() if isinstance(c, torch.Tensor) else None
+    else:
+        return None
+    if isinstance(base, (tuple, list)):
+        base = base[part] if part is not None else None
+    if not isinstance(base, torch.Tensor) or base.dim() != 3 or counts is None:
+        return None
+    src, counts_src = find(base), find(c)
+    if src is None or counts_src is None or not torch.equal(_gather_valid(base, counts), t):
+        return None
+    return src, mode, counts_src
+
+
+def _hashed_source(rows: Any, find: Any) -> tuple | None:
+    """The session's array spec of a "hash" entry (x [T, H], an FP8 pair, or extract.ValidRows
+    of a low-latency buffer [L, X, H]): (x's src, dtype, ndim, counts mode, counts src, 1, the
+    scales' src); None where the gather kernel cannot hash it (rows not whole 64-bit lanes, a
+    tensor not among the call's arguments and results)."""
+    from epreplay.capture.extract import ValidRows
+
+    x, counts, mode = (rows.x, rows.counts, rows.mode) if isinstance(rows, ValidRows) else (rows, None, 0)
+    parts = list(x) if isinstance(x, (tuple, list)) else [x]
+    if len(parts) not in (1, 2) or not all(isinstance(p, torch.Tensor) for p in parts):
+        return None
+    a = parts[0]
+    if a.dim() != (3 if counts is not None else 2) or (a.shape[-1] * a.element_size()) % 8:
+        return None
+    if not all(p.is_contiguous() for p in parts):  # e.g. DeepEP's low-latency FP8 scales, stored
+        return None  # [L, S, X] and viewed [L, X, S]: the kernel reads packed rows only
+    srcs = [find(p) for p in parts]
+    counts_src = find(counts) if counts is not None else None
+    if None in srcs or (counts is not None and counts_src is None):
+        return None
+    return (srcs[0], a.dtype, a.dim(), mode, counts_src, 1, srcs[1] if len(srcs) > 1 else None)
+
+
+# Host row dtypes the hook fingerprints itself: DeepEP's activations and FP8 codes (their non-finite
+# check is the GPU launch's, which float64 rows would not match).
+_HOST_HASHED = (torch.bfloat16, torch.float16, torch.float32, torch.float8_e4m3fn, torch.float8_e5m2)
+
+
+def _host_source(call: Any, name: str, tag: str, t: Any, args: dict[str, Any], result: Any, find: Any,
+                 device: bool) -> tuple:
+    """(src, counts mode, counts src) of a staged tensor: an argument or result, or on the host the
+    valid rows of a low-latency buffer gathered by staging; (None, 0, None) when not found."""
+    src = find(t)
+    if src is not None:
+        return src, 0, None
+    if device:
+        return None, 0, None
+    got = _valid_rows_source(call, name, tag, t, args, result, find)
+    return got if got is not None else (None, 0, None)
+
+
+def arrays_plan(call: Any, args: dict[str, Any], result: Any, st: Any, find: Any,
+                 host_hash: bool) -> tuple[list, list, list, list] | None:
+    """The staged arrays and values of `st` as plan sources: (arrays, their frame specs, value
+    sources, value names), or None where one cannot be found among the arguments and results."""
+    from epreplay.capture.ring_frames import words_of
+
+    device = bool(st.dev)
+    staged = st.dev if device else st.arrays  # (on the host an async_finish event orders nothing)
+    arrays, specs = [], []
+    hash_outputs = []
+    for name, dtype in (("", torch.int64), (":nonfinite", torch.int8)):  # fp [n], marks [n]
+        words, logical = words_of(dtype)
+        hash_outputs.append((name, words, logical, dtype.itemsize))
+    rest = list(staged)
+    while rest:
+        name, t, tag = rest.pop(0)
+        if tag == "hash":  # GPU rows the gather launch fingerprints (gather_kernel.py ep_hash)
+            got = _hashed_source(t, find)
+            if got is None:
+                return None
+            arrays.append(got)
+            specs += [(name + suffix, "a", words, logical, size, 1) for suffix, words, logical, size in hash_outputs]
+            continue
+        if name == "token_tag_T" and call.tags is not None:
+            src, mode, counts = TAGS, 0, None  # the tags the hook takes (_hookx.cpp take_tags)
+        else:
+            src, mode, counts = _host_source(call, name, tag, t, args, result, find, device)
+        if src is None:
+            return None
+        if host_hash and tag in ("fp", "fp0") and t.dtype in _HOST_HASHED and \
+                t.dim() == 2 and (t.shape[-1] * t.element_size()) % 8 == 0:
+            src2 = None  # host rows hashed by the hook: the frame carries fp and marks
+            if tag == "fp0":  # an FP8 pair: its scales are the next entry
+                if not rest or rest[0][0] != name or rest[0][2] != "fp1":
+                    return None
+                _, t1, tag1 = rest.pop(0)
+                src2 = _host_source(call, name, tag1, t1, args, result, find, device)[0]
+                if src2 is None:
+                    return None
+            arrays.append((src, t.dtype, 3 if mode else t.dim(), mode, counts, 1, src2))
+            specs += [(name + suffix, "a", words, logical, size, 1) for suffix, words, logical, size in hash_outputs]
+            continue
+        words, logical = words_of(t.dtype)
+        arrays.append((src, t.dtype, 3 if mode else t.dim(), mode, counts))
+        specs.append((name, tag, words, logical, t.element_size(), t.dim()))
+    values, value_names = [], []
+    for name, v in st.values:
+        src = None
+        if type(v) is list and type(result) is tuple:
+            src = next(((1, i, -1) for i, r in enumerate(result) if type(r) is list and r == v), None)
+        if src is None:
+            return None
+        values.append(src)
+        value_names.append(name)
+    return arrays, specs, values, value_names
+
+
+def compile_plan(call: Any, args: dict[str, Any], result: Any, st: Any, meta: dict[str, Any],
+                 slots: dict[str, int], host_hash: bool = False) -> tuple[list, tuple] | None:
+    """(the session's spec without its id, the writer's plan) for this call, or None when its
+    frame cannot be expressed as a plan (see the module docstring). host_hash: host rows to
+    fingerprint are hashed by the hook (_hosthash.h) instead of copied for the writer."""
+    device = bool(st.dev)
+    if device and (st.arrays or any(tag not in ("a", "hash") for _, _, tag in st.dev)):
+        return None  # host and CUDA arrays mixed: Python's
+    template = args_template(args, slots)
+    if template is None:
+        return None
+    find = finder(args, slots, result)
+    after = None  # async_finish on a GPU: the gather waits for this event (on the hook's side stream)
+    if device and st.after_ev is not None:
+        after = find(st.after_ev)
+        if after is None or after[0] != 1:
+            return None
+    got = arrays_plan(call, args, result, st, find, host_hash)
+    if got is None:
+        return None
+    arrays, specs, values, value_names = got
+    lookup = remember = None
+    if "dispatch_seq" in meta:
+        h = args.get("handle")
+        lookup = find(h[0]) if type(h) is tuple and h else None
+        if lookup is None:
+            return None
+    if call.op == Op.DISPATCH and type(result) is tuple and len(result) > 4 and type(result[4]) is tuple:
+        remember = (1, 4, 0)
+    elif call.op == Op.LL_DISPATCH and type(result) is tuple and len(result) > 2 and type(result[2]) is tuple:
+        remember = (1, 2, 0)
+    parity = "ll_parity" in meta
+    rows = _rows_source(call, args, result)
+    tokens_src = find(rows) if rows is not None else None
+    if (rows is not None and (tokens_src is None or rows.shape[0] != call.tokens)) or \
+            (rows is None and call.tokens):
+        return None  # tokens the plan could not reproduce
+    spec = [int(call.op), parity, lookup, remember, tokens_src, 0, template[1], arrays, values, device, after]
+    plan = (int(call.op), call.buffer, int(call.level), dict(meta), template, specs, value_names,
+            parity, "dispatch_seq" in meta)
+    return spec, plan
+
+
+# Where a low-latency call's recv hook is in its result: the outputs are valid once it ran.
+RECV_HOOK_AT = {Op.LL_DISPATCH: 4, Op.LL_COMBINE: 2}
+
+
+def roots(src: Any) -> set[int]:
+    """The roots (0 argument, 1 result, 2 tags) an array or value source reads."""
+    if src is None:
+        return set()
+    if type(src) is tuple and len(src) == 3 and all(type(v) is int for v in src):
+        return {src[0]}
+    return set().union(*map(roots, src)) if type(src) in (tuple, list) else set()
