@@ -273,6 +273,21 @@ class GraphCall:
     meta: dict[str, Any] = field(default_factory=dict)
 
 
+def _after_recv_hook(result: tuple, at: int, meta: dict[str, Any], stage: Any) -> tuple:
+    """`stage()` where the call's outputs are valid: now, or for a call with a recv hook (result
+    element `at`) once the hook ran, in the graph's order; the result to hand back."""
+    hook = result[at] if len(result) > at else None
+    if not (meta.get("recv_hook") and callable(hook)):
+        stage()
+        return result
+
+    def recv_hook(*a: Any, **kw: Any) -> Any:
+        got = hook(*a, **kw)
+        stage()
+        return got
+    return result[:at] + (recv_hook,) + tuple(result[at + 1:])
+
+
 def stage_end(ring: GraphRing, call: GraphCall, args: dict[str, Any], result: Any,
               lineage: dict[int, int]) -> Any:
     """The call returned inside the capture: add a site and stage its tensors into the graph.
@@ -309,15 +324,7 @@ def stage_end(ring: GraphRing, call: GraphCall, args: dict[str, Any], result: An
             if not site.stage(out):
                 ring.skipped += 1  # no room left for its rings (graph_arena.py)
 
-        hook = result[4] if len(result) > 4 else None
-        if call.meta.get("recv_hook") and callable(hook):
-            def recv_hook(*a: Any, **kw: Any) -> Any:
-                got = hook(*a, **kw)
-                stage_outputs()
-                return got
-            return result[:4] + (recv_hook,) + tuple(result[5:])
-        stage_outputs()
-        return result
+        return _after_recv_hook(result, 4, call.meta, stage_outputs)
     if op == Op.LL_COMBINE:
         topk = args["topk_idx"]
         meta = dict(call.meta)
@@ -340,15 +347,7 @@ def stage_end(ring: GraphRing, call: GraphCall, args: dict[str, Any], result: An
             if not site.stage(out):
                 ring.skipped += 1  # no room left for its rings (graph_arena.py)
 
-        hook = result[2] if len(result) > 2 else None
-        if call.meta.get("recv_hook") and callable(hook):  # combined rows are valid after the hook
-            def recv_hook(*a: Any, **kw: Any) -> Any:
-                got = hook(*a, **kw)
-                stage_combined()
-                return got
-            return result[:2] + (recv_hook,) + tuple(result[3:])
-        stage_combined()
-        return result
+        return _after_recv_hook(result, 2, call.meta, stage_combined)
     ring.skipped += 1  # normal-mode calls sync with the host: they are never graph-captured
     return result
 
