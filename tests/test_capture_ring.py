@@ -20,7 +20,7 @@ from epreplay.format.run import RunDir
 from epreplay.format.shard import open_shard
 from epreplay.launch import run_ranks
 
-from capture_workload import E, assert_same_records, inputs, records, workload
+from capture_workload import E, T, assert_same_records, inputs, records, workload
 
 
 # --- the ring alone ------------------------------------------------------------------------------
@@ -227,13 +227,19 @@ def _rank_kill_writer(ctx, run_dir: str, seed: int) -> dict:
     rng = random.Random(seed)
     capture.start(run_dir, level="routing")
     buf = Buffer(dist.group.WORLD)
+    ll = Buffer(dist.group.WORLD, low_latency_mode=True)
     calls = 0
     kills = sorted(rng.sample(range(5, 120), 2))
     for i in range(120):
         x, idx, w = inputs(0, i % 4)
         buf.get_dispatch_layout(idx, E)
         calls += 1
+        # a low-latency dispatch with its recv hook: inputs at return, outputs from the hook (the
+        # compiled hook's FAST_BEGIN / FAST_END); a kill may fall between the two
+        hook = ll.low_latency_dispatch(x, idx, T, E, use_fp8=False, return_recv_hook=True)[4]
         if i in kills:  # at a random moment: between frames, or while the writer builds one
+            if i == kills[0]:  # or once the writer read that dispatch's BEGIN (its successor must
+                assert capture.flush(10.0)  # read it again: the END comes after)
             time.sleep(rng.random() * 0.01)
             rec = session.recorder()
             pid = rec._rp.proc.proc.pid
@@ -241,6 +247,7 @@ def _rank_kill_writer(ctx, run_dir: str, seed: int) -> dict:
             deadline = time.monotonic() + 10
             while rec._rp.proc.proc.pid == pid and time.monotonic() < deadline:
                 time.sleep(0.01)  # the monitor starts the next writer (frames wait in the ring)
+        hook()
     return {"facts": capture.stop(), "calls": calls}
 
 
@@ -255,10 +262,13 @@ def test_kill9_of_the_writer_loses_and_repeats_no_record(tmp_path, seed):
     # the compiled hook's frames too: a restarted writer reads their plans from the ring
     assert fast_plan.load() is None or facts["compiled_frames"] > 100, facts
     recs = records(tmp_path / "run")[0]
-    assert [r.header.seq for r in recs] == list(range(out["calls"]))
-    for r in recs:
-        x, idx, w = inputs(0, r.header.seq % 4)
-        np.testing.assert_array_equal(r.arrays["topk_idx_TK"], idx.numpy())
+    for buffer in (0, 1):  # the layouts, the low-latency dispatches
+        mine = [r for r in recs if r.header.buffer == buffer]
+        assert [r.header.seq for r in mine] == list(range(out["calls"]))
+        for r in mine:
+            x, idx, w = inputs(0, r.header.seq % 4)
+            np.testing.assert_array_equal(r.arrays["topk_idx_TK"], idx.numpy())
+            assert buffer == 0 or ("recv_count_L" in r.arrays and r.header.duration_ns >= 0), r.meta
 
 
 # --- kill -9 of the job: its writer still writes every published frame ----------------------------
