@@ -2042,7 +2042,7 @@ PyObject *mod_after_fork(PyObject *, PyObject *) {
   Py_RETURN_NONE;
 }
 
-// host_hash_fast(): whether the hook fingerprints host rows itself (AVX-512DQ here: _hosthash.h).
+// host_hash_fast(): whether the hook fingerprints host rows itself (AVX-512DQ and BW here: _hosthash.h).
 PyObject *mod_host_hash_fast(PyObject *, PyObject *) { return PyBool_FromLong(hosthash::fast()); }
 
 // profile(): {segment: ns summed, "calls": n} of this thread's hooked calls; None unless built
