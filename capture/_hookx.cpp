@@ -2045,6 +2045,28 @@ PyObject *mod_after_fork(PyObject *, PyObject *) {
 // host_hash_fast(): whether the hook fingerprints host rows itself (AVX-512DQ and BW here: _hosthash.h).
 PyObject *mod_host_hash_fast(PyObject *, PyObject *) { return PyBool_FromLong(hosthash::fast()); }
 
+// host_hash_rows(x): (fp [T] int64, marks [T] int8) of a host tensor x [T, H] (whole 64-bit lanes
+// a row) as the hook hashes rows at `fingerprints` (tests compare it with format/fingerprint.py);
+// None where it would not hash them (no AVX-512, a layout it does not take).
+PyObject *mod_host_hash_rows(PyObject *, PyObject *o) {
+  if (!THPVariable_Check(o)) {
+    PyErr_SetString(PyExc_TypeError, "host_hash_rows(x): a tensor");
+    return nullptr;
+  }
+  const at::Tensor &x = THPVariable_Unpack(o);
+  if (!x.defined() || !x.is_cpu()) Py_RETURN_NONE;
+  ArraySpec a;
+  a.dtype = x.scalar_type();
+  a.ndim = 2;
+  std::vector<int64_t> fp;
+  std::vector<int8_t> marks;
+  if (!host_hash(a, x, nullptr, 0, nullptr, fp, marks)) Py_RETURN_NONE;
+  at::Tensor f = at::empty({int64_t(fp.size())}, at::kLong), m = at::empty({int64_t(marks.size())}, at::kChar);
+  if (!fp.empty()) memcpy(f.data_ptr(), fp.data(), fp.size() * 8);
+  if (!marks.empty()) memcpy(m.data_ptr(), marks.data(), marks.size());
+  return Py_BuildValue("(NN)", THPVariable_Wrap(f), THPVariable_Wrap(m));
+}
+
 // profile(): {segment: ns summed, "calls": n} of this thread's hooked calls; None unless built
 // with -DHOOKX_PROFILE.
 PyObject *mod_profile(PyObject *, PyObject *) {
@@ -2067,6 +2089,7 @@ PyObject *mod_profile(PyObject *, PyObject *) {
 
 PyMethodDef mod_methods[] = {
     {"host_hash_fast", mod_host_hash_fast, METH_NOARGS, "Whether host rows are fingerprinted in the hook."},
+    {"host_hash_rows", mod_host_hash_rows, METH_O, "host_hash_rows(x): (fp, marks) of x's rows as the hook hashes them."},
     {"profile", mod_profile, METH_NOARGS, "The hook's time by segment (a -DHOOKX_PROFILE build), else None."},
     {"activate", mod_activate, METH_O, "activate(session | None): the process's active session."},
     {"pending", sess_pending, METH_NOARGS, "(hook, nargs, kwnames, tagged key) of the call this thread's Python hook may learn a plan for."},

@@ -209,3 +209,30 @@ def test_token_tags_taken_by_the_compiled_hook_equal_the_python_hooks(tmp_path):
     # dispatches with tags pending, are Python's): 24 without tags in the compiled hook
     assert c["hot_path"] == "compiled" and c["dropped"] == 0, c
     assert c["compiled_frames"] >= 12 + 12 + 3, c
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float8_e4m3fn])
+def test_the_hooks_row_hash_is_the_fingerprint_and_flags_exactly_the_nonfinite_rows(dtype):
+    """The hook's AVX-512 row hash (_hosthash.h) against format/fingerprint.py version 2, over
+    widths with every tail length, and its non-finite marks against torch.isfinite (the checked
+    dtypes; FP8 codes are not checked, as on the GPU)."""
+    from epreplay.capture import _hookx
+    from epreplay.format.fingerprint import fingerprint_rows
+
+    if _hookx.host_hash_rows(torch.zeros(1, 8, dtype=torch.bfloat16)) is None:
+        pytest.skip("this CPU has no AVX-512DQ/BW: the hook copies rows for the writer")
+    g = torch.Generator().manual_seed(5)
+    per_lane = 8 // torch.empty(0, dtype=dtype).element_size()
+    for lanes in list(range(1, 34)) + [128, 131]:
+        H = lanes * per_lane
+        x = torch.randn(12, H, generator=g)
+        bad_rows = {2: float("nan"), 5: float("inf"), 7: float("-inf"), 11: float("nan")}
+        for r, v in bad_rows.items():  # at the row's start, middle and last word (the tail)
+            x[r, (0, H // 2, H - 1)[r % 3]] = v
+        x = x.to(dtype) if dtype != torch.float8_e4m3fn else x.nan_to_num(0.0, 0.0, 0.0).to(dtype)
+        fp, marks = _hookx.host_hash_rows(x)
+        assert torch.equal(fp, fingerprint_rows(x, version=2)), (dtype, H)
+        checked = dtype != torch.float8_e4m3fn
+        want = (~torch.isfinite(x.float())).any(dim=1) if checked else torch.zeros(12, dtype=torch.bool)
+        assert torch.equal(marks.bool(), want), (dtype, H, marks)
+        assert not checked or marks.sum() == len(bad_rows)
