@@ -82,8 +82,10 @@ const char *const kProfNames[kProf] = {"enter+plan", "attribute+lineage", "(the 
 thread_local int64_t t_prof[kProf + 1], t_prof_last;
 #define PROF_START() (t_prof_last = now_ns(CLOCK_MONOTONIC), t_prof[kProf]++)
 #define PROF(i) do { int64_t t_ = now_ns(CLOCK_MONOTONIC); t_prof[i] += t_ - t_prof_last; t_prof_last = t_; } while (0)
+#define PROF_MARK() (t_prof_last = now_ns(CLOCK_MONOTONIC))  // a recv hook's END: its call's segments
 #else
 #define PROF_START() ((void)0)
+#define PROF_MARK() ((void)0)
 #define PROF(i) ((void)0)
 #endif
 
@@ -1496,6 +1498,7 @@ PyObject *recv_call(PyObject *self, PyObject *const *args, size_t nargsf, PyObje
   if (!out || w->done || !s->enabled || s != g_sess) return out;  // (raised: no outputs, as in Python)
   w->done = true;
   int64_t t0 = now_ns(CLOCK_MONOTONIC);
+  PROF_MARK();
   const Plan &e = *w->end;
   int64_t tokens = w->tokens;
   int wrote = e.device && (!s->D || (s->capturing && *s->capturing))
@@ -1509,6 +1512,7 @@ PyObject *recv_call(PyObject *self, PyObject *const *args, size_t nargsf, PyObje
     Py_XDECREF(ident);
   }
   s->stats[0] += now_ns(CLOCK_MONOTONIC) - t0;
+  PROF(7);
   return out;
 }
 
