@@ -145,3 +145,47 @@ def test_a_recv_hook_that_never_runs_does_not_hold_the_ring(tmp_path, hot_path):
     assert len(lost) == 1 and lost[0].header.op == Op.LL_DISPATCH and lost[0].header.seq == 3
     assert lost[0].header.duration_ns == -1 and "recv_count_L" not in lost[0].arrays
     assert "topk_idx_TK" in lost[0].arrays
+
+
+def _rank_hung_ll(ctx, run_dir: str) -> dict:
+    import time
+
+    import torch.distributed as dist
+
+    from epreplay import capture
+    from epreplay.capture import hooks
+    from epreplay.emulate import Buffer
+
+    class Slow(Buffer):
+        stall = 0.0
+
+        def low_latency_dispatch(self, *args, **kwargs):
+            if self.stall:
+                time.sleep(self.stall)
+            return super().low_latency_dispatch(*args, **kwargs)
+
+    capture.start(run_dir, level="routing", hang_timeout=0.3)
+    hooks.install(Slow)
+    ll = Slow(dist.group.WORLD, low_latency_mode=True)
+    x, idx, w = inputs(ctx.rank, 0)
+    for i in range(6):  # compiled from the third call; the fourth runs past the hang timeout
+        ll.stall = 1.0 if i == 3 else 0.0
+        ll.low_latency_dispatch(x, idx, T, E, use_fp8=False)
+    return capture.stop()
+
+
+@needs_hookx
+def test_a_hung_compiled_low_latency_dispatch_keeps_the_receive_buffer_parity(tmp_path):
+    """The watchdog's report of a compiled call is written by Python: it takes the call's
+    ll_parity from the hook, which counted the call (counting it again shifted every later
+    call's receive buffer)."""
+    facts = run_ranks(_rank_hung_ll, 1, str(tmp_path / "run"), timeout=120)[0]
+    assert facts["hot_path"] == "compiled", facts
+    recs = records(tmp_path / "run")[0]
+    from epreplay.format.records import Status
+
+    done = [r for r in recs if r.header.status == Status.OK]
+    hung = [r for r in recs if r.header.status == Status.HUNG]
+    assert [r.header.seq for r in done] == list(range(6)) and [r.header.seq for r in hung] == [3]
+    assert [r.meta["ll_parity"] for r in done] == [0, 1, 0, 1, 0, 1]
+    assert hung[0].meta["ll_parity"] == 1
