@@ -116,11 +116,21 @@ class RingConsumer:
         else:
             raise ValueError(f"capture ring: unknown frame kind {kind} at position {pos}")
 
-    def _evict_stale(self, calls: list[tuple[int, PackedCall]]) -> None:
+    def finish(self) -> None:
+        """The session ends (closed, or the job died): every published frame is handled, and the
+        calls still open (their recv hook had not run) go out with their inputs only."""
+        self.drain()
+        calls: list[tuple[int, PackedCall]] = []
+        self._evict_stale(calls, self.pos + 1)
+        self._emit(calls)
+        self._advance(self.pos)
+
+    def _evict_stale(self, calls: list[tuple[int, PackedCall]], before: int | None = None) -> None:
         """Calls whose END is far behind (its hook never ran, or its END was dropped: the ring was
         full) go out with their inputs only (duration -1, meta "outputs_lost"): an open BEGIN holds
-        the ring's tail, and one that never closes would leave the job no room at all."""
-        stale = self.pos - self.ring.capacity // STALE_PART
+        the ring's tail, and one that never closes would leave the job no room at all. before:
+        those whose BEGIN is before this position (default: half a ring behind)."""
+        stale = self.pos - self.ring.capacity // STALE_PART if before is None else before
         for call_id in [c for c, (p, _, _) in self.open.items() if p < stale]:
             _, head, items = self.open.pop(call_id)
             head = head[:8] + (dict(head[8], outputs_lost=True),) + head[9:]

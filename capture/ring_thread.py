@@ -42,7 +42,7 @@ class ThreadWriter(threading.Thread):
                 while self._msgs:
                     at, msg = self._msgs.popleft()
                     if msg[0] == "close":
-                        self.consumer.drain()
+                        self.consumer.finish()
                         self.consumer.sink.close()
                         return
                     self.consumer.control(at, msg)

@@ -298,12 +298,12 @@ def _ring_session(inp: BinaryIO, out_fd: int, config: Any, rank: int, world: int
                 try:
                     msgs = _batch(inp)
                 except EOFError:
-                    consumer.drain()  # the job died: what it published is still here
+                    consumer.finish()  # the job died: what it published is still here
                     sink.abandon()
                     return "eof"
                 for msg in msgs:
                     if msg[0] == "close":
-                        consumer.drain()
+                        consumer.finish()
                         sink.close()
                         send(out_fd, ("facts", dict(sink.facts(), cpu_s=time.process_time() - cpu0)))
                         return "closed"

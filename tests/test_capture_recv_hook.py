@@ -189,3 +189,31 @@ def test_a_hung_compiled_low_latency_dispatch_keeps_the_receive_buffer_parity(tm
     assert [r.header.seq for r in done] == list(range(6)) and [r.header.seq for r in hung] == [3]
     assert [r.meta["ll_parity"] for r in done] == [0, 1, 0, 1, 0, 1]
     assert hung[0].meta["ll_parity"] == 1
+
+
+def _rank_open_at_stop(ctx, run_dir: str, hot_path: str, writer: str) -> dict:
+    import torch.distributed as dist
+
+    from epreplay import capture
+    from epreplay.emulate import Buffer
+
+    capture.start(run_dir, level="routing", hot_path=hot_path, writer=writer)
+    ll = Buffer(dist.group.WORLD, low_latency_mode=True)
+    x, idx, w = inputs(ctx.rank, 0)
+    for _ in range(3):
+        ll.low_latency_dispatch(x, idx, T, E, use_fp8=False, return_recv_hook=True)[4]()
+    pending = ll.low_latency_dispatch(x, idx, T, E, use_fp8=False, return_recv_hook=True)[4]
+    facts = capture.stop()  # its hook has not run
+    pending()  # after the session: nothing more is written
+    return facts
+
+
+@needs_hookx
+@pytest.mark.parametrize("hot_path,writer", [("ring", "process"), ("compiled", "process"), ("compiled", "thread")])
+def test_a_call_whose_hook_has_not_run_at_stop_keeps_its_inputs(tmp_path, hot_path, writer):
+    facts = run_ranks(_rank_open_at_stop, 1, str(tmp_path / "run"), hot_path, writer, timeout=120)[0]
+    assert facts["dropped"] == 0, facts
+    recs = records(tmp_path / "run")[0]
+    assert [r.header.seq for r in recs] == [0, 1, 2, 3]
+    assert [bool(r.meta.get("outputs_lost")) for r in recs] == [False, False, False, True]
+    assert "topk_idx_TK" in recs[3].arrays and "recv_count_L" not in recs[3].arrays
