@@ -11,8 +11,8 @@ pipe instead, tagged with the ring position the job had published, and is applie
 frame before that position is done. "close" always comes over the pipe.
 
 Ring words the consumer keeps (shm_ring.py): tail (the oldest byte still needed: a call whose
-END has not come holds its BEGIN frame, until it is half a ring behind: then it goes out with
-its inputs only, meta "outputs_lost") and committed (every frame before it is in the sink,
+END has not come holds its BEGIN frame, until it is half a ring behind or the session ends: then
+it goes out with its inputs only, meta "outputs_lost") and committed (every frame before it is in the sink,
 which `capture.flush()` waits for). A writer started on a ring another writer left (killed)
 resumes from tail: it skips END frames and events before `committed`, which its predecessor
 wrote, and re-reads the BEGIN frames of calls still open.
