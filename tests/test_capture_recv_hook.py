@@ -22,7 +22,7 @@ STEPS = 5
 
 
 def _ll_steps(ll, rank: int, steps: int, odd_hook: str = "") -> tuple[list[str], list[np.ndarray]]:
-    """Low-latency dispatch + combine with recv hooks each step (the dispatch's hook called twice);
+    """Low-latency dispatch (tagged) + combine with recv hooks each step (the dispatch's hook called twice);
     odd_hook "none": step 3's dispatch returns no hook; "int64": step 3's recv_count is int64.
     Returns the hooks' type names and each combine's output after its hook."""
     from epreplay import capture
@@ -31,6 +31,7 @@ def _ll_steps(ll, rank: int, steps: int, odd_hook: str = "") -> tuple[list[str],
     for step in range(steps):
         with capture.step(step):
             x, idx, w = inputs(rank, step)
+            capture.tag_tokens(torch.arange(T) + 100 * step)  # taken by the dispatch (its BEGIN)
             ll.odd = odd_hook if step == 3 else ""
             recv, _, handle, _, hook = ll.low_latency_dispatch(x, idx, T, E, use_fp8=False, return_recv_hook=True)
             kinds.append(type(hook).__name__)
@@ -95,6 +96,7 @@ def test_recv_hook_calls_are_compiled_with_the_python_hooks_records(tmp_path, le
     assert c["facts"]["compiled_frames"] >= 2 * len(expect) - 2, c["facts"]
     ring, compiled = records(tmp_path / "ring")[0], records(tmp_path / "compiled")[0]
     assert len(compiled) == 2 * STEPS
+    assert all("token_tag_T" in r.arrays for r in compiled if r.header.op == Op.LL_DISPATCH)
     assert_same_records(compiled, ring)
     from epreplay.format.fingerprint import fingerprint_rows
 
