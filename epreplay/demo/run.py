@@ -7,7 +7,7 @@ Each rank is a "card": it builds its token batches (demo.model.rank_batch), and 
   prefill step: get_dispatch_layout -> dispatch -> local SwiGLU experts (weights applied on the
                 expert side) -> combine                          (DeepEP's normal mode)
   decode step:  low_latency_dispatch -> local experts -> low_latency_combine (weights applied by
-                the combine)                                      (DeepEP's low-latency mode)
+                the combine; each call's receive in its recv hook)  (DeepEP's low-latency mode)
 inside `marks.step(s)` / `marks.layer(l)`, with `marks.tag_tokens(tags)` before every dispatch,
 so a recorder attributes every call and can match tokens across runs.
 
@@ -159,16 +159,20 @@ class _Card:
 
         cfg = self.cfg
         marks.tag_tokens(tags_T)
-        recv_x, recv_count, handle, _, _ = self.ll.low_latency_dispatch(
+        # as DeepEP's overlapped decode calls them: each call returns once its sends are issued and
+        # its receive runs in the recv hook, called where the rows are needed
+        recv_x, recv_count, handle, _, recv = self.ll.low_latency_dispatch(
             u_TH.to(torch.bfloat16), idx_TK, cfg.decode_tokens, cfg.experts,
-            cumulative_local_expert_recv_stats=stats_L, use_fp8=cfg.fp8)
+            cumulative_local_expert_recv_stats=stats_L, use_fp8=cfg.fp8, return_recv_hook=True)
+        recv()
         xr = _dequant(recv_x)  # [L, R*M, H]
         out = torch.zeros(xr.shape, dtype=torch.bfloat16, device=xr.device)
         counts = recv_count.tolist()
         for e, n in enumerate(counts):
             if n:
                 out[e, :n] = swiglu(xr[e, :n], self.expert(layer, e)).to(torch.bfloat16)
-        combined_TH, _, _ = self.ll.low_latency_combine(out, idx_TK, w_TK, handle)
+        combined_TH, _, recv = self.ll.low_latency_combine(out, idx_TK, w_TK, handle, return_recv_hook=True)
+        recv()
         return combined_TH.float(), int(sum(counts))
 
 
