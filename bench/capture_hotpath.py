@@ -1,7 +1,7 @@
 """Capture's cost per hooked call: host time (and on a GPU, device time and launches) it adds.
 
     python bench/capture_hotpath.py [--device cpu|cuda] [--rounds 7] [--iters 40]
-                                    [--shapes decode,decode-ll,prefill[,decode-async,decode-ll-hook]]
+                                    [--shapes decode,decode-ll,prefill[,decode-async,decode-ll-hook,decode-v2]]
                                     [--levels counts,routing,fingerprints] [--writer process|thread]
                                     [--hot-path auto|compiled|compiled-cat|compiled-pydrain|compiled-torchdrain|ring|courier]
                                     [--torch-threads N]
@@ -10,7 +10,8 @@ Legend: T tokens, H hidden, E experts, K top-k.
 
 One rank (world size 1, gloo on CPU, NCCL on a GPU) drives the emulated Buffer through DeepEP's
 call sequences (epreplay.demo.epbench): a normal step is layout + dispatch + combine (3 hooked calls),
-a low-latency step is low_latency_dispatch + low_latency_combine (2). Capture off and each level
+a low-latency step is low_latency_dispatch + low_latency_combine (2), a V2 step (decode-v2) an
+ElasticBuffer dispatch + combine (2). Capture off and each level
 are interleaved in every round (one capture session per level and round) and the minimum over
 rounds counts, so a machine whose load drifts hits every mode alike. Per level and shape it
 prints:
@@ -59,6 +60,8 @@ SHAPES = {
     "decode-async": dict(tokens=128, hidden=512, experts=32, topk=8, ll=False, async_finish=True),
     # (not in the default list) low-latency with the recv hook: the Python hook's, BEGIN and END
     "decode-ll-hook": dict(tokens=128, hidden=512, experts=32, topk=8, ll=True, recv_hook=True),
+    # (not in the default list) DeepEP V2: ElasticBuffer dispatch + combine (2 hooked calls)
+    "decode-v2": dict(tokens=128, hidden=512, experts=32, topk=8, ll=False, v2=True),
 }
 DEFAULT_SHAPES = "decode,decode-ll,prefill"
 GPU_SHAPES = {  # DeepEP's benchmark shapes
@@ -67,6 +70,7 @@ GPU_SHAPES = {  # DeepEP's benchmark shapes
     "prefill": dict(tokens=4096, hidden=7168, experts=256, topk=8, ll=False),
     "decode-async": dict(tokens=128, hidden=7168, experts=256, topk=8, ll=False, async_finish=True),
     "decode-ll-hook": dict(tokens=128, hidden=7168, experts=256, topk=8, ll=True, recv_hook=True),
+    "decode-v2": dict(tokens=128, hidden=7168, experts=256, topk=8, ll=False, v2=True),
 }
 LEVELS = ["counts", "routing", "fingerprints"]
 
@@ -137,11 +141,19 @@ def _rank(ctx, args: dict, root: str) -> dict:
         ll = spec.pop("ll")
         async_finish = spec.pop("async_finish", False)
         recv_hook = spec.pop("recv_hook", False)
+        v2 = spec.pop("v2", False)
         shape = epbench.Shape(**spec)
-        buffer = epbench.make_buffer(emulate, group, shape, low_latency=ll)
+        if v2:
+            from epreplay.emulate import v2 as emulate_v2
+
+            buffer = epbench.make_elastic_buffer(emulate_v2, group, shape)
+        else:
+            buffer = epbench.make_buffer(emulate, group, shape, low_latency=ll)
         inp = epbench.make_inputs(shape, rank=ctx.rank, step=0, device=ctx.device)
-        calls = 2 if ll else 3
-        if ll:
+        calls = 2 if ll or v2 else 3
+        if v2:
+            step = lambda: epbench.elastic_step(buffer, inp, shape.experts)  # noqa: E731
+        elif ll:
             step = lambda: epbench.ll_step(buffer, inp, shape.experts, shape.tokens, recv_hook=recv_hook)  # noqa: E731
         else:
             step = lambda: epbench.normal_step(buffer, inp, shape.experts, async_finish=async_finish)  # noqa: E731

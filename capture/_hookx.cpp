@@ -90,9 +90,11 @@ thread_local int64_t t_prof[kProf + 1], t_prof_last;
 #endif
 
 // Where a value comes from: root 0 an argument slot (positional, then keywords in call order),
-// root 1 an element of the result tuple; j >= 0: element j of that tuple.
+// root 1 an element of the result tuple; j >= 0: element j of that tuple; attr: that object's
+// attribute (a DeepEP V2 EPHandle's field; an interned name, kept for the process).
 struct Src {
   int root = -1, i = -1, j = -1;
+  PyObject *attr = nullptr;
   bool set() const { return root >= 0; }
 };
 
@@ -155,6 +157,19 @@ bool valid_rows(int mode, const at::Tensor &base, const at::Tensor &c, Out &out)
   return true;
 }
 
+// An int list of the frame: a list at `src`, or (composite) one made each call of ints read from
+// sources (kind 0 an int, 1 a truth value as 0/1) and constants (kind 2): extract_v2's "_v2".
+struct IntElem {
+  int kind = 2;
+  Src src;
+  int64_t c = 0;
+};
+struct ValueSpec {
+  Src src;
+  bool composite = false;
+  std::vector<IntElem> ints;
+};
+
 struct Plan {
   uint32_t id = 0;
   int op = 0;
@@ -166,7 +181,7 @@ struct Plan {
   bool device = false;     // CUDA arrays: one gather launch into the device ring (device_stage.py)
   Src after;               // async_finish: the EventOverlap the outputs are ready after (a GPU plan)
   std::vector<ArraySpec> arrays;
-  std::vector<Src> values;  // int lists
+  std::vector<ValueSpec> values;  // int lists
   int total_dims = 0;
   // A low-latency call whose outputs come with its recv hook (result element hook_at): the plan
   // above is its inputs' part (a FAST_BEGIN frame at return) and `end` its outputs' part (a
@@ -387,6 +402,20 @@ inline PyObject *slot(PyObject *const *args, Py_ssize_t nslots, int i) {
 // The token tags the running dispatch took (root 2 of a Src; take_tags), borrowed from hook_call.
 thread_local PyObject *t_tags = nullptr;
 
+// Objects an attribute Src read (new references): released when the Held that was innermost
+// when they were read goes (stage_write, the lineage lookup), so resolve() stays borrowed-style.
+thread_local std::vector<PyObject *> t_held;
+struct Held {
+  size_t mark = t_held.size();
+  ~Held() {
+    while (t_held.size() > mark) {
+      PyObject *o = t_held.back();
+      t_held.pop_back();
+      Py_DECREF(o);
+    }
+  }
+};
+
 PyObject *resolve(const Src &s, PyObject *const *slots, Py_ssize_t nslots, PyObject *result) {
   PyObject *v = nullptr;
   if (s.root == 0) {
@@ -397,9 +426,12 @@ PyObject *resolve(const Src &s, PyObject *const *slots, Py_ssize_t nslots, PyObj
   } else if (s.root == 2) {
     v = t_tags;
   }
-  if (!v || s.j < 0) return v;
-  if (!PyTuple_Check(v) || s.j >= PyTuple_GET_SIZE(v)) return nullptr;
-  return PyTuple_GET_ITEM(v, s.j);
+  if (v && s.j >= 0) v = PyTuple_Check(v) && s.j < PyTuple_GET_SIZE(v) ? PyTuple_GET_ITEM(v, s.j) : nullptr;
+  if (!v || !s.attr) return v;
+  PyObject *a = PyObject_GetAttr(v, s.attr);
+  if (!a) return PyErr_Clear(), nullptr;
+  t_held.push_back(a);
+  return a;
 }
 
 // --- lineage: which dispatch made a handle (combine's meta dispatch_seq) ---------------------
@@ -1229,6 +1261,35 @@ struct ScratchUse {  // marks a Scratch busy; at the end drops the tensors it ho
   }
 };
 
+// A composite value's list for this call (held: released with the frame's Held); nullptr where a
+// source is missing or not an int.
+PyObject *int_list(const ValueSpec &v, PyObject *const *slots, Py_ssize_t nslots, PyObject *result) {
+  PyObject *list = PyList_New(Py_ssize_t(v.ints.size()));
+  if (!list) return PyErr_Clear(), nullptr;
+  t_held.push_back(list);
+  for (size_t k = 0; k < v.ints.size(); k++) {
+    const IntElem &e = v.ints[k];
+    int64_t x = e.c;
+    if (e.kind != 2) {
+      PyObject *o = resolve(e.src, slots, nslots, result);
+      if (!o) return nullptr;
+      if (e.kind == 1) {
+        int t = PyObject_IsTrue(o);
+        if (t < 0) return PyErr_Clear(), nullptr;
+        x = t;
+      } else {
+        if (!PyLong_Check(o)) return nullptr;
+        x = PyLong_AsLongLong(o);
+        if (x == -1 && PyErr_Occurred()) return PyErr_Clear(), nullptr;
+      }
+    }
+    PyObject *n = PyLong_FromLongLong(x);
+    if (!n) return PyErr_Clear(), nullptr;
+    PyList_SET_ITEM(list, Py_ssize_t(k), n);
+  }
+  return list;
+}
+
 // A call's staged arrays and values by its plan (or a recv hook's outputs by the plan's `end`:
 // no argument slots), gathered on a GPU, then its FAST frame of `part`: 1 written, 0 dropped
 // (counted), -1 not shaped as learned (the caller hands the call to the Python path). tokens_io:
@@ -1236,6 +1297,7 @@ struct ScratchUse {  // marks a Scratch busy; at the end drops the tensors it ho
 int stage_write(Session *s, const Plan &p, const InFlight &f, PyObject *const *slots, Py_ssize_t nslots,
                 PyObject *result, int64_t *tokens_io, int64_t duration, int64_t parity, int64_t dseq,
                 uint32_t part) {
+  Held held;  // what attribute sources read: released after the frame (declared first: goes last)
   Scratch own, &sc = t_scratch.busy ? own : t_scratch;  // own: a call nested in this one's tail
   ScratchUse use(sc);
   std::vector<Out> &ts = sc.ts;
@@ -1287,7 +1349,8 @@ int stage_write(Session *s, const Plan &p, const InFlight &f, PyObject *const *s
     }
   }
   for (size_t i = 0; ok && i < p.values.size(); i++) {
-    PyObject *o = resolve(p.values[i], slots, nslots, result);
+    PyObject *o = p.values[i].composite ? int_list(p.values[i], slots, nslots, result)
+                                        : resolve(p.values[i].src, slots, nslots, result);
     if (!o || !PyList_CheckExact(o)) { ok = false; break; }
     for (Py_ssize_t k = 0; ok && k < PyList_GET_SIZE(o); k++) ok = PyLong_CheckExact(PyList_GET_ITEM(o, k));
     vals.push_back(o);
@@ -1413,6 +1476,7 @@ PyObject *hook_call(PyObject *self, PyObject *const *args, size_t nargsf, PyObje
   int64_t parity = -1, dseq = -1;
   if (p.parity) parity = bi->cnt[1]++ % 2;
   if (p.lookup.set()) {
+    Held held;
     PyObject *ht = resolve(p.lookup, slots, nslots, nullptr);
     if (ht && THPVariable_Check(ht)) dseq = lineage_get(s, THPVariable_Unpack(ht));
   }
@@ -1717,12 +1781,44 @@ void sess_dealloc(PyObject *self) {
   Py_TYPE(self)->tp_free(self);
 }
 
+// A Src from (root, i, j) or (root, i, j, attribute name); None: unset.
 bool parse_src(PyObject *o, Src *out) {
   if (o == Py_None) return true;
   int root, i, j;
-  if (!PyArg_ParseTuple(o, "iii", &root, &i, &j)) return false;
-  *out = Src{root, i, j};
+  PyObject *name = nullptr;
+  if (!PyArg_ParseTuple(o, "iii|U", &root, &i, &j, &name)) return false;
+  *out = Src{root, i, j, nullptr};
+  if (name) {  // interned and kept: a handful of field names for the process's life
+    Py_INCREF(name);
+    PyUnicode_InternInPlace(&name);
+    out->attr = name;
+  }
   return true;
+}
+
+// A value: a Src, or ("ints", [("int" | "bool", src) | ("const", n)]).
+bool parse_value(PyObject *o, ValueSpec *out) {
+  PyObject *tag, *elems;
+  if (PyTuple_Check(o) && PyTuple_GET_SIZE(o) == 2 && PyUnicode_Check(PyTuple_GET_ITEM(o, 0))) {
+    if (!PyArg_ParseTuple(o, "UO!", &tag, &PyList_Type, &elems)) return false;
+    out->composite = true;
+    for (Py_ssize_t k = 0; k < PyList_GET_SIZE(elems); k++) {
+      PyObject *kind, *v;
+      if (!PyArg_ParseTuple(PyList_GET_ITEM(elems, k), "UO", &kind, &v)) return false;
+      IntElem e;
+      if (PyUnicode_CompareWithASCIIString(kind, "const") == 0) {
+        e.kind = 2;
+        e.c = PyLong_AsLongLong(v);
+        if (e.c == -1 && PyErr_Occurred()) return false;
+      } else {
+        e.kind = PyUnicode_CompareWithASCIIString(kind, "bool") == 0 ? 1 : 0;
+        if (!parse_src(v, &e.src)) return false;
+      }
+      out->ints.push_back(e);
+    }
+    return true;
+  }
+  return parse_src(o, &out->src);
 }
 
 // A plan's arrays [(src, torch dtype, ndim, mode, counts src[, hash, scales src])] and values
@@ -1748,9 +1844,9 @@ bool parse_part(PyObject *arrays, PyObject *values, Plan *p) {
     p->arrays.push_back(a);
   }
   for (Py_ssize_t i = 0; i < PyList_GET_SIZE(values); i++) {
-    Src v;
-    if (!parse_src(PyList_GET_ITEM(values, i), &v)) return false;
-    p->values.push_back(v);
+    ValueSpec v;
+    if (!parse_value(PyList_GET_ITEM(values, i), &v)) return false;
+    p->values.push_back(std::move(v));
   }
   return true;
 }

@@ -55,7 +55,7 @@ def build(call: Any) -> tuple[RecordHeader, dict[str, Any], dict[str, Any]]:
         v = st.items[name]
         if tagged(v, "fp") or tagged(v, "fpdone"):
             _fp(st, name, arrays, nonfinite)
-        elif name.endswith(("_fp_T", "_fp_N", "_fp_V")):
+        elif name.endswith(("_fp_T", "_fp_N", "_fp_V", "_fp_X")):  # hashed by the compiled hook
             _fp(st, name, arrays, nonfinite)
         else:
             arrays[name] = st.array(name)

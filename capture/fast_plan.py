@@ -141,7 +141,7 @@ def learn_end(fs: FastSession | None, pend: RecvLearn | None, call: Any, args: d
     if fs is None or pend is None:
         return
     find = finder({}, {}, result)
-    got = arrays_plan(call, args, result, st, find, fs.host_hash)
+    got = arrays_plan(call, {}, {}, result, st, find, fs.host_hash)
     hook_at = RECV_HOOK_AT.get(call.op)
     device = bool(st.dev)
     if got is None or added or hook_at is None or st.after_ev is not None or \

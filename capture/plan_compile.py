@@ -8,7 +8,7 @@ reproduce) there is no plan and the call site stays with the Python hook.
 
     finder(args, slots, result)                      Src of an object, by identity
     args_template(args, slots)                       the argument descriptions with dims left open
-    arrays_plan(call, args, result, staging, find, host_hash)   the staged arrays and values
+    arrays_plan(call, args, slots, result, staging, find, host_hash)   the staged arrays and values
     compile_plan(call, args, result, staging, meta, slots, host_hash)   (session spec, writer plan)
 """
 from __future__ import annotations
@@ -24,28 +24,94 @@ from epreplay.format.records import Op
 TAGS = (2, -1, -1)
 
 
-def finder(args: dict[str, Any], slots: dict[str, int], result: Any) -> Any:
-    def find(obj: Any) -> tuple[int, int, int] | None:
-        for name, v in args.items():
-            i = slots.get(name)
-            if i is None:
-                continue
-            if v is obj:
-                return (0, i, -1)
+def _places(args: dict[str, Any], slots: dict[str, int], result: Any):
+    """(Src, object) of every argument, result element and their tuple elements, in search order."""
+    for name, v in args.items():
+        i = slots.get(name)
+        if i is None:
+            continue
+        yield (0, i, -1), v
+        if type(v) is tuple:
+            for j, p in enumerate(v):
+                yield (0, i, j), p
+    if type(result) is tuple:
+        for i, v in enumerate(result):
+            yield (1, i, -1), v
             if type(v) is tuple:
                 for j, p in enumerate(v):
-                    if p is obj:
-                        return (0, i, j)
-        if type(result) is tuple:
-            for i, v in enumerate(result):
-                if v is obj:
-                    return (1, i, -1)
-                if type(v) is tuple:
-                    for j, p in enumerate(v):
-                        if p is obj:
-                            return (1, i, j)
+                    yield (1, i, j), p
+
+
+def _fields(obj: Any) -> dict[str, Any]:
+    """A DeepEP V2 EPHandle's fields (an object with recv_src_metadata), else {}: their tensors and
+    lists are staged too (extract_v2.py), a Src names them by attribute."""
+    if not hasattr(obj, "recv_src_metadata"):
+        return {}
+    return dict(vars(obj)) if hasattr(obj, "__dict__") else {n: getattr(obj, n, None) for n in getattr(obj, "__slots__", ())}
+
+
+def finder(args: dict[str, Any], slots: dict[str, int], result: Any) -> Any:
+    """find(obj): the Src of obj among the call's arguments and results by identity (root 0
+    argument slot i, root 1 result element i; j >= 0 its tuple element j), or an EPHandle's field
+    (a 4th element: the attribute's name); None when it is not there."""
+    def find(obj: Any) -> tuple | None:
+        handles = []
+        for src, v in _places(args, slots, result):
+            if v is obj:
+                return src
+            if hasattr(v, "recv_src_metadata"):
+                handles.append((src, v))
+        for src, h in handles:
+            for name, f in _fields(h).items():
+                if f is obj:
+                    return (*src, name)
         return None
     return find
+
+
+def find_list(args: dict[str, Any], slots: dict[str, int], result: Any, v: list) -> tuple | None:
+    """The Src of an int list equal to v: a result element, or an EPHandle's list field."""
+    for src, r in _places(args, slots, result):
+        if type(r) is list and src[0] == 1 and src[2] < 0 and r == v:
+            return src
+    for src, h in _places(args, slots, result):
+        for name, f in _fields(h).items():
+            if type(f) is list and f == v:
+                return (*src, name)
+    return None
+
+
+def _v2_ints(call: Any, args: dict[str, Any], slots: dict[str, int], result: Any, v: list) -> tuple | None:
+    """extract_v2's "_v2" value [E, M, do_expand, expert_alignment, handle.do_expand] as sources
+    the hook reads each call: ("ints", [(kind, src or constant)]), kind "int" an int field of
+    the handle, "bool" an argument or field taken as 0/1, "const" a default (the key fixes it);
+    checked against this call's list."""
+    if call.op == Op.DISPATCH:
+        h = (1, 3, -1)
+        handle = result[3] if type(result) is tuple and len(result) > 3 else None
+    else:
+        h = (0, slots["handle"], -1) if "handle" in slots else None
+        handle = args.get("handle")
+    if h is None or not hasattr(handle, "recv_src_metadata"):
+        return None
+    field = {n: (*h, n) for n in ("num_experts", "num_max_tokens_per_rank", "expert_alignment", "do_expand")}
+    if "do_expand" not in args:
+        expand = ("bool", field["do_expand"])
+    elif "do_expand" in slots:
+        expand = ("bool", (0, slots["do_expand"], -1))
+    else:
+        expand = ("const", int(bool(args["do_expand"])))
+    elems = [("int", field["num_experts"]), ("int", field["num_max_tokens_per_rank"]), expand,
+             ("int", field["expert_alignment"]), ("bool", field["do_expand"])]
+    values = []
+    for kind, src in elems:
+        if kind == "const":
+            values.append(src)
+            continue
+        obj = handle if src[:3] == h else args.get("do_expand")
+        x = getattr(obj, src[3]) if len(src) > 3 else obj
+        values.append(int(bool(x)) if kind == "bool" else x if type(x) is int else None)
+    return ("ints", elems) if values == v else None
 
 
 TENSOR = "\0T"  # an argument template's tensor leaf: (TENSOR, dtype name, device suffix, dims at, ndim)
@@ -160,7 +226,7 @@ def _host_source(call: Any, name: str, tag: str, t: Any, args: dict[str, Any], r
     return got if got is not None else (None, 0, None)
 
 
-def arrays_plan(call: Any, args: dict[str, Any], result: Any, st: Any, find: Any,
+def arrays_plan(call: Any, args: dict[str, Any], slots: dict[str, int], result: Any, st: Any, find: Any,
                  host_hash: bool) -> tuple[list, list, list, list] | None:
     """The staged arrays and values of `st` as plan sources: (arrays, their frame specs, value
     sources, value names), or None where one cannot be found among the arguments and results."""
@@ -207,9 +273,9 @@ def arrays_plan(call: Any, args: dict[str, Any], result: Any, st: Any, find: Any
         specs.append((name, tag, words, logical, t.element_size(), t.dim()))
     values, value_names = [], []
     for name, v in st.values:
-        src = None
-        if type(v) is list and type(result) is tuple:
-            src = next(((1, i, -1) for i, r in enumerate(result) if type(r) is list and r == v), None)
+        if type(v) is not list:
+            return None
+        src = _v2_ints(call, args, slots, result, v) if name == "_v2" else find_list(args, slots, result, v)
         if src is None:
             return None
         values.append(src)
@@ -234,18 +300,22 @@ def compile_plan(call: Any, args: dict[str, Any], result: Any, st: Any, meta: di
         after = find(st.after_ev)
         if after is None or after[0] != 1:
             return None
-    got = arrays_plan(call, args, result, st, find, host_hash)
+    got = arrays_plan(call, args, slots, result, st, find, host_hash)
     if got is None:
         return None
     arrays, specs, values, value_names = got
     lookup = remember = None
     if "dispatch_seq" in meta:
-        h = args.get("handle")
-        lookup = find(h[0]) if type(h) is tuple and h else None
+        h = args.get("handle")  # known by its first tensor (V1) or its recv_src_metadata (V2)
+        lookup = find(h[0]) if type(h) is tuple and h else \
+            find(h.recv_src_metadata) if hasattr(h, "recv_src_metadata") else None
         if lookup is None:
             return None
     if call.op == Op.DISPATCH and type(result) is tuple and len(result) > 4 and type(result[4]) is tuple:
         remember = (1, 4, 0)
+    elif call.op == Op.DISPATCH and type(result) is tuple and len(result) > 3 and \
+            hasattr(result[3], "recv_src_metadata"):
+        remember = (1, 3, -1, "recv_src_metadata")
     elif call.op == Op.LL_DISPATCH and type(result) is tuple and len(result) > 2 and type(result[2]) is tuple:
         remember = (1, 2, 0)
     parity = "ll_parity" in meta
@@ -266,8 +336,6 @@ RECV_HOOK_AT = {Op.LL_DISPATCH: 4, Op.LL_COMBINE: 2}
 
 def roots(src: Any) -> set[int]:
     """The roots (0 argument, 1 result, 2 tags) an array or value source reads."""
-    if src is None:
-        return set()
-    if type(src) is tuple and len(src) == 3 and all(type(v) is int for v in src):
+    if type(src) is tuple and len(src) in (3, 4) and all(type(v) is int for v in src[:3]):
         return {src[0]}
     return set().union(*map(roots, src)) if type(src) in (tuple, list) else set()

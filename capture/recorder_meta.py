@@ -98,17 +98,19 @@ class CallMeta:
 
     @staticmethod
     def _lineage_obj(handle: Any) -> Any:
-        """What a handle is known by: a V1 handle's first tensor, a V2 EPHandle itself."""
+        """What a handle is known by: a V1 handle's first tensor, a V2 EPHandle's recv_src_metadata
+        (a tensor too: the compiled hook keeps both in its lineage table)."""
         if isinstance(handle, tuple) and handle and isinstance(handle[0], torch.Tensor):
             return handle[0]
-        return handle if hasattr(handle, "recv_src_metadata") else None
+        obj = getattr(handle, "recv_src_metadata", None)
+        return obj if isinstance(obj, torch.Tensor) else None
 
     def _lineage_of(self, handle: Any) -> int:
         obj = self._lineage_obj(handle)
         if obj is not None:
-            if self._fast is not None and obj is not handle:  # V1: one store for both hooks
+            if self._fast is not None:  # one store for both hooks
                 return self._fast.session.lineage_get(obj)
-            # V2 EPHandles: only the Python hook sees them (their sites are never planned)
+            # no compiled-hook session: the Python hook's own table
             got = self._lineage.get(id(obj))
             if got is not None and got[0]() is obj:
                 return got[1]
@@ -119,10 +121,10 @@ class CallMeta:
 
         obj = self._lineage_obj(handle)
         if obj is not None:
-            if self._fast is not None and obj is not handle:  # V1: one store for both hooks
+            if self._fast is not None:  # one store for both hooks
                 self._fast.session.lineage_put(obj, seq)
                 return
             key = id(obj)
             lineage = self._lineage
-            # The entry goes when the handle's first tensor is freed, so ids are never stale.
+            # The entry goes when the handle's tensor is freed, so ids are never stale.
             lineage[key] = (weakref.ref(obj, lambda _, k=key: lineage.pop(k, None)), seq)

@@ -113,6 +113,21 @@ def ll_step(buffer: Any, inp: Inputs, num_experts: int, max_tokens: int, *,
     return combined
 
 
+def elastic_step(buffer: Any, inp: Inputs, num_experts: int) -> torch.Tensor:
+    """DeepEP V2 (ElasticBuffer): dispatch -> (identity experts) -> combine. Returns combined_x
+    [T, H] bf16."""
+    recv_x, _, recv_w, handle, _ = buffer.dispatch(inp.x_TH, topk_idx=inp.topk_idx_TK, topk_weights=inp.topk_weights_TK,
+                                                   num_experts=num_experts)
+    combined, _, _ = buffer.combine(recv_x, handle, topk_weights=recv_w)
+    return combined
+
+
+def make_elastic_buffer(module: Any, group: Any, shape: Shape) -> Any:
+    """A V2 ElasticBuffer for `shape` (module: deep_ep or epreplay.emulate.v2)."""
+    return module.ElasticBuffer(group, num_max_tokens_per_rank=shape.tokens, hidden=shape.hidden, num_topk=shape.topk,
+                                deterministic=True)
+
+
 def make_buffer(module: Any, group: Any, shape: Shape, *, low_latency: bool) -> Any:
     """A Buffer sized the way DeepEP's tests size theirs (module: deep_ep or epreplay.emulate)."""
     R = group.size()
