@@ -1,12 +1,14 @@
 """A call's plan, compiled from what the Python hook staged for it (the pure part of fast_plan.py).
 
 Each staged tensor is found among the call's arguments and results by identity and named by its
-source `Src` = (root, i, j): root 0 argument slot i, root 1 result element i, root 2 the token
-tags the call took; j >= 0 its tuple element j. Where one cannot be found (a derived tensor other
+source `Src` = (root, i, j[, field]): root 0 argument slot i, root 1 result element i, root 2 the
+token tags the call took; j >= 0 its tuple element j; field: that object's attribute (a DeepEP V2
+EPHandle keeps the receive bookkeeping in its fields). Where one cannot be found (a derived tensor other
 than the valid rows of a low-latency buffer, CUDA and host arrays mixed, tokens the plan cannot
 reproduce) there is no plan and the call site stays with the Python hook.
 
     finder(args, slots, result)                      Src of an object, by identity
+    find_list(args, slots, result, v)                Src of an int list, by equality
     args_template(args, slots)                       the argument descriptions with dims left open
     arrays_plan(call, args, slots, result, staging, find, host_hash)   the staged arrays and values
     compile_plan(call, args, result, staging, meta, slots, host_hash)   (session spec, writer plan)
@@ -47,7 +49,9 @@ def _fields(obj: Any) -> dict[str, Any]:
     lists are staged too (extract_v2.py), a Src names them by attribute."""
     if not hasattr(obj, "recv_src_metadata"):
         return {}
-    return dict(vars(obj)) if hasattr(obj, "__dict__") else {n: getattr(obj, n, None) for n in getattr(obj, "__slots__", ())}
+    if hasattr(obj, "__dict__"):
+        return dict(vars(obj))
+    return {n: getattr(obj, n, None) for n in getattr(obj, "__slots__", ())}
 
 
 def finder(args: dict[str, Any], slots: dict[str, int], result: Any) -> Any:
