@@ -1855,7 +1855,7 @@ bool parse_part(PyObject *arrays, PyObject *values, Plan *p) {
 // for `key` (pending()'s bytes: a recv hook's call, learned when its hook ran; a key learned
 // since keeps its plan).
 // spec = (plan id, op, parity, lookup src|None, remember src|None, tokens src|None, tokens,
-//         argument dims, [(src, torch dtype, ndim, ...)], [value src], device, after src|None[,
+//         argument dims, [(src, torch dtype, ndim, ...)], [value (parse_value)], device, after src|None[,
 //         (hook index, [arrays], [value srcs], device): the outputs' part]); None: that key
 //         always takes the Python path.
 PyObject *sess_learn(PyObject *self, PyObject *args) {
