@@ -62,6 +62,9 @@ SHAPES = {
     "decode-ll-hook": dict(tokens=128, hidden=512, experts=32, topk=8, ll=True, recv_hook=True),
     # (not in the default list) DeepEP V2: ElasticBuffer dispatch + combine (2 hooked calls)
     "decode-v2": dict(tokens=128, hidden=512, experts=32, topk=8, ll=False, v2=True),
+    # (not in the default list) low-latency with EP32's receive buffer on one rank: X = R * M = 4096
+    # slots per local expert (M = 4096 here, R = 1), as num_max_dispatch_tokens_per_rank=128 on 32 ranks
+    "decode-ll-x4096": dict(tokens=128, hidden=512, experts=32, topk=8, ll=True, max_tokens=4096),
 }
 DEFAULT_SHAPES = "decode,decode-ll,prefill"
 GPU_SHAPES = {  # DeepEP's benchmark shapes
@@ -142,19 +145,20 @@ def _rank(ctx, args: dict, root: str) -> dict:
         async_finish = spec.pop("async_finish", False)
         recv_hook = spec.pop("recv_hook", False)
         v2 = spec.pop("v2", False)
+        max_tokens = spec.pop("max_tokens", spec["tokens"])
         shape = epbench.Shape(**spec)
         if v2:
             from epreplay.emulate import v2 as emulate_v2
 
             buffer = epbench.make_elastic_buffer(emulate_v2, group, shape)
         else:
-            buffer = epbench.make_buffer(emulate, group, shape, low_latency=ll)
+            buffer = epbench.make_buffer(emulate, group, shape, low_latency=ll, max_tokens=max_tokens)
         inp = epbench.make_inputs(shape, rank=ctx.rank, step=0, device=ctx.device)
         calls = 2 if ll or v2 else 3
         if v2:
             step = lambda: epbench.elastic_step(buffer, inp, shape.experts)  # noqa: E731
         elif ll:
-            step = lambda: epbench.ll_step(buffer, inp, shape.experts, shape.tokens, recv_hook=recv_hook)  # noqa: E731
+            step = lambda: epbench.ll_step(buffer, inp, shape.experts, max_tokens, recv_hook=recv_hook)  # noqa: E731
         else:
             step = lambda: epbench.normal_step(buffer, inp, shape.experts, async_finish=async_finish)  # noqa: E731
         if cuda and args["sync"]:  # an idle GPU at every step: no launch queue to wait behind

@@ -127,12 +127,14 @@ struct Out {  // one staged array of a call: a tensor, the valid rows of one, or
     if (hash_part >= 0) return uint64_t(n) * (hash_part ? 1 : 8);
     return rows.empty() ? t.nbytes() : uint64_t(valid) * row_bytes();
   }
-  uint64_t row_bytes() const { return uint64_t(t.size(-1)) * t.element_size(); }
+  // a row: [H] of a [L, X, H] buffer, one element of an [L, X] one (src_info's valid entries)
+  uint64_t row_bytes() const { return uint64_t(t.dim() == 3 ? t.size(-1) : 1) * t.element_size(); }
 };
 
-// The valid-row counts of `base` [L, X, H] from `c` (mode 1: [L]; mode 2: layout_range [L, R]).
+// The valid-row counts of `base` [L, X, H] or [L, X] from `c` (mode 1: [L]; mode 2: layout_range
+// [L, R]).
 bool valid_rows(int mode, const at::Tensor &base, const at::Tensor &c, Out &out) {
-  if (base.dim() != 3 || !c.defined() || !c.is_cpu() || !c.is_contiguous()) return false;
+  if ((base.dim() != 3 && base.dim() != 2) || !c.defined() || !c.is_cpu() || !c.is_contiguous()) return false;
   int64_t L = base.size(0), X = base.size(1);
   if (c.size(0) != L) return false;
   // the counts' pointer once, not per expert: TensorBase::const_data_ptr<T> is an out-of-line
@@ -886,9 +888,9 @@ bool write_fast(Session *s, const Plan &p, const InFlight &f, int64_t tokens, in
       *w++ = o.n;
     } else if (o.rows.empty()) {
       for (int64_t d : o.t.sizes()) *w++ = d;
-    } else {
+    } else {  // the valid rows: [V, H], or [V] of an [L, X] buffer
       *w++ = o.valid;
-      *w++ = o.t.size(-1);
+      if (o.t.dim() == 3) *w++ = o.t.size(-1);
     }
   }
   for (PyObject *v : vals) {
@@ -1840,7 +1842,7 @@ bool parse_part(PyObject *arrays, PyObject *values, Plan *p) {
     a.ndim = ndim;
     a.mode = mode;
     a.hash = hash;
-    p->total_dims += hash ? 2 : mode ? 2 : ndim;  // hashed: fp [n] and marks [n]
+    p->total_dims += hash ? 2 : mode ? ndim - 1 : ndim;  // hashed: fp [n] and marks [n]; mode: [V(, H)]
     p->arrays.push_back(a);
   }
   for (Py_ssize_t i = 0; i < PyList_GET_SIZE(values); i++) {

@@ -171,14 +171,16 @@ def _valid_rows_source(call: Any, name: str, tag: str, t: Any, args: dict[str, A
     from epreplay.capture.extract import _gather_valid
 
     part = {"fp0": 0, "fp1": 1}.get(tag)
-    if call.op == Op.LL_DISPATCH and name == "recv_x_fp_V" and type(result) is tuple and len(result) > 1:
+    dispatch = call.op == Op.LL_DISPATCH and type(result) is tuple and len(result) > 2
+    if dispatch and name == "recv_x_fp_V":
         base, c, mode = result[0], result[1], 1
-        counts = c.tolist() if isinstance(c, torch.Tensor) else None
     elif call.op == Op.LL_COMBINE and name == "x_fp_V" and type(args.get("handle")) is tuple:
         base, c, mode = args.get("x"), args["handle"][1], 2
-        counts = (c & 0xFFFFFFFF).sum(dim=1).tolist() if isinstance(c, torch.Tensor) else None
     else:
         return None
+    counts = None
+    if isinstance(c, torch.Tensor):
+        counts = (c.tolist() if mode == 1 else (c & 0xFFFFFFFF).sum(dim=1).tolist())
     if isinstance(base, (tuple, list)):
         base = base[part] if part is not None else None
     if not isinstance(base, torch.Tensor) or base.dim() != 3 or counts is None:
@@ -215,6 +217,14 @@ def _hashed_source(rows: Any, find: Any) -> tuple | None:
 # Host row dtypes the hook fingerprints itself: DeepEP's activations and FP8 codes (their non-finite
 # check is the GPU launch's, which float64 rows would not match).
 _HOST_HASHED = (torch.bfloat16, torch.float16, torch.float32, torch.float8_e4m3fn, torch.float8_e5m2)
+
+
+def _src_info_valid(call: Any, result: Any, t: Any, find: Any) -> bool:
+    """Whether t is a low-latency dispatch's handle[0] and result[1] its recv_count [L] (both found)."""
+    return call.op == Op.LL_DISPATCH and type(result) is tuple and len(result) > 2 and \
+        type(result[2]) is tuple and bool(result[2]) and result[2][0] is t and \
+        isinstance(result[1], torch.Tensor) and result[1].dim() == 1 and \
+        find(t) is not None and find(result[1]) is not None
 
 
 def _host_source(call: Any, name: str, tag: str, t: Any, args: dict[str, Any], result: Any, find: Any,
@@ -255,6 +265,14 @@ def arrays_plan(call: Any, args: dict[str, Any], slots: dict[str, int], result: 
             continue
         if name == "token_tag_T" and call.tags is not None:
             src, mode, counts = TAGS, 0, None  # the tags the hook takes (_hookx.cpp take_tags)
+        elif name == "_src_info_LX" and not device and t.dim() == 2 and _src_info_valid(call, result, t, find):
+            # a host low-latency dispatch's src_info [L, X]: only its V valid entries go in the frame
+            # (the record's src_info_V, which build makes from the whole [L, X] for the Python
+            # hook's frame): X = R * M slots are mostly padding, 128 KiB a call at EP32
+            words, logical = words_of(t.dtype)
+            arrays.append((find(t), t.dtype, 2, 1, find(result[1])))
+            specs.append(("src_info_V", "a", words, logical, t.element_size(), 1))
+            continue
         else:
             src, mode, counts = _host_source(call, name, tag, t, args, result, find, device)
         if src is None:
@@ -269,11 +287,11 @@ def arrays_plan(call: Any, args: dict[str, Any], slots: dict[str, int], result: 
                 src2 = _host_source(call, name, tag1, t1, args, result, find, device)[0]
                 if src2 is None:
                     return None
-            arrays.append((src, t.dtype, 3 if mode else t.dim(), mode, counts, 1, src2))
+            arrays.append((src, t.dtype, t.dim() + 1 if mode else t.dim(), mode, counts, 1, src2))
             specs += [(name + suffix, "a", words, logical, size, 1) for suffix, words, logical, size in hash_outputs]
             continue
         words, logical = words_of(t.dtype)
-        arrays.append((src, t.dtype, 3 if mode else t.dim(), mode, counts))
+        arrays.append((src, t.dtype, t.dim() + 1 if mode else t.dim(), mode, counts))  # mode: [L, X(, H)]
         specs.append((name, tag, words, logical, t.element_size(), t.dim()))
     values, value_names = [], []
     for name, v in st.values:

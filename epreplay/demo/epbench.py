@@ -128,11 +128,12 @@ def make_elastic_buffer(module: Any, group: Any, shape: Shape) -> Any:
                                 deterministic=True)
 
 
-def make_buffer(module: Any, group: Any, shape: Shape, *, low_latency: bool) -> Any:
-    """A Buffer sized the way DeepEP's tests size theirs (module: deep_ep or epreplay.emulate)."""
+def make_buffer(module: Any, group: Any, shape: Shape, *, low_latency: bool, max_tokens: int | None = None) -> Any:
+    """A Buffer sized the way DeepEP's tests size theirs (module: deep_ep or epreplay.emulate);
+    max_tokens: the low-latency calls' num_max_dispatch_tokens_per_rank (default: the shape's T)."""
     R = group.size()
     if low_latency:
-        rdma = module.Buffer.get_low_latency_rdma_size_hint(shape.tokens, shape.hidden, R, shape.experts)
+        rdma = module.Buffer.get_low_latency_rdma_size_hint(max_tokens or shape.tokens, shape.hidden, R, shape.experts)
         return module.Buffer(group, num_rdma_bytes=rdma, low_latency_mode=True,
                              num_qps_per_rank=shape.experts // R,
                              allow_nvlink_for_low_latency_mode=True, explicitly_destroy=True)
