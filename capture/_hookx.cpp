@@ -628,37 +628,60 @@ bool read_marks(Session *s, int64_t *m_step, int64_t *m_layer, bool *tags) {
 }
 
 // The pending token tags (epreplay.marks.tag_tokens) as a [T] int64 host tensor, taken (they
-// apply to one dispatch only: marks.take_tags' rule). A new reference; nullptr (nothing taken,
-// no error set) where there are none or they are not a 1-D int64 tensor or buffer: the Python
-// hook then takes them, converting what torch.as_tensor converts.
+// apply to one dispatch only: marks.take_tags' rule): a 1-D int64/int32/int16 tensor, a list of
+// ints, a 1-D int64/int32/uint32 buffer (numpy), widened to int64 as torch.as_tensor(tags,
+// dtype=int64) does. A new reference; nullptr (nothing taken, no error set) for other forms: the
+// Python hook then takes them, converting what torch.as_tensor converts.
 PyObject *take_tags(Session *s) {
   PyObject *d = marks_dict(s);
   PyObject *st = d ? PyDict_GetItemWithError(d, s_state) : nullptr;  // borrowed
   PyObject *pend = st ? PyObject_GetAttr(st, s_pending_tags) : nullptr;
   if (!pend) return PyErr_Clear(), nullptr;
   PyObject *t = nullptr;
-  if (THPVariable_Check(pend)) {
-    const at::Tensor &x = THPVariable_Unpack(pend);
-    if (x.defined() && x.is_cpu() && x.dim() == 1 && x.scalar_type() == at::kLong && x.is_contiguous())
-      t = (Py_INCREF(pend), pend);  // the Python hook snapshots it: the frame copies it below
-  } else if (pend != Py_None && PyObject_CheckBuffer(pend)) {
-    Py_buffer b;
-    if (PyObject_GetBuffer(pend, &b, PyBUF_C_CONTIGUOUS | PyBUF_FORMAT) == 0) {
-      const char *fmt = b.format ? b.format : "B";
-      if (*fmt == '<' || *fmt == '=' || *fmt == '@') fmt++;
-      if (b.ndim == 1 && b.itemsize == 8 && (!strcmp(fmt, "l") || !strcmp(fmt, "q"))) {
-        try {
-          at::Tensor x = at::empty({b.shape[0]}, at::kLong);
-          memcpy(x.data_ptr(), b.buf, size_t(b.len));
-          t = THPVariable_Wrap(std::move(x));
-        } catch (const std::exception &) {
-          t = nullptr;
-        }
+  try {
+    if (THPVariable_Check(pend)) {
+      const at::Tensor &x = THPVariable_Unpack(pend);
+      if (x.defined() && x.is_cpu() && x.dim() == 1 && x.scalar_type() == at::kLong && x.is_contiguous())
+        t = (Py_INCREF(pend), pend);  // the Python hook snapshots it: the frame copies it below
+      else if (x.defined() && x.is_cpu() && x.dim() == 1 && (x.scalar_type() == at::kInt || x.scalar_type() == at::kShort))
+        t = THPVariable_Wrap(x.to(at::kLong));  // widened, as torch.as_tensor(tags, dtype=int64)
+    } else if (PyList_CheckExact(pend)) {  // a list of ints
+      Py_ssize_t n = PyList_GET_SIZE(pend);
+      at::Tensor x = at::empty({int64_t(n)}, at::kLong);
+      int64_t *w = static_cast<int64_t *>(x.data_ptr());
+      bool ok = true;
+      for (Py_ssize_t i = 0; ok && i < n; i++) {
+        PyObject *v = PyList_GET_ITEM(pend, i);
+        ok = PyLong_CheckExact(v);
+        if (ok) w[i] = PyLong_AsLongLong(v);
+        ok = ok && !(w[i] == -1 && PyErr_Occurred());  // (an int past int64: Python's to say)
       }
-      PyBuffer_Release(&b);
+      if (ok) t = THPVariable_Wrap(std::move(x));
+    } else if (pend != Py_None && PyObject_CheckBuffer(pend)) {
+      Py_buffer b;
+      if (PyObject_GetBuffer(pend, &b, PyBUF_C_CONTIGUOUS | PyBUF_FORMAT) == 0) {
+        const char *fmt = b.format ? b.format : "B";
+        if (*fmt == '<' || *fmt == '=' || *fmt == '@') fmt++;
+        // 1-D int64 copied; int32 / uint32 (numpy's "i" / "I", "l" / "L" where long is 4 bytes) widened
+        bool i64 = b.itemsize == 8 && (!strcmp(fmt, "l") || !strcmp(fmt, "q"));
+        bool i32 = b.itemsize == 4 && (!strcmp(fmt, "i") || !strcmp(fmt, "l"));
+        bool u32 = b.itemsize == 4 && (!strcmp(fmt, "I") || !strcmp(fmt, "L"));
+        if (b.ndim == 1 && (i64 || i32 || u32)) {
+          Py_ssize_t n = b.len / b.itemsize;
+          at::Tensor x = at::empty({int64_t(n)}, at::kLong);
+          int64_t *w = static_cast<int64_t *>(x.data_ptr());
+          if (i64) memcpy(w, b.buf, size_t(b.len));
+          else if (i32) for (Py_ssize_t i = 0; i < n; i++) w[i] = static_cast<const int32_t *>(b.buf)[i];
+          else for (Py_ssize_t i = 0; i < n; i++) w[i] = static_cast<const uint32_t *>(b.buf)[i];
+          t = THPVariable_Wrap(std::move(x));
+        }
+        PyBuffer_Release(&b);
+      }
     }
-    PyErr_Clear();
+  } catch (const std::exception &) {
+    Py_CLEAR(t);
   }
+  PyErr_Clear();
   if (t && PyObject_SetAttr(st, s_pending_tags, Py_None) < 0) {
     PyErr_Clear();
     Py_CLEAR(t);

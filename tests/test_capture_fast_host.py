@@ -140,7 +140,8 @@ def test_rows_hashed_in_the_hook_equal_rows_hashed_by_the_writer(tmp_path):
 
 
 # --- token tags taken by the compiled hook (take_tags) --------------------------------------------------
-TAG_FORMS = ("torch int64", "numpy int64", "list", "numpy int32")  # the last two: Python converts them
+# every form but the last is taken by the compiled hook (widened to int64 as torch.as_tensor does)
+TAG_FORMS = ("torch int64", "numpy int64", "list", "numpy int32", "torch int32", "numpy uint32", "tuple")
 
 
 def _tagged_calls(buf, x, idx, w) -> None:
@@ -160,7 +161,9 @@ def _tagged_calls(buf, x, idx, w) -> None:
         for k, form in enumerate(TAG_FORMS):
             ids = [1000 * k + 10 * rep + t for t in range(T)]
             tags = {"torch int64": torch.tensor(ids), "numpy int64": np.array(ids, dtype=np.int64),
-                    "list": ids, "numpy int32": np.array(ids, dtype=np.int32)}[form]
+                    "list": ids, "numpy int32": np.array(ids, dtype=np.int32),
+                    "torch int32": torch.tensor(ids, dtype=torch.int32),
+                    "numpy uint32": np.array(ids, dtype=np.uint32), "tuple": tuple(ids)}[form]
             marks.tag_tokens(tags)
             buf.get_dispatch_layout(idx, E)  # not a dispatch: the tags wait
             buf.dispatch(x, handle=handle)  # a cached dispatch: the tags wait
@@ -185,8 +188,9 @@ def _rank_tags(ctx, root: str) -> dict:
 
 
 def test_token_tags_taken_by_the_compiled_hook_equal_the_python_hooks(tmp_path):
-    """A tagged dispatch has its own plan: the hook takes 1-D int64 tags (a tensor or a buffer)
-    itself and hands other forms to the Python hook, which converts them; records equal."""
+    """A tagged dispatch has its own plan: the hook takes 1-D integer tags (a tensor, a numpy
+    array, a list) itself, widened to int64, and hands other forms to the Python hook, which
+    converts them; records equal."""
     import numpy as np
 
     from epreplay.format.records import Op
@@ -204,11 +208,12 @@ def test_token_tags_taken_by_the_compiled_hook_equal_the_python_hooks(tmp_path):
     for i, r in enumerate(tagged):
         rep, k = divmod(i, len(TAG_FORMS))
         assert np.array_equal(r.arrays["token_tag_T"], 1000 * k + 10 * rep + np.arange(T)), (rep, k)
-    # compiled: the 12 layouts and 12 untagged dispatches (the first of each taught) and at least
-    # 3 of the 6 int64-tagged ones (their key's first teaches; list and int32 tags, and cached
-    # dispatches with tags pending, are Python's): 24 without tags in the compiled hook
+    # compiled: the 3n layouts and 3n untagged dispatches but the first of each (they taught), and
+    # the tagged ones but the first (it taught) and the tuple-tagged (Python's); cached dispatches
+    # with tags pending are Python's
+    n = len(TAG_FORMS)
     assert c["hot_path"] == "compiled" and c["dropped"] == 0, c
-    assert c["compiled_frames"] >= 12 + 12 + 3, c
+    assert c["compiled_frames"] >= (3 * n - 1) + (3 * n - 1) + (3 * (n - 1) - 1), c
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float8_e4m3fn])
