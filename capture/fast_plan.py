@@ -106,10 +106,26 @@ class RecvLearn:
     """The first step of learning a call whose outputs come with its recv hook: the BEGIN part
     (the inputs' plan, made when the call returned) and the pending key it is for."""
 
-    __slots__ = ("spec", "plan", "key", "slots")
+    __slots__ = ("spec", "plan", "key")
 
-    def __init__(self, spec: list, plan: tuple, key: bytes, slots: dict[str, int]) -> None:
-        self.spec, self.plan, self.key, self.slots = spec, plan, key, slots
+    def __init__(self, spec: list, plan: tuple, key: bytes) -> None:
+        self.spec, self.plan, self.key = spec, plan, key
+
+
+def _pending_plan(fs: FastSession, call: Any, args: dict[str, Any], result: Any, st: Any,
+                  meta: dict[str, Any]) -> tuple[tuple | None, bytes] | None:
+    """(compile_plan's answer for the call the compiled hook asked a plan for, or None where its
+    key can never be planned; the key), or None where nothing was asked or this one call is
+    unusual (an error: the next call may teach)."""
+    pending = fs.hookx.pending()
+    if pending is None or call.error is not None or call.status:
+        return None
+    hook, nargs, kwnames, tagged, key = pending
+    if tagged != (call.tags is not None):  # tags pending at a call that leaves them (a cached
+        return None, key                    # dispatch): that key stays Python's, which leaves them
+    slots = _slots(getattr(hook, "binder", None), nargs, kwnames)
+    got = compile_plan(call, args, result, st, meta, slots, fs.host_hash) if slots is not None else None
+    return got, key
 
 
 def learn_begin(fs: FastSession | None, call: Any, args: dict[str, Any], result: Any, st: Any,
@@ -117,20 +133,14 @@ def learn_begin(fs: FastSession | None, call: Any, args: dict[str, Any], result:
     """A call with a recv hook returned and its BEGIN frame is written: the inputs' plan, kept
     until the hook ran (learn_end). None where the key cannot be planned (the session then
     remembers that) or nothing was asked."""
-    if fs is None:
+    asked = _pending_plan(fs, call, args, result, st, meta) if fs is not None else None
+    if asked is None:
         return None
-    pending = fs.hookx.pending()
-    if pending is None:
-        return None
-    hook, nargs, kwnames, tagged, key = pending
-    slots = _slots(getattr(hook, "binder", None), nargs, kwnames)
-    got = None
-    if call.error is None and not call.status and tagged == (call.tags is not None) and slots is not None:
-        got = compile_plan(call, args, result, st, meta, slots, fs.host_hash)
+    got, key = asked
     if got is None or got[0][10] is not None:  # (async_finish excludes a recv hook)
         fs.session.learn(None)
         return None
-    return RecvLearn(got[0], got[1], key, slots)
+    return RecvLearn(got[0], got[1], key)
 
 
 def learn_end(fs: FastSession | None, pend: RecvLearn | None, call: Any, args: dict[str, Any],
@@ -158,15 +168,10 @@ def learn_end(fs: FastSession | None, pend: RecvLearn | None, call: Any, args: d
 def learn(fs: FastSession, call: Any, args: dict[str, Any], result: Any, st: Any, meta: dict[str, Any]) -> None:
     """After the Python hook wrote `call`'s CALL frame: a plan for its key, if the compiled hook
     asked for one (the session remembers "never" where none can be made)."""
-    pending = fs.hookx.pending()
-    if pending is None or call.error is not None or call.status:
-        return  # not asked, or this one call is unusual (an error): the next may teach
-    hook, nargs, kwnames, tagged, _ = pending
-    if tagged != (call.tags is not None):  # tags pending at a call that leaves them (a cached
-        fs.session.learn(None)              # dispatch): that key stays Python's, which leaves them
+    asked = _pending_plan(fs, call, args, result, st, meta)
+    if asked is None:
         return
-    slots = _slots(getattr(hook, "binder", None), nargs, kwnames)
-    got = compile_plan(call, args, result, st, meta, slots, fs.host_hash) if slots is not None else None
+    got = asked[0]
     if got is None:
         fs.session.learn(None)
         return
