@@ -340,10 +340,15 @@ class Recorder(CallMeta, Control, Courier):
         """A compiled-hook call as the RingCall (and bound arguments) the Python path would have
         made. ident: (call id, op, BufferState, seq, step, layer, start_ns, duration_ns, hook,
         the token tags it took or None, its ll_parity or -1)."""
-        call_id, op, bs, seq, step, layer, start_ns, duration, hook, tags, parity = ident
-        bound = hook.binder.bind(args[1:], kwargs)
+        call = self._ring_call(ident)
+        call.args = bound = ident[8].binder.bind(args[1:], kwargs)
+        return call, bound
+
+    def _ring_call(self, ident: tuple) -> RingCall:
+        """The RingCall of a compiled-hook call's identity (see _fast_call), its t0 set for end()
+        or raised() to turn into the duration."""
+        call_id, op, bs, seq, step, layer, start_ns, duration, _, tags, parity = ident
         call = RingCall(call_id, Op(op), bs, seq, step, layer, self.level, False)
-        call.args = bound
         call.tags = tags
         call.parity = parity  # (the hook counted the Buffer's low-latency calls)
         call.start_ns = start_ns
@@ -351,7 +356,7 @@ class Recorder(CallMeta, Control, Courier):
             call.t0 = time.perf_counter_ns() - duration
         else:  # still running (the watchdog): from its start on the monotonic clock
             call.t_mono = time.monotonic() - (time.time_ns() - start_ns) / 1e9
-        return call, bound
+        return call
 
     def _fast_mismatch(self, ident: tuple, args: tuple, kwargs: dict[str, Any], result: Any) -> Any:
         """The call's outputs were not shaped as its plan learned: the Python path writes it.
@@ -366,9 +371,8 @@ class Recorder(CallMeta, Control, Courier):
     def _fast_end(self, ident: tuple, result: Any) -> None:
         """A compiled call's recv hook ran, and its outputs were not shaped as its plan learned:
         the Python path writes its END frame (the BEGIN went at return)."""
-        call_id, op, bs, seq, step, layer, _, duration, _, _, _ = ident
-        call = RingCall(call_id, Op(op), bs, seq, step, layer, self.level, False)
-        call.meta, call.t0 = {}, duration
+        call = self._ring_call(ident)
+        call.meta, call.t0 = {}, ident[7]  # end_frame writes t0 as the duration
         call.tokens = -1  # the BEGIN's
         try:
             self._rp.end_frame(self, call, {}, result)

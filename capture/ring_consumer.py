@@ -76,7 +76,7 @@ class RingConsumer:
                 self._frame(pos, end, kind, body, calls)
                 self.pos = end
                 done += 1
-            self._evict_stale(calls)
+            self._give_up(calls, self.pos - self.ring.capacity // STALE_PART)
             self._emit(calls)
             self._advance(self.pos)
         self._report_drops()
@@ -121,17 +121,15 @@ class RingConsumer:
         calls still open (their recv hook had not run) go out with their inputs only."""
         self.drain()
         calls: list[tuple[int, PackedCall]] = []
-        self._evict_stale(calls, self.pos + 1)
+        self._give_up(calls, self.pos + 1)
         self._emit(calls)
         self._advance(self.pos)
 
-    def _evict_stale(self, calls: list[tuple[int, PackedCall]], before: int | None = None) -> None:
-        """Calls whose END is far behind (its hook never ran, or its END was dropped: the ring was
-        full) go out with their inputs only (duration -1, meta "outputs_lost"): an open BEGIN holds
-        the ring's tail, and one that never closes would leave the job no room at all. before:
-        those whose BEGIN is before this position (default: half a ring behind)."""
-        stale = self.pos - self.ring.capacity // STALE_PART if before is None else before
-        for call_id in [c for c, (p, _, _) in self.open.items() if p < stale]:
+    def _give_up(self, calls: list[tuple[int, PackedCall]], before: int) -> None:
+        """Open calls whose BEGIN is before `before` go out with their inputs only (duration -1,
+        meta "outputs_lost"): their hook never ran, or their END was dropped (the ring was full).
+        An open BEGIN holds the ring's tail; one that never closed would leave the job no room."""
+        for call_id in [c for c, (p, _, _) in self.open.items() if p < before]:
             _, head, items = self.open.pop(call_id)
             head = head[:8] + (dict(head[8], outputs_lost=True),) + head[9:]
             calls.append((self.pos, _packed(head, items, None, {})))
