@@ -337,9 +337,8 @@ class Recorder(CallMeta, Control, Courier):
 
     # --- the compiled hook's callbacks (rare: _hookx.cpp hands these calls back) -----------------
     def _fast_call(self, ident: tuple, args: tuple, kwargs: dict[str, Any]) -> tuple[RingCall, dict[str, Any]]:
-        """A compiled-hook call as the RingCall (and bound arguments) the Python path would have
-        made. ident: (call id, op, BufferState, seq, step, layer, start_ns, duration_ns, hook,
-        the token tags it took or None, its ll_parity or -1)."""
+        """A compiled-hook call as the RingCall (and bound arguments) the Python path would have made. ident:
+        (call id, op, BufferState, seq, step, layer, start_ns, duration_ns, hook, tags or None, ll_parity or -1)."""
         call = self._ring_call(ident)
         call.args = bound = ident[8].binder.bind(args[1:], kwargs)
         return call, bound
@@ -349,9 +348,8 @@ class Recorder(CallMeta, Control, Courier):
         or raised() to turn into the duration."""
         call_id, op, bs, seq, step, layer, start_ns, duration, _, tags, parity = ident
         call = RingCall(call_id, Op(op), bs, seq, step, layer, self.level, False)
-        call.tags = tags
-        call.parity = parity  # (the hook counted the Buffer's low-latency calls)
-        call.start_ns = start_ns
+        # (parity: the hook counted the Buffer's low-latency calls)
+        call.tags, call.parity, call.start_ns = tags, parity, start_ns
         if duration >= 0:  # end()/raised() turn t0 into the duration
             call.t0 = time.perf_counter_ns() - duration
         else:  # still running (the watchdog): from its start on the monotonic clock
@@ -371,9 +369,8 @@ class Recorder(CallMeta, Control, Courier):
     def _fast_end(self, ident: tuple, result: Any) -> None:
         """A compiled call's recv hook ran, and its outputs were not shaped as its plan learned:
         the Python path writes its END frame (the BEGIN went at return)."""
-        call = self._ring_call(ident)
-        call.meta, call.t0 = {}, ident[7]  # end_frame writes t0 as the duration
-        call.tokens = -1  # the BEGIN's
+        call = self._ring_call(ident)  # (end_frame writes t0 as the duration; tokens -1: the BEGIN's)
+        call.meta, call.t0, call.tokens = {}, ident[7], -1
         try:
             self._rp.end_frame(self, call, {}, result)
         except Exception as exc:  # noqa: BLE001 - capture never breaks the job
