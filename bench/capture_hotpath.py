@@ -125,6 +125,37 @@ def _hot_path(name: str) -> str:
     return name
 
 
+def _cached_class(base: type) -> type:
+    """A subclass of the Buffer class `base` whose DeepEP methods return their first call's
+    outputs from then on (a recv hook in them a no-op after the first). Capture hooks it as it
+    hooks `base`, so a step is the hooks' own work and little else: the emulation's 2-5 ms of
+    Python a step, whose drift swamps a few us a call, is gone (--cached)."""
+    import functools
+
+    from epreplay.capture import hooks
+
+    def memo(name: str):
+        orig = getattr(base, name)
+        orig = getattr(orig, hooks._ORIG, orig)
+
+        @functools.wraps(orig)  # the same signature, so the hook binds arguments as for `base`
+        def method(self, *args, **kwargs):
+            cache = self.__dict__.setdefault("_bench_cache", {})
+            if name in cache:
+                return cache[name]
+            result = orig(self, *args, **kwargs)
+            later = result
+            if isinstance(result, tuple) and result and callable(result[-1]):
+                later = (*result[:-1], lambda: None)  # the receive happened in the first call
+            cache[name] = later
+            return result
+
+        return method
+
+    names = [n for n in hooks.OPS if hasattr(base, n)]
+    return type(f"Cached{base.__name__}", (base,), {n: memo(n) for n in names})
+
+
 def _rank(ctx, args: dict, root: str) -> dict:
     import torch
     import torch.distributed as dist
@@ -150,9 +181,17 @@ def _rank(ctx, args: dict, root: str) -> dict:
         if v2:
             from epreplay.emulate import v2 as emulate_v2
 
-            buffer = epbench.make_elastic_buffer(emulate_v2, group, shape)
+            module = emulate_v2
+            if args["cached"]:
+                module = type(sys)("cached_v2")
+                module.ElasticBuffer = _cached_class(emulate_v2.ElasticBuffer)
+            buffer = epbench.make_elastic_buffer(module, group, shape)
         else:
-            buffer = epbench.make_buffer(emulate, group, shape, low_latency=ll, max_tokens=max_tokens)
+            module = emulate
+            if args["cached"]:
+                module = type(sys)("cached")
+                module.Buffer = _cached_class(emulate.Buffer)
+            buffer = epbench.make_buffer(module, group, shape, low_latency=ll, max_tokens=max_tokens)
         inp = epbench.make_inputs(shape, rank=ctx.rank, step=0, device=ctx.device)
         calls = 2 if ll or v2 else 3
         if v2:
@@ -163,7 +202,11 @@ def _rank(ctx, args: dict, root: str) -> dict:
             step = lambda: epbench.normal_step(buffer, inp, shape.experts, async_finish=async_finish)  # noqa: E731
         if cuda and args["sync"]:  # an idle GPU at every step: no launch queue to wait behind
             inner = step
-            step = lambda: (inner(), torch.cuda.synchronize())  # noqa: E731
+            # the job's stream only (what a job's .item() waits for): a device-wide sync would
+            # also wait for the drain's copies on its side stream, which no job waits for
+            wait = torch.cuda.synchronize if args["sync"] == "device" else (
+                lambda: torch.cuda.current_stream().synchronize())
+            step = lambda: (inner(), wait())  # noqa: E731
         iters = args["iters"] if shape.tokens <= 512 else max(3, args["iters"] // 8)
         # (level, hot path) pairs, interleaved with "off" in every round
         modes = ["off", *[(lv, hp) for hp in args["hot_paths"] for lv in args["levels"]]]
@@ -183,6 +226,8 @@ def _rank(ctx, args: dict, root: str) -> dict:
                 if mode != "off":
                     capture.start(os.path.join(root, f"{name}-{mode[0]}-{mode[1]}-{rnd}"), level=mode[0],
                                   writer=args["writer"], hot_path=_hot_path(mode[1]), layers_per_step=1)
+                    if args["cached"]:
+                        capture.install(type(buffer))  # stop() takes every class's hooks off
                     for _ in range(2):  # a session's first call makes its recorder and ring, the
                         step()          # second teaches the compiled hook its plans
                     rec = session.recorder()
@@ -226,6 +271,8 @@ def _rank(ctx, args: dict, root: str) -> dict:
             for mode in modes[1:]:
                 capture.start(os.path.join(root, f"{name}-{mode[0]}-{mode[1]}-prof"), level=mode[0],
                               writer=args["writer"], hot_path=_hot_path(mode[1]), layers_per_step=1)
+                if args["cached"]:
+                    capture.install(type(buffer))
                 step()
                 step()
                 work[mode] = _device_work(step)
@@ -258,9 +305,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--writer", choices=["process", "thread"], default="process")
     p.add_argument("--torch-threads", type=int, default=0,
                    help="torch intra-op threads of the job (default: torch's own choice)")
-    p.add_argument("--sync", action="store_true",
+    p.add_argument("--sync", nargs="?", const="stream", choices=["stream", "device"],
                    help="(GPU) synchronize after every step, so a hook's launch never waits behind "
-                        "a full launch queue: the hooks' own host cost, without backpressure")
+                        "a full launch queue: the hooks' own host cost, without backpressure; "
+                        "'stream' (the default) waits for the job's stream, 'device' for the whole "
+                        "GPU, the drain's copies on its side stream included")
+    p.add_argument("--cached", action="store_true",
+                   help="the Buffer's calls return their first call's outputs (a subclass, hooked "
+                        "alike): a step is capture's work and little else, so host us/call is "
+                        "resolved to tenths of a us (the emulation's drift is gone); capture's "
+                        "cost in isolation, caches warm")
     p.add_argument("--hot-path", default="auto",
                    help="comma-separated, measured side by side: auto (the compiled hook where built, "
                         "host calls), compiled, ring (the Python hook into the ring), courier (the "
@@ -277,6 +331,7 @@ def main(argv: list[str] | None = None) -> int:
             return 2
     args = dict(shapes=[s for s in a.shapes.split(",") if s], levels=[s for s in a.levels.split(",") if s],
                 rounds=a.rounds, iters=a.iters, writer=a.writer, sync=a.sync, torch_threads=a.torch_threads,
+                cached=a.cached,
                 hot_paths=[s for s in a.hot_path.split(",") if s])
     bad = [h for h in args["hot_paths"] if h not in ("auto", "compiled", "ring", "courier", *VARIANTS)]
     if bad:
@@ -289,7 +344,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="capture-hotpath-") as root:
         res = run_ranks(_rank, 1, args, root, device=a.device, timeout=1800)[0]
     shapes = GPU_SHAPES if a.device == "cuda" else SHAPES
-    print(f"capture hot path, 1 rank, emulated Buffer on {a.device}, writer {a.writer}, hot paths "
+    print(f"capture hot path, 1 rank, emulated Buffer{' (cached outputs)' if a.cached else ''} on {a.device}, writer {a.writer}, hot paths "
           f"{a.hot_path}, min of {a.rounds} interleaved rounds")
     print("load average (1, 5, 15 min) at the end: " + " ".join(f"{x:.2f}" for x in os.getloadavg()))
     print(f"command: python bench/capture_hotpath.py {' '.join(argv if argv is not None else sys.argv[1:])}")
