@@ -1876,6 +1876,13 @@ bool parse_part(PyObject *arrays, PyObject *values, Plan *p) {
   return true;
 }
 
+// A key as pending() gave it (bytes of its int64 words).
+void key_from_bytes(PyObject *b, Key *key) {
+  Py_ssize_t n = PyBytes_GET_SIZE(b) / Py_ssize_t(sizeof(int64_t));
+  key->v.resize(size_t(n));
+  memcpy(key->v.data(), PyBytes_AS_STRING(b), size_t(n) * sizeof(int64_t));
+}
+
 // learn(spec[, key]): a plan for the key of the call this thread's Python path is handling, or
 // for `key` (pending()'s bytes: a recv hook's call, learned when its hook ran; a key learned
 // since keeps its plan).
@@ -1889,9 +1896,7 @@ PyObject *sess_learn(PyObject *self, PyObject *args) {
   if (!PyArg_ParseTuple(args, "O|S", &spec, &key_bytes)) return nullptr;
   Key key;
   if (key_bytes) {
-    Py_ssize_t n = PyBytes_GET_SIZE(key_bytes) / Py_ssize_t(sizeof(int64_t));
-    key.v.resize(size_t(n));
-    memcpy(key.v.data(), PyBytes_AS_STRING(key_bytes), size_t(n) * sizeof(int64_t));
+    key_from_bytes(key_bytes, &key);
     if (s->plans->count(key)) Py_RETURN_FALSE;
   } else if (!t_pending.active) {
     Py_RETURN_FALSE;
@@ -2124,7 +2129,19 @@ PyObject *sess_plans(PyObject *self, PyObject *) {
   return Py_BuildValue("(nn)", Py_ssize_t(s->plans->size()), live);
 }
 
+// knows(key): whether `key` (pending()'s bytes) has its plan, or its "never", already: a recv
+// hook's call learned after another call of its site (two micro-batches' first dispatches both
+// pending) must not add a second copy of the plan to the ring's plan area.
+PyObject *sess_knows(PyObject *self, PyObject *args) {
+  PyObject *key_bytes;
+  if (!PyArg_ParseTuple(args, "S", &key_bytes)) return nullptr;
+  Key key;
+  key_from_bytes(key_bytes, &key);
+  return PyBool_FromLong(reinterpret_cast<Session *>(self)->plans->count(key) != 0);
+}
+
 PyMethodDef sess_methods[] = {
+    {"knows", sess_knows, METH_VARARGS, "knows(key): whether the key has its plan (or its never) already."},
     {"learn", sess_learn, METH_VARARGS, "learn(spec[, key]): a plan for the pending call's key (see _hookx.cpp)."},
     {"hung", sess_hung, METH_VARARGS, "hung(now_ns, timeout_ns): fast calls running past the timeout."},
     {"lineage_put", sess_lineage_put, METH_VARARGS, "lineage_put(tensor, seq): this handle came from dispatch seq."},

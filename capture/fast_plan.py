@@ -182,6 +182,8 @@ def _learn(fs: FastSession, spec: list, plan: tuple, key: bytes | None = None) -
     """Hand a compiled plan to the session (and to the writer, through the ring's plan area) for
     the pending key, or for `key` (a recv hook's call, learned after its key stopped pending)."""
     rest = (key,) if key is not None else ()
+    if key is not None and fs.session.knows(key):
+        return  # another call of the site learned it first: one copy in the plan area
     end = spec[11] if len(spec) > 11 else None
     if spec[9] or (end is not None and end[3]):  # CUDA arrays: gathered into the session's device ring
         dev = fs.rp.dev

@@ -219,3 +219,36 @@ def test_a_call_whose_hook_has_not_run_at_stop_keeps_its_inputs(tmp_path, hot_pa
     assert [r.header.seq for r in recs] == [0, 1, 2, 3]
     assert [bool(r.meta.get("outputs_lost")) for r in recs] == [False, False, False, True]
     assert "topk_idx_TK" in recs[3].arrays and "recv_count_L" not in recs[3].arrays
+
+
+def _rank_two_micro_batches(ctx, run_dir: str) -> dict:
+    import torch.distributed as dist
+
+    from epreplay import capture
+    from epreplay.capture import session
+    from epreplay.emulate import Buffer
+
+    capture.start(run_dir, level="routing", hot_path="compiled")
+    ll = Buffer(dist.group.WORLD, low_latency_mode=True)
+    x, idx, w = inputs(ctx.rank, 0)
+    ll.get_dispatch_layout(idx, E)  # the session's first call (its recorder): Python's, nothing learned
+    kinds = []
+    for _ in range(3):  # DeepEP's overlapped decode: both micro-batches sent before either is received
+        a = ll.low_latency_dispatch(x, idx, T, E, use_fp8=False, return_recv_hook=True)
+        b = ll.low_latency_dispatch(x, idx, T, E, use_fp8=False, return_recv_hook=True)
+        kinds += [type(a[4]).__name__, type(b[4]).__name__]
+        a[4]()
+        b[4]()
+    blobs, _ = session.recorder()._rp.ring.plans_from(0)
+    return {"facts": capture.stop(), "kinds": kinds, "plans": len(blobs)}
+
+
+@needs_hookx
+def test_a_site_learned_by_two_pending_calls_adds_one_plan(tmp_path):
+    """Both micro-batches' first dispatches go through the Python hook and learn when their hooks
+    run: the second finds the plan learned and adds no copy of it to the ring's plan area."""
+    (out,) = run_ranks(_rank_two_micro_batches, 1, str(tmp_path), timeout=120)
+    assert out["facts"]["dropped"] == 0, out["facts"]
+    assert out["kinds"][:2] == ["function", "function"] and set(out["kinds"][2:]) == {"RecvHook"}, out["kinds"]
+    assert out["plans"] == 1, out
+    assert len(records(tmp_path)[0]) == 1 + 6
