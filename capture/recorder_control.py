@@ -28,11 +28,13 @@ class Control:
         if not self.config.flight or not self.enabled:
             return
         now = time.monotonic()
-        if now - self._last_dump.get(reason, -DUMP_DEDUP_S) < DUMP_DEDUP_S:
-            return  # one NaN taints many records, every rank sees the same hang: dump once
-        self._last_dump[reason] = now
+        # one NaN taints many records, every rank sees the same hang: the sink dumps once and
+        # adds a repeat's newer records to that dump; the other ranks are told once
+        repeat = now - self._last_dump.get(reason, -DUMP_DEDUP_S) < DUMP_DEDUP_S
+        if not repeat:
+            self._last_dump[reason] = now
         self._post(("dump", reason, detail, self.rank if origin is None else origin, time.time_ns()))
-        if propagate and self.on_trigger is not None:
+        if propagate and not repeat and self.on_trigger is not None:
             self.on_trigger(reason, detail)
 
     def report_hung(self, call: Call) -> None:

@@ -102,9 +102,19 @@ class Sink:
     def dump(self, reason: str, detail: str, origin: int, time_ns: int | None = None) -> bool:
         """Drain the flight ring into the shard behind an EVENT naming the reason (time_ns: when
         the trigger fired, default now). False when it repeats the last trigger's reason within
-        DUMP_DEDUP_S (one incident, one dump)."""
+        DUMP_DEDUP_S (one incident, one dump): then the records that reached the ring since that
+        dump go to the shard after it, with no second EVENT. They are the incident's too: a rank
+        whose own exception comes just after another rank's exception dumped it keeps its ERROR
+        record, and every record a NaN reaches within the window is kept."""
         now = time.monotonic()
         if now - self._last_dump.get(reason, -DUMP_DEDUP_S) < DUMP_DEDUP_S:
+            recs = self._ring.drain() if self._ring is not None else []
+            for built in recs:
+                self._append(*built)
+            for d in reversed(self.dumps):
+                if d["reason"] == reason:
+                    d["records"] += len(recs)
+                    break
             return False
         self._last_dump[reason] = now
         recs = self._ring.drain() if self._ring is not None else []

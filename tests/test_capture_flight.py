@@ -136,6 +136,46 @@ def test_sigusr1_nonfinite_and_exception_dump_all_ranks(tmp_path):
         assert scan.info.rank != 1 or any("x_fp_T" in r.meta["nonfinite"] for r in nonfinite)
 
 
+def _rank_told_first(ctx, run_dir: str, writer: str):
+    import torch.distributed as dist
+
+    from epreplay import capture
+    from epreplay.capture import session
+
+    capture.start(run_dir, level="routing", flight=2, hang_timeout=0, layers_per_step=1, writer=writer)
+    cls = _raising_buffer_class(raise_call=4)
+    capture.install(cls)
+    buffer = cls(dist.group.WORLD)
+    for s in range(4):
+        _step(buffer, ctx.rank, s)
+    # another rank's exception reached this one first (its watchdog read the other's marker) ...
+    session.recorder().trigger("exception", "rank 1: dispatch seq 4", origin=1, propagate=False)
+    try:  # ... and this rank's own exception comes a moment later, in the same incident
+        _step(buffer, ctx.rank, 4)
+    except RuntimeError:
+        pass
+    capture.stop()
+
+
+@pytest.mark.parametrize("writer", ["process", "thread"])
+def test_an_exception_just_after_another_ranks_dump_keeps_its_record(tmp_path, writer):
+    """One incident, one dump EVENT: the rank's own ERROR record, which reached the flight ring
+    after the other rank's trigger dumped it, still goes to the shard (it was lost)."""
+    run_dir = tmp_path / "run"
+    run_ranks(_rank_told_first, 1, str(run_dir), writer, timeout=60)
+    (path,) = RunDir.open(run_dir).shard_paths()
+    with open_shard(path) as scan:
+        recs = list(scan.records(kinds=(Kind.CALL, Kind.EVENT)))
+    events = [r for r in recs if r.header.kind == Kind.EVENT and r.meta.get("dump")]
+    assert [(e.meta["reason"], e.meta["origin_rank"]) for e in events] == [("exception", 1)]
+    errors = [r for r in recs if r.header.status == Status.ERROR]
+    assert len(errors) == 1 and "timeout (dispatch CPU)" in errors[0].meta["error"], [r.header for r in recs]
+    assert recs.index(errors[0]) > recs.index(events[0])
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    (dump,) = manifest["ranks"]["0"]["dumps"]
+    assert dump["records"] == sum(r.header.kind == Kind.CALL for r in recs)
+
+
 def _rank_full_disk(ctx, run_dir: str, limit: int):
     import resource
     import signal
