@@ -91,6 +91,44 @@ def main(argv: list[str] | None = None) -> int:
             lib.cuCtxGetDevice(ctypes.byref(dev_out))
         best = min(best, (time.perf_counter_ns() - t0) / a.launches / 1e3)
     print(f"{'ctypes + cuCtxGetDevice':<28}: {best:6.2f} us (the loop's own cost, to subtract)")
+    # After one torch.profiler session: CUPTI's callbacks stay on the driver's API, and every
+    # later driver call pays for them (bench/capture_hotpath.py profiles after its timings).
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]):
+        for _ in range(10):
+            x.add_(1)
+        torch.cuda.synchronize()
+    gfunc, _ = gk.load(dev, gk.GATHER)
+    block = (ctypes.c_char * 408)()
+    params = (ctypes.c_void_p * 1)(ctypes.cast(block, ctypes.c_void_p))
+    for label, op in (("after a profiler: launch", lambda: fn(gfunc, 1, 1, 1, 256, 1, 1, 0, stream, params, None)),
+                      ("after a profiler: x.add_(1)", lambda: x.add_(1))):
+        best = float("inf")
+        for _ in range(a.rounds):
+            torch.cuda.synchronize()
+            t0 = time.perf_counter_ns()
+            for _ in range(a.launches):
+                op()
+            best = min(best, (time.perf_counter_ns() - t0) / a.launches / 1e3)
+        print(f"{label:<28}: {best:6.2f} us per call")
+    # The hook reads the clock ~7 times a GPU call (its start, the call's duration, its own
+    # time): a vDSO read is ~20 ns, but where the clocksource makes it a system call (some
+    # virtual machines) each costs ~0.5 us. The loop's Python is part of the figure.
+    try:
+        with open("/sys/devices/system/clocksource/clocksource0/current_clocksource") as f:
+            source = f.read().strip()
+    except OSError:
+        source = "?"
+    for label, clock in (("time.perf_counter_ns()", time.perf_counter_ns), ("time.time_ns()", time.time_ns),
+                         ("time.monotonic_ns()", time.monotonic_ns)):
+        best = float("inf")
+        for _ in range(a.rounds):
+            t0 = time.perf_counter_ns()
+            for _ in range(a.launches * 10):
+                clock()
+            best = min(best, (time.perf_counter_ns() - t0) / a.launches / 10)
+        print(f"{label:<28}: {best:6.1f} ns per read (clocksource {source})")
     torch.cuda.synchronize()
     return 0
 
