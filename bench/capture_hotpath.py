@@ -110,6 +110,9 @@ def _device_work(step, steps: int = 5) -> tuple[float, float, float, float]:
 
 # Bench-only variants of the compiled hook on a GPU: the environment switch each one sets.
 VARIANTS = {"compiled-cat": ("EPREPLAY_CAPTURE_RAW_GATHER", "0"),  # at::cat_out, not the raw launch
+            # the gather kernel's copy blocks each striding over every segment (the kernel before
+            # segments had blocks of their own)
+            "compiled-shared": ("EPREPLAY_CAPTURE_GATHER_PER_SEG", "0"),
             # the drain a Python thread whose driver calls are one C call (the design before _drainc)
             "compiled-pydrain": ("EPREPLAY_CAPTURE_NATIVE_DRAIN", "call"),
             "compiled-torchdrain": ("EPREPLAY_CAPTURE_NATIVE_DRAIN", "0")}  # through torch (GIL held)
@@ -332,7 +335,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--hot-path", default="auto",
                    help="comma-separated, measured side by side: auto (the compiled hook where built, "
                         "host calls), compiled, ring (the Python hook into the ring), courier (the "
-                        "previous design, kept as the reference), compiled-cat (GPU: the compiled "
+                        "previous design, kept as the reference), compiled-shared (GPU: the gather's "
+                        "copy blocks shared by all segments, the kernel before), compiled-cat (GPU: the compiled "
                         "hook gathering through at::cat_out instead of its raw kernel launch), "
                         "compiled-pydrain (GPU: the device ring drained by a Python thread, its driver "
                         "calls one C call), compiled-torchdrain (GPU: drained through torch, holding the GIL)")

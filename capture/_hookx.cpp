@@ -277,6 +277,7 @@ struct Session {
   // cuLaunchKernel, a Python callable giving the current cudaStream_t, that answer cached per
   // stream id
   void *gfunc, *glaunch, *gfunc_hash;  // gfunc_hash: the gather with fingerprinted rows
+  bool gshared;  // EPREPLAY_CAPTURE_GATHER_PER_SEG=0: every copy block strides over every segment (the bench's reference)
   PyObject *stream_of;
   std::vector<std::pair<int64_t, void *>> *shandles;
   int64_t glaunches[3];  // [raw launches, at::cat_out launches, ns spent launching]
@@ -949,12 +950,13 @@ bool write_fast(Session *s, const Plan &p, const InFlight &f, int64_t tokens, in
 
 // The raw gather launch's parameter blocks: gather_kernel.py's `EpGather`, `EpHash` and
 // `EpGatherHash`, field for field (the static_asserts hold them to the kernel's sizes).
-constexpr size_t kMaxSegs = 24, kMaxHash = 4;
+constexpr size_t kMaxSegs = 24, kMaxHash = 4, kCopyBlocks = 1024;
 struct GatherArgs {
   uint64_t dst;
   uint64_t src[kMaxSegs];      // 0: a hash output's place (the copy skips it)
   uint64_t off[kMaxSegs + 1];
   int32_t n;
+  int32_t per_seg;             // blocks per segment (the kernel's ep_copy)
 };
 struct HashJob {
   uint64_t a, b, counts, fp, nf, a_exp, a_lo, a_hi, b_exp, b_lo, b_hi, n_words;
@@ -1059,7 +1061,7 @@ bool raw_gather(Session *s, const std::vector<Out> &ts, HashJob *jobs, int nh, u
   GatherHashArgs a;
   a.g.dst = dst;
   a.g.n = int32_t(ts.size());
-  uint64_t off = 0, copied = 0;
+  uint64_t off = 0, copied = 0, most = 0;
   for (size_t k = 0; k < ts.size(); k++) {  // hook_call made every staged array contiguous
     const Out &o = ts[k];
     if (!o.rows.empty()) return false;  // valid-row gathers are host-only (valid_rows)
@@ -1070,11 +1072,18 @@ bool raw_gather(Session *s, const std::vector<Out> &ts, HashJob *jobs, int nh, u
     } else {
       a.g.src[k] = uint64_t(reinterpret_cast<uintptr_t>(o.t.const_data_ptr()));
       copied += o.t.nbytes();
+      most = std::max<uint64_t>(most, o.t.nbytes());
     }
     off += o.nbytes();
   }
   a.g.off[ts.size()] = off;  // = total
-  unsigned copy_blocks = copied ? unsigned(std::min<uint64_t>(264, std::max<uint64_t>(1, (copied / 16 + 255) / 256))) : 0;
+  // Blocks of its own for each segment, enough for the largest (16 bytes a thread), at most
+  // kCopyBlocks in all: the segments' loads overlap instead of following one another.
+  uint64_t per = copied ? std::min<uint64_t>(264, std::max<uint64_t>(1, (most / 16 + 255) / 256)) : 0;
+  if (per * ts.size() > kCopyBlocks) per = std::max<uint64_t>(1, kCopyBlocks / ts.size());
+  a.g.per_seg = s->gshared ? 0 : int32_t(per);
+  unsigned copy_blocks = unsigned(per * ts.size());
+  if (s->gshared) copy_blocks = copied ? unsigned(std::min<uint64_t>(264, std::max<uint64_t>(1, (copied / 16 + 255) / 256))) : 0;
   unsigned blocks = copy_blocks;
   a.nh = 0;
   for (int j = 0; j < nh; j++) {
@@ -2083,6 +2092,8 @@ PyObject *sess_set_gather(PyObject *self, PyObject *args) {
   Py_XSETREF(s->stream_of, stream_of);
   s->gfunc = reinterpret_cast<void *>(uintptr_t(func));
   s->glaunch = reinterpret_cast<void *>(uintptr_t(launch));
+  const char *per_seg = getenv("EPREPLAY_CAPTURE_GATHER_PER_SEG");
+  s->gshared = per_seg && !strcmp(per_seg, "0");
   s->shandles->clear();
   if (s->side) s->shandles->emplace_back(s->side->id(), s->side_h);  // not the current stream's answer
   Py_RETURN_NONE;

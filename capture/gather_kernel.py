@@ -46,6 +46,7 @@ struct EpGather {
   u64 src[EP_MAX_SEGS];       // each array's first byte (0: a hash output's place)
   u64 off[EP_MAX_SEGS + 1];   // each array's offset from dst; off[n] = total
   int n;
+  int per_seg;                // > 0: blocks per segment, segment i copied by blocks [i * per_seg, ..)
 };
 // One fingerprinted rows job (format/fingerprint.py, version 2): rows of x [L, X, H] (or [T, H]:
 // L = 1) as K whole 64-bit lanes each, an FP8 pair's scales [L, X, S] as words packed into lanes
@@ -66,29 +67,42 @@ struct EpGatherHash {
   int nh, copy_blocks;        // copy blocks come first, then each job's L * per_group blocks
 };
 
-// Grid-stride copy of every segment over blocks [0, nblocks), 16 bytes a thread where the
-// addresses and length allow, then 4, then 1 (int32 arrays of odd lengths put later segments
-// off 16-byte alignment).
+// Segment i copied by threads tid, tid + stride, ...: 16 bytes a thread where the addresses and
+// length allow, then 4, then 1 (int32 arrays of odd lengths put later segments off 16-byte
+// alignment).
+__device__ void ep_copy_seg(const EpGather &a, int i, u64 tid, u64 stride) {
+  u64 s = a.src[i], d = a.dst + a.off[i], nb = a.off[i + 1] - a.off[i];
+  if (!s) return;  // a hash output's place: written by ep_hash
+  if (((s | d | nb) & 15ull) == 0) {
+    const uint4 *s4 = (const uint4 *)s;
+    uint4 *d4 = (uint4 *)d;
+    for (u64 k = tid; k < (nb >> 4); k += stride) d4[k] = s4[k];
+  } else if (((s | d | nb) & 3ull) == 0) {
+    const unsigned int *s1 = (const unsigned int *)s;
+    unsigned int *d1 = (unsigned int *)d;
+    for (u64 k = tid; k < (nb >> 2); k += stride) d1[k] = s1[k];
+  } else {
+    const unsigned char *s1 = (const unsigned char *)s;
+    unsigned char *d1 = (unsigned char *)d;
+    for (u64 k = tid; k < nb; k += stride) d1[k] = s1[k];
+  }
+}
+
+// Every segment over blocks [0, nblocks). With per_seg, each segment has blocks of its own, so
+// all segments' loads are in flight at once: a call's arrays are small (a decode call's are a
+// few KiB each) and a thread walking them one after another waits out a memory latency per
+// segment (~0.25 us from L2 each, most of the kernel's time). Without, every block strides over
+// every segment in turn.
 __device__ void ep_copy(const EpGather &a, unsigned block, unsigned nblocks) {
+  if (a.per_seg > 0) {
+    int i = int(block / (unsigned)a.per_seg);
+    if (i < a.n)
+      ep_copy_seg(a, i, (u64)(block % (unsigned)a.per_seg) * blockDim.x + threadIdx.x, (u64)a.per_seg * blockDim.x);
+    return;
+  }
   u64 tid = block * (u64)blockDim.x + threadIdx.x;
   u64 stride = (u64)nblocks * blockDim.x;
-  for (int i = 0; i < a.n; i++) {
-    u64 s = a.src[i], d = a.dst + a.off[i], nb = a.off[i + 1] - a.off[i];
-    if (!s) continue;  // a hash output's place: written by ep_hash
-    if (((s | d | nb) & 15ull) == 0) {
-      const uint4 *s4 = (const uint4 *)s;
-      uint4 *d4 = (uint4 *)d;
-      for (u64 k = tid; k < (nb >> 4); k += stride) d4[k] = s4[k];
-    } else if (((s | d | nb) & 3ull) == 0) {
-      const unsigned int *s1 = (const unsigned int *)s;
-      unsigned int *d1 = (unsigned int *)d;
-      for (u64 k = tid; k < (nb >> 2); k += stride) d1[k] = s1[k];
-    } else {
-      const unsigned char *s1 = (const unsigned char *)s;
-      unsigned char *d1 = (unsigned char *)d;
-      for (u64 k = tid; k < nb; k += stride) d1[k] = s1[k];
-    }
-  }
+  for (int i = 0; i < a.n; i++) ep_copy_seg(a, i, tid, stride);
 }
 
 extern "C" __global__ void epreplay_gather(EpGather a) { ep_copy(a, blockIdx.x, gridDim.x); }

@@ -20,7 +20,7 @@ SEGS, JOBS = 24, 4
 
 class Gather(ctypes.Structure):
     _fields_ = [("dst", ctypes.c_uint64), ("src", ctypes.c_uint64 * SEGS),
-                ("off", ctypes.c_uint64 * (SEGS + 1)), ("n", ctypes.c_int32)]
+                ("off", ctypes.c_uint64 * (SEGS + 1)), ("n", ctypes.c_int32), ("per_seg", ctypes.c_int32)]
 
 
 class Hash(ctypes.Structure):
@@ -43,9 +43,11 @@ def _masks(dtype: torch.dtype) -> tuple[int, int, int]:
     return rep(word), rep(1), rep(1 << (bits - 1))
 
 
-def _launch(copies: list[torch.Tensor], jobs: list[dict], shift: int) -> tuple[torch.Tensor, list]:
+def _launch(copies: list[torch.Tensor], jobs: list[dict], shift: int, per_seg: bool = True) -> tuple[torch.Tensor, list]:
     """Launch once: `copies` then each job's fp [n] int64 and marks [n] int8, back to back from
-    byte `shift` of a fresh buffer (odd shifts: unaligned places, as in the device ring)."""
+    byte `shift` of a fresh buffer (odd shifts: unaligned places, as in the device ring).
+    per_seg: blocks of their own for each segment, as _hookx.cpp launches; else every block
+    strides over every segment."""
     from epreplay.capture import gather_kernel
 
     func, launch = gather_kernel.load(torch.device("cuda", 0), gather_kernel.GATHER_HASH)
@@ -70,7 +72,14 @@ def _launch(copies: list[torch.Tensor], jobs: list[dict], shift: int) -> tuple[t
     buf = torch.full((shift + off + 16,), 0xAB, dtype=torch.uint8, device="cuda")
     a.g.dst = buf.data_ptr() + shift
     copied = sum(t.nbytes for t in copies)
-    a.copy_blocks = min(264, max(1, (copied // 16 + 255) // 256)) if copied else 0
+    if per_seg:  # _hookx.cpp's raw_gather
+        most = max((t.nbytes for t in copies), default=0)
+        per = min(264, max(1, (most // 16 + 255) // 256)) if copied else 0
+        if per * len(segs) > 1024:
+            per = max(1, 1024 // len(segs))
+        a.g.per_seg, a.copy_blocks = per, per * len(segs)
+    else:
+        a.copy_blocks = min(264, max(1, (copied // 16 + 255) // 256)) if copied else 0
     blocks = a.copy_blocks
     for i, j in enumerate(jobs):
         j["h"].block0 = blocks
@@ -113,8 +122,8 @@ def _expected(j: dict) -> tuple[torch.Tensor, torch.Tensor]:
     return fp, ~ref.rows_finite(rows, valid_counts_L=counts_L)
 
 
-def _check(copies, jobs, shift):
-    got, outs = _launch(copies, jobs, shift)
+def _check(copies, jobs, shift, per_seg=True):
+    got, outs = _launch(copies, jobs, shift, per_seg)
     for kind, obj, off in outs:
         if kind == "copy":
             assert torch.equal(got[off:off + obj.nbytes], obj.reshape(-1).view(torch.uint8).cpu())
@@ -125,6 +134,19 @@ def _check(copies, jobs, shift):
             assert torch.equal(got[off:off + 8 * n].clone().view(torch.int64), fp)
         else:
             assert torch.equal(got[off:off + n].bool(), bad.reshape(-1))
+
+
+@pytest.mark.parametrize("per_seg", [True, False])
+@pytest.mark.parametrize("shift", [0, 3])
+def test_many_copies_land_byte_for_byte(shift, per_seg):
+    """A call's arrays as the hook gathers them: small ones of every alignment beside a large
+    one, with blocks of their own per segment (the hook's launch) or shared."""
+    g = torch.Generator(device="cuda").manual_seed(6)
+    big = torch.randint(0, 256, (4096, 8), device="cuda", generator=g, dtype=torch.int64)  # 256 KiB
+    small = [torch.randint(0 if dt == torch.uint8 else -9, 9, (n,), device="cuda", generator=g, dtype=dt)
+             for n, dt in ((7, torch.int32), (256, torch.int64), (3, torch.uint8), (1024, torch.float32),
+                           (129, torch.int16), (1, torch.int64))]
+    _check([small[0], big, *small[1:]], [], shift, per_seg)
 
 
 @pytest.mark.parametrize("shift", [0, 3])
