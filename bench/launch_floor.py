@@ -19,6 +19,22 @@ import sys
 import time
 
 
+def _per_call_us(op, n: int, rounds: int, *, sync: bool = True) -> float:
+    """op()'s host time per call (us), n calls a round, the minimum over rounds; sync: the GPU
+    idle at each round's start (so no round waits behind the last one's launches)."""
+    import torch
+
+    best = float("inf")
+    for _ in range(rounds):
+        if sync:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter_ns()
+        for _ in range(n):
+            op()
+        best = min(best, (time.perf_counter_ns() - t0) / n / 1e3)
+    return best
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     # 500: well inside the launch queue (~1024 entries), so the host's cost is timed, not the
@@ -47,13 +63,8 @@ def main(argv: list[str] | None = None) -> int:
         params = (ctypes.c_void_p * 1)(ctypes.cast(block, ctypes.c_void_p))
         fn = proto(launch)
         for blocks in (1, 264):
-            best = float("inf")
-            for _ in range(a.rounds):
-                torch.cuda.synchronize()
-                t0 = time.perf_counter_ns()
-                for _ in range(a.launches):
-                    fn(func, blocks, 1, 1, 256, 1, 1, 0, stream, params, None)
-                best = min(best, (time.perf_counter_ns() - t0) / a.launches / 1e3)
+            best = _per_call_us(lambda: fn(func, blocks, 1, 1, 256, 1, 1, 0, stream, params, None),  # noqa: B023
+                                a.launches, a.rounds)
             print(f"{name:<22} {blocks:>4} blocks: {best:6.2f} us per cuLaunchKernel through ctypes")
     # The same launch with an 8-byte parameter (a pointer) instead of the 408/960-byte blocks:
     # whether the parameter block's size is part of the launch's cost on this host.
@@ -62,34 +73,17 @@ def main(argv: list[str] | None = None) -> int:
     sfunc = small.func.value if isinstance(small.func, ctypes.c_void_p) else int(small.func)
     word = ctypes.c_uint64(0)
     sparams = (ctypes.c_void_p * 1)(ctypes.cast(ctypes.byref(word), ctypes.c_void_p))
-    best = float("inf")
-    for _ in range(a.rounds):
-        torch.cuda.synchronize()
-        t0 = time.perf_counter_ns()
-        for _ in range(a.launches):
-            fn(sfunc, 1, 1, 1, 256, 1, 1, 0, stream, sparams, None)
-        best = min(best, (time.perf_counter_ns() - t0) / a.launches / 1e3)
+    best = _per_call_us(lambda: fn(sfunc, 1, 1, 1, 256, 1, 1, 0, stream, sparams, None), a.launches, a.rounds)
     print(f"{'8-byte parameter':<22} {1:>4} blocks: {best:6.2f} us per cuLaunchKernel through ctypes")
     # The host's own yardstick: one torch op that launches one kernel, through the dispatcher.
     x = torch.zeros(1, device=dev)
     for label, op in (("torch x.add_(1) (1 kernel)", lambda: x.add_(1)),
                       ("torch.cuda.current_stream()", torch.cuda.current_stream)):
-        best = float("inf")
-        for _ in range(a.rounds):
-            torch.cuda.synchronize()
-            t0 = time.perf_counter_ns()
-            for _ in range(a.launches):
-                op()
-            best = min(best, (time.perf_counter_ns() - t0) / a.launches / 1e3)
+        best = _per_call_us(op, a.launches, a.rounds)
         print(f"{label:<28}: {best:6.2f} us per call")
     lib = ctypes.CDLL("libcuda.so.1")
     dev_out = ctypes.c_int()
-    best = float("inf")
-    for _ in range(a.rounds):
-        t0 = time.perf_counter_ns()
-        for _ in range(a.launches):
-            lib.cuCtxGetDevice(ctypes.byref(dev_out))
-        best = min(best, (time.perf_counter_ns() - t0) / a.launches / 1e3)
+    best = _per_call_us(lambda: lib.cuCtxGetDevice(ctypes.byref(dev_out)), a.launches, a.rounds, sync=False)
     print(f"{'ctypes + cuCtxGetDevice':<28}: {best:6.2f} us (the loop's own cost, to subtract)")
     # After one torch.profiler session: CUPTI's callbacks stay on the driver's API, and every
     # later driver call pays for them (bench/capture_hotpath.py profiles after its timings).
@@ -104,13 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     params = (ctypes.c_void_p * 1)(ctypes.cast(block, ctypes.c_void_p))
     for label, op in (("after a profiler: launch", lambda: fn(gfunc, 1, 1, 1, 256, 1, 1, 0, stream, params, None)),
                       ("after a profiler: x.add_(1)", lambda: x.add_(1))):
-        best = float("inf")
-        for _ in range(a.rounds):
-            torch.cuda.synchronize()
-            t0 = time.perf_counter_ns()
-            for _ in range(a.launches):
-                op()
-            best = min(best, (time.perf_counter_ns() - t0) / a.launches / 1e3)
+        best = _per_call_us(op, a.launches, a.rounds)
         print(f"{label:<28}: {best:6.2f} us per call")
     # The hook reads the clock ~7 times a GPU call (its start, the call's duration, its own
     # time): a vDSO read is ~20 ns, but where the clocksource makes it a system call (some
@@ -122,12 +110,7 @@ def main(argv: list[str] | None = None) -> int:
         source = "?"
     for label, clock in (("time.perf_counter_ns()", time.perf_counter_ns), ("time.time_ns()", time.time_ns),
                          ("time.monotonic_ns()", time.monotonic_ns)):
-        best = float("inf")
-        for _ in range(a.rounds):
-            t0 = time.perf_counter_ns()
-            for _ in range(a.launches * 10):
-                clock()
-            best = min(best, (time.perf_counter_ns() - t0) / a.launches / 10)
+        best = _per_call_us(clock, a.launches * 10, a.rounds, sync=False) * 1e3
         print(f"{label:<28}: {best:6.1f} ns per read (clocksource {source})")
     torch.cuda.synchronize()
     return 0
