@@ -3,8 +3,8 @@
     python bench/capture_hotpath.py [--device cpu|cuda] [--rounds 7] [--iters 40]
                                     [--shapes decode,decode-ll,prefill[,decode-async,decode-ll-hook,decode-v2]]
                                     [--levels counts,routing,fingerprints] [--writer process|thread]
-                                    [--hot-path auto|compiled|compiled-cat|compiled-pydrain|compiled-torchdrain|ring|courier]
-                                    [--torch-threads N]
+                                    [--hot-path auto|compiled|compiled-shared|compiled-cat|compiled-pydrain|compiled-torchdrain|ring|courier]
+                                    [--torch-threads N] [--cached] [--sync [stream|device]]
 
 Legend: T tokens, H hidden, E experts, K top-k.
 
@@ -36,6 +36,12 @@ prints:
                   fingerprints the hash kernels)
   copies/call     (GPU) copies per step with capture - off, per call (the drain's bulk copies,
                   one per batch, so a fraction)
+With --cached the Buffer's calls return their first call's outputs: a step is then the hooks'
+work and little else, and host us/call is capture's cost in isolation, resolved to tenths of a us
+(the emulation's 2-5 ms of Python a step drifts by more than a hook costs; it also leaves the
+hook's data cold in the caches, so amid it the hook's own time is higher: both are figures).
+Kernels and copies are counted with torch.profiler after every shape is timed: a profiler session
+leaves CUPTI's callbacks on the driver's API, which slows every later launch.
 On a loaded host, --torch-threads 1 keeps the job's step on one core: torch's OpenMP workers
 otherwise spin in their barriers whenever the writer (or anyone) takes the other core, and that
 spinning lands in cpu us/call as if capture computed it.
