@@ -1078,12 +1078,12 @@ bool raw_gather(Session *s, const std::vector<Out> &ts, HashJob *jobs, int nh, u
   }
   a.g.off[ts.size()] = off;  // = total
   // Blocks of its own for each segment, enough for the largest (16 bytes a thread), at most
-  // kCopyBlocks in all: the segments' loads overlap instead of following one another.
-  uint64_t per = copied ? std::min<uint64_t>(264, std::max<uint64_t>(1, (most / 16 + 255) / 256)) : 0;
-  if (per * ts.size() > kCopyBlocks) per = std::max<uint64_t>(1, kCopyBlocks / ts.size());
+  // kCopyBlocks in all: the segments' loads overlap instead of following one another. (gshared:
+  // blocks for all the bytes, each striding over every segment.)
+  uint64_t per = copied ? std::min<uint64_t>(264, std::max<uint64_t>(1, ((s->gshared ? copied : most) / 16 + 255) / 256)) : 0;
+  if (!s->gshared && per * ts.size() > kCopyBlocks) per = std::max<uint64_t>(1, kCopyBlocks / ts.size());
   a.g.per_seg = s->gshared ? 0 : int32_t(per);
-  unsigned copy_blocks = unsigned(per * ts.size());
-  if (s->gshared) copy_blocks = copied ? unsigned(std::min<uint64_t>(264, std::max<uint64_t>(1, (copied / 16 + 255) / 256))) : 0;
+  unsigned copy_blocks = unsigned(s->gshared ? per : per * ts.size());
   unsigned blocks = copy_blocks;
   a.nh = 0;
   for (int j = 0; j < nh; j++) {

@@ -107,17 +107,14 @@ class Sink:
         whose own exception comes just after another rank's exception dumped it keeps its ERROR
         record, and every record a NaN reaches within the window is kept."""
         now = time.monotonic()
-        if now - self._last_dump.get(reason, -DUMP_DEDUP_S) < DUMP_DEDUP_S:
-            recs = self._ring.drain() if self._ring is not None else []
+        repeat = now - self._last_dump.get(reason, -DUMP_DEDUP_S) < DUMP_DEDUP_S
+        recs = self._ring.drain() if self._ring is not None else []
+        if repeat:
             for built in recs:
                 self._append(*built)
-            for d in reversed(self.dumps):
-                if d["reason"] == reason:
-                    d["records"] += len(recs)
-                    break
+            next(d for d in reversed(self.dumps) if d["reason"] == reason)["records"] += len(recs)
             return False
         self._last_dump[reason] = now
-        recs = self._ring.drain() if self._ring is not None else []
         when = time.time_ns() if time_ns is None else time_ns
         self.dumps.append({"reason": reason, "origin_rank": origin, "records": len(recs),
                            "time_ns": when})
